@@ -1,0 +1,55 @@
+"""The `flywheel` command: one subcommand per stage.
+
+    flywheel pretrain --data corpus.txt --out runs/base --size small
+    flywheel sft --model runs/base/final --data demos.jsonl --out runs/sft
+
+Each subcommand lives in its own module as `main(argv) -> int`; modules are imported only when their command runs, so
+`flywheel chat` does not pay for the trainers' imports. User errors print one line and exit 2; internal errors exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from flywheel.errors import UserError
+
+# command -> (module with `main(argv) -> int`, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("flywheel.train.pretrain", "train a causal LM on a text corpus (with packing)"),
+    "sft": ("flywheel.train.sft", "supervised fine-tuning on conversations (loss on assistant turns only)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: flywheel <command> [flags]   (flywheel <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from flywheel import __version__
+
+        print(f"flywheel {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"flywheel: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except UserError as err:
+        print(f"flywheel {argv[0]}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flywheel {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

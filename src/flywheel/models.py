@@ -1,0 +1,158 @@
+"""Build tiny HF models from a config, load local HF directories, save checkpoints plain transformers can load.
+
+Policies are `*ForCausalLM`; reward and value models are `*ForSequenceClassification(num_labels=1)` with a scalar head
+read at the last real token, so `AutoModelForSequenceClassification.from_pretrained(dir)` loads them without flywheel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.errors import UserError
+from flywheel.utils import atomic_dir
+
+# Sizes measured on the 2-core CPU (DESIGN.md): "tiny" is for tests and CI, "small" for the demo.
+TINY_SIZES: dict[str, dict[str, int]] = {
+    "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),
+}
+
+
+def tiny_llama_config(vocab_size: int, size: str = "tiny", *, max_position_embeddings: int = 1024,
+                      pad_token_id: int | None = None, eos_token_id: int | None = None,
+                      bos_token_id: int | None = None, **overrides: Any) -> Any:
+    from transformers import LlamaConfig
+
+    if size not in TINY_SIZES:
+        raise UserError(f"unknown model size '{size}' (choose from {', '.join(TINY_SIZES)})")
+    kw: dict[str, Any] = dict(TINY_SIZES[size])
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
+    kw.update(overrides)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        **kw,
+    )
+
+
+def config_for_tokenizer(tokenizer: Any, size: str = "tiny", **overrides: Any) -> Any:
+    return tiny_llama_config(
+        len(tokenizer), size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **overrides,
+    )
+
+
+def build_causal_lm(config: Any, seed: int | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def _check_model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model directory does not exist: {p}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"not a Hugging Face model directory (no config.json): {p}")
+    return p
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype '{name}' (choose from {', '.join(table)})")
+    return table[name]
+
+
+def _loadable(path: str) -> str:
+    """Local directories are checked up front; anything else is treated as a hub id (works when online/cached)."""
+    if Path(path).exists() or path.startswith((".", "/", "~")):
+        return str(_check_model_dir(Path(path).expanduser()))
+    return path
+
+
+def load_causal_lm(path: str, dtype: str | torch.dtype | None = "float32") -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_loadable(path), dtype=_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def load_sequence_classifier(path: str, dtype: str | torch.dtype | None = "float32") -> Any:
+    """A scalar-head model (reward or value). From a causal-LM directory the head is new (InstructGPT init)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    src = _loadable(path)
+    try:
+        config = AutoConfig.from_pretrained(src)
+        is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_pretrained(src, config=config, dtype=_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a sequence classifier from {path}: {str(err).splitlines()[0]}") from None
+    if not is_classifier:
+        init_reward_head(model)
+    return model
+
+
+def reward_head(model: Any) -> torch.nn.Linear:
+    head = getattr(model, "score", None)
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no `score` head")
+    return head
+
+
+def init_reward_head(model: Any) -> None:
+    """InstructGPT/N+ details: head weights ~ N(0, 1/sqrt(d+1)), bias 0."""
+    head = reward_head(model)
+    d = head.weight.shape[1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / (d + 1) ** 0.5)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write a plain HF directory (safetensors + config + tokenizer); `extra` goes to flywheel.json."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra:
+            (tmp / "flywheel.json").write_text(json.dumps(extra, indent=2))
+    return out_dir
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
