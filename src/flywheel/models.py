@@ -7,6 +7,8 @@ read at the last real token, so `AutoModelForSequenceClassification.from_pretrai
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +111,27 @@ def load_sequence_classifier(path: str, dtype: str | torch.dtype | None = "float
         config = AutoConfig.from_pretrained(src)
         is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_pretrained(src, config=config, dtype=_dtype(dtype))
+        # From a causal LM the head is missing by design; transformers' load report would call that a problem.
+        with _quiet_transformers(not is_classifier):
+            model = AutoModelForSequenceClassification.from_pretrained(src, config=config, dtype=_dtype(dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a sequence classifier from {path}: {str(err).splitlines()[0]}") from None
     if not is_classifier:
         init_reward_head(model)
     return model
+
+
+@contextmanager
+def _quiet_transformers(enabled: bool = True) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if enabled:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def reward_head(model: Any) -> torch.nn.Linear:

@@ -1,0 +1,1 @@
+"""Trainers: the shared loop (loop.py) and one module per stage (pretrain, sft, reward, dpo, ppo)."""

@@ -1,0 +1,102 @@
+"""Pretraining: a causal LM on a plain-text corpus, with packing.
+
+    flywheel pretrain --data corpus.txt --out runs/base --size small --seq-len 256 --epochs 2 --bf16
+
+With no --model, a new Llama-style model of --size is built and, with no --tokenizer, a byte-level BPE of --vocab-size
+is trained on the corpus first. `runs/base/final/` is a plain HF directory (model + tokenizer).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import parse_config
+from flywheel.data.batching import collate_lm, eval_lm_loss, lm_loss, pack
+from flywheel.errors import UserError
+from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm, save_pretrained
+from flywheel.tokenization import load_tokenizer, train_tokenizer
+from flywheel.train.loop import TrainConfig, prepare_run_dir, train_loop
+from flywheel.utils import log
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: str = field(default="", metadata={"help": "text corpus (.txt with blank-line-separated documents, or JSONL {'text'})"})
+    eval_data: str = field(default="", metadata={"help": "held-out corpus (default: --eval-split of --data)"})
+    eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
+    model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer dir (empty = the model's, or train one)"})
+    size: str = field(default="tiny", metadata={"help": "new model size: nano, tiny (1M), small (5M), medium (35M)"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary of a newly trained tokenizer"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per packed block"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise UserError("--data is required (a text corpus)")
+        if self.seq_len < 2:
+            raise UserError("--seq-len must be >= 2")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1)")
+
+
+def _tokenize(tokenizer: Any, docs: list[str]) -> list[list[int]]:
+    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+
+def split_docs(docs: list[str], frac: float, seed: int) -> tuple[list[str], list[str]]:
+    if frac <= 0 or len(docs) < 2:
+        return docs, []
+    idx = list(range(len(docs)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(len(docs) * frac))
+    held = set(idx[:n_eval])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def train_pretrain(cfg: PretrainConfig) -> Path:
+    from flywheel.data.io import read_texts
+
+    run_dir = prepare_run_dir(cfg)
+    docs = read_texts(cfg.data, skip_bad=cfg.skip_bad)
+    if cfg.eval_data:
+        train_docs, eval_docs = docs, read_texts(cfg.eval_data, skip_bad=cfg.skip_bad)
+    else:
+        train_docs, eval_docs = split_docs(docs, cfg.eval_split, cfg.seed)
+    if cfg.tokenizer or cfg.model:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    else:
+        log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_docs))
+        tokenizer = train_tokenizer(train_docs, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
+    if cfg.model:
+        model = load_causal_lm(cfg.model)
+    else:
+        model = build_causal_lm(config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len),
+                                seed=cfg.seed)
+    sep = tokenizer.eos_token_id
+    blocks = pack(_tokenize(tokenizer, train_docs), cfg.seq_len, sep)
+    eval_blocks = pack(_tokenize(tokenizer, eval_docs), cfg.seq_len, sep) if eval_docs else []
+    if not blocks:
+        raise UserError(f"the corpus is shorter than one block of {cfg.seq_len} tokens", path=cfg.data)
+    log.info("pretrain: %d params, %d blocks x %d tokens (%d held out)", count_parameters(model), len(blocks),
+             cfg.seq_len, len(eval_blocks))
+    pad = tokenizer.pad_token_id
+    evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_blocks, pad)}) if eval_blocks else None
+    result = train_loop(model, cfg, run_dir, blocks, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="pretrain")
+    save_pretrained(model, tokenizer, run_dir / "final",
+                    extra={"stage": "pretrain", "steps": result.steps, **result.eval_metrics})
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flywheel.utils import setup_logging
+
+    setup_logging()
+    cfg = parse_config(PretrainConfig, argv, "flywheel pretrain", __doc__.splitlines()[0])
+    out = train_pretrain(cfg)
+    print(f"pretrained model: {out / 'final'}")
+    return 0

@@ -1,0 +1,106 @@
+"""Supervised fine-tuning on demonstrations: loss on assistant tokens only (incl. their end-of-turn token).
+
+    flywheel sft --model runs/base/final --data demos.jsonl --out runs/sft --epochs 2 --lr 1e-4
+
+Conversations are rendered with the model's chat template through `flywheel.tokenization.render_conversation`, so any
+HF template works. `--packing` packs several conversations per row (attention then crosses their boundaries).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import parse_config
+from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack_masked
+from flywheel.errors import UserError
+from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer, save_pretrained
+from flywheel.tokenization import load_tokenizer, render_conversation
+from flywheel.train.loop import TrainConfig, prepare_run_dir, train_loop
+from flywheel.utils import log
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "base model dir (or hub id) to fine-tune"})
+    data: str = field(default="", metadata={"help": "conversations: JSONL {'messages'}, TRL prompt/completion, ..."})
+    eval_data: str = field(default="", metadata={"help": "held-out conversations (default: --eval-split of --data)"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction held out when no --eval-data"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    max_length: int = field(default=512, metadata={"help": "tokens per conversation (longer ones are truncated)"})
+    packing: bool = field(default=False, metadata={"help": "pack conversations into rows of --max-length"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise UserError("--model is required (the base model to fine-tune)")
+        if not self.data:
+            raise UserError("--data is required (demonstration conversations)")
+        if self.max_length < 2:
+            raise UserError("--max-length must be >= 2")
+
+
+def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, source: str) -> list[LMSample]:
+    """Render and truncate; conversations left with no assistant token are dropped, counted in one summary line."""
+    samples: list[LMSample] = []
+    truncated = dropped = 0
+    for conv in conversations:
+        ids, mask = render_conversation(tokenizer, conv.as_dicts())
+        if len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        if sum(mask[1:]) == 0:
+            dropped += 1
+            continue
+        samples.append({"input_ids": ids, "loss_mask": mask})
+    if truncated or dropped:
+        log.warning("%s: %d of %d conversations truncated to %d tokens, %d dropped (no assistant token left)",
+                    source, truncated, len(conversations), max_length, dropped)
+    if not samples:
+        raise UserError("no usable conversations", path=source)
+    return samples
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    from flywheel.data.io import read_conversations
+
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model)
+    resize_for_tokenizer(model, tokenizer)
+    convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
+    if cfg.eval_data:
+        eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
+    elif cfg.eval_split > 0 and len(convs) >= 2:
+        order = list(range(len(convs)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, int(len(convs) * cfg.eval_split))
+        eval_convs = [convs[i] for i in order[:n_eval]]
+        convs = [convs[i] for i in sorted(order[n_eval:])]
+    else:
+        eval_convs = []
+    samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data)
+    eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, cfg.eval_data or cfg.data) if eval_convs else []
+    if cfg.packing:
+        samples = pack_masked(samples, cfg.max_length)
+    log.info("sft: %d params, %d training rows, %d held-out conversations", count_parameters(model), len(samples),
+             len(eval_samples))
+    pad = tokenizer.pad_token_id
+    evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
+    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="sft")
+    save_pretrained(model, tokenizer, run_dir / "final", extra={"stage": "sft", "steps": result.steps,
+                                                                 **result.eval_metrics})
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flywheel.utils import setup_logging
+
+    setup_logging()
+    cfg = parse_config(SFTConfig, argv, "flywheel sft", __doc__.splitlines()[0])
+    out = train_sft(cfg)
+    print(f"fine-tuned model: {out / 'final'}")
+    return 0

@@ -1,0 +1,94 @@
+"""Checkpoints are plain HF directories: they load in bare transformers, and load_* gives clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flywheel.errors import UserError
+from flywheel.models import (
+    build_causal_lm,
+    config_for_tokenizer,
+    count_parameters,
+    load_causal_lm,
+    load_sequence_classifier,
+    save_pretrained,
+)
+
+PLAIN_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+path, kind = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(path)
+cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
+model = cls.from_pretrained(path).eval()
+ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    out = model(ids).logits
+assert not any(m.startswith("flywheel") for m in sys.modules), "flywheel was imported"
+row = out[0, -1, :5] if out.ndim == 3 else out[0]
+print(json.dumps({"logits": row.tolist(), "pad": tok.pad_token_id, "eos": tok.eos_token_id}))
+"""
+
+
+def _plain_load(path, kind):
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(path), kind], capture_output=True, text=True,
+                         cwd="/", check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_causal_lm_checkpoint_loads_in_plain_transformers(model_dir, tokenizer):
+    got = _plain_load(model_dir, "lm")
+    model = load_causal_lm(str(model_dir)).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits[0, -1, :5]
+    torch.testing.assert_close(torch.tensor(got["logits"]), want, rtol=0, atol=1e-6)
+    assert got["pad"] == tokenizer.pad_token_id != got["eos"]
+
+
+def test_reward_model_checkpoint_loads_in_plain_transformers(model_dir, tokenizer, tmp_path):
+    rm = load_sequence_classifier(str(model_dir))
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tokenizer.pad_token_id
+    d = rm.score.weight.shape[1]
+    assert abs(float(rm.score.weight.detach().std()) - 1 / (d + 1) ** 0.5) < 0.3 / (d + 1) ** 0.5  # InstructGPT head init
+    out = save_pretrained(rm, tokenizer, tmp_path / "rm")
+    got = _plain_load(out, "rm")
+    assert len(got["logits"]) == 1
+    # Loading a saved classifier keeps its trained head (no re-initialisation).
+    again = load_sequence_classifier(str(out))
+    assert torch.equal(again.score.weight, rm.score.weight)
+
+
+def test_tiny_sizes(tokenizer):
+    small = build_causal_lm(config_for_tokenizer(tokenizer, "tiny"))
+    assert 0.1e6 < count_parameters(small) < 1.5e6
+    with pytest.raises(UserError, match="unknown model size"):
+        config_for_tokenizer(tokenizer, "huge")
+
+
+def test_missing_or_bad_model_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_causal_lm(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_causal_lm(str(tmp_path / "empty"))
+
+
+def test_save_is_atomic(tmp_path, tiny_model, tokenizer, monkeypatch):
+    target = tmp_path / "final"
+    save_pretrained(tiny_model, tokenizer, target)
+    before = sorted(p.name for p in target.iterdir())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        save_pretrained(tiny_model, tokenizer, target)
+    assert sorted(p.name for p in target.iterdir()) == before  # the old directory is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no temp dirs left behind
