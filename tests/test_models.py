@@ -55,7 +55,8 @@ def test_reward_model_checkpoint_loads_in_plain_transformers(model_dir, tokenize
     rm = load_sequence_classifier(str(model_dir))
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tokenizer.pad_token_id
     d = rm.score.weight.shape[1]
-    assert abs(float(rm.score.weight.detach().std()) - 1 / (d + 1) ** 0.5) < 0.3 / (d + 1) ** 0.5  # InstructGPT head init
+    std = float(rm.score.weight.detach().std())
+    assert abs(std - 1 / (d + 1) ** 0.5) < 0.3 / (d + 1) ** 0.5  # InstructGPT head init
     out = save_pretrained(rm, tokenizer, tmp_path / "rm")
     got = _plain_load(out, "rm")
     assert len(got["logits"]) == 1

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tests.conftest import CORPUS
 
 from flywheel.errors import UserError
 from flywheel.tokenization import render_conversation, render_prompt, render_response, train_tokenizer
-from tests.conftest import CORPUS
 
 CONV = [
     {"role": "user", "content": "What is 2 + 2?"},
@@ -17,7 +17,8 @@ CONV = [
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 ZEPHYR = (

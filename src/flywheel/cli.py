@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"flywheel: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
         return 2
+    from flywheel.utils import setup_logging
+
+    setup_logging()
     module = importlib.import_module(COMMANDS[argv[0]][0])
     try:
         return int(module.main(argv[1:]) or 0)

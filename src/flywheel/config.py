@@ -1,7 +1,7 @@
 """Typed configs <-> CLI flags and YAML.
 
-Each stage has one dataclass; a field is documented once in `metadata={"help": ...}`. The field name is the YAML key and,
-in kebab case, the CLI flag (`max_steps` <-> `--max-steps`). Precedence: defaults < `--config FILE.yaml` < flags.
+Each stage has one dataclass; a field is documented once in `metadata={"help": ...}`. The field name is the YAML key
+and, in kebab case, the CLI flag (`max_steps` <-> `--max-steps`). Precedence: defaults < `--config FILE.yaml` < flags.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return table[name]
 
 
-def _loadable(path: str) -> str:
+def resolve_model_path(path: str) -> str:
     """Local directories are checked up front; anything else is treated as a hub id (works when online/cached)."""
     if Path(path).exists() or path.startswith((".", "/", "~")):
         return str(_check_model_dir(Path(path).expanduser()))
@@ -96,7 +96,7 @@ def load_causal_lm(path: str, dtype: str | torch.dtype | None = "float32") -> An
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(_loadable(path), dtype=_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=_dtype(dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
     return model
@@ -106,7 +106,7 @@ def load_sequence_classifier(path: str, dtype: str | torch.dtype | None = "float
     """A scalar-head model (reward or value). From a causal-LM directory the head is new (InstructGPT init)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    src = _loadable(path)
+    src = resolve_model_path(path)
     try:
         config = AutoConfig.from_pretrained(src)
         is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -159,7 +159,8 @@ def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Atomically write a plain HF directory (safetensors + config + tokenizer); `extra` goes to flywheel.json."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

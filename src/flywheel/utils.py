@@ -69,4 +69,9 @@ def set_threads(n: int | None = None) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """CLI logging: our messages plain on stderr; transformers' per-load progress bars off (ours are enough)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

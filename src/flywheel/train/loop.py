@@ -128,7 +128,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint we resume from
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            lines = self.path.read_text().splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -258,7 +259,8 @@ def train_loop(
     for step in range(start, steps):
         t0 = time.perf_counter()
         idx = order.indices(step * per_step, per_step)
-        micro = [collate([samples[i] for i in idx[j : j + cfg.batch_size]]) for j in range(0, per_step, cfg.batch_size)]
+        chunks = [idx[j : j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
+        micro = [collate([samples[i] for i in chunk]) for chunk in chunks]
         weight = float(sum(b["weight"] for b in micro))
         step_loss = 0.0
         for batch in micro:

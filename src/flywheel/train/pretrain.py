@@ -24,7 +24,7 @@ from flywheel.utils import log
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    data: str = field(default="", metadata={"help": "text corpus (.txt with blank-line-separated documents, or JSONL {'text'})"})
+    data: str = field(default="", metadata={"help": "text corpus (.txt: documents split by blank lines; or JSONL)"})
     eval_data: str = field(default="", metadata={"help": "held-out corpus (default: --eval-split of --data)"})
     eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
     model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
@@ -93,9 +93,6 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flywheel.utils import setup_logging
-
-    setup_logging()
     cfg = parse_config(PretrainConfig, argv, "flywheel pretrain", __doc__.splitlines()[0])
     out = train_pretrain(cfg)
     print(f"pretrained model: {out / 'final'}")

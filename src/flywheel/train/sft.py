@@ -83,7 +83,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     else:
         eval_convs = []
     samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data)
-    eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, cfg.eval_data or cfg.data) if eval_convs else []
+    eval_source = cfg.eval_data or cfg.data
+    eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, eval_source) if eval_convs else []
     if cfg.packing:
         samples = pack_masked(samples, cfg.max_length)
     log.info("sft: %d params, %d training rows, %d held-out conversations", count_parameters(model), len(samples),
@@ -97,9 +98,6 @@ def train_sft(cfg: SFTConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flywheel.utils import setup_logging
-
-    setup_logging()
     cfg = parse_config(SFTConfig, argv, "flywheel sft", __doc__.splitlines()[0])
     out = train_sft(cfg)
     print(f"fine-tuned model: {out / 'final'}")
