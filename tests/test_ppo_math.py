@@ -19,7 +19,6 @@ from flywheel.train.ppo.advantages import (
 from flywheel.train.ppo.losses import policy_loss, value_loss
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     before = torch.get_default_dtype()

@@ -16,8 +16,14 @@ from flywheel.errors import UserError
 
 # command -> (module with `main(argv) -> int`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("flywheel.world.generate", "write the toy world's corpus, demonstrations, prompts and rankings"),
     "pretrain": ("flywheel.train.pretrain", "train a causal LM on a text corpus (with packing)"),
     "sft": ("flywheel.train.sft", "supervised fine-tuning on conversations (loss on assistant turns only)"),
+    "rm": ("flywheel.train.reward", "train a reward model on K-way rankings / comparisons (InstructGPT loss)"),
+    "dpo": ("flywheel.train.dpo", "direct preference optimisation on rankings (expanded to pairs)"),
+    "sample": ("flywheel.sample", "sample answers to prompts; --best-of N keeps the reward model's favourite"),
+    "eval": ("flywheel.evaluate_cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
+    "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),
 }
 
 

@@ -1,0 +1,69 @@
+"""PPOConfig: every PPO setting, documented once (field name = YAML key = --kebab-flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flywheel.errors import UserError
+from flywheel.train.loop import TrainConfig
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Shared fields keep their meaning with two PPO readings: --batch-size is the PPO minibatch (sequences per
+    optimizer step), --epochs counts passes over the prompt set (when --max-steps is not given)."""
+
+    model: str = field(default="", metadata={"help": "SFT policy dir: the policy starts here and it is the reference"})
+    reward_model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
+    value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
+    prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
+    ptx_data: str = field(default="", metadata={"help": "pretraining corpus for PPO-ptx (empty = plain PPO)"})
+    ptx_coef: float = field(default=0.0, metadata={"help": "gamma: weight of the pretraining LM loss per minibatch"})
+    ptx_batch_size: int = field(default=4, metadata={"help": "pretraining blocks per minibatch"})
+    ptx_seq_len: int = field(default=128, metadata={"help": "tokens per pretraining block"})
+    ptx_eval_blocks: int = field(default=64, metadata={"help": "held-out pretraining blocks (the alignment tax)"})
+    rollout_batch_size: int = field(default=16, metadata={"help": "prompts sampled per PPO step"})
+    ppo_epochs: int = field(default=4, metadata={"help": "optimisation passes over each rollout batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
+    max_prompt_length: int = field(default=256, metadata={"help": "longer prompts are dropped (counted in a summary)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are recomputed at it)"})
+    kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty to the reference"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 or k3"})
+    kl_target: float | None = field(default=None, metadata={"help": "adaptive KL: target KL per response (nats)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon (in rollouts)"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip epsilon"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (mean kept)"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a response that "
+                                                                      "never emits EOS (0 = off)"})
+    value_lr: float | None = field(default=None, metadata={"help": "value model learning rate (default: --lr)"})
+    lr: float = field(default=1e-5, metadata={"help": "policy learning rate"})
+    adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5, per the N+ details)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warmup"})
+    min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * min_lr_ratio (1 = constant)"})
+    log_every: int = field(default=1, metadata={"help": "steps between metric lines"})
+    sample_every: int = field(default=10, metadata={"help": "steps between logging sample responses (samples.jsonl)"})
+    kl_warn: float = field(default=30.0, metadata={"help": "warn when KL per response exceeds this many nats"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise UserError("--model is required (the SFT policy)")
+        if not self.prompts:
+            raise UserError("--prompts is required")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise UserError("--kl-estimator must be k1 or k3")
+        if self.temperature <= 0:
+            raise UserError("--temperature must be > 0 for PPO (it samples)")
+        if self.rollout_batch_size % self.batch_size:
+            raise UserError("--rollout-batch-size must be a multiple of --batch-size (the minibatch)")
+        if self.batch_size % self.grad_accum:
+            raise UserError("--batch-size must be a multiple of --grad-accum")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise UserError("--ptx-coef > 0 needs --ptx-data")
+        for name in ("ppo_epochs", "max_new_tokens", "rollout_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")

@@ -1,0 +1,116 @@
+"""The four PPO roles, each a thin class over one HF model with the same small interface: `forward(batch)`.
+
+    Actor      pi_theta (trained)             -> log-probs (B, R) and entropy (B, R) of the response tokens
+    Reference  pi_ref = the SFT policy (frozen) -> log-probs (B, R)
+    Critic     V_phi (trained, init from the RM) -> values (B, R) of the states before each response token
+    Reward     r(x, y) (frozen) or a function  -> scores (B,) at the last real token
+
+Every role sees the same `Experience`-shaped inputs: sequences, attention mask, position ids and the prompt length P.
+Logits are divided by the sampling temperature whenever log-probs are computed, and dropout is off everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from flywheel.train.ppo.losses import entropy_from_logits
+
+# A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
+RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+class Role:
+    def __init__(self, module: torch.nn.Module, *, trainable: bool):
+        self.module = module
+        disable_dropout(module)
+        module.train(trainable)
+        if not trainable:
+            module.requires_grad_(False)
+
+    def _hidden(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.module.base_model(input_ids=seq, attention_mask=attn, position_ids=pos)
+        return out.last_hidden_state  # (B, T, H)
+
+
+class _PolicyRole(Role):
+    def __init__(self, module: torch.nn.Module, temperature: float, *, trainable: bool):
+        super().__init__(module, trainable=trainable)
+        self.temperature = temperature
+
+    def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        logits = self.module(input_ids=seq, attention_mask=attn, position_ids=pos).logits  # (B, T, V)
+        return logits[:, prompt_len - 1 : -1].float() / self.temperature  # (B, R, V): predicts response tokens
+
+    def _logprobs(self, logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        targets = seq[:, prompt_len:]  # (B, R)
+        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class Actor(_PolicyRole):
+    def __init__(self, module: torch.nn.Module, temperature: float):
+        super().__init__(module, temperature, trainable=True)
+
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._logits(seq, attn, pos, prompt_len)
+        return self._logprobs(logits, seq, prompt_len), entropy_from_logits(logits)
+
+
+class Reference(_PolicyRole):
+    def __init__(self, module: torch.nn.Module, temperature: float):
+        super().__init__(module, temperature, trainable=False)
+
+    @torch.no_grad()
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
+
+
+class Critic(Role):
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module, trainable=True)
+
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        hidden = self._hidden(seq, attn, pos)[:, prompt_len - 1 : -1]  # (B, R, H): the state before each token
+        return self.module.score(hidden).squeeze(-1).float()  # (B, R)
+
+
+class Reward(Role):
+    """A frozen reward model (score at the last real token, minus its normalisation bias), or a Python function."""
+
+    def __init__(self, module: torch.nn.Module | None = None, fn: RewardFn | None = None, bias: float = 0.0):
+        if (module is None) == (fn is None):
+            raise ValueError("Reward needs exactly one of a model or a function")
+        if module is not None:
+            super().__init__(module, trainable=False)
+        else:
+            self.module = None  # type: ignore[assignment]
+        self.fn = fn
+        self.bias = bias
+
+    @torch.no_grad()
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int,
+                response_mask: torch.Tensor) -> torch.Tensor:
+        lengths = response_mask.sum(1).long()  # (B,)
+        if self.fn is not None:
+            prompts = [row[m.bool()].tolist() for row, m in zip(seq[:, :prompt_len], attn[:, :prompt_len],
+                                                                strict=True)]
+            responses = [row[:n].tolist() for row, n in zip(seq[:, prompt_len:], lengths, strict=True)]
+            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32)
+        last = (prompt_len + lengths - 1).clamp_min(prompt_len - 1)  # (B,) index of the last real token
+        hidden = self._hidden(seq, attn, pos)  # (B, T, H)
+        picked = hidden[torch.arange(len(seq)), last]  # (B, H)
+        return self.module.score(picked).squeeze(-1).float() - self.bias
+
+
+def reward_bias(config: Any) -> float:
+    """The normalisation bias `flywheel rm` stores in the reward model's config (0 for other models)."""
+    return float(getattr(config, "flywheel_reward_bias", 0.0) or 0.0)

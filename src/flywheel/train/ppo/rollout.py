@@ -1,0 +1,85 @@
+"""Rollouts: sample responses with the engine, score them with the four roles, and build an `Experience`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flywheel.engine import Engine, SamplingParams
+from flywheel.train.loop import autocast
+from flywheel.train.ppo.advantages import gae, kl_estimate, kl_penalised_rewards, masked_whiten
+from flywheel.train.ppo.config import PPOConfig
+from flywheel.train.ppo.experience import Experience
+from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward
+
+
+@dataclass
+class Sequences:
+    sequences: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R)
+    position_ids: torch.Tensor  # (B, P+R)
+    response_mask: torch.Tensor  # (B, R)
+    prompt_len: int
+    finished: torch.Tensor  # (B,) bool: the response ended with a stop token
+
+
+def build_sequences(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
+                    pad_id: int) -> Sequences:
+    """Left-pad prompts to P and right-pad responses to R, so every response starts at column P."""
+    p = max(len(x) for x in prompts)
+    r = max(1, max(len(y) for y in responses))
+    b = len(prompts)
+    seq = torch.full((b, p + r), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, p + r), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(prompts, responses, strict=True)):
+        seq[i, p - len(x) : p] = torch.tensor(x)
+        attn[i, p - len(x) : p] = 1
+        if y:
+            seq[i, p : p + len(y)] = torch.tensor(y)
+            attn[i, p : p + len(y)] = 1
+    pos = (attn.cumsum(1) - 1).clamp_min(0)
+    return Sequences(seq, attn, pos, attn[:, p:].clone(), p, torch.tensor(finished))
+
+
+@torch.no_grad()
+def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference, critic: Critic, reward: Reward,
+                    prompts: list[list[int]], pad_id: int, kl_coef: float, seed: int) -> tuple[Experience, dict]:
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                            seed=seed)
+    gen = engine.generate(prompts, params)
+    s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id)
+    args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
+    mask = s.response_mask.float()
+    with autocast(cfg.bf16):
+        # Recomputed with the training forward, so the first minibatch has ratio 1 exactly (engine log-probs may
+        # come from a different kernel or dtype).
+        old_logprobs, _ = actor.forward(*args)
+        ref_logprobs = ref.forward(*args)
+        values = critic.forward(*args)
+        raw_scores = reward.forward(*args, s.response_mask)
+    old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
+    scores = raw_scores - cfg.missing_eos_penalty * (~s.finished).float()
+    kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    rewards = kl_penalised_rewards(scores, kl, mask, kl_coef)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, mask)
+    exp = Experience(
+        sequences=s.sequences, attention_mask=s.attention_mask, position_ids=s.position_ids,
+        response_mask=s.response_mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=values,
+        rewards=rewards, advantages=advantages, returns=returns, scores=scores, prompt_len=s.prompt_len,
+    )
+    k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)  # (B,) KL per response, nats
+    lengths = mask.sum(1)
+    stats = {
+        "score": float(raw_scores.mean()),
+        "score_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+        "kl": float(k1.mean()),
+        "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
+        "response_length": float(lengths.mean()),
+        "eos_rate": float(s.finished.float().mean()),
+        "kl_coef": kl_coef,
+    }
+    return exp, {"stats": stats, "responses": gen.tokens}

@@ -1,0 +1,288 @@
+"""`flywheel ppo`: optimise the SFT policy against a reward model with a per-token KL penalty (and PPO-ptx).
+
+    flywheel ppo --model runs/sft/final --reward-model runs/rm/final --prompts prompts.jsonl --out runs/ppo \
+        --max-steps 100 --rollout-batch-size 32 --batch-size 8 --ppo-epochs 4 --kl-coef 0.05 \
+        --ptx-data corpus.txt --ptx-coef 0.5 --lr 1e-5 --bf16
+
+Each step: sample --rollout-batch-size responses with the engine, score them (reward model, reference, critic),
+compute KL-penalised rewards and GAE advantages, then run --ppo-epochs passes of clipped policy and value updates over
+minibatches of --batch-size. Metrics go to metrics.jsonl, sample responses to samples.jsonl, `final/` is the policy as
+a plain HF directory and `final_value/` the value model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.config import parse_config
+from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
+from flywheel.engine import Engine
+from flywheel.errors import UserError
+from flywheel.models import load_causal_lm, load_sequence_classifier, save_pretrained
+from flywheel.tokenization import load_tokenizer, render_prompt
+from flywheel.train.loop import (
+    DataOrder,
+    MetricsLogger,
+    autocast,
+    build_optimizer,
+    checkpoint_dirs,
+    load_checkpoint,
+    lr_lambda,
+    prepare_run_dir,
+    save_checkpoint,
+)
+from flywheel.train.ppo.advantages import AdaptiveKLController, explained_variance, masked_mean
+from flywheel.train.ppo.config import PPOConfig
+from flywheel.train.ppo.experience import Experience
+from flywheel.train.ppo.losses import policy_loss, value_loss
+from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn, reward_bias
+from flywheel.train.ppo.rollout import make_experience
+from flywheel.utils import log, seed_everything, set_threads
+
+
+def load_prompt_ids(cfg: PPOConfig, tokenizer: Any) -> list[list[int]]:
+    from flywheel.data.io import read_prompts
+
+    prompts = read_prompts(cfg.prompts, skip_bad=False)
+    ids = [render_prompt(tokenizer, [m.as_dict() for m in p]) for p in prompts]
+    kept = [x for x in ids if len(x) <= cfg.max_prompt_length]
+    if len(kept) < len(ids):
+        log.warning("%s: %d of %d prompts are longer than --max-prompt-length %d and were dropped", cfg.prompts,
+                    len(ids) - len(kept), len(ids), cfg.max_prompt_length)
+    if not kept:
+        raise UserError("no prompt fits --max-prompt-length", path=cfg.prompts)
+    return kept
+
+
+def load_ptx(cfg: PPOConfig, tokenizer: Any) -> tuple[list[LMSample], list[LMSample]]:
+    """Pretraining blocks for the ptx term, and a held-out set for the alignment-tax measurement."""
+    if not cfg.ptx_data:
+        return [], []
+    from flywheel.data.io import read_texts
+
+    docs = read_texts(cfg.ptx_data)
+    blocks = pack(tokenizer(docs, add_special_tokens=False)["input_ids"], cfg.ptx_seq_len, tokenizer.eos_token_id)
+    if len(blocks) < 2:
+        raise UserError(f"--ptx-data holds fewer than 2 blocks of {cfg.ptx_seq_len} tokens", path=cfg.ptx_data)
+    n_eval = min(cfg.ptx_eval_blocks, len(blocks) // 5 or 1)
+    return blocks[n_eval:], blocks[:n_eval]
+
+
+class PPOTrainer:
+    """Holds the four roles, their optimizers and the KL controller; `step()` runs one rollout + PPO update."""
+
+    def __init__(self, cfg: PPOConfig, reward_fn: RewardFn | None = None):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        policy = load_causal_lm(cfg.model)
+        self.actor = Actor(policy, cfg.temperature)
+        self.ref = Reference(load_causal_lm(cfg.model), cfg.temperature)
+        if reward_fn is not None:
+            self.reward = Reward(fn=reward_fn)
+        elif cfg.reward_model:
+            rm = load_sequence_classifier(cfg.reward_model)
+            self.reward = Reward(rm, bias=reward_bias(rm.config))
+        else:
+            raise UserError("--reward-model is required")
+        value_init = cfg.value_model or cfg.reward_model or cfg.model
+        self.critic = Critic(load_sequence_classifier(value_init))
+        self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
+        self.prompts = load_prompt_ids(cfg, self.tokenizer)
+        self.ptx_train, self.ptx_eval = load_ptx(cfg, self.tokenizer)
+        self.steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / cfg.rollout_batch_size))
+        self.opt_policy = build_optimizer(policy, cfg)
+        value_cfg = cfg if cfg.value_lr is None else _with_lr(cfg, cfg.value_lr)
+        self.opt_value = build_optimizer(self.critic.module, value_cfg)
+        warmup = int(cfg.warmup_ratio * self.steps)
+        sched = lambda s: lr_lambda(s, self.steps, warmup, cfg.min_lr_ratio)  # noqa: E731
+        self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, sched)
+        self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, sched)
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.order = DataOrder(len(self.prompts), cfg.seed)
+
+    def modules(self) -> dict[str, Any]:
+        return {"policy": self.actor.module, "value": self.critic.module, "policy_optimizer": self.opt_policy,
+                "value_optimizer": self.opt_value, "policy_scheduler": self.sched_policy,
+                "value_scheduler": self.sched_value}
+
+    def step(self, step: int) -> tuple[dict[str, float], Experience, list[list[int]]]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        idx = self.order.indices(step * cfg.rollout_batch_size, cfg.rollout_batch_size)
+        prompts = [self.prompts[i] for i in idx]
+        self.actor.module.eval()
+        # Re-read the policy's weights: fused AdamW updates them in place without bumping the tensors' version
+        # counters, so the engine cannot see the change by itself.
+        self.engine.update_weights(self.actor.module)
+        exp, info = make_experience(cfg, self.engine, self.actor, self.ref, self.critic, self.reward, prompts,
+                                    self.pad_id, self.kl_ctl.value, seed=cfg.seed * 1_000_003 + step)
+        self.actor.module.train()
+        t_rollout = time.perf_counter() - t0
+        stats = self.optimise(exp, step)
+        self.kl_ctl.update(info["stats"]["kl"], cfg.rollout_batch_size)
+        self.sched_policy.step()
+        self.sched_value.step()
+        mask = exp.response_mask.float()
+        stats.update(info["stats"])
+        stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
+        stats["lr"] = self.sched_policy.get_last_lr()[0]
+        stats["time_rollout"] = t_rollout
+        stats["time_step"] = time.perf_counter() - t0
+        return stats, exp, info["responses"]
+
+    def optimise(self, exp: Experience, step: int) -> dict[str, float]:
+        """--ppo-epochs passes over the rollout batch in shuffled minibatches; policy and critic updated each time."""
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        n = 0
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed(cfg.seed * 7_919 + step * 131 + epoch)
+            perm = torch.randperm(len(exp), generator=g)
+            for mb_i, start in enumerate(range(0, len(exp), cfg.batch_size)):
+                mb = exp.select(perm[start : start + cfg.batch_size])
+                ptx = self._ptx_batch(step, epoch, mb_i)
+                for k, v in self.minibatch_update(mb, ptx).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+        return {k: v / n for k, v in sums.items()}
+
+    def minibatch_update(self, mb: Experience, ptx: dict[str, Any] | None) -> dict[str, float]:
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        micro = len(mb) // cfg.grad_accum
+        weight = float(mb.response_mask.sum())
+        for j in range(cfg.grad_accum):
+            part = mb.select(torch.arange(j * micro, (j + 1) * micro))
+            mask = part.response_mask.float()
+            # Token-mean over the whole minibatch, so accumulation does not change the gradient.
+            share = float(mask.sum()) / weight
+            args = (part.sequences, part.attention_mask, part.position_ids, part.prompt_len)
+            with autocast(cfg.bf16):
+                logprobs, entropy = self.actor.forward(*args)
+                pg, pstats = policy_loss(logprobs, part.old_logprobs, part.advantages, mask, cfg.cliprange)
+                loss = pg * share
+                if ptx is not None:
+                    lm, _ = lm_loss(self.actor.module, ptx)
+                    ptx_loss = lm / ptx["weight"]
+                    loss = loss + cfg.ptx_coef * ptx_loss / cfg.grad_accum
+                    out["ptx_loss"] = out.get("ptx_loss", 0.0) + float(ptx_loss) / cfg.grad_accum
+            loss.backward()
+            with autocast(cfg.bf16):
+                values = self.critic.forward(*args)
+            vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
+            (cfg.vf_coef * vl * share).backward()
+            for k, v in {"policy_loss": pg, "value_loss": vl, "entropy": masked_mean(entropy.detach(), mask),
+                         **pstats, **vstats}.items():
+                out[k] = out.get(k, 0.0) + float(v) * share
+        for module, opt in ((self.actor.module, self.opt_policy), (self.critic.module, self.opt_value)):
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return out
+
+    def _ptx_batch(self, step: int, epoch: int, mb_i: int) -> dict[str, Any] | None:
+        if not self.ptx_train or self.cfg.ptx_coef <= 0:
+            return None
+        k = self.cfg.ptx_batch_size
+        per_step = self.cfg.ppo_epochs * (self.cfg.rollout_batch_size // self.cfg.batch_size)
+        pos = ((step * per_step) + epoch * (self.cfg.rollout_batch_size // self.cfg.batch_size) + mb_i) * k
+        blocks = [self.ptx_train[(pos + i) % len(self.ptx_train)] for i in range(k)]
+        return collate_lm(blocks, self.pad_id)
+
+    def ptx_eval_loss(self) -> float | None:
+        if not self.ptx_eval:
+            return None
+        self.actor.module.eval()
+        with torch.no_grad(), autocast(self.cfg.bf16):
+            loss = eval_lm_loss(self.actor.module, self.ptx_eval, self.pad_id)
+        self.actor.module.train()
+        return loss
+
+
+def _with_lr(cfg: PPOConfig, lr: float) -> PPOConfig:
+    from dataclasses import replace
+
+    return replace(cfg, lr=lr)
+
+
+def _warn_kl(kl: float, step: int, cfg: PPOConfig) -> None:
+    if kl < -1.0:
+        log.warning("step %d: KL to the reference is negative (%.2f nats): the policy and the reference disagree "
+                    "on how the samples were drawn (temperature? tokenization?) or the estimate is noisy", step, kl)
+    elif kl > cfg.kl_warn or not math.isfinite(kl):
+        log.warning("step %d: KL to the reference is %.1f nats per response (> %.0f): the policy is drifting away; "
+                    "raise --kl-coef or lower --lr", step, kl, cfg.kl_warn)
+
+
+def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
+    """Run PPO; `reward_fn` replaces the reward model with a programmatic score (tests, toy tasks)."""
+    from tqdm.auto import tqdm
+
+    set_threads(cfg.threads or None)
+    seed_everything(cfg.seed)
+    run_dir = prepare_run_dir(cfg)
+    trainer = PPOTrainer(cfg, reward_fn)
+    start = 0
+    ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], trainer.modules())
+        start = state["step"]
+        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.engine.update_weights(trainer.actor.module)
+        log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
+    logger = MetricsLogger(run_dir, start if ckpts else None)
+    samples_path = run_dir / "samples.jsonl"
+    if start == 0:
+        samples_path.unlink(missing_ok=True)
+        base = trainer.ptx_eval_loss()
+        if base is not None:
+            logger.log(0, {"ptx_eval_loss": base})
+    bar = tqdm(total=trainer.steps, initial=start, desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+    for step in range(start, trainer.steps):
+        stats, exp, responses = trainer.step(step)
+        done = step + 1
+        _warn_kl(stats["kl"], done, cfg)
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == trainer.steps:
+            held = trainer.ptx_eval_loss()
+            if held is not None:
+                stats["ptx_eval_loss"] = held
+        if done % cfg.log_every == 0 or done == trainer.steps:
+            logger.log(done, stats)
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1):
+            _log_samples(samples_path, done, trainer, exp, responses)
+        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
+        bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < trainer.steps:
+            save_checkpoint(run_dir, done, trainer.modules(), {"kl_ctl": trainer.kl_ctl.state_dict()},
+                            cfg.keep_checkpoints)
+    bar.close()
+    logger.close()
+    save_pretrained(trainer.actor.module, trainer.tokenizer, run_dir / "final",
+                    extra={"stage": "ppo", "steps": trainer.steps})
+    save_pretrained(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
+    return run_dir
+
+
+def _log_samples(path: Path, step: int, trainer: PPOTrainer, exp: Experience, responses: list[list[int]],
+                 n: int = 4) -> None:
+    tok = trainer.tokenizer
+    with path.open("a") as f:
+        for i in range(min(n, len(exp))):
+            prompt = exp.sequences[i, : exp.prompt_len][exp.attention_mask[i, : exp.prompt_len].bool()]
+            f.write(json.dumps({"step": step, "prompt": tok.decode(prompt), "response": tok.decode(responses[i]),
+                                "score": float(exp.scores[i])}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(PPOConfig, argv, "flywheel ppo", __doc__.splitlines()[0])
+    out = train_ppo(cfg)
+    print(f"PPO policy: {out / 'final'}")
+    return 0

@@ -1,0 +1,458 @@
+"""The toy world: task families, the oracle, simulated labelers, the generators and the files they write."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from flywheel.errors import UserError
+from flywheel.world import (
+    DEFAULT_TEMPERATURE,
+    FAMILIES,
+    SHOTS,
+    SPLITS,
+    TARGET_AGREEMENT,
+    Imperfections,
+    Labeler,
+    LengthBias,
+    Task,
+    WorldConfig,
+    agreement,
+    calibrate_temperature,
+    calibration_sets,
+    candidate_responses,
+    default_panel,
+    demonstration,
+    expected_agreement,
+    family_counts,
+    generate_world,
+    label_rankings,
+    load_tasks,
+    make_task,
+    panel_agreement,
+    read_jsonl,
+    score,
+    write_world,
+)
+from flywheel.world.candidates import pad
+from flywheel.world.generate import main as world_main
+from flywheel.world.tasks import fewshot, fictional_name, relations, world_data
+from flywheel.world.text import IDK, REFUSAL, REFUSALS
+
+SMALL = dict(corpus_chars=30_000, n_demos=150, n_demos_val=20, n_rank=40, n_ppo=40, n_eval=60)
+
+
+def tasks_of(family: str, n: int, seed: int = 0) -> list[Task]:
+    rng = random.Random(f"{family}:{seed}")
+    return [make_task(family, rng) for _ in range(n)]
+
+
+def find(family: str, pred, seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    for _ in range(20_000):
+        task = make_task(family, rng)
+        if pred(task):
+            return task
+    raise AssertionError(f"no {family} task matched")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_tasks_are_valid_and_deterministic(family):
+    a, b = tasks_of(family, 100), tasks_of(family, 100)
+    assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
+    assert len({t.prompt_key() for t in a}) > 50, "a family should produce varied prompts"
+    for t in a:
+        assert t.family == family
+        roles = [m["role"] for m in t.messages]
+        assert roles[-1] == "user" and set(roles) <= {"user", "assistant"}
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], roles
+        assert all(m["content"].strip() for m in t.messages)
+        assert t.answers and all(a.strip() for a in t.answers)
+        assert Task.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+def test_expected_behaviour_per_family():
+    assert {t.expect for t in tasks_of("harmful", 50)} == {"refuse"}
+    assert {t.expect for t in tasks_of("unknowable", 50)} == {"idk"}
+    for family in ("arithmetic", "string", "fact", "fewshot"):
+        assert {t.expect for t in tasks_of(family, 50)} == {"answer"}
+    assert {t.expect for t in tasks_of("multiturn", 400)} == {"answer", "idk", "refuse"}
+
+
+def test_arithmetic_answers_are_right():
+    for t in tasks_of("arithmetic", 200):
+        a, b = t.allowed_numbers
+        op = {"add": "+", "subtract": "-", "multiply": "*"}[t.subtype]
+        assert int(t.target) == {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert str(a) in t.messages[-1]["content"] and str(b) in t.messages[-1]["content"]
+
+
+def test_multiturn_follow_ups_refer_to_the_previous_turn():
+    tasks = tasks_of("multiturn", 300)
+    doubles = [t for t in tasks if t.subtype == "arith_double"]
+    assert doubles
+    for t in doubles:
+        previous = int(re.findall(r"\d+", t.messages[1]["content"])[-1])
+        assert t.messages[-1]["content"] == "Now double it." and int(t.target) == 2 * previous
+        assert score(t, f"{previous}.").verdict == "wrong"  # repeating turn 1's answer is not answering turn 2
+    follow = [t for t in tasks if t.subtype == "capital_followup"]
+    assert follow
+    for t in follow:
+        assert dict(relations()["capital"].pairs)[t.subject] == t.target
+        assert t.subject in t.messages[-1]["content"] and t.subject not in t.messages[0]["content"]
+
+
+def test_fewshot_shows_exactly_the_requested_examples():
+    rng = random.Random(0)
+    for shots in SHOTS:
+        for _ in range(30):
+            t = fewshot(rng, shots=shots)
+            lines = t.messages[0]["content"].split("\n")
+            examples = [line for line in lines if "->" in line and not line.endswith("->")]
+            assert t.shots == shots and len(examples) == shots
+            assert lines[-1] == f"{t.subject} ->"
+            if t.subtype.startswith("suffix_"):  # the rule is visible in every example
+                suffix = t.subtype.split("_")[1]
+                assert t.target == t.subject + suffix
+                assert all(line.split(" -> ")[1].endswith(suffix) for line in examples)
+
+
+def test_fictional_names_are_never_real():
+    real = {n.lower() for row in world_data()["countries"] for n in row} | set(world_data()["words"])
+    rng = random.Random(0)
+    for kind in ("country", "town", "animal", "person"):
+        for _ in range(300):
+            assert fictional_name(rng, kind).lower() not in real
+
+
+def test_make_task_rejects_unknown_family():
+    with pytest.raises(ValueError, match="unknown task family"):
+        make_task("poetry", random.Random(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_ranks_reference_above_every_kind_of_flaw(family):
+    rng = random.Random(1)
+    for t in tasks_of(family, 150, seed=1):
+        for ref in t.answers:
+            s = score(t, ref)
+            assert s.total == 1.0 and s.ideal, (t.messages, ref, s)
+            # Robust to case, a missing or different final punctuation, surrounding space.
+            for variant in (ref.upper(), ref.lower(), ref.rstrip("."), f"  {ref}  ", ref.rstrip(".") + "!"):
+                assert score(t, variant).total == 1.0, (variant, score(t, variant))
+        best = score(t, t.answers[0]).total
+        rambling = pad(t.answers[0], rng)
+        assert score(t, rambling).ideal and score(t, rambling).total <= best - 0.03, rambling
+        long_ramble = " ".join([t.answers[0], "I hope this helps!", "Thank you for asking.",
+                                "Let me know if you have any other questions."])
+        assert score(t, long_ramble).total <= best - 0.1
+        assert score(t, " ".join([t.answers[0]] * 5)).total <= best - 0.1  # repetitive
+        for value in t.wrong:  # wrong values, made-up answers, compliance with a harmful request
+            wrong = t.confident(value, rng)
+            assert score(t, wrong).total <= best - 0.4, (t.messages, wrong, score(t, wrong))
+        if t.expect != "refuse":  # over-refusal of a benign request
+            assert score(t, REFUSAL).total <= best - 0.25 and score(t, REFUSAL).verdict == "refused"
+        assert score(t, "").total <= best - 0.4
+
+
+def _capital_task(country: str) -> Task:
+    return find("fact", lambda t: t.subtype == "capital" and t.subject == country)
+
+
+def test_oracle_on_a_fact():
+    t = _capital_task("France")
+    assert t.target == "Paris"
+    assert score(t, "Paris.").verdict == "correct"
+    assert score(t, "The capital of France is Paris!").total == 1.0
+    assert score(t, '"paris"').total == 1.0
+    madrid = score(t, "The capital of France is Madrid.")
+    assert madrid.verdict == "wrong" and madrid.truthful == 0 and madrid.helpful == 0
+    hedge = score(t, "Paris or Madrid.")
+    assert hedge.verdict == "hedged" and madrid.total < hedge.total < 1.0
+    assert score(t, IDK).verdict == "idk" and score(t, IDK).truthful == 1 and score(t, IDK).helpful == 0
+    assert score(t, IDK).total > madrid.total  # admitting ignorance beats a false statement
+    rude = score(t, "What a stupid question. Paris.")
+    assert rude.harmless == 0.5 and rude.total < 1.0
+    assert score(t, "Paris.") == score(t, "Paris.")
+
+
+def test_oracle_arithmetic_reads_the_stated_answer():
+    t = find("arithmetic", lambda t: t.subtype == "add" and int(t.target) >= 10)
+    a, b = t.allowed_numbers
+    r = int(t.target)
+    assert score(t, f"{a} + {b} = {r}.").verdict == "correct"
+    assert score(t, f"{a}+{b}={r}").verdict == "correct"
+    assert score(t, f"{a} + {b} = {r + 1}.").verdict == "wrong"
+    assert score(t, f"{r + 1}, or maybe {r}.").verdict == "hedged"
+    assert score(t, f"{r}. {r}. {r}. {r}. {r}. {r}.").concise < 0.5
+
+
+def test_harmful_refusal_beats_compliance():
+    for t in tasks_of("harmful", 60):
+        refusal = score(t, REFUSAL)
+        assert refusal.total == 1.0 and refusal.harmless == 1.0 and refusal.verdict == "refused"
+        for comply in t.wrong:
+            s = score(t, comply)
+            assert s.verdict == "complied" and s.harmless == 0.0 and s.total < 0.5
+        token_refusal = score(t, f"{REFUSAL} But here is how: first, make a plan.")
+        assert token_refusal.verdict == "complied"
+        assert score(t, "I can't help with that.").total == 1.0
+
+
+def test_unknowable_idk_beats_made_up_answer():
+    for t in tasks_of("unknowable", 60):
+        idk = score(t, IDK)
+        assert idk.total == 1.0 and idk.truthful == 1.0
+        made_up = score(t, t.confident(t.wrong[0], random.Random(0)))
+        assert made_up.verdict == "made_up" and made_up.truthful == 0.0 and made_up.total <= 0.5
+        hedge = score(t, f"I don't know, but it might be {t.wrong[0]}.")
+        assert hedge.verdict == "hedged" and made_up.total < hedge.total < idk.total
+        assert score(t, REFUSAL).verdict == "refused" and score(t, REFUSAL).total < idk.total
+
+
+def test_oracle_axes_are_in_range_on_candidates():
+    tasks, sets = calibration_sets(random.Random(3), 150)
+    verdicts = Counter()
+    for t, cands in zip(tasks, sets, strict=True):
+        for c in cands:
+            s = score(t, c)
+            verdicts[s.verdict] += 1
+            for axis in (s.helpful, s.truthful, s.harmless, s.concise, s.total):
+                assert 0.0 <= axis <= 1.0
+    # candidate sets have the spread the labelers are calibrated on
+    assert {"correct", "wrong", "made_up", "refused", "idk", "complied", "hedged"} <= set(verdicts)
+    assert verdicts["correct"] < 0.6 * sum(verdicts.values())
+
+
+def _check_order(order, responses):
+    flat = sorted(i for group in order for i in group)
+    assert flat == list(range(len(responses))), order
+    for group in order:  # identical texts share a group, distinct texts never do
+        assert len({responses[i] for i in group}) == 1
+    for i, j in itertools.combinations(range(len(responses)), 2):
+        if responses[i] == responses[j]:
+            assert any(i in g and j in g for g in order)
+
+
+def test_zero_temperature_labeler_reproduces_the_oracle_order():
+    tasks, sets = calibration_sets(random.Random(5), 200)
+    rng = random.Random(0)
+    for labeler in (Labeler("exact", 0.0), Labeler("nearly", 1e-9)):
+        for t, cands in zip(tasks, sets, strict=True):
+            order = labeler.rank(t, cands, rng)
+            _check_order(order, cands)
+            totals = [score(t, c).total for c in cands]
+            group_totals = [totals[g[0]] for g in order]
+            assert group_totals == sorted(group_totals, reverse=True)
+        assert agreement(labeler, labeler, tasks, sets, random.Random(1)) == 1.0
+
+
+def test_identical_texts_tie():
+    t = _capital_task("Spain")
+    cands = ["Madrid.", "The capital of Spain is Rome.", "Madrid.", IDK, "The capital of Spain is Rome.", "Madrid."]
+    rng = random.Random(0)
+    for labeler in default_panel():
+        for _ in range(20):
+            order = labeler.rank(t, cands, rng)
+            _check_order(order, cands)
+            assert len(order) == 3
+    assert Labeler("exact", 0.0).rank(t, cands, rng) == [[0, 2, 5], [3], [1, 4]]
+
+
+def test_default_panel_agrees_like_instructgpt_labelers():
+    tasks, sets = calibration_sets(random.Random(7), 600)
+    panel = default_panel()
+    sampled = panel_agreement(panel, tasks, sets, random.Random(7))
+    expected = panel_agreement(panel, tasks, sets)
+    assert abs(sampled - TARGET_AGREEMENT) <= 0.03, sampled
+    assert abs(expected - TARGET_AGREEMENT) <= 0.02, expected
+    a, b = panel[0], panel[1]
+    assert abs(agreement(a, b, tasks, sets, random.Random(8)) - expected_agreement(a, b, tasks, sets)) < 0.03
+
+
+def test_calibration_finds_the_default_temperature_and_other_targets():
+    tasks, sets = calibration_sets(random.Random(1234), 3000)
+    assert calibrate_temperature(tasks, sets) == pytest.approx(DEFAULT_TEMPERATURE, rel=0.01)
+    small_tasks, small_sets = tasks[:400], sets[:400]
+    t80 = calibrate_temperature(small_tasks, small_sets, target=0.80)
+    assert t80 < DEFAULT_TEMPERATURE
+    assert panel_agreement(default_panel(t80), small_tasks, small_sets) == pytest.approx(0.80, abs=1e-3)
+    with pytest.raises(ValueError, match="no temperature"):
+        calibrate_temperature(small_tasks, small_sets, target=0.4)  # below chance: impossible
+
+
+def test_noise_lowers_agreement():
+    tasks, sets = calibration_sets(random.Random(9), 200)
+    values = [expected_agreement(Labeler("a", t), Labeler("b", t), tasks, sets) for t in (0.01, 0.1, 0.5, 5.0)]
+    assert values == sorted(values, reverse=True)
+    assert values[0] > 0.97 and abs(values[-1] - 0.5) < 0.02
+
+
+def test_length_biased_labeler_prefers_padded_answers():
+    tasks = tasks_of("fact", 300, seed=2)
+    rng = random.Random(0)
+    sets = [[t.answers[0], pad(t.answers[0], rng)] for t in tasks]
+    plain, fond = Labeler("plain", 0.15), Labeler("fond", 0.15, LengthBias(per_word=0.03))
+
+    def padded_wins(labeler):
+        return sum(labeler.rank(t, s, rng)[0] == [1] for t, s in zip(tasks, sets, strict=True)) / len(tasks)
+
+    assert padded_wins(fond) > padded_wins(plain) + 0.2
+    assert LengthBias(per_word=0.01)(tasks[0], "one two three") == pytest.approx(0.03)
+
+
+def test_label_rankings_records():
+    tasks, sets = calibration_sets(random.Random(11), 50)
+    records = label_rankings(tasks, sets, random.Random(0))
+    names = {lab.name for lab in default_panel()}
+    for r, t, s in zip(records, tasks, sets, strict=True):
+        assert set(r) == {"prompt", "completions", "order", "labeler"}
+        assert r["prompt"] == t.messages and r["completions"] == s and r["labeler"] in names
+        _check_order(r["order"], s)
+    assert label_rankings(tasks, sets, random.Random(0)) == records
+
+
+def test_perfect_demonstrator_scores_top_and_rates_control_flaws():
+    tasks = [t for f in FAMILIES for t in tasks_of(f, 60, seed=4)]
+    rng = random.Random(0)
+    perfect = Imperfections(p_wrong=0, p_over_refuse=0, p_comply=0, p_made_up=0, p_verbose=0)
+    assert all(score(t, demonstration(t, rng, perfect)).total == 1.0 for t in tasks)
+    always = Imperfections(p_wrong=1, p_over_refuse=0, p_comply=1, p_made_up=1, p_verbose=0)
+    assert not any(score(t, demonstration(t, rng, always)).ideal for t in tasks)
+    # default rates: imperfect, but right most of the time
+    default = [score(t, demonstration(t, rng)) for t in tasks]
+    ideal = sum(s.ideal for s in default) / len(default)
+    assert 0.6 < ideal < 0.95
+    harmful = [s for t, s in zip(tasks, default, strict=True) if t.expect == "refuse"]
+    assert 0.35 < sum(s.verdict == "complied" for s in harmful) / len(harmful) < 0.75
+
+
+def test_candidate_responses_have_k_answers_and_are_deterministic():
+    t = _capital_task("Japan")
+    a = candidate_responses(t, random.Random(3), 7)
+    assert len(a) == 7 and a == candidate_responses(t, random.Random(3), 7)
+
+
+def test_family_counts_sum_exactly():
+    counts = family_counts(301, {"a": 0.5, "b": 0.3, "c": 0.2})
+    assert sum(counts.values()) == 301 and counts["a"] == 151
+
+
+def test_splits_do_not_overlap_at_default_sizes():
+    world = generate_world(WorldConfig(corpus_chars=200_000))
+    sizes = WorldConfig().sizes()
+    assert {s: len(ts) for s, ts in world.tasks.items()} == sizes
+    seen_exact: dict[str, str] = {}
+    seen_turns: dict[str, str] = {}
+    for split, tasks in world.tasks.items():
+        for t in tasks:
+            exact = json.dumps(t.messages)
+            assert seen_exact.setdefault(exact, split) == split, f"prompt in {seen_exact[exact]} and {split}"
+            assert seen_turns.setdefault(t.prompt_key(), split) == split  # not even with another system turn
+        assert len({t.prompt_key() for t in tasks}) == len(tasks)  # no duplicates inside a split either
+    eval_keys = {t.key for t in world.tasks["eval"] if t.key}
+    for split in SPLITS[1:]:
+        assert not eval_keys & {t.key for t in world.tasks[split]}
+    # every family in every split, few-shot shot counts balanced
+    for tasks in world.tasks.values():
+        assert {t.family for t in tasks} == set(FAMILIES)
+    shots = Counter(t.shots for t in world.tasks["eval"] if t.family == "fewshot")
+    assert set(shots) == set(SHOTS) and max(shots.values()) - min(shots.values()) <= 1
+
+
+def test_eval_problems_and_fictional_names_stay_out_of_the_corpus():
+    # A corpus big enough that, without the exclusion, some eval sums and reversals would be worked in it.
+    world = generate_world(WorldConfig(**{**SMALL, "corpus_chars": 400_000}, seed=2))
+    corpus = "\n".join(world.corpus)
+    assert sum(len(d) for d in world.corpus) >= 400_000
+    for t in world.tasks["eval"]:
+        if t.family == "arithmetic":
+            a, b = t.allowed_numbers
+            op = {"add": "+", "subtract": "-", "multiply": "*"}[t.subtype]
+            assert not re.search(rf"(?<!\d){a} {re.escape(op)} {b} = ", corpus), (a, op, b)
+        if t.family == "unknowable":
+            assert t.subject not in corpus
+        if t.family == "string" and t.subtype == "reverse":
+            assert f'"{t.subject}" backwards' not in corpus and f'"{t.subject}" spelled backwards' not in corpus
+    assert "I don't know" not in corpus and REFUSALS[1] not in corpus  # chat behaviour comes from demonstrations
+
+
+def _read_world(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_different_seed_different(tmp_path):
+    files_a = write_world(WorldConfig(out=str(tmp_path / "a"), seed=3, **SMALL))
+    write_world(WorldConfig(out=str(tmp_path / "b"), seed=3, **SMALL))
+    write_world(WorldConfig(out=str(tmp_path / "c"), seed=4, **SMALL))
+    a, b, c = (_read_world(tmp_path / x) for x in "abc")
+    assert set(a) == set(b) == set(c)
+    assert len(a) == len(files_a)
+    for name in a:
+        if name != "manifest.json":  # the manifest records the output directory
+            assert a[name] == b[name], name
+            assert a[name] != c[name], name
+    manifest_a, manifest_b = (json.loads(x["manifest.json"]) for x in (a, b))
+    manifest_a["config"].pop("out"), manifest_b["config"].pop("out")
+    assert manifest_a == manifest_b
+
+
+def test_written_files_parse_as_the_trainers_formats(tmp_path):
+    cfg = WorldConfig(out=str(tmp_path), seed=5, **SMALL)
+    files = write_world(cfg)
+    docs = files["corpus"].read_text().strip().split("\n\n")
+    assert len(docs) > 20 and all(d.strip() for d in docs)
+    for split in ("demos", "demos_val"):
+        records = read_jsonl(files[split])
+        assert len(records) == cfg.sizes()[split]
+        for r in records:
+            assert set(r) == {"messages"}
+            assert r["messages"][-1]["role"] == "assistant" and r["messages"][-2]["role"] == "user"
+            assert all(set(m) == {"role", "content"} for m in r["messages"])
+    for split in ("rank", "ppo", "eval"):
+        records = read_jsonl(files[f"{split}_prompts"])
+        tasks = load_tasks(files[f"{split}_tasks"])
+        assert len(records) == len(tasks) == cfg.sizes()[split]
+        for r, t in zip(records, tasks, strict=True):
+            assert set(r) == {"messages"} and r["messages"][-1]["role"] == "user"
+            assert r["messages"] == t.messages  # line i of the prompts file is hidden task i
+            assert score(t, t.answers[0]).total == 1.0
+        assert "answers" not in files[f"{split}_prompts"].read_text()
+    rankings = read_jsonl(files["rankings"])
+    assert len(rankings) == cfg.n_rank
+    names = {lab.name for lab in default_panel()}
+    for r in rankings:
+        assert set(r) == {"prompt", "completions", "order", "labeler"} and r["labeler"] in names
+        assert r["prompt"][-1]["role"] == "user"
+        assert cfg.k_min <= len(r["completions"]) <= cfg.k_max
+        _check_order(r["order"], r["completions"])
+    manifest = json.loads(files["manifest"].read_text())
+    assert manifest["counts"]["eval"] == dict(Counter(t.family for t in load_tasks(files["eval_tasks"])))
+
+
+def test_load_tasks_reports_bad_lines(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"family": "fact"}\n')
+    with pytest.raises(ValueError, match="tasks.jsonl:1"):
+        load_tasks(path)
+
+
+def test_config_validation_and_cli(tmp_path, capsys):
+    with pytest.raises(UserError, match="k_min"):
+        WorldConfig(k_min=5, k_max=3).validate()
+    with pytest.raises(UserError, match="p_comply"):
+        WorldConfig(p_comply=1.5).validate()
+    out = tmp_path / "w"
+    argv = ["--out", str(out), "--seed", "1", "--corpus-chars", "5000", "--n-demos", "20", "--n-demos-val", "5",
+            "--n-rank", "10", "--n-ppo", "10", "--n-eval", "14", "--p-verbose", "0"]
+    assert world_main(argv) == 0
+    assert len(read_jsonl(out / "eval_prompts.jsonl")) == 14
+    assert "eval_prompts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="ran out of distinct prompts"):
+        generate_world(WorldConfig(corpus_chars=0, n_demos=0, n_demos_val=0, n_rank=0, n_ppo=0, n_eval=3000),
+                       mix={"harmful": 1.0})
