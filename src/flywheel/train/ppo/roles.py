@@ -112,5 +112,9 @@ class Reward(Role):
 
 
 def reward_bias(config: Any) -> float:
-    """The normalisation bias `flywheel rm` stores in the reward model's config (0 for other models)."""
-    return float(getattr(config, "flywheel_reward_bias", 0.0) or 0.0)
+    """The normalisation offset `flywheel rm` stores in the reward model's config (0 for other models)."""
+    for key in ("flywheel_reward_offset", "flywheel_reward_bias"):  # the name `flywheel rm` writes; the older one
+        value = getattr(config, key, None)
+        if value:
+            return float(value)
+    return 0.0

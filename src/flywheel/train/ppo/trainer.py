@@ -172,7 +172,7 @@ class PPOTrainer:
                     lm, _ = lm_loss(self.actor.module, ptx)
                     ptx_loss = lm / ptx["weight"]
                     loss = loss + cfg.ptx_coef * ptx_loss / cfg.grad_accum
-                    out["ptx_loss"] = out.get("ptx_loss", 0.0) + float(ptx_loss) / cfg.grad_accum
+                    out["ptx_loss"] = out.get("ptx_loss", 0.0) + float(ptx_loss.detach()) / cfg.grad_accum
             loss.backward()
             with autocast(cfg.bf16):
                 values = self.critic.forward(*args)
@@ -180,7 +180,7 @@ class PPOTrainer:
             (cfg.vf_coef * vl * share).backward()
             for k, v in {"policy_loss": pg, "value_loss": vl, "entropy": masked_mean(entropy.detach(), mask),
                          **pstats, **vstats}.items():
-                out[k] = out.get(k, 0.0) + float(v) * share
+                out[k] = out.get(k, 0.0) + float(v.detach()) * share
         for module, opt in ((self.actor.module, self.opt_policy), (self.critic.module, self.opt_value)):
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)

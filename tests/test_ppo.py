@@ -1,0 +1,132 @@
+"""PPO end to end on tiny models: on-policy rollouts, ratio 1 on the first minibatch, learning, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flywheel.cli import main
+from flywheel.engine import SamplingParams
+from flywheel.models import load_sequence_classifier, save_pretrained
+from flywheel.train.ppo.config import PPOConfig
+from flywheel.train.ppo.losses import policy_loss
+from flywheel.train.ppo.rollout import build_sequences, make_experience
+from flywheel.train.ppo.trainer import PPOTrainer, train_ppo
+
+TARGETS = set(range(100, 140))  # reward = fraction of response tokens in this set (10% under a uniform policy)
+
+
+def target_reward(prompts, responses):
+    return torch.tensor([sum(t in TARGETS for t in r) / max(len(r), 1) for r in responses])
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
+    base = dict(model=str(model_dir), prompts=str(prompts_file), out=str(tmp_path / name), max_steps=3,
+                rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=8, lr=1e-3, progress=False,
+                missing_eos_penalty=0.0, seed=1)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tmp_path, model_dir, prompts_file):
+    cfg = _cfg(tmp_path, model_dir, prompts_file, temperature=0.7)
+    trainer = PPOTrainer(cfg, reward_fn=target_reward)
+    prompts = trainer.prompts[:8]
+    gen = trainer.engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, seed=3))
+    s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], trainer.pad_id)
+    with torch.no_grad():
+        fresh, _ = trainer.actor.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
+    for i, lp in enumerate(gen.logprobs):
+        torch.testing.assert_close(fresh[i, : len(lp)], torch.tensor(lp), rtol=0, atol=1e-4)
+
+    exp, _ = make_experience(cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
+                             prompts, trainer.pad_id, cfg.kl_coef, seed=0)
+    mb = exp.select(torch.arange(4))
+    logprobs, _ = trainer.actor.forward(mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_len)
+    _, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask.float(), cfg.cliprange)
+    assert float(stats["ratio"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(stats["approx_kl"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(stats["clipfrac"]) == 0.0
+    # Before any update the policy is the reference: the KL part of the reward is zero.
+    assert torch.allclose(exp.old_logprobs, exp.ref_logprobs, atol=1e-6)
+    # Rewards: the score appears exactly once per rollout, at its last real token.
+    mask = exp.response_mask.float()
+    last = mask.sum(1).long() - 1
+    torch.testing.assert_close(exp.rewards[torch.arange(8), last], exp.scores, atol=1e-5, rtol=0)
+    assert torch.all(exp.rewards[mask == 0] == 0)
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_and_the_kl_penalty_bounds_the_drift(tmp_path, model_dir, prompts_file):
+    def run(name, beta):
+        cfg = _cfg(tmp_path, model_dir, prompts_file, name, max_steps=16, rollout_batch_size=16, batch_size=16,
+                   lr=1e-2, kl_coef=beta)
+        train_ppo(cfg, reward_fn=target_reward)
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    with_kl, without_kl = run("beta", 0.03), run("nobeta", 0.0)
+    first = with_kl[0]["score"]
+    late = sum(r["score"] for r in with_kl[-4:]) / 4
+    assert late > 2 * first, (first, late)
+    assert 0 < with_kl[-1]["kl"] < without_kl[-1]["kl"], (with_kl[-1]["kl"], without_kl[-1]["kl"])
+    assert all(k in with_kl[-1] for k in ("entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+                                           "eos_rate", "response_length"))
+
+
+def test_resume_is_exact(tmp_path, model_dir, prompts_file):
+    full = _cfg(tmp_path, model_dir, prompts_file, "full", max_steps=4, save_every=2, kl_target=3.0, kl_horizon=50)
+    train_ppo(full, reward_fn=target_reward)
+    # A run that stopped after step 2: only its checkpoint and config survive.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
+    train_ppo(_cfg(tmp_path, model_dir, prompts_file, "cut", max_steps=4, save_every=2, kl_target=3.0,
+                   kl_horizon=50, resume=True), reward_fn=target_reward)
+    from safetensors.torch import load_file
+
+    for sub in ("final", "final_value"):
+        a = load_file(str(tmp_path / "full" / sub / "model.safetensors"))
+        b = load_file(str(cut / sub / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    last = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
+    assert last("full")["kl_coef"] == last("cut")["kl_coef"] != 0.05  # the adaptive controller state resumed too
+
+
+def test_ppo_cli_with_reward_model_and_ptx(tmp_path, model_dir, prompts_file):
+    rm = load_sequence_classifier(str(model_dir))
+    rm_dir = save_pretrained(rm, None, tmp_path / "rm")
+    corpus = tmp_path / "corpus.txt"
+    from tests.conftest import CORPUS
+
+    corpus.write_text("\n\n".join(CORPUS * 30))
+    out = tmp_path / "ppo"
+    code = main(["ppo", "--model", str(model_dir), "--reward-model", str(rm_dir), "--prompts", str(prompts_file),
+                 "--out", str(out), "--max-steps", "2", "--rollout-batch-size", "4", "--batch-size", "2",
+                 "--ppo-epochs", "1", "--max-new-tokens", "6", "--ptx-data", str(corpus), "--ptx-coef", "0.5",
+                 "--ptx-seq-len", "32", "--progress", "false", "--sample-every", "1", "--kl-estimator", "k3"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "ptx_eval_loss" in rows[0] and rows[0]["step"] == 0  # the SFT model's held-out LM loss, before PPO
+    assert "ptx_loss" in rows[-1] and "ptx_eval_loss" in rows[-1]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "score"} <= set(samples[0])
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final_value" / "config.json").is_file()
+
+
+def test_ppo_config_errors(tmp_path, model_dir, prompts_file):
+    res = main(["ppo", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
+                "--rollout-batch-size", "6", "--batch-size", "4"])
+    assert res == 2
+    res = main(["ppo", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
+                "--kl-estimator", "k7"])
+    assert res == 2
