@@ -84,6 +84,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if scalar is bool:
             parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text, dest=f.name)
         elif scalar is list or typing.get_origin(scalar) is list:

@@ -113,8 +113,6 @@ class Reward(Role):
 
 def reward_bias(config: Any) -> float:
     """The normalisation offset `flywheel rm` stores in the reward model's config (0 for other models)."""
-    for key in ("flywheel_reward_offset", "flywheel_reward_bias"):  # the name `flywheel rm` writes; the older one
-        value = getattr(config, key, None)
-        if value:
-            return float(value)
-    return 0.0
+    from flywheel.train.reward import OFFSET_KEY
+
+    return float(getattr(config, OFFSET_KEY, 0.0) or 0.0)

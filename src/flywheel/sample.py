@@ -1,0 +1,123 @@
+"""Sample answers to prompts; with `--best-of N` keep the answer the reward model scores highest.
+
+    flywheel sample --model runs/sft/final --prompts prompts.jsonl --out answers.jsonl
+    flywheel sample --model runs/sft/final --prompts prompts.jsonl --best-of 8 --reward-model runs/rm/final \\
+        --out best_of_8.jsonl --temperature 1.0
+
+Prompts are read like PPO's (`read_prompts`: .txt one per line, or JSONL `{"prompt"}` / `{"messages"}`), rendered
+with the policy's chat template, and sampled by `flywheel.engine` N times each. One output line per prompt:
+`{"messages": prompt + [the kept answer], "response", "score", "finish_reason", "candidates", "scores",
+"finish_reasons"}` (scores are the reward model's normalised scores; null without `--reward-model`). The file reads
+back as SFT conversations (`flywheel sft --data best_of_8.jsonl`: rejection-sampling fine-tuning).
+
+The reward model scores the policy's own token ids (incl. the end-of-turn token it produced) when both models share
+a tokenizer and chat template; otherwise the decoded text is re-rendered with the reward model's template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.config import parse_config
+from flywheel.errors import UserError
+from flywheel.utils import atomic_write_text, log
+
+
+@dataclass
+class SampleConfig:
+    model: str = field(default="", metadata={"help": "policy (a causal LM dir)"})
+    prompts: str = field(default="", metadata={"help": "prompts: .txt (one per line) or JSONL {prompt}/{messages}"})
+    out: str = field(default="", metadata={"help": "output JSONL, one line per prompt"})
+    best_of: int = field(default=1, metadata={"help": "answers sampled per prompt; the best-scored one is kept"})
+    reward_model: str = field(default="", metadata={"help": "reward model dir (required when --best-of > 1)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "most tokens per answer"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (batch i uses seed + i)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch (x best-of rows)"})
+    bf16: bool = field(default=False, metadata={"help": "generate and score in bf16"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed prompt records instead of failing"})
+
+    def validate(self) -> None:
+        for name in ("model", "prompts", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        if self.best_of < 1:
+            raise UserError("--best-of must be >= 1")
+        if self.best_of > 1 and not self.reward_model:
+            raise UserError("--best-of N > 1 needs --reward-model to pick the best answer")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be >= 1")
+
+
+def pick_best(scores: torch.Tensor, n: int) -> list[int]:
+    """Index of the best of each consecutive block of `n` scores (the first one on ties)."""
+    return scores.view(-1, n).argmax(dim=1).tolist()
+
+
+def same_tokenization(a: Any, b: Any) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
+    from flywheel.data.io import read_prompts
+    from flywheel.engine import Engine, SamplingParams
+    from flywheel.models import load_causal_lm
+    from flywheel.tokenization import load_tokenizer, render_prompt
+    from flywheel.train.reward import RewardModel
+
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model).eval()
+    engine = Engine(policy, tokenizer, dtype="bfloat16" if cfg.bf16 else None)
+    rm = RewardModel.from_pretrained(cfg.reward_model, bf16=cfg.bf16) if cfg.reward_model else None
+    by_ids = rm is not None and same_tokenization(tokenizer, rm.tokenizer)
+    prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.prompts, skip_bad=cfg.skip_bad)]
+    n = cfg.best_of
+    rows: list[dict[str, Any]] = []
+    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
+        chunk = prompts[start : start + cfg.batch_size]
+        ids = [render_prompt(tokenizer, p) for p in chunk]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                top_p=cfg.top_p, seed=cfg.seed + b)
+        gen = engine.generate([p for p in ids for _ in range(n)], params)  # (len(chunk) * n) rows, prompt-major
+        texts = [_decode(tokenizer, t) for t in gen.tokens]
+        scores: torch.Tensor | None = None
+        if rm is not None:
+            if by_ids:  # the engine yields at least one token per row
+                scores = rm.score_ids([p for p in ids for _ in range(n)], gen.tokens)
+            else:
+                scores = rm.score([p for p in chunk for _ in range(n)], texts)
+        best = pick_best(scores, n) if scores is not None else [0] * len(chunk)
+        for i, prompt in enumerate(chunk):
+            j = i * n + best[i]
+            rows.append({
+                "messages": prompt + [{"role": "assistant", "content": texts[j]}],
+                "response": texts[j],
+                "score": None if scores is None else float(scores[j]),
+                "finish_reason": gen.finish_reasons[j],
+                "candidates": texts[i * n : (i + 1) * n],
+                "scores": None if scores is None else scores[i * n : (i + 1) * n].tolist(),
+                "finish_reasons": gen.finish_reasons[i * n : (i + 1) * n],
+            })
+        log.info("sample: %d of %d prompts", len(rows), len(prompts))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(SampleConfig, argv, "flywheel sample", __doc__.splitlines()[0])
+    rows = sample_best_of(cfg)
+    atomic_write_text(Path(cfg.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    mean = f", mean score {sum(scored) / len(scored):.4f}" if scored else ""
+    print(f"wrote {len(rows)} answers (best of {cfg.best_of}) to {cfg.out}{mean}")
+    return 0

@@ -1,0 +1,253 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on the reward model's data: rankings expanded to pairs.
+
+    flywheel dpo --model runs/sft/final --data rankings.jsonl --out runs/dpo --beta 0.1
+
+Per (winner w, loser l) pair: loss = -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log
+pi_ref(y_l))]), where log pi(y) is the sum of the log-probs of the answer's tokens (incl. its end-of-turn token) after
+the rendered prompt. A K-way ranking gives all its ranked pairs (ties dropped) and every pair counts the same: the
+loss is the mean over pairs. Each answer's log-prob is computed once per step (K sequences per ranking, the prompt
+shared as in `flywheel rm`), however many pairs it is in.
+
+Reference log-probs are computed once, before training, with `--ref-model` (default: `--model` itself, before any
+update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training; `--resume` reuses
+the cache. With policy = reference the loss is ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
+(log pi - log pi_ref) of winners and losers), rewards/margins, rewards/accuracy (winner's implicit reward higher).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flywheel import distributed
+from flywheel.config import parse_config
+from flywheel.data.batching import _has_plain_head
+from flywheel.errors import UserError
+from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
+from flywheel.tokenization import load_tokenizer
+from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
+from flywheel.train.reward import (
+    OVERLONG,
+    RankingGroup,
+    attention_mask_dtype,
+    backbone_hidden,
+    collate_groups,
+    describe,
+    disable_dropout,
+    encode_rankings,
+    make_batches,
+    split_rankings,
+    to_device,
+)
+from flywheel.utils import log
+
+CACHE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "policy to optimise (usually the SFT model)"})
+    ref_model: str = field(default="", metadata={"help": "reference policy (default: --model before training)"})
+    data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
+    eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
+    beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty (higher = stay closer)"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
+    max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
+    overlong: str = field(default="drop", metadata={"help": "answers longer than --max-length: drop or truncate"})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"})
+    eval_batch_size: int = field(default=32, metadata={"help": "answers per batch for reference/held-out passes"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise UserError("--model is required (the policy to optimise, e.g. the SFT model)")
+        if not self.data:
+            raise UserError("--data is required (rankings or chosen/rejected comparisons)")
+        if self.beta <= 0:
+            raise UserError("--beta must be > 0")
+        if self.max_length < 2:
+            raise UserError("--max-length must be >= 2")
+        if self.overlong not in OVERLONG:
+            raise UserError(f"--overlong must be one of {', '.join(OVERLONG)}, got '{self.overlong}'")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1)")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio)."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+
+def sequence_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(N,) float32 sum of log p(token | prefix) over each answer's tokens (`collate_groups` says where they are)."""
+    if _has_plain_head(model):  # project only the positions that predict answer tokens through the LM head
+        hidden = backbone_hidden(model, batch)[batch["pred_index"]]  # (M, H)
+        logits = model.get_output_embeddings()(hidden)  # (M, V)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, T, V)
+        logits = logits.reshape(-1, logits.shape[-1])[batch["pred_index"]]
+    token_logps = -F.cross_entropy(logits.float(), batch["target_ids"], reduction="none")  # (M,)
+    out = torch.zeros(batch["n_answers"], dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, batch["target_seq"], token_logps)
+
+
+@dataclass
+class DPOGroup:
+    group: RankingGroup
+    ref_logps: list[float]  # (K,) reference log-prob of each answer
+
+    @property
+    def k(self) -> int:
+        return self.group.k
+
+
+def collate_dpo(samples: Sequence[DPOGroup], pad_id: int, *, share_prompt: bool,
+                mask_dtype: torch.dtype) -> dict[str, Any]:
+    batch = collate_groups([s.group for s in samples], pad_id, share_prompt=share_prompt, mask_dtype=mask_dtype)
+    batch["ref_logps"] = torch.tensor([x for s in samples for x in s.ref_logps])  # (N,)
+    batch["weight"] = int(batch["winners"].numel())  # the loss is a mean over pairs
+    return batch
+
+
+def dpo_batch_loss(model: Any, batch: dict[str, Any], beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed DPO loss over the batch's pairs, and summed implicit-reward metrics (the loop averages over pairs)."""
+    logps = sequence_logps(model, batch)  # (N,)
+    ref = batch["ref_logps"].to(logps.device)
+    w, lo = batch["winners"], batch["losers"]
+    losses, chosen, rejected = dpo_loss(logps[w], logps[lo], ref[w], ref[lo], beta)
+    return losses.sum(), {
+        "rewards/chosen": float(chosen.sum()),
+        "rewards/rejected": float(rejected.sum()),
+        "rewards/margins": float((chosen - rejected).sum()),
+        "rewards/accuracy": float((chosen > rejected).float().sum()),
+    }
+
+
+@torch.no_grad()
+def compute_logps(model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool,
+                  max_answers: int, bf16: bool) -> list[list[float]]:
+    """Each group's answers' summed log-probs under `model` (eval mode, no grad), in the order of `groups`."""
+    was_training = model.training
+    model.eval()
+    mask_dtype = attention_mask_dtype(model, share_prompt)
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for chunk in make_batches(groups, max_answers):
+        batch = to_device(collate_groups(chunk, pad_id, share_prompt=share_prompt, mask_dtype=mask_dtype), device)
+        with autocast(bf16):
+            logps = sequence_logps(model, batch).cpu()
+        out += [t.tolist() for t in logps.split([g.k for g in chunk])]
+    model.train(was_training)
+    return out
+
+
+def _fingerprint(cfg: DPOConfig, groups: Sequence[RankingGroup]) -> str:
+    h = hashlib.sha256(repr((cfg.ref_model or cfg.model, cfg.bf16, cfg.share_prompt)).encode())
+    for g in groups:
+        h.update(repr((g.prompt_ids, g.responses)).encode())
+    return h.hexdigest()
+
+
+def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
+                    splits: dict[str, list[RankingGroup]]) -> dict[str, list[list[float]]]:
+    """Reference log-probs of every split's answers: from the cache when it matches, else one pass, then cached."""
+    path = run_dir / CACHE_FILE
+    keys = {name: _fingerprint(cfg, groups) for name, groups in splits.items()}
+    distributed.barrier()  # every rank decides on the cache before rank 0 (re)writes it
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("fingerprints") == keys:
+            log.info("dpo: reference log-probs from %s", path)
+            return cached["logps"]
+        log.warning("dpo: %s was computed for other data or another reference model: recomputing", path)
+    ref = policy if not cfg.ref_model else load_causal_lm(cfg.ref_model)
+    if ref is not policy:
+        resize_for_tokenizer(ref, tokenizer)
+        disable_dropout(ref)
+    n = sum(g.k for groups in splits.values() for g in groups)
+    log.info("dpo: computing reference log-probs of %d answers (once)", n)
+    logps = {name: compute_logps(ref, groups, tokenizer.pad_token_id, share_prompt=cfg.share_prompt,
+                                 max_answers=cfg.eval_batch_size, bf16=cfg.bf16) for name, groups in splits.items()}
+    del ref
+    if distributed.is_main():
+        torch.save({"fingerprints": keys, "logps": logps}, path)
+    distributed.barrier()
+    return logps
+
+
+@torch.no_grad()
+def eval_dpo(model: Any, samples: Sequence[DPOGroup], pad_id: int, cfg: DPOConfig) -> dict[str, float]:
+    """Held-out DPO loss and implicit-reward metrics, means over pairs."""
+    mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
+    totals: dict[str, float] = {}
+    loss = pairs = 0.0
+    for chunk in make_batches(samples, cfg.eval_batch_size):
+        batch = collate_dpo(chunk, pad_id, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype)
+        batch_loss, metrics = dpo_batch_loss(model, batch, cfg.beta)
+        loss += float(batch_loss)
+        pairs += batch["weight"]
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {"eval_loss": loss / pairs, **{f"eval_{k}": v / pairs for k, v in totals.items()}}
+
+
+def train_dpo(cfg: DPOConfig) -> Path:
+    from flywheel.data.io import read_preferences
+
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model)
+    resize_for_tokenizer(model, tokenizer)
+    disable_dropout(model)
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    splits = {"train": encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong,
+                                       source=cfg.data)}
+    if held_out:
+        splits["eval"] = encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong,
+                                         source=cfg.eval_data or cfg.data)
+    log.info("dpo: %d params, training on %s, %d held out, beta %g", count_parameters(model),
+             describe(splits["train"]), len(splits.get("eval", [])), cfg.beta)
+    pad = tokenizer.pad_token_id
+    ref = reference_logps(cfg, run_dir, model, tokenizer, splits)
+    prepare_model(model, cfg)  # after the reference pass: with LoRA it would run the same weights anyway
+    samples = {name: [DPOGroup(g, r) for g, r in zip(groups, ref[name], strict=True)]
+               for name, groups in splits.items()}
+    mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
+
+    def collate(batch: list[DPOGroup]) -> dict[str, Any]:
+        return collate_dpo(batch, pad, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype)
+
+    def evaluate() -> dict[str, float]:
+        return eval_dpo(model, samples["eval"], pad, cfg)
+
+    result = train_loop(model, cfg, run_dir, samples["train"], collate, lambda m, b: dpo_batch_loss(m, b, cfg.beta),
+                        evaluate if "eval" in samples else None, desc="dpo")
+    save_final(model, tokenizer, run_dir / "final", extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta,
+                                                           **result.eval_metrics}, wrapped=result.wrapped)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DPOConfig, argv, "flywheel dpo", __doc__.splitlines()[0])
+    code = distributed.maybe_launch("dpo", cfg.nproc, argv)
+    if code is not None:
+        return code
+    out = train_dpo(cfg)
+    if distributed.is_main():
+        print(f"policy: {out / 'final'}")
+    return 0

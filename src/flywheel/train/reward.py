@@ -1,0 +1,578 @@
+"""Reward model: trained from K-way rankings (InstructGPT Eq. 1), and the scoring API that PPO and best-of-n use.
+
+    flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm
+    flywheel rm --model runs/sft/final --data rankings.jsonl --reference-data demos.jsonl --out runs/rm --bf16
+
+The model is the backbone of `--model` (a causal LM, e.g. the SFT checkpoint, or an existing reward model) with a
+scalar head, saved as `*ForSequenceClassification(num_labels=1)`. The reward of a response is the head applied to the
+hidden state of its last token (the end-of-turn token: pad != eos, so it is a real token).
+
+Loss (InstructGPT Eq. 1): for a ranking of K answers, -1/C(K,2) * sum over (winner, loser) pairs of
+log sigmoid(r_w - r_l - margin); tied pairs are dropped, so the mean is over the ranked pairs. One ranking is one batch
+element; the loop's `weight` is the number of rankings, so the loss is the mean over rankings whatever the batching.
+Each answer is scored once: K rewards per ranking, not 2 per pair. With `--share-prompt` (the default) the prompt is
+computed once per ranking too: a ranking is one row `[prompt][answer 1]...[answer K]` whose answers see the prompt and
+themselves only (a block attention mask; position ids restart after the prompt), which gives the same rewards as K
+separate sequences.
+
+After training, the mean raw score of reference answers is subtracted so that they score 0 on average (InstructGPT:
+"so that the labeler demonstrations achieve a mean score of 0"). References are `--reference-data` conversations (the
+last assistant turn after the messages before it) or, when none are given, the top-ranked answers of the training
+rankings. The offset is stored in the model's config as `flywheel_reward_offset` and subtracted by
+`RewardModel.score`; a head with a bias (GPT-2 style) absorbs it instead and the stored offset is 0. Plain
+transformers users of a bias-free head (Llama) therefore see raw scores: subtract `config.flywheel_reward_offset`.
+
+    rm = RewardModel.from_pretrained("runs/rm/final")
+    rm.score([[{"role": "user", "content": "2+2?"}]], ["4"])  # tensor([...]) normalised scores, shape (B,)
+    rm.score_ids(prompt_ids, response_ids)                        # the same from token ids (PPO)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flywheel import distributed
+from flywheel.config import parse_config
+from flywheel.data.formats import Ranking
+from flywheel.errors import UserError
+from flywheel.models import (
+    count_parameters,
+    load_sequence_classifier,
+    resize_for_tokenizer,
+    reward_head,
+)
+from flywheel.tokenization import load_tokenizer, render_prompt, render_response
+from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
+from flywheel.utils import log, seed_everything
+
+OFFSET_KEY = "flywheel_reward_offset"  # config key: RewardModel.score returns raw score - offset
+OVERLONG = ("drop", "truncate")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "backbone: a causal LM (e.g. the SFT model) or a reward model"})
+    data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
+    eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
+    reference_data: str = field(default="", metadata={
+        "help": "conversations whose final assistant turns should score 0 on average (default: the top-ranked "
+                "answers of the training rankings)"})
+    reference_limit: int = field(default=2000, metadata={"help": "most reference answers scored for the offset"})
+    normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
+    max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
+    overlong: str = field(default="drop", metadata={
+        "help": "answers longer than --max-length: drop (their pairs go; rankings left without a pair go) or "
+                "truncate (the prompt loses its oldest tokens, down to half the budget, then answers are cut)"})
+    margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"})
+    eval_batch_size: int = field(default=32, metadata={"help": "answers per scoring batch in evaluation"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise UserError("--model is required (a causal LM such as the SFT model, or a reward model)")
+        if not self.data:
+            raise UserError("--data is required (rankings or chosen/rejected comparisons)")
+        if self.max_length < 2:
+            raise UserError("--max-length must be >= 2")
+        if self.overlong not in OVERLONG:
+            raise UserError(f"--overlong must be one of {', '.join(OVERLONG)}, got '{self.overlong}'")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1)")
+        if self.eval_batch_size < 1:
+            raise UserError("--eval-batch-size must be >= 1")
+
+
+def ranking_loss(rewards: torch.Tensor, pairs: Sequence[tuple[int, int]], margin: float = 0.0) -> torch.Tensor:
+    """InstructGPT Eq. 1 for one prompt: -mean over (winner, loser) pairs of log sigmoid(r_w - r_l - margin).
+
+    rewards: (K,) one score per answer. With all C(K,2) pairs this is -1/C(K,2) * sum log sigmoid(...).
+    """
+    if not pairs:
+        raise ValueError("a ranking needs at least one (winner, loser) pair")
+    w = torch.tensor([p[0] for p in pairs], device=rewards.device)
+    lo = torch.tensor([p[1] for p in pairs], device=rewards.device)
+    return -F.logsigmoid(rewards[w] - rewards[lo] - margin).mean()
+
+
+def grouped_ranking_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                         pair_group: torch.Tensor, n_groups: int, margin: float = 0.0) -> torch.Tensor:
+    """`ranking_loss` of many rankings at once: (G,) the loss of each ranking (group).
+
+    rewards: (N,) scores of all answers of the batch; winners, losers: (P,) indices into rewards;
+    pair_group: (P,) the ranking each pair belongs to (every group must own at least one pair).
+    """
+    per_pair = -F.logsigmoid(rewards[winners] - rewards[losers] - margin)  # (P,)
+    return group_means(per_pair, pair_group, n_groups)
+
+
+@dataclass
+class RankingGroup:
+    """One prompt and its K answers as token ids, and the (winner, loser) pairs the loss compares."""
+
+    prompt_ids: list[int]  # the rendered prompt incl. the generation prompt (what the policy sees)
+    responses: list[list[int]]  # K answers, each as the policy writes it (incl. its end-of-turn token)
+    pairs: list[tuple[int, int]]  # indices into responses; empty for scoring-only groups
+
+    @property
+    def k(self) -> int:
+        return len(self.responses)
+
+
+def fit_group(prompt: list[int], responses: list[list[int]], max_length: int,
+              overlong: str) -> tuple[list[int], list[list[int] | None], bool]:
+    """Apply the `--overlong` policy: (prompt, answers with None for dropped ones, whether anything was cut)."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= max_length:
+        return prompt, list(responses), False
+    if overlong == "drop":
+        return prompt, [r if len(prompt) + len(r) <= max_length else None for r in responses], False
+    keep = min(len(prompt), max(max_length - longest, max_length // 2))
+    prompt = prompt[len(prompt) - keep:]
+    return prompt, [r[: max_length - keep] for r in responses], True
+
+
+def encode_rankings(tokenizer: Any, rankings: Sequence[Ranking], *, max_length: int, overlong: str = "drop",
+                    source: str = "data") -> list[RankingGroup]:
+    """Render every ranking with the chat template; apply the length policy and say what it did in one line."""
+    groups: list[RankingGroup] = []
+    cut = dropped_answers = dropped_rankings = answers = 0
+    for r in rankings:
+        messages = r.prompt_dicts()
+        prompt = render_prompt(tokenizer, messages)
+        responses = [render_response(tokenizer, messages, text) for text in r.completions]
+        answers += len(responses)
+        prompt, fitted, was_cut = fit_group(prompt, responses, max_length, overlong)
+        cut += was_cut
+        kept = [j for j, ids in enumerate(fitted) if ids is not None]
+        dropped_answers += len(fitted) - len(kept)
+        new_index = {old: new for new, old in enumerate(kept)}
+        pairs = [(new_index[w], new_index[lo]) for w, lo in r.pairs() if w in new_index and lo in new_index]
+        if not pairs:
+            dropped_rankings += 1
+            continue
+        groups.append(RankingGroup(prompt, [fitted[j] for j in kept], pairs))  # type: ignore[misc]
+    if cut:
+        log.warning("%s: %d of %d rankings longer than %d tokens were truncated (prompt cut from the left, answers "
+                    "from the right)", source, cut, len(rankings), max_length)
+    if dropped_answers:
+        log.warning("%s: dropped %d of %d answers longer than %d tokens with their prompt, and %d rankings left "
+                    "without a ranked pair", source, dropped_answers, answers, max_length, dropped_rankings)
+    if not groups:
+        raise UserError(f"no usable rankings: every one is longer than --max-length {max_length} "
+                        "(raise it, or pass --overlong truncate)", path=source)
+    return groups
+
+
+def _group_rows(group: RankingGroup, share_prompt: bool) -> list[tuple[list[int], list[int], list[int]]]:
+    """(ids, position ids, segment ids) of the rows that hold a group: segment 0 = prompt, k + 1 = answer k."""
+    p = len(group.prompt_ids)
+    if not share_prompt:
+        return [(group.prompt_ids + r, list(range(p + len(r))), [0] * p + [k + 1] * len(r))
+                for k, r in enumerate(group.responses)]
+    ids, pos, seg = list(group.prompt_ids), list(range(p)), [0] * p
+    for k, r in enumerate(group.responses):
+        ids += r
+        pos += range(p, p + len(r))
+        seg += [k + 1] * len(r)
+    return [(ids, pos, seg)]
+
+
+def collate_groups(groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True,
+                   mask_dtype: torch.dtype = torch.bool) -> dict[str, Any]:
+    """One forward's worth of rankings: every answer of every group, with the indices the losses need.
+
+    share_prompt: one row per group `[prompt][answer 1]..[answer K]` with a (R, 1, T, T) attention mask in which an
+    answer sees the prompt and itself; otherwise one right-padded row per answer with a (R, T) padding mask.
+    mask_dtype: bool for SDPA; a float dtype gives an additive mask (0 / -inf) for eager attention.
+    """
+    rows = [row for g in groups for row in _group_rows(g, share_prompt)]
+    n_rows, length = len(rows), max(len(r[0]) for r in rows)
+    ids = torch.full((n_rows, length), pad_id, dtype=torch.long)
+    pos = torch.zeros((n_rows, length), dtype=torch.long)
+    seg = torch.full((n_rows, length), -1, dtype=torch.long)
+    for i, (row_ids, row_pos, row_seg) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        pos[i, : len(row_ids)] = torch.tensor(row_pos)
+        seg[i, : len(row_ids)] = torch.tensor(row_seg)
+    ends: list[int] = []  # flat index (row * T + column) of each answer's last token, where its reward is read
+    pred: list[int] = []  # flat index of the position that predicts each answer token (for log-probs)
+    targets: list[int] = []  # that answer token
+    target_seq: list[int] = []  # which answer (0..N-1) the token belongs to
+    answer_group: list[int] = []
+    winners: list[int] = []
+    losers: list[int] = []
+    pair_group: list[int] = []
+    row = n = 0
+    for g, group in enumerate(groups):
+        p = len(group.prompt_ids)
+        start = p
+        for k, resp in enumerate(group.responses):
+            if not share_prompt and k > 0:
+                row, start = row + 1, p
+            base = row * length
+            ends.append(base + start + len(resp) - 1)
+            pred += [base + p - 1] + [base + start + j for j in range(len(resp) - 1)]
+            targets += resp
+            target_seq += [n + k] * len(resp)
+            start += len(resp)
+        winners += [n + w for w, _ in group.pairs]
+        losers += [n + lo for _, lo in group.pairs]
+        pair_group += [g] * len(group.pairs)
+        answer_group += [g] * group.k
+        n += group.k
+        row += 1
+    real = seg >= 0
+    if share_prompt:
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        # key j visible to query i: j <= i, and j is in the prompt or in i's own answer; padding sees itself only
+        allowed = causal & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
+        allowed &= real[:, None, :] | torch.eye(length, dtype=torch.bool)
+        mask = allowed[:, None]  # (R, 1, T, T)
+        if mask_dtype != torch.bool:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(~mask, torch.finfo(mask_dtype).min)
+    else:
+        mask = real.long()  # (R, T)
+    return {
+        "input_ids": ids,  # (R, T)
+        "position_ids": pos,  # (R, T)
+        "attention_mask": mask,  # (R, 1, T, T) bool/additive, or (R, T) 0/1
+        "ends": torch.tensor(ends),  # (N,) reward read-out positions, flat over R * T
+        "pred_index": torch.tensor(pred),  # (M,) positions whose next-token logits score the answer tokens
+        "target_ids": torch.tensor(targets),  # (M,)
+        "target_seq": torch.tensor(target_seq),  # (M,) answer of each target token
+        "winners": torch.tensor(winners, dtype=torch.long),  # (P,) indices into the N answers
+        "losers": torch.tensor(losers, dtype=torch.long),  # (P,)
+        "pair_group": torch.tensor(pair_group, dtype=torch.long),  # (P,) group of each pair
+        "answer_group": torch.tensor(answer_group, dtype=torch.long),  # (N,) group of each answer
+        "n_groups": len(groups),
+        "n_answers": n,
+        "weight": len(groups),  # the loss is a mean over rankings
+        "tokens": int(real.sum()),
+    }
+
+
+def attention_mask_dtype(model: Any, share_prompt: bool) -> torch.dtype:
+    """The mask type the model's attention implementation takes for a custom 4D mask (checked up front)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if not share_prompt or impl == "sdpa":
+        return torch.bool
+    if impl == "eager":
+        return next(model.parameters()).dtype
+    raise UserError(f"--share-prompt needs sdpa or eager attention, the model uses '{impl}': pass --share-prompt "
+                    "false")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def backbone_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(R*T, H) last hidden states of the backbone (no LM or score head), flattened over rows."""
+    base = model.base_model
+    if base is model:
+        raise UserError(f"{type(model).__name__} has no separate backbone (base_model)")
+    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (R, T, H)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def sequence_rewards(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(N,) float32 raw rewards: the score head at each answer's last token."""
+    hidden = backbone_hidden(model, batch)[batch["ends"]]  # (N, H)
+    return reward_head(model)(hidden).squeeze(-1).float()
+
+
+def rm_loss(model: Any, batch: dict[str, Any], margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed ranking loss over the batch's groups, and per-group metric sums (the loop averages over groups)."""
+    rewards = sequence_rewards(model, batch)  # (N,)
+    per_group = grouped_ranking_loss(rewards, batch["winners"], batch["losers"], batch["pair_group"],
+                                     batch["n_groups"], margin)
+    with torch.no_grad():
+        diff = rewards[batch["winners"]] - rewards[batch["losers"]]  # (P,)
+        acc, margin_ = (group_means(x, batch["pair_group"], batch["n_groups"]) for x in ((diff > 0).float(), diff))
+        mean_reward = group_means(rewards, batch["answer_group"], batch["n_groups"])
+    return per_group.sum(), {"accuracy": float(acc.sum()), "margin": float(margin_.sum()),
+                             "reward_mean": float(mean_reward.sum())}
+
+
+def group_means(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(G,) mean of `values` (X,) within each group; `group` (X,) says which group each value belongs to."""
+    zeros = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    total = zeros.index_add(0, group, values)
+    count = zeros.index_add(0, group, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def make_batches(groups: Sequence[Any], max_answers: int) -> list[list[Any]]:
+    """Consecutive groups (anything with `.k` answers), at most `max_answers` answers per batch (a bigger group is a
+    batch of its own)."""
+    batches: list[list[Any]] = []
+    cur: list[Any] = []
+    n = 0
+    for g in groups:
+        if cur and n + g.k > max_answers:
+            batches.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += g.k
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def eval_rankings(model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True,
+                  max_answers: int = 32, margin: float = 0.0) -> dict[str, float]:
+    """Mean ranking loss and pairwise accuracy (ties in score count half) of held-out groups."""
+    was_training = model.training
+    model.eval()
+    mask_dtype = attention_mask_dtype(model, share_prompt)
+    device = next(model.parameters()).device
+    loss = correct = pairs = 0.0
+    for chunk in make_batches(groups, max_answers):
+        batch = to_device(collate_groups(chunk, pad_id, share_prompt=share_prompt, mask_dtype=mask_dtype), device)
+        rewards = sequence_rewards(model, batch)
+        loss += float(grouped_ranking_loss(rewards, batch["winners"], batch["losers"], batch["pair_group"],
+                                           batch["n_groups"], margin).sum())
+        diff = rewards[batch["winners"]] - rewards[batch["losers"]]
+        correct += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        pairs += diff.numel()
+    model.train(was_training)
+    return {"eval_loss": loss / len(groups), "eval_accuracy": correct / max(pairs, 1)}
+
+
+class RewardModel:
+    """Batched, no-grad scoring with a trained reward model. Scores are normalised (raw - offset) unless asked not to.
+
+    rm = RewardModel.from_pretrained("runs/rm/final", bf16=True)
+    rm.score(prompts, responses)            # prompts: list of message lists; responses: list of strings -> (B,)
+    rm.score_ids(prompt_ids, response_ids)  # token ids as the policy saw/produced them -> (B,)
+
+    Answers to the same prompt are scored together with the prompt computed once (best-of-n, K-way evaluation).
+    `max_length` caps prompt + answer (default: the model's context): longer inputs lose their oldest prompt tokens.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, bf16: bool = False,
+                 share_prompt: bool = True, max_length: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.bf16 = bf16
+        self.share_prompt = share_prompt
+        self.mask_dtype = attention_mask_dtype(model, share_prompt)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = max_length or limit or 1 << 30
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+        if pad is None:
+            raise UserError("the reward model has no pad token id")
+        self.pad_id = int(pad)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", device: str | torch.device | None = None,
+                        **kwargs: Any) -> RewardModel:
+        model = load_sequence_classifier(str(path), dtype=dtype)
+        if device is not None:
+            model.to(device)
+        return cls(model, load_tokenizer(str(path)), **kwargs)
+
+    @property
+    def offset(self) -> float:
+        """What `score` subtracts from the raw head output (stored in the config by `flywheel rm`)."""
+        return float(getattr(self.model.config, OFFSET_KEY, 0.0) or 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_groups(self, groups: Sequence[RankingGroup], *, normalize: bool = True) -> list[torch.Tensor]:
+        """Scores of each group's answers: a list of (K,) float32 CPU tensors, in the order of `groups`."""
+        out: list[torch.Tensor] = []
+        offset = self.offset if normalize else 0.0
+        for chunk in make_batches(groups, self.batch_size):
+            batch = to_device(collate_groups(chunk, self.pad_id, share_prompt=self.share_prompt,
+                                       mask_dtype=self.mask_dtype), self.device)
+            with autocast(self.bf16):
+                rewards = (sequence_rewards(self.model, batch) - offset).cpu()
+            out += list(rewards.split([g.k for g in chunk]))
+        return out
+
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
+                  normalize: bool = True) -> torch.Tensor:
+        """(B,) scores of response i after prompt i, read at the response's last token (include the end-of-turn
+        token the policy produced: a response without one is scored where it stops)."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        if not prompt_ids:
+            return torch.zeros(0)
+        for i, r in enumerate(response_ids):
+            if len(r) == 0:
+                raise UserError(f"response {i} is empty: there is no token to read its reward at")
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompt_ids):
+            by_prompt.setdefault(tuple(p), []).append(i)
+        groups, order, cut = [], [], 0
+        for p, rows in by_prompt.items():
+            # Too long: keep every response's end (where the reward is read) and the prompt's most recent tokens.
+            responses = [list(response_ids[i])[-(self.max_length - 1):] for i in rows]
+            keep = max(1, self.max_length - max(len(r) for r in responses))
+            cut += len(p) > keep or any(len(r) < len(response_ids[i]) for r, i in zip(responses, rows, strict=True))
+            groups.append(RankingGroup(list(p[-keep:]), responses, []))
+            order += rows
+        if cut:
+            log.warning("reward model: %d prompts (or their answers) lost their oldest tokens to fit %d tokens", cut,
+                        self.max_length)
+        flat = torch.cat(self.score_groups(groups, normalize=normalize))
+        scores = torch.empty_like(flat)
+        scores[torch.tensor(order)] = flat
+        return scores
+
+    def score(self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *,
+              normalize: bool = True) -> torch.Tensor:
+        """(B,) scores of `responses[i]` as the assistant's answer to the conversation `prompts[i]`."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rendered: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        prompt_ids = []
+        for msgs in prompts:
+            key = tuple((m["role"], m["content"]) for m in msgs)
+            if key not in rendered:
+                rendered[key] = render_prompt(self.tokenizer, msgs)
+            prompt_ids.append(rendered[key])
+        response_ids = [render_response(self.tokenizer, msgs, text) for msgs, text in zip(prompts, responses,
+                                                                                           strict=True)]
+        return self.score_ids(prompt_ids, response_ids, normalize=normalize)
+
+
+def reference_answers(cfg: RewardConfig, rankings: Sequence[Ranking]) -> tuple[list[Any], list[str], str]:
+    """(prompts, answers, description) whose mean score becomes 0: --reference-data, or the top-ranked answers."""
+    if cfg.reference_data:
+        from flywheel.data.io import read_conversations
+
+        convs = read_conversations(cfg.reference_data, skip_bad=cfg.skip_bad)
+        prompts = [c.as_dicts()[:-1] for c in convs]
+        answers = [c.messages[-1].content for c in convs]
+        what = f"final assistant turns of {cfg.reference_data}"
+    else:
+        prompts, answers = [], []
+        for r in rankings:
+            for i in r.order[0]:
+                prompts.append(r.prompt_dicts())
+                answers.append(r.completions[i])
+        what = "top-ranked answers of the training rankings"
+    if len(answers) > cfg.reference_limit:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(answers)), cfg.reference_limit))
+        prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
+    return prompts, answers, what
+
+
+def normalize_rewards(model: Any, mean_raw: float) -> float:
+    """Make the model's scores shift by -mean_raw: in the head's bias if it has one, else in the config. Returns the
+    offset stored in the config (what `RewardModel.score` subtracts)."""
+    head = reward_head(model)
+    if head.bias is not None:
+        with torch.no_grad():
+            head.bias.sub_(mean_raw)
+        offset = 0.0
+    else:
+        offset = mean_raw
+    setattr(model.config, OFFSET_KEY, offset)
+    return offset
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Rewards must not depend on dropout noise (TRL and the N+ implementation details do the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+
+
+def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], list[Ranking]]:
+    """(train, held-out): --eval-data if given, else a seeded --eval-split of --data (none if it would empty train)."""
+    from flywheel.data.io import read_preferences
+
+    if cfg.eval_data:
+        return rankings, read_preferences(cfg.eval_data, skip_bad=cfg.skip_bad)
+    if cfg.eval_split <= 0 or len(rankings) < 2:
+        return rankings, []
+    order = list(range(len(rankings)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(len(rankings) * cfg.eval_split))
+    return [rankings[i] for i in sorted(order[n_eval:])], [rankings[i] for i in order[:n_eval]]
+
+
+def describe(groups: Sequence[RankingGroup]) -> str:
+    ks = [g.k for g in groups]
+    pairs = sum(len(g.pairs) for g in groups)
+    return f"{len(groups)} rankings (K = {min(ks)}..{max(ks)}, {pairs} pairs)"
+
+
+def train_reward(cfg: RewardConfig) -> Path:
+    from flywheel.data.io import read_preferences
+
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    seed_everything(cfg.seed)  # the new head's init: the same on every rank and in every run with this seed
+    model = load_sequence_classifier(cfg.model)
+    resize_for_tokenizer(model, tokenizer)
+    disable_dropout(model)
+    prepare_model(model, cfg)
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    groups = encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
+    eval_source = cfg.eval_data or cfg.data
+    eval_groups = (encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong,
+                                   source=eval_source) if held_out else [])
+    log.info("rm: %d params, training on %s, %d held out", count_parameters(model), describe(groups),
+             len(eval_groups))
+    pad = tokenizer.pad_token_id
+    mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
+
+    def collate(batch: list[RankingGroup]) -> dict[str, Any]:
+        return collate_groups(batch, pad, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype)
+
+    def evaluate() -> dict[str, float]:
+        return eval_rankings(model, eval_groups, pad, share_prompt=cfg.share_prompt,
+                             max_answers=cfg.eval_batch_size, margin=cfg.margin)
+
+    result = train_loop(model, cfg, run_dir, groups, collate, lambda m, b: rm_loss(m, b, cfg.margin),
+                        evaluate if eval_groups else None, desc="rm")
+    extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length,
+                             **result.eval_metrics}
+    if cfg.normalize:
+        prompts, answers, what = reference_answers(cfg, rankings)
+        scorer = RewardModel(model, tokenizer, batch_size=cfg.eval_batch_size, bf16=cfg.bf16,
+                             share_prompt=cfg.share_prompt, max_length=cfg.max_length)
+        mean_raw = float(result.call(lambda: scorer.score(prompts, answers, normalize=False)).mean())
+        offset = normalize_rewards(model, mean_raw)
+        log.info("rm: reference answers (%d %s) scored %.4f on average: offset %.4f stored as config.%s",
+                 len(answers), what, mean_raw, offset, OFFSET_KEY)
+        extra.update(reference_mean_raw=mean_raw, reference=what, reference_count=len(answers))
+    save_final(model, tokenizer, run_dir / "final", extra=extra, wrapped=result.wrapped)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(RewardConfig, argv, "flywheel rm", __doc__.splitlines()[0])
+    code = distributed.maybe_launch("rm", cfg.nproc, argv)
+    if code is not None:
+        return code
+    out = train_reward(cfg)
+    if distributed.is_main():
+        print(f"reward model: {out / 'final'}")
+    return 0
