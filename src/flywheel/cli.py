@@ -16,14 +16,20 @@ from flywheel.errors import UserError
 
 # command -> (module with `main(argv) -> int`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("flywheel.demo", "the whole loop on the toy world, judged by its oracle: runs/demo/report.md"),
     "world": ("flywheel.world.generate", "write the toy world's corpus, demonstrations, prompts and rankings"),
     "pretrain": ("flywheel.train.pretrain", "train a causal LM on a text corpus (with packing)"),
     "sft": ("flywheel.train.sft", "supervised fine-tuning on conversations (loss on assistant turns only)"),
+    "chat": ("flywheel.chat", "chat with a model in the terminal (streaming), or answer --prompt / stdin"),
     "rm": ("flywheel.train.reward", "train a reward model on K-way rankings / comparisons (InstructGPT loss)"),
     "dpo": ("flywheel.train.dpo", "direct preference optimisation on rankings (expanded to pairs)"),
     "sample": ("flywheel.sample", "sample answers to prompts; --best-of N keeps the reward model's favourite"),
     "eval": ("flywheel.evaluate_cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
     "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),
+    "serve": ("flywheel.serve.cli", "OpenAI-compatible API + chat web app + labelers' workbench (docs/serve.md)"),
+    "db": ("flywheel.feedback.cli", "feedback database: `db upgrade`, `db create-user NAME --role labeler|admin`"),
+    "export": ("flywheel.feedback.export", "feedback database -> demos, rankings, prompts for sft/rm/dpo/ppo"),
+    "round": ("flywheel.round", "the next round from an export: SFT -> RM -> PPO, then switch the live server"),
 }
 
 

@@ -1,0 +1,2 @@
+"""The feedback database: users and tokens, chat trees, labeling tasks, rankings, demonstrations, votes, and the
+export to the trainers' datasets. `flywheel db upgrade|create-user|users`, `flywheel export`; docs/serve.md."""

@@ -1,0 +1,477 @@
+"""`Store`: everything the server and the exporter do with the feedback database, as plain dicts in and out.
+
+    store = Store("sqlite:///feedback.db")      # the schema must be current: `upgrade(url)` first
+    token = store.create_user("alice", "labeler")   # shown once; only its SHA-256 is stored
+    user = store.authenticate(token)                 # -> UserInfo | None
+    task = store.next_task(user.id, "ranking")       # the labeler's next ranking task (candidates shuffled for them)
+    row, created = store.submit_ranking(user.id, task["id"], [[c2], [c0, c1]], unsafe=[], key="k-1")
+
+Submissions are idempotent: the same (user, idempotency key) returns the stored row with `created=False`, also when
+two retries race (the unique constraint decides, the loser reads the winner's row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import secrets
+import threading
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from flywheel.data.formats import Message as MessageRecord
+from flywheel.data.formats import RecordError, check_messages
+from flywheel.errors import UserError
+from flywheel.feedback.db import connect
+from flywheel.feedback.models import (
+    ROLES,
+    Candidate,
+    Conversation,
+    Demonstration,
+    Message,
+    ModelVersion,
+    RankingLabel,
+    Task,
+    User,
+    Vote,
+    utcnow,
+)
+
+MAX_KEY_LENGTH = 100
+
+
+class NotFound(UserError):
+    status = 404
+
+
+class Conflict(UserError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    id: int
+    name: str
+    role: str  # "labeler" | "admin"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_messages_dicts(messages: Any, *, end: str | None, field: str = "messages") -> list[dict[str, str]]:
+    """Validate `[{"role", "content"}]` with the trainers' rules (turn order, non-empty content)."""
+    if not isinstance(messages, list):
+        raise UserError(f"{field} must be a list of messages")
+    try:
+        parsed = [MessageRecord.from_dict(m, where=f"{field}[{i}]") for i, m in enumerate(messages)]
+        check_messages(parsed, field=field, end=end)
+    except RecordError as err:
+        raise UserError(err.message) from None
+    return [m.as_dict() for m in parsed]
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise UserError(f"idempotency_key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    return key
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = connect(url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time; its busy handler makes waiting writers sleep for up to 100 ms per retry,
+        # which starves a server under load. One lock per process queues our own writers without sleeping.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else None
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session; `write=True` holds this process's writer lock (SQLite) for the whole session."""
+        lock = self._write_lock if write else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._session() as s:
+                yield s
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # users and model versions
+
+    def create_user(self, name: str, role: str) -> str:
+        """Add a user and return their new API token (not stored: only its hash is)."""
+        if role not in ROLES:
+            raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not name or len(name) > 100:
+            raise UserError("a user name must have 1 to 100 characters")
+        token = "fw-" + secrets.token_urlsafe(32)
+        with self.session(write=True) as s:
+            s.add(User(name=name, role=role, token_hash=hash_token(token)))
+            try:
+                s.commit()
+            except IntegrityError:
+                raise Conflict(f"user {name!r} already exists") from None
+        return token
+
+    def authenticate(self, token: str | None) -> UserInfo | None:
+        if not token:
+            return None
+        with self.session() as s:
+            user = s.scalar(select(User).where(User.token_hash == hash_token(token)))
+            return UserInfo(user.id, user.name, user.role) if user else None
+
+    def users(self) -> list[UserInfo]:
+        with self.session() as s:
+            return [UserInfo(u.id, u.name, u.role) for u in s.scalars(select(User).order_by(User.id))]
+
+    def register_model_version(self, version: str, path: str) -> None:
+        with self.session(write=True) as s:
+            if s.get(ModelVersion, version) is None:
+                s.add(ModelVersion(id=version, path=path))
+                try:
+                    s.commit()
+                except IntegrityError:  # registered concurrently
+                    s.rollback()
+
+    # chat trees
+
+    def create_conversation(self, owner: str, source: str = "web", title: str = "") -> int:
+        with self.session(write=True) as s:
+            conv = Conversation(owner=owner, source=source, title=title[:200])
+            s.add(conv)
+            s.commit()
+            return conv.id
+
+    def list_conversations(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.scalars(select(Conversation).where(Conversation.owner == owner)
+                             .order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+            return [{"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()} for c in rows]
+
+    def conversation(self, conv_id: int, owner: str) -> dict[str, Any]:
+        with self.session() as s:
+            conv = self._owned(s, conv_id, owner)
+            return {"id": conv.id, "title": conv.title, "messages": [_message_dict(m) for m in conv.messages]}
+
+    def _owned(self, s: Session, conv_id: int, owner: str) -> Conversation:
+        conv = s.get(Conversation, conv_id)
+        if conv is None or conv.owner != owner:
+            raise NotFound(f"no conversation {conv_id}")
+        return conv
+
+    def add_message(self, conv_id: int, owner: str, parent_id: int | None, role: str, content: str,
+                    model_version: str | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+        """Append a message under `parent_id` (None: the root). Checks the turn order along the branch."""
+        with self.session(write=True) as s:
+            conv = self._owned(s, conv_id, owner)
+            branch = self._branch(s, parent_id) if parent_id is not None else []
+            if branch and branch[0].conversation_id != conv_id:
+                raise NotFound(f"no message {parent_id} in conversation {conv_id}")
+            check_messages_dicts([_turn(m) for m in branch] + [{"role": role, "content": content}], end=None)
+            msg = Message(conversation_id=conv_id, parent_id=parent_id, role=role, content=content,
+                          model_version=model_version, finish_reason=finish_reason)
+            s.add(msg)
+            conv.updated_at = utcnow()
+            if not conv.title and role == "user":
+                conv.title = content.strip().splitlines()[0][:80]
+            s.commit()
+            return _message_dict(msg)
+
+    def branch(self, message_id: int, owner: str | None = None) -> list[dict[str, Any]]:
+        """The messages from the root down to `message_id` (its context)."""
+        with self.session() as s:
+            branch = self._branch(s, message_id)
+            if owner is not None and s.get(Conversation, branch[0].conversation_id).owner != owner:
+                raise NotFound(f"no message {message_id}")
+            return [_message_dict(m) for m in branch]
+
+    def conversation_of(self, message_id: int) -> int:
+        with self.session() as s:
+            msg = s.get(Message, message_id)
+            if msg is None:
+                raise NotFound(f"no message {message_id}")
+            return msg.conversation_id
+
+    def _branch(self, s: Session, message_id: int) -> list[Message]:
+        out: list[Message] = []
+        msg = s.get(Message, message_id)
+        if msg is None:
+            raise NotFound(f"no message {message_id}")
+        while msg is not None:
+            out.append(msg)
+            msg = s.get(Message, msg.parent_id) if msg.parent_id is not None else None
+        return out[::-1]
+
+    def log_exchange(self, owner: str, source: str, messages: Sequence[dict[str, str]],
+                     answers: Sequence[tuple[str, str]], model_version: str) -> list[int]:
+        """Log an API call: the request's messages as a chain and each answer (text, finish_reason) as a sibling."""
+        with self.session(write=True) as s:
+            title = next((m["content"] for m in messages if m["role"] == "user"), "")
+            conv = Conversation(owner=owner, source=source, title=title.strip().splitlines()[0][:80] if title else "")
+            s.add(conv)
+            s.flush()
+            parent = None
+            for m in messages:
+                msg = Message(conversation_id=conv.id, parent_id=parent, role=m["role"], content=m["content"])
+                s.add(msg)
+                s.flush()
+                parent = msg.id
+            ids = []
+            for text, finish in answers:
+                msg = Message(conversation_id=conv.id, parent_id=parent, role="assistant", content=text,
+                              model_version=model_version, finish_reason=finish)
+                s.add(msg)
+                s.flush()
+                ids.append(msg.id)
+            s.commit()
+            return ids
+
+    def vote(self, message_id: int, voter: str, value: int, comment: str, key: str,
+             owner: str | None = None) -> tuple[dict[str, Any], bool]:
+        key = _check_key(key)
+        if value not in (1, -1):
+            raise UserError("value must be 1 (thumbs up) or -1 (thumbs down)")
+        with self.session(write=True) as s:
+            found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
+            if found is not None:
+                return _vote_dict(found), False
+            msg = s.get(Message, message_id)
+            if msg is None or (owner is not None and s.get(Conversation, msg.conversation_id).owner != owner):
+                raise NotFound(f"no message {message_id}")
+            if msg.role != "assistant":
+                raise UserError("only assistant messages can be voted on")
+            vote = Vote(message_id=message_id, voter=voter, value=value, comment=comment, idempotency_key=key)
+            s.add(vote)
+            return self._commit_idempotent(s, vote, _vote_dict, lambda: s.scalar(
+                select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key)))
+
+    def _commit_idempotent(self, s: Session, row: Any, as_dict: Any, lookup: Any) -> tuple[dict[str, Any], bool]:
+        try:
+            s.commit()
+            return as_dict(row), True
+        except IntegrityError:
+            s.rollback()
+            found = lookup()
+            if found is None:
+                raise
+            return as_dict(found), False
+
+    # labeling tasks
+
+    def create_ranking_task(self, prompt: list[dict[str, str]], candidates: Sequence[tuple[str, str, str | None]],
+                            *, labels_needed: int = 1, source: str = "prompt_set",
+                            source_message_id: int | None = None) -> int:
+        """A ranking task: `prompt` (messages ending with a user turn), candidates (text, model_version, finish)."""
+        prompt = check_messages_dicts(prompt, end="user", field="prompt")
+        texts = [text.strip() for text, _, _ in candidates]
+        if len(set(texts)) != len(texts) or len(texts) < 2 or not all(texts):
+            raise UserError("a ranking task needs at least 2 distinct non-empty candidates")
+        with self.session(write=True) as s:
+            task = Task(kind="ranking", prompt=prompt, source=source, source_message_id=source_message_id,
+                        labels_needed=max(1, labels_needed))
+            s.add(task)
+            s.flush()
+            for pos, (text, version, finish) in enumerate(candidates):
+                s.add(Candidate(task_id=task.id, position=pos, text=text, model_version=version,
+                                finish_reason=finish))
+            s.commit()
+            return task.id
+
+    def create_roleplay_task(self, instruction: str, *, labels_needed: int = 1) -> int:
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise UserError("a role-play task needs an instruction")
+        with self.session(write=True) as s:
+            task = Task(kind="roleplay", prompt=None, instruction=instruction.strip(), source="admin",
+                        labels_needed=max(1, labels_needed))
+            s.add(task)
+            s.commit()
+            return task.id
+
+    def unused_chat_prompts(self, limit: int) -> list[tuple[list[dict[str, str]], int]]:
+        """The contexts of the latest logged user messages that no task was made from yet: (messages, message id)."""
+        with self.session() as s:
+            used = select(Task.source_message_id).where(Task.source_message_id.is_not(None))
+            rows = s.scalars(select(Message).where(Message.role == "user", Message.id.not_in(used))
+                             .order_by(Message.id.desc()).limit(limit)).all()
+            return [([_turn(m) for m in self._branch(s, row.id)], row.id) for row in rows]
+
+    def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
+        """The oldest task of `kind` that still needs labels and that this user has not labeled."""
+        table = RankingLabel if kind == "ranking" else Demonstration
+        if kind not in ("ranking", "roleplay"):
+            raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
+        with self.session() as s:
+            given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
+            mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
+            task = s.scalar(select(Task).where(Task.kind == kind, given < Task.labels_needed, ~mine.exists())
+                            .order_by(Task.id).limit(1))
+            return None if task is None else self._task_dict(task, user_id)
+
+    def task(self, task_id: int, user_id: int) -> dict[str, Any]:
+        with self.session() as s:
+            task = s.get(Task, task_id)
+            if task is None:
+                raise NotFound(f"no task {task_id}")
+            return self._task_dict(task, user_id)
+
+    def _task_dict(self, task: Task, user_id: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": task.id, "kind": task.kind, "prompt": task.prompt,
+                               "instruction": task.instruction}
+        if task.kind == "ranking":
+            cands = [{"id": c.id, "text": c.text} for c in task.candidates]
+            random.Random(f"{task.id}:{user_id}").shuffle(cands)  # per-labeler order: no position bias in the data
+            out["candidates"] = cands
+        return out
+
+    def submit_ranking(self, user_id: int, task_id: int, order: Any, *, unsafe: Sequence[int] = (),
+                       comment: str = "", key: str) -> tuple[dict[str, Any], bool]:
+        """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids."""
+        key = _check_key(key)
+        with self.session(write=True) as s:
+            lookup = lambda: s.scalar(select(RankingLabel).where(  # noqa: E731
+                RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key))
+            found = lookup()
+            if found is not None:
+                return _ranking_dict(found), False
+            task = s.get(Task, task_id)
+            if task is None or task.kind != "ranking":
+                raise NotFound(f"no ranking task {task_id}")
+            position = {c.id: c.position for c in task.candidates}
+            groups = _order_positions(order, position)
+            if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
+                raise UserError("unsafe must list candidate ids of this task")
+            row = RankingLabel(task_id=task_id, labeler_id=user_id, order=groups,
+                               unsafe=sorted({position[u] for u in unsafe}), comment=str(comment or ""),
+                               idempotency_key=key)
+            s.add(row)
+            try:
+                return self._commit_idempotent(s, row, _ranking_dict, lookup)
+            except IntegrityError:
+                raise Conflict(f"task {task_id} was already ranked by this labeler") from None
+
+    def submit_demonstration(self, user_id: int, task_id: int | None, messages: Any, *,
+                             suggestions: Sequence[dict[str, Any]] = (), key: str) -> tuple[dict[str, Any], bool]:
+        """A role-play conversation (ends with an assistant turn). `suggestions`: the model's drafts,
+        `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one."""
+        key = _check_key(key)
+        messages = check_messages_dicts(messages, end="assistant")
+        drafts = [dict(turn=int(d["turn"]), text=str(d["text"]), model_version=str(d.get("model_version", "")))
+                  for d in suggestions if isinstance(d, dict) and "turn" in d and "text" in d]
+        if any(not 0 <= d["turn"] < len(messages) for d in drafts):
+            raise UserError("a suggestion's turn is outside the conversation")
+        edited = any(messages[d["turn"]]["content"] != d["text"] for d in drafts) or not drafts
+        with self.session(write=True) as s:
+            lookup = lambda: s.scalar(select(Demonstration).where(  # noqa: E731
+                Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key))
+            found = lookup()
+            if found is not None:
+                return _demo_dict(found), False
+            if task_id is not None:
+                task = s.get(Task, task_id)
+                if task is None or task.kind != "roleplay":
+                    raise NotFound(f"no role-play task {task_id}")
+            row = Demonstration(task_id=task_id, labeler_id=user_id, messages=messages, suggestions=drafts,
+                                edited=edited, idempotency_key=key)
+            s.add(row)
+            return self._commit_idempotent(s, row, _demo_dict, lookup)
+
+    # admin
+
+    def overview(self) -> dict[str, Any]:
+        """Task queue, progress per labeler, and inter-labeler agreement on rankings."""
+        with self.session() as s:
+            queue = {}
+            for kind, table in (("ranking", RankingLabel), ("roleplay", Demonstration)):
+                counts = dict(s.execute(select(table.task_id, func.count()).where(table.task_id.is_not(None))
+                                        .group_by(table.task_id)).all())
+                tasks = s.execute(select(Task.id, Task.labels_needed).where(Task.kind == kind)).all()
+                queue[kind] = {
+                    "tasks": len(tasks),
+                    "done": sum(counts.get(t, 0) >= need for t, need in tasks),
+                    "labels": sum(min(counts.get(t, 0), need) for t, need in tasks),
+                    "labels_needed": sum(need for _, need in tasks),
+                }
+            names = dict(s.execute(select(User.id, User.name)).all())
+            progress: dict[str, dict[str, int]] = {
+                u.name: {"rankings": 0, "demonstrations": 0, "role": u.role} for u in s.scalars(select(User))}
+            for uid, n in s.execute(select(RankingLabel.labeler_id, func.count()).group_by(RankingLabel.labeler_id)):
+                progress[names[uid]]["rankings"] = n
+            for uid, n in s.execute(select(Demonstration.labeler_id, func.count())
+                                    .group_by(Demonstration.labeler_id)):
+                progress[names[uid]]["demonstrations"] = n
+            labels = s.execute(select(RankingLabel.task_id, RankingLabel.labeler_id, RankingLabel.order)).all()
+            agreement = pairwise_agreement([(t, names[u], order) for t, u, order in labels])
+            votes = dict(s.execute(select(Vote.value, func.count()).group_by(Vote.value)).all())
+            return {"queue": queue, "labelers": progress, "agreement": agreement,
+                    "votes": {"up": votes.get(1, 0), "down": votes.get(-1, 0)}}
+
+
+def pairwise_agreement(labels: Sequence[tuple[int, str, list[list[int]]]]) -> dict[str, Any]:
+    """Inter-labeler agreement: over tasks ranked by several labelers, the fraction of candidate pairs that two
+    labelers both ordered strictly (no tie) and ordered the same way. Returns the overall rate, the pairs compared,
+    and each labeler's rate against everyone else (None where nothing could be compared)."""
+    by_task: dict[int, list[tuple[str, dict[int, int]]]] = defaultdict(list)
+    for task_id, labeler, order in labels:
+        by_task[task_id].append((labeler, {c: g for g, group in enumerate(order) for c in group}))
+    agree = compared = 0
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for ranks in by_task.values():
+        for (name_a, a), (name_b, b) in itertools.combinations(ranks, 2):
+            for i, j in itertools.combinations(sorted(set(a) & set(b)), 2):
+                if a[i] == a[j] or b[i] == b[j]:
+                    continue
+                same = int((a[i] < a[j]) == (b[i] < b[j]))
+                agree += same
+                compared += 1
+                for name in (name_a, name_b):
+                    per[name][0] += same
+                    per[name][1] += 1
+    return {"rate": agree / compared if compared else None, "pairs": compared,
+            "per_labeler": {name: {"rate": a / n, "pairs": n} for name, (a, n) in sorted(per.items())}}
+
+
+def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
+    """Candidate-id groups -> position groups; every candidate exactly once, at least two groups."""
+    if not isinstance(order, list | tuple) or not all(isinstance(g, list | tuple) and g for g in order):
+        raise UserError("order must be a list of non-empty groups of candidate ids, best first")
+    flat = [c for g in order for c in g]
+    if len(flat) != len(position) or set(flat) != set(position):
+        raise UserError("order must name every candidate of the task exactly once")
+    if len(order) < 2:
+        raise UserError("all candidates tied: a ranking must prefer something (or skip the task)")
+    return [sorted(position[c] for c in g) for g in order]
+
+
+def _turn(m: Message) -> dict[str, str]:
+    return {"role": m.role, "content": m.content}
+
+
+def _message_dict(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content,
+            "model_version": m.model_version, "finish_reason": m.finish_reason}
+
+
+def _vote_dict(v: Vote) -> dict[str, Any]:
+    return {"id": v.id, "message_id": v.message_id, "value": v.value, "comment": v.comment}
+
+
+def _ranking_dict(r: RankingLabel) -> dict[str, Any]:
+    return {"id": r.id, "task_id": r.task_id, "order": r.order, "unsafe": r.unsafe}
+
+
+def _demo_dict(d: Demonstration) -> dict[str, Any]:
+    return {"id": d.id, "task_id": d.task_id, "messages": d.messages, "edited": d.edited}

@@ -1,0 +1,228 @@
+"""The FastAPI application: OpenAI-compatible `/v1`, the web app's `/api`, and the pages (chat, labeling, admin).
+
+    app = create_app(ServeSettings(model="runs/sft/final", db="feedback.db"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+One process, one engine: the `BatchWorker` thread owns the model; request handlers only await its events, and database
+calls run in threads, so the event loop never blocks. Every answer is logged with the model version that wrote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from flywheel.errors import UserError
+from flywheel.feedback.store import Store, UserInfo
+from flywheel.serve.errors import ApiError
+from flywheel.serve.worker import BatchWorker, ServedModel
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+@dataclass
+class ServeSettings:
+    model: str = field(default="", metadata={"help": "HF model directory to serve (or the first argument)"})
+    db: str = field(default="feedback.db", metadata={"help": "database URL, or a SQLite file path"})
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on (loopback by default)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    model_name: str = field(default="flywheel", metadata={"help": "the model id clients ask for in /v1 requests"})
+    chat_auth: bool = field(default=False, metadata={"help": "require a user token for chat (/v1 and the chat app)"})
+    cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed by CORS (empty = off)"})
+    max_batch: int = field(default=32, metadata={"help": "most rows (prompts x n) decoded in one batch"})
+    max_tokens_limit: int = field(default=512, metadata={"help": "largest max_tokens a request may ask for"})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
+    max_n: int = field(default=8, metadata={"help": "largest n (choices per request)"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body (413 beyond)"})
+    log_api: bool = field(default=True, metadata={"help": "log /v1 exchanges in the database"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32 or bfloat16"})
+    backend: str = field(default="auto", metadata={"help": "engine forward: auto, compact (Llama family) or hf"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the worker (0 = all cores)"})
+    migrate: bool = field(default=True, metadata={"help": "run the database migrations at start"})
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("give a model directory: flywheel serve MODEL_DIR")
+        if not 0 < self.port < 65536:
+            raise UserError("--port must be in 1..65535")
+        if self.max_batch < 1 or self.max_n < 1 or self.max_tokens_limit < 1:
+            raise UserError("--max-batch, --max-n and --max-tokens-limit must be >= 1")
+
+
+@dataclass
+class AppContext:
+    settings: ServeSettings
+    store: Store
+    worker: BatchWorker
+    switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def ctx(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+async def db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a store call in a thread (database I/O never blocks the event loop)."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def current_user(request: Request, *, roles: tuple[str, ...] = ("labeler", "admin"),
+                       required: bool = True) -> UserInfo | None:
+    token = bearer(request)
+    user = await db(ctx(request).store.authenticate, token) if token else None
+    if token and user is None:
+        raise ApiError(401, "invalid API token", code="invalid_api_key")
+    if user is None:
+        if required:
+            raise ApiError(401, "this endpoint needs a token: Authorization: Bearer <token>", code="invalid_api_key")
+        return None
+    if user.role not in roles:
+        raise ApiError(403, f"this endpoint needs the role {' or '.join(roles)}", code="insufficient_role")
+    return user
+
+
+async def chat_owner(request: Request) -> str:
+    """Who owns chat conversations: the user (token), or the browser's anonymous client id when chat is open."""
+    if ctx(request).settings.chat_auth:
+        user = await current_user(request)
+    else:  # open chat: a token that is not a user's (OpenAI clients always send one) just means anonymous
+        user = await db(ctx(request).store.authenticate, bearer(request))
+    if user is not None:
+        return user.name
+    client = request.headers.get("x-client-id", "")
+    return f"anon:{client}" if _CLIENT_ID.match(client) else "anonymous"
+
+
+class BodyLimit:
+    """Reject request bodies over `limit` bytes with 413, by Content-Length or while streaming the body in."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, f"request body over {self.limit} bytes", code="request_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = ApiError(413, f"request body over {self.limit} bytes", code="request_too_large")
+        await err.response()(scope, receive, send)
+
+
+async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if response.headers.get("content-type", "").startswith("text/html"):
+        # No inline scripts or styles anywhere: user text can never run as code even if some of it were mis-escaped.
+        response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+        response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+def create_app(settings: ServeSettings, *, model: ServedModel | None = None, store: Store | None = None) -> FastAPI:
+    """Build the app. `model`/`store` may be given (tests); otherwise they are loaded from the settings."""
+    from flywheel.feedback.db import safe_url, upgrade
+    from flywheel.serve import openai_api, web_api
+
+    if settings.migrate:
+        upgrade(settings.db)
+    store = store or Store(settings.db)
+    model = model or ServedModel.load(settings.model, dtype=settings.dtype, backend=settings.backend)
+    store.register_model_version(model.version, model.path)
+    worker = BatchWorker(model, max_batch=settings.max_batch, threads=settings.threads or None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        log.info("serving %s (version %s); database %s", settings.model_name, model.version, safe_url(settings.db))
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="flywheel", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = AppContext(settings, store, worker)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> Response:
+        return err.response()
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, err: UserError) -> Response:
+        return ApiError(getattr(err, "status", 400), str(err)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError) -> Response:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        return ApiError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> Response:
+        message = "not found" if err.status_code == 404 else str(err.detail)
+        return ApiError(err.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> Response:
+        log.error("internal error on %s %s: %r", request.method, request.url.path, err, exc_info=err)
+        return ApiError(500, "internal server error").response()
+
+    app.middleware("http")(security_headers)
+    app.include_router(openai_api.router)
+    app.include_router(web_api.router)
+    for page, name in (("/", "chat.html"), ("/label", "label.html"), ("/admin", "admin.html")):
+        app.add_api_route(page, _page(name), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Client-Id"])
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / name, media_type="text/html")
+
+    return page

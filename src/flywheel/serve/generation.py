@@ -1,0 +1,64 @@
+"""Async side of the batching worker: submit a request, then await its events on the event loop (never blocking)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from flywheel.engine import SamplingParams
+from flywheel.serve.errors import ApiError
+from flywheel.serve.worker import BatchWorker, Event, GenRequest
+
+
+@dataclass
+class Result:
+    version: str
+    prompt_tokens: int
+    texts: list[str]
+    finish_reasons: list[str | None]
+    tokens: list[int] = field(default_factory=list)
+
+
+class Run:
+    """One request in the worker. `await run.started()` first (it raises the worker's errors as `ApiError`)."""
+
+    def __init__(self, worker: BatchWorker, messages: list[dict[str, str]], params: SamplingParams, *, n: int = 1,
+                 stop: Sequence[str] = ()):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.req = GenRequest(messages, params, emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+                              n=n, stop=list(stop))
+        self.version = ""
+        self.prompt_tokens = 0
+        worker.submit(self.req)
+
+    async def started(self) -> None:
+        event = await self.queue.get()
+        if event[0] == "error":
+            raise ApiError(event[1], event[2], code="generation_failed" if event[1] >= 500 else None)
+        _, self.version, self.prompt_tokens = event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """("delta", choice, text) and ("done", choice, finish_reason, tokens) until the request ends."""
+        while True:
+            event = await self.queue.get()
+            if event[0] == "end":
+                return
+            if event[0] == "error":
+                raise ApiError(event[1], event[2])
+            yield event
+
+    def cancel(self) -> None:
+        self.req.cancelled.set()
+
+    async def collect(self) -> Result:
+        await self.started()
+        n = self.req.n
+        result = Result(self.version, self.prompt_tokens, [""] * n, [None] * n, [0] * n)
+        async for event in self.events():
+            if event[0] == "delta":
+                result.texts[event[1]] += event[2]
+            elif event[0] == "done":
+                result.finish_reasons[event[1]], result.tokens[event[1]] = event[2], event[3]
+        return result

@@ -1,0 +1,79 @@
+// Shared helpers of the flywheel pages: the token, JSON calls, SSE streams, and safe DOM building.
+// User text only ever reaches the page through textContent / value (el() below), never innerHTML.
+"use strict";
+
+const fw = {
+  token() { return localStorage.getItem("flywheel.token") || ""; },
+  setToken(t) { if (t) localStorage.setItem("flywheel.token", t); else localStorage.removeItem("flywheel.token"); },
+  clientId() {
+    let id = localStorage.getItem("flywheel.client");
+    if (!id) { id = fw.uuid(); localStorage.setItem("flywheel.client", id); }
+    return id;
+  },
+  uuid() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return "k" + Date.now().toString(36) + Math.random().toString(36).slice(2, 12);
+  },
+  headers() {
+    const h = { "Content-Type": "application/json", "X-Client-Id": fw.clientId() };
+    const t = fw.token();
+    if (t) h["Authorization"] = "Bearer " + t;
+    return h;
+  },
+  async call(method, path, body) {
+    const res = await fetch(path, { method, headers: fw.headers(), body: body === undefined ? undefined : JSON.stringify(body) });
+    const data = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error((data.error && data.error.message) || ("HTTP " + res.status));
+    return data;
+  },
+  // POST and read a text/event-stream: onEvent(obj) for each `data: {...}` line.
+  async stream(path, body, onEvent) {
+    const res = await fetch(path, { method: "POST", headers: fw.headers(), body: JSON.stringify(body) });
+    if (!res.ok) {
+      const data = await res.json().catch(() => ({}));
+      throw new Error((data.error && data.error.message) || ("HTTP " + res.status));
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const line = buffer.slice(0, cut).trim();
+        buffer = buffer.slice(cut + 2);
+        if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
+      }
+    }
+  },
+  // el("div", {class: "x", onclick: f}, child, "text", ...): children are nodes or strings (as text nodes).
+  el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else if (k === "class") node.className = v;
+      else if (k === "value") node.value = v;
+      else if (k === "checked") node.checked = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    }
+    return node;
+  },
+  status(text, isError) {
+    const box = document.getElementById("status");
+    if (!box) return;
+    box.textContent = text;
+    box.className = isError ? "status error" : "status";
+  },
+  tokenBox() {
+    const input = document.getElementById("token");
+    if (!input) return;
+    input.value = fw.token();
+    input.addEventListener("change", () => { fw.setToken(input.value.trim()); location.reload(); });
+  },
+};

@@ -1,0 +1,326 @@
+"""The web app's JSON API: chat conversations (streamed as SSE), votes, the labelers' workbench, and admin.
+
+Chat (open, or token-protected with `--chat-auth`):
+    GET  /api/conversations                      POST /api/conversations
+    GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
+    POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
+Labelers (labeler or admin token):
+    GET  /api/me    GET /api/label/next?kind=ranking|roleplay    POST /api/label/suggest
+    POST /api/label/rankings                     POST /api/label/demonstrations
+Admins:
+    GET  /api/admin/overview    POST /api/admin/tasks    GET|POST /api/admin/model
+
+SSE events of the chat streams are JSON objects: {"type": "user", "message"}, {"type": "delta", "text"},
+{"type": "done", "message"} (the stored assistant message, with its model version), {"type": "error", "message"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from flywheel.engine import SamplingParams
+from flywheel.serve.app import AppContext, chat_owner, ctx, current_user, db
+from flywheel.serve.errors import ApiError
+from flywheel.serve.generation import Run
+from flywheel.serve.worker import ServedModel
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api")
+
+
+class NewConversation(BaseModel):
+    title: str = Field(default="", max_length=200)
+
+
+class ChatTurn(BaseModel):
+    content: str = Field(min_length=1)
+    parent_id: int | None = None  # the message this turn answers (None: the first turn)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: int | None = None
+
+
+class RegenerateBody(BaseModel):
+    temperature: float = Field(default=0.9, ge=0, le=2)
+    max_tokens: int | None = None
+
+
+class VoteBody(BaseModel):
+    value: Literal[1, -1]
+    comment: str = Field(default="", max_length=4000)
+    idempotency_key: str = Field(min_length=1, max_length=100)
+
+
+class Turn(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SuggestBody(BaseModel):
+    messages: list[Turn] = Field(min_length=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_tokens: int | None = None
+
+
+class RankingBody(BaseModel):
+    task_id: int
+    order: list[list[int]]  # groups of candidate ids, best first
+    unsafe: list[int] = []
+    comment: str = Field(default="", max_length=4000)
+    idempotency_key: str = Field(min_length=1, max_length=100)
+
+
+class Suggestion(BaseModel):
+    turn: int
+    text: str
+    model_version: str = ""
+
+
+class DemonstrationBody(BaseModel):
+    task_id: int | None = None
+    messages: list[Turn] = Field(min_length=2)
+    suggestions: list[Suggestion] = []
+    idempotency_key: str = Field(min_length=1, max_length=100)
+
+
+class TasksBody(BaseModel):
+    kind: Literal["ranking", "roleplay"]
+    prompts: list[str | list[Turn]] = []  # ranking: prompts (text = one user turn, or messages)
+    from_conversations: int = Field(default=0, ge=0, le=1000)  # ranking: also the latest N logged user turns
+    instructions: list[str] = []  # role-play
+    k: int = Field(default=4, ge=2, le=9)
+    labels_needed: int = Field(default=1, ge=1, le=100)
+    temperature: float = Field(default=1.0, gt=0, le=2)
+    max_tokens: int = Field(default=64, ge=1)
+
+
+class ModelBody(BaseModel):
+    path: str = Field(min_length=1)
+
+
+def _max_tokens(c: AppContext, value: int | None) -> int:
+    limit = c.settings.max_tokens_limit
+    value = min(c.settings.default_max_tokens, limit) if value is None else value
+    if not 1 <= value <= limit:
+        raise ApiError(400, f"max_tokens must be between 1 and {limit}", param="max_tokens")
+    return value
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# chat
+
+
+@router.get("/conversations")
+async def list_conversations(request: Request) -> dict[str, Any]:
+    owner = await chat_owner(request)
+    return {"conversations": await db(ctx(request).store.list_conversations, owner)}
+
+
+@router.post("/conversations", status_code=201)
+async def new_conversation(request: Request, body: NewConversation) -> dict[str, Any]:
+    owner = await chat_owner(request)
+    return {"id": await db(ctx(request).store.create_conversation, owner, "web", body.title)}
+
+
+@router.get("/conversations/{conv_id}")
+async def get_conversation(request: Request, conv_id: int) -> dict[str, Any]:
+    owner = await chat_owner(request)
+    return await db(ctx(request).store.conversation, conv_id, owner)
+
+
+@router.post("/conversations/{conv_id}/messages")
+async def send_message(request: Request, conv_id: int, body: ChatTurn) -> StreamingResponse:
+    c = ctx(request)
+    owner = await chat_owner(request)
+    params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
+    user_msg = await db(c.store.add_message, conv_id, owner, body.parent_id, "user", body.content)
+    return await _reply(c, conv_id, owner, user_msg, params, announce=True)
+
+
+@router.post("/messages/{message_id}/regenerate")
+async def regenerate(request: Request, message_id: int, body: RegenerateBody) -> StreamingResponse:
+    """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree)."""
+    c = ctx(request)
+    owner = await chat_owner(request)
+    branch = await db(c.store.branch, message_id, owner)
+    if branch[-1]["role"] != "assistant" or branch[-1]["parent_id"] is None:
+        raise ApiError(400, "only an assistant answer can be regenerated")
+    conv = await db(c.store.conversation_of, message_id)
+    params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
+    return await _reply(c, conv, owner, branch[-2], params, announce=False)
+
+
+async def _reply(c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], params: SamplingParams, *,
+                 announce: bool) -> StreamingResponse:
+    branch = await db(c.store.branch, user_msg["id"], owner)
+    run = Run(c.worker, [{"role": m["role"], "content": m["content"]} for m in branch], params)
+    await run.started()
+
+    async def events() -> AsyncIterator[str]:
+        if announce:
+            yield _sse({"type": "user", "message": user_msg})
+        text, finish, done = "", None, False
+        try:
+            async for event in run.events():
+                if event[0] == "delta":
+                    text += event[2]
+                    yield _sse({"type": "delta", "text": event[2]})
+                elif event[0] == "done":
+                    finish = event[2]
+            done = True
+        except ApiError as err:
+            yield _sse({"type": "error", "message": err.message})
+        finally:
+            if not done:
+                run.cancel()
+        if done:
+            msg = await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ",
+                           run.version, finish)
+            yield _sse({"type": "done", "message": msg})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/messages/{message_id}/votes")
+async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, Any]:
+    c = ctx(request)
+    owner = await chat_owner(request)
+    row, created = await db(c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key,
+                            owner=owner)
+    return {"vote": row, "created": created}
+
+
+# labelers
+
+
+@router.get("/me")
+async def me(request: Request) -> dict[str, Any]:
+    user = await current_user(request)
+    return {"name": user.name, "role": user.role}
+
+
+@router.get("/label/next")
+async def next_task(request: Request, kind: Literal["ranking", "roleplay"] = "ranking") -> dict[str, Any]:
+    user = await current_user(request)
+    return {"task": await db(ctx(request).store.next_task, user.id, kind)}
+
+
+@router.post("/label/suggest")
+async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
+    """The model's draft of the next assistant turn (role-play starts from it; the labeler may edit it)."""
+    await current_user(request)
+    c = ctx(request)
+    messages = [t.model_dump() for t in body.messages]
+    params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
+    result = await Run(c.worker, messages, params).collect()
+    return {"text": result.texts[0], "model_version": result.version, "finish_reason": result.finish_reasons[0]}
+
+
+@router.post("/label/rankings")
+async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
+    user = await current_user(request)
+    row, created = await db(ctx(request).store.submit_ranking, user.id, body.task_id, body.order,
+                            unsafe=body.unsafe, comment=body.comment, key=body.idempotency_key)
+    return {"ranking": row, "created": created}
+
+
+@router.post("/label/demonstrations")
+async def submit_demonstration(request: Request, body: DemonstrationBody) -> dict[str, Any]:
+    user = await current_user(request)
+    row, created = await db(ctx(request).store.submit_demonstration, user.id, body.task_id,
+                            [t.model_dump() for t in body.messages],
+                            suggestions=[s.model_dump() for s in body.suggestions], key=body.idempotency_key)
+    return {"demonstration": row, "created": created}
+
+
+# admins
+
+
+@router.get("/admin/overview")
+async def overview(request: Request) -> dict[str, Any]:
+    await current_user(request, roles=("admin",))
+    c = ctx(request)
+    out = await db(c.store.overview)
+    out["model"] = {"version": c.worker.model.version, "path": c.worker.model.path}
+    out["batching"] = dict(c.worker.stats)
+    return out
+
+
+@router.post("/admin/tasks", status_code=201)
+async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
+    await current_user(request, roles=("admin",))
+    c = ctx(request)
+    if body.kind == "roleplay":
+        ids = [await db(c.store.create_roleplay_task, text, labels_needed=body.labels_needed)
+               for text in body.instructions]
+        return {"created": ids, "skipped": 0}
+    prompts: list[tuple[list[dict[str, str]], int | None, str]] = []
+    for p in body.prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else [t.model_dump() for t in p]
+        prompts.append((messages, None, "prompt_set"))
+    if body.from_conversations:
+        for messages, msg_id in await db(c.store.unused_chat_prompts, body.from_conversations):
+            prompts.append((messages, msg_id, "conversation"))
+    params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
+    k = min(body.k, c.settings.max_batch)
+    results = await asyncio.gather(*(_candidates(c, messages, params, k) for messages, _, _ in prompts))
+    created, skipped = [], 0
+    for (messages, msg_id, source), cands in zip(prompts, results, strict=True):
+        if len(cands) < 2:
+            skipped += 1  # the model gave fewer than 2 distinct answers: nothing to rank
+            continue
+        created.append(await db(c.store.create_ranking_task, messages, cands, labels_needed=body.labels_needed,
+                                source=source, source_message_id=msg_id))
+    return {"created": created, "skipped": skipped}
+
+
+async def _candidates(c: AppContext, messages: list[dict[str, str]], params: SamplingParams,
+                      k: int) -> list[tuple[str, str, str | None]]:
+    """K distinct non-empty answers (one resampling round for duplicates), each with the version that wrote it."""
+    out: list[tuple[str, str, str | None]] = []
+    seen: set[str] = set()
+    for _ in range(2):
+        result = await Run(c.worker, messages, params, n=k).collect()
+        for text, finish in zip(result.texts, result.finish_reasons, strict=True):
+            if text.strip() and text.strip() not in seen and len(out) < k:
+                seen.add(text.strip())
+                out.append((text, result.version, finish))
+        if len(out) == k:
+            break
+    return out
+
+
+@router.get("/admin/model")
+async def get_model(request: Request) -> dict[str, Any]:
+    await current_user(request, roles=("admin",))
+    model = ctx(request).worker.model
+    return {"version": model.version, "path": model.path}
+
+
+@router.post("/admin/model")
+async def switch_model(request: Request, body: ModelBody) -> dict[str, Any]:
+    """Serve another model directory from the next batch on, without a restart. Answers in flight finish on the
+    old version; every answer is logged with the version that wrote it."""
+    await current_user(request, roles=("admin",))
+    c = ctx(request)
+    path = Path(body.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ApiError(400, f"not a model directory (no config.json): {body.path}", param="path")
+    async with c.switch_lock:
+        previous = c.worker.model.version
+        model = await asyncio.to_thread(ServedModel.load, path, dtype=c.settings.dtype, backend=c.settings.backend)
+        await db(c.store.register_model_version, model.version, model.path)
+        version = await asyncio.wrap_future(c.worker.swap(model))
+    log.info("model switched: %s -> %s", previous, version)
+    return {"version": version, "previous": previous, "path": model.path}

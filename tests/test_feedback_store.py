@@ -1,0 +1,244 @@
+"""The feedback database: migrations, users and tokens, chat trees, idempotent submissions, the task queue,
+agreement, and the export the trainers read. Every test runs on SQLite and, when `FLYWHEEL_TEST_POSTGRES_URL` is
+set (CI starts a server), on PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+
+import pytest
+
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("alembic")
+
+POSTGRES = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL")
+
+
+def _reset_postgres(url: str) -> None:
+    from sqlalchemy import text
+
+    from flywheel.feedback.db import connect
+
+    engine = connect(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fb.db'}"
+    if not POSTGRES:
+        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
+    pytest.importorskip("psycopg")
+    _reset_postgres(POSTGRES)
+    return POSTGRES
+
+
+@pytest.fixture
+def store(db_url):
+    from flywheel.feedback.db import upgrade
+    from flywheel.feedback.store import Store
+
+    upgrade(db_url)
+    s = Store(db_url)
+    s.register_model_version("v1", "/models/v1")
+    yield s
+    s.close()
+
+
+PROMPT = [{"role": "user", "content": "2+2?"}]
+
+
+def ranking_task(store, labels_needed=2, texts=("4", "5", "four")):
+    return store.create_ranking_task(PROMPT, [(t, "v1", "stop") for t in texts], labels_needed=labels_needed)
+
+
+def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
+    from sqlalchemy import inspect, text
+
+    from flywheel.feedback.db import connect, upgrade
+
+    upgrade(db_url)
+    upgrade(db_url)  # already at head: nothing to do
+    engine = connect(db_url)
+    tables = set(inspect(engine).get_table_names())
+    assert {"users", "model_versions", "conversations", "messages", "votes", "tasks", "candidates", "rankings",
+            "demonstrations", "alembic_version"} <= tables
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        if db_url.startswith("sqlite"):
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
+
+
+def test_tokens_are_stored_hashed(store):
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import User
+    from flywheel.feedback.store import Conflict, hash_token
+
+    token = store.create_user("alice", "labeler")
+    assert store.authenticate(token).name == "alice" and store.authenticate(token + "x") is None
+    with store.session() as s:
+        row = s.scalars(select(User)).one()
+        assert row.token_hash == hash_token(token) and token not in row.token_hash
+    with pytest.raises(Conflict):
+        store.create_user("alice", "admin")
+
+
+def test_conversation_tree_keeps_every_answer_with_its_version(store):
+    from flywheel.errors import UserError
+
+    conv = store.create_conversation("anon:abc12345")
+    user = store.add_message(conv, "anon:abc12345", None, "user", "hello")
+    a1 = store.add_message(conv, "anon:abc12345", user["id"], "assistant", "hi", "v1", "stop")
+    a2 = store.add_message(conv, "anon:abc12345", user["id"], "assistant", "hey", "v1", "stop")  # regenerated
+    tree = store.conversation(conv, "anon:abc12345")
+    assert [(m["id"], m["parent_id"]) for m in tree["messages"]] == [
+        (user["id"], None), (a1["id"], user["id"]), (a2["id"], user["id"])]
+    assert tree["title"] == "hello" and all(m["model_version"] == "v1" for m in tree["messages"][1:])
+    assert [m["content"] for m in store.branch(a2["id"])] == ["hello", "hey"]
+    with pytest.raises(UserError, match="role 'assistant' where 'user'"):  # turns alternate along a branch
+        store.add_message(conv, "anon:abc12345", a1["id"], "assistant", "again")
+    with pytest.raises(UserError, match="no conversation"):  # other people's conversations do not exist for you
+        store.add_message(conv, "anon:other000", user["id"], "assistant", "x")
+    vote, created = store.vote(a1["id"], "anon:abc12345", 1, "nice", "key-1")
+    again, created_again = store.vote(a1["id"], "anon:abc12345", 1, "nice", "key-1")
+    assert created and not created_again and vote == again
+
+
+def test_ranking_submissions_are_idempotent_and_validated(store):
+    from flywheel.errors import UserError
+    from flywheel.feedback.store import Conflict
+
+    store.create_user("bob", "labeler")
+    uid = store.users()[0].id
+    task_id = ranking_task(store)
+    task = store.next_task(uid, "ranking")
+    assert task["id"] == task_id and sorted(c["text"] for c in task["candidates"]) == ["4", "5", "four"]
+    by_text = {c["text"]: c["id"] for c in task["candidates"]}
+    order = [[by_text["4"], by_text["four"]], [by_text["5"]]]
+    with pytest.raises(UserError, match="every candidate"):
+        store.submit_ranking(uid, task_id, [[by_text["4"]], [by_text["5"]]], key="k0")
+    with pytest.raises(UserError, match="tied"):
+        store.submit_ranking(uid, task_id, [list(by_text.values())], key="k0")
+    row, created = store.submit_ranking(uid, task_id, order, unsafe=[by_text["5"]], key="k1")
+    assert created and row["order"] == [[0, 2], [1]] and row["unsafe"] == [1]
+    same, created = store.submit_ranking(uid, task_id, order, key="k1")  # a retry
+    assert not created and same == row
+    with pytest.raises(Conflict):  # a second ranking of the same task by the same labeler, under a new key
+        store.submit_ranking(uid, task_id, order, key="k2")
+    assert store.next_task(uid, "ranking") is None
+
+
+def test_concurrent_retries_store_one_row(store):
+    from sqlalchemy import func, select
+
+    from flywheel.feedback.models import RankingLabel
+
+    store.create_user("carl", "labeler")
+    uid = store.users()[0].id
+    task_id = ranking_task(store)
+    ids = [c["id"] for c in store.next_task(uid, "ranking")["candidates"]]
+
+    def submit(_):
+        return store.submit_ranking(uid, task_id, [[ids[0]], ids[1:]], key="same-key")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(submit, range(16)))
+    assert sum(created for _, created in results) == 1
+    assert len({row["id"] for row, _ in results}) == 1
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(RankingLabel)) == 1
+
+
+def test_queue_progress_and_agreement(store):
+    from flywheel.feedback.store import pairwise_agreement
+
+    for name in ("ann", "ben", "cat"):
+        store.create_user(name, "labeler")
+    users = {u.name: u.id for u in store.users()}
+    t1 = ranking_task(store, labels_needed=2)
+    t2 = store.create_roleplay_task("Ask about capitals.", labels_needed=1)
+
+    def rank(name, positions):
+        cands = {c["text"]: c["id"] for c in store.task(t1, users[name])["candidates"]}
+        texts = ["4", "5", "four"]
+        store.submit_ranking(users[name], t1, [[cands[texts[p]] for p in g] for g in positions], key=f"{name}-1")
+
+    rank("ann", [[0], [2], [1]])
+    rank("ben", [[0], [1], [2]])  # agrees with ann on 2 of 3 pairs
+    assert store.next_task(users["cat"], "ranking") is None  # the task has its 2 labels
+    demo = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    store.submit_demonstration(users["cat"], t2, demo, key="cat-1")
+    o = store.overview()
+    assert o["queue"]["ranking"] == {"tasks": 1, "done": 1, "labels": 2, "labels_needed": 2}
+    assert o["queue"]["roleplay"]["done"] == 1
+    assert o["labelers"]["ann"]["rankings"] == 1 and o["labelers"]["cat"]["demonstrations"] == 1
+    assert o["agreement"]["pairs"] == 3 and o["agreement"]["rate"] == pytest.approx(2 / 3)
+    assert o["agreement"]["per_labeler"]["ann"]["rate"] == pytest.approx(2 / 3)
+    # Ties are not compared; pairs only count when both labelers ordered them.
+    tied = pairwise_agreement([(1, "a", [[0, 1], [2]]), (1, "b", [[1], [0], [2]])])
+    assert tied["pairs"] == 2 and tied["rate"] == 1.0
+
+
+def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
+    from flywheel.data.io import read_conversations, read_preferences, read_prompts
+    from flywheel.feedback.export import ExportConfig, export
+
+    for name in ("ann", "ben", "eve"):
+        store.create_user(name, "labeler")
+    users = {u.name: u.id for u in store.users()}
+    t1 = ranking_task(store, labels_needed=3)
+    t2 = store.create_ranking_task([{"role": "user", "content": "Capital of France?"}],
+                                   [("Paris", "v1", "stop"), ("Rome", "v1", "stop")], labels_needed=3)
+    for name in users:
+        for tid in (t1, t2):
+            ids = [c["id"] for c in sorted(store.task(tid, users[name])["candidates"], key=lambda c: c["text"])]
+            store.submit_ranking(users[name], tid, [[ids[0]], ids[1:]], key=f"{name}-{tid}")
+    demo = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    store.submit_demonstration(users["ann"], None, demo, key="a1")
+    store.submit_demonstration(users["ben"], None, demo, key="b1")  # the same text twice: exported once
+    store.submit_demonstration(users["eve"], None, demo, key="e1")  # ...and eve is held out: only in eval
+    store.submit_demonstration(users["ann"], None, demo[:1] + [{"role": "assistant", "content": "It is Lima."}],
+                               key="a2")
+    conv = store.create_conversation("anon:abcdefgh")
+    store.add_message(conv, "anon:abcdefgh", None, "user", "Reverse 'abc'.")
+    manifest = export(ExportConfig(db=db_url, out=str(tmp_path / "out"), eval_labelers="eve"))
+    out = tmp_path / "out"
+    assert manifest["eval_labelers"] == ["eve"] and "eve" not in manifest["train_labelers"]
+    demos, demos_eval = read_conversations(out / "demos.jsonl"), read_conversations(out / "demos.eval.jsonl")
+    assert [c.messages[-1].content for c in demos] == ["It is Lima."] and len(demos_eval) == 1
+    ranks, ranks_eval = read_preferences(out / "rankings.jsonl"), read_preferences(out / "rankings.eval.jsonl")
+    assert len(ranks) == 4 and {r.labeler for r in ranks} == {"ann", "ben"}
+    assert len(ranks_eval) == 2 and {r.labeler for r in ranks_eval} == {"eve"}
+    first = json.loads((out / "rankings.jsonl").read_text().splitlines()[0])
+    assert first["model_versions"] == ["v1"] * len(first["completions"])
+    prompts = read_prompts(out / "prompts.jsonl")
+    assert [p[-1].content for p in prompts] == ["2+2?", "Capital of France?", "Reverse 'abc'."]
+    assert json.loads((out / "manifest.json").read_text())["files"]["rankings.jsonl"] == 4
+    # Held-out by hash: the choice depends on the name alone, so it is stable across exports.
+    from flywheel.feedback.export import is_held_out
+
+    cfg = ExportConfig(out="x", eval_fraction=0.5)
+    picks = [is_held_out(f"labeler-{i}", cfg) for i in range(200)]
+    assert picks == [is_held_out(f"labeler-{i}", cfg) for i in range(200)] and 60 < sum(picks) < 140
+
+
+def test_db_cli_creates_users(tmp_path, capsys):
+    from flywheel.cli import main
+    from flywheel.feedback.store import Store
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main(["db", "upgrade", "--db", url]) == 0
+    assert main(["db", "create-user", "zoe", "--role", "admin", "--db", url]) == 0
+    token = capsys.readouterr().out.strip()
+    store = Store(url)
+    assert store.authenticate(token).role == "admin"
+    store.close()
+    assert main(["db", "create-user", "zoe", "--db", url]) == 2  # a user error: exit code 2, one line

@@ -1,0 +1,159 @@
+"""The web app in real headless Chromium (Debian's, driven by Playwright): chat a turn, vote, regenerate, complete a
+ranking task and a role-play task, and find all of it in the database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+httpx = pytest.importorskip("httpx")
+
+CHROMIUM = os.environ.get("FLYWHEEL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (CI installs Debian's chromium)")
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tokenizer):
+    from flywheel.feedback.store import Store
+    from flywheel.models import build_causal_lm, config_for_tokenizer, save_pretrained
+    from flywheel.serve.app import ServeSettings, create_app
+    from flywheel.serve.live import LiveServer
+
+    root = tmp_path_factory.mktemp("web")
+    model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=0)
+    save_pretrained(model, tokenizer, root / "model")
+    settings = ServeSettings(model=str(root / "model"), db=str(root / "fb.db"), default_max_tokens=12)
+    app = create_app(settings)
+    store = Store(settings.db)
+    with LiveServer(app) as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        server.store, server.browser = store, browser
+        server.labeler = store.create_user("lena", "labeler")
+        server.admin = store.create_user("root", "admin")
+        yield server
+        browser.close()
+    store.close()
+
+
+def page_with_token(site, path, token=None):
+    context = site.browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(site.url + "/")
+    if token:
+        page.evaluate("t => localStorage.setItem('flywheel.token', t)", token)
+    page.goto(site.url + path)
+    page.errors = errors
+    return page
+
+
+def test_chat_turn_vote_regenerate(site):
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Message, Vote
+
+    page = page_with_token(site, "/")
+    evil = '<img src=x onerror="window.pwned=1">What is 2+2?'
+    page.fill("#input", evil)
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .vote-up", timeout=30_000)
+    # The user's text is shown as text: no element was created from it, nothing ran.
+    assert page.inner_text(".msg.user .content") == evil
+    assert page.query_selector(".messages img") is None and page.evaluate("window.pwned") is None
+    answer_id = int(page.get_attribute(".msg.assistant", "data-id"))
+    page.fill(".vote-comment", "short and right")
+    page.click(".vote-up")
+    page.wait_for_selector(".vote-up.voted")
+    page.click(".regenerate")
+    page.wait_for_function(f"() => {{ const m = document.querySelector('.msg.assistant');"
+                           f" return m && m.dataset.id && m.dataset.id !== '{answer_id}'; }}", timeout=30_000)
+    assert "answer 2 of 2" in page.inner_text(".msg.assistant .meta")
+    page.wait_for_selector("#conversations li")
+    assert page.inner_text("#conversations li").startswith("<img src=x")
+    assert page.errors == []
+    version = site.app_version = page.inner_text(".msg.assistant .meta span")
+    with site.store.session() as s:
+        user = s.scalars(select(Message).where(Message.content == evil)).one()
+        answers = s.scalars(select(Message).where(Message.parent_id == user.id).order_by(Message.id)).all()
+        assert len(answers) == 2 and all(a.role == "assistant" and a.model_version == version for a in answers)
+        vote = s.scalars(select(Vote).where(Vote.message_id == answer_id)).one()
+        assert (vote.value, vote.comment) == (1, "short and right")
+
+
+def test_ranking_task_in_the_browser(site):
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Candidate, RankingLabel
+
+    admin = {"Authorization": f"Bearer {site.admin}"}
+    r = httpx.post(site.url + "/api/admin/tasks", headers=admin, timeout=60, json={
+        "kind": "ranking", "prompts": ["Name a capital.", "Count to three."], "k": 3, "max_tokens": 8})
+    assert r.status_code == 201 and r.json()["created"], r.text
+    task_id = r.json()["created"][0]
+    page = page_with_token(site, "/label", site.labeler)
+    page.wait_for_selector("#rank-candidates .candidate")
+    ids = [int(x) for x in page.eval_on_selector_all("#rank-candidates select.rank",
+                                                     "s => s.map(x => x.dataset.candidate)")]
+    assert len(ids) == 3
+    # The last shown answer is best, the other two tie; the first is flagged unsafe.
+    selects = page.query_selector_all("#rank-candidates select.rank")
+    selects[0].select_option("2")
+    selects[1].select_option("2")
+    selects[2].select_option("1")
+    page.check(f"input.unsafe[data-candidate='{ids[0]}']")
+    page.fill("#rank-comment", "third is clearest")
+    page.click("#rank-submit")
+    page.wait_for_selector(f"text=Ranking of task {task_id} saved.")
+    assert page.errors == []
+    with site.store.session() as s:
+        row = s.scalars(select(RankingLabel).where(RankingLabel.task_id == task_id)).one()
+        pos = {c.id: c.position for c in s.scalars(select(Candidate).where(Candidate.task_id == task_id))}
+        assert row.order == [[pos[ids[2]]], sorted([pos[ids[0]], pos[ids[1]]])]
+        assert row.unsafe == [pos[ids[0]]] and row.comment == "third is clearest"
+
+
+def test_roleplay_task_in_the_browser(site):
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Demonstration
+
+    admin = {"Authorization": f"Bearer {site.admin}"}
+    r = httpx.post(site.url + "/api/admin/tasks", headers=admin,
+                   json={"kind": "roleplay", "instructions": ["Ask for a capital city."]})
+    task_id = r.json()["created"][0]
+    page = page_with_token(site, "/label", site.labeler)
+    page.click("#tab-roleplay")
+    page.wait_for_selector("text=Ask for a capital city.")
+    page.fill("#rp-user", "What is the capital of France?")
+    page.click("#rp-suggest")
+    page.wait_for_selector("#status:has-text('Draft from')", timeout=30_000)
+    draft = page.input_value("#rp-assistant")
+    page.fill("#rp-assistant", "The capital of France is Paris.")
+    page.click("#rp-submit")
+    page.wait_for_selector("#status:has-text('saved')")
+    assert page.errors == []
+    with site.store.session() as s:
+        demo = s.scalars(select(Demonstration).where(Demonstration.task_id == task_id)).one()
+        assert demo.messages == [{"role": "user", "content": "What is the capital of France?"},
+                                 {"role": "assistant", "content": "The capital of France is Paris."}]
+        assert demo.edited and demo.suggestions[0]["turn"] == 1 and demo.suggestions[0]["text"] == draft
+
+
+def test_admin_page_shows_progress(site):
+    page = page_with_token(site, "/admin", site.admin)
+    page.wait_for_selector("#labelers td:has-text('lena')")
+    row = page.inner_text("#labelers tr:has(td:has-text('lena'))")
+    assert "labeler" in row and "\t1\t1\t" in row  # one ranking, one demonstration
+    assert "ranking" in page.inner_text("#queue")
+    assert page.errors == []
+    # Pages refuse to run inline code: a strict CSP is sent with every page.
+    assert "default-src 'self'" in httpx.get(site.url + "/label").headers["content-security-policy"]
+    # Labeling needs a token.
+    assert httpx.get(site.url + "/api/label/next").status_code == 401
