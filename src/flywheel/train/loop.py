@@ -5,6 +5,12 @@ loss and tokens/s, `metrics.jsonl` (+ TensorBoard when installed), and atomic ch
 a checkpoint holds the model, optimizer, scheduler, every RNG state and the step; the data order is a pure function of
 (seed, step), so the data position is the step itself.
 
+Under torchrun (`flywheel <stage> --nproc N`, see `flywheel.distributed`) each of the N ranks takes its contiguous
+share of the step's `batch_size * grad_accum * N` samples, the model is wrapped in DDP or FSDP2, the loss is normalised
+by the weight of the whole global step, and rank 0 alone writes metrics, checkpoints (with every rank's RNG state)
+and final/. 2 processes x batch 4 then compute the same update as 1 process x batch 8. Resuming needs the same number
+of processes.
+
 A stage supplies the samples, a `collate(samples) -> batch` and a `loss_fn(model, batch) -> summed loss`. Each batch
 carries `weight`, the number of loss terms in it (tokens for LMs, groups for reward models): the loop divides every
 micro-batch's summed loss by the weight of the whole optimizer step, so batch 8 x accumulation 1 and batch 2 x
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -28,7 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flywheel import distributed
 from flywheel.config import save_config
+from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
 from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads
 
@@ -59,6 +68,18 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    nproc: int = field(default=1, metadata={
+        "help": "processes to run under torchrun (one per GPU; gloo on CPU); batch_size is per process"})
+    strategy: str = field(default="ddp", metadata={
+        "help": "with several processes: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and "
+                "optimizer state sharded over the processes)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations during backward: much less activation memory for ~30% more compute"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = train every weight); needs the `lora` extra"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: updates scale by alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"})
 
     def validate(self) -> None:
         if not self.out:
@@ -72,6 +93,12 @@ class TrainConfig:
             raise UserError("--epochs must be > 0")
         if self.lr <= 0:
             raise UserError("--lr must be > 0")
+        if self.nproc < 1:
+            raise UserError("--nproc must be >= 1")
+        if self.strategy not in distributed.STRATEGIES:
+            raise UserError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got '{self.strategy}'")
+        if self.lora_r < 0:
+            raise UserError("--lora-r must be >= 0")
 
 
 def autocast(enabled: bool) -> Any:
@@ -99,10 +126,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
-def total_steps(cfg: TrainConfig, n_samples: int) -> int:
+def total_steps(cfg: TrainConfig, n_samples: int, world: int = 1) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_samples / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * n_samples / (cfg.batch_size * cfg.grad_accum * world)))
 
 
 class DataOrder:
@@ -128,13 +155,16 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.enabled = distributed.is_main()  # rank 0 writes; the other ranks' logger does nothing
+        if not self.enabled:
+            return
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint we resume from
             lines = self.path.read_text().splitlines()
             kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
-        self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -143,6 +173,8 @@ class MetricsLogger:
             pass
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -175,42 +207,86 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
-    """Atomically write checkpoints/step-N: each module's state_dict, RNG states and `extra` (JSON)."""
+    """Atomically write checkpoints/step-N: each module's state (an nn.Module as safetensors, a state dict gathered
+    beforehand as .pt, anything else's `state_dict()` as .pt), the RNG states and `extra` (JSON).
+
+    In a distributed run every rank calls it: rank 0 writes, with each rank's RNG state in rng-rank{r}.pt."""
     from safetensors.torch import save_model
 
     final = run_dir / "checkpoints" / f"step-{step}"
-    with atomic_dir(final) as tmp:
-        for name, obj in modules.items():
-            if isinstance(obj, torch.nn.Module):
-                save_model(obj, str(tmp / f"{name}.safetensors"))
+    rngs = distributed.gather_objects(rng_state())
+    if rngs is not None:
+        with atomic_dir(final) as tmp:
+            for name, obj in modules.items():
+                if isinstance(obj, torch.nn.Module):
+                    save_model(obj, str(tmp / f"{name}.safetensors"))
+                elif isinstance(obj, dict):
+                    torch.save(obj, tmp / f"{name}.pt")
+                else:
+                    torch.save(obj.state_dict(), tmp / f"{name}.pt")
+            if len(rngs) == 1:
+                torch.save(rngs[0], tmp / "rng.pt")
             else:
-                torch.save(obj.state_dict(), tmp / f"{name}.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+                for r, state in enumerate(rngs):
+                    torch.save(state, tmp / f"rng-rank{r}.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": len(rngs), **extra}))
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
 def load_checkpoint(ckpt: Path, modules: dict[str, Any]) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote; a callable in `modules` receives its saved state dict (FSDP loaders).
+    Refuses a checkpoint written by another number of processes (the data shards and RNG streams would differ)."""
     from safetensors.torch import load_model
 
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    saved_world = int(state.get("world", 1))
+    if saved_world != distributed.world():
+        raise UserError(f"{ckpt} was written by {saved_world} process(es), this run has {distributed.world()}: "
+                        f"resume with --nproc {saved_world}")
     for name, obj in modules.items():
         if isinstance(obj, torch.nn.Module):
             load_model(obj, str(ckpt / f"{name}.safetensors"))
+        elif callable(obj):
+            obj(torch.load(ckpt / f"{name}.pt", weights_only=False))
         else:
             obj.load_state_dict(torch.load(ckpt / f"{name}.pt", weights_only=False))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    rng = "rng.pt" if saved_world == 1 else f"rng-rank{distributed.rank()}.pt"
+    set_rng_state(torch.load(ckpt / rng, weights_only=False))
+    return state
 
 
 def prepare_run_dir(cfg: Any) -> Path:
+    """Join the process group (under torchrun), check the run dir, and save the config (rank 0)."""
+    distributed.init()
     run_dir = Path(cfg.out)
     if not cfg.resume and checkpoint_dirs(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()
     return run_dir
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The memory options every trainer shares: LoRA adapters (--lora-r) and gradient checkpointing."""
+    if cfg.lora_r > 0:
+        from flywheel.lora import apply_lora
+
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   target_modules=cfg.lora_target_modules)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
+        # Non-reentrant: gradients reach LoRA adapters even though the frozen embeddings' outputs need no grad.
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 @dataclass
@@ -218,6 +294,14 @@ class LoopResult:
     steps: int
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+    wrapped: Wrapped | None = None  # the DDP / FSDP2 wrapper of a distributed run
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run inference code on the trained model after the loop (inside the FSDP wrapper, where it is whole)."""
+        with torch.no_grad():
+            if self.wrapped is None:
+                return fn()
+            return self.wrapped.call(lambda _model: fn())
 
 
 def train_loop(
@@ -230,54 +314,79 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     desc: str = "train",
 ) -> LoopResult:
-    """Run the optimisation. `loss_fn` returns (summed loss over the batch's `weight` terms, extra metric sums)."""
+    """Run the optimisation. `loss_fn` returns (summed loss over the batch's `weight` terms, extra metric sums).
+
+    Call `prepare_model` first for LoRA / gradient checkpointing. In a distributed run every rank calls this with the
+    same arguments; `evaluate` runs on every rank (FSDP needs all of them for each forward) and rank 0 logs it."""
     if not samples:
         raise UserError("no training samples")
-    set_threads(cfg.threads or None)
+    distributed.init()
+    set_threads(cfg.threads or default_threads())
     seed_everything(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    n_proc, rank = distributed.world(), distributed.rank()
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dev = distributed.device()
+    if dev.type != "cpu":
+        model.to(dev)
     model.train()
+    wrapped = distributed.wrap(model, cfg.strategy)
     optimizer = build_optimizer(model, cfg)
-    steps = total_steps(cfg, len(samples))
+    steps = total_steps(cfg, len(samples), n_proc)
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, steps, warmup, cfg.min_lr_ratio)
     )
-    modules = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     start = 0
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
-        start = load_checkpoint(ckpts[-1], modules)["step"]
+        start = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))["step"]
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, steps)
     logger = MetricsLogger(run_dir, start if ckpts else None)
     order = DataOrder(len(samples), cfg.seed)
-    per_step = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    per_rank = cfg.batch_size * cfg.grad_accum
+    per_step = per_rank * n_proc
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress or rank > 0, dynamic_ncols=True)
     last: dict[str, float] = {}
     window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0}
     extras: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     for step in range(start, steps):
         t0 = time.perf_counter()
-        idx = order.indices(step * per_step, per_step)
-        chunks = [idx[j : j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
+        idx = order.indices(step * per_step, per_step)[rank * per_rank : (rank + 1) * per_rank]
+        chunks = [idx[j : j + cfg.batch_size] for j in range(0, per_rank, cfg.batch_size)]
         micro = [collate([samples[i] for i in chunk]) for chunk in chunks]
+        if dev.type != "cpu":
+            micro = [_to_device(b, dev) for b in micro]
         weight = float(sum(b["weight"] for b in micro))
+        if n_proc > 1:  # normalise by the weight of the whole global step
+            weight = distributed.all_reduce_sum([weight])[0]
         step_loss = 0.0
-        for batch in micro:
-            with autocast(cfg.bf16):
-                loss_sum, more = loss_fn(model, batch)
-            (loss_sum / weight).backward()
+        step_extras: list[dict[str, float]] = []
+        for j, batch in enumerate(micro):
+            # Gradients are reduced across ranks once per step, on the last micro-batch.
+            with wrapped.no_sync(j < len(micro) - 1) if wrapped is not None else nullcontext():
+                with autocast(cfg.bf16):
+                    loss_sum, more = loss_fn(model, batch) if wrapped is None else wrapped.call(loss_fn, batch)
+                loss = loss_sum / weight
+                if n_proc > 1:
+                    loss = loss * n_proc  # DDP / FSDP average the ranks' gradients; the loss is a global sum
+                loss.backward()
             step_loss += float(loss_sum.detach())
+            step_extras.append({k: float(v) for k, v in more.items()})
+        tokens = sum(int(b.get("tokens", 0)) for b in micro)
+        if n_proc > 1:
+            step_loss, tokens, step_extras = _reduce_step_metrics(step_loss, tokens, step_extras)
+        for more in step_extras:
             for k, v in more.items():
-                extras[k] = extras.get(k, 0.0) + float(v)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+                extras[k] = extras.get(k, 0.0) + v
+        grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         window["loss"] += step_loss
         window["weight"] += weight
-        window["tokens"] += sum(int(b.get("tokens", 0)) for b in micro)
+        window["tokens"] += tokens
         window["time"] += time.perf_counter() - t0
         done = step + 1
         if not math.isfinite(step_loss):
@@ -295,23 +404,108 @@ def train_loop(
             window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0}
             extras = {}
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-            eval_metrics = _run_eval(model, evaluate, cfg.bf16)
+            eval_metrics = _run_eval(model, evaluate, cfg.bf16, wrapped)
             logger.log(done, eval_metrics)
-            log.info("step %d: %s", done, "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            if distributed.is_main():
+                log.info("step %d: %s", done, "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            save_checkpoint(run_dir, done, modules, {"total_steps": steps}, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, done, _checkpoint_states(wrapped, model, optimizer, scheduler),
+                            {"total_steps": steps}, cfg.keep_checkpoints)
         bar.update(1)
     bar.close()
     logger.close()
-    return LoopResult(steps=steps, last_metrics=last, eval_metrics=eval_metrics)
+    return LoopResult(steps=steps, last_metrics=last, eval_metrics=eval_metrics, wrapped=wrapped)
 
 
-def _run_eval(model: torch.nn.Module, evaluate: Callable[[], dict[str, float]], bf16: bool) -> dict[str, float]:
+def default_threads() -> int | None:
+    """Under torchrun on a CPU box the processes share the cores: OMP_NUM_THREADS, else cores / local processes."""
+    if not distributed.launched():
+        return None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _grad_norm(norm: torch.Tensor) -> float:
+    full = getattr(norm, "full_tensor", None)  # FSDP2 returns the norm as a DTensor
+    return float(full() if full is not None else norm)
+
+
+def _reduce_step_metrics(loss: float, tokens: int,
+                         extras: list[dict[str, float]]) -> tuple[float, int, list[dict[str, float]]]:
+    """Global sums over the ranks: the logged loss is the mean over the global step, as in one process."""
+    keys = sorted({k for more in extras for k in more})
+    local = [loss, tokens, *(sum(m.get(k, 0.0) for m in extras) for k in keys)]
+    total = distributed.all_reduce_sum(local)
+    return total[0], int(total[1]), [dict(zip(keys, total[2:], strict=True))]
+
+
+def _checkpoint_states(wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any) -> dict[str, Any]:
+    if wrapped is None or wrapped.strategy == "ddp":  # every rank holds the same full model and optimizer state
+        return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    return {"model": distributed.full_state_dict(wrapped, model),
+            "optimizer": distributed.optimizer_state(wrapped, optimizer), "scheduler": scheduler}
+
+
+def _checkpoint_loaders(wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any) -> dict[str, Any]:
+    if wrapped is None or wrapped.strategy == "ddp":
+        return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    return {"model": lambda sd: distributed.load_model_state(wrapped, model, sd),
+            "optimizer": lambda sd: distributed.load_optimizer_state(wrapped, optimizer, sd), "scheduler": scheduler}
+
+
+def _tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (a tied LM head): saved once, as HF does."""
+    seen: set[int] = set()
+    dups: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dups.add(name)
+        seen.add(id(p))
+    return dups
+
+
+def _run_eval(model: torch.nn.Module, evaluate: Callable[[], dict[str, float]], bf16: bool,
+              wrapped: Wrapped | None = None) -> dict[str, float]:
     model.eval()
     with torch.no_grad(), autocast(bf16):
-        out = evaluate()
+        out = evaluate() if wrapped is None else wrapped.call(lambda _model: evaluate())
     model.train()
     return out
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: Path, extra: dict[str, Any] | None = None,
+               wrapped: Wrapped | None = None) -> Path:
+    """final/: a plain HF directory that transformers loads without flywheel, written by rank 0. LoRA adapters are
+    merged into the weights; FSDP shards are gathered first (every rank must call this)."""
+    from flywheel.lora import has_lora, merged_state_dict
+    from flywheel.models import save_pretrained
+
+    lora = has_lora(model)
+    if not lora and (wrapped is None or wrapped.strategy == "ddp"):
+        if distributed.is_main():
+            save_pretrained(model, tokenizer, out_dir, extra=extra)
+        distributed.barrier()
+        return out_dir
+    state = distributed.full_state_dict(wrapped, model)
+    if distributed.is_main():
+        if lora:
+            state = merged_state_dict(model, state)
+        state = {k: v.detach().cpu() for k, v in state.items() if k not in _tied_duplicates(model)}
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if extra:
+                (tmp / "flywheel.json").write_text(json.dumps(extra, indent=2))
+    distributed.barrier()
+    return out_dir
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel import distributed
 from flywheel.config import parse_config
 from flywheel.data.batching import collate_lm, eval_lm_loss, lm_loss, pack
 from flywheel.errors import UserError
-from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm, save_pretrained
+from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
 from flywheel.tokenization import load_tokenizer, train_tokenizer
-from flywheel.train.loop import TrainConfig, prepare_run_dir, train_loop
+from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log
 
 
@@ -42,6 +43,8 @@ class PretrainConfig(TrainConfig):
             raise UserError("--seq-len must be >= 2")
         if not 0 <= self.eval_split < 1:
             raise UserError("--eval-split must be in [0, 1)")
+        if self.lora_r:
+            raise UserError("--lora-r is for fine-tuning (sft, rm, dpo, ppo), not pretraining")
 
 
 def _tokenize(tokenizer: Any, docs: list[str]) -> list[list[int]]:
@@ -77,6 +80,7 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     else:
         model = build_causal_lm(config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len),
                                 seed=cfg.seed)
+    prepare_model(model, cfg)
     sep = tokenizer.eos_token_id
     blocks = pack(_tokenize(tokenizer, train_docs), cfg.seq_len, sep)
     eval_blocks = pack(_tokenize(tokenizer, eval_docs), cfg.seq_len, sep) if eval_docs else []
@@ -87,13 +91,17 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     pad = tokenizer.pad_token_id
     evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_blocks, pad)}) if eval_blocks else None
     result = train_loop(model, cfg, run_dir, blocks, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="pretrain")
-    save_pretrained(model, tokenizer, run_dir / "final",
-                    extra={"stage": "pretrain", "steps": result.steps, **result.eval_metrics})
+    save_final(model, tokenizer, run_dir / "final", extra={"stage": "pretrain", "steps": result.steps,
+                                                           **result.eval_metrics}, wrapped=result.wrapped)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(PretrainConfig, argv, "flywheel pretrain", __doc__.splitlines()[0])
+    code = distributed.maybe_launch("pretrain", cfg.nproc, argv)
+    if code is not None:
+        return code
     out = train_pretrain(cfg)
-    print(f"pretrained model: {out / 'final'}")
+    if distributed.is_main():
+        print(f"pretrained model: {out / 'final'}")
     return 0

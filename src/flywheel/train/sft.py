@@ -1,6 +1,7 @@
 """Supervised fine-tuning on demonstrations: loss on assistant tokens only (incl. their end-of-turn token).
 
     flywheel sft --model runs/base/final --data demos.jsonl --out runs/sft --epochs 2 --lr 1e-4
+    flywheel sft --nproc 8 --model Qwen/Qwen2.5-0.5B --data demos.jsonl --out runs/sft --bf16   # 8 GPUs, DDP
 
 Conversations are rendered with the model's chat template through `flywheel.tokenization.render_conversation`, so any
 HF template works. `--packing` packs several conversations per row (attention then crosses their boundaries).
@@ -13,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel import distributed
 from flywheel.config import parse_config
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack_masked
 from flywheel.errors import UserError
-from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer, save_pretrained
+from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer, render_conversation
-from flywheel.train.loop import TrainConfig, prepare_run_dir, train_loop
+from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log
 
 
@@ -71,6 +73,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
     resize_for_tokenizer(model, tokenizer)
+    prepare_model(model, cfg)
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
     if cfg.eval_data:
         eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
@@ -92,13 +95,17 @@ def train_sft(cfg: SFTConfig) -> Path:
     pad = tokenizer.pad_token_id
     evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
     result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="sft")
-    save_pretrained(model, tokenizer, run_dir / "final", extra={"stage": "sft", "steps": result.steps,
-                                                                 **result.eval_metrics})
+    save_final(model, tokenizer, run_dir / "final", extra={"stage": "sft", "steps": result.steps,
+                                                           **result.eval_metrics}, wrapped=result.wrapped)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SFTConfig, argv, "flywheel sft", __doc__.splitlines()[0])
+    code = distributed.maybe_launch("sft", cfg.nproc, argv)
+    if code is not None:
+        return code
     out = train_sft(cfg)
-    print(f"fine-tuned model: {out / 'final'}")
+    if distributed.is_main():
+        print(f"fine-tuned model: {out / 'final'}")
     return 0

@@ -25,6 +25,8 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = field(default=16, metadata={"help": "prompts sampled per PPO step"})
     ppo_epochs: int = field(default=4, metadata={"help": "optimisation passes over each rollout batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
+    ignore_eos: bool = field(default=False, metadata={"help": "do not stop at EOS: every response is --max-new-tokens "
+                                                              "long (fixed-length benchmarks)"})
     max_prompt_length: int = field(default=256, metadata={"help": "longer prompts are dropped (counted in a summary)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are recomputed at it)"})
     kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty to the reference"})

@@ -28,10 +28,19 @@ def disable_dropout(module: torch.nn.Module) -> None:
             m.p = 0.0
 
 
+def eager_attention_on_cpu(module: torch.nn.Module) -> None:
+    """Whole-sequence forwards with a padding mask: on CPU, eager attention beats SDPA, whose CPU flash kernel's
+    backward is ~3x slower in bf16 at PPO's sizes (docs/benchmarks-ppo.md). Not saved with the model."""
+    on_cpu = next(module.parameters()).device.type == "cpu"
+    if on_cpu and hasattr(module, "set_attn_implementation"):
+        module.set_attn_implementation("eager")
+
+
 class Role:
     def __init__(self, module: torch.nn.Module, *, trainable: bool):
         self.module = module
         disable_dropout(module)
+        eager_attention_on_cpu(module)
         module.train(trainable)
         if not trainable:
             module.requires_grad_(False)
@@ -47,8 +56,10 @@ class _PolicyRole(Role):
         self.temperature = temperature
 
     def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        logits = self.module(input_ids=seq, attention_mask=attn, position_ids=pos).logits  # (B, T, V)
-        return logits[:, prompt_len - 1 : -1].float() / self.temperature  # (B, R, V): predicts response tokens
+        # The LM head runs on the R + 1 last positions only: the prompt's other positions predict nothing we score.
+        keep = seq.shape[1] - prompt_len + 1
+        logits = self.module(input_ids=seq, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
+        return logits[:, -keep:-1].float() / self.temperature  # (B, R, V): predicts response tokens
 
     def _logprobs(self, logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
         targets = seq[:, prompt_len:]  # (B, R)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flywheel import distributed
 from flywheel.engine import Engine, SamplingParams
 from flywheel.train.loop import autocast
 from flywheel.train.ppo.advantages import gae, kl_estimate, kl_penalised_rewards, masked_whiten
@@ -46,7 +47,7 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], finish
 def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference, critic: Critic, reward: Reward,
                     prompts: list[list[int]], pad_id: int, kl_coef: float, seed: int) -> tuple[Experience, dict]:
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                            seed=seed)
+                            stop_token_ids=[] if cfg.ignore_eos else None, seed=seed)
     gen = engine.generate(prompts, params)
     s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id)
     args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
@@ -65,7 +66,9 @@ def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    # Whitened over the rollouts of every rank, so N processes see the advantages one process would.
+    advantages = masked_whiten(advantages, mask) if distributed.world() == 1 else distributed.masked_whiten(
+        advantages, mask)
     exp = Experience(
         sequences=s.sequences, attention_mask=s.attention_mask, position_ids=s.position_ids,
         response_mask=s.response_mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=values,

@@ -8,6 +8,12 @@ Each step: sample --rollout-batch-size responses with the engine, score them (re
 compute KL-penalised rewards and GAE advantages, then run --ppo-epochs passes of clipped policy and value updates over
 minibatches of --batch-size. Metrics go to metrics.jsonl, sample responses to samples.jsonl, `final/` is the policy as
 a plain HF directory and `final_value/` the value model.
+
+With --nproc N (torchrun, DDP; gloo on CPU): each rank samples and scores its 1/N share of --rollout-batch-size,
+advantages are whitened with statistics over all ranks, --batch-size is the minibatch of each rank, actor and critic
+gradients are averaged, logged metrics are means over the ranks, rank 0 writes. With --lora-r the policy and the
+critic get adapters; the reference is the policy with its adapters switched off (no second copy of the policy); the
+critic stays a separate model.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from typing import Any
 
 import torch
 
+from flywheel import distributed
 from flywheel.config import parse_config
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
 from flywheel.engine import Engine
 from flywheel.errors import UserError
-from flywheel.models import load_causal_lm, load_sequence_classifier, save_pretrained
+from flywheel.lora import disable_adapters
+from flywheel.models import load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import load_tokenizer, render_prompt
 from flywheel.train.loop import (
     DataOrder,
@@ -32,10 +40,13 @@ from flywheel.train.loop import (
     autocast,
     build_optimizer,
     checkpoint_dirs,
+    default_threads,
     load_checkpoint,
     lr_lambda,
+    prepare_model,
     prepare_run_dir,
     save_checkpoint,
+    save_final,
 )
 from flywheel.train.ppo.advantages import AdaptiveKLController, explained_variance, masked_mean
 from flywheel.train.ppo.config import PPOConfig
@@ -81,9 +92,15 @@ class PPOTrainer:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
-        policy = load_causal_lm(cfg.model)
+        n_proc = distributed.world()
+        if n_proc > 1 and cfg.strategy != "ddp":
+            raise UserError("PPO runs with --strategy ddp (the engine samples from whole weights on every rank)")
+        if cfg.rollout_batch_size % n_proc or (cfg.rollout_batch_size // n_proc) % cfg.batch_size:
+            raise UserError(f"--rollout-batch-size / {n_proc} processes must be a multiple of --batch-size")
+        policy = prepare_model(load_causal_lm(cfg.model), cfg)
         self.actor = Actor(policy, cfg.temperature)
-        self.ref = Reference(load_causal_lm(cfg.model), cfg.temperature)
+        self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
+            load_causal_lm(cfg.model), cfg.temperature)
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
@@ -92,7 +109,9 @@ class PPOTrainer:
         else:
             raise UserError("--reward-model is required")
         value_init = cfg.value_model or cfg.reward_model or cfg.model
-        self.critic = Critic(load_sequence_classifier(value_init))
+        self.critic = Critic(prepare_model(load_sequence_classifier(value_init), cfg))
+        self.wrapped_actor = distributed.wrap(policy, "ddp")
+        self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
         self.prompts = load_prompt_ids(cfg, self.tokenizer)
         self.ptx_train, self.ptx_eval = load_ptx(cfg, self.tokenizer)
@@ -116,22 +135,27 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         idx = self.order.indices(step * cfg.rollout_batch_size, cfg.rollout_batch_size)
-        prompts = [self.prompts[i] for i in idx]
+        prompts = [self.prompts[i] for i in distributed.shard(idx)]  # this rank's share of the rollout batch
         self.actor.module.eval()
         # Re-read the policy's weights: fused AdamW updates them in place without bumping the tensors' version
         # counters, so the engine cannot see the change by itself.
         self.engine.update_weights(self.actor.module)
         exp, info = make_experience(cfg, self.engine, self.actor, self.ref, self.critic, self.reward, prompts,
-                                    self.pad_id, self.kl_ctl.value, seed=cfg.seed * 1_000_003 + step)
+                                    self.pad_id, self.kl_ctl.value,
+                                    seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank())
         self.actor.module.train()
         t_rollout = time.perf_counter() - t0
         stats = self.optimise(exp, step)
+        if distributed.world() > 1:  # means over the ranks' equal shares (score_std: the mean of the ranks' stds)
+            info["stats"] = _mean_over_ranks(info["stats"])
         self.kl_ctl.update(info["stats"]["kl"], cfg.rollout_batch_size)
         self.sched_policy.step()
         self.sched_value.step()
         mask = exp.response_mask.float()
         stats.update(info["stats"])
         stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
+        if distributed.world() > 1:
+            stats = _mean_over_ranks(stats)
         stats["lr"] = self.sched_policy.get_last_lr()[0]
         stats["time_rollout"] = t_rollout
         stats["time_step"] = time.perf_counter() - t0
@@ -158,26 +182,32 @@ class PPOTrainer:
         out: dict[str, float] = {}
         micro = len(mb) // cfg.grad_accum
         weight = float(mb.response_mask.sum())
+        n_proc = distributed.world()
+        if n_proc > 1:  # token-mean over the minibatches of all ranks; DDP averages, so scale by the world size
+            weight = distributed.all_reduce_sum([weight])[0]
         for j in range(cfg.grad_accum):
             part = mb.select(torch.arange(j * micro, (j + 1) * micro))
             mask = part.response_mask.float()
             # Token-mean over the whole minibatch, so accumulation does not change the gradient.
             share = float(mask.sum()) / weight
             args = (part.sequences, part.attention_mask, part.position_ids, part.prompt_len)
-            with autocast(cfg.bf16):
-                logprobs, entropy = self.actor.forward(*args)
+            last = j == cfg.grad_accum - 1
+            with _no_sync(self.wrapped_actor, not last), autocast(cfg.bf16):
+                # One pass through the DDP wrapper per backward: the policy and the ptx LM loss together.
+                logprobs, entropy, lm = _call(self.wrapped_actor, self.actor.module, self._policy_pass, args, ptx)
                 pg, pstats = policy_loss(logprobs, part.old_logprobs, part.advantages, mask, cfg.cliprange)
-                loss = pg * share
-                if ptx is not None:
-                    lm, _ = lm_loss(self.actor.module, ptx)
+                loss = pg * share * n_proc if n_proc > 1 else pg * share
+                if lm is not None:
                     ptx_loss = lm / ptx["weight"]
                     loss = loss + cfg.ptx_coef * ptx_loss / cfg.grad_accum
                     out["ptx_loss"] = out.get("ptx_loss", 0.0) + float(ptx_loss.detach()) / cfg.grad_accum
-            loss.backward()
-            with autocast(cfg.bf16):
-                values = self.critic.forward(*args)
-            vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
-            (cfg.vf_coef * vl * share).backward()
+                loss.backward()
+            with _no_sync(self.wrapped_critic, not last):
+                with autocast(cfg.bf16):
+                    values = _call(self.wrapped_critic, self.critic.module, _critic_pass, self.critic, args)
+                vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
+                value_term = cfg.vf_coef * vl * share
+                (value_term * n_proc if n_proc > 1 else value_term).backward()
             for k, v in {"policy_loss": pg, "value_loss": vl, "entropy": masked_mean(entropy.detach(), mask),
                          **pstats, **vstats}.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * share
@@ -188,12 +218,18 @@ class PPOTrainer:
             opt.zero_grad(set_to_none=True)
         return out
 
+    def _policy_pass(self, _module: torch.nn.Module, args: tuple, ptx: dict[str, Any] | None) -> tuple:
+        logprobs, entropy = self.actor.forward(*args)
+        lm = lm_loss(self.actor.module, ptx)[0] if ptx is not None else None
+        return logprobs, entropy, lm
+
     def _ptx_batch(self, step: int, epoch: int, mb_i: int) -> dict[str, Any] | None:
         if not self.ptx_train or self.cfg.ptx_coef <= 0:
             return None
         k = self.cfg.ptx_batch_size
         per_step = self.cfg.ppo_epochs * (self.cfg.rollout_batch_size // self.cfg.batch_size)
         pos = ((step * per_step) + epoch * (self.cfg.rollout_batch_size // self.cfg.batch_size) + mb_i) * k
+        pos = pos * distributed.world() + distributed.rank() * k  # each rank its own blocks
         blocks = [self.ptx_train[(pos + i) % len(self.ptx_train)] for i in range(k)]
         return collate_lm(blocks, self.pad_id)
 
@@ -226,7 +262,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     """Run PPO; `reward_fn` replaces the reward model with a programmatic score (tests, toy tasks)."""
     from tqdm.auto import tqdm
 
-    set_threads(cfg.threads or None)
+    set_threads(cfg.threads or default_threads())
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg)
     trainer = PPOTrainer(cfg, reward_fn)
@@ -240,12 +276,13 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
     logger = MetricsLogger(run_dir, start if ckpts else None)
     samples_path = run_dir / "samples.jsonl"
-    if start == 0:
+    if start == 0 and distributed.is_main():
         samples_path.unlink(missing_ok=True)
         base = trainer.ptx_eval_loss()
         if base is not None:
             logger.log(0, {"ptx_eval_loss": base})
-    bar = tqdm(total=trainer.steps, initial=start, desc="ppo", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=trainer.steps, initial=start, desc="ppo", disable=not cfg.progress or not distributed.is_main(),
+               dynamic_ncols=True)
     for step in range(start, trainer.steps):
         stats, exp, responses = trainer.step(step)
         done = step + 1
@@ -256,7 +293,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 stats["ptx_eval_loss"] = held
         if done % cfg.log_every == 0 or done == trainer.steps:
             logger.log(done, stats)
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1):
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == 1) and distributed.is_main():
             _log_samples(samples_path, done, trainer, exp, responses)
         bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
         bar.update(1)
@@ -265,9 +302,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                             cfg.keep_checkpoints)
     bar.close()
     logger.close()
-    save_pretrained(trainer.actor.module, trainer.tokenizer, run_dir / "final",
-                    extra={"stage": "ppo", "steps": trainer.steps})
-    save_pretrained(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
+    save_final(trainer.actor.module, trainer.tokenizer, run_dir / "final",
+               extra={"stage": "ppo", "steps": trainer.steps})
+    save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
     return run_dir
 
 
@@ -283,6 +320,46 @@ def _log_samples(path: Path, step: int, trainer: PPOTrainer, exp: Experience, re
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(PPOConfig, argv, "flywheel ppo", __doc__.splitlines()[0])
+    code = distributed.maybe_launch("ppo", cfg.nproc, argv)
+    if code is not None:
+        return code
     out = train_ppo(cfg)
-    print(f"PPO policy: {out / 'final'}")
+    if distributed.is_main():
+        print(f"PPO policy: {out / 'final'}")
     return 0
+
+
+class AdapterOffReference(Reference):
+    """pi_ref for LoRA runs: the policy module itself with its adapters switched off, so no second copy is loaded.
+
+    It shares the actor's module, so it must not freeze it (Reference's constructor would): it sets its fields only."""
+
+    def __init__(self, module: torch.nn.Module, temperature: float):
+        self.module = module
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        with disable_adapters(self.module):
+            return super().forward(seq, attn, pos, prompt_len)
+
+
+def _call(wrapped: distributed.Wrapped | None, module: torch.nn.Module, fn: Any, *args: Any) -> Any:
+    """fn(module, *args), through the DDP wrapper when there is one (so it prepares the gradient all-reduce)."""
+    return fn(module, *args) if wrapped is None else wrapped.call(fn, *args)
+
+
+def _critic_pass(_module: torch.nn.Module, critic: Critic, args: tuple) -> torch.Tensor:
+    return critic.forward(*args)
+
+
+def _no_sync(wrapped: distributed.Wrapped | None, enabled: bool) -> Any:
+    from contextlib import nullcontext
+
+    return wrapped.no_sync(enabled) if wrapped is not None else nullcontext()
+
+
+def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    keys = sorted(stats)
+    total = distributed.all_reduce_sum([stats[k] for k in keys])
+    return {k: v / distributed.world() for k, v in zip(keys, total, strict=True)}
