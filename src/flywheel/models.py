@@ -172,5 +172,15 @@ def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path,
     return out_dir
 
 
+def fast_cpu_attention(model: Any, bf16: bool) -> None:
+    """On CPU with bf16, eager attention trains ~1.6x faster than SDPA, whose CPU flash-attention backward is slow at
+    these sizes (bench/sft_vs_trl.py: 0.38 vs 0.62 s/step for the 5M model, batch 16 x 128). The choice is runtime
+    only; it is not saved with the model."""
+    if not bf16 or not hasattr(model, "set_attn_implementation"):
+        return
+    if next(model.parameters()).device.type == "cpu":
+        model.set_attn_implementation("eager")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

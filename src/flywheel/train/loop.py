@@ -272,7 +272,10 @@ def prepare_run_dir(cfg: Any) -> Path:
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The memory options every trainer shares: LoRA adapters (--lora-r) and gradient checkpointing."""
+    """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention."""
+    from flywheel.models import fast_cpu_attention
+
+    fast_cpu_attention(model, cfg.bf16)
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 
