@@ -1,0 +1,312 @@
+"""A compact forward for the Llama family (Llama, Mistral, Qwen2, Qwen3) on the Hugging Face module's own weights.
+
+Why: on a small CPU model one HF decode step is mostly Python and dispatch overhead (masks rebuilt, cache objects,
+hooks, kwargs plumbing), so a loop around HF's forward cannot be much faster than `generate`. This module does the same
+arithmetic as `LlamaForCausalLM.forward` with far fewer ops per step: q/k/v and gate/up projections fused into one
+matmul each, rotary tables computed once (by the model's own rotary module, so every RoPE scaling it supports is
+reproduced exactly), and a preallocated KV cache with an additive mask over its slots instead of a growing cache.
+
+The weights are read from the live module: `sync()` compares each parameter's storage pointer and version counter
+(bumped by every in-place update: optimizer steps, `load_state_dict`, `copy_`) and rebuilds the fused copies only when
+something changed, so a policy trained in place between rollouts is always generated from its current weights.
+
+Layout: prompts are left-padded to a common length P; slot s of the cache holds the token at column s. Padding slots
+are never attended to (a padding query attends to itself only, so no row is fully masked and no NaN appears).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")  # these change their frequencies with the sequence length
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the compact forward cannot run `model` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "per-layer"
+    if rope_type in _UNSUPPORTED_ROPE or rope_type == "per-layer":
+        return f"RoPE type {rope_type!r} is not supported"
+    inner = getattr(model, "model", None)
+    if inner is None or getattr(inner, "rotary_emb", None) is None or getattr(model, "lm_head", None) is None:
+        return "unexpected module structure (no model.rotary_emb or lm_head)"
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if not all(type(lin) is torch.nn.Linear for lin in linears):
+            return "projections are not plain nn.Linear (quantized or adapted?)"
+    if getattr(cfg, "hidden_act", None) is None:
+        return "no hidden_act in the config"
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly LlamaRMSNorm: normalise in float32, cast back, then scale in the input dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op, bit-identical to the formula below in fp32
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class Linear:
+    """y = x @ W.T + b for 2-D x, with W kept in the layout that multiplies fastest for small batches on this CPU.
+
+    Measured here at 1-64 rows (decode; docs/engine.md): fp32 runs 20-50% faster on a pre-transposed (in, out)
+    weight than through F.linear; bf16 runs fastest on a oneDNN-packed weight, but slower than F.linear at thousands of
+    rows (prefill), so bf16 keeps both. The values are those of F.linear up to fp32 rounding (bit-identical in bf16 in
+    our checks).
+    """
+
+    PACKED_MAX_ROWS = 256
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dtype: torch.dtype):
+        w = torch.cat([t.detach() for t in weights]).to(dtype)  # (out, in): projections sharing an input, fused
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            raise ValueError("some but not all fused projections have a bias")
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(dtype)  # type: ignore
+        self.out_features = w.shape[0]
+        self.packed = _mkldnn_pack(w) if dtype == torch.bfloat16 and w.device.type == "cpu" else None
+        self.w = w if self.packed is not None else None  # (out, in), for many rows
+        self.wt = None if self.packed is not None else w.t().contiguous()  # (in, out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            if x.shape[0] <= self.PACKED_MAX_ROWS:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return F.linear(x, self.w, self.bias)
+        return torch.mm(x, self.wt) if self.bias is None else torch.addmm(self.bias, x, self.wt)
+
+    def add_to(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x + a @ W.T + b: the residual add fused into the matmul where the layout allows it."""
+        if self.wt is not None and self.bias is None:
+            return torch.addmm(x, a, self.wt)
+        return x + self(a)
+
+
+def _mkldnn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        probe = torch.ones(1, w.shape[1], dtype=w.dtype)
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError):  # oneDNN without bf16 support on this CPU, or an older torch
+        return None
+    return packed
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: Linear  # q, k, v projections fused: out = (Hq + 2*Hkv) * D
+    o: Linear
+    ln2: torch.Tensor
+    gate_up: Linear  # gate and up projections fused: out = 2 * ffn
+    down: Linear
+    q_norm: torch.Tensor | None  # Qwen3's per-head RMSNorm of q and k (before RoPE)
+    k_norm: torch.Tensor | None
+    window: int | None  # sliding-window size of this layer (Mistral, some Qwen layers), None = full attention
+
+
+def _param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(dtype)
+
+
+def _windows(cfg: Any, n_layers: int) -> list[int | None]:
+    window = getattr(cfg, "sliding_window", None)
+    if window is None:
+        return [None] * n_layers
+    types = getattr(cfg, "layer_types", None)
+    if cfg.model_type == "mistral" or types is None:
+        return [window] * n_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+@dataclass
+class _Weights:
+    """One snapshot of the model's weights in the engine's layout (a generation keeps the one it started with)."""
+
+    layers: list[_Layer]
+    embed: torch.Tensor  # (V, hidden)
+    norm: torch.Tensor  # (hidden,)
+    lm_head: Linear
+    cos: torch.Tensor  # (positions, D) RoPE tables, from the model's rotary module
+    sin: torch.Tensor  # (positions, D) signed: rotate_half(x) * sin == roll(x, D/2) * this
+
+
+@dataclass
+class KVState:
+    """The state of one generation: its weights snapshot, KV cache, attention bias and positions."""
+
+    w: _Weights
+    kv: torch.Tensor  # (L, B, 2*Hkv, S, D): per layer, the k heads then the v heads of every slot
+    bias: torch.Tensor  # (B, S) additive attention bias: 0 where a slot holds a real token, -inf elsewhere
+    pos: torch.Tensor  # (B,) int64 position of each row's next token
+    n: int  # slots written so far
+
+
+class CompactCausalLM:
+    """Prefill/decode on a preallocated KV cache: `logits, state = start(ids, valid, capacity)`, then
+    `step(state, tokens)` per token; both give float32 logits (B, V). `keep(state, rows)` drops finished rows.
+    Each generation has its own state, so several can be interleaved (streams in a server)."""
+
+    def __init__(self, model: Any, dtype: torch.dtype | None = None):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the compact forward cannot run this model: {reason}")
+        self.model = model
+        self.dtype = dtype or next(model.parameters()).dtype
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.scaling = self.head_dim**-0.5
+        self.ffn = cfg.intermediate_size
+        from transformers.activations import ACT2FN
+
+        self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
+        self._fingerprint: tuple | None = None
+        self._weights: _Weights | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sync(self, positions: int = 0) -> _Weights:
+        """The current weights (and RoPE tables for at least `positions`): re-read from the module if any parameter
+        was replaced or updated in place since the last call."""
+        params = list(self.model.parameters())
+        fingerprint = (self.dtype, tuple((p.data_ptr(), p._version) for p in params))
+        w = self._weights
+        if w is not None and w.cos.shape[0] < positions:  # RoPE tables depend on positions only, not on the weights
+            cos, sin = self._rope(max(positions, 2 * w.cos.shape[0]))
+            w = self._weights = dataclasses.replace(w, cos=cos, sin=sin)
+        if fingerprint == self._fingerprint and w is not None:
+            return w
+        dt = self.dtype
+        inner = self.model.model
+        windows = _windows(self.model.config, len(inner.layers))
+        layers = []
+        for layer, window in zip(inner.layers, windows, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            layers.append(_Layer(
+                ln1=_param(layer.input_layernorm.weight, dt),
+                qkv=Linear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
+                           [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], dt),
+                o=Linear([a.o_proj.weight], [a.o_proj.bias], dt),
+                ln2=_param(layer.post_attention_layernorm.weight, dt),
+                gate_up=Linear([m.gate_proj.weight, m.up_proj.weight], [m.gate_proj.bias, m.up_proj.bias], dt),
+                down=Linear([m.down_proj.weight], [m.down_proj.bias], dt),
+                q_norm=_param(getattr(getattr(a, "q_norm", None), "weight", None), dt),
+                k_norm=_param(getattr(getattr(a, "k_norm", None), "weight", None), dt),
+                window=window,
+            ))
+        cos, sin = (w.cos, w.sin) if w is not None else self._rope(max(positions, 256))
+        self._weights = _Weights(layers=layers, embed=_param(inner.embed_tokens.weight, dt),
+                                 norm=_param(inner.norm.weight, dt),
+                                 lm_head=Linear([self.model.lm_head.weight], [self.model.lm_head.bias], dt),
+                                 cos=cos, sin=sin)
+        self._fingerprint = fingerprint
+        return self._weights
+
+    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables (length, D), from the model's own rotary module."""
+        rotary = self.model.model.rotary_emb
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = rotary(probe, torch.arange(length, device=self.device)[None])  # (1, N, D) float32
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2), bit for bit, in fewer ops.
+        return cos[0].to(self.dtype), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype)
+
+    def start(self, ids: torch.Tensor, valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVState]:
+        """Prefill left-padded prompts. ids, valid: (B, P); capacity: total slots (P + new tokens).
+        Returns the next-token logits (B, V) and the generation's state."""
+        b, p = ids.shape
+        dev = self.device
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        w = self.sync(positions=int(positions[:, -1].max()) + capacity - p + 1)
+        kv = torch.zeros(len(w.layers), b, 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
+        # 0 = attend, -inf = padding or not written yet; SDPA would convert a boolean mask at every call of every layer
+        bias = torch.full((b, capacity), float("-inf"), dtype=self.dtype, device=dev)
+        bias[:, :p].masked_fill_(valid, 0.0)
+        state = KVState(w=w, kv=kv, bias=bias, pos=positions[:, -1] + 1, n=p)
+        q_idx = torch.arange(p, device=dev)
+        causal = q_idx[None, :] <= q_idx[:, None]  # (P, P) [query, key]
+        allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
+        mask = torch.zeros(b, 1, p, p, dtype=self.dtype, device=dev).masked_fill_(~allowed[:, None], float("-inf"))
+        return self._forward(state, ids, positions, 0, mask), state
+
+    def step(self, state: KVState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) and return the next-token logits (B, V)."""
+        n = state.n
+        assert n < state.kv.shape[3], "KV cache is full: capacity was too small"
+        state.bias[:, n] = 0.0
+        mask = state.bias[:, None, None, : n + 1]  # (B, 1, 1, n+1)
+        out = self._forward(state, tokens[:, None], state.pos[:, None], n, mask)
+        state.pos += 1
+        state.n = n + 1
+        return out
+
+    def keep(self, state: KVState, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the current batch), in that order."""
+        state.kv = state.kv[:, rows]
+        state.bias = state.bias[rows]
+        state.pos = state.pos[rows]
+
+    def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int) -> torch.Tensor:
+        q_slot = torch.arange(start, end, device=mask.device)[:, None]
+        k_slot = torch.arange(end, device=mask.device)[None, :]
+        outside = k_slot <= q_slot - window  # HF's sliding_window_overlay keeps kv_idx > q_idx - window
+        return mask.masked_fill(outside, float("-inf"))
+
+    def _forward(self, state: KVState, ids: torch.Tensor, positions: torch.Tensor, start: int,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """ids, positions: (B, T), written at slots start..start+T-1; mask: (B, 1, T, start+T) additive (0 / -inf).
+        Returns the next-token logits (B, V) in float32."""
+        b, t = ids.shape
+        end = start + t
+        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        gqa = {} if hq == hkv or not _SDPA_HAS_GQA else {"enable_gqa": True}
+        w = state.w
+        cos, sin = w.cos[positions][:, None], w.sin[positions][:, None]  # (B, 1, T, D)
+        masks = {None: mask}
+        x = F.embedding(ids, w.embed).view(b * t, -1)  # (B*T, hidden); 2-D so residual adds fuse into addmm
+        for i, layer in enumerate(w.layers):
+            if layer.window not in masks:
+                masks[layer.window] = self._window_mask(mask, start, end, layer.window)
+            h = rms_norm(x, layer.ln1, self.eps)
+            qkv = layer.qkv(h).view(b, t, hq + 2 * hkv, d).transpose(1, 2)  # (B, H, T, D)
+            if layer.q_norm is not None:
+                qkv = torch.cat([rms_norm(qkv[:, :hq], layer.q_norm, self.eps),
+                                 rms_norm(qkv[:, hq:hq + hkv], layer.k_norm, self.eps), qkv[:, hq + hkv:]], dim=1)
+            qk = qkv[:, : hq + hkv]
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+            cache = state.kv[i]  # (B, 2*Hkv, S, D)
+            cache[:, :hkv, start:end] = qk[:, hq:]
+            cache[:, hkv:, start:end] = qkv[:, hq + hkv:]
+            keys, values = cache[:, :hkv, :end], cache[:, hkv:, :end]
+            if hq != hkv and not gqa:
+                keys = keys.repeat_interleave(hq // hkv, dim=1)
+                values = values.repeat_interleave(hq // hkv, dim=1)
+            att = F.scaled_dot_product_attention(
+                qk[:, :hq], keys, values, attn_mask=masks[layer.window], scale=self.scaling, **gqa
+            )  # (B, Hq, T, D)
+            x = layer.o.add_to(x, att.transpose(1, 2).reshape(b * t, hq * d))
+            h = rms_norm(x, layer.ln2, self.eps)
+            gate, up = layer.gate_up(h).split([self.ffn, self.ffn], dim=-1)
+            x = layer.down.add_to(x, self.act(gate) * up)
+        x = rms_norm(x.view(b, t, -1)[:, -1], w.norm, self.eps)  # (B, hidden): only the last position is needed
+        return w.lm_head(x).float()

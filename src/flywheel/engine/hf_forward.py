@@ -1,0 +1,66 @@
+"""The generic path: any Hugging Face causal LM, driven through its own forward and `DynamicCache`.
+
+It has the same interface as `CompactCausalLM` (`start`, `step`, `keep`), so the decoding loop does not care which one
+runs. It is as fast as HF `generate` (one HF forward per step), and exists so that every architecture works.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class HFState:
+    """The state of one generation: HF's cache, the attention mask so far, and each row's next position."""
+
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor  # (B, S) int64 attention mask over all tokens so far
+    pos: torch.Tensor  # (B,) position of the next token
+
+
+class HFCausalLM:
+    """Prefill/decode through `model.forward` with left padding, explicit position ids and a `DynamicCache`."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._has_positions = "position_ids" in params
+        self._has_logits_to_keep = "logits_to_keep" in params
+
+    def _run(self, state: HFState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=state.mask, past_key_values=state.cache,
+                                      use_cache=True)
+        if self._has_positions:
+            kwargs["position_ids"] = positions
+        if self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        state.cache = out.past_key_values
+        return out.logits[:, -1].float()  # (B, V)
+
+    def start(self, ids: torch.Tensor, valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, HFState]:
+        """Prefill left-padded prompts. ids, valid: (B, P). `capacity` is unused: the cache grows."""
+        from transformers import DynamicCache
+
+        del capacity
+        mask = valid.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate computes from the mask
+        state = HFState(cache=DynamicCache(config=self.model.config), mask=mask, pos=positions[:, -1] + 1)
+        return self._run(state, ids, positions), state
+
+    def step(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) and return the next-token logits (B, V)."""
+        state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
+        out = self._run(state, tokens[:, None], state.pos[:, None])
+        state.pos = state.pos + 1
+        return out
+
+    def keep(self, state: HFState, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the current batch), in that order."""
+        state.cache.batch_select_indices(rows)
+        state.mask = state.mask[rows]
+        state.pos = state.pos[rows]

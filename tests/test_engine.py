@@ -1,0 +1,322 @@
+"""Engine: greedy == HF generate, sampled log-probs == a fresh forward pass, per-row stops, live weights, bad input.
+
+Tiny random models of several families; initializer_range 0.3 so that greedy outputs are varied (at HF's default 0.02
+a random model repeats one token, which would make equality tests weak).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flywheel.engine import Engine, SamplingParams
+from flywheel.engine.compact import unsupported_reason
+from flywheel.engine.sampling import filter_top_k, filter_top_p, sample
+from flywheel.errors import UserError
+from flywheel.models import tiny_llama_config
+
+VOCAB = 384
+PAD, EOS = 0, 2
+PROMPTS = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [100], [7, 300, 8, 301, 9, 302, 10]]
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1, initializer_range=0.3)
+    small = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, max_position_embeddings=128)
+    if family in ("llama", "llama-hf"):
+        return tiny_llama_config(VOCAB, "nano", pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1,
+                                 max_position_embeddings=128, initializer_range=0.3)
+    if family == "llama-gqa-bias-rope":  # GQA, q/k/v/o biases, untied head, scaled RoPE
+        return tf.LlamaConfig(**common, **small, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                              tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                          "rope_theta": 10000.0})
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, **small, num_attention_heads=4, num_key_value_heads=2)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, **small, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if family == "mistral":  # a window shorter than the sequences, so the sliding mask matters
+        return tf.MistralConfig(**common, **small, num_attention_heads=4, num_key_value_heads=4, sliding_window=6)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, pad_token_id=PAD,
+                             eos_token_id=EOS, bos_token_id=1, initializer_range=0.3)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "llama-hf", "llama-gqa-bias-rope", "qwen2", "qwen3", "mistral", "gpt2"]
+
+
+def _model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family)).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+def _engine(model, family: str, **kw) -> Engine:
+    engine = Engine(model, backend="hf" if family == "llama-hf" else "auto", **kw)
+    expected = "hf" if family in ("llama-hf", "gpt2") else "compact"
+    assert engine.backend == expected, unsupported_reason(model)
+    return engine
+
+
+def _hf_greedy(model, prompts, max_new_tokens: int, eos: int | None) -> list[list[int]]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=PAD, eos_token_id=eos)[:, width:].tolist()
+    rows = []
+    for row in out:  # HF pads a finished row: cut after its EOS
+        rows.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
+    return rows
+
+
+def _full_forward_logprobs(model, prompt: list[int], generated: list[int], temperature: float) -> list[float]:
+    ids = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    return logp.gather(-1, torch.tensor(generated)[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf_generate_token_for_token(family):
+    model = _model(family)
+    engine = _engine(model, family)
+    gen = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[]))
+    expected = _hf_greedy(model, PROMPTS, 24, eos=None)
+    assert gen.tokens == expected
+    assert gen.finish_reasons == ["length"] * len(PROMPTS)
+    assert all(len(set(row)) > 5 for row in gen.tokens), "degenerate outputs make this test weak"
+    # greedy log-probs are log_softmax(logits) of the argmax token
+    for prompt, row, logprobs in zip(PROMPTS, gen.tokens, gen.logprobs, strict=True):
+        assert logprobs == pytest.approx(_full_forward_logprobs(model, prompt, row, 0.0), abs=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_stop_on_their_own_like_hf(family):
+    model = _model(family)
+    engine = _engine(model, family)
+    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[]))
+    stop = free.tokens[1][6]  # a token row 1 produces mid-way: that row (and any other producing it) stops there
+    gen = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[stop]))
+    assert gen.tokens == _hf_greedy(model, PROMPTS, 24, eos=stop)
+    for row, free_row, reason in zip(gen.tokens, free.tokens, gen.finish_reasons, strict=True):
+        if stop in free_row:
+            assert row == free_row[: free_row.index(stop) + 1] and reason == "stop"
+        else:
+            assert row == free_row and reason == "length"
+    assert len(gen.tokens[1]) <= 7 and gen.finish_reasons[1] == "stop"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_sampled_logprobs_equal_a_fresh_forward_pass(family, temperature, top_k, top_p):
+    model = _model(family)
+    engine = _engine(model, family)
+    params = SamplingParams(max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, seed=3,
+                            stop_token_ids=[])
+    gen = engine.generate(PROMPTS, params)
+    for prompt, row, logprobs in zip(PROMPTS, gen.tokens, gen.logprobs, strict=True):
+        assert len(row) == 16 and all(isinstance(x, float) for x in logprobs)
+        assert logprobs == pytest.approx(_full_forward_logprobs(model, prompt, row, temperature), abs=1e-4)
+        if top_k:  # every sampled token is inside the top-k of its (temperature-scaled) distribution
+            assert min(logprobs) > -20
+
+
+def test_seeded_sampling_is_deterministic_and_seed_sensitive():
+    model = _model("llama")
+    engine = Engine(model)
+    p = SamplingParams(max_new_tokens=12, seed=7, stop_token_ids=[])
+    a, b = engine.generate(PROMPTS, p), engine.generate(PROMPTS, p)
+    c = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, seed=8, stop_token_ids=[]))
+    assert a == b
+    assert a.tokens != c.tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dropping_finished_rows_does_not_change_any_row(family):
+    model = _model(family)
+    stops = list(range(3, VOCAB, 9))  # ~1 in 9 tokens stops a row: rows finish at different steps
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=11, stop_token_ids=stops)
+    prompts = PROMPTS * 3
+    results = [Engine(model, compact_at=at).generate(prompts, params) for at in (0.0, 0.5, 1.0)]
+    lengths = {len(row) for row in results[0].tokens}
+    assert len(lengths) > 3, "rows should finish at different steps"
+    for other in results[1:]:
+        assert other.tokens == results[0].tokens
+        assert other.finish_reasons == results[0].finish_reasons
+        for x, y in zip(other.logprobs, results[0].logprobs, strict=True):
+            assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_row_stops_at_the_end_of_the_context():
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_llama_config(VOCAB, "nano", max_position_embeddings=16, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    gen = Engine(model).generate([list(range(3, 17))[:13], [5, 6]], SamplingParams(max_new_tokens=8, temperature=0,
+                                                                                      stop_token_ids=[]))
+    assert [len(r) for r in gen.tokens] == [3, 8]
+    assert gen.finish_reasons == ["length", "length"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_engine_uses_the_current_weights_at_every_call(family):
+    model = _model(family)
+    engine = _engine(model, family)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    before = engine.generate(PROMPTS, greedy)
+    # an optimizer step in place, as PPO does between rollouts
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(input_ids=torch.tensor([PROMPTS[1]]), labels=torch.tensor([PROMPTS[1]])).loss
+    loss.backward()
+    opt.step()
+    model.eval()
+    after = engine.generate(PROMPTS, greedy)
+    assert after.tokens != before.tokens
+    assert after.tokens == _hf_greedy(model, PROMPTS, 12, eos=None)
+    # a parameter replaced by a new tensor (not an in-place update)
+    with torch.no_grad():
+        emb = model.get_input_embeddings()
+        emb.weight = torch.nn.Parameter(emb.weight.flip(0).clone())
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.get_output_embeddings().weight = emb.weight
+    assert engine.generate(PROMPTS, greedy).tokens == _hf_greedy(model, PROMPTS, 12, eos=None)
+    # or a different module altogether
+    other = _model(family, seed=5)
+    engine.update_weights(other)
+    assert engine.generate(PROMPTS, greedy).tokens == _hf_greedy(other, PROMPTS, 12, eos=None)
+
+
+def test_generic_path_samples_with_dropout_off_and_restores_train_mode():
+    model = _model("gpt2")
+    model.config.resid_pdrop = model.config.embd_pdrop = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    engine = Engine(model)
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    a, b = engine.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)
+    assert a == b and model.training
+
+
+def test_bf16_compact_forward_tracks_the_fp32_model():
+    model = _model("llama")
+    gen = Engine(model, dtype="bf16").generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=0, stop_token_ids=[]))
+    for prompt, row, logprobs in zip(PROMPTS, gen.tokens, gen.logprobs, strict=True):
+        ref = _full_forward_logprobs(model, prompt, row, 1.0)
+        assert logprobs == pytest.approx(ref, abs=0.15)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_default_stop_ids_come_from_the_model_config():
+    model = _model("llama")
+    engine = Engine(model)
+    assert engine.stop_ids == [EOS]
+    row = engine.generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])).tokens[0]
+    engine.stop_ids = [row[1]]
+    gen = engine.generate([[5, 6]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert gen.tokens[0] == row[: row.index(row[1]) + 1] and gen.finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize("prompts,params,message", [
+    ([], SamplingParams(), "non-empty list of prompts"),
+    ([[1, 2], []], SamplingParams(), "prompt 1 is empty"),
+    ([5, 6], SamplingParams(), "not a list of token ids"),
+    ([[1, VOCAB]], SamplingParams(), "outside the vocabulary"),
+    ([[3] * 128], SamplingParams(), "context is 128 tokens"),
+    ([[1, 2]], SamplingParams(max_new_tokens=0), "max_new_tokens must be > 0"),
+    ([[1, 2]], SamplingParams(max_new_tokens=-3), "max_new_tokens must be > 0"),
+    ([[1, 2]], SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
+    ([[1, 2]], SamplingParams(top_p=1.5), "top_p must be in (0, 1]"),
+    ([[1, 2]], SamplingParams(temperature=-1.0), "temperature"),
+    ([[1, 2]], SamplingParams(top_k=-1), "top_k"),
+])
+def test_bad_input_is_a_one_line_user_error(prompts, params, message):
+    engine = Engine(_model("llama"))
+    with pytest.raises(UserError) as err:
+        engine.generate(prompts, params)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stream_needs_a_tokenizer_and_compact_backend_needs_a_supported_model():
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        Engine(_model("llama")).stream([1, 2])
+    with pytest.raises(UserError, match="compact engine backend cannot run"):
+        Engine(_model("gpt2"), backend="compact")
+
+
+def test_top_k_and_top_p_keep_the_right_sets():
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 500) * 4, torch.randn(2, 500) * 0.01])  # peaky rows, and near-flat rows
+    logp = torch.log_softmax(logits, dim=-1)
+    kept = torch.isfinite(filter_top_k(logp, 7))
+    assert kept.sum(-1).tolist() == [7] * 5
+    assert torch.equal(kept, logp >= logp.topk(7).values[:, -1:])
+    for p in (0.3, 0.9, 0.999):
+        got = torch.isfinite(filter_top_p(logp, p))
+        for r in range(logp.shape[0]):  # brute force: sort, keep while the mass before a token is < p
+            order = logp[r].argsort(descending=True).tolist()
+            want, mass = set(), 0.0
+            for i in order:
+                if mass >= p:
+                    break
+                want.add(i)
+                mass += logp[r, i].exp().item()
+            assert set(got[r].nonzero()[:, 0].tolist()) == want
+    # top-p applies to the renormalised top-k distribution (HF's order)
+    both = torch.isfinite(filter_top_p(filter_top_k(logp, 3), 0.999))
+    assert both.sum(-1).max() <= 3
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample(logits, temperature=0.8, top_k=4, top_p=0.9, generator=g)
+    probs = torch.softmax(logits[0] / 0.8, dim=-1)
+    keep = filter_top_p(filter_top_k(torch.log_softmax(logits[:1] / 0.8, -1), 4), 0.9)[0]
+    expected = torch.softmax(keep, dim=-1)
+    freq = torch.bincount(tokens, minlength=6).float() / tokens.numel()
+    assert torch.allclose(freq, expected, atol=0.015)
+    assert (expected[freq == 0] == 0).all() and (freq[expected == 0] == 0).all()
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)  # untruncated, temperature-scaled
+    greedy, lp = sample(logits[:2], temperature=0)
+    assert greedy.tolist() == [0, 0] and lp[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
+
+
+def test_prompts_may_hold_numpy_or_tuple_ids():
+    import numpy as np
+
+    engine = Engine(_model("llama"))
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[])
+    as_lists = engine.generate(PROMPTS[:2], greedy)
+    assert engine.generate([list(np.array(PROMPTS[0])), tuple(PROMPTS[1])], greedy) == as_lists
+
+
+def test_weight_updates_do_not_grow_the_rope_tables():
+    model = _model("llama")
+    engine = Engine(model)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    sizes = []
+    for _ in range(4):
+        engine.generate(PROMPTS, greedy)
+        sizes.append(engine._forward._weights.cos.shape[0])
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.01)  # an in-place update: the weights are re-read next call
+    assert len(set(sizes)) == 1 and sizes[0] <= 256
+    from transformers import AutoModelForCausalLM
+
+    long = Engine(AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB, "nano", max_position_embeddings=1024)))
+    long.generate([[5] * 300], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))
+    assert long._forward._weights.cos.shape[0] >= 320  # grown when a longer sequence needs it
