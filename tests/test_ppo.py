@@ -130,3 +130,12 @@ def test_ppo_config_errors(tmp_path, model_dir, prompts_file):
     res = main(["ppo", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
                 "--kl-estimator", "k7"])
     assert res == 2
+
+
+def test_ignore_eos_fixed_length_and_bf16_reference_agrees(tmp_path, model_dir, prompts_file):
+    cfg = _cfg(tmp_path, model_dir, prompts_file, ignore_eos=True, bf16=True, max_new_tokens=6)
+    trainer = PPOTrainer(cfg, reward_fn=target_reward)
+    stats, exp, responses = trainer.step(0)
+    assert all(len(r) == 6 for r in responses) and stats["response_length"] == 6 and stats["eos_rate"] == 0
+    # Policy and reference share weights and kernels before the first update: the KL is exactly zero.
+    assert stats["kl"] == 0.0

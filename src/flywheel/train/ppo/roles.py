@@ -28,19 +28,10 @@ def disable_dropout(module: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def eager_attention_on_cpu(module: torch.nn.Module) -> None:
-    """Whole-sequence forwards with a padding mask: on CPU, eager attention beats SDPA, whose CPU flash kernel's
-    backward is ~3x slower in bf16 at PPO's sizes (docs/benchmarks-ppo.md). Not saved with the model."""
-    on_cpu = next(module.parameters()).device.type == "cpu"
-    if on_cpu and hasattr(module, "set_attn_implementation"):
-        module.set_attn_implementation("eager")
-
-
 class Role:
     def __init__(self, module: torch.nn.Module, *, trainable: bool):
         self.module = module
         disable_dropout(module)
-        eager_attention_on_cpu(module)
         module.train(trainable)
         if not trainable:
             module.requires_grad_(False)

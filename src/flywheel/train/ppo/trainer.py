@@ -32,7 +32,7 @@ from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, 
 from flywheel.engine import Engine
 from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
-from flywheel.models import load_causal_lm, load_sequence_classifier
+from flywheel.models import fast_cpu_attention, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import load_tokenizer, render_prompt
 from flywheel.train.loop import (
     DataOrder,
@@ -99,12 +99,14 @@ class PPOTrainer:
             raise UserError(f"--rollout-batch-size / {n_proc} processes must be a multiple of --batch-size")
         policy = prepare_model(load_causal_lm(cfg.model), cfg)
         self.actor = Actor(policy, cfg.temperature)
+        # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
+        # the reference compute identical log-probs before the first update (KL exactly 0).
         self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
-            load_causal_lm(cfg.model), cfg.temperature)
+            _frozen(load_causal_lm(cfg.model), cfg), cfg.temperature)
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
-            rm = load_sequence_classifier(cfg.reward_model)
+            rm = _frozen(load_sequence_classifier(cfg.reward_model), cfg)
             self.reward = Reward(rm, bias=reward_bias(rm.config))
         else:
             raise UserError("--reward-model is required")
@@ -241,6 +243,11 @@ class PPOTrainer:
             loss = eval_lm_loss(self.actor.module, self.ptx_eval, self.pad_id)
         self.actor.module.train()
         return loss
+
+
+def _frozen(model: torch.nn.Module, cfg: PPOConfig) -> torch.nn.Module:
+    fast_cpu_attention(model, cfg.bf16)
+    return model
 
 
 def _with_lr(cfg: PPOConfig, lr: float) -> PPOConfig:
