@@ -64,7 +64,8 @@ def default_stop_ids(model: Any, tokenizer: Any | None) -> list[int]:
 
 
 class Engine:
-    """Generate from a causal LM. `model` is used live: its weights are re-read whenever they change.
+    """Generate from a causal LM. `model` is used live: its weights are re-read whenever they change (after a fused
+    optimizer step, which does not bump version counters, call `update_weights`).
 
     dtype: run the compact forward in this dtype (a cast copy of the weights, refreshed when they change); the generic
     path always runs the module as it is. backend: "auto" picks the compact forward when the architecture allows it.
