@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from flywheel.data.io import read_preferences
 from flywheel.errors import UserError
 from flywheel.world import (
     DEFAULT_TEMPERATURE,
@@ -310,10 +311,14 @@ def test_label_rankings_records():
     tasks, sets = calibration_sets(random.Random(11), 50)
     records = label_rankings(tasks, sets, random.Random(0))
     names = {lab.name for lab in default_panel()}
-    for r, t, s in zip(records, tasks, sets, strict=True):
+    kept = [(t, s) for t, s in zip(tasks, sets, strict=True) if len({c.strip() for c in s}) >= 2]
+    assert len(records) == len(kept) > 0
+    for r, (t, s) in zip(records, kept, strict=True):
         assert set(r) == {"prompt", "completions", "order", "labeler"}
-        assert r["prompt"] == t.messages and r["completions"] == s and r["labeler"] in names
-        _check_order(r["order"], s)
+        distinct = list(dict.fromkeys(c.strip() for c in s))  # repeated answers are ranked once, first seen first
+        assert r["prompt"] == t.messages and [c.strip() for c in r["completions"]] == distinct
+        assert r["labeler"] in names
+        _check_order(r["order"], r["completions"])
     assert label_rankings(tasks, sets, random.Random(0)) == records
 
 
@@ -424,12 +429,13 @@ def test_written_files_parse_as_the_trainers_formats(tmp_path):
             assert score(t, t.answers[0]).total == 1.0
         assert "answers" not in files[f"{split}_prompts"].read_text()
     rankings = read_jsonl(files["rankings"])
-    assert len(rankings) == cfg.n_rank
+    assert 0.9 * cfg.n_rank <= len(rankings) <= cfg.n_rank  # sets without two distinct answers state no preference
+    assert len(read_preferences(files["rankings"])) == len(rankings)  # what `flywheel rm` reads, without an error
     names = {lab.name for lab in default_panel()}
     for r in rankings:
         assert set(r) == {"prompt", "completions", "order", "labeler"} and r["labeler"] in names
         assert r["prompt"][-1]["role"] == "user"
-        assert cfg.k_min <= len(r["completions"]) <= cfg.k_max
+        assert 2 <= len(r["completions"]) <= cfg.k_max
         _check_order(r["order"], r["completions"])
     manifest = json.loads(files["manifest"].read_text())
     assert manifest["counts"]["eval"] == dict(Counter(t.family for t in load_tasks(files["eval_tasks"])))

@@ -86,8 +86,10 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_model_path(path: str) -> str:
-    """Local directories are checked up front; anything else is treated as a hub id (works when online/cached)."""
-    if Path(path).exists() or path.startswith((".", "/", "~")):
+    """Local directories are checked up front; a name shaped like a hub id (`name` or `org/name`) is passed on to
+    transformers (it loads when online or cached)."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
+    if Path(path).exists() or looks_local:
         return str(_check_model_dir(Path(path).expanduser()))
     return path
 

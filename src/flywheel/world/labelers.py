@@ -207,13 +207,18 @@ def label_rankings(tasks: Sequence[Task], completion_sets: Sequence[Sequence[str
                    panel: Sequence[Labeler] | None = None) -> list[dict]:
     """One ranking record per task, each by a labeler drawn from `panel` (default `default_panel()`).
 
-    Records are what the reward-model trainer reads: {"prompt", "completions", "order", "labeler"}. A set whose
-    completions are all identical comes out as one group (no preference to learn).
+    Records are what the reward-model trainer reads: {"prompt", "completions", "order", "labeler"}. Repeated answers
+    (equal up to surrounding whitespace, as the reader compares them) are kept once, and a set left with fewer than two
+    distinct answers states no preference and yields no record.
     """
     panel = default_panel() if panel is None else panel
     records = []
     for task, completions in zip(tasks, completion_sets, strict=True):
+        seen: set[str] = set()
+        distinct = [c for c in completions if not (c.strip() in seen or seen.add(c.strip()))]  # first of each
+        if len(distinct) < 2:
+            continue
         labeler = rng.choice(panel)
-        records.append({"prompt": task.messages, "completions": list(completions),
-                        "order": labeler.rank(task, completions, rng), "labeler": labeler.name})
+        records.append({"prompt": task.messages, "completions": distinct,
+                        "order": labeler.rank(task, distinct, rng), "labeler": labeler.name})
     return records

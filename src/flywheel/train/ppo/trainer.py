@@ -57,15 +57,18 @@ from flywheel.train.ppo.rollout import make_experience
 from flywheel.utils import log, seed_everything, set_threads
 
 
-def load_prompt_ids(cfg: PPOConfig, tokenizer: Any) -> list[list[int]]:
+def load_prompt_ids(cfg: PPOConfig, tokenizer: Any, context: int | None = None) -> list[list[int]]:
+    """Rendered prompts; those longer than --max-prompt-length, or leaving no room for --max-new-tokens in the
+    model's `context`, are dropped and counted in one warning."""
     from flywheel.data.io import read_prompts
 
     prompts = read_prompts(cfg.prompts, skip_bad=False)
     ids = [render_prompt(tokenizer, [m.as_dict() for m in p]) for p in prompts]
-    kept = [x for x in ids if len(x) <= cfg.max_prompt_length]
+    limit = cfg.max_prompt_length if context is None else min(cfg.max_prompt_length, context - cfg.max_new_tokens)
+    kept = [x for x in ids if len(x) <= limit]
     if len(kept) < len(ids):
-        log.warning("%s: %d of %d prompts are longer than --max-prompt-length %d and were dropped", cfg.prompts,
-                    len(ids) - len(kept), len(ids), cfg.max_prompt_length)
+        log.warning("%s: %d of %d prompts are longer than %d tokens (--max-prompt-length, or the model's context "
+                    "minus --max-new-tokens) and were dropped", cfg.prompts, len(ids) - len(kept), len(ids), limit)
     if not kept:
         raise UserError("no prompt fits --max-prompt-length", path=cfg.prompts)
     return kept
@@ -115,7 +118,7 @@ class PPOTrainer:
         self.wrapped_actor = distributed.wrap(policy, "ddp")
         self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
-        self.prompts = load_prompt_ids(cfg, self.tokenizer)
+        self.prompts = load_prompt_ids(cfg, self.tokenizer, self.engine.context_length)
         self.ptx_train, self.ptx_eval = load_ptx(cfg, self.tokenizer)
         self.steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / cfg.rollout_batch_size))
         self.opt_policy = build_optimizer(policy, cfg)
