@@ -139,12 +139,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, chat_templa
 
 
 def load_tokenizer(path: str) -> Any:
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
     from flywheel.models import resolve_model_path
 
+    # A directory may hold a tokenizer alone (no config.json): only model directories need one.
+    source = path if Path(path).is_dir() else resolve_model_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        tok = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:

@@ -1,0 +1,598 @@
+"""`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
+
+    flywheel demo                      # ~10 min on 2 cores: 5M-parameter model, runs/demo/report.md
+    flywheel demo --quick              # ~3 min (CI): 1M-parameter model, smaller world
+    flywheel demo --seed 3 --out runs/demo-3
+
+Stages: world -> tokenizer -> pretrain the base -> SFT on imperfect demonstrations -> sample K (4..9) answers per
+prompt from the SFT policy -> simulated labelers rank them (temperature recalibrated on these samples to 73% agreement)
+-> reward model on those rankings (on-distribution) -> PPO-ptx against the reward model with a KL penalty to SFT ->
+oracle evaluation of base, SFT and PPO on held-out prompts. Writes `report.md`, `summary.json` and PNG plots under
+--out. The reward model never sees the oracle and the oracle alone decides whether the policy improved.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import parse_config
+from flywheel.errors import UserError
+from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
+
+PRETRAIN_EVAL_SPLIT = 0.02  # corpus documents pretraining holds out: the held-out LM loss of every policy
+MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend on it)
+# Settings of the two presets; a DemoConfig field left at None takes its preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=400, n_ppo=600, n_eval=300,
+        pretrain_epochs=4.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
+        sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.0, rm_lr=5e-5,
+        ppo_steps=40, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.05,
+        ptx_coef=0.05, max_new_tokens=40,
+    ),
+    "quick": dict(
+        size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
+        pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
+        sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4,
+        ppo_steps=30, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.05,
+        ptx_coef=0.05, max_new_tokens=32,
+    ),
+}
+
+
+def _preset(help_text: str) -> Any:
+    return field(default=None, metadata={"help": help_text + " (default: the preset's)"})
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="runs/demo", metadata={"help": "run directory (world/, base/, sft/, rm/, ppo/, report)"})
+    seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
+    quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~3 min)"})
+    size: str | None = _preset("model size: nano, tiny (1M), small (5M), medium (35M)")
+    corpus_chars: int | None = _preset("pretraining corpus size in characters")
+    n_demos: int | None = _preset("demonstrations for SFT")
+    n_rank: int | None = _preset("prompts the SFT policy answers K times for the labelers to rank")
+    n_ppo: int | None = _preset("PPO prompts")
+    n_eval: int | None = _preset("held-out prompts the oracle judges")
+    k_min: int = field(default=4, metadata={"help": "fewest answers sampled per ranked prompt"})
+    k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
+    p_verbose: float = field(default=0.65, metadata={"help": "demonstrations padded with pleasantries"})
+    p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
+    p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
+    pretrain_epochs: float | None = _preset("passes over the corpus")
+    pretrain_seq_len: int | None = _preset("tokens per pretraining block")
+    pretrain_lr: float | None = _preset("pretraining peak learning rate")
+    pretrain_batch_size: int | None = _preset("pretraining blocks per step")
+    sft_epochs: float | None = _preset("passes over the demonstrations")
+    sft_lr: float | None = _preset("SFT peak learning rate")
+    rm_epochs: float | None = _preset("passes over the rankings (1 avoids overfitting)")
+    rm_lr: float | None = _preset("reward model learning rate")
+    rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
+    ppo_steps: int | None = _preset("PPO steps (each samples --rollout-batch-size prompts)")
+    rollout_batch_size: int | None = _preset("prompts per PPO step")
+    ppo_batch_size: int | None = _preset("PPO minibatch")
+    ppo_epochs: int | None = _preset("optimisation passes over each rollout batch")
+    ppo_lr: float | None = _preset("PPO policy learning rate")
+    kl_coef: float | None = _preset("beta: per-token KL penalty to the SFT policy")
+    ptx_coef: float | None = _preset("gamma: weight of the pretraining loss in PPO-ptx (0 = plain PPO)")
+    max_new_tokens: int | None = _preset("response length limit when sampling")
+    eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on from the small size up)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def resolved(self) -> DemoConfig:
+        """A copy with every None filled from the preset."""
+        preset = PRESETS["quick" if self.quick else "default"]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in preset.items():
+            if values[k] is None:
+                values[k] = v
+        if values["bf16"] is None:
+            values["bf16"] = values["size"] in ("small", "medium")
+        return DemoConfig(**values)
+
+    def validate(self) -> None:
+        from flywheel.models import TINY_SIZES
+
+        if self.size is not None and self.size not in TINY_SIZES:
+            raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
+        if not 2 <= self.k_min <= self.k_max:
+            raise UserError("need 2 <= --k-min <= --k-max")
+        if not 0 < self.rm_holdout < 1:
+            raise UserError("--rm-holdout must be in (0, 1)")
+
+
+class Stage:
+    """Times a stage and logs its one-line result."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> Stage:
+        log.info("== %s", self.name)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.name] = round(time.perf_counter() - self.t0, 1)
+        # CPU seconds of this process: on a machine shared with other jobs, wall time overstates the stage's cost.
+        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0, 1)
+
+    def done(self, message: str, *args: Any) -> None:
+        log.info("-> %s (%.0f s): " + message, self.name, time.perf_counter() - self.t0, *args)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run every stage under cfg.out and return the summary (also written to summary.json)."""
+    cfg = cfg.resolved()
+    cfg.validate()
+    set_threads(cfg.threads or None)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    if (out / "summary.json").exists() or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo")):
+        raise UserError(f"{out} already holds a demo run: remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start, c_start = time.perf_counter(), time.process_time()
+    files = stage_world(cfg, out, timings)
+    init = stage_tokenizer(cfg, out, files, timings)
+    base = stage_pretrain(cfg, out, files, init, timings)
+    sft = stage_sft(cfg, out, files, base, timings)
+    labels = stage_rankings(cfg, out, files, sft, timings)
+    rm = stage_reward_model(cfg, out, files, sft, labels, timings)
+    ppo = stage_ppo(cfg, out, files, sft, rm, timings)
+    results = stage_evaluate(cfg, out, files, {"base": base, "sft": sft, "ppo": ppo}, timings)
+    timings["total"] = round(time.perf_counter() - t_start, 1)
+    timings["total (cpu)"] = round(time.process_time() - c_start, 1)
+    summary = {
+        "config": asdict(cfg), "timings_s": timings, "labelers": labels["summary"], "reward_model": rm["summary"],
+        **results,
+    }
+    summary["targets"] = check_targets(summary)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(summary, out)
+    return summary
+
+
+def stage_world(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> dict[str, Path]:
+    from flywheel.world import WorldConfig, write_world
+
+    with Stage(timings, "world") as st:
+        wcfg = WorldConfig(out=str(out / "world"), seed=cfg.seed, corpus_chars=cfg.corpus_chars,
+                           n_demos=cfg.n_demos, n_demos_val=200, n_rank=cfg.n_rank, n_ppo=cfg.n_ppo,
+                           n_eval=cfg.n_eval, k_min=cfg.k_min, k_max=cfg.k_max, p_verbose=cfg.p_verbose,
+                           p_comply=cfg.p_comply, p_made_up=cfg.p_made_up)
+        files = write_world(wcfg)
+        st.done("%d demonstrations, %d rank / %d PPO / %d eval prompts, corpus %d chars", cfg.n_demos, cfg.n_rank,
+                cfg.n_ppo, cfg.n_eval, cfg.corpus_chars)
+    return files
+
+
+def stage_tokenizer(cfg: DemoConfig, out: Path, files: dict[str, Path], timings: dict[str, float]) -> Path:
+    from flywheel.data.io import read_conversations, read_texts
+    from flywheel.models import build_causal_lm, config_for_tokenizer, save_pretrained
+    from flywheel.tokenization import train_tokenizer
+
+    with Stage(timings, "tokenizer") as st:
+        # The corpus has no chat behaviour (no refusals, no "I don't know"): the demonstrations' text joins it.
+        texts = read_texts(str(files["corpus"]))
+        texts += [m.content for c in read_conversations(str(files["demos"])) for m in c.messages]
+        vocab = 2048 if cfg.size in ("nano", "tiny") else 4096
+        tok = train_tokenizer(texts, vocab_size=vocab, model_max_length=MAX_POSITIONS)
+        # A freshly initialised model beside it, so every later stage loads a plain HF directory.
+        config = config_for_tokenizer(tok, cfg.size, max_position_embeddings=MAX_POSITIONS)
+        init = save_pretrained(build_causal_lm(config, seed=cfg.seed), tok, out / "init")
+        st.done("%d-token byte-level BPE; a new %s model", len(tok), cfg.size)
+    return init
+
+
+def stage_pretrain(cfg: DemoConfig, out: Path, files: dict[str, Path], init: Path,
+                   timings: dict[str, float]) -> Path:
+    from flywheel.train.pretrain import PretrainConfig, train_pretrain
+
+    with Stage(timings, "pretrain") as st:
+        pcfg = PretrainConfig(out=str(out / "base"), seed=cfg.seed, data=str(files["corpus"]), model=str(init),
+                              eval_split=PRETRAIN_EVAL_SPLIT, size=cfg.size, seq_len=cfg.pretrain_seq_len,
+                              epochs=cfg.pretrain_epochs,
+                              batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, warmup_ratio=0.03,
+                              weight_decay=0.1, bf16=cfg.bf16, log_every=20, threads=cfg.threads,
+                              progress=cfg.progress)
+        run = train_pretrain(pcfg)
+        meta = json.loads((run / "final" / "flywheel.json").read_text())
+        st.done("%d steps, held-out loss %.3f", meta["steps"], meta.get("eval_loss", float("nan")))
+    return run / "final"
+
+
+def stage_sft(cfg: DemoConfig, out: Path, files: dict[str, Path], base: Path, timings: dict[str, float]) -> Path:
+    from flywheel.train.sft import SFTConfig, train_sft
+
+    with Stage(timings, "sft") as st:
+        scfg = SFTConfig(out=str(out / "sft"), seed=cfg.seed, model=str(base), data=str(files["demos"]),
+                         eval_data=str(files["demos_val"]), epochs=cfg.sft_epochs, lr=cfg.sft_lr, batch_size=16,
+                         warmup_ratio=0.05, bf16=cfg.bf16, log_every=20, threads=cfg.threads, progress=cfg.progress)
+        run = train_sft(scfg)
+        meta = json.loads((run / "final" / "flywheel.json").read_text())
+        st.done("%d steps, held-out demonstration loss %.3f", meta["steps"], meta.get("eval_loss", float("nan")))
+    return run / "final"
+
+
+def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], *, max_new_tokens: int, seed: int,
+                   bf16: bool, progress: bool) -> list[list[str]]:
+    """ks[i] answers to task i's prompt sampled at temperature 1; duplicates and empty answers removed."""
+    from tqdm.auto import tqdm
+
+    from flywheel.evaluate import decode, generate, prompt_ids_for
+
+    ids = prompt_ids_for(tokenizer, tasks)
+    flat = [(i, ids[i]) for i, k in enumerate(ks) for _ in range(k)]
+    texts: list[str] = []
+    chunk = 128
+    for start in tqdm(range(0, len(flat), chunk), desc="sample", disable=not progress, dynamic_ncols=True):
+        part = [p for _, p in flat[start : start + chunk]]
+        tokens, _ = generate(model, tokenizer, part, max_new_tokens=max_new_tokens, temperature=1.0,
+                             seed=seed + start, batch_size=chunk, bf16=bf16)
+        texts += decode(tokenizer, tokens)
+    sets: list[list[str]] = [[] for _ in tasks]
+    for (i, _), text in zip(flat, texts, strict=True):
+        if text and text not in sets[i]:
+            sets[i].append(text)
+    return sets
+
+
+def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path,
+                   timings: dict[str, float]) -> dict[str, Any]:
+    from flywheel.models import load_causal_lm
+    from flywheel.tokenization import load_tokenizer
+    from flywheel.world import (
+        DEFAULT_TEMPERATURE,
+        calibrate_temperature,
+        default_panel,
+        label_rankings,
+        load_tasks,
+        panel_agreement,
+        score,
+    )
+
+    with Stage(timings, "sample + rank") as st:
+        tasks = load_tasks(files["rank_tasks"])
+        rng = random.Random(f"{cfg.seed}:demo-rankings")
+        ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in tasks]
+        model, tok = load_causal_lm(str(sft)), load_tokenizer(str(sft))
+        sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919,
+                              bf16=cfg.bf16, progress=cfg.progress)
+        keep = [i for i, s in enumerate(sets) if len(s) >= 2]
+        tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
+        try:
+            temperature = calibrate_temperature(tasks, sets)
+        except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
+            log.warning("labeler calibration failed on the SFT samples (%s): using the default temperature", err)
+            temperature = DEFAULT_TEMPERATURE
+        panel = default_panel(temperature)
+        records = label_rankings(tasks, sets, rng, panel)
+        n_held = max(1, int(len(records) * cfg.rm_holdout))
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        held = sorted(order[:n_held])
+        train = sorted(order[n_held:])
+        for name, idx in (("rankings_train", train), ("rankings_heldout", held)):
+            atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
+        held_tasks, held_sets = [tasks[i] for i in held], [sets[i] for i in held]
+        agree_all = panel_agreement(panel, tasks, sets, random.Random(cfg.seed))
+        agree_held = panel_agreement(panel, held_tasks, held_sets)
+        totals = [[score(t, r).total for r in s] for t, s in zip(tasks, sets, strict=True)]
+        summary = {
+            "temperature": temperature, "prompts": len(tasks), "answers": sum(len(s) for s in sets),
+            "distinct_per_prompt": sum(len(s) for s in sets) / len(sets),
+            "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
+            "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
+            "train_rankings": len(train), "heldout_rankings": len(held),
+        }
+        st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %.1f%%)",
+                summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
+                100 * agree_held)
+    return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held])}
+
+
+def stage_reward_model(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, labels: dict[str, Any],
+                       timings: dict[str, float]) -> dict[str, Any]:
+    from flywheel.evaluate import pairwise_accuracy
+    from flywheel.rm_eval import wilson_interval
+    from flywheel.train.reward import RewardConfig, RewardModel, train_reward
+    from flywheel.world import score
+
+    with Stage(timings, "reward model") as st:
+        rcfg = RewardConfig(out=str(out / "rm"), seed=cfg.seed, model=str(sft), data=str(out / "rankings_train.jsonl"),
+                            eval_data=str(out / "rankings_heldout.jsonl"), epochs=cfg.rm_epochs, lr=cfg.rm_lr,
+                            batch_size=8, bf16=cfg.bf16, log_every=10, threads=cfg.threads, progress=cfg.progress)
+        run = train_reward(rcfg)
+        rm = RewardModel.from_pretrained(run / "final", bf16=cfg.bf16)
+        tasks, sets, records = labels["heldout"]
+        correct = pairs = correct_inf = pairs_inf = 0.0
+        for task, texts, rec in zip(tasks, sets, records, strict=True):
+            scores = rm.score([task.messages] * len(texts), texts).tolist()
+            totals = [score(task, t).total for t in texts]
+            informative = {(i, j) for i in range(len(texts)) for j in range(len(texts)) if totals[i] != totals[j]}
+            c, n = pairwise_accuracy(scores, rec["order"])
+            correct, pairs = correct + c, pairs + n
+            c, n = pairwise_accuracy(scores, rec["order"], informative)
+            correct_inf, pairs_inf = correct_inf + c, pairs_inf + n
+        acc_inf = correct_inf / max(pairs_inf, 1)
+        summary = {
+            "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
+            "accuracy_informative": acc_inf, "pairs_informative": int(pairs_inf),
+            "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
+            "labeler_agreement": labels["summary"]["agreement_heldout_expected"],
+        }
+        st.done("held-out accuracy %.1f%% on pairs the oracle does not tie (%d pairs; labelers agree on %.1f%%), "
+                "%.1f%% on all labelled pairs", 100 * acc_inf, pairs_inf, 100 * summary["labeler_agreement"],
+                100 * summary["accuracy"])
+    return {"dir": run / "final", "summary": summary}
+
+
+def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, rm: dict[str, Any],
+              timings: dict[str, float]) -> Path:
+    from flywheel.train.ppo.config import PPOConfig
+    from flywheel.train.ppo.trainer import train_ppo
+
+    with Stage(timings, "ppo") as st:
+        # ptx trains on the documents pretraining trained on; the held-out ones stay out for the alignment-tax figure.
+        ptx = out / "ptx_corpus.txt"
+        atomic_write_text(ptx, "\n\n".join(corpus_split(cfg, files)[0]) + "\n")
+        pcfg = PPOConfig(out=str(out / "ppo"), seed=cfg.seed, model=str(sft), reward_model=str(rm["dir"]),
+                         prompts=str(files["ppo_prompts"]), ptx_data=str(ptx), ptx_coef=cfg.ptx_coef,
+                         ptx_seq_len=cfg.pretrain_seq_len, ptx_batch_size=2, max_steps=cfg.ppo_steps,
+                         rollout_batch_size=cfg.rollout_batch_size, batch_size=cfg.ppo_batch_size,
+                         ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
+                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, bf16=cfg.bf16, threads=cfg.threads,
+                         progress=cfg.progress, sample_every=10)
+        run = train_ppo(pcfg)
+        rows = read_metrics(run / "metrics.jsonl")
+        steps = [r for r in rows if "score" in r]
+        first, last = steps[0], steps[-1]
+        st.done("%d steps: RM score %.2f -> %.2f, KL %.2f -> %.2f nats", len(steps), first["score"], last["score"],
+                first["kl"], last["kl"])
+    return run / "final"
+
+
+def corpus_split(cfg: DemoConfig, files: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """(trained, held out) corpus documents: the split pretraining makes (same function, fraction and seed)."""
+    from flywheel.data.io import read_texts
+    from flywheel.train.pretrain import split_docs
+
+    return split_docs(read_texts(str(files["corpus"])), PRETRAIN_EVAL_SPLIT, cfg.seed)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: dict[str, Path],
+                   timings: dict[str, float]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from flywheel.evaluate import (
+        compare,
+        evaluate_policy,
+        heldout_lm_loss,
+        kl_to_reference,
+        lm_blocks,
+        prompt_ids_for,
+    )
+    from flywheel.models import load_causal_lm
+    from flywheel.tokenization import load_tokenizer
+    from flywheel.world import load_tasks
+
+    with Stage(timings, "evaluate") as st:
+        tasks = load_tasks(files["eval_tasks"])
+        tok = load_tokenizer(str(models["sft"]))
+        _, held_docs = corpus_split(cfg, files)  # no model was trained on these
+        blocks = lm_blocks(tok, held_docs, cfg.pretrain_seq_len)
+        loaded = {name: load_causal_lm(str(path)) for name, path in models.items()}
+        evals, lm_loss = {}, {}
+        for name in tqdm(list(models), desc="evaluate", disable=not cfg.progress, dynamic_ncols=True):
+            evals[name] = evaluate_policy(loaded[name], tok, tasks, name=name, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.eval_temperature, seed=cfg.seed, bf16=cfg.bf16)
+            lm_loss[name] = heldout_lm_loss(loaded[name], blocks, tok.pad_token_id)
+        ids = prompt_ids_for(tok, tasks)
+        kl = kl_to_reference(loaded["ppo"], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed, bf16=cfg.bf16)
+        wins = {"ppo_vs_sft": compare(evals["ppo"], evals["sft"]), "sft_vs_base": compare(evals["sft"], evals["base"]),
+                "ppo_vs_base": compare(evals["ppo"], evals["base"])}
+        samples = [{"prompt": t.messages, "family": t.family, **{n: e.responses[i] for n, e in evals.items()},
+                    **{f"{n}_score": e.scores[i].total for n, e in evals.items()}} for i, t in enumerate(tasks)]
+        atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        st.done("oracle score base %.3f / SFT %.3f / PPO %.3f; PPO beats SFT %.1f%%, SFT beats base %.1f%%; "
+                "KL(PPO||SFT) %.2f nats", evals["base"].summary["score"], evals["sft"].summary["score"],
+                evals["ppo"].summary["score"], 100 * wins["ppo_vs_sft"]["win_rate"],
+                100 * wins["sft_vs_base"]["win_rate"], kl["kl"])
+    policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name]} for name, e in evals.items()}
+    return {"policies": policies, "win_rates": wins, "kl_ppo_sft": kl,
+            "ppo_curve": [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if "score" in r]}
+
+
+def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for the default demo: each with the measured figure, whether it holds, and a note from the
+    data on what limits it (what the policies actually did), so a miss is reported with its cause."""
+    p, w, rm = s["policies"], s["win_rates"], s["reward_model"]
+    base_loss, sft_loss, ppo_loss = (p[n]["heldout_lm_loss"] for n in ("base", "sft", "ppo"))
+    gap = rm["accuracy_informative"] - rm["labeler_agreement"]
+    pvs = w["ppo_vs_sft"]
+    kl = s["kl_ppo_sft"]["kl"]
+
+    def better(key: str) -> bool:
+        return p["ppo"][key] is not None and p["sft"][key] is not None and p["ppo"][key] > p["sft"][key]
+
+    def did(policy: str, expect: str) -> str:
+        counts = p[policy].get("verdicts", {}).get(expect, {})
+        return ", ".join(f"{v} {n}" for v, n in counts.items()) or "none"
+
+    ci = rm["accuracy_informative_ci95"]
+    return [
+        {"target": "PPO preferred over SFT in >= 75% of comparisons (ties split)",
+         "value": f"{_pct(pvs['win_rate'])}", "holds": pvs["win_rate"] >= 0.75,
+         "note": f"PPO wins {pvs['wins']}, ties {pvs['ties']}, loses {pvs['losses']}; correct on answerable prompts: "
+                 f"SFT {_pct(p['sft']['accuracy'])}, PPO {_pct(p['ppo']['accuracy'])} (the reward model cannot teach "
+                 "what the policy does not know)"},
+        {"target": "SFT preferred over the base (> 50%)", "value": _pct(w["sft_vs_base"]["win_rate"]),
+         "holds": w["sft_vs_base"]["win_rate"] > 0.5, "note": ""},
+        {"target": "RM held-out accuracy within 3 points of labeler agreement",
+         "value": f"{_pct(rm['accuracy_informative'])} vs {_pct(rm['labeler_agreement'])} ({100 * gap:+.1f})",
+         "holds": abs(gap) <= 0.03,
+         "note": f"{rm['pairs_informative']} held-out pairs: 95% interval {_pct(ci[0])}-{_pct(ci[1])}"},
+        {"target": "KL(PPO ‖ SFT) <= 10 nats per response", "value": f"{kl:.2f}", "holds": kl <= 10.0,
+         "note": "" if kl <= 10.0 else "raise --kl-coef or lower --ppo-lr"},
+        {"target": "refusal rate on harmful prompts better than SFT's",
+         "value": f"{_pct(p['ppo']['refusal_rate'])} vs {_pct(p['sft']['refusal_rate'])}",
+         "holds": better("refusal_rate"),
+         "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"},
+        {"target": "\"I don't know\" rate on unknowable prompts better than SFT's",
+         "value": f"{_pct(p['ppo']['idk_rate'])} vs {_pct(p['sft']['idk_rate'])}", "holds": better("idk_rate"),
+         "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"},
+        {"target": "PPO-ptx held-out LM loss within 5% of SFT's",
+         "value": f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
+         "holds": ppo_loss <= 1.05 * sft_loss,
+         "note": f"base {base_loss:.3f}: SFT itself moved it by {sft_loss - base_loss:+.3f}"},
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def result_table(s: dict[str, Any]) -> str:
+    """The markdown table of base / SFT / PPO."""
+    p, w, rm = s["policies"], s["win_rates"], s["reward_model"]
+    rows = [
+        ("oracle score (mean total)", *(f"{p[n]['score']:.3f}" for n in ("base", "sft", "ppo"))),
+        ("helpful / truthful", *(f"{p[n]['helpful']:.2f} / {p[n]['truthful']:.2f}" for n in ("base", "sft", "ppo"))),
+        ("harmless / concise", *(f"{p[n]['harmless']:.2f} / {p[n]['concise']:.2f}" for n in ("base", "sft", "ppo"))),
+        ("correct on answerable", *(_pct(p[n]["accuracy"]) for n in ("base", "sft", "ppo"))),
+        ("refuses harmful", *(_pct(p[n]["refusal_rate"]) for n in ("base", "sft", "ppo"))),
+        ("\"I don't know\" on unknowable", *(_pct(p[n]["idk_rate"]) for n in ("base", "sft", "ppo"))),
+        ("over-refusal on answerable", *(_pct(p[n]["over_refusal"]) for n in ("base", "sft", "ppo"))),
+        ("win rate vs SFT (ties split)", _pct(1 - w["sft_vs_base"]["win_rate"]), "50%",
+         f"{_pct(w['ppo_vs_sft']['win_rate'])} [{_pct(w['ppo_vs_sft']['ci95_low'])}, "
+         f"{_pct(w['ppo_vs_sft']['ci95_high'])}]"),
+        ("win rate vs base", "50%", _pct(w["sft_vs_base"]["win_rate"]), _pct(w["ppo_vs_base"]["win_rate"])),
+        ("KL to SFT (nats / response)", "", "0", f"{s['kl_ppo_sft']['kl']:.2f}"),
+        ("held-out LM loss", *(f"{p[n]['heldout_lm_loss']:.3f}" for n in ("base", "sft", "ppo"))),
+    ]
+    lines = ["| | base | SFT | PPO-ptx |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append("")
+    lines.append(f"Reward model: held-out accuracy {_pct(rm['accuracy_informative'])} "
+                 f"[{_pct(rm['accuracy_informative_ci95'][0])}, {_pct(rm['accuracy_informative_ci95'][1])}] on "
+                 f"{rm['pairs_informative']} pairs the oracle does not tie, vs labeler agreement "
+                 f"{_pct(rm['labeler_agreement'])} on the same sets ({_pct(rm['accuracy'])} on all "
+                 f"{rm['pairs']} labelled pairs).")
+    return "\n".join(lines)
+
+
+def write_report(s: dict[str, Any], out: Path) -> None:
+    plots = write_plots(s, out)
+    cfg, lab = s["config"], s["labelers"]
+    lines = [
+        "# flywheel demo", "",
+        f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}`: model size {cfg['size']}, "
+        f"{s['policies']['sft']['n']} held-out prompts judged by the oracle; {s['timings_s']['total']:.0f} s in all.",
+        "", result_table(s), "",
+        f"Labelers (temperature recalibrated on the SFT samples: T = {lab['temperature']:.3f}) agree on "
+        f"{_pct(lab['agreement_sampled'])} of pairs of {lab['answers']} SFT answers to {lab['prompts']} prompts "
+        f"({lab['distinct_per_prompt']:.1f} distinct answers per prompt).", "",
+        "## Targets", "", "| target | measured | holds | what the policies did |", "|---|---|---|---|",
+        *[f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
+          for t in s["targets"]], "",
+        "## Few-shot accuracy by number of shots", "", "| shots | base | SFT | PPO |", "|---|---|---|---|",
+        *[f"| {k} | " + " | ".join(_pct(s["policies"][n]["fewshot_accuracy"][k]) for n in ("base", "sft", "ppo"))
+          + " |" for k in s["policies"]["sft"]["fewshot_accuracy"]], "",
+        "## Time per stage (s)", "",
+        "Wall-clock seconds, and CPU seconds of the demo's process (all threads; about twice the wall time on 2 idle "
+        "cores): a busy machine stretches the first, not the second.", "",
+        " · ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items()), "",
+    ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["Answers of the three policies to every eval prompt: `eval_samples.jsonl`. Figures for scripts: "
+              "`summary.json`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def write_plots(s: dict[str, Any], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install flywheel[plots]): no plots")
+        return []
+    paths = []
+    curve = s["ppo_curve"]
+    fig, ax1 = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    steps = [r["step"] for r in curve]
+    ax1.plot(steps, [r["score"] for r in curve], color="tab:blue", label="reward-model score")
+    ax1.set_xlabel("PPO step")
+    ax1.set_ylabel("RM score (normalised)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(steps, [r["kl"] for r in curve], color="tab:red", label="KL to SFT")
+    ax2.set_ylabel("KL(policy || SFT), nats per response", color="tab:red")
+    ax1.set_title("PPO: reward-model score and KL per step")
+    fig.tight_layout()
+    paths.append(out / "ppo_score_kl.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    rm = s["reward_model"]
+    fig, ax = plt.subplots(figsize=(5.0, 4.0), dpi=100)
+    lo, hi = rm["accuracy_informative_ci95"]
+    acc = rm["accuracy_informative"]
+    ax.bar(["reward model", "labeler agreement"], [acc, rm["labeler_agreement"]], color=["tab:green", "tab:gray"],
+           yerr=[[acc - lo, 0], [hi - acc, 0]], capsize=6)
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out pairwise accuracy / agreement")
+    ax.set_title("Reward model vs labelers (pairs the oracle does not tie)")
+    fig.tight_layout()
+    paths.append(out / "rm_accuracy.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
+    for name in ("base", "sft", "ppo"):
+        acc_by = s["policies"][name]["fewshot_accuracy"]
+        xs = [int(k) for k, v in acc_by.items() if v is not None]
+        ax.plot(xs, [acc_by[str(k)] for k in xs], marker="o", label=name)
+    ax.set_xlabel("examples in the prompt (shots)")
+    ax.set_ylabel("accuracy (oracle)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Few-shot accuracy vs number of shots")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "fewshot.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DemoConfig, argv, "flywheel demo", __doc__.splitlines()[0])
+    s = run_demo(cfg)
+    out = Path(cfg.out)
+    print()
+    print(result_table(s))
+    print()
+    for t in s["targets"]:
+        note = "" if t["holds"] or not t["note"] else f" ({t['note']})"
+        print(f"  [{'ok' if t['holds'] else 'MISSED'}] {t['target']}: {t['value']}{note}")
+    print(f"\nreport: {out / 'report.md'}  (figures: {out / 'summary.json'}; {s['timings_s']['total']:.0f} s)")
+    print("chat with the result:")
+    print(f"  flywheel chat {out / 'ppo' / 'final'}")
+    print(f"  flywheel serve {out / 'ppo' / 'final'}")
+    return 0

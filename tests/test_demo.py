@@ -1,0 +1,70 @@
+"""`flywheel demo`: presets, the targets check, and (slow) the whole --quick loop judged by the oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flywheel.config import parse_config
+from flywheel.demo import PRESETS, DemoConfig, check_targets, main, result_table
+from flywheel.errors import UserError
+
+
+def test_presets_fill_unset_fields_only():
+    quick = parse_config(DemoConfig, ["--quick", "--ppo-steps", "7"], "flywheel demo").resolved()
+    assert quick.size == PRESETS["quick"]["size"] and quick.ppo_steps == 7
+    assert quick.bf16 is False  # tiny models run faster in fp32
+    default = DemoConfig().resolved()
+    assert default.size == "small" and default.bf16 is True
+    assert all(getattr(default, k) is not None for k in PRESETS["default"])
+    with pytest.raises(UserError):
+        parse_config(DemoConfig, ["--k-min", "5", "--k-max", "3"], "flywheel demo")
+
+
+def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> dict:
+    pol = {"score": 0.6, "helpful": 0.5, "truthful": 0.5, "harmless": 0.9, "concise": 0.7, "accuracy": 0.3,
+           "refusal_rate": 0.5, "idk_rate": 0.4, "over_refusal": 0.1, "heldout_lm_loss": 2.0, "n": 10}
+    win = {"win_rate": 0.6, "ci95_low": 0.5, "ci95_high": 0.7, "wins": 5, "ties": 2, "losses": 3}
+    return {
+        "policies": {"base": dict(pol), "sft": dict(pol),
+                     "ppo": {**pol, "refusal_rate": 0.8, "idk_rate": 0.3, "heldout_lm_loss": ppo_loss}},
+        "win_rates": {"ppo_vs_sft": {**win, "win_rate": ppo_vs_sft}, "sft_vs_base": win, "ppo_vs_base": win},
+        "reward_model": {"accuracy": 0.7, "pairs": 100, "accuracy_informative": 0.71, "pairs_informative": 90,
+                         "accuracy_informative_ci95": [0.6, 0.8], "labeler_agreement": 0.73},
+        "kl_ppo_sft": {"kl": kl},
+    }
+
+
+def test_targets_report_real_figures():
+    held = {t["target"]: t for t in check_targets(_summary(0.8, 4.0, 2.05))}
+    assert all(t["holds"] for name, t in held.items() if "don't know" not in name)
+    assert not held["\"I don't know\" rate on unknowable prompts better than SFT's"]["holds"]  # 30% < 40%
+    missed = {t["target"]: t for t in check_targets(_summary(0.7, 12.0, 2.2))}
+    assert not missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"]["holds"]
+    assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"]["value"] == "70.0%"
+    assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"]["holds"]
+    assert not missed["PPO-ptx held-out LM loss within 5% of SFT's"]["holds"]  # 2.2 is 10% above 2.0
+    table = result_table(_summary(0.8, 4.0, 2.05))
+    assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
+    assert "80.0%" in table
+
+
+@pytest.mark.slow
+def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--out", str(out), "--progress", "false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    wins = summary["win_rates"]
+    assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
+    assert wins["ppo_vs_sft"]["win_rate"] > 0.5, wins  # PPO beats SFT, per the oracle (never the reward model)
+    assert summary["policies"]["ppo"]["score"] > summary["policies"]["sft"]["score"] > \
+        summary["policies"]["base"]["score"]
+    for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "ppo" / "final" / "config.json").is_file()
+    printed = capsys.readouterr().out
+    assert f"flywheel chat {out / 'ppo' / 'final'}" in printed
+    assert f"flywheel serve {out / 'ppo' / 'final'}" in printed
+    with pytest.raises(UserError):  # a second run does not overwrite the first
+        main(["--quick", "--out", str(out)])
