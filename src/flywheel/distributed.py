@@ -16,6 +16,7 @@ wrapper's forward, where DDP prepares its gradient reduction and FSDP gathers th
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -46,7 +47,15 @@ def init() -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+    # Tear the group down at exit: a process that exits with gloo's threads still running aborts (SIGABRT,
+    # "terminate called without an active exception"), failing the whole torchrun job after its work is done.
+    atexit.register(_shutdown)
     log.debug("rank %d of %d joined (%s)", rank(), world(), dist.get_backend())
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
