@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from flywheel.errors import UserError
 
@@ -31,6 +34,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("flywheel.feedback.export", "feedback database -> demos, rankings, prompts for sft/rm/dpo/ppo"),
     "round": ("flywheel.round", "the next round from an export: SFT -> RM -> PPO, then switch the live server"),
 }
+
+
+def run_trainer(stage: str, config_cls: type, train: Callable[[Any], Path], argv: list[str] | None, doc: str,
+                what: str) -> int:
+    """The `main` of every trainer: config from flags/YAML, re-launch under torchrun for --nproc > 1, train, and
+    print where the final model is (rank 0 only)."""
+    from flywheel import distributed
+    from flywheel.config import parse_config
+
+    cfg = parse_config(config_cls, argv, f"flywheel {stage}", doc.splitlines()[0])
+    code = distributed.maybe_launch(stage, cfg.nproc, argv)
+    if code is not None:
+        return code
+    out = train(cfg)
+    if distributed.is_main():
+        print(f"{what}: {out / 'final'}")
+    return 0
 
 
 def usage() -> str:

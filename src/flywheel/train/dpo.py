@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from flywheel import distributed
-from flywheel.config import parse_config
 from flywheel.data.batching import _has_plain_head
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
@@ -243,11 +242,6 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(DPOConfig, argv, "flywheel dpo", __doc__.splitlines()[0])
-    code = distributed.maybe_launch("dpo", cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train_dpo(cfg)
-    if distributed.is_main():
-        print(f"policy: {out / 'final'}")
-    return 0
+    from flywheel.cli import run_trainer
+
+    return run_trainer("dpo", DPOConfig, train_dpo, argv, __doc__, "policy")

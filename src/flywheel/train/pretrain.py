@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel import distributed
-from flywheel.config import parse_config
 from flywheel.data.batching import collate_lm, eval_lm_loss, lm_loss, pack
 from flywheel.errors import UserError
 from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
@@ -97,11 +95,6 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(PretrainConfig, argv, "flywheel pretrain", __doc__.splitlines()[0])
-    code = distributed.maybe_launch("pretrain", cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train_pretrain(cfg)
-    if distributed.is_main():
-        print(f"pretrained model: {out / 'final'}")
-    return 0
+    from flywheel.cli import run_trainer
+
+    return run_trainer("pretrain", PretrainConfig, train_pretrain, argv, __doc__, "pretrained model")

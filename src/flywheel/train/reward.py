@@ -38,8 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flywheel import distributed
-from flywheel.config import parse_config
 from flywheel.data.formats import Ranking
 from flywheel.errors import UserError
 from flywheel.models import (
@@ -568,11 +566,6 @@ def train_reward(cfg: RewardConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(RewardConfig, argv, "flywheel rm", __doc__.splitlines()[0])
-    code = distributed.maybe_launch("rm", cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train_reward(cfg)
-    if distributed.is_main():
-        print(f"reward model: {out / 'final'}")
-    return 0
+    from flywheel.cli import run_trainer
+
+    return run_trainer("rm", RewardConfig, train_reward, argv, __doc__, "reward model")

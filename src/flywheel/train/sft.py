@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel import distributed
-from flywheel.config import parse_config
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack_masked
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
@@ -101,11 +99,6 @@ def train_sft(cfg: SFTConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(SFTConfig, argv, "flywheel sft", __doc__.splitlines()[0])
-    code = distributed.maybe_launch("sft", cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train_sft(cfg)
-    if distributed.is_main():
-        print(f"fine-tuned model: {out / 'final'}")
-    return 0
+    from flywheel.cli import run_trainer
+
+    return run_trainer("sft", SFTConfig, train_sft, argv, __doc__, "fine-tuned model")

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from flywheel import distributed
-from flywheel.config import parse_config
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
 from flywheel.engine import Engine
 from flywheel.errors import UserError
@@ -329,14 +328,9 @@ def _log_samples(path: Path, step: int, trainer: PPOTrainer, exp: Experience, re
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(PPOConfig, argv, "flywheel ppo", __doc__.splitlines()[0])
-    code = distributed.maybe_launch("ppo", cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train_ppo(cfg)
-    if distributed.is_main():
-        print(f"PPO policy: {out / 'final'}")
-    return 0
+    from flywheel.cli import run_trainer
+
+    return run_trainer("ppo", PPOConfig, train_ppo, argv, __doc__, "PPO policy")
 
 
 class AdapterOffReference(Reference):
