@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.data.batching import collate_lm, eval_lm_loss, lm_loss, pack
+from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
 from flywheel.errors import UserError
 from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
 from flywheel.tokenization import load_tokenizer, train_tokenizer
@@ -86,10 +86,16 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
         raise UserError(f"the corpus is shorter than one block of {cfg.seq_len} tokens", path=cfg.data)
     log.info("pretrain: %d params, %d blocks x %d tokens (%d held out)", count_parameters(model), len(blocks),
              cfg.seq_len, len(eval_blocks))
+    return train_causal_lm(model, tokenizer, cfg, run_dir, blocks, eval_blocks, stage="pretrain")
+
+
+def train_causal_lm(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path, samples: list[LMSample],
+                    eval_samples: list[LMSample], *, stage: str) -> Path:
+    """Next-token training on (ids, loss mask) samples with a held-out loss, then `final/` (pretrain and SFT)."""
     pad = tokenizer.pad_token_id
-    evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_blocks, pad)}) if eval_blocks else None
-    result = train_loop(model, cfg, run_dir, blocks, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="pretrain")
-    save_final(model, tokenizer, run_dir / "final", extra={"stage": "pretrain", "steps": result.steps,
+    evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
+    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc=stage)
+    save_final(model, tokenizer, run_dir / "final", extra={"stage": stage, "steps": result.steps,
                                                            **result.eval_metrics}, wrapped=result.wrapped)
     return run_dir
 

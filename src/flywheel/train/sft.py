@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack_masked
+from flywheel.data.batching import LMSample, pack_masked
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer, render_conversation
-from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
+from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir
+from flywheel.train.pretrain import train_causal_lm
 from flywheel.utils import log
 
 
@@ -90,12 +91,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         samples = pack_masked(samples, cfg.max_length)
     log.info("sft: %d params, %d training rows, %d held-out conversations", count_parameters(model), len(samples),
              len(eval_samples))
-    pad = tokenizer.pad_token_id
-    evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
-    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc="sft")
-    save_final(model, tokenizer, run_dir / "final", extra={"stage": "sft", "steps": result.steps,
-                                                           **result.eval_metrics}, wrapped=result.wrapped)
-    return run_dir
+    return train_causal_lm(model, tokenizer, cfg, run_dir, samples, eval_samples, stage="sft")
 
 
 def main(argv: list[str] | None = None) -> int:
