@@ -50,6 +50,29 @@ def test_answer_logps_equal_a_plain_forward_per_sequence(tokenizer, tiny_model):
             torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-6)
 
 
+def test_eval_dpo_moves_batches_to_the_model_or_the_given_device(tokenizer, tiny_model, monkeypatch):
+    """Held-out DPO batches are built on the CPU and must reach the model's device; `meta` plays the second device
+    and the stubbed loss records where each batch arrived."""
+    rankings = [Ranking([Message("user", r["prompt"])], r["completions"], r["order"])
+                for r in preference_rows(5, seed=4)]
+    samples = [dpo.DPOGroup(g, [0.0] * g.k) for g in encode_rankings(tokenizer, rankings, max_length=256)]
+    cfg = dpo.DPOConfig(eval_batch_size=4)
+    real = dpo.eval_dpo(tiny_model, samples, tokenizer.pad_token_id, cfg)
+    assert math.isfinite(real["eval_loss"])
+    seen: list[set[str]] = []
+
+    def loss_where(model, batch, beta):
+        seen.append({str(v.device) for v in batch.values() if isinstance(v, torch.Tensor)})
+        return torch.tensor(0.0), {}
+
+    monkeypatch.setattr(dpo, "dpo_batch_loss", loss_where)
+    dpo.eval_dpo(tiny_model, samples, tokenizer.pad_token_id, cfg, device="meta")
+    assert seen and all(s == {"meta"} for s in seen)
+    n = len(seen)
+    dpo.eval_dpo(tiny_model.to("meta"), samples, tokenizer.pad_token_id, cfg)  # default: where the weights are
+    assert len(seen) == 2 * n and all(s == {"meta"} for s in seen)
+
+
 @pytest.fixture
 def prefs(tmp_path):
     return write_jsonl(tmp_path / "prefs.jsonl", preference_rows(48, seed=5, k_max=3))

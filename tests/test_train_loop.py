@@ -89,6 +89,28 @@ def test_collate_counts_only_masked_targets():
     assert batch["weight"] == 3 and batch["tokens"] == 5
 
 
+def test_eval_lm_loss_moves_batches_to_the_model_or_the_given_device(tokenizer, tiny_model, monkeypatch):
+    """The held-out loss builds batches on the CPU: they must reach the model's device (a GPU in real runs). `meta`
+    plays the second device here; the stubbed loss records where each batch arrived."""
+    from flywheel.data import batching
+
+    samples, pad = _samples(tokenizer, n=5), tokenizer.pad_token_id
+    real = batching.eval_lm_loss(tiny_model, samples, pad, batch_size=2)
+    seen: list[set[str]] = []
+
+    def loss_where(model, batch):
+        seen.append({str(v.device) for v in batch.values() if isinstance(v, torch.Tensor)})
+        return torch.tensor(float(batch["weight"])), {}
+
+    monkeypatch.setattr(batching, "lm_loss", loss_where)
+    assert batching.eval_lm_loss(tiny_model, samples, pad, batch_size=2, device="meta") == 1.0
+    assert seen == [{"meta"}] * 3
+    seen.clear()
+    batching.eval_lm_loss(tiny_model.to("meta"), samples, pad, batch_size=2)  # default: where the weights are
+    assert seen == [{"meta"}] * 3
+    assert real > 0 and real == real  # the unstubbed loss on the CPU is a number
+
+
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -64,6 +64,11 @@ def collate_lm(samples: list[LMSample], pad_id: int) -> dict[str, Any]:
     }
 
 
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch with every tensor on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _has_plain_head(model: torch.nn.Module) -> bool:
     """True when logits = lm_head(last hidden state), so we may project only the positions we need."""
     cfg = getattr(model, "config", None)
@@ -92,14 +97,17 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def eval_lm_loss(model: torch.nn.Module, samples: list[LMSample], pad_id: int, batch_size: int = 16) -> float:
-    """Mean per-token loss over `samples` (what the alignment-tax comparison reports)."""
+def eval_lm_loss(model: torch.nn.Module, samples: list[LMSample], pad_id: int, batch_size: int = 16, *,
+                 device: torch.device | str | None = None) -> float:
+    """Mean per-token loss over `samples` (held-out loss, the alignment-tax comparison). Batches are built on the CPU
+    and moved to `device` (default: where the model's weights are)."""
+    device = next(model.parameters()).device if device is None else device
     total, count = 0.0, 0
     for i in range(0, len(samples), batch_size):
         batch = collate_lm(samples[i : i + batch_size], pad_id)
         if batch["weight"] == 0:
             continue
-        loss, _ = lm_loss(model, batch)
+        loss, _ = lm_loss(model, to_device(batch, device))
         total += float(loss)
         count += batch["weight"]
     return total / max(count, 1)

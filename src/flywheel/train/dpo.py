@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel import distributed
-from flywheel.data.batching import _has_plain_head
+from flywheel.data.batching import _has_plain_head, to_device
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer
@@ -42,7 +42,6 @@ from flywheel.train.reward import (
     encode_rankings,
     make_batches,
     split_rankings,
-    to_device,
 )
 from flywheel.utils import log
 
@@ -178,6 +177,7 @@ def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
     if ref is not policy:
         resize_for_tokenizer(ref, tokenizer)
         disable_dropout(ref)
+    ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
     logps = {name: compute_logps(ref, groups, tokenizer.pad_token_id, share_prompt=cfg.share_prompt,
@@ -190,13 +190,16 @@ def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
 
 
 @torch.no_grad()
-def eval_dpo(model: Any, samples: Sequence[DPOGroup], pad_id: int, cfg: DPOConfig) -> dict[str, float]:
-    """Held-out DPO loss and implicit-reward metrics, means over pairs."""
+def eval_dpo(model: Any, samples: Sequence[DPOGroup], pad_id: int, cfg: DPOConfig, *,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Held-out DPO loss and implicit-reward metrics, means over pairs. Batches go to `device` (default: where the
+    model's weights are)."""
+    device = next(model.parameters()).device if device is None else device
     mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
     totals: dict[str, float] = {}
     loss = pairs = 0.0
     for chunk in make_batches(samples, cfg.eval_batch_size):
-        batch = collate_dpo(chunk, pad_id, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype)
+        batch = to_device(collate_dpo(chunk, pad_id, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype), device)
         batch_loss, metrics = dpo_batch_loss(model, batch, cfg.beta)
         loss += float(batch_loss)
         pairs += batch["weight"]

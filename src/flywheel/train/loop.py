@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from flywheel import distributed
 from flywheel.config import save_config
+from flywheel.data.batching import to_device
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
 from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads
@@ -360,7 +361,7 @@ def train_loop(
         chunks = [idx[j : j + cfg.batch_size] for j in range(0, per_rank, cfg.batch_size)]
         micro = [collate([samples[i] for i in chunk]) for chunk in chunks]
         if dev.type != "cpu":
-            micro = [_to_device(b, dev) for b in micro]
+            micro = [to_device(b, dev) for b in micro]
         weight = float(sum(b["weight"] for b in micro))
         if n_proc > 1:  # normalise by the weight of the whole global step
             weight = distributed.all_reduce_sum([weight])[0]
@@ -427,10 +428,6 @@ def default_threads() -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"])
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def _to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _grad_norm(norm: torch.Tensor) -> float:

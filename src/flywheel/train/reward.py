@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flywheel.data.batching import to_device
 from flywheel.data.formats import Ranking
 from flywheel.errors import UserError
 from flywheel.models import (
@@ -271,10 +272,6 @@ def attention_mask_dtype(model: Any, share_prompt: bool) -> torch.dtype:
         return next(model.parameters()).dtype
     raise UserError(f"--share-prompt needs sdpa or eager attention, the model uses '{impl}': pass --share-prompt "
                     "false")
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def backbone_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
