@@ -139,3 +139,90 @@ def test_ignore_eos_fixed_length_and_bf16_reference_agrees(tmp_path, model_dir, 
     assert all(len(r) == 6 for r in responses) and stats["response_length"] == 6 and stats["eos_rate"] == 0
     # Policy and reference share weights and kernels before the first update: the KL is exactly zero.
     assert stats["kl"] == 0.0
+
+
+@pytest.fixture
+def rm_dir(tmp_path, model_dir):
+    return save_pretrained(load_sequence_classifier(str(model_dir)), None, tmp_path / "rm")
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def test_offload_frozen_changes_nothing_but_where_the_frozen_models_wait(tmp_path, model_dir, prompts_file, rm_dir):
+    """--offload-frozen moves the reference and the reward model to the device for their forwards only: the same
+    kernels run, so metrics and weights are identical (on the CPU the device is the CPU; the GPU test checks more)."""
+    from safetensors.torch import load_file
+
+    for name, offload in (("kept", False), ("offloaded", True)):
+        train_ppo(_cfg(tmp_path, model_dir, prompts_file, name, max_steps=2, reward_model=str(rm_dir),
+                       offload_frozen=offload))
+    assert _metrics(tmp_path / "kept") == _metrics(tmp_path / "offloaded")
+    for sub in ("final", "final_value"):
+        a = load_file(str(tmp_path / "kept" / sub / "model.safetensors"))
+        b = load_file(str(tmp_path / "offloaded" / sub / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def _record_moves(role, monkeypatch) -> list:
+    """Events of a role's module: ("to", device) for each move, "forward" for each pass of its backbone."""
+    events: list = []
+    move = role.module.to
+
+    def to(device, *args, **kwargs):
+        events.append(("to", torch.device(device)))
+        return move(device, *args, **kwargs)
+
+    monkeypatch.setattr(role.module, "to", to)
+    role.module.base_model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    return events
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_frozen_roles_run_on_the_inputs_device_and_offloaded_ones_wait_on_the_cpu(tmp_path, model_dir, prompts_file,
+                                                                                   rm_dir, offload, monkeypatch):
+    from flywheel import distributed
+
+    cfg = _cfg(tmp_path, model_dir, prompts_file, reward_model=str(rm_dir), offload_frozen=offload)
+    trainer = PPOTrainer(cfg)
+    device = distributed.device()
+    assert not trainer.actor.offload and not trainer.critic.offload
+    assert trainer.actor.device == trainer.critic.device == device
+    assert trainer.ref.offload == trainer.reward.offload == offload
+    home = torch.device("cpu") if offload else device
+    assert trainer.ref.device == trainer.reward.device == home
+    moves = {name: _record_moves(role, monkeypatch) for name, role in (("ref", trainer.ref), ("rm", trainer.reward))}
+    exp, _ = make_experience(cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
+                             trainer.prompts[:8], trainer.pad_id, cfg.kl_coef, seed=0)
+    # An offloaded module goes to the experience's device for its one forward and back to the CPU after it.
+    expected = [("to", exp.sequences.device), "forward", ("to", torch.device("cpu"))] if offload else ["forward"]
+    assert moves == {"ref": expected, "rm": expected}
+    assert trainer.ref.device == trainer.reward.device == home
+    assert {t.device for t in (exp.sequences, exp.ref_logprobs, exp.scores, exp.advantages)} == {device}
+
+
+def test_a_trained_role_cannot_be_offloaded(tiny_model):
+    from flywheel.train.ppo.roles import Critic, Role
+
+    with pytest.raises(ValueError, match="frozen"):
+        Role(tiny_model, trainable=True, offload=True)
+    assert not Critic(tiny_model).offload
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ppo_on_a_gpu_places_every_role_and_offloads_the_frozen_ones(tmp_path, model_dir, prompts_file, rm_dir):
+    cfg = _cfg(tmp_path, model_dir, prompts_file, reward_model=str(rm_dir), offload_frozen=True, bf16=True)
+    trainer = PPOTrainer(cfg)
+    assert trainer.actor.device.type == trainer.critic.device.type == "cuda"
+    assert trainer.ref.device.type == trainer.reward.device.type == "cpu"
+    stats, exp, _ = trainer.step(0)
+    assert exp.sequences.device.type == exp.ref_logprobs.device.type == exp.scores.device.type == "cuda"
+    assert trainer.ref.device.type == trainer.reward.device.type == "cpu"  # back on the CPU after scoring
+    assert stats["kl"] == 0.0  # the reference ran on the GPU with the policy's kernels
+    kept = PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, "kept", reward_model=str(rm_dir), bf16=True))
+    assert kept.ref.device.type == "cuda"
+    assert {k: v for k, v in kept.step(0)[0].items() if not k.startswith("time_")} == {
+        k: v for k, v in stats.items() if not k.startswith("time_")}

@@ -174,13 +174,14 @@ def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path,
     return out_dir
 
 
-def fast_cpu_attention(model: Any, bf16: bool) -> None:
+def fast_cpu_attention(model: Any, bf16: bool, device: torch.device | str | None = None) -> None:
     """On CPU with bf16, eager attention trains ~1.6x faster than SDPA, whose CPU flash-attention backward is slow at
-    these sizes (bench/sft_vs_trl.py: 0.38 vs 0.62 s/step for the 5M model, batch 16 x 128). The choice is runtime
-    only; it is not saved with the model."""
+    these sizes (bench/sft_vs_trl.py: 0.38 vs 0.62 s/step for the 5M model, batch 16 x 128). `device` is where the
+    model will run (default: where its weights are now; models are loaded on the CPU and moved later). The choice is
+    runtime only; it is not saved with the model."""
     if not bf16 or not hasattr(model, "set_attn_implementation"):
         return
-    if next(model.parameters()).device.type == "cpu":
+    if torch.device(device or next(model.parameters()).device).type == "cpu":
         model.set_attn_implementation("eager")
 
 

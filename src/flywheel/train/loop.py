@@ -276,7 +276,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention."""
     from flywheel.models import fast_cpu_attention
 
-    fast_cpu_attention(model, cfg.bf16)
+    fast_cpu_attention(model, cfg.bf16, distributed.device())  # where it will train (it is still on the CPU here)
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 

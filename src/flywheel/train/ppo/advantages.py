@@ -52,7 +52,7 @@ def kl_penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     rewards = -kl_coef * kl * m
     last = (m.sum(1).long() - 1).clamp_min(0)  # (B,) index of the last real token
     has_tokens = m.sum(1) > 0
-    rewards[torch.arange(len(scores)), last] += torch.where(has_tokens, scores.to(kl.dtype), 0.0)
+    rewards[torch.arange(len(scores), device=kl.device), last] += torch.where(has_tokens, scores.to(kl.dtype), 0.0)
     return rewards
 
 

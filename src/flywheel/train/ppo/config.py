@@ -48,6 +48,11 @@ class PPOConfig(TrainConfig):
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * min_lr_ratio (1 = constant)"})
     log_every: int = field(default=1, metadata={"help": "steps between metric lines"})
     sample_every: int = field(default=10, metadata={"help": "steps between logging sample responses (samples.jsonl)"})
+    offload_frozen: bool = field(default=False, metadata={
+        "help": "keep the frozen reference and reward models on the CPU and move each to the GPU only for its "
+                "forward during scoring (saves their weights' GPU memory during generation and training; costs a "
+                "host-to-device copy of each per step; results unchanged). No effect on the CPU; with --lora-r the "
+                "reference is the policy itself and stays"})
     kl_warn: float = field(default=30.0, metadata={"help": "warn when KL per response exceeds this many nats"})
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""The rollout batch that PPO optimises on. B rollouts; P = padded prompt length; R = padded response length."""
+"""The rollout batch that PPO optimises on. B rollouts; P = padded prompt length; R = padded response length.
+Every tensor lives on the policy's device."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class Experience:
     prompt_len: int  # P
 
     def select(self, idx: torch.Tensor) -> Experience:
-        """The rows `idx` of every per-rollout tensor (a minibatch)."""
+        """The rows `idx` (on any device) of every per-rollout tensor (a minibatch)."""
+        idx = idx.to(self.sequences.device)
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         return Experience(**{k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
 

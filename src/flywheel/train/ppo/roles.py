@@ -7,11 +7,16 @@
 
 Every role sees the same `Experience`-shaped inputs: sequences, attention mask, position ids and the prompt length P.
 Logits are divided by the sampling temperature whenever log-probs are computed, and dropout is off everywhere.
+
+Devices: every forward runs on its inputs' device (the policy's) and returns its outputs there. A frozen role built
+with `offload=True` (PPO's --offload-frozen) keeps its module on the CPU and moves it to the inputs' device for the
+forward only, so its weights occupy the GPU while it scores and never while the engine samples or the actor trains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,12 +34,36 @@ def disable_dropout(module: torch.nn.Module) -> None:
 
 
 class Role:
-    def __init__(self, module: torch.nn.Module, *, trainable: bool):
+    offload: bool = False  # the module lives on the CPU and visits the inputs' device for each forward
+
+    def __init__(self, module: torch.nn.Module, *, trainable: bool, offload: bool = False):
+        if offload and trainable:
+            raise ValueError("only a frozen role can be offloaded (a trained one keeps its optimizer on the device)")
         self.module = module
+        self.offload = offload
         disable_dropout(module)
         module.train(trainable)
         if not trainable:
             module.requires_grad_(False)
+        if offload:
+            module.to("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights are now (an offloaded module: the CPU, except during its forward)."""
+        return next(self.module.parameters()).device
+
+    @contextmanager
+    def placed(self, device: torch.device) -> Iterator[None]:
+        """The module on `device` inside the block; an offloaded one goes back to the CPU after it."""
+        if not self.offload:
+            yield
+            return
+        self.module.to(device)
+        try:
+            yield
+        finally:
+            self.module.to("cpu")
 
     def _hidden(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.module.base_model(input_ids=seq, attention_mask=attn, position_ids=pos)
@@ -42,8 +71,8 @@ class Role:
 
 
 class _PolicyRole(Role):
-    def __init__(self, module: torch.nn.Module, temperature: float, *, trainable: bool):
-        super().__init__(module, trainable=trainable)
+    def __init__(self, module: torch.nn.Module, temperature: float, *, trainable: bool, offload: bool = False):
+        super().__init__(module, trainable=trainable, offload=offload)
         self.temperature = temperature
 
     def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -68,12 +97,13 @@ class Actor(_PolicyRole):
 
 
 class Reference(_PolicyRole):
-    def __init__(self, module: torch.nn.Module, temperature: float):
-        super().__init__(module, temperature, trainable=False)
+    def __init__(self, module: torch.nn.Module, temperature: float, *, offload: bool = False):
+        super().__init__(module, temperature, trainable=False, offload=offload)
 
     @torch.no_grad()
     def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
+        with self.placed(seq.device):
+            return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
 
 
 class Critic(Role):
@@ -88,11 +118,12 @@ class Critic(Role):
 class Reward(Role):
     """A frozen reward model (score at the last real token, minus its normalisation bias), or a Python function."""
 
-    def __init__(self, module: torch.nn.Module | None = None, fn: RewardFn | None = None, bias: float = 0.0):
+    def __init__(self, module: torch.nn.Module | None = None, fn: RewardFn | None = None, bias: float = 0.0, *,
+                 offload: bool = False):
         if (module is None) == (fn is None):
             raise ValueError("Reward needs exactly one of a model or a function")
         if module is not None:
-            super().__init__(module, trainable=False)
+            super().__init__(module, trainable=False, offload=offload)
         else:
             self.module = None  # type: ignore[assignment]
         self.fn = fn
@@ -106,11 +137,12 @@ class Reward(Role):
             prompts = [row[m.bool()].tolist() for row, m in zip(seq[:, :prompt_len], attn[:, :prompt_len],
                                                                 strict=True)]
             responses = [row[:n].tolist() for row, n in zip(seq[:, prompt_len:], lengths, strict=True)]
-            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32)
+            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
         last = (prompt_len + lengths - 1).clamp_min(prompt_len - 1)  # (B,) index of the last real token
-        hidden = self._hidden(seq, attn, pos)  # (B, T, H)
-        picked = hidden[torch.arange(len(seq)), last]  # (B, H)
-        return self.module.score(picked).squeeze(-1).float() - self.bias
+        with self.placed(seq.device):
+            hidden = self._hidden(seq, attn, pos)  # (B, T, H)
+            picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
+            return self.module.score(picked).squeeze(-1).float() - self.bias
 
 
 def reward_bias(config: Any) -> float:

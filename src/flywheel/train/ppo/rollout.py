@@ -24,6 +24,10 @@ class Sequences:
     prompt_len: int
     finished: torch.Tensor  # (B,) bool: the response ended with a stop token
 
+    def to(self, device: torch.device) -> Sequences:
+        return Sequences(self.sequences.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                         self.response_mask.to(device), self.prompt_len, self.finished.to(device))
+
 
 def build_sequences(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
                     pad_id: int) -> Sequences:
@@ -46,10 +50,13 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], finish
 @torch.no_grad()
 def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference, critic: Critic, reward: Reward,
                     prompts: list[list[int]], pad_id: int, kl_coef: float, seed: int) -> tuple[Experience, dict]:
+    """Sample responses to `prompts` and score them. The experience lives on the policy's device, where the engine
+    samples and every role runs its forward."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
                             stop_token_ids=[] if cfg.ignore_eos else None, seed=seed)
     gen = engine.generate(prompts, params)
-    s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id)
+    # Built on the CPU (row by row), then moved to the device in one copy per tensor.
+    s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id).to(actor.device)
     args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
     mask = s.response_mask.float()
     with autocast(cfg.bf16):

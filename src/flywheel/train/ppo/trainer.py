@@ -9,11 +9,15 @@ compute KL-penalised rewards and GAE advantages, then run --ppo-epochs passes of
 minibatches of --batch-size. Metrics go to metrics.jsonl, sample responses to samples.jsonl, `final/` is the policy as
 a plain HF directory and `final_value/` the value model.
 
-With --nproc N (torchrun, DDP; gloo on CPU): each rank samples and scores its 1/N share of --rollout-batch-size,
-advantages are whitened with statistics over all ranks, --batch-size is the minibatch of each rank, actor and critic
-gradients are averaged, logged metrics are means over the ranks, rank 0 writes. With --lora-r the policy and the
-critic get adapters; the reference is the policy with its adapters switched off (no second copy of the policy); the
-critic stays a separate model.
+Devices: every model and the rollout batch live on `distributed.device()` (cuda:LOCAL_RANK when there is a GPU, else
+the CPU), where the engine samples. --offload-frozen keeps the reference and reward models on the CPU between their
+forwards (docs/scaling.md).
+
+With --nproc N (torchrun, DDP; NCCL on GPU, gloo on CPU): each rank samples and scores its 1/N share of
+--rollout-batch-size, advantages are whitened with statistics over all ranks, --batch-size is the minibatch of each
+rank, actor and critic gradients are averaged, logged metrics are means over the ranks, rank 0 writes. With --lora-r
+the policy and the critic get adapters; the reference is the policy with its adapters switched off (no second copy of
+the policy); the critic stays a separate model.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 
 from flywheel import distributed
-from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
+from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, to_device
 from flywheel.engine import Engine
 from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
@@ -99,21 +103,25 @@ class PPOTrainer:
             raise UserError("PPO runs with --strategy ddp (the engine samples from whole weights on every rank)")
         if cfg.rollout_batch_size % n_proc or (cfg.rollout_batch_size // n_proc) % cfg.batch_size:
             raise UserError(f"--rollout-batch-size / {n_proc} processes must be a multiple of --batch-size")
-        policy = prepare_model(load_causal_lm(cfg.model), cfg)
+        self.device = distributed.device()  # where every model runs and the rollout batch lives
+        policy = prepare_model(load_causal_lm(cfg.model).to(self.device), cfg)
         self.actor = Actor(policy, cfg.temperature)
         # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
         # the reference compute identical log-probs before the first update (KL exactly 0).
         self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
-            _frozen(load_causal_lm(cfg.model), cfg), cfg.temperature)
+            self._frozen(load_causal_lm(cfg.model)), cfg.temperature, offload=cfg.offload_frozen)
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
-            rm = _frozen(load_sequence_classifier(cfg.reward_model), cfg)
-            self.reward = Reward(rm, bias=reward_bias(rm.config))
+            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
+            self.reward = Reward(rm, bias=reward_bias(rm.config), offload=cfg.offload_frozen)
         else:
             raise UserError("--reward-model is required")
+        if cfg.offload_frozen and self.device.type != "cpu":
+            kept = [name for name, role in (("reference", self.ref), ("reward model", self.reward)) if role.offload]
+            log.info("ppo: --offload-frozen: %s on the CPU between forwards", " and ".join(kept) or "no frozen model")
         value_init = cfg.value_model or cfg.reward_model or cfg.model
-        self.critic = Critic(prepare_model(load_sequence_classifier(value_init), cfg))
+        self.critic = Critic(prepare_model(load_sequence_classifier(value_init).to(self.device), cfg))
         self.wrapped_actor = distributed.wrap(policy, "ddp")
         self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -235,7 +243,12 @@ class PPOTrainer:
         pos = ((step * per_step) + epoch * (self.cfg.rollout_batch_size // self.cfg.batch_size) + mb_i) * k
         pos = pos * distributed.world() + distributed.rank() * k  # each rank its own blocks
         blocks = [self.ptx_train[(pos + i) % len(self.ptx_train)] for i in range(k)]
-        return collate_lm(blocks, self.pad_id)
+        return to_device(collate_lm(blocks, self.pad_id), self.device)
+
+    def _frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model with the trained ones' attention kernel, on the device unless --offload-frozen."""
+        fast_cpu_attention(model, self.cfg.bf16, self.device)
+        return model if self.cfg.offload_frozen else model.to(self.device)
 
     def ptx_eval_loss(self) -> float | None:
         if not self.ptx_eval:
@@ -245,11 +258,6 @@ class PPOTrainer:
             loss = eval_lm_loss(self.actor.module, self.ptx_eval, self.pad_id)
         self.actor.module.train()
         return loss
-
-
-def _frozen(model: torch.nn.Module, cfg: PPOConfig) -> torch.nn.Module:
-    fast_cpu_attention(model, cfg.bf16)
-    return model
 
 
 def _with_lr(cfg: PPOConfig, lr: float) -> PPOConfig:
@@ -322,7 +330,7 @@ def _log_samples(path: Path, step: int, trainer: PPOTrainer, exp: Experience, re
     tok = trainer.tokenizer
     with path.open("a") as f:
         for i in range(min(n, len(exp))):
-            prompt = exp.sequences[i, : exp.prompt_len][exp.attention_mask[i, : exp.prompt_len].bool()]
+            prompt = exp.sequences[i, : exp.prompt_len][exp.attention_mask[i, : exp.prompt_len].bool()].tolist()
             f.write(json.dumps({"step": step, "prompt": tok.decode(prompt), "response": tok.decode(responses[i]),
                                 "score": float(exp.scores[i])}) + "\n")
 
