@@ -20,7 +20,7 @@ from tests.test_reward import preference_rows, write_jsonl
 from tests.test_sft import _demos
 
 from flywheel.cli import main
-from flywheel.distributed import launch_command, strip_nproc
+from flywheel.distributed import launch_command, strip_nproc, torchrun_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -62,9 +62,29 @@ def assert_same_curves(a: Path, b: Path, keys: tuple[str, ...]) -> None:
 def test_launcher_strips_nproc_and_runs_torchrun():
     assert strip_nproc(["--model", "m", "--nproc", "4", "--bf16"]) == ["--model", "m", "--bf16"]
     assert strip_nproc(["--nproc=4", "--out", "o"]) == ["--out", "o"]
+    args = ["--standalone", "--nproc_per_node", "2", "-m", "flywheel", "sft", "--out", "o"]
+    assert torchrun_args("sft", ["--nproc", "2", "--out", "o"], 2) == args
     cmd = launch_command("sft", ["--nproc", "2", "--out", "o"], 2)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flywheel", "sft",
-                       "--out", "o"]
+    assert cmd[0] == sys.executable and cmd[1] == "-c" and "torchrun_main" in cmd[2] and cmd[3:] == args
+
+
+def test_bad_input_under_nproc_is_one_line_once_and_leaves_no_run_dir(tmp_path, model_dir):
+    """Every rank hits the same bad record: the launcher prints its one line once, exits 2 like one process, shows
+    no traceback (neither the ranks' nor torchrun's) and leaves no half-written run directory."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    args = ["sft", "--model", str(model_dir), "--data", str(bad), "--progress", "false"]
+    one = subprocess.run([sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "one")], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    line = "flywheel sft: " + str(bad) + ":1: messages must end with an assistant message"
+    assert one.returncode == two.returncode == 2, two.stderr[-4000:]
+    assert one.stderr.count(line) == two.stderr.count(line) == 1, two.stderr[-4000:]
+    errors = [ln for ln in two.stderr.splitlines() if not ln.startswith("launching 2 processes")]
+    assert len(errors) == 1 and errors[0].startswith(line), two.stderr[-4000:]
+    assert "Traceback" not in two.stderr + two.stdout and "ChildFailedError" not in two.stderr
+    assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
 
 
 @pytest.fixture

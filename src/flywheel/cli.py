@@ -5,6 +5,7 @@
 
 Each subcommand lives in its own module as `main(argv) -> int`; modules are imported only when their command runs, so
 `flywheel chat` does not pay for the trainers' imports. User errors print one line and exit 2; internal errors exit 1.
+Under `--nproc N` the same holds: the ranks hand their message to the launcher, which prints it once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import UserError
+from flywheel.errors import UserError, report_user_error
 
 # command -> (module with `main(argv) -> int`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,15 +40,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def run_trainer(stage: str, config_cls: type, train: Callable[[Any], Path], argv: list[str] | None, doc: str,
                 what: str) -> int:
     """The `main` of every trainer: config from flags/YAML, re-launch under torchrun for --nproc > 1, train, and
-    print where the final model is (rank 0 only)."""
+    print where the final model is (rank 0 only). Bad input (a UserError) leaves no run directory behind when this
+    run created it and wrote no checkpoint or final model into it."""
     from flywheel import distributed
     from flywheel.config import parse_config
+    from flywheel.train.loop import discard_run_dir
 
     cfg = parse_config(config_cls, argv, f"flywheel {stage}", doc.splitlines()[0])
-    code = distributed.maybe_launch(stage, cfg.nproc, argv)
-    if code is not None:
-        return code
-    out = train(cfg)
+    fresh = not Path(cfg.out).exists()
+    try:
+        code = distributed.maybe_launch(stage, cfg.nproc, argv)
+        if code is not None:
+            return code
+        out = train(cfg)
+    except UserError:
+        if fresh and distributed.is_main():
+            discard_run_dir(Path(cfg.out))
+        raise
     if distributed.is_main():
         print(f"{what}: {out / 'final'}")
     return 0
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(argv[1:]) or 0)
     except UserError as err:
-        print(f"flywheel {argv[0]}: {err}", file=sys.stderr)
+        if not report_user_error(str(err)):  # a rank of `--nproc N` tells the launcher, which prints it once
+            print(f"flywheel {argv[0]}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flywheel {argv[0]}: interrupted", file=sys.stderr)

@@ -7,6 +7,11 @@ Every rank runs the same program. `init()` reads RANK / WORLD_SIZE / LOCAL_RANK 
 gloo on CPU, NCCL on GPU (one GPU per process, cuda:LOCAL_RANK). A run without WORLD_SIZE > 1 creates no process
 group and no wrapper: every helper here is then a no-op, so single-process runs are exactly what they were.
 
+Bad input under torchrun: each rank that raises a `UserError` writes its one-line message to the folder that
+`flywheel <stage> --nproc N` names in $FLYWHEEL_ERROR_DIR (nothing is printed by the ranks) and exits 2, torchrun
+stops the other ranks, and the launcher prints each distinct message once and exits 2, as one process would; torchrun's
+own traceback and failure report are not shown.
+
 `wrap(model, strategy)` returns a `Wrapped` module: DDP (every rank holds the whole model, gradients are averaged)
 or FSDP2 (`fully_shard` on each decoder layer and on the whole: parameters, gradients and optimizer state are sharded).
 The trainers' loss functions reach into the model (`model.base_model`, the score head) rather than calling its
@@ -17,17 +22,20 @@ wrapper's forward, where DDP prepares its gradient reduction and FSDP gathers th
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from flywheel.errors import UserError
+from flywheel.errors import ERROR_DIR_ENV, UserError
 from flywheel.utils import log
 
 STRATEGIES = ("ddp", "fsdp")
@@ -261,24 +269,69 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def torchrun_args(stage: str, argv: Sequence[str], nproc: int) -> list[str]:
+    """The arguments of `torchrun` that run `flywheel <stage> <argv>` on `nproc` local processes."""
+    return ["--standalone", "--nproc_per_node", str(nproc), "-m", "flywheel", stage, *strip_nproc(argv)]
+
+
+# torchrun without its traceback: `python -c _TORCHRUN <torchrun args>` (see `torchrun_main`).
+_TORCHRUN = "import sys; from flywheel.distributed import torchrun_main; sys.exit(torchrun_main(sys.argv[1:]))"
+
+
 def launch_command(stage: str, argv: Sequence[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "flywheel", stage, *strip_nproc(argv)]
+    return [sys.executable, "-c", _TORCHRUN, *torchrun_args(stage, argv, nproc)]
+
+
+def torchrun_main(args: Sequence[str]) -> int:
+    """`python -m torch.distributed.run ARGS` as a function that returns 0, or 1 when a rank failed. A failed rank
+    has already said why (its one-line error went to the launcher, or its traceback is above), so torchrun's own
+    traceback, failure table and 'sending SIGTERM' lines are replaced by one line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(args)))
+    except ChildFailedError as err:
+        # A crash, not bad input: name the rank whose traceback to read.
+        if not _error_reports(os.environ.get(ERROR_DIR_ENV)):
+            r, failure = err.get_first_failure()
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            print(f"flywheel: rank {r} failed ({how}); its output is above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _error_reports(folder: str | None) -> dict[int, str]:
+    """rank -> the message it reported (in rank order)."""
+    if not folder:
+        return {}
+    reports = {int(f.stem.removeprefix("rank")): f.read_text() for f in Path(folder).glob("rank*.txt")}
+    return dict(sorted(reports.items()))
 
 
 def maybe_launch(stage: str, nproc: int, argv: Sequence[str] | None) -> int | None:
     """`flywheel <stage> --nproc N` (N > 1, not already under torchrun): run the stage under torchrun and return its
-    exit code; None when this process should train itself."""
+    exit code; None when this process should train itself. Raises the ranks' UserError (their distinct messages, in
+    one line) when bad input stopped them."""
     if nproc <= 1 or launched():
         return None
     argv = list(sys.argv[2:] if argv is None else argv)
-    cmd = launch_command(stage, argv, nproc)
-    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    log.info("launching %d processes: torchrun %s", nproc, " ".join(torchrun_args(stage, argv, nproc)))
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # N processes on a CPU box: split the cores instead of letting each one take all of them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.run(cmd, env=env).returncode
+    with tempfile.TemporaryDirectory(prefix="flywheel-errors-") as folder:
+        env[ERROR_DIR_ENV] = folder
+        code = subprocess.run(launch_command(stage, argv, nproc), env=env).returncode
+        reports = _error_reports(folder)
+    if reports:
+        first = {m: r for r, m in reversed(reports.items())}  # each distinct message, with the first rank to say it
+        if len(first) == 1:
+            raise UserError(next(iter(first)))
+        raise UserError("; ".join(f"rank {r}: {m}" for m, r in sorted(first.items(), key=lambda x: x[1])))
+    return code
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -259,6 +259,13 @@ def load_checkpoint(ckpt: Path, modules: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that a failed run created, unless it holds a checkpoint or a final model."""
+    if run_dir.is_dir() and not checkpoint_dirs(run_dir) and not (run_dir / "final").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.debug("removed %s (the run stopped on bad input before writing a model)", run_dir)
+
+
 def prepare_run_dir(cfg: Any) -> Path:
     """Join the process group (under torchrun), check the run dir, and save the config (rank 0)."""
     distributed.init()
