@@ -28,8 +28,9 @@ _UNSUPPORTED_ROPE = ("dynamic", "longrope")  # these change their frequencies wi
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def unsupported_reason(model: Any) -> str | None:
-    """Why the compact forward cannot run `model` (None when it can)."""
+def unsupported_reason(model: Any, *, lm_head: bool = True) -> str | None:
+    """Why the compact forward cannot run `model` (None when it can). `lm_head=False`: the backbone only (also for
+    `*ForSequenceClassification` models, whose head is `score`)."""
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -39,8 +40,10 @@ def unsupported_reason(model: Any) -> str | None:
     if rope_type in _UNSUPPORTED_ROPE or rope_type == "per-layer":
         return f"RoPE type {rope_type!r} is not supported"
     inner = getattr(model, "model", None)
-    if inner is None or getattr(inner, "rotary_emb", None) is None or getattr(model, "lm_head", None) is None:
-        return "unexpected module structure (no model.rotary_emb or lm_head)"
+    if inner is None or getattr(inner, "rotary_emb", None) is None or getattr(inner, "layers", None) is None:
+        return "unexpected module structure (no model.rotary_emb or model.layers)"
+    if lm_head and getattr(model, "lm_head", None) is None:
+        return "unexpected module structure (no lm_head)"
     for layer in inner.layers:
         a, m = layer.self_attn, layer.mlp
         linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
