@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from flywheel import fastforward
 from flywheel.train.ppo.losses import entropy_from_logits
 
 # A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
@@ -65,9 +66,9 @@ class Role:
         finally:
             self.module.to("cpu")
 
-    def _hidden(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.module.base_model(input_ids=seq, attention_mask=attn, position_ids=pos)
-        return out.last_hidden_state  # (B, T, H)
+    def _hidden(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
+        # The fast forward where it applies (flywheel.fastforward; else HF's), the `keep` last positions only.
+        return fastforward.hidden_states(self.module, seq, attn, pos, keep=keep)  # (B, keep, H)
 
 
 class _PolicyRole(Role):
@@ -78,7 +79,7 @@ class _PolicyRole(Role):
     def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
         # The LM head runs on the R + 1 last positions only: the prompt's other positions predict nothing we score.
         keep = seq.shape[1] - prompt_len + 1
-        logits = self.module(input_ids=seq, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
+        logits = fastforward.causal_lm_logits(self.module, seq, attn, pos, keep=keep)
         return logits[:, -keep:-1].float() / self.temperature  # (B, R, V): predicts response tokens
 
     def _logprobs(self, logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ class Critic(Role):
         super().__init__(module, trainable=True)
 
     def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        hidden = self._hidden(seq, attn, pos)[:, prompt_len - 1 : -1]  # (B, R, H): the state before each token
+        hidden = self._hidden(seq, attn, pos, seq.shape[1] - prompt_len + 1)[:, :-1]  # (B, R, H): before each token
         return self.module.score(hidden).squeeze(-1).float()  # (B, R)
 
 
@@ -138,9 +139,9 @@ class Reward(Role):
                                                                 strict=True)]
             responses = [row[:n].tolist() for row, n in zip(seq[:, prompt_len:], lengths, strict=True)]
             return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
-        last = (prompt_len + lengths - 1).clamp_min(prompt_len - 1)  # (B,) index of the last real token
+        last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         with self.placed(seq.device):
-            hidden = self._hidden(seq, attn, pos)  # (B, T, H)
+            hidden = self._hidden(seq, attn, pos, seq.shape[1] - prompt_len + 1)  # (B, R + 1, H) from column P - 1
             picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
             return self.module.score(picked).squeeze(-1).float() - self.bias
 
