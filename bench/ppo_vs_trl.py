@@ -6,6 +6,7 @@ TRL 1.12.0 is the last release that ships PPO; install it once, apart from the v
     nice -n 5 python bench/ppo_vs_trl.py                    # PPO epochs 1 and 4, 3 timed steps x 2 repeats per side
     nice -n 5 python bench/ppo_vs_trl.py --threads 1 --clock cpu      # on a busy machine: CPU time, one thread
     nice -n 5 python bench/ppo_vs_trl.py --epochs 4 --trl-precision flag
+    nice -n 5 python bench/ppo_vs_trl.py --threads 1 --clock cpu --ablate   # + ours on HF's forward (no fastforward)
 
 Both sides start from the same saved directories: a tiny Llama policy (hidden 256 x 4 layers, the tokenizer's vocab
 of 4096) that is also the reference, and a `LlamaForSequenceClassification` reward model built from it, which also
@@ -39,7 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -89,7 +91,12 @@ def make_setup(root: Path, n_prompts: int, seed: int = 0) -> Setup:
     return Setup(str(root / "policy"), str(root / "reward"), str(root / "prompts.jsonl"), ids, tok)
 
 
-def time_ours(s: Setup, epochs: int, steps: int, warmup: int, out: Path, clock: Callable[[], float]) -> list[float]:
+def time_ours(s: Setup, epochs: int, steps: int, warmup: int, out: Path, clock: Callable[[], float], *,
+              hf_forward: bool = False) -> list[float]:
+    """Our step; `hf_forward`: with flywheel.fastforward switched off, so the roles run HF's forward (--ablate)."""
+    if hf_forward:
+        with _fastforward_off():
+            return time_ours(s, epochs, steps, warmup, out, clock)
     n = len(s.prompt_ids)
     cfg = PPOConfig(model=s.policy, reward_model=s.reward, prompts=s.prompts_file, out=str(out),
                     rollout_batch_size=n, batch_size=n, ppo_epochs=epochs, max_new_tokens=32, ignore_eos=True,
@@ -104,6 +111,18 @@ def time_ours(s: Setup, epochs: int, steps: int, warmup: int, out: Path, clock: 
             times.append(clock() - t0)
     assert stats["response_length"] == 32, stats["response_length"]
     return times
+
+
+@contextmanager
+def _fastforward_off() -> Iterator[None]:
+    from flywheel import fastforward
+
+    original = fastforward.unsupported_reason
+    fastforward.unsupported_reason = lambda *args, **kwargs: "switched off by the benchmark"
+    try:
+        yield
+    finally:
+        fastforward.unsupported_reason = original
 
 
 def import_trl_ppo() -> tuple[Any, Any, Any]:
@@ -170,17 +189,22 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
     return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:], strict=False)]
 
 
-def measure(setup: Setup, root: Path, epochs: int, args: argparse.Namespace) -> tuple[float, float]:
-    """Alternate the two sides --repeats times (the machine's load varies); each keeps its best median."""
+def measure(setup: Setup, root: Path, epochs: int, args: argparse.Namespace) -> tuple[float, float, float | None]:
+    """Alternate the sides --repeats times (the machine's load varies); each keeps its best median."""
     clock = CLOCKS[args.clock]
-    ours, trl = [], []
+    ours, trl, hf = [], [], []
     for r in range(args.repeats):
         ours.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"o{r}", clock)))
+        if args.ablate:
+            hf.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"h{r}", clock,
+                                                  hf_forward=True)))
         trl.append(statistics.median(time_trl(setup, epochs, args.steps, args.warmup, root / f"t{r}",
                                               args.trl_precision, clock)))
         unit = "s/step" if args.clock == "wall" else "CPU s/step"
-        print(f"  epochs {epochs} repeat {r + 1}: ours {ours[-1]:.3f} {unit}, TRL {trl[-1]:.3f} {unit}", flush=True)
-    return min(ours), min(trl)
+        extra = f", ours with HF's forward {hf[-1]:.3f} {unit}" if hf else ""
+        print(f"  epochs {epochs} repeat {r + 1}: ours {ours[-1]:.3f} {unit}, TRL {trl[-1]:.3f} {unit}{extra}",
+              flush=True)
+    return min(ours), min(trl), min(hf) if hf else None
 
 
 def main() -> None:
@@ -194,6 +218,8 @@ def main() -> None:
                     help="how TRL runs in bf16 (see above)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU seconds")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time ours with flywheel.fastforward switched off (the roles then run HF's forward)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,10 +236,11 @@ def main() -> None:
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
           f"TRL {args.trl_precision}")
-    print(f"| PPO epochs | ours {unit} | TRL {unit} | speed-up (TRL/ours) |")
-    print("|---:|---:|---:|---:|")
-    for epochs, o, t in rows:
-        print(f"| {epochs} | {o:.3f} | {t:.3f} | {t / o:.2f}x |")
+    print(f"| PPO epochs | ours {unit} | TRL {unit} | speed-up (TRL/ours) |"
+          + (f" ours, HF forward {unit} | its speed-up |" if args.ablate else ""))
+    print("|---:|---:|---:|---:|" + ("---:|---:|" if args.ablate else ""))
+    for epochs, o, t, h in rows:
+        print(f"| {epochs} | {o:.3f} | {t:.3f} | {t / o:.2f}x |" + (f" {h:.3f} | {t / h:.2f}x |" if h else ""))
 
 
 if __name__ == "__main__":
