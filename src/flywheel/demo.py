@@ -1,6 +1,6 @@
 """`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
 
-    flywheel demo                      # ~10 min on 2 cores: 5M-parameter model, runs/demo/report.md
+    flywheel demo                      # ~9 min on 2 cores: 5M-parameter model, runs/demo/report.md
     flywheel demo --quick              # ~3 min (CI): 1M-parameter model, smaller world
     flywheel demo --seed 3 --out runs/demo-3
 
@@ -29,16 +29,16 @@ MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend 
 # Settings of the two presets; a DemoConfig field left at None takes its preset's value.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=400, n_ppo=600, n_eval=300,
-        pretrain_epochs=4.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.0, rm_lr=5e-5,
-        ppo_steps=40, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.05,
+        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
+        pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
+        sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
+        ppo_steps=32, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.1,
         ptx_coef=0.05, max_new_tokens=40,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
         pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4,
+        sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
         ppo_steps=30, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.05,
         ptx_coef=0.05, max_new_tokens=32,
     ),
@@ -62,7 +62,7 @@ class DemoConfig:
     n_eval: int | None = _preset("held-out prompts the oracle judges")
     k_min: int = field(default=4, metadata={"help": "fewest answers sampled per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
-    p_verbose: float = field(default=0.65, metadata={"help": "demonstrations padded with pleasantries"})
+    p_verbose: float | None = _preset("demonstrations padded with pleasantries")
     p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
     p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
     pretrain_epochs: float | None = _preset("passes over the corpus")
@@ -439,7 +439,8 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
          "value": f"{_pct(pvs['win_rate'])}", "holds": pvs["win_rate"] >= 0.75,
          "note": f"PPO wins {pvs['wins']}, ties {pvs['ties']}, loses {pvs['losses']}; correct on answerable prompts: "
                  f"SFT {_pct(p['sft']['accuracy'])}, PPO {_pct(p['ppo']['accuracy'])} (the reward model cannot teach "
-                 "what the policy does not know)"},
+                 f"what the policy does not know); \"I don't know\" or a refusal on answerable prompts: SFT "
+                 f"{_pct(p['sft']['over_refusal'])}, PPO {_pct(p['ppo']['over_refusal'])}"},
         {"target": "SFT preferred over the base (> 50%)", "value": _pct(w["sft_vs_base"]["win_rate"]),
          "holds": w["sft_vs_base"]["win_rate"] > 0.5, "note": ""},
         {"target": "RM held-out accuracy within 3 points of labeler agreement",
