@@ -30,9 +30,9 @@ from flywheel.data.batching import _has_plain_head, to_device
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer
-from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
+from flywheel.train.loop import autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.train.reward import (
-    OVERLONG,
+    PreferenceConfig,
     RankingGroup,
     attention_mask_dtype,
     backbone_hidden,
@@ -49,36 +49,18 @@ CACHE_FILE = "reference_logps.pt"
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(PreferenceConfig):
     model: str = field(default="", metadata={"help": "policy to optimise (usually the SFT model)"})
     ref_model: str = field(default="", metadata={"help": "reference policy (default: --model before training)"})
-    data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
-    eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
-    eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
     beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty (higher = stay closer)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
-    max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
-    overlong: str = field(default="drop", metadata={"help": "answers longer than --max-length: drop or truncate"})
-    share_prompt: bool = field(default=True, metadata={
-        "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"})
-    eval_batch_size: int = field(default=32, metadata={"help": "answers per batch for reference/held-out passes"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
 
     def validate(self) -> None:
-        super().validate()
         if not self.model:
             raise UserError("--model is required (the policy to optimise, e.g. the SFT model)")
-        if not self.data:
-            raise UserError("--data is required (rankings or chosen/rejected comparisons)")
         if self.beta <= 0:
             raise UserError("--beta must be > 0")
-        if self.max_length < 2:
-            raise UserError("--max-length must be >= 2")
-        if self.overlong not in OVERLONG:
-            raise UserError(f"--overlong must be one of {', '.join(OVERLONG)}, got '{self.overlong}'")
-        if not 0 <= self.eval_split < 1:
-            raise UserError("--eval-split must be in [0, 1)")
+        super().validate()
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

@@ -56,32 +56,24 @@ OVERLONG = ("drop", "truncate")
 
 
 @dataclass
-class RewardConfig(TrainConfig):
-    model: str = field(default="", metadata={"help": "backbone: a causal LM (e.g. the SFT model) or a reward model"})
+class PreferenceConfig(TrainConfig):
+    """The data and batching fields the two trainers on rankings (reward model, DPO) share."""
+
     data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
     eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
     eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
-    reference_data: str = field(default="", metadata={
-        "help": "conversations whose final assistant turns should score 0 on average (default: the top-ranked "
-                "answers of the training rankings)"})
-    reference_limit: int = field(default=2000, metadata={"help": "most reference answers scored for the offset"})
-    normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
     max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
     overlong: str = field(default="drop", metadata={
         "help": "answers longer than --max-length: drop (their pairs go; rankings left without a pair go) or "
                 "truncate (the prompt loses its oldest tokens, down to half the budget, then answers are cut)"})
-    margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
     share_prompt: bool = field(default=True, metadata={
         "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"})
-    eval_batch_size: int = field(default=32, metadata={"help": "answers per scoring batch in evaluation"})
+    eval_batch_size: int = field(default=32, metadata={"help": "answers per scoring batch (held-out, DPO reference)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
 
     def validate(self) -> None:
         super().validate()
-        if not self.model:
-            raise UserError("--model is required (a causal LM such as the SFT model, or a reward model)")
         if not self.data:
             raise UserError("--data is required (rankings or chosen/rejected comparisons)")
         if self.max_length < 2:
@@ -92,6 +84,23 @@ class RewardConfig(TrainConfig):
             raise UserError("--eval-split must be in [0, 1)")
         if self.eval_batch_size < 1:
             raise UserError("--eval-batch-size must be >= 1")
+
+
+@dataclass
+class RewardConfig(PreferenceConfig):
+    model: str = field(default="", metadata={"help": "backbone: a causal LM (e.g. the SFT model) or a reward model"})
+    reference_data: str = field(default="", metadata={
+        "help": "conversations whose final assistant turns should score 0 on average (default: the top-ranked "
+                "answers of the training rankings)"})
+    reference_limit: int = field(default=2000, metadata={"help": "most reference answers scored for the offset"})
+    normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("--model is required (a causal LM such as the SFT model, or a reward model)")
+        super().validate()
 
 
 def ranking_loss(rewards: torch.Tensor, pairs: Sequence[tuple[int, int]], margin: float = 0.0) -> torch.Tensor:
