@@ -153,3 +153,18 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in lines]
 
     assert rows(killed) == rows(tmp_path / "full")
+
+
+def test_split_heldout_is_seeded_disjoint_and_keeps_order():
+    from flywheel.data.batching import split_heldout
+
+    items = [f"doc{i}" for i in range(40)]
+    train, held = split_heldout(items, 0.1, seed=3)
+    assert len(held) == 4 and len(train) == 36
+    assert sorted(train + held) == sorted(items) and not set(train) & set(held)
+    assert train == [x for x in items if x in train] and held == [x for x in items if x in held]  # items' order
+    assert split_heldout(items, 0.1, seed=3) == (train, held)
+    assert split_heldout(items, 0.1, seed=4)[1] != held
+    assert split_heldout(items, 0.001, seed=0)[1] != []  # at least one held out
+    assert split_heldout(items, 0.0, seed=0) == (items, [])
+    assert split_heldout(items[:1], 0.5, seed=0) == (items[:1], [])

@@ -363,10 +363,10 @@ def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, rm:
 
 def corpus_split(cfg: DemoConfig, files: dict[str, Path]) -> tuple[list[str], list[str]]:
     """(trained, held out) corpus documents: the split pretraining makes (same function, fraction and seed)."""
+    from flywheel.data.batching import split_heldout
     from flywheel.data.io import read_texts
-    from flywheel.train.pretrain import split_docs
 
-    return split_docs(read_texts(str(files["corpus"])), PRETRAIN_EVAL_SPLIT, cfg.seed)
+    return split_heldout(read_texts(str(files["corpus"])), PRETRAIN_EVAL_SPLIT, cfg.seed)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

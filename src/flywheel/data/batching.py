@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 LMSample = dict[str, list[int]]  # {"input_ids": [...], "loss_mask": [...]} (mask 1 = predict this token)
+
+
+T = TypeVar("T")
+
+
+def split_heldout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held out): a seeded `frac` of `items` held out (at least one), both lists in the items' order.
+
+    Nothing is held out when frac <= 0 or there are fewer than two items. Pretraining, SFT, the reward model and DPO
+    all split with this, so the same (items, frac, seed) always gives the same held-out set.
+    """
+    if frac <= 0 or len(items) < 2:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, int(len(items) * frac))])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def pack(docs: Iterable[list[int]], seq_len: int, sep_id: int) -> list[LMSample]:

@@ -8,12 +8,11 @@ is trained on the corpus first. `runs/base/final/` is a plain HF directory (mode
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack
+from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, split_heldout
 from flywheel.errors import UserError
 from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
 from flywheel.tokenization import load_tokenizer, train_tokenizer
@@ -49,16 +48,6 @@ def _tokenize(tokenizer: Any, docs: list[str]) -> list[list[int]]:
     return tokenizer(docs, add_special_tokens=False)["input_ids"]
 
 
-def split_docs(docs: list[str], frac: float, seed: int) -> tuple[list[str], list[str]]:
-    if frac <= 0 or len(docs) < 2:
-        return docs, []
-    idx = list(range(len(docs)))
-    random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(len(docs) * frac))
-    held = set(idx[:n_eval])
-    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
-
-
 def train_pretrain(cfg: PretrainConfig) -> Path:
     from flywheel.data.io import read_texts
 
@@ -67,7 +56,7 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     if cfg.eval_data:
         train_docs, eval_docs = docs, read_texts(cfg.eval_data, skip_bad=cfg.skip_bad)
     else:
-        train_docs, eval_docs = split_docs(docs, cfg.eval_split, cfg.seed)
+        train_docs, eval_docs = split_heldout(docs, cfg.eval_split, cfg.seed)
     if cfg.tokenizer or cfg.model:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     else:

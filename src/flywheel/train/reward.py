@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flywheel.data.batching import to_device
+from flywheel.data.batching import split_heldout, to_device
 from flywheel.data.formats import Ranking
 from flywheel.errors import UserError
 from flywheel.models import (
@@ -513,12 +513,7 @@ def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], li
 
     if cfg.eval_data:
         return rankings, read_preferences(cfg.eval_data, skip_bad=cfg.skip_bad)
-    if cfg.eval_split <= 0 or len(rankings) < 2:
-        return rankings, []
-    order = list(range(len(rankings)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(len(rankings) * cfg.eval_split))
-    return [rankings[i] for i in sorted(order[n_eval:])], [rankings[i] for i in order[:n_eval]]
+    return split_heldout(rankings, cfg.eval_split, cfg.seed)
 
 
 def describe(groups: Sequence[RankingGroup]) -> str:

@@ -9,12 +9,11 @@ HF template works. `--packing` packs several conversations per row (attention th
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.data.batching import LMSample, pack_masked
+from flywheel.data.batching import LMSample, pack_masked, split_heldout
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer, render_conversation
@@ -76,14 +75,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
     if cfg.eval_data:
         eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
-    elif cfg.eval_split > 0 and len(convs) >= 2:
-        order = list(range(len(convs)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(len(convs) * cfg.eval_split))
-        eval_convs = [convs[i] for i in order[:n_eval]]
-        convs = [convs[i] for i in sorted(order[n_eval:])]
     else:
-        eval_convs = []
+        convs, eval_convs = split_heldout(convs, cfg.eval_split, cfg.seed)
     samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data)
     eval_source = cfg.eval_data or cfg.data
     eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, eval_source) if eval_convs else []
