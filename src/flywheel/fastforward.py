@@ -91,18 +91,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _rope_tables(model: Any, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed-sin tables (>= length, D) in float32: rotate_half(x) * sin == roll(x, D/2) * signed sin."""
+    """cos and signed-sin tables (>= length, D) in float32 (`compact.rope_tables`), cached per rotary module."""
     rotary = model.model.rotary_emb
     cache = _ROPE.setdefault(rotary, {})
     for (dev, n), tables in cache.items():
         if dev == device and n >= length:
             return tables
     n = max(256, 1 << (length - 1).bit_length())
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        probe = torch.zeros(1, dtype=torch.float32, device=device)
-        cos, sin = rotary(probe, torch.arange(n, device=device)[None])  # (1, n, D)
-    half = cos.shape[-1] // 2
-    tables = cos[0].float(), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).float()
+    tables = compact.rope_tables(rotary, n, device)
     cache.clear()  # one device at a time; a model moved to another device rebuilds its tables
     cache[(device, n)] = tables
     return tables

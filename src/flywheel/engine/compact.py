@@ -54,6 +54,17 @@ def unsupported_reason(model: Any, *, lm_head: bool = True) -> str | None:
     return None
 
 
+def rope_tables(rotary: torch.nn.Module, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed-sin tables (length, D) in float32 from a HF rotary module (every RoPE scaling it supports):
+    rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2), bit for bit, in fewer ops. The engine and the training
+    fast forward (`flywheel.fastforward`) both apply RoPE with these."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        cos, sin = rotary(probe, torch.arange(length, device=device)[None])  # (1, N, D) float32
+    half = cos.shape[-1] // 2
+    return cos[0].float(), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exactly LlamaRMSNorm: normalise in float32, cast back, then scale in the input dtype."""
     if x.dtype == torch.float32:
@@ -226,13 +237,9 @@ class CompactCausalLM:
         return self._weights
 
     def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin tables (length, D), from the model's own rotary module."""
-        rotary = self.model.model.rotary_emb
-        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
-        cos, sin = rotary(probe, torch.arange(length, device=self.device)[None])  # (1, N, D) float32
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2), bit for bit, in fewer ops.
-        return cos[0].to(self.dtype), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype)
+        """cos and signed sin tables (length, D) in the engine's dtype, from the model's own rotary module."""
+        cos, sin = rope_tables(self.model.model.rotary_emb, length, self.device)
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     def start(self, ids: torch.Tensor, valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVState]:
         """Prefill left-padded prompts. ids, valid: (B, P); capacity: total slots (P + new tokens).
