@@ -226,3 +226,30 @@ def test_ppo_on_a_gpu_places_every_role_and_offloads_the_frozen_ones(tmp_path, m
     assert kept.ref.device.type == "cuda"
     assert {k: v for k, v in kept.step(0)[0].items() if not k.startswith("time_")} == {
         k: v for k, v in stats.items() if not k.startswith("time_")}
+
+
+def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path, model_dir, prompts_file, tokenizer):
+    """A later round starts the policy from the last PPO model and keeps the KL penalty to the SFT model."""
+    from flywheel.models import build_causal_lm, config_for_tokenizer
+    from flywheel.errors import UserError
+
+    other = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=7)
+    other_dir = save_pretrained(other, tokenizer, tmp_path / "other")
+    trainer = PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, ref_model=str(other_dir)), reward_fn=target_reward)
+    exp, _ = make_experience(trainer.cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
+                             trainer.prompts[:8], trainer.pad_id, trainer.cfg.kl_coef, seed=0)
+    with torch.no_grad():
+        logits = other(exp.sequences, attention_mask=exp.attention_mask, position_ids=exp.position_ids).logits
+    p = exp.prompt_len
+    expect = torch.log_softmax(logits[:, p - 1 : -1].float(), -1).gather(-1, exp.sequences[:, p:, None])[..., 0]
+    mask = exp.response_mask
+    torch.testing.assert_close(exp.ref_logprobs[mask], expect[:, : mask.shape[1]][mask], atol=1e-4, rtol=0)
+    assert not torch.allclose(exp.old_logprobs[mask], exp.ref_logprobs[mask], atol=1e-3)
+
+    with pytest.raises(UserError, match="--lora-r"):
+        _cfg(tmp_path, model_dir, prompts_file, ref_model=str(other_dir), lora_r=4).validate()
+    big = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=0)
+    big.resize_token_embeddings(big.config.vocab_size + 8)
+    big_dir = save_pretrained(big, tokenizer, tmp_path / "big")
+    with pytest.raises(UserError, match="vocabulary"):
+        PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, ref_model=str(big_dir)), reward_fn=target_reward)

@@ -14,6 +14,9 @@ class PPOConfig(TrainConfig):
     optimizer step), --epochs counts passes over the prompt set (when --max-steps is not given)."""
 
     model: str = field(default="", metadata={"help": "SFT policy dir: the policy starts here and it is the reference"})
+    ref_model: str = field(default="", metadata={
+        "help": "reference for the KL penalty (default: --model); a later round of the loop starts --model from the "
+                "last PPO policy and keeps the SFT model here"})
     reward_model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
     value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
     prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
@@ -61,6 +64,8 @@ class PPOConfig(TrainConfig):
             raise UserError("--model is required (the SFT policy)")
         if not self.prompts:
             raise UserError("--prompts is required")
+        if self.ref_model and self.lora_r:
+            raise UserError("--ref-model cannot be used with --lora-r: the reference is the policy with its adapters off")
         if self.kl_estimator not in ("k1", "k3"):
             raise UserError("--kl-estimator must be k1 or k3")
         if self.temperature <= 0:

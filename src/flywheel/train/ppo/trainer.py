@@ -91,6 +91,15 @@ def load_ptx(cfg: PPOConfig, tokenizer: Any) -> tuple[list[LMSample], list[LMSam
     return blocks[n_eval:], blocks[:n_eval]
 
 
+def load_reference(cfg: PPOConfig, policy: Any) -> Any:
+    """The frozen reference: --ref-model, else a second copy of --model; it must share the policy's vocabulary."""
+    ref = load_causal_lm(cfg.ref_model or cfg.model)
+    if ref.config.vocab_size != policy.config.vocab_size:
+        raise UserError(f"--ref-model {cfg.ref_model} has a vocabulary of {ref.config.vocab_size}, the policy "
+                        f"{policy.config.vocab_size}: the KL penalty needs the same tokenizer")
+    return ref
+
+
 class PPOTrainer:
     """Holds the four roles, their optimizers and the KL controller; `step()` runs one rollout + PPO update."""
 
@@ -109,7 +118,7 @@ class PPOTrainer:
         # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
         # the reference compute identical log-probs before the first update (KL exactly 0).
         self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
-            self._frozen(load_causal_lm(cfg.model)), cfg.temperature, offload=cfg.offload_frozen)
+            self._frozen(load_reference(cfg, policy)), cfg.temperature, offload=cfg.offload_frozen)
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
