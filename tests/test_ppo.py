@@ -230,8 +230,8 @@ def test_ppo_on_a_gpu_places_every_role_and_offloads_the_frozen_ones(tmp_path, m
 
 def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path, model_dir, prompts_file, tokenizer):
     """A later round starts the policy from the last PPO model and keeps the KL penalty to the SFT model."""
-    from flywheel.models import build_causal_lm, config_for_tokenizer
     from flywheel.errors import UserError
+    from flywheel.models import build_causal_lm, config_for_tokenizer
 
     other = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=7)
     other_dir = save_pretrained(other, tokenizer, tmp_path / "other")

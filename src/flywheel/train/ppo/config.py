@@ -65,7 +65,7 @@ class PPOConfig(TrainConfig):
         if not self.prompts:
             raise UserError("--prompts is required")
         if self.ref_model and self.lora_r:
-            raise UserError("--ref-model cannot be used with --lora-r: the reference is the policy with its adapters off")
+            raise UserError("--ref-model cannot be used with --lora-r: the reference is the policy, adapters off")
         if self.kl_estimator not in ("k1", "k3"):
             raise UserError("--kl-estimator must be k1 or k3")
         if self.temperature <= 0:
