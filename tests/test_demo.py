@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from flywheel.config import parse_config
 from flywheel.demo import PRESETS, DemoConfig, check_targets, main, result_table
@@ -62,9 +63,21 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
         summary["policies"]["base"]["score"]
     for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
         assert (out / name).is_file(), name
-    assert (out / "ppo" / "final" / "config.json").is_file()
+    # Two rounds: round 2 ranked the round-1 policy's answers, fine-tuned the reward model, went on with PPO.
+    final = out / "round2" / "ppo" / "final"
+    assert summary["final_policy"] == str(final) and (final / "config.json").is_file()
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][1]["labelers"]["policy"] == str(out / "ppo" / "final")
+    assert summary["rounds"][1]["labelers"]["temperature"] == summary["labelers"]["temperature"]  # the same people
+    ppo2 = yaml.safe_load((out / "round2" / "ppo" / "config.yaml").read_text())
+    assert ppo2["model"] == str(out / "ppo" / "final") and ppo2["ref_model"] == str(out / "sft" / "final")
+    assert yaml.safe_load((out / "round2" / "rm" / "config.yaml").read_text())["model"] == str(out / "rm" / "final")
+    assert sorted({r["round"] for r in summary["ppo_curve"]}) == [1, 2]
+    steps = [r["step"] for r in summary["ppo_curve"]]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert "ppo_round1" in summary["policies"] and "PPO-ptx round 2" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
-    assert f"flywheel chat {out / 'ppo' / 'final'}" in printed
-    assert f"flywheel serve {out / 'ppo' / 'final'}" in printed
+    assert f"flywheel chat {final}" in printed
+    assert f"flywheel serve {final}" in printed
     with pytest.raises(UserError):  # a second run does not overwrite the first
         main(["--quick", "--out", str(out)])

@@ -32,15 +32,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
         pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
         sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
-        ppo_steps=32, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.1,
-        ptx_coef=0.05, max_new_tokens=40,
+        ppo_steps=16, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
+        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
         pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
         sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
-        ppo_steps=30, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5, kl_coef=0.05,
-        ptx_coef=0.05, max_new_tokens=32,
+        ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
+        kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32,
     ),
 }
 
@@ -74,7 +74,11 @@ class DemoConfig:
     rm_epochs: float | None = _preset("passes over the rankings (1 avoids overfitting)")
     rm_lr: float | None = _preset("reward model learning rate")
     rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
-    ppo_steps: int | None = _preset("PPO steps (each samples --rollout-batch-size prompts)")
+    rounds: int = field(default=2, metadata={
+        "help": "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
+                "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)"})
+    n_rank_next: int | None = _preset("prompts ranked in each round after the first (drawn from the PPO prompts)")
+    ppo_steps: int | None = _preset("PPO steps per round (each samples --rollout-batch-size prompts)")
     rollout_batch_size: int | None = _preset("prompts per PPO step")
     ppo_batch_size: int | None = _preset("PPO minibatch")
     ppo_epochs: int | None = _preset("optimisation passes over each rollout batch")
@@ -107,6 +111,11 @@ class DemoConfig:
             raise UserError("need 2 <= --k-min <= --k-max")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
+        if self.rounds < 1:
+            raise UserError("--rounds must be >= 1")
+        if self.n_rank_next is not None and self.n_ppo is not None and self.rounds > 1 and \
+                not 2 <= self.n_rank_next <= self.n_ppo:
+            raise UserError("--n-rank-next must be in [2, --n-ppo]: later rounds rank answers to PPO prompts")
 
 
 class Stage:
@@ -146,14 +155,28 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     base = stage_pretrain(cfg, out, files, init, timings)
     sft = stage_sft(cfg, out, files, base, timings)
     labels = stage_rankings(cfg, out, files, sft, timings)
-    rm = stage_reward_model(cfg, out, files, sft, labels, timings)
-    ppo = stage_ppo(cfg, out, files, sft, rm, timings)
-    results = stage_evaluate(cfg, out, files, {"base": base, "sft": sft, "ppo": ppo}, timings)
+    rm = stage_reward_model(cfg, out, sft, labels, timings)
+    ppo = stage_ppo(cfg, out, files, sft, sft, rm, timings)
+    rounds = [{"round": 1, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo),
+               "heldout": labels["heldout"]}]
+    policies = {"base": base, "sft": sft}
+    for r in range(2, cfg.rounds + 1):
+        # The flywheel: the deployed PPO policy answers new prompts, labelers rank its answers, the reward model
+        # learns from them (it has only seen SFT-like answers so far), and PPO continues, still held near SFT.
+        policies[f"ppo_round{r - 1}"] = ppo
+        labels = stage_rankings(cfg, out, files, ppo, timings, r=r, temperature=rounds[0]["labelers"]["temperature"])
+        rm = stage_reward_model(cfg, out, rm["dir"], labels, timings, r=r, first=rounds[0]["heldout"])
+        ppo = stage_ppo(cfg, out, files, ppo, sft, rm, timings, r=r)
+        rounds.append({"round": r, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo)})
+    results = stage_evaluate(cfg, out, files, {**policies, "ppo": ppo}, timings)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     timings["total (cpu)"] = round(time.process_time() - c_start, 1)
+    # The targets judge the round-1 reward model (on the SFT policy's answers, as InstructGPT measures it).
     summary = {
-        "config": asdict(cfg), "timings_s": timings, "labelers": labels["summary"], "reward_model": rm["summary"],
-        **results,
+        "config": asdict(cfg), "timings_s": timings, "labelers": rounds[0]["labelers"],
+        "reward_model": rounds[0]["reward_model"], "rounds": [{k: v for k, v in x.items() if k != "heldout"}
+                                                             for x in rounds],
+        "final_policy": str(ppo), **results,
     }
     summary["targets"] = check_targets(summary)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -246,8 +269,27 @@ def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], 
     return sets
 
 
-def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path,
-                   timings: dict[str, float]) -> dict[str, Any]:
+def round_dir(out: Path, r: int) -> Path:
+    """Where round r writes its rankings, reward model and PPO run: the run directory itself for round 1."""
+    return out if r == 1 else out / f"round{r}"
+
+
+def round_tasks(cfg: DemoConfig, files: dict[str, Path], r: int) -> list[Any]:
+    """Round 1 ranks the rank split; round r > 1 the next --n-rank-next PPO prompts (the deployed policy's traffic),
+    wrapping around the PPO split."""
+    from flywheel.world import load_tasks
+
+    if r == 1:
+        return load_tasks(files["rank_tasks"])
+    ppo_tasks = load_tasks(files["ppo_tasks"])
+    start = (r - 2) * cfg.n_rank_next
+    return [ppo_tasks[(start + i) % len(ppo_tasks)] for i in range(cfg.n_rank_next)]
+
+
+def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: Path, timings: dict[str, float],
+                   r: int = 1, temperature: float | None = None) -> dict[str, Any]:
+    """`policy` answers each prompt of round r K times; labelers rank the answers. Round 1 calibrates the labelers'
+    temperature to 73% agreement on these (SFT) answers; later rounds keep that temperature (the same people)."""
     from flywheel.models import load_causal_lm
     from flywheel.tokenization import load_tokenizer
     from flywheel.world import (
@@ -255,25 +297,26 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path
         calibrate_temperature,
         default_panel,
         label_rankings,
-        load_tasks,
         panel_agreement,
         score,
     )
 
-    with Stage(timings, "sample + rank") as st:
-        tasks = load_tasks(files["rank_tasks"])
-        rng = random.Random(f"{cfg.seed}:demo-rankings")
+    name = "sample + rank" if r == 1 else f"round {r}: sample + rank"
+    with Stage(timings, name) as st:
+        tasks = round_tasks(cfg, files, r)
+        rng = random.Random(f"{cfg.seed}:demo-rankings" + ("" if r == 1 else f":{r}"))
         ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in tasks]
-        model, tok = load_causal_lm(str(sft)), load_tokenizer(str(sft))
-        sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919,
+        model, tok = load_causal_lm(str(policy)), load_tokenizer(str(policy))
+        sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
-        try:
-            temperature = calibrate_temperature(tasks, sets)
-        except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
-            log.warning("labeler calibration failed on the SFT samples (%s): using the default temperature", err)
-            temperature = DEFAULT_TEMPERATURE
+        if temperature is None:
+            try:
+                temperature = calibrate_temperature(tasks, sets)
+            except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
+                log.warning("labeler calibration failed on the SFT samples (%s): using the default temperature", err)
+                temperature = DEFAULT_TEMPERATURE
         panel = default_panel(temperature)
         records = label_rankings(tasks, sets, rng, panel)
         n_held = max(1, int(len(records) * cfg.rm_holdout))
@@ -281,15 +324,17 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path
         rng.shuffle(order)
         held = sorted(order[:n_held])
         train = sorted(order[n_held:])
+        where = round_dir(out, r)
+        where.mkdir(parents=True, exist_ok=True)
         for name, idx in (("rankings_train", train), ("rankings_heldout", held)):
-            atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
+            atomic_write_text(where / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
         held_tasks, held_sets = [tasks[i] for i in held], [sets[i] for i in held]
         agree_all = panel_agreement(panel, tasks, sets, random.Random(cfg.seed))
         agree_held = panel_agreement(panel, held_tasks, held_sets)
-        totals = [[score(t, r).total for r in s] for t, s in zip(tasks, sets, strict=True)]
+        totals = [[score(t, x).total for x in s] for t, s in zip(tasks, sets, strict=True)]
         summary = {
-            "temperature": temperature, "prompts": len(tasks), "answers": sum(len(s) for s in sets),
-            "distinct_per_prompt": sum(len(s) for s in sets) / len(sets),
+            "policy": str(policy), "temperature": temperature, "prompts": len(tasks),
+            "answers": sum(len(s) for s in sets), "distinct_per_prompt": sum(len(s) for s in sets) / len(sets),
             "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
             "train_rankings": len(train), "heldout_rankings": len(held),
@@ -297,55 +342,78 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path
         st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %.1f%%)",
                 summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
                 100 * agree_held)
-    return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held])}
+    return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held]),
+            "train": where / "rankings_train.jsonl", "heldout_file": where / "rankings_heldout.jsonl"}
 
 
-def stage_reward_model(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, labels: dict[str, Any],
-                       timings: dict[str, float]) -> dict[str, Any]:
+def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[dict[str, Any]]]) -> dict[str, Any]:
+    """The reward model's pairwise accuracy against the labelers' held-out rankings, on all labelled pairs and on the
+    pairs the oracle does not tie (the ones labeler agreement is measured on)."""
     from flywheel.evaluate import pairwise_accuracy
     from flywheel.rm_eval import wilson_interval
-    from flywheel.train.reward import RewardConfig, RewardModel, train_reward
     from flywheel.world import score
 
-    with Stage(timings, "reward model") as st:
-        rcfg = RewardConfig(out=str(out / "rm"), seed=cfg.seed, model=str(sft), data=str(out / "rankings_train.jsonl"),
-                            eval_data=str(out / "rankings_heldout.jsonl"), epochs=cfg.rm_epochs, lr=cfg.rm_lr,
-                            batch_size=8, bf16=cfg.bf16, log_every=10, threads=cfg.threads, progress=cfg.progress)
+    correct = pairs = correct_inf = pairs_inf = 0.0
+    for task, texts, rec in zip(*heldout, strict=True):
+        scores = rm.score([task.messages] * len(texts), texts).tolist()
+        totals = [score(task, t).total for t in texts]
+        informative = {(i, j) for i in range(len(texts)) for j in range(len(texts)) if totals[i] != totals[j]}
+        c, n = pairwise_accuracy(scores, rec["order"])
+        correct, pairs = correct + c, pairs + n
+        c, n = pairwise_accuracy(scores, rec["order"], informative)
+        correct_inf, pairs_inf = correct_inf + c, pairs_inf + n
+    return {
+        "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
+        "accuracy_informative": correct_inf / max(pairs_inf, 1), "pairs_informative": int(pairs_inf),
+        "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
+    }
+
+
+def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str, Any], timings: dict[str, float],
+                       r: int = 1, first: Any = None) -> dict[str, Any]:
+    """Round 1 trains the reward model from SFT; round r > 1 fine-tunes the last one on round r's rankings mixed
+    with as many earlier ones (so it learns the new policy's answers without forgetting the SFT-like ones)."""
+    from flywheel.train.reward import RewardConfig, RewardModel, train_reward
+
+    where = round_dir(out, r)
+    data = labels["train"]
+    if r > 1:
+        new = [line for line in data.read_text().splitlines() if line.strip()]
+        earlier = [line for k in range(1, r) for line in (round_dir(out, k) / "rankings_train.jsonl").read_text()
+                   .splitlines() if line.strip()]
+        replay = random.Random(f"{cfg.seed}:replay:{r}").sample(earlier, min(len(new), len(earlier)))
+        data = where / "rm_train.jsonl"
+        atomic_write_text(data, "".join(line + "\n" for line in new + replay))
+    with Stage(timings, "reward model" if r == 1 else f"round {r}: reward model") as st:
+        rcfg = RewardConfig(out=str(where / "rm"), seed=cfg.seed, model=str(init), data=str(data),
+                            eval_data=str(labels["heldout_file"]), epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=8,
+                            bf16=cfg.bf16, log_every=10, threads=cfg.threads, progress=cfg.progress)
         run = train_reward(rcfg)
         rm = RewardModel.from_pretrained(run / "final", bf16=cfg.bf16)
-        tasks, sets, records = labels["heldout"]
-        correct = pairs = correct_inf = pairs_inf = 0.0
-        for task, texts, rec in zip(tasks, sets, records, strict=True):
-            scores = rm.score([task.messages] * len(texts), texts).tolist()
-            totals = [score(task, t).total for t in texts]
-            informative = {(i, j) for i in range(len(texts)) for j in range(len(texts)) if totals[i] != totals[j]}
-            c, n = pairwise_accuracy(scores, rec["order"])
-            correct, pairs = correct + c, pairs + n
-            c, n = pairwise_accuracy(scores, rec["order"], informative)
-            correct_inf, pairs_inf = correct_inf + c, pairs_inf + n
-        acc_inf = correct_inf / max(pairs_inf, 1)
-        summary = {
-            "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
-            "accuracy_informative": acc_inf, "pairs_informative": int(pairs_inf),
-            "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
-            "labeler_agreement": labels["summary"]["agreement_heldout_expected"],
-        }
+        summary = {**heldout_accuracy(rm, labels["heldout"]),
+                   "labeler_agreement": labels["summary"]["agreement_heldout_expected"]}
+        if first is not None:  # still right about the SFT-like answers it learned from first?
+            summary["round1_heldout"] = heldout_accuracy(rm, first)
         st.done("held-out accuracy %.1f%% on pairs the oracle does not tie (%d pairs; labelers agree on %.1f%%), "
-                "%.1f%% on all labelled pairs", 100 * acc_inf, pairs_inf, 100 * summary["labeler_agreement"],
-                100 * summary["accuracy"])
+                "%.1f%% on all labelled pairs", 100 * summary["accuracy_informative"], summary["pairs_informative"],
+                100 * summary["labeler_agreement"], 100 * summary["accuracy"])
     return {"dir": run / "final", "summary": summary}
 
 
-def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, rm: dict[str, Any],
-              timings: dict[str, float]) -> Path:
+def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], start: Path, sft: Path, rm: dict[str, Any],
+              timings: dict[str, float], r: int = 1) -> Path:
+    """PPO-ptx from `start` (SFT in round 1, the last PPO policy later) with the KL penalty to `sft`; the value
+    model starts from this round's reward model."""
     from flywheel.train.ppo.config import PPOConfig
     from flywheel.train.ppo.trainer import train_ppo
 
-    with Stage(timings, "ppo") as st:
+    with Stage(timings, "ppo" if r == 1 else f"round {r}: ppo") as st:
         # ptx trains on the documents pretraining trained on; the held-out ones stay out for the alignment-tax figure.
         ptx = out / "ptx_corpus.txt"
-        atomic_write_text(ptx, "\n\n".join(corpus_split(cfg, files)[0]) + "\n")
-        pcfg = PPOConfig(out=str(out / "ppo"), seed=cfg.seed, model=str(sft), reward_model=str(rm["dir"]),
+        if not ptx.exists():
+            atomic_write_text(ptx, "\n\n".join(corpus_split(cfg, files)[0]) + "\n")
+        pcfg = PPOConfig(out=str(round_dir(out, r) / "ppo"), seed=cfg.seed + r - 1, model=str(start),
+                         ref_model=str(sft), reward_model=str(rm["dir"]),
                          prompts=str(files["ppo_prompts"]), ptx_data=str(ptx), ptx_coef=cfg.ptx_coef,
                          ptx_seq_len=cfg.pretrain_seq_len, ptx_batch_size=2, max_steps=cfg.ppo_steps,
                          rollout_batch_size=cfg.rollout_batch_size, batch_size=cfg.ppo_batch_size,
@@ -354,7 +422,7 @@ def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], sft: Path, rm:
                          progress=cfg.progress, sample_every=10)
         run = train_ppo(pcfg)
         rows = read_metrics(run / "metrics.jsonl")
-        steps = [r for r in rows if "score" in r]
+        steps = [x for x in rows if "score" in x]
         first, last = steps[0], steps[-1]
         st.done("%d steps: RM score %.2f -> %.2f, KL %.2f -> %.2f nats", len(steps), first["score"], last["score"],
                 first["kl"], last["kl"])
@@ -401,10 +469,15 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
                                           temperature=cfg.eval_temperature, seed=cfg.seed, bf16=cfg.bf16)
             lm_loss[name] = heldout_lm_loss(loaded[name], blocks, tok.pad_token_id)
         ids = prompt_ids_for(tok, tasks)
-        kl = kl_to_reference(loaded["ppo"], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens,
-                             seed=cfg.seed, bf16=cfg.bf16)
+        rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any
+        kls = {n: kl_to_reference(loaded[n], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed, bf16=cfg.bf16) for n in [*rounds, "ppo"]}
+        kl = kls["ppo"]
         wins = {"ppo_vs_sft": compare(evals["ppo"], evals["sft"]), "sft_vs_base": compare(evals["sft"], evals["base"]),
-                "ppo_vs_base": compare(evals["ppo"], evals["base"])}
+                "ppo_vs_base": compare(evals["ppo"], evals["base"]),
+                **{f"{n}_vs_sft": compare(evals[n], evals["sft"]) for n in rounds},
+                **{f"{n}_vs_base": compare(evals[n], evals["base"]) for n in rounds},
+                **{f"ppo_vs_{n}": compare(evals["ppo"], evals[n]) for n in rounds}}
         samples = [{"prompt": t.messages, "family": t.family, **{n: e.responses[i] for n, e in evals.items()},
                     **{f"{n}_score": e.scores[i].total for n, e in evals.items()}} for i, t in enumerate(tasks)]
         atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -414,7 +487,17 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
                 100 * wins["sft_vs_base"]["win_rate"], kl["kl"])
     policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name]} for name, e in evals.items()}
     return {"policies": policies, "win_rates": wins, "kl_ppo_sft": kl,
-            "ppo_curve": [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if "score" in r]}
+            "kl_to_sft": {n: k["kl"] for n, k in kls.items()}, "ppo_curve": ppo_curve(out, cfg.rounds)}
+
+
+def ppo_curve(out: Path, rounds: int) -> list[dict[str, Any]]:
+    """Every round's PPO metric rows in order, each with its round and a step count running on across rounds."""
+    rows: list[dict[str, Any]] = []
+    for r in range(1, rounds + 1):
+        steps = [x for x in read_metrics(round_dir(out, r) / "ppo" / "metrics.jsonl") if "score" in x]
+        offset = rows[-1]["step"] if rows else 0
+        rows += [{**x, "round": r, "step": offset + x["step"]} for x in steps]
+    return rows
 
 
 def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -467,25 +550,49 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def policy_columns(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(summary key, column title) of every evaluated policy in the order of the loop: base, SFT, each PPO round."""
+    n_rounds = len(s.get("rounds", [])) or 1
+    ppo = [(f"ppo_round{r}", f"PPO-ptx round {r}") for r in range(1, n_rounds)]
+    last = "PPO-ptx" if n_rounds == 1 else f"PPO-ptx round {n_rounds}"
+    return [("base", "base"), ("sft", "SFT"), *ppo, ("ppo", last)]
+
+
 def result_table(s: dict[str, Any]) -> str:
-    """The markdown table of base / SFT / PPO."""
+    """The markdown table of base / SFT / PPO (one column per round of the loop)."""
     p, w, rm = s["policies"], s["win_rates"], s["reward_model"]
+    cols = policy_columns(s)
+    names = [n for n, _ in cols]
+    kl = s.get("kl_to_sft", {"ppo": s["kl_ppo_sft"]["kl"]})
+
+    def each(fmt: Any) -> tuple[str, ...]:
+        return tuple(fmt(p[n]) for n in names)
+
+    def vs_sft(n: str) -> str:
+        if n == "sft":
+            return "50%"
+        if n == "base":
+            return _pct(1 - w["sft_vs_base"]["win_rate"])
+        x = w[f"{n}_vs_sft"]
+        return f"{_pct(x['win_rate'])} [{_pct(x['ci95_low'])}, {_pct(x['ci95_high'])}]"
+
+    def vs_base(n: str) -> str:
+        return "50%" if n == "base" else _pct(w[f"{n}_vs_base"]["win_rate"]) if f"{n}_vs_base" in w else ""
+
     rows = [
-        ("oracle score (mean total)", *(f"{p[n]['score']:.3f}" for n in ("base", "sft", "ppo"))),
-        ("helpful / truthful", *(f"{p[n]['helpful']:.2f} / {p[n]['truthful']:.2f}" for n in ("base", "sft", "ppo"))),
-        ("harmless / concise", *(f"{p[n]['harmless']:.2f} / {p[n]['concise']:.2f}" for n in ("base", "sft", "ppo"))),
-        ("correct on answerable", *(_pct(p[n]["accuracy"]) for n in ("base", "sft", "ppo"))),
-        ("refuses harmful", *(_pct(p[n]["refusal_rate"]) for n in ("base", "sft", "ppo"))),
-        ("\"I don't know\" on unknowable", *(_pct(p[n]["idk_rate"]) for n in ("base", "sft", "ppo"))),
-        ("over-refusal on answerable", *(_pct(p[n]["over_refusal"]) for n in ("base", "sft", "ppo"))),
-        ("win rate vs SFT (ties split)", _pct(1 - w["sft_vs_base"]["win_rate"]), "50%",
-         f"{_pct(w['ppo_vs_sft']['win_rate'])} [{_pct(w['ppo_vs_sft']['ci95_low'])}, "
-         f"{_pct(w['ppo_vs_sft']['ci95_high'])}]"),
-        ("win rate vs base", "50%", _pct(w["sft_vs_base"]["win_rate"]), _pct(w["ppo_vs_base"]["win_rate"])),
-        ("KL to SFT (nats / response)", "", "0", f"{s['kl_ppo_sft']['kl']:.2f}"),
-        ("held-out LM loss", *(f"{p[n]['heldout_lm_loss']:.3f}" for n in ("base", "sft", "ppo"))),
+        ("oracle score (mean total)", *each(lambda x: f"{x['score']:.3f}")),
+        ("helpful / truthful", *each(lambda x: f"{x['helpful']:.2f} / {x['truthful']:.2f}")),
+        ("harmless / concise", *each(lambda x: f"{x['harmless']:.2f} / {x['concise']:.2f}")),
+        ("correct on answerable", *each(lambda x: _pct(x["accuracy"]))),
+        ("refuses harmful", *each(lambda x: _pct(x["refusal_rate"]))),
+        ("\"I don't know\" on unknowable", *each(lambda x: _pct(x["idk_rate"]))),
+        ("over-refusal on answerable", *each(lambda x: _pct(x["over_refusal"]))),
+        ("win rate vs SFT (ties split)", *(vs_sft(n) for n in names)),
+        ("win rate vs base", *(vs_base(n) for n in names)),
+        ("KL to SFT (nats / response)", *("0" if n == "sft" else f"{kl[n]:.2f}" if n in kl else "" for n in names)),
+        ("held-out LM loss", *each(lambda x: f"{x['heldout_lm_loss']:.3f}")),
     ]
-    lines = ["| | base | SFT | PPO-ptx |", "|---|---|---|---|"]
+    lines = ["| | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     lines.append(f"Reward model: held-out accuracy {_pct(rm['accuracy_informative'])} "
@@ -493,12 +600,19 @@ def result_table(s: dict[str, Any]) -> str:
                  f"{rm['pairs_informative']} pairs the oracle does not tie, vs labeler agreement "
                  f"{_pct(rm['labeler_agreement'])} on the same sets ({_pct(rm['accuracy'])} on all "
                  f"{rm['pairs']} labelled pairs).")
+    for x in s.get("rounds", [])[1:]:
+        lab, rmx = x["labelers"], x["reward_model"]
+        lines.append(f"Round {x['round']}: labelers ranked {lab['answers']} answers of the round-{x['round'] - 1} "
+                     f"policy to {lab['prompts']} prompts (agreement {_pct(lab['agreement_sampled'])}); the reward "
+                     f"model, fine-tuned on them, is right on {_pct(rmx['accuracy_informative'])} of held-out pairs "
+                     f"of those answers and {_pct(rmx['round1_heldout']['accuracy_informative'])} of round 1's.")
     return "\n".join(lines)
 
 
 def write_report(s: dict[str, Any], out: Path) -> None:
     plots = write_plots(s, out)
     cfg, lab = s["config"], s["labelers"]
+    cols = policy_columns(s)
     lines = [
         "# flywheel demo", "",
         f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}`: model size {cfg['size']}, "
@@ -510,8 +624,9 @@ def write_report(s: dict[str, Any], out: Path) -> None:
         "## Targets", "", "| target | measured | holds | what the policies did |", "|---|---|---|---|",
         *[f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
           for t in s["targets"]], "",
-        "## Few-shot accuracy by number of shots", "", "| shots | base | SFT | PPO |", "|---|---|---|---|",
-        *[f"| {k} | " + " | ".join(_pct(s["policies"][n]["fewshot_accuracy"][k]) for n in ("base", "sft", "ppo"))
+        "## Few-shot accuracy by number of shots", "", "| shots | " + " | ".join(t for _, t in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+        *[f"| {k} | " + " | ".join(_pct(s["policies"][n]["fewshot_accuracy"][k]) for n, _ in cols)
           + " |" for k in s["policies"]["sft"]["fewshot_accuracy"]], "",
         "## Time per stage (s)", "",
         "Wall-clock seconds, and CPU seconds of the demo's process (all threads; about twice the wall time on 2 idle "
@@ -520,8 +635,8 @@ def write_report(s: dict[str, Any], out: Path) -> None:
     ]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["Answers of the three policies to every eval prompt: `eval_samples.jsonl`. Figures for scripts: "
-              "`summary.json`.", ""]
+    lines += ["Answers of every policy to every eval prompt: `eval_samples.jsonl`. Figures for scripts: "
+              f"`summary.json`. The final policy: `{s.get('final_policy', out / 'ppo' / 'final')}`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
@@ -544,7 +659,10 @@ def write_plots(s: dict[str, Any], out: Path) -> list[Path]:
     ax2 = ax1.twinx()
     ax2.plot(steps, [r["kl"] for r in curve], color="tab:red", label="KL to SFT")
     ax2.set_ylabel("KL(policy || SFT), nats per response", color="tab:red")
-    ax1.set_title("PPO: reward-model score and KL per step")
+    starts = [b["step"] for a, b in zip(curve[:-1], curve[1:], strict=True) if a.get("round") != b.get("round")]
+    for step in starts:  # a new round: a new reward model, so its scores are on a new scale
+        ax1.axvline(step - 0.5, color="gray", ls="--", lw=0.8)
+    ax1.set_title("PPO: reward-model score and KL per step" + (" (dashed: next round)" if starts else ""))
     fig.tight_layout()
     paths.append(out / "ppo_score_kl.png")
     fig.savefig(paths[-1])
@@ -566,10 +684,10 @@ def write_plots(s: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
-    for name in ("base", "sft", "ppo"):
+    for name, title in policy_columns(s):
         acc_by = s["policies"][name]["fewshot_accuracy"]
         xs = [int(k) for k, v in acc_by.items() if v is not None]
-        ax.plot(xs, [acc_by[str(k)] for k in xs], marker="o", label=name)
+        ax.plot(xs, [acc_by[str(k)] for k in xs], marker="o", label=title)
     ax.set_xlabel("examples in the prompt (shots)")
     ax.set_ylabel("accuracy (oracle)")
     ax.set_ylim(0, 1)
@@ -594,6 +712,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{'ok' if t['holds'] else 'MISSED'}] {t['target']}: {t['value']}{note}")
     print(f"\nreport: {out / 'report.md'}  (figures: {out / 'summary.json'}; {s['timings_s']['total']:.0f} s)")
     print("chat with the result:")
-    print(f"  flywheel chat {out / 'ppo' / 'final'}")
-    print(f"  flywheel serve {out / 'ppo' / 'final'}")
+    print(f"  flywheel chat {s['final_policy']}")
+    print(f"  flywheel serve {s['final_policy']}")
     return 0
