@@ -40,35 +40,37 @@ def decode(forward: Any, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.
         generator.seed()
     else:
         generator.manual_seed(params.seed)
-    steps = int(budgets.max())
+    batch, steps = ids.shape[0], int(budgets.max())
+    # Per-row bookkeeping in Python lists: at 1-64 rows that is cheaper than a handful of tensor ops per step.
+    stop, budget = set(stop_ids), budgets.tolist()
+    rows = list(range(batch))  # prompt index of each batch slot
+    picks: torch.Tensor | None = None  # the same as a tensor, once the batch has been compacted
+    alive = [True] * batch  # slot still generating
     with torch.inference_mode():
         logits, state = forward.start(ids, valid, ids.shape[1] + steps)  # (B, V)
-        rows = torch.arange(ids.shape[0], device=device)  # prompt index of each batch slot
-        alive = torch.ones(ids.shape[0], dtype=torch.bool, device=device)  # slot still generating
-        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        budgets = budgets.to(device)
-    n_alive = ids.shape[0]
     for t in range(steps):
         with torch.inference_mode():
             # One draw per prompt and step, picked by row: compacting the batch does not change any row's sample.
-            uniform = None if params.greedy else torch.rand(ids.shape[0], generator=generator, device=device)[rows]
+            uniform = None if params.greedy else torch.rand(batch, generator=generator, device=device)
+            if uniform is not None and picks is not None:
+                uniform = uniform[picks]
             tokens, logprobs = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                       uniform=uniform)
-            done = torch.isin(tokens, stop) | (budgets[rows] <= t + 1)
-            if n_alive == alive.numel():  # nobody finished: no need to pick the live rows
-                out = Step(rows.tolist(), tokens.tolist(), logprobs.tolist(), done.tolist())
-            else:
-                live = alive.nonzero()[:, 0]
-                out = Step(rows[live].tolist(), tokens[live].tolist(), logprobs[live].tolist(), done[live].tolist())
-            alive &= ~done
-            n_alive = int(alive.sum())
-        yield out
+        new, logp = tokens.tolist(), logprobs.tolist()
+        done = [tok in stop or budget[row] <= t + 1 for tok, row in zip(new, rows, strict=True)]
+        live = [i for i, a in enumerate(alive) if a]
+        yield Step([rows[i] for i in live], [new[i] for i in live], [logp[i] for i in live], [done[i] for i in live])
+        alive = [a and not d for a, d in zip(alive, done, strict=True)]
+        n_alive = sum(alive)
         if n_alive == 0:
             return
         with torch.inference_mode():
-            dead = alive.numel() - n_alive
-            if dead and dead >= compact_at * alive.numel():
-                keep = alive.nonzero()[:, 0]
-                forward.keep(state, keep)
-                rows, tokens, alive = rows[keep], tokens[keep], alive[keep]
+            dead = len(alive) - n_alive
+            if dead and dead >= compact_at * len(alive):
+                keep = [i for i, a in enumerate(alive) if a]
+                keep_t = torch.tensor(keep, device=device)
+                forward.keep(state, keep_t)
+                tokens = tokens[keep_t]
+                rows, alive = [rows[i] for i in keep], [True] * len(keep)
+                picks = torch.tensor(rows, device=device)
             logits = forward.step(state, tokens)

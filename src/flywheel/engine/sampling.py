@@ -64,13 +64,24 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: f
         tokens = logits.argmax(dim=-1)
         logp = torch.log_softmax(logits, dim=-1)
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (B, V)
-    filtered = filter_top_p(filter_top_k(logp, top_k), top_p)
-    cdf = filtered.exp().cumsum(dim=-1)  # (B, V), unnormalised
-    # u in (0, total]: the first index whose CDF reaches u has positive probability (a zero-probability token repeats
-    # the CDF value of the token before it, so it is never the first to reach u).
     if uniform is None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    u = (1.0 - uniform[:, None]) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u)[:, 0]
+    scaled = logits / temperature if temperature != 1.0 else logits
+    if top_k <= 0 and top_p >= 1.0:  # nothing filtered: the softmax is both the distribution and the log-prob's
+        probs = torch.softmax(scaled, dim=-1)  # (B, V)
+        tokens = _invert_cdf(probs.cumsum(dim=-1), uniform)
+        return tokens, probs.gather(-1, tokens[:, None])[:, 0].log()
+    logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+    filtered = filter_top_p(filter_top_k(logp, top_k), top_p)
+    tokens = _invert_cdf(filtered.exp().cumsum(dim=-1), uniform)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def _invert_cdf(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """cdf: (B, V) unnormalised cumulative probabilities, uniform: (B,) in [0, 1) -> (B,) the drawn token ids.
+
+    u in (0, total]: the first index whose CDF reaches u has positive probability (a zero-probability token repeats
+    the CDF value of the token before it, so it is never the first to reach u).
+    """
+    u = (1.0 - uniform[:, None]) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u)[:, 0]
