@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -35,6 +36,7 @@ from flywheel.world import (
     label_rankings,
     load_tasks,
     make_task,
+    oracle_ranker_accuracy,
     panel_agreement,
     read_jsonl,
     score,
@@ -462,3 +464,23 @@ def test_config_validation_and_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="ran out of distinct prompts"):
         generate_world(WorldConfig(corpus_chars=0, n_demos=0, n_demos_val=0, n_rank=0, n_ppo=0, n_eval=3000),
                        mix={"harmful": 1.0})
+
+
+def test_oracle_ranker_accuracy_is_the_ceiling_a_reward_model_is_judged_against():
+    tasks, sets = calibration_sets(random.Random(5), 60)
+    panel = [Labeler("a", 0.05), Labeler("b", 0.2)]
+    # Brute force: for every informative pair, P(labeler orders it as the oracle) = sigmoid(|du| / T).
+    per_labeler = []
+    for lab in panel:
+        probs = []
+        for t, cands in zip(tasks, sets, strict=True):
+            texts = list(dict.fromkeys(cands))
+            totals = [score(t, c).total for c in texts]
+            for i, j in itertools.combinations(range(len(texts)), 2):
+                if totals[i] != totals[j]:
+                    probs.append(1 / (1 + math.exp(-abs(totals[i] - totals[j]) / lab.temperature)))
+        per_labeler.append(sum(probs) / len(probs))
+    assert oracle_ranker_accuracy(panel, tasks, sets) == pytest.approx(sum(per_labeler) / 2, abs=1e-12)
+    # One labeler's noise, not two: above the pair's agreement; a noiseless panel is matched exactly.
+    assert oracle_ranker_accuracy(panel, tasks, sets) > panel_agreement(panel, tasks, sets)
+    assert oracle_ranker_accuracy([Labeler("c", 0.0), Labeler("d", 0.0)], tasks, sets) == 1.0

@@ -297,6 +297,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         calibrate_temperature,
         default_panel,
         label_rankings,
+        oracle_ranker_accuracy,
         panel_agreement,
         score,
     )
@@ -336,6 +337,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             "policy": str(policy), "temperature": temperature, "prompts": len(tasks),
             "answers": sum(len(s) for s in sets), "distinct_per_prompt": sum(len(s) for s in sets) / len(sets),
             "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
+            "oracle_ranker_heldout": oracle_ranker_accuracy(panel, held_tasks, held_sets),
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
             "train_rankings": len(train), "heldout_rankings": len(held),
         }
@@ -391,7 +393,8 @@ def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str,
         run = train_reward(rcfg)
         rm = RewardModel.from_pretrained(run / "final", bf16=cfg.bf16)
         summary = {**heldout_accuracy(rm, labels["heldout"]),
-                   "labeler_agreement": labels["summary"]["agreement_heldout_expected"]}
+                   "labeler_agreement": labels["summary"]["agreement_heldout_expected"],
+                   "oracle_ranker_accuracy": labels["summary"]["oracle_ranker_heldout"]}
         if first is not None:  # still right about the SFT-like answers it learned from first?
             summary["round1_heldout"] = heldout_accuracy(rm, first)
         st.done("held-out accuracy %.1f%% on pairs the oracle does not tie (%d pairs; labelers agree on %.1f%%), "
@@ -529,7 +532,10 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         {"target": "RM held-out accuracy within 3 points of labeler agreement",
          "value": f"{_pct(rm['accuracy_informative'])} vs {_pct(rm['labeler_agreement'])} ({100 * gap:+.1f})",
          "holds": abs(gap) <= 0.03,
-         "note": f"{rm['pairs_informative']} held-out pairs: 95% interval {_pct(ci[0])}-{_pct(ci[1])}"},
+         "note": f"{rm['pairs_informative']} held-out pairs: 95% interval {_pct(ci[0])}-{_pct(ci[1])}"
+                 + (f"; a ranker that knew the oracle would score {_pct(rm['oracle_ranker_accuracy'])} against these "
+                    "labelers (one labeler's noise, where agreement has two)" if "oracle_ranker_accuracy" in rm
+                    else "")},
         {"target": "KL(PPO ‖ SFT) <= 10 nats per response", "value": f"{kl:.2f}", "holds": kl <= 10.0,
          "note": "" if kl <= 10.0 else "raise --kl-coef or lower --ppo-lr"},
         {"target": "refusal rate on harmful prompts better than SFT's",

@@ -32,6 +32,7 @@ from flywheel.world.labelers import (
     default_panel,
     expected_agreement,
     label_rankings,
+    oracle_ranker_accuracy,
     panel_agreement,
 )
 from flywheel.world.oracle import VERDICTS, WEIGHTS, Scores, score
@@ -42,5 +43,5 @@ __all__ = [
     "Imperfections", "Labeler", "LengthBias", "Scores", "Task", "World", "WorldConfig", "agreement",
     "calibrate_temperature", "calibration_sets", "candidate_responses", "default_panel", "demonstration",
     "expected_agreement", "family_counts", "generate_world", "label_rankings", "load_tasks", "make_corpus",
-    "make_task", "panel_agreement", "random_task", "read_jsonl", "score", "write_world",
+    "make_task", "oracle_ranker_accuracy", "panel_agreement", "random_task", "read_jsonl", "score", "write_world",
 ]

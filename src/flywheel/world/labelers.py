@@ -185,6 +185,16 @@ def panel_agreement(panel: Sequence[Labeler], tasks: Sequence[Task], candidate_s
     return float(np.mean([scored.expected(a, b) for a, b in itertools.combinations(panel, 2)]))
 
 
+def oracle_ranker_accuracy(panel: Sequence[Labeler], tasks: Sequence[Task],
+                           candidate_sets: Sequence[Sequence[str]]) -> float:
+    """The expected accuracy, against the panel's rankings, of a ranker that orders every pair as the oracle does:
+    the ceiling of a reward model judged against these labelers (pairs the oracle ties excluded, as in agreement).
+    Above the labelers' agreement because the noise of only one labeler is in the way, not two."""
+    scored = _Scored(tasks, candidate_sets)
+    oracle_first = scored.totals[scored.i] > scored.totals[scored.j]
+    return float(np.mean([np.mean(np.where(oracle_first, p, 1 - p)) for p in map(scored.p_above, panel)]))
+
+
 def calibrate_temperature(tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]],
                           target: float = TARGET_AGREEMENT,
                           make_panel: Callable[[float], Sequence[Labeler]] = default_panel) -> float:
