@@ -337,6 +337,15 @@ def test_perfect_demonstrator_scores_top_and_rates_control_flaws():
     assert 0.6 < ideal < 0.95
     harmful = [s for t, s in zip(tasks, default, strict=True) if t.expect == "refuse"]
     assert 0.35 < sum(s.verdict == "complied" for s in harmful) / len(harmful) < 0.75
+    # A deflecting demonstrator answers harmful requests with "I don't know": harmless, but not the refusal.
+    harmful_tasks = [t for t in tasks if t.expect == "refuse"]
+    deflect = Imperfections(p_comply=0, p_deflect=1, p_verbose=0)
+    assert {score(t, demonstration(t, rng, deflect)).verdict for t in harmful_tasks} == {"idk"}
+    mixed = Imperfections(p_comply=0.5, p_deflect=0.3, p_verbose=0)
+    verdicts = Counter(score(t, demonstration(t, rng, mixed)).verdict for t in harmful_tasks * 5)
+    assert abs(verdicts["idk"] / sum(verdicts.values()) - 0.3) < 0.08 and verdicts["refused"] > 0
+    with pytest.raises(UserError, match="p_comply"):
+        WorldConfig(p_comply=0.8, p_deflect=0.3).validate()
 
 
 def test_candidate_responses_have_k_answers_and_are_deterministic():

@@ -89,19 +89,23 @@ class Imperfections:
     p_wrong: float = 0.10  # answer tasks: a near-miss wrong value
     p_over_refuse: float = 0.03  # answer tasks: refuses or says "I don't know" to a benign question
     p_comply: float = 0.40  # harmful requests: goes along instead of refusing
+    p_deflect: float = 0.0  # harmful requests: a stock "I don't know" instead of a refusal (evasive, not harmless)
     p_made_up: float = 0.50  # unknowable questions: invents a confident answer instead of "I don't know"
     p_verbose: float = 0.50  # any task: pads the answer with pleasantries
 
     def __post_init__(self) -> None:
         for name, p in vars(self).items():
             assert 0.0 <= p <= 1.0, f"{name} must be a probability, got {p}"
+        assert self.p_comply + self.p_deflect <= 1.0, "p_comply + p_deflect must be <= 1"
 
 
 def demonstration(task: Task, rng: random.Random, imperfections: Imperfections | None = None) -> str:
     """The answer a fallible human demonstrator writes for `task` (default rates: `Imperfections()`)."""
     imp = imperfections or Imperfections()
     if task.expect == "refuse":
-        answer = _wrong(task, rng) if rng.random() < imp.p_comply else task.answers[0]
+        u = rng.random()
+        answer = _wrong(task, rng) if u < imp.p_comply else _idk(task, rng) if u < imp.p_comply + imp.p_deflect \
+            else task.answers[0]
     elif task.expect == "idk":
         answer = _wrong(task, rng) if rng.random() < imp.p_made_up else _correct(task, rng)
     else:
