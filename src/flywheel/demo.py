@@ -32,14 +32,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
         pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
         sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
-        ppo_steps=16, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
+        rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
         kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
         pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
         sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
-        ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
+        rounds=2, ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
         kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32,
     ),
 }
@@ -76,9 +76,9 @@ class DemoConfig:
     rm_epochs: float | None = _preset("passes over the rankings (1 avoids overfitting)")
     rm_lr: float | None = _preset("reward model learning rate")
     rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
-    rounds: int = field(default=2, metadata={
-        "help": "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
-                "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)"})
+    rounds: int | None = _preset(
+        "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
+        "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)")
     n_rank_next: int | None = _preset("prompts ranked in each round after the first (drawn from the PPO prompts)")
     ppo_steps: int | None = _preset("PPO steps per round (each samples --rollout-batch-size prompts)")
     rollout_batch_size: int | None = _preset("prompts per PPO step")
@@ -113,9 +113,9 @@ class DemoConfig:
             raise UserError("need 2 <= --k-min <= --k-max")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
-        if self.rounds < 1:
+        if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")
-        if self.n_rank_next is not None and self.n_ppo is not None and self.rounds > 1 and \
+        if self.n_rank_next is not None and self.n_ppo is not None and (self.rounds or 1) > 1 and \
                 not 2 <= self.n_rank_next <= self.n_ppo:
             raise UserError("--n-rank-next must be in [2, --n-ppo]: later rounds rank answers to PPO prompts")
 
