@@ -311,7 +311,7 @@ def test_weight_updates_do_not_grow_the_rope_tables():
     sizes = []
     for _ in range(4):
         engine.generate(PROMPTS, greedy)
-        sizes.append(engine._forward._weights.cos.shape[0])
+        sizes.append(engine._forward._weights.rope.shape[0])
         with torch.no_grad():
             model.model.norm.weight.mul_(1.01)  # an in-place update: the weights are re-read next call
     assert len(set(sizes)) == 1 and sizes[0] <= 256
@@ -319,4 +319,4 @@ def test_weight_updates_do_not_grow_the_rope_tables():
 
     long = Engine(AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB, "nano", max_position_embeddings=1024)))
     long.generate([[5] * 300], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))
-    assert long._forward._weights.cos.shape[0] >= 320  # grown when a longer sequence needs it
+    assert long._forward._weights.rope.shape[0] >= 320  # grown when a longer sequence needs it

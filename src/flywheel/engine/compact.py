@@ -170,8 +170,7 @@ class _Weights:
     embed: torch.Tensor  # (V, hidden)
     norm: torch.Tensor  # (hidden,)
     lm_head: Linear
-    cos: torch.Tensor  # (positions, D) RoPE tables, from the model's rotary module
-    sin: torch.Tensor  # (positions, D) signed: rotate_half(x) * sin == roll(x, D/2) * this
+    rope: torch.Tensor  # (positions, 2, D) RoPE cos and signed sin (rotate_half(x) * sin == roll(x, D/2) * this)
 
 
 @dataclass
@@ -180,8 +179,8 @@ class KVState:
 
     w: _Weights
     kv: torch.Tensor  # (L, B, 2*Hkv, S, D): per layer, the k heads then the v heads of every slot
-    bias: torch.Tensor  # (B, S) additive attention bias: 0 where a slot holds a real token, -inf elsewhere
-    pos: torch.Tensor  # (B,) int64 position of each row's next token
+    bias: torch.Tensor  # (B, S) additive attention bias: -inf at padding slots, 0 elsewhere
+    pos: torch.Tensor  # (B, 1) int64 position of each row's next token
     n: int  # slots written so far
 
 
@@ -219,9 +218,8 @@ class CompactCausalLM:
         params = list(self.model.parameters())
         fingerprint = (self.dtype, tuple((p.data_ptr(), p._version) for p in params))
         w = self._weights
-        if w is not None and w.cos.shape[0] < positions:  # RoPE tables depend on positions only, not on the weights
-            cos, sin = self._rope(max(positions, 2 * w.cos.shape[0]))
-            w = self._weights = dataclasses.replace(w, cos=cos, sin=sin)
+        if w is not None and w.rope.shape[0] < positions:  # RoPE tables depend on positions only, not on the weights
+            w = self._weights = dataclasses.replace(w, rope=self._rope(max(positions, 2 * w.rope.shape[0])))
         if fingerprint == self._fingerprint and w is not None:
             return w
         dt = self.dtype
@@ -242,18 +240,19 @@ class CompactCausalLM:
                 k_norm=_param(getattr(getattr(a, "k_norm", None), "weight", None), dt),
                 window=window,
             ))
-        cos, sin = (w.cos, w.sin) if w is not None else self._rope(max(positions, 256))
+        rope = w.rope if w is not None else self._rope(max(positions, 256))
         self._weights = _Weights(layers=layers, embed=_param(inner.embed_tokens.weight, dt),
                                  norm=_param(inner.norm.weight, dt),
                                  lm_head=Linear([self.model.lm_head.weight], [self.model.lm_head.bias], dt),
-                                 cos=cos, sin=sin)
+                                 rope=rope)
         self._fingerprint = fingerprint
         return self._weights
 
-    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin tables (length, D) in the engine's dtype, from the model's own rotary module."""
+    def _rope(self, length: int) -> torch.Tensor:
+        """cos and signed sin tables (length, 2, D) in the engine's dtype, from the model's own rotary module (one
+        table, so that a step gathers both with one index)."""
         cos, sin = rope_tables(self.model.model.rotary_emb, length, self.device)
-        return cos.to(self.dtype), sin.to(self.dtype)
+        return torch.stack([cos, sin], dim=1).to(self.dtype)
 
     def start(self, ids: torch.Tensor, valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVState]:
         """Prefill left-padded prompts. ids, valid: (B, P); capacity: total slots (P + new tokens).
@@ -263,10 +262,11 @@ class CompactCausalLM:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
         w = self.sync(positions=int(positions[:, -1].max()) + capacity - p + 1)
         kv = torch.zeros(len(w.layers), b, 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
-        # 0 = attend, -inf = padding or not written yet; SDPA would convert a boolean mask at every call of every layer
-        bias = torch.full((b, capacity), float("-inf"), dtype=self.dtype, device=dev)
-        bias[:, :p].masked_fill_(valid, 0.0)
-        state = KVState(w=w, kv=kv, bias=bias, pos=positions[:, -1] + 1, n=p)
+        # 0 = attend, -inf = padding; SDPA would convert a boolean mask at every call of every layer. Slots past the
+        # prompt are 0 already: a step attends to slots up to its own only, which are all written by then.
+        bias = torch.zeros(b, capacity, dtype=self.dtype, device=dev)
+        bias[:, :p].masked_fill_(~valid, float("-inf"))
+        state = KVState(w=w, kv=kv, bias=bias, pos=positions[:, -1:] + 1, n=p)
         q_idx = torch.arange(p, device=dev)
         causal = q_idx[None, :] <= q_idx[:, None]  # (P, P) [query, key]
         allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
@@ -277,9 +277,8 @@ class CompactCausalLM:
         """Append one token per row (B,) and return the next-token logits (B, V)."""
         n = state.n
         assert n < state.kv.shape[3], "KV cache is full: capacity was too small"
-        state.bias[:, n] = 0.0
         mask = state.bias[:, None, None, : n + 1]  # (B, 1, 1, n+1)
-        out = self._forward(state, tokens[:, None], state.pos[:, None], n, mask)
+        out = self._forward(state, tokens[:, None], state.pos, n, mask)
         state.pos += 1
         state.n = n + 1
         return out
@@ -305,9 +304,9 @@ class CompactCausalLM:
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         gqa = {} if hq == hkv or not _SDPA_HAS_GQA else {"enable_gqa": True}
         w = state.w
-        cos, sin = w.cos[positions][:, None], w.sin[positions][:, None]  # (B, 1, T, D)
+        cos, sin = w.rope[positions][:, None].unbind(-2)  # (B, 1, T, D) each
         masks = {None: mask}
-        x = F.embedding(ids, w.embed).view(b * t, -1)  # (B*T, hidden); 2-D so residual adds fuse into addmm
+        x = F.embedding(ids, w.embed).view(b * t, -1)  # (B*T, hidden), 2-D for the linears
         for i, layer in enumerate(w.layers):
             if layer.window not in masks:
                 masks[layer.window] = self._window_mask(mask, start, end, layer.window)
@@ -317,20 +316,23 @@ class CompactCausalLM:
                 qkv = torch.cat([rms_norm(qkv[:, :hq], layer.q_norm, self.eps),
                                  rms_norm(qkv[:, hq:hq + hkv], layer.k_norm, self.eps), qkv[:, hq + hkv:]], dim=1)
             qk = qkv[:, : hq + hkv]
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once
+            # RoPE on q and k at once, in place; HF's rounding order (addcmul rounds once in bf16, which moved our
+            # bf16 log-probs further from the fp32 model's in tests/test_engine.py: 0.08-0.13 -> 0.13-0.16)
+            torch.add(qk * cos, qk.roll(d // 2, dims=-1) * sin, out=qk)
             cache = state.kv[i]  # (B, 2*Hkv, S, D)
-            cache[:, :hkv, start:end] = qk[:, hq:]
-            cache[:, hkv:, start:end] = qkv[:, hq + hkv:]
+            cache[:, :, start:end] = qkv[:, hq:]  # the k then v heads, in one copy
             keys, values = cache[:, :hkv, :end], cache[:, hkv:, :end]
             if hq != hkv and not gqa:
                 keys = keys.repeat_interleave(hq // hkv, dim=1)
                 values = values.repeat_interleave(hq // hkv, dim=1)
             att = F.scaled_dot_product_attention(
-                qk[:, :hq], keys, values, attn_mask=masks[layer.window], scale=self.scaling, **gqa
+                qkv[:, :hq], keys, values, attn_mask=masks[layer.window], scale=self.scaling, **gqa
             )  # (B, Hq, T, D)
             x = layer.o.add_to(x, att.transpose(1, 2).reshape(b * t, hq * d))
             h = rms_norm(x, layer.ln2, self.eps)
             gate, up = layer.gate_up(h).split([self.ffn, self.ffn], dim=-1)
             x = layer.down.add_to(x, self.act(gate) * up)
-        x = rms_norm(x.view(b, t, -1)[:, -1], w.norm, self.eps)  # (B, hidden): only the last position is needed
+        if t > 1:
+            x = x.view(b, t, -1)[:, -1]  # (B, hidden): only the last position is needed
+        x = rms_norm(x, w.norm, self.eps)
         return w.lm_head(x).float()
