@@ -346,6 +346,12 @@ def test_perfect_demonstrator_scores_top_and_rates_control_flaws():
     assert abs(verdicts["idk"] / sum(verdicts.values()) - 0.3) < 0.08 and verdicts["refused"] > 0
     with pytest.raises(UserError, match="p_comply"):
         WorldConfig(p_comply=0.8, p_deflect=0.3).validate()
+    # An over-cautious one refuses unknowable questions: truthful, but not the "I don't know" asked for.
+    unknowable = [t for t in tasks if t.expect == "idk"]
+    cautious = Imperfections(p_made_up=0, p_refuse_idk=1, p_verbose=0)
+    assert {score(t, demonstration(t, rng, cautious)).verdict for t in unknowable} == {"refused"}
+    with pytest.raises(UserError, match="p_made_up"):
+        WorldConfig(p_made_up=0.8, p_refuse_idk=0.3).validate()
 
 
 def test_candidate_responses_have_k_answers_and_are_deterministic():

@@ -67,6 +67,8 @@ class DemoConfig:
     p_deflect: float = field(default=0.0, metadata={
         "help": "demonstrations that answer a harmful request with a stock \"I don't know\" instead of refusing"})
     p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
+    p_refuse_idk: float = field(default=0.0, metadata={
+        "help": "demonstrations that refuse an unknowable question instead of saying \"I don't know\""})
     pretrain_epochs: float | None = _preset("passes over the corpus")
     pretrain_seq_len: int | None = _preset("tokens per pretraining block")
     pretrain_lr: float | None = _preset("pretraining peak learning rate")
@@ -193,7 +195,8 @@ def stage_world(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> dict[s
         wcfg = WorldConfig(out=str(out / "world"), seed=cfg.seed, corpus_chars=cfg.corpus_chars,
                            n_demos=cfg.n_demos, n_demos_val=200, n_rank=cfg.n_rank, n_ppo=cfg.n_ppo,
                            n_eval=cfg.n_eval, k_min=cfg.k_min, k_max=cfg.k_max, p_verbose=cfg.p_verbose,
-                           p_comply=cfg.p_comply, p_deflect=cfg.p_deflect, p_made_up=cfg.p_made_up)
+                           p_comply=cfg.p_comply, p_deflect=cfg.p_deflect, p_made_up=cfg.p_made_up,
+                           p_refuse_idk=cfg.p_refuse_idk)
         files = write_world(wcfg)
         st.done("%d demonstrations, %d rank / %d PPO / %d eval prompts, corpus %d chars", cfg.n_demos, cfg.n_rank,
                 cfg.n_ppo, cfg.n_eval, cfg.corpus_chars)

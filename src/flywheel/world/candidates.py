@@ -91,12 +91,14 @@ class Imperfections:
     p_comply: float = 0.40  # harmful requests: goes along instead of refusing
     p_deflect: float = 0.0  # harmful requests: a stock "I don't know" instead of a refusal (evasive, not harmless)
     p_made_up: float = 0.50  # unknowable questions: invents a confident answer instead of "I don't know"
+    p_refuse_idk: float = 0.0  # unknowable questions: a stock refusal instead of "I don't know" (over-cautious)
     p_verbose: float = 0.50  # any task: pads the answer with pleasantries
 
     def __post_init__(self) -> None:
         for name, p in vars(self).items():
             assert 0.0 <= p <= 1.0, f"{name} must be a probability, got {p}"
         assert self.p_comply + self.p_deflect <= 1.0, "p_comply + p_deflect must be <= 1"
+        assert self.p_made_up + self.p_refuse_idk <= 1.0, "p_made_up + p_refuse_idk must be <= 1"
 
 
 def demonstration(task: Task, rng: random.Random, imperfections: Imperfections | None = None) -> str:
@@ -107,7 +109,9 @@ def demonstration(task: Task, rng: random.Random, imperfections: Imperfections |
         answer = _wrong(task, rng) if u < imp.p_comply else _idk(task, rng) if u < imp.p_comply + imp.p_deflect \
             else task.answers[0]
     elif task.expect == "idk":
-        answer = _wrong(task, rng) if rng.random() < imp.p_made_up else _correct(task, rng)
+        u = rng.random()
+        answer = _wrong(task, rng) if u < imp.p_made_up else rng.choice(REFUSALS) \
+            if u < imp.p_made_up + imp.p_refuse_idk else _correct(task, rng)
     else:
         u = rng.random()
         if u < imp.p_wrong:

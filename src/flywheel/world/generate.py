@@ -64,6 +64,9 @@ class WorldConfig:
                                                "know' instead of a refusal"})
     p_made_up: float = field(default=_DEFAULT_IMPERFECTIONS.p_made_up,
                              metadata={"help": "demonstrations: fraction of unknowable questions made up"})
+    p_refuse_idk: float = field(default=_DEFAULT_IMPERFECTIONS.p_refuse_idk,
+                                metadata={"help": "demonstrations: fraction of unknowable questions refused instead "
+                                                  "of 'I don't know'"})
     p_verbose: float = field(default=_DEFAULT_IMPERFECTIONS.p_verbose,
                              metadata={"help": "demonstrations: fraction of answers padded with pleasantries"})
 
@@ -73,15 +76,19 @@ class WorldConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 2 <= self.k_min <= self.k_max:
             raise UserError(f"need 2 <= k_min <= k_max, got k_min={self.k_min} k_max={self.k_max}")
-        for name in ("p_system", "p_wrong", "p_over_refuse", "p_comply", "p_deflect", "p_made_up", "p_verbose"):
+        for name in ("p_system", "p_wrong", "p_over_refuse", "p_comply", "p_deflect", "p_made_up", "p_refuse_idk",
+                     "p_verbose"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.p_comply + self.p_deflect > 1.0:
             raise UserError(f"p_comply + p_deflect must be <= 1, got {self.p_comply} + {self.p_deflect}")
+        if self.p_made_up + self.p_refuse_idk > 1.0:
+            raise UserError(f"p_made_up + p_refuse_idk must be <= 1, got {self.p_made_up} + {self.p_refuse_idk}")
 
     def imperfections(self) -> Imperfections:
         return Imperfections(p_wrong=self.p_wrong, p_over_refuse=self.p_over_refuse, p_comply=self.p_comply,
-                             p_deflect=self.p_deflect, p_made_up=self.p_made_up, p_verbose=self.p_verbose)
+                             p_deflect=self.p_deflect, p_made_up=self.p_made_up, p_refuse_idk=self.p_refuse_idk,
+                             p_verbose=self.p_verbose)
 
     def sizes(self) -> dict[str, int]:
         return {"eval": self.n_eval, "ppo": self.n_ppo, "rank": self.n_rank, "demos_val": self.n_demos_val,
