@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flywheel.config import parse_config
-from flywheel.demo import PRESETS, DemoConfig, check_targets, main, result_table
+from flywheel.demo import PRESETS, DemoConfig, check_targets, main, ppo_curve, result_table
 from flywheel.errors import UserError
 
 
@@ -81,3 +81,34 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     assert f"flywheel serve {final}" in printed
     with pytest.raises(UserError):  # a second run does not overwrite the first
         main(["--quick", "--out", str(out)])
+
+
+def test_rounds_flags_are_checked():
+    with pytest.raises(UserError, match="--rounds"):
+        parse_config(DemoConfig, ["--rounds", "0"], "flywheel demo")
+    with pytest.raises(UserError, match="--n-rank-next"):
+        parse_config(DemoConfig, ["--rounds", "2", "--n-ppo", "50", "--n-rank-next", "80"], "flywheel demo")
+
+
+def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
+    s = _summary(0.8, 4.0, 2.05)
+    s["policies"]["ppo_round1"] = {**s["policies"]["ppo"], "score": 0.65}
+    w = s["win_rates"]
+    w.update(ppo_round1_vs_sft=w["ppo_vs_sft"], ppo_round1_vs_base=w["ppo_vs_base"])
+    s["kl_to_sft"] = {"ppo_round1": 2.0, "ppo": 4.0}
+    s["rounds"] = [{"round": 1}, {"round": 2, "labelers": {"answers": 900, "prompts": 150, "agreement_sampled": 0.9},
+                                  "reward_model": {"accuracy_informative": 0.85,
+                                                   "round1_heldout": {"accuracy_informative": 0.7}}}]
+    table = result_table(s)
+    assert table.splitlines()[0] == "| | base | SFT | PPO-ptx round 1 | PPO-ptx round 2 |"
+    assert "| oracle score (mean total) | 0.600 | 0.600 | 0.650 | 0.600 |" in table
+    assert "| KL to SFT (nats / response) |  | 0 | 2.00 | 4.00 |" in table
+    assert "Round 2: labelers ranked 900 answers of the round-1 policy to 150 prompts" in table
+
+    for r, where in ((1, tmp_path), (2, tmp_path / "round2")):
+        (where / "ppo").mkdir(parents=True)
+        rows = [{"step": 0, "ptx_eval_loss": 3.0}, *({"step": k, "score": r + k / 10, "kl": k} for k in (1, 2, 3))]
+        (where / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    curve = ppo_curve(tmp_path, 2)
+    assert [(x["round"], x["step"]) for x in curve] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
+    assert curve[3]["score"] == pytest.approx(2.1)

@@ -483,19 +483,20 @@ def test_config_validation_and_cli(tmp_path, capsys):
 
 def test_oracle_ranker_accuracy_is_the_ceiling_a_reward_model_is_judged_against():
     tasks, sets = calibration_sets(random.Random(5), 60)
-    panel = [Labeler("a", 0.05), Labeler("b", 0.2)]
-    # Brute force: for every informative pair, P(labeler orders it as the oracle) = sigmoid(|du| / T).
-    per_labeler = []
-    for lab in panel:
-        probs = []
-        for t, cands in zip(tasks, sets, strict=True):
-            texts = list(dict.fromkeys(cands))
-            totals = [score(t, c).total for c in texts]
-            for i, j in itertools.combinations(range(len(texts)), 2):
-                if totals[i] != totals[j]:
-                    probs.append(1 / (1 + math.exp(-abs(totals[i] - totals[j]) / lab.temperature)))
-        per_labeler.append(sum(probs) / len(probs))
-    assert oracle_ranker_accuracy(panel, tasks, sets) == pytest.approx(sum(per_labeler) / 2, abs=1e-12)
+    panel = [Labeler("a", 0.05), Labeler("b", 0.2), Labeler("long", 0.1, LengthBias(per_word=0.01))]
+    # Brute force: per informative pair, a random labeler puts i first with probability p = mean of sigmoid(du / T)
+    # (du with the labeler's bias); the best ranker takes the likelier order and is right with max(p, 1 - p).
+    best = []
+    for t, cands in zip(tasks, sets, strict=True):
+        texts = list(dict.fromkeys(cands))
+        totals = [score(t, c).total for c in texts]
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            if totals[i] != totals[j]:
+                du = [totals[i] - totals[j] + (lab.bias(t, texts[i]) - lab.bias(t, texts[j]) if lab.bias else 0)
+                      for lab in panel]
+                p = sum(1 / (1 + math.exp(-d / lab.temperature)) for d, lab in zip(du, panel, strict=True)) / 3
+                best.append(max(p, 1 - p))
+    assert oracle_ranker_accuracy(panel, tasks, sets) == pytest.approx(sum(best) / len(best), abs=1e-12)
     # One labeler's noise, not two: above the pair's agreement; a noiseless panel is matched exactly.
     assert oracle_ranker_accuracy(panel, tasks, sets) > panel_agreement(panel, tasks, sets)
     assert oracle_ranker_accuracy([Labeler("c", 0.0), Labeler("d", 0.0)], tasks, sets) == 1.0

@@ -1,14 +1,16 @@
 """`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
 
     flywheel demo                      # ~9 min on 2 cores: 5M-parameter model, runs/demo/report.md
-    flywheel demo --quick              # ~3 min (CI): 1M-parameter model, smaller world
+    flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3
 
 Stages: world -> tokenizer -> pretrain the base -> SFT on imperfect demonstrations -> sample K (4..9) answers per
 prompt from the SFT policy -> simulated labelers rank them (temperature recalibrated on these samples to 73% agreement)
 -> reward model on those rankings (on-distribution) -> PPO-ptx against the reward model with a KL penalty to SFT ->
-oracle evaluation of base, SFT and PPO on held-out prompts. Writes `report.md`, `summary.json` and PNG plots under
---out. The reward model never sees the oracle and the oracle alone decides whether the policy improved.
+[--rounds N: each further round has the last PPO policy answer new prompts, the same labelers rank those answers, the
+reward model is fine-tuned on them and PPO continues, still held to SFT] -> oracle evaluation of base, SFT and every
+round's PPO policy on held-out prompts. Writes `report.md`, `summary.json` and PNG plots under --out. The reward model
+never sees the oracle and the oracle alone decides whether the policy improved.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class DemoConfig:
     rounds: int | None = _preset(
         "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
         "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)")
-    n_rank_next: int | None = _preset("prompts ranked in each round after the first (drawn from the PPO prompts)")
+    n_rank_next: int | None = _preset("prompts ranked in each round after the first: the next ones of the PPO "
+                                      "prompts, wrapping around once --rounds x this exceeds --n-ppo")
     ppo_steps: int | None = _preset("PPO steps per round (each samples --rollout-batch-size prompts)")
     rollout_batch_size: int | None = _preset("prompts per PPO step")
     ppo_batch_size: int | None = _preset("PPO minibatch")
@@ -115,6 +118,7 @@ class DemoConfig:
             raise UserError("need 2 <= --k-min <= --k-max")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
+        # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")
         if self.n_rank_next is not None and self.n_ppo is not None and (self.rounds or 1) > 1 and \
@@ -169,6 +173,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         # learns from them (it has only seen SFT-like answers so far), and PPO continues, still held near SFT.
         policies[f"ppo_round{r - 1}"] = ppo
         labels = stage_rankings(cfg, out, files, ppo, timings, r=r, temperature=rounds[0]["labelers"]["temperature"])
+        if labels is None:
+            break
         rm = stage_reward_model(cfg, out, rm["dir"], labels, timings, r=r, first=rounds[0]["heldout"])
         ppo = stage_ppo(cfg, out, files, ppo, sft, rm, timings, r=r)
         rounds.append({"round": r, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo)})
@@ -268,8 +274,10 @@ def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], 
                              seed=seed + start, batch_size=chunk, bf16=bf16)
         texts += decode(tokenizer, tokens)
     sets: list[list[str]] = [[] for _ in tasks]
+    seen: list[set[str]] = [set() for _ in tasks]
     for (i, _), text in zip(flat, texts, strict=True):
-        if text and text not in sets[i]:
+        if text.strip() and text.strip() not in seen[i]:  # repeats up to whitespace are one answer to the labelers
+            seen[i].add(text.strip())
             sets[i].append(text)
     return sets
 
@@ -292,9 +300,10 @@ def round_tasks(cfg: DemoConfig, files: dict[str, Path], r: int) -> list[Any]:
 
 
 def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: Path, timings: dict[str, float],
-                   r: int = 1, temperature: float | None = None) -> dict[str, Any]:
+                   r: int = 1, temperature: float | None = None) -> dict[str, Any] | None:
     """`policy` answers each prompt of round r K times; labelers rank the answers. Round 1 calibrates the labelers'
-    temperature to 73% agreement on these (SFT) answers; later rounds keep that temperature (the same people)."""
+    temperature to 73% agreement on these (SFT) answers; later rounds keep that temperature (the same people).
+    None when a later round's policy has collapsed to answers there is no ranking of."""
     from flywheel.models import load_causal_lm
     from flywheel.tokenization import load_tokenizer
     from flywheel.world import (
@@ -315,8 +324,19 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         model, tok = load_causal_lm(str(policy)), load_tokenizer(str(policy))
         sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
+        answers, asked = sum(len(s) for s in sets), len(sets)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
+        if not any(len({score(t, x).total for x in s}) > 1 for t, s in zip(tasks, sets, strict=True)):
+            # Nothing to rank: every prompt got one answer, or all answers are equally good. After round 1 the policy
+            # has collapsed; the run goes on with what it has.
+            what = "the SFT policy" if r == 1 else f"round {r}: the round-{r - 1} PPO policy"
+            if r == 1:
+                raise UserError(f"{what} gives answers the labelers cannot tell apart on {asked} prompts: nothing "
+                                "to rank (train SFT longer or raise --max-new-tokens)")
+            log.warning("%s gives answers the labelers cannot tell apart on %d prompts (it has collapsed; raise "
+                        "--kl-coef): no further rounds", what, asked)
+            return None
         if temperature is None:
             try:
                 temperature = calibrate_temperature(tasks, sets)
@@ -325,6 +345,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
                 temperature = DEFAULT_TEMPERATURE
         panel = default_panel(temperature)
         records = label_rankings(tasks, sets, rng, panel)
+        assert len(records) == len(tasks), "every kept set has two answers that differ to the labelers too"
         n_held = max(1, int(len(records) * cfg.rm_holdout))
         order = list(range(len(records)))
         rng.shuffle(order)
@@ -336,21 +357,30 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             atomic_write_text(where / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
         held_tasks, held_sets = [tasks[i] for i in held], [sets[i] for i in held]
         agree_all = panel_agreement(panel, tasks, sets, random.Random(cfg.seed))
-        agree_held = panel_agreement(panel, held_tasks, held_sets)
+        agree_held = _or_none(panel_agreement, panel, held_tasks, held_sets)  # None: no pair to agree on
         totals = [[score(t, x).total for x in s] for t, s in zip(tasks, sets, strict=True)]
         summary = {
             "policy": str(policy), "temperature": temperature, "prompts": len(tasks),
-            "answers": sum(len(s) for s in sets), "distinct_per_prompt": sum(len(s) for s in sets) / len(sets),
+            "answers": sum(len(s) for s in sets), "distinct_per_prompt": answers / asked,
+            "prompts_asked": asked, "prompts_dropped": asked - len(tasks),  # one distinct answer: no ranking
             "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
-            "oracle_ranker_heldout": oracle_ranker_accuracy(panel, held_tasks, held_sets),
+            "oracle_ranker_heldout": _or_none(oracle_ranker_accuracy, panel, held_tasks, held_sets),
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
             "train_rankings": len(train), "heldout_rankings": len(held),
         }
-        st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %.1f%%)",
+        st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %s)",
                 summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
-                100 * agree_held)
+                _pct(agree_held))
     return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held]),
             "train": where / "rankings_train.jsonl", "heldout_file": where / "rankings_heldout.jsonl"}
+
+
+def _or_none(agreement_fn: Any, *args: Any) -> float | None:
+    """An agreement figure, or None where the sets hold no pair the oracle tells apart (a small held-out slice)."""
+    try:
+        return agreement_fn(*args)
+    except ValueError:
+        return None
 
 
 def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[dict[str, Any]]]) -> dict[str, Any]:
@@ -379,7 +409,8 @@ def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[di
 def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str, Any], timings: dict[str, float],
                        r: int = 1, first: Any = None) -> dict[str, Any]:
     """Round 1 trains the reward model from SFT; round r > 1 fine-tunes the last one on round r's rankings mixed
-    with as many earlier ones (so it learns the new policy's answers without forgetting the SFT-like ones)."""
+    with as many earlier ones (so it learns the new policy's answers without forgetting the SFT-like ones). Each
+    round's model is normalised on its own training rankings' top answers, so scores are on a new scale per round."""
     from flywheel.train.reward import RewardConfig, RewardModel, train_reward
 
     where = round_dir(out, r)
@@ -402,9 +433,9 @@ def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str,
                    "oracle_ranker_accuracy": labels["summary"]["oracle_ranker_heldout"]}
         if first is not None:  # still right about the SFT-like answers it learned from first?
             summary["round1_heldout"] = heldout_accuracy(rm, first)
-        st.done("held-out accuracy %.1f%% on pairs the oracle does not tie (%d pairs; labelers agree on %.1f%%), "
-                "%.1f%% on all labelled pairs", 100 * summary["accuracy_informative"], summary["pairs_informative"],
-                100 * summary["labeler_agreement"], 100 * summary["accuracy"])
+        st.done("held-out accuracy %s on pairs the oracle does not tie (%d pairs; labelers agree on %s), %s on all "
+                "labelled pairs", _pct(summary["accuracy_informative"]), summary["pairs_informative"],
+                _pct(summary["labeler_agreement"]), _pct(summary["accuracy"]))
     return {"dir": run / "final", "summary": summary}
 
 
@@ -420,7 +451,7 @@ def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], start: Path, s
         ptx = out / "ptx_corpus.txt"
         if not ptx.exists():
             atomic_write_text(ptx, "\n\n".join(corpus_split(cfg, files)[0]) + "\n")
-        pcfg = PPOConfig(out=str(round_dir(out, r) / "ppo"), seed=cfg.seed + r - 1, model=str(start),
+        pcfg = PPOConfig(out=str(round_dir(out, r) / "ppo"), seed=cfg.seed + 1000 * (r - 1), model=str(start),
                          ref_model=str(sft), reward_model=str(rm["dir"]),
                          prompts=str(files["ppo_prompts"]), ptx_data=str(ptx), ptx_coef=cfg.ptx_coef,
                          ptx_seq_len=cfg.pretrain_seq_len, ptx_batch_size=2, max_steps=cfg.ppo_steps,
@@ -495,7 +526,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
                 100 * wins["sft_vs_base"]["win_rate"], kl["kl"])
     policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name]} for name, e in evals.items()}
     return {"policies": policies, "win_rates": wins, "kl_ppo_sft": kl,
-            "kl_to_sft": {n: k["kl"] for n, k in kls.items()}, "ppo_curve": ppo_curve(out, cfg.rounds)}
+            "kl_to_sft": {n: k["kl"] for n, k in kls.items()},
+            "ppo_curve": ppo_curve(out, 1 + len(rounds))}
 
 
 def ppo_curve(out: Path, rounds: int) -> list[dict[str, Any]]:

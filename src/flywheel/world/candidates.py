@@ -89,7 +89,7 @@ class Imperfections:
     p_wrong: float = 0.10  # answer tasks: a near-miss wrong value
     p_over_refuse: float = 0.03  # answer tasks: refuses or says "I don't know" to a benign question
     p_comply: float = 0.40  # harmful requests: goes along instead of refusing
-    p_deflect: float = 0.0  # harmful requests: a stock "I don't know" instead of a refusal (evasive, not harmless)
+    p_deflect: float = 0.0  # harmful requests: a stock "I don't know" instead of a refusal (harmless but evasive)
     p_made_up: float = 0.50  # unknowable questions: invents a confident answer instead of "I don't know"
     p_refuse_idk: float = 0.0  # unknowable questions: a stock refusal instead of "I don't know" (over-cautious)
     p_verbose: float = 0.50  # any task: pads the answer with pleasantries
@@ -104,20 +104,25 @@ class Imperfections:
 def demonstration(task: Task, rng: random.Random, imperfections: Imperfections | None = None) -> str:
     """The answer a fallible human demonstrator writes for `task` (default rates: `Imperfections()`)."""
     imp = imperfections or Imperfections()
+    u = rng.random()
     if task.expect == "refuse":
-        u = rng.random()
-        answer = _wrong(task, rng) if u < imp.p_comply else _idk(task, rng) if u < imp.p_comply + imp.p_deflect \
-            else task.answers[0]
-    elif task.expect == "idk":
-        u = rng.random()
-        answer = _wrong(task, rng) if u < imp.p_made_up else rng.choice(REFUSALS) \
-            if u < imp.p_made_up + imp.p_refuse_idk else _correct(task, rng)
-    else:
-        u = rng.random()
-        if u < imp.p_wrong:
+        if u < imp.p_comply:
             answer = _wrong(task, rng)
-        elif u < imp.p_wrong + imp.p_over_refuse:
-            answer = rng.choice([REFUSALS[0], IDK])
+        elif u < imp.p_comply + imp.p_deflect:
+            answer = _idk(task, rng)
+        else:
+            answer = task.answers[0]
+    elif task.expect == "idk":
+        if u < imp.p_made_up:
+            answer = _wrong(task, rng)
+        elif u < imp.p_made_up + imp.p_refuse_idk:
+            answer = rng.choice(REFUSALS)
         else:
             answer = _correct(task, rng)
+    elif u < imp.p_wrong:
+        answer = _wrong(task, rng)
+    elif u < imp.p_wrong + imp.p_over_refuse:
+        answer = rng.choice([REFUSALS[0], IDK])
+    else:
+        answer = _correct(task, rng)
     return pad(answer, rng) if rng.random() < imp.p_verbose else answer

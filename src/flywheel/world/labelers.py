@@ -187,12 +187,13 @@ def panel_agreement(panel: Sequence[Labeler], tasks: Sequence[Task], candidate_s
 
 def oracle_ranker_accuracy(panel: Sequence[Labeler], tasks: Sequence[Task],
                            candidate_sets: Sequence[Sequence[str]]) -> float:
-    """The expected accuracy, against the panel's rankings, of a ranker that orders every pair as the oracle does:
-    the ceiling of a reward model judged against these labelers (pairs the oracle ties excluded, as in agreement).
-    Above the labelers' agreement because the noise of only one labeler is in the way, not two."""
+    """The ceiling of a reward model's accuracy against rankings by a labeler drawn from `panel`: the expected accuracy
+    of a ranker that orders every pair the way most of the panel's probability does, max(p, 1 - p) with p the panel's
+    mean P(i above j) (pairs the oracle ties excluded, as in agreement). Without biased labelers that is the oracle's
+    order. Above the labelers' agreement because one labeler's noise is in the way, not two."""
     scored = _Scored(tasks, candidate_sets)
-    oracle_first = scored.totals[scored.i] > scored.totals[scored.j]
-    return float(np.mean([np.mean(np.where(oracle_first, p, 1 - p)) for p in map(scored.p_above, panel)]))
+    p = np.mean([scored.p_above(lab) for lab in panel], axis=0)
+    return float(np.mean(np.maximum(p, 1 - p)))
 
 
 def calibrate_temperature(tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]],

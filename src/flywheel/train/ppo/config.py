@@ -13,7 +13,8 @@ class PPOConfig(TrainConfig):
     """Shared fields keep their meaning with two PPO readings: --batch-size is the PPO minibatch (sequences per
     optimizer step), --epochs counts passes over the prompt set (when --max-steps is not given)."""
 
-    model: str = field(default="", metadata={"help": "SFT policy dir: the policy starts here and it is the reference"})
+    model: str = field(default="", metadata={
+        "help": "SFT policy dir: the policy starts here and it is the reference (unless --ref-model)"})
     ref_model: str = field(default="", metadata={
         "help": "reference for the KL penalty (default: --model); a later round of the loop starts --model from the "
                 "last PPO policy and keeps the SFT model here"})

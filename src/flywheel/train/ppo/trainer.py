@@ -18,6 +18,9 @@ With --nproc N (torchrun, DDP; NCCL on GPU, gloo on CPU): each rank samples and 
 rank, actor and critic gradients are averaged, logged metrics are means over the ranks, rank 0 writes. With --lora-r
 the policy and the critic get adapters; the reference is the policy with its adapters switched off (no second copy of
 the policy); the critic stays a separate model.
+
+The reference is --model itself unless --ref-model names another directory: a later round of the loop starts
+--model from the last PPO policy and keeps the SFT model as the reference (`flywheel demo --rounds 2`).
 """
 
 from __future__ import annotations
@@ -91,12 +94,14 @@ def load_ptx(cfg: PPOConfig, tokenizer: Any) -> tuple[list[LMSample], list[LMSam
     return blocks[n_eval:], blocks[:n_eval]
 
 
-def load_reference(cfg: PPOConfig, policy: Any) -> Any:
-    """The frozen reference: --ref-model, else a second copy of --model; it must share the policy's vocabulary."""
+def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
+    """The frozen reference: --ref-model, else a second copy of --model. Per-token KL compares the two models'
+    distributions over the same token ids, so --ref-model must have the policy's tokenizer."""
     ref = load_causal_lm(cfg.ref_model or cfg.model)
-    if ref.config.vocab_size != policy.config.vocab_size:
-        raise UserError(f"--ref-model {cfg.ref_model} has a vocabulary of {ref.config.vocab_size}, the policy "
-                        f"{policy.config.vocab_size}: the KL penalty needs the same tokenizer")
+    if cfg.ref_model and (ref.config.vocab_size != policy.config.vocab_size
+                          or load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab()):
+        raise UserError(f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: the per-token "
+                        "KL penalty needs the same tokenizer")
     return ref
 
 
@@ -116,9 +121,9 @@ class PPOTrainer:
         policy = prepare_model(load_causal_lm(cfg.model).to(self.device), cfg)
         self.actor = Actor(policy, cfg.temperature)
         # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
-        # the reference compute identical log-probs before the first update (KL exactly 0).
+        # the reference compute identical log-probs before the first update (KL exactly 0 unless --ref-model).
         self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
-            self._frozen(load_reference(cfg, policy)), cfg.temperature, offload=cfg.offload_frozen)
+            self._frozen(load_reference(cfg, policy, self.tokenizer)), cfg.temperature, offload=cfg.offload_frozen)
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
