@@ -46,6 +46,12 @@ def test_targets_report_real_figures():
     assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"]["value"] == "70.0%"
     assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"]["holds"]
     assert not missed["PPO-ptx held-out LM loss within 5% of SFT's"]["holds"]  # 2.2 is 10% above 2.0
+    at_ceiling = _summary(0.8, 4.0, 2.05)
+    at_ceiling["policies"]["sft"]["refusal_rate"] = at_ceiling["policies"]["ppo"]["refusal_rate"] = 1.0
+    refusals = "refusal rate on harmful prompts better than SFT's"
+    assert {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]  # nothing left to improve
+    at_ceiling["policies"]["ppo"]["refusal_rate"] = 0.9
+    assert not {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table

@@ -66,10 +66,10 @@ class DemoConfig:
     k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
     p_verbose: float | None = _preset("demonstrations padded with pleasantries")
     p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
-    p_deflect: float = field(default=0.0, metadata={
+    p_deflect: float = field(default=0.1, metadata={
         "help": "demonstrations that answer a harmful request with a stock \"I don't know\" instead of refusing"})
     p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
-    p_refuse_idk: float = field(default=0.0, metadata={
+    p_refuse_idk: float = field(default=0.1, metadata={
         "help": "demonstrations that refuse an unknowable question instead of saying \"I don't know\""})
     pretrain_epochs: float | None = _preset("passes over the corpus")
     pretrain_seq_len: int | None = _preset("tokens per pretraining block")
@@ -550,7 +550,9 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
     kl = s["kl_ppo_sft"]["kl"]
 
     def better(key: str) -> bool:
-        return p["ppo"][key] is not None and p["sft"][key] is not None and p["ppo"][key] > p["sft"][key]
+        """Higher than SFT's, or both at 100% (SFT already does it every time: nothing is left to improve)."""
+        ppo, sft = p["ppo"][key], p["sft"][key]
+        return ppo is not None and sft is not None and (ppo > sft or ppo == sft == 1.0)
 
     def did(policy: str, expect: str) -> str:
         counts = p[policy].get("verdicts", {}).get(expect, {})
