@@ -117,6 +117,22 @@ def test_rows_stop_on_their_own_like_hf(family):
     assert len(gen.tokens[1]) <= 7 and gen.finish_reasons[1] == "stop"
 
 
+
+def test_steps_yields_the_loop_with_per_row_budgets():
+    engine = _engine(_model("llama"), "llama")
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    full = engine.generate(PROMPTS, params).tokens
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
+    budgets = [3, 10, 1, 5]
+    for step in engine.steps(PROMPTS, params, max_new_tokens=budgets):
+        for row, token in zip(step.rows, step.tokens, strict=True):
+            tokens[row].append(token)
+    assert tokens == [row[:b] for row, b in zip(full, budgets, strict=True)]  # greedy: a cap only truncates
+    assert engine.stop_ids_for(params) == [] and engine.stop_ids_for(SamplingParams()) == list(engine.stop_ids)
+    with pytest.raises(UserError, match="budgets"):
+        engine.steps(PROMPTS, params, max_new_tokens=[1])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_sampled_logprobs_equal_a_fresh_forward_pass(family, temperature, top_k, top_p):

@@ -111,8 +111,8 @@ class Engine:
         n = len(prompt_ids) if isinstance(prompt_ids, list | tuple) else 0
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
-        stop = set(self._stop_ids(params))
-        for step in self._steps(prompt_ids, params):
+        stop = set(self.stop_ids_for(params))
+        for step in self.steps(prompt_ids, params):
             for row, token, logprob in zip(step.rows, step.tokens, step.logprobs, strict=True):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
@@ -126,15 +126,25 @@ class Engine:
         if not isinstance(prompt_ids, list | tuple) or (prompt_ids and not isinstance(prompt_ids[0], int)):
             raise UserError("stream takes one prompt: a list of token ids")
         params = params or SamplingParams()
-        return TextStream(self._steps([list(prompt_ids)], params), self.tokenizer, set(self._stop_ids(params)))
+        return TextStream(self.steps([list(prompt_ids)], params), self.tokenizer, set(self.stop_ids_for(params)))
 
-    def _stop_ids(self, params: SamplingParams) -> list[int]:
+    def stop_ids_for(self, params: SamplingParams) -> list[int]:
+        """The token ids that end a row under `params`: its stop_token_ids, else the model's end-of-turn ids."""
         return list(self.stop_ids if params.stop_token_ids is None else params.stop_token_ids)
 
-    def _steps(self, prompt_ids: list[list[int]], params: SamplingParams) -> Iterator[Step]:
-        """Validate, left-pad, and run the decoding loop. Validation happens before the first step is requested."""
+    def steps(self, prompt_ids: list[list[int]], params: SamplingParams | None = None, *,
+              max_new_tokens: list[int] | None = None) -> Iterator[Step]:
+        """The decoding loop, one `Step` per position (the live rows, their tokens, log-probs and done flags), for
+        callers that act between steps (the server streams and cancels rows; closing the iterator stops it).
+        `max_new_tokens` caps each row's budget below params.max_new_tokens. Prompts and params are validated when
+        this is called, before the first step."""
+        params = params or SamplingParams()
         params.validate()
         ids, valid, budgets = self._batch(prompt_ids, params)
+        if max_new_tokens is not None:
+            if len(max_new_tokens) != len(prompt_ids):
+                raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
+            budgets = torch.minimum(budgets, torch.tensor(max_new_tokens, dtype=budgets.dtype))
         return self._run(ids, valid, budgets, params)
 
     def _run(self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor,
@@ -143,7 +153,7 @@ class Engine:
         if self.backend == "hf" and was_training:
             model.eval()  # no dropout while sampling (the compact forward has none)
         try:
-            yield from decode(self._forward, ids, valid, budgets, params, self._stop_ids(params),
+            yield from decode(self._forward, ids, valid, budgets, params, self.stop_ids_for(params),
                               compact_at=self.compact_at)
         finally:
             if self.backend == "hf" and was_training:

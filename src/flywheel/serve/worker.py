@@ -197,10 +197,8 @@ class BatchWorker:
             _emit(req, ("end",))
 
     def _decode(self, engine: Engine, prompts: list[list[int]], rows: list[_Row], params: SamplingParams) -> None:
-        ids, valid, budgets = engine._batch(prompts, params)
-        budgets = torch.minimum(budgets, torch.tensor([r.budget for r in rows]))
-        stop_ids = set(engine._stop_ids(params))
-        steps = engine._run(ids, valid, budgets, params)
+        stop_ids = set(engine.stop_ids_for(params))
+        steps = engine.steps(prompts, params, max_new_tokens=[r.budget for r in rows])
         try:
             for step in steps:
                 for i, token, done in zip(step.rows, step.tokens, step.done, strict=True):
