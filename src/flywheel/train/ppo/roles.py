@@ -71,6 +71,12 @@ class Role:
         return fastforward.hidden_states(self.module, seq, attn, pos, keep=keep)  # (B, keep, H)
 
 
+def response_span(seq: torch.Tensor, prompt_len: int) -> int:
+    """R + 1: the last position of the prompt and the R response positions. Every role reads only these (the
+    logits or values at column P - 1 onwards), so the last layer and the head run on them alone."""
+    return seq.shape[1] - prompt_len + 1
+
+
 class _PolicyRole(Role):
     def __init__(self, module: torch.nn.Module, temperature: float, *, trainable: bool, offload: bool = False):
         super().__init__(module, trainable=trainable, offload=offload)
@@ -78,7 +84,7 @@ class _PolicyRole(Role):
 
     def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
         # The LM head runs on the R + 1 last positions only: the prompt's other positions predict nothing we score.
-        keep = seq.shape[1] - prompt_len + 1
+        keep = response_span(seq, prompt_len)
         logits = fastforward.causal_lm_logits(self.module, seq, attn, pos, keep=keep)
         return logits[:, -keep:-1].float() / self.temperature  # (B, R, V): predicts response tokens
 
@@ -112,7 +118,7 @@ class Critic(Role):
         super().__init__(module, trainable=True)
 
     def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        hidden = self._hidden(seq, attn, pos, seq.shape[1] - prompt_len + 1)[:, :-1]  # (B, R, H): before each token
+        hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))[:, :-1]  # (B, R, H): before each token
         return self.module.score(hidden).squeeze(-1).float()  # (B, R)
 
 
@@ -141,7 +147,7 @@ class Reward(Role):
             return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         with self.placed(seq.device):
-            hidden = self._hidden(seq, attn, pos, seq.shape[1] - prompt_len + 1)  # (B, R + 1, H) from column P - 1
+            hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))  # (B, R + 1, H) from column P - 1
             picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
             return self.module.score(picked).squeeze(-1).float() - self.bias
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -25,8 +25,8 @@ class Sequences:
     finished: torch.Tensor  # (B,) bool: the response ended with a stop token
 
     def to(self, device: torch.device) -> Sequences:
-        return Sequences(self.sequences.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                         self.response_mask.to(device), self.prompt_len, self.finished.to(device))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Sequences(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def build_sequences(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
