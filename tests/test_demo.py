@@ -12,12 +12,17 @@ from flywheel.demo import PRESETS, DemoConfig, check_targets, main, ppo_curve, r
 from flywheel.errors import UserError
 
 
-def test_presets_fill_unset_fields_only():
+def test_presets_fill_unset_fields_only(monkeypatch):
+    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: True)
     quick = parse_config(DemoConfig, ["--quick", "--ppo-steps", "7"], "flywheel demo").resolved()
     assert quick.size == PRESETS["quick"]["size"] and quick.ppo_steps == 7
     assert quick.bf16 is False  # tiny models run faster in fp32
     default = DemoConfig().resolved()
     assert default.size == "small" and default.bf16 is True
+    # Where bf16 is emulated (an AVX2-only CPU) it is 7-25x slower than fp32: the default stays in fp32 there.
+    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: False)
+    assert DemoConfig().resolved().bf16 is False
+    assert DemoConfig(bf16=True).resolved().bf16 is True  # asked for: kept
     assert all(getattr(default, k) is not None for k in PRESETS["default"])
     with pytest.raises(UserError):
         parse_config(DemoConfig, ["--k-min", "5", "--k-max", "3"], "flywheel demo")

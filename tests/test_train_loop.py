@@ -168,3 +168,22 @@ def test_split_heldout_is_seeded_disjoint_and_keeps_order():
     assert split_heldout(items, 0.001, seed=0)[1] != []  # at least one held out
     assert split_heldout(items, 0.0, seed=0) == (items, [])
     assert split_heldout(items[:1], 0.5, seed=0) == (items[:1], [])
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog):
+    from flywheel import utils
+    from flywheel.train.loop import autocast
+
+    assert isinstance(utils.bf16_is_fast("cpu"), bool)
+    monkeypatch.setattr(utils, "bf16_is_fast", lambda device_type="cpu": False)
+    utils.warn_if_slow_bf16.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="flywheel"):
+        for _ in range(3):
+            with autocast(True):
+                pass
+        with autocast(False):
+            pass
+    utils.warn_if_slow_bf16.cache_clear()
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == 1 and "drop --bf16" in warned[0].getMessage()

@@ -24,7 +24,7 @@ from typing import Any
 
 from flywheel.config import parse_config
 from flywheel.errors import UserError
-from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
+from flywheel.utils import atomic_write_text, bf16_is_fast, log, seed_everything, set_threads
 
 PRETRAIN_EVAL_SPLIT = 0.02  # corpus documents pretraining holds out: the held-out LM loss of every policy
 MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend on it)
@@ -94,7 +94,8 @@ class DemoConfig:
     ptx_coef: float | None = _preset("gamma: weight of the pretraining loss in PPO-ptx (0 = plain PPO)")
     max_new_tokens: int | None = _preset("response length limit when sampling")
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on from the small size up)"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast (default: on from the small size up, where the CPU has native bf16 matmuls)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -105,8 +106,8 @@ class DemoConfig:
         for k, v in preset.items():
             if values[k] is None:
                 values[k] = v
-        if values["bf16"] is None:
-            values["bf16"] = values["size"] in ("small", "medium")
+        if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
+            values["bf16"] = values["size"] in ("small", "medium") and bf16_is_fast()
         return DemoConfig(**values)
 
     def validate(self) -> None:

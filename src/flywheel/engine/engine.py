@@ -29,6 +29,7 @@ from flywheel.engine.loop import Step, decode
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
 from flywheel.engine.stream import Detokenizer
 from flywheel.errors import UserError
+from flywheel.utils import warn_if_slow_bf16
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Engine:
         if self.backend == "hf" and self.dtype is not None and self.dtype != next(model.parameters()).dtype:
             log.warning("engine: dtype %s is ignored by the generic HF forward (it runs the module as it is)",
                         self.dtype)
+        if self.backend == "compact" and self.dtype == torch.bfloat16:
+            warn_if_slow_bf16(next(model.parameters()).device.type)
         self.context_length = context_length(model)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.stop_ids = default_stop_ids(model, self.tokenizer)

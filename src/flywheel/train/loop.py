@@ -40,7 +40,7 @@ from flywheel.config import save_config
 from flywheel.data.batching import to_device
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
-from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads
+from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads, warn_if_slow_bf16
 
 
 @dataclass
@@ -106,6 +106,7 @@ def autocast(enabled: bool) -> Any:
     if not enabled:
         return nullcontext()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    warn_if_slow_bf16(device)
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
