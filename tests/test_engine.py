@@ -336,3 +336,20 @@ def test_weight_updates_do_not_grow_the_rope_tables():
     long = Engine(AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB, "nano", max_position_embeddings=1024)))
     long.generate([[5] * 300], SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=[]))
     assert long._forward._weights.rope.shape[0] >= 320  # grown when a longer sequence needs it
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-gqa-bias-rope", "qwen3", "mistral"])
+@pytest.mark.parametrize("prompts", [PROMPTS, [[5, 9, 17, 3], [40, 41, 42, 43]]], ids=["padded", "same-length"])
+def test_prefill_logits_equal_hf_at_each_prompts_last_token(family, prompts):
+    from flywheel.engine.compact import CompactCausalLM
+
+    model = _model(family)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
+    with torch.no_grad():
+        logits, state = CompactCausalLM(model).start(ids, valid, width + 4)
+        for i, p in enumerate(prompts):
+            ref = model(input_ids=torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+    assert state.n == width and state.pos[:, 0].tolist() == [len(p) for p in prompts]

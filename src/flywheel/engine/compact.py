@@ -271,7 +271,13 @@ class CompactCausalLM:
         causal = q_idx[None, :] <= q_idx[:, None]  # (P, P) [query, key]
         allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
         mask = torch.zeros(b, 1, p, p, dtype=self.dtype, device=dev).masked_fill_(~allowed[:, None], float("-inf"))
-        return self._forward(state, ids, positions, 0, mask), state
+        # The linears run on the prompts' real tokens only (a third of the slots were padding in
+        # bench/engine_vs_hf.py); attention and the cache keep the padded layout.
+        if bool(valid.all()):
+            return self._forward(state, ids, positions, 0, mask), state
+        real = valid.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the real tokens, row by row
+        last = valid.sum(-1).cumsum(0) - 1  # (B,) each row's last token among them (left padding: its last column)
+        return self._forward(state, ids, positions, 0, mask, real=real, last=last), state
 
     def step(self, state: KVState, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return the next-token logits (B, V)."""
@@ -296,9 +302,12 @@ class CompactCausalLM:
         return mask.masked_fill(outside, float("-inf"))
 
     def _forward(self, state: KVState, ids: torch.Tensor, positions: torch.Tensor, start: int,
-                 mask: torch.Tensor) -> torch.Tensor:
+                 mask: torch.Tensor, real: torch.Tensor | None = None,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (B, T), written at slots start..start+T-1; mask: (B, 1, T, start+T) additive (0 / -inf).
-        Returns the next-token logits (B, V) in float32."""
+        real: (N,) indices into the flattened (B*T) tokens that are not padding, and last: (B,) the index into `real`
+        of each row's last column: the linears run on those rows only. Returns the next-token logits (B, V) in
+        float32."""
         b, t = ids.shape
         end = start + t
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
@@ -306,14 +315,18 @@ class CompactCausalLM:
         w = state.w
         cos, sin = w.rope[positions][:, None].unbind(-2)  # (B, 1, T, D) each
         masks = {None: mask}
-        x = F.embedding(ids, w.embed).view(b * t, -1)  # (B*T, hidden), 2-D for the linears
+        flat = ids.reshape(-1) if real is None else ids.reshape(-1)[real]
+        x = F.embedding(flat, w.embed)  # (B*T or N, hidden), 2-D for the linears
         for i, layer in enumerate(w.layers):
             if layer.window not in masks:
                 masks[layer.window] = self._window_mask(mask, start, end, layer.window)
             # One fused op: in fp32 bit-identical to HF's LlamaRMSNorm; in bf16 it rounds once where HF rounds before
             # and after the weight (8 ops; measured no further from the fp32 model in tests/test_engine.py)
             h = F.rms_norm(x, layer.ln1.shape, layer.ln1, self.eps)
-            qkv = layer.qkv(h).view(b, t, hq + 2 * hkv, d).transpose(1, 2)  # (B, H, T, D)
+            qkv = layer.qkv(h)  # (B*T or N, (Hq + 2*Hkv) * D)
+            if real is not None:  # back to the padded layout (padding rows are zeros; no real query attends to them)
+                qkv = qkv.new_zeros(b * t, qkv.shape[1]).index_copy_(0, real, qkv)
+            qkv = qkv.view(b, t, hq + 2 * hkv, d).transpose(1, 2)  # (B, H, T, D)
             if layer.q_norm is not None:
                 qkv = torch.cat([rms_norm(qkv[:, :hq], layer.q_norm, self.eps),
                                  rms_norm(qkv[:, hq:hq + hkv], layer.k_norm, self.eps), qkv[:, hq + hkv:]], dim=1)
@@ -327,14 +340,20 @@ class CompactCausalLM:
             if hq != hkv and not gqa:
                 keys = keys.repeat_interleave(hq // hkv, dim=1)
                 values = values.repeat_interleave(hq // hkv, dim=1)
+            q, layer_mask = qkv[:, :hq], masks[layer.window]
+            if t > 1 and i == len(w.layers) - 1:
+                # Only the last position's output is read: the last layer attends from it alone and runs its
+                # projections and MLP on one row per prompt (its keys and values are all in the cache already).
+                q, layer_mask, t = q[:, :, -1:], layer_mask[:, :, -1:], 1
+                x = x[last] if last is not None else x.view(b, -1, x.shape[-1])[:, -1]  # (B, hidden)
+                real = None
             att = F.scaled_dot_product_attention(
-                qkv[:, :hq], keys, values, attn_mask=masks[layer.window], scale=self.scaling, **gqa
+                q, keys, values, attn_mask=layer_mask, scale=self.scaling, **gqa
             )  # (B, Hq, T, D)
-            x = layer.o.add_to(x, att.transpose(1, 2).reshape(b * t, hq * d))
+            att = att.transpose(1, 2).reshape(b * t, hq * d)
+            x = layer.o.add_to(x, att if real is None else att[real])
             h = F.rms_norm(x, layer.ln2.shape, layer.ln2, self.eps)
             gate, up = layer.gate_up(h).split([self.ffn, self.ffn], dim=-1)
             x = layer.down.add_to(x, self.act(gate) * up)
-        if t > 1:
-            x = x.view(b, t, -1)[:, -1]  # (B, hidden): only the last position is needed
-        x = F.rms_norm(x, w.norm.shape, w.norm, self.eps)
+        x = F.rms_norm(x, w.norm.shape, w.norm, self.eps)  # (B, hidden)
         return w.lm_head(x).float()
