@@ -72,6 +72,30 @@ def test_data_order_is_a_function_of_seed_and_position():
     assert DataOrder(10, seed=4).indices(0, 10) != first_epoch
 
 
+def test_length_grouped_order_pads_less_and_stays_a_function_of_seed_and_position():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(1000)]  # 1000 is not a multiple of the step: epochs straddle steps
+    group, steps = 8, 3 * 1000 // 8
+
+    def waste(order: DataOrder) -> float:
+        batches = [[lengths[i] for i in order.indices(s * group, group)] for s in range(steps)]
+        return 1 - sum(map(sum, batches)) / sum(group * max(b) for b in batches)
+
+    grouped, again = DataOrder(1000, 3, lengths, group=group), DataOrder(1000, 3, lengths, group=group)
+    assert grouped.indices(0, 3000) == again.indices(0, 3000)
+    for epoch in range(3):  # still a permutation of the samples per epoch, and reshuffled every epoch
+        assert sorted(grouped.indices(epoch * 1000, 1000)) == list(range(1000))
+    assert grouped.indices(0, 1000) != grouped.indices(1000, 1000)
+    assert DataOrder(1000, 4, lengths, group=group).indices(0, 1000) != grouped.indices(0, 1000)
+    random_order = DataOrder(1000, 3)
+    assert waste(random_order) > 0.3 and waste(grouped) < 0.1
+    # steps are not sorted over the epoch: long and short steps alternate
+    firsts = [lengths[grouped.indices(s * group, 1)[0]] for s in range(100)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    # equal lengths (packed pretraining blocks): exactly the ungrouped order
+    assert DataOrder(1000, 3, [256] * 1000, group=group).indices(0, 3000) == random_order.indices(0, 3000)
+
+
 def test_packing():
     blocks = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, sep_id=0)
     assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]

@@ -41,6 +41,7 @@ from flywheel.train.reward import (
     disable_dropout,
     encode_rankings,
     make_batches,
+    padded_tokens,
     split_rankings,
 )
 from flywheel.utils import log
@@ -220,7 +221,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
         return eval_dpo(model, samples["eval"], pad, cfg)
 
     result = train_loop(model, cfg, run_dir, samples["train"], collate, lambda m, b: dpo_batch_loss(m, b, cfg.beta),
-                        evaluate if "eval" in samples else None, desc="dpo")
+                        evaluate if "eval" in samples else None, desc="dpo",
+                        lengths=[padded_tokens(s.group, cfg.share_prompt) for s in samples["train"]])
     save_final(model, tokenizer, run_dir / "final", extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta,
                                                            **result.eval_metrics}, wrapped=result.wrapped)
     return run_dir

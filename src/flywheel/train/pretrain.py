@@ -83,7 +83,8 @@ def train_causal_lm(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path,
     """Next-token training on (ids, loss mask) samples with a held-out loss, then `final/` (pretrain and SFT)."""
     pad = tokenizer.pad_token_id
     evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
-    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc=stage)
+    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc=stage,
+                        lengths=[len(s["input_ids"]) for s in samples])
     save_final(model, tokenizer, run_dir / "final", extra={"stage": stage, "steps": result.steps,
                                                            **result.eval_metrics}, wrapped=result.wrapped)
     return run_dir

@@ -198,6 +198,14 @@ def _group_rows(group: RankingGroup, share_prompt: bool) -> list[tuple[list[int]
     return [(ids, pos, seg)]
 
 
+def padded_tokens(group: RankingGroup, share_prompt: bool) -> int:
+    """The tokens `group` occupies in a batch (its row, or its K rows padded to the longest answer)."""
+    p = len(group.prompt_ids)
+    if share_prompt:
+        return p + sum(len(r) for r in group.responses)
+    return group.k * (p + max(len(r) for r in group.responses))
+
+
 def collate_groups(groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True,
                    mask_dtype: torch.dtype = torch.bool) -> dict[str, Any]:
     """One forward's worth of rankings: every answer of every group, with the indices the losses need.
@@ -550,7 +558,8 @@ def train_reward(cfg: RewardConfig) -> Path:
                              max_answers=cfg.eval_batch_size, margin=cfg.margin)
 
     result = train_loop(model, cfg, run_dir, groups, collate, lambda m, b: rm_loss(m, b, cfg.margin),
-                        evaluate if eval_groups else None, desc="rm")
+                        evaluate if eval_groups else None, desc="rm",
+                        lengths=[padded_tokens(g, cfg.share_prompt) for g in groups])
     extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length,
                              **result.eval_metrics}
     if cfg.normalize:
