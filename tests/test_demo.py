@@ -92,6 +92,22 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     assert f"flywheel serve {final}" in printed
     with pytest.raises(UserError):  # a second run does not overwrite the first
         main(["--quick", "--out", str(out)])
+    # --base: a run that starts from this run's base model (a short one: the point is the plumbing)
+    again = tmp_path / "again"
+    assert main(["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final"),
+                 "--rounds", "1", "--sft-epochs", "0.3", "--n-rank", "40", "--ppo-steps", "2", "--n-eval", "150"]) == 0
+    reused = json.loads((again / "summary.json").read_text())
+    assert not (again / "base").exists() and not (again / "init").exists()  # no tokenizer, no pretraining
+    assert "pretrain" not in reused["timings_s"]
+    # the same seed and corpus: the same held-out documents and eval prompts, so the same base figures
+    first_base, reused_base = summary["policies"]["base"], reused["policies"]["base"]
+    assert reused_base["heldout_lm_loss"] == pytest.approx(first_base["heldout_lm_loss"])
+    assert reused_base["score"] == pytest.approx(first_base["score"])
+
+
+def test_base_must_be_a_model_directory(tmp_path):
+    with pytest.raises(UserError, match="--base"):
+        parse_config(DemoConfig, ["--base", str(tmp_path)], "flywheel demo")
 
 
 def test_rounds_flags_are_checked():

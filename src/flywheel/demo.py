@@ -57,6 +57,10 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
     quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~3 min)"})
     size: str | None = _preset("model size: nano, tiny (1M), small (5M), medium (35M)")
+    base: str = field(default="", metadata={
+        "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final of "
+                "an earlier run with the same --seed and --corpus-chars, so its held-out corpus documents are the "
+                "ones this run holds out)"})
     corpus_chars: int | None = _preset("pretraining corpus size in characters")
     n_demos: int | None = _preset("demonstrations for SFT")
     n_rank: int | None = _preset("prompts the SFT policy answers K times for the labelers to rank")
@@ -122,6 +126,8 @@ class DemoConfig:
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")
+        if self.base and not (Path(self.base) / "config.json").is_file():
+            raise UserError(f"--base {self.base} is not a model directory (no config.json)")
         if self.n_rank_next is not None and self.n_ppo is not None and (self.rounds or 1) > 1 and \
                 not 2 <= self.n_rank_next <= self.n_ppo:
             raise UserError("--n-rank-next must be in [2, --n-ppo]: later rounds rank answers to PPO prompts")
@@ -160,8 +166,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t_start, c_start = time.perf_counter(), time.process_time()
     files = stage_world(cfg, out, timings)
-    init = stage_tokenizer(cfg, out, files, timings)
-    base = stage_pretrain(cfg, out, files, init, timings)
+    if cfg.base:
+        base = Path(cfg.base)
+        log.info("== base model: %s (no tokenizer training or pretraining)", base)
+    else:
+        base = stage_pretrain(cfg, out, files, stage_tokenizer(cfg, out, files, timings), timings)
     sft = stage_sft(cfg, out, files, base, timings)
     labels = stage_rankings(cfg, out, files, sft, timings)
     rm = stage_reward_model(cfg, out, sft, labels, timings)
