@@ -18,9 +18,10 @@ logging or saving. Ours is timed around `PPOTrainer.step(i)`; TRL's loop calls `
 callback's marks give its steps. Both run after `--warmup` steps; the sides alternate `--repeats` times in this
 process (the machine's load varies) and each keeps its best median.
 
-bf16 on both sides. Ours: `bf16=True` (bf16 autocast over fp32 weights; the engine samples from a bf16 copy). TRL
-builds its own `Accelerator(gradient_accumulation_steps=...)` with no precision, and transformers 5 no longer exports
-`bf16=True` as ACCELERATE_MIXED_PRECISION, so `bf16=True, use_cpu=True` alone leaves TRL's PPO in fp32.
+`--dtype bf16` (the default where the CPU has native bf16; elsewhere `fp32`, both sides in fp32, since an emulated
+bf16 would time the emulation). Ours: `bf16=True` (bf16 autocast over fp32 weights; the engine samples from a bf16
+copy). TRL builds its own `Accelerator(gradient_accumulation_steps=...)` with no precision, and transformers 5 no
+longer exports `bf16=True` as ACCELERATE_MIXED_PRECISION, so `bf16=True, use_cpu=True` alone leaves TRL's PPO in fp32.
 `--trl-precision` picks how TRL gets its bf16:
     bf16      its four models loaded in bf16: rollout and update all in bf16 (default: TRL's fastest)
     autocast  fp32 models + ACCELERATE_MIXED_PRECISION=bf16: autocast on the update's forward; rollouts in fp32
@@ -59,6 +60,7 @@ from flywheel.models import (
 from flywheel.tokenization import render_prompt, train_tokenizer
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.trainer import PPOTrainer
+from flywheel.utils import bf16_is_fast
 
 TRL_DIR = Path(__file__).resolve().parent.parent / ".bench-trl-1.12"
 LR = 1e-5
@@ -92,15 +94,15 @@ def make_setup(root: Path, n_prompts: int, seed: int = 0) -> Setup:
 
 
 def time_ours(s: Setup, epochs: int, steps: int, warmup: int, out: Path, clock: Callable[[], float], *,
-              hf_forward: bool = False) -> list[float]:
+              bf16: bool = True, hf_forward: bool = False) -> list[float]:
     """Our step; `hf_forward`: with flywheel.fastforward switched off, so the roles run HF's forward (--ablate)."""
     if hf_forward:
         with _fastforward_off():
-            return time_ours(s, epochs, steps, warmup, out, clock)
+            return time_ours(s, epochs, steps, warmup, out, clock, bf16=bf16)
     n = len(s.prompt_ids)
     cfg = PPOConfig(model=s.policy, reward_model=s.reward, prompts=s.prompts_file, out=str(out),
                     rollout_batch_size=n, batch_size=n, ppo_epochs=epochs, max_new_tokens=32, ignore_eos=True,
-                    temperature=1.0, missing_eos_penalty=0.0, max_grad_norm=0.0, lr=LR, bf16=True, progress=False)
+                    temperature=1.0, missing_eos_penalty=0.0, max_grad_norm=0.0, lr=LR, bf16=bf16, progress=False)
     cfg.validate()
     trainer = PPOTrainer(cfg)
     times = []
@@ -165,11 +167,11 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
     args = TRLPPOConfig(
         output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1, num_mini_batches=1,
         total_episodes=n * (warmup + steps), num_ppo_epochs=epochs, response_length=32, stop_token=None,
-        temperature=1.0, missing_eos_penalty=None, learning_rate=LR, bf16=True, use_cpu=True,
+        temperature=1.0, missing_eos_penalty=None, learning_rate=LR, bf16=precision != "fp32", use_cpu=True,
         num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True,
         seed=0, local_rollout_forward_batch_size=n, dataloader_num_workers=0,
     )
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # fp32: --dtype fp32, both sides in fp32
     if precision == "autocast":
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read when TRL creates its Accelerator
     trainer = TRLPPOTrainer(
@@ -192,14 +194,17 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
 def measure(setup: Setup, root: Path, epochs: int, args: argparse.Namespace) -> tuple[float, float, float | None]:
     """Alternate the sides --repeats times (the machine's load varies); each keeps its best median."""
     clock = CLOCKS[args.clock]
+    bf16 = args.dtype == "bf16"
+    trl_precision = args.trl_precision if bf16 else "fp32"
     ours, trl, hf = [], [], []
     for r in range(args.repeats):
-        ours.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"o{r}", clock)))
+        ours.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"o{r}", clock,
+                                                bf16=bf16)))
         if args.ablate:
             hf.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"h{r}", clock,
-                                                  hf_forward=True)))
+                                                  bf16=bf16, hf_forward=True)))
         trl.append(statistics.median(time_trl(setup, epochs, args.steps, args.warmup, root / f"t{r}",
-                                              args.trl_precision, clock)))
+                                              trl_precision, clock)))
         unit = "s/step" if args.clock == "wall" else "CPU s/step"
         extra = f", ours with HF's forward {hf[-1]:.3f} {unit}" if hf else ""
         print(f"  epochs {epochs} repeat {r + 1}: ours {ours[-1]:.3f} {unit}, TRL {trl[-1]:.3f} {unit}{extra}",
@@ -216,6 +221,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout (= the one minibatch)")
     ap.add_argument("--trl-precision", choices=["bf16", "autocast", "flag"], default="bf16",
                     help="how TRL runs in bf16 (see above)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if bf16_is_fast() else "fp32",
+                    help="both sides' precision (default: bf16 where the CPU multiplies it natively, else fp32: an "
+                         "emulated bf16 would time the emulation)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU seconds")
     ap.add_argument("--ablate", action="store_true",
@@ -229,13 +237,14 @@ def main() -> None:
         plen = [len(p) for p in setup.prompt_ids]
         print(f"policy: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params, vocab {len(setup.tokenizer)}; "
               f"{args.prompts} prompts of {min(plen)}-{max(plen)} tokens x 32 new tokens, one minibatch; "
-              f"ours bf16 autocast, TRL --trl-precision {args.trl_precision}; {args.threads} threads, "
+              + (f"ours bf16 autocast, TRL --trl-precision {args.trl_precision}; " if args.dtype == "bf16" else
+                 "both sides fp32; ") + f"{args.threads} threads, "
               f"{args.clock} clock; {args.steps} timed steps after {args.warmup} warm-up, best median of "
               f"{args.repeats}", flush=True)
         rows = [(epochs, *measure(setup, root, epochs, args)) for epochs in args.epochs]
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
-          f"TRL {args.trl_precision}")
+          f"{args.dtype}" + (f", TRL {args.trl_precision}" if args.dtype == "bf16" else ""))
     print(f"| PPO epochs | ours {unit} | TRL {unit} | speed-up (TRL/ours) |"
           + (f" ours, HF forward {unit} | its speed-up |" if args.ablate else ""))
     print("|---:|---:|---:|---:|" + ("---:|---:|" if args.ablate else ""))
