@@ -33,14 +33,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
         pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=5e-4, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
+        sft_epochs=3.0, sft_lr=5e-4, sft_batch_size=16, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
         kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
         pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=1e-3, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
+        sft_epochs=3.0, sft_lr=1e-3, sft_batch_size=16, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
         rounds=2, ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
         kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32,
     ),
@@ -81,6 +81,7 @@ class DemoConfig:
     pretrain_batch_size: int | None = _preset("pretraining blocks per step")
     sft_epochs: float | None = _preset("passes over the demonstrations")
     sft_lr: float | None = _preset("SFT peak learning rate")
+    sft_batch_size: int | None = _preset("demonstrations per SFT step")
     rm_epochs: float | None = _preset("passes over the rankings (1 avoids overfitting)")
     rm_lr: float | None = _preset("reward model learning rate")
     rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
@@ -259,7 +260,8 @@ def stage_sft(cfg: DemoConfig, out: Path, files: dict[str, Path], base: Path, ti
 
     with Stage(timings, "sft") as st:
         scfg = SFTConfig(out=str(out / "sft"), seed=cfg.seed, model=str(base), data=str(files["demos"]),
-                         eval_data=str(files["demos_val"]), epochs=cfg.sft_epochs, lr=cfg.sft_lr, batch_size=16,
+                         eval_data=str(files["demos_val"]), epochs=cfg.sft_epochs, lr=cfg.sft_lr,
+                         batch_size=cfg.sft_batch_size,
                          warmup_ratio=0.05, bf16=cfg.bf16, log_every=20, threads=cfg.threads, progress=cfg.progress)
         run = train_sft(scfg)
         meta = json.loads((run / "final" / "flywheel.json").read_text())
