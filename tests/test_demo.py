@@ -18,7 +18,7 @@ def test_presets_fill_unset_fields_only(monkeypatch):
     assert quick.size == PRESETS["quick"]["size"] and quick.ppo_steps == 7
     assert quick.bf16 is False  # tiny models run faster in fp32
     default = DemoConfig().resolved()
-    assert default.size == "small" and default.bf16 is True
+    assert default.size == "mini" and default.bf16 is True
     # Where bf16 is emulated (an AVX2-only CPU) it is 7-25x slower than fp32: the default stays in fp32 there.
     monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: False)
     assert DemoConfig().resolved().bf16 is False

@@ -1,6 +1,6 @@
 """`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
 
-    flywheel demo                      # ~9 min on 2 cores: 5M-parameter model, runs/demo/report.md
+    flywheel demo                      # 8.5-10 min on 2 cores: 4M-parameter model, runs/demo/report.md
     flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3
 
@@ -31,9 +31,9 @@ MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend 
 # Settings of the two presets; a DemoConfig field left at None takes its preset's value.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
-        pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=1e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=5e-4, sft_batch_size=16, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
+        size="mini", corpus_chars=1_200_000, n_demos=3000, n_rank=720, n_ppo=600, n_eval=300,
+        pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
+        sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
         kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
     ),
@@ -56,7 +56,7 @@ class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "run directory (world/, base/, sft/, rm/, ppo/, report)"})
     seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
     quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~3 min)"})
-    size: str | None = _preset("model size: nano, tiny (1M), small (5M), medium (35M)")
+    size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
     base: str = field(default="", metadata={
         "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final of "
                 "an earlier run with the same --seed and --corpus-chars, so its held-out corpus documents are the "
@@ -112,7 +112,7 @@ class DemoConfig:
             if values[k] is None:
                 values[k] = v
         if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
-            values["bf16"] = values["size"] in ("small", "medium") and bf16_is_fast()
+            values["bf16"] = values["size"] in ("mini", "small", "medium") and bf16_is_fast()
         return DemoConfig(**values)
 
     def validate(self) -> None:

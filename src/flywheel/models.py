@@ -17,10 +17,11 @@ import torch
 from flywheel.errors import UserError
 from flywheel.utils import atomic_dir
 
-# Sizes measured on the 2-core CPU (DESIGN.md): "tiny" is for tests and CI, "small" for the demo.
+# Sizes measured on the 2-core CPU (DESIGN.md): "tiny" is for tests and CI, "mini" for the demo.
 TINY_SIZES: dict[str, dict[str, int]] = {
     "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, intermediate_size=1024),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),
 }

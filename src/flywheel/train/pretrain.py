@@ -27,7 +27,8 @@ class PretrainConfig(TrainConfig):
     eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
     model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (empty = the model's, or train one)"})
-    size: str = field(default="tiny", metadata={"help": "new model size: nano, tiny (1M), small (5M), medium (35M)"})
+    size: str = field(default="tiny", metadata={
+        "help": "new model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary of a newly trained tokenizer"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed block"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
