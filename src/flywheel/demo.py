@@ -112,7 +112,10 @@ class DemoConfig:
             if values[k] is None:
                 values[k] = v
         if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
-            values["bf16"] = values["size"] in ("mini", "small", "medium") and bf16_is_fast()
+            from flywheel.models import TINY_SIZES
+
+            hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
+            values["bf16"] = hidden >= 256 and bf16_is_fast()
         return DemoConfig(**values)
 
     def validate(self) -> None:
