@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
         sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
+        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
