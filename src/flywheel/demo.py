@@ -130,8 +130,13 @@ class DemoConfig:
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")
-        if self.base and not (Path(self.base) / "config.json").is_file():
-            raise UserError(f"--base {self.base} is not a model directory (no config.json)")
+        if self.base:
+            from flywheel.models import check_model_dir
+
+            try:
+                check_model_dir(self.base)
+            except UserError as err:
+                raise UserError(f"--base: {err}") from None
         if self.n_rank_next is not None and self.n_ppo is not None and (self.rounds or 1) > 1 and \
                 not 2 <= self.n_rank_next <= self.n_ppo:
             raise UserError("--n-rank-next must be in [2, --n-ppo]: later rounds rank answers to PPO prompts")

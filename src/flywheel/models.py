@@ -67,7 +67,8 @@ def build_causal_lm(config: Any, seed: int | None = None) -> Any:
     return model
 
 
-def _check_model_dir(path: str | Path) -> Path:
+def check_model_dir(path: str | Path) -> Path:
+    """`path` as a Path, or a UserError saying why it is not a local HF model directory."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"model directory does not exist: {p}")
@@ -91,7 +92,7 @@ def resolve_model_path(path: str) -> str:
     transformers (it loads when online or cached)."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
     if Path(path).exists() or looks_local:
-        return str(_check_model_dir(Path(path).expanduser()))
+        return str(check_model_dir(Path(path).expanduser()))
     return path
 
 
