@@ -1,6 +1,6 @@
 """`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
 
-    flywheel demo                      # 9-10 min on 2 cores: 4M-parameter model, runs/demo/report.md
+    flywheel demo                      # ~10 min on 2 cores: 4M-parameter model, runs/demo/report.md
     flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3
 
