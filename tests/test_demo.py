@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 from flywheel.config import parse_config
-from flywheel.demo import PRESETS, DemoConfig, check_targets, main, ppo_curve, result_table
+from flywheel.demo import PRESETS, DemoConfig, RunState, check_targets, main, ppo_curve, result_table
 from flywheel.errors import UserError
 
 
@@ -103,6 +105,24 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     first_base, reused_base = summary["policies"]["base"], reused["policies"]["base"]
     assert reused_base["heldout_lm_loss"] == pytest.approx(first_base["heldout_lm_loss"])
     assert reused_base["score"] == pytest.approx(first_base["score"])
+    # --resume after an interruption during PPO: the finished stages are kept, PPO and evaluation run again, and the
+    # figures are the uninterrupted run's (every stage is deterministic given the seed)
+    state = json.loads((again / "demo_state.json").read_text())
+    assert list(state["stages"]) == ["sft", "rankings:1", "reward model:1", "ppo:1"]
+    del state["stages"]["ppo:1"]
+    (again / "demo_state.json").write_text(json.dumps(state))
+    (again / "summary.json").unlink()
+    shutil.rmtree(again / "ppo" / "final")
+    sft_written = (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main(["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final"),
+                 "--rounds", "1", "--sft-epochs", "0.3", "--n-rank", "40", "--ppo-steps", "2", "--n-eval", "150",
+                 "--resume"]) == 0
+    resumed = json.loads((again / "summary.json").read_text())
+    assert resumed["resumed"] == {"kept_stages": ["sft", "rankings:1", "reward model:1"]}
+    assert (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_written  # not retrained
+    for key in ("policies", "win_rates", "kl_ppo_sft", "reward_model", "labelers"):
+        assert resumed[key] == reused[key], key
+    assert resumed["timings_s"]["sft"] == reused["timings_s"]["sft"]  # the kept stage's own time
 
 
 def test_base_must_be_a_model_directory(tmp_path):
@@ -139,3 +159,42 @@ def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
     curve = ppo_curve(tmp_path, 2)
     assert [(x["round"], x["step"]) for x in curve] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
     assert curve[3]["score"] == pytest.approx(2.1)
+
+
+def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
+    out = tmp_path / "run"
+    cfg = DemoConfig(out=str(out), quick=True).resolved()
+    state = RunState.open(out, cfg)  # a new run: its settings recorded before any stage runs
+    timings: dict[str, float] = {}
+    calls = []
+
+    def run_sft():
+        calls.append("sft")
+        (out / "sft").mkdir()
+        timings["sft"], timings["sft (cpu)"] = 3.0, 5.0
+        return out / "sft"
+
+    assert state.stage("sft", timings, run_sft, str, Path) == out / "sft" and calls == ["sft"]
+    with pytest.raises(UserError, match="--resume"):  # without --resume a second run is refused
+        RunState.open(out, cfg)
+
+    # The resume keeps the finished stage (not run again, its timings restored) and runs the others.
+    again = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, progress=False).resolved())
+    timings = {}
+    assert again.stage("sft", timings, run_sft, str, Path) == out / "sft" and calls == ["sft"]
+    assert timings == {"sft": 3.0, "sft (cpu)": 5.0}
+    assert again.stage("rm", timings, lambda: {"dir": out / "sft", "acc": 0.7},
+                       lambda x: {**x, "dir": str(x["dir"])}, lambda x: {**x, "dir": Path(x["dir"])})["acc"] == 0.7
+    assert again.kept == ["sft"] and again.kept_seconds() == 3.0 and again.kept_seconds(cpu=True) == 5.0
+
+    with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
+        RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, seed=1).resolved())
+    (out / "sft").rmdir()  # a finished stage's output removed since: refused, not silently rerun
+    third = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
+    with pytest.raises(UserError, match="is missing"):
+        third.stage("sft", {}, run_sft, str, Path)
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="finished demo run"):
+        RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
+    with pytest.raises(UserError, match="no interrupted demo run"):
+        RunState.open(tmp_path / "none", DemoConfig(out=str(tmp_path / "none"), resume=True).resolved())

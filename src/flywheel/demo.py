@@ -3,6 +3,7 @@
     flywheel demo                      # ~10 min on 2 cores: 4M-parameter model, runs/demo/report.md
     flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3
+    flywheel demo --seed 3 --out runs/demo-3 --resume   # continue an interrupted run: finished stages are kept
 
 Stages: world -> tokenizer -> pretrain the base -> SFT on imperfect demonstrations -> sample K (4..9) answers per
 prompt from the SFT policy -> simulated labelers rank them (temperature recalibrated on these samples to 73% agreement)
@@ -103,6 +104,9 @@ class DemoConfig:
         "help": "bf16 autocast (default: on from the small size up, where the CPU has native bf16 matmuls)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue an interrupted run in --out: the stages it finished are kept, the rest run again (with the "
+                "interrupted run's settings: give the same flags)"})
 
     def resolved(self) -> DemoConfig:
         """A copy with every None filled from the preset."""
@@ -169,21 +173,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     set_threads(cfg.threads or None)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    if (out / "summary.json").exists() or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo")):
-        raise UserError(f"{out} already holds a demo run: remove it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    done = RunState.open(out, cfg)
     timings: dict[str, float] = {}
     t_start, c_start = time.perf_counter(), time.process_time()
-    files = stage_world(cfg, out, timings)
+    files = stage_world(cfg, out, timings)  # 2 s and deterministic: rewritten, never kept
+    as_str, as_path = str, Path  # a stage whose result is one directory
     if cfg.base:
         base = Path(cfg.base)
         log.info("== base model: %s (no tokenizer training or pretraining)", base)
     else:
-        base = stage_pretrain(cfg, out, files, stage_tokenizer(cfg, out, files, timings), timings)
-    sft = stage_sft(cfg, out, files, base, timings)
-    labels = stage_rankings(cfg, out, files, sft, timings)
-    rm = stage_reward_model(cfg, out, sft, labels, timings)
-    ppo = stage_ppo(cfg, out, files, sft, sft, rm, timings)
+        init = done.stage("tokenizer", timings, lambda: stage_tokenizer(cfg, out, files, timings), as_str, as_path)
+        base = done.stage("pretrain", timings, lambda: stage_pretrain(cfg, out, files, init, timings), as_str,
+                          as_path)
+    sft = done.stage("sft", timings, lambda: stage_sft(cfg, out, files, base, timings), as_str, as_path)
+
+    def rankings(r: int, policy: Path, temperature: float | None = None) -> dict[str, Any] | None:
+        return done.stage(f"rankings:{r}", timings,
+                          lambda: stage_rankings(cfg, out, files, policy, timings, r=r, temperature=temperature),
+                          _encode_labels, lambda x: _decode_labels(x, cfg, files, r))
+
+    def reward_model(r: int, init: Path, labels: dict[str, Any], first: Any = None) -> dict[str, Any]:
+        return done.stage(f"reward model:{r}", timings,
+                          lambda: stage_reward_model(cfg, out, init, labels, timings, r=r, first=first),
+                          lambda x: {**x, "dir": str(x["dir"])}, lambda x: {**x, "dir": Path(x["dir"])})
+
+    def ppo_stage(r: int, start: Path, rm: dict[str, Any]) -> Path:
+        return done.stage(f"ppo:{r}", timings, lambda: stage_ppo(cfg, out, files, start, sft, rm, timings, r=r),
+                          as_str, as_path)
+
+    labels = rankings(1, sft)
+    rm = reward_model(1, sft, labels)
+    ppo = ppo_stage(1, sft, rm)
     rounds = [{"round": 1, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo),
                "heldout": labels["heldout"]}]
     policies = {"base": base, "sft": sft}
@@ -191,15 +211,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         # The flywheel: the deployed PPO policy answers new prompts, labelers rank its answers, the reward model
         # learns from them (it has only seen SFT-like answers so far), and PPO continues, still held near SFT.
         policies[f"ppo_round{r - 1}"] = ppo
-        labels = stage_rankings(cfg, out, files, ppo, timings, r=r, temperature=rounds[0]["labelers"]["temperature"])
+        labels = rankings(r, ppo, temperature=rounds[0]["labelers"]["temperature"])
         if labels is None:
             break
-        rm = stage_reward_model(cfg, out, rm["dir"], labels, timings, r=r, first=rounds[0]["heldout"])
-        ppo = stage_ppo(cfg, out, files, ppo, sft, rm, timings, r=r)
+        rm = reward_model(r, rm["dir"], labels, first=rounds[0]["heldout"])
+        ppo = ppo_stage(r, ppo, rm)
         rounds.append({"round": r, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo)})
     results = stage_evaluate(cfg, out, files, {**policies, "ppo": ppo}, timings)
-    timings["total"] = round(time.perf_counter() - t_start, 1)
-    timings["total (cpu)"] = round(time.process_time() - c_start, 1)
+    # A resumed run's total adds the kept stages' own times to this process's.
+    timings["total"] = round(time.perf_counter() - t_start + done.kept_seconds(), 1)
+    timings["total (cpu)"] = round(time.process_time() - c_start + done.kept_seconds(cpu=True), 1)
     # The targets judge the round-1 reward model (on the SFT policy's answers, as InstructGPT measures it).
     summary = {
         "config": asdict(cfg), "timings_s": timings, "labelers": rounds[0]["labelers"],
@@ -207,10 +228,107 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                                              for x in rounds],
         "final_policy": str(ppo), **results,
     }
+    if done.kept:
+        summary["resumed"] = {"kept_stages": done.kept}
     summary["targets"] = check_targets(summary)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(summary, out)
     return summary
+
+
+class RunState:
+    """The stages a run has finished, in `demo_state.json` beside them, so that `--resume` can keep them.
+
+    Each finished stage's result (the paths and summaries the later stages read) and its timings are written
+    atomically as it ends; a stage that was interrupted has no entry and runs again from its start. The file also
+    holds the run's settings: a resume with different ones would mix two runs, so it is refused."""
+
+    FILE = "demo_state.json"
+    VOLATILE = ("out", "resume", "progress", "threads")  # may differ between the run and its resume
+
+    def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any]):
+        self.path, self.config, self.stages = path, config, stages
+        self.kept: list[str] = []
+
+    @classmethod
+    def open(cls, out: Path, cfg: DemoConfig) -> RunState:
+        config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
+        path = out / cls.FILE
+        if not cfg.resume:
+            if path.exists() or (out / "summary.json").exists() or \
+                    any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo")):
+                raise UserError(f"{out} already holds a demo run: remove it, choose another --out, or pass --resume "
+                                "to continue it")
+            out.mkdir(parents=True, exist_ok=True)
+            state = cls(path, config, {})
+            state._save()
+            return state
+        if (out / "summary.json").exists():
+            raise UserError(f"--resume: {out} holds a finished demo run (summary.json): nothing to resume")
+        if not path.exists():
+            raise UserError(f"--resume: {out} holds no interrupted demo run (no {cls.FILE})")
+        try:
+            saved = json.loads(path.read_text())
+            saved_config, stages = saved["config"], saved["stages"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--resume: {path} is not a demo state file ({err})") from None
+        changed = [f"{k} {config.get(k)!r} (the run's: {saved_config.get(k)!r})"
+                   for k in sorted(set(config) | set(saved_config)) if config.get(k) != saved_config.get(k)]
+        if changed:
+            raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
+        log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")
+        return cls(path, config, stages)
+
+    def stage(self, key: str, timings: dict[str, float], run: Any, encode: Any, decode: Any) -> Any:
+        """The stage's result: kept from the interrupted run if it finished there, else `run()` (then recorded)."""
+        if key in self.stages:
+            entry = self.stages[key]
+            timings.update(entry["timings"])
+            self.kept.append(key)
+            log.info("== %s: kept from the interrupted run", key.removesuffix(":1"))
+            result = None if entry["result"] is None else decode(entry["result"])
+            for where in _paths(result):
+                if not where.exists():
+                    raise UserError(f"--resume: {where}, written by the finished stage {key!r}, is missing: start the "
+                                    "run again in a new --out")
+            return result
+        before = dict(timings)
+        result = run()
+        self.stages[key] = {"result": None if result is None else encode(result),
+                            "timings": {k: v for k, v in timings.items() if before.get(k) != v}}
+        self._save()
+        return result
+
+    def kept_seconds(self, cpu: bool = False) -> float:
+        """Wall (or CPU) seconds of the kept stages, as measured by the run that finished them."""
+        return sum(v for key in self.kept for k, v in self.stages[key]["timings"].items()
+                   if k.endswith(" (cpu)") == cpu)
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"config": self.config, "stages": self.stages}, indent=1) + "\n")
+
+
+def _paths(result: Any) -> list[Path]:
+    """The files and directories a stage's result points to."""
+    if isinstance(result, Path):
+        return [result]
+    return [v for v in result.values() if isinstance(v, Path)] if isinstance(result, dict) else []
+
+
+def _encode_labels(labels: dict[str, Any]) -> dict[str, Any]:
+    """A rankings stage's result as JSON: the held-out tasks by their index among the round's tasks."""
+    _, held_sets, _ = labels["heldout"]
+    return {"summary": labels["summary"], "held_index": labels["held_index"], "held_sets": held_sets,
+            "train": str(labels["train"]), "heldout_file": str(labels["heldout_file"])}
+
+
+def _decode_labels(x: dict[str, Any], cfg: DemoConfig, files: dict[str, Path], r: int) -> dict[str, Any]:
+    tasks = round_tasks(cfg, files, r)
+    heldout_file = Path(x["heldout_file"])
+    records = [json.loads(line) for line in heldout_file.read_text().splitlines() if line.strip()]
+    return {"summary": x["summary"], "held_index": x["held_index"],
+            "heldout": ([tasks[i] for i in x["held_index"]], x["held_sets"], records),
+            "train": Path(x["train"]), "heldout_file": heldout_file}
 
 
 def stage_world(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> dict[str, Path]:
@@ -392,6 +510,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
                 summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
                 _pct(agree_held))
     return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held]),
+            "held_index": [keep[i] for i in held],  # into round_tasks(): what --resume rebuilds the tasks from
             "train": where / "rankings_train.jsonl", "heldout_file": where / "rankings_heldout.jsonl"}
 
 
