@@ -193,6 +193,11 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     third = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="is missing"):
         third.stage("sft", {}, run_sft, str, Path)
+    # a kept rankings stage whose held-out file is gone: the same error, not a traceback from reading it
+    fourth = RunState(third.path, third.config, {"rankings:1": {"timings": {}, "result": {
+        "heldout_file": str(out / "gone.jsonl")}}})
+    with pytest.raises(UserError, match="gone.jsonl.*is missing"):
+        fourth.stage("rankings:1", {}, run_sft, str, lambda x: Path(x["heldout_file"]).read_text())
     (out / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="finished demo run"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())

@@ -286,11 +286,14 @@ class RunState:
             timings.update(entry["timings"])
             self.kept.append(key)
             log.info("== %s: kept from the interrupted run", key.removesuffix(":1"))
-            result = None if entry["result"] is None else decode(entry["result"])
-            for where in _paths(result):
-                if not where.exists():
-                    raise UserError(f"--resume: {where}, written by the finished stage {key!r}, is missing: start the "
-                                    "run again in a new --out")
+            try:  # decoding reads files of the run (the held-out rankings)
+                result = None if entry["result"] is None else decode(entry["result"])
+                missing = [where for where in _paths(result) if not where.exists()]
+            except FileNotFoundError as err:
+                missing = [err.filename]
+            if missing:
+                raise UserError(f"--resume: {missing[0]}, written by the finished stage {key!r}, is missing: start "
+                                "the run again in a new --out")
             return result
         before = dict(timings)
         result = run()
