@@ -177,15 +177,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t_start, c_start = time.perf_counter(), time.process_time()
     files = stage_world(cfg, out, timings)  # 2 s and deterministic: rewritten, never kept
-    as_str, as_path = str, Path  # a stage whose result is one directory
     if cfg.base:
         base = Path(cfg.base)
         log.info("== base model: %s (no tokenizer training or pretraining)", base)
     else:
-        init = done.stage("tokenizer", timings, lambda: stage_tokenizer(cfg, out, files, timings), as_str, as_path)
-        base = done.stage("pretrain", timings, lambda: stage_pretrain(cfg, out, files, init, timings), as_str,
-                          as_path)
-    sft = done.stage("sft", timings, lambda: stage_sft(cfg, out, files, base, timings), as_str, as_path)
+        # a stage whose result is one directory: kept as its path
+        init = done.stage("tokenizer", timings, lambda: stage_tokenizer(cfg, out, files, timings), str, Path)
+        base = done.stage("pretrain", timings, lambda: stage_pretrain(cfg, out, files, init, timings), str, Path)
+    sft = done.stage("sft", timings, lambda: stage_sft(cfg, out, files, base, timings), str, Path)
 
     def rankings(r: int, policy: Path, temperature: float | None = None) -> dict[str, Any] | None:
         return done.stage(f"rankings:{r}", timings,
@@ -199,7 +198,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     def ppo_stage(r: int, start: Path, rm: dict[str, Any]) -> Path:
         return done.stage(f"ppo:{r}", timings, lambda: stage_ppo(cfg, out, files, start, sft, rm, timings, r=r),
-                          as_str, as_path)
+                          str, Path)
 
     labels = rankings(1, sft)
     rm = reward_model(1, sft, labels)
