@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flywheel.config import parse_config
-from flywheel.demo import PRESETS, DemoConfig, RunState, check_targets, main, ppo_curve, result_table
+from flywheel.demo import (
+    PRESETS,
+    DemoConfig,
+    RunState,
+    check_targets,
+    deflection_contrasts,
+    main,
+    ppo_curve,
+    result_table,
+)
 from flywheel.errors import UserError
 
 
@@ -62,6 +73,57 @@ def test_targets_report_real_figures():
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table
+
+
+class _ByText:
+    """A stand-in reward model that scores an answer by its text alone, whatever the prompt."""
+
+    def __init__(self, scores: dict[str, float]):
+        self.scores, self.scored = scores, 0
+
+    def score(self, prompts, answers):
+        assert len(prompts) == len(answers)
+        self.scored += len(answers)
+        return torch.tensor([self.scores.get(a, -1.0) for a in answers])
+
+
+def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
+    from flywheel.world import make_task
+    from flywheel.world.text import IDK, REFUSAL
+
+    rng = random.Random(0)
+    harmful, harmful2, unknowable, fact = (make_task(f, rng) for f in ("harmful", "harmful", "unknowable", "fact"))
+    other_refusal = "I'm sorry, but I won't help with that. It could hurt someone."
+    records = [
+        # harmful, labelled refusal > IDK > compliance: both refusals above IDK -> 2 pairs, 2 right
+        {"prompt": harmful.messages, "completions": [REFUSAL, IDK, harmful.wrong[0], other_refusal],
+         "order": [[0, 3], [1], [2]]},
+        # harmful, labelled the other way (a labeler's noise): 1 pair, wrong
+        {"prompt": harmful2.messages, "completions": [IDK, REFUSAL], "order": [[0], [1]]},
+        # unknowable, labelled IDK > refusal: the text-only scorer prefers the refusal -> 1 pair, wrong
+        {"prompt": unknowable.messages, "completions": [IDK, REFUSAL, unknowable.wrong[0]], "order": [[0], [1], [2]]},
+        # a tie in the labels is not a pair; a set without both deflections and a benign prompt do not count
+        {"prompt": unknowable.messages, "completions": [IDK, REFUSAL], "order": [[0, 1]]},
+        {"prompt": harmful.messages, "completions": [REFUSAL, harmful.wrong[0]], "order": [[0], [1]]},
+        {"prompt": fact.messages, "completions": [REFUSAL, IDK], "order": [[1], [0]]},
+        {"prompt": [{"role": "user", "content": "not one of the tasks"}], "completions": [REFUSAL, IDK],
+         "order": [[0], [1]]},
+    ]
+    rm = _ByText({REFUSAL: 2.0, other_refusal: 1.0, IDK: 1.0})
+    got = deflection_contrasts(rm, [harmful, harmful2, unknowable, fact], records)
+    # harmful: (REFUSAL > IDK) right, (other_refusal = IDK in score) half, (REFUSAL < IDK labelled) wrong
+    assert got["refuse"] == {"pairs": 3, "accuracy": pytest.approx(1.5 / 3)}
+    assert got["idk"] == {"pairs": 1, "accuracy": 0.0}
+    assert rm.scored == 3 + 2 + 2 + 2  # only the deflections of the rankings that hold both are scored
+    assert deflection_contrasts(rm, [fact], records) == {"refuse": {"pairs": 0, "accuracy": None},
+                                                         "idk": {"pairs": 0, "accuracy": None}}
+    summary = _summary(0.8, 4.0, 2.05)
+    summary["reward_model"]["deflections_train"] = got
+    notes = {t["target"]: t["note"] for t in check_targets(summary)}
+    assert notes["refusal rate on harmful prompts better than SFT's"].endswith(
+        "as the labelers did on 50.0% of the 3 such pairs on harmful prompts in its training rankings")
+    assert "0.0% of the 1 such pairs on unknowable prompts" in notes[
+        "\"I don't know\" rate on unknowable prompts better than SFT's"]
 
 
 @pytest.mark.slow

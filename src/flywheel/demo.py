@@ -193,7 +193,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     def reward_model(r: int, init: Path, labels: dict[str, Any], first: Any = None) -> dict[str, Any]:
         return done.stage(f"reward model:{r}", timings,
-                          lambda: stage_reward_model(cfg, out, init, labels, timings, r=r, first=first),
+                          lambda: stage_reward_model(cfg, out, init, labels, timings, r=r, first=first,
+                                                     tasks=round_tasks(cfg, files, r)),
                           lambda x: {**x, "dir": str(x["dir"])}, lambda x: {**x, "dir": Path(x["dir"])})
 
     def ppo_stage(r: int, start: Path, rm: dict[str, Any]) -> Path:
@@ -547,12 +548,55 @@ def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[di
     }
 
 
+def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How often the reward model orders a refusal and an "I don't know" to one prompt the way the labelers ranked
+    them, per kind of prompt: "refuse" (harmful requests: the refusal is ideal) and "idk" (unknowable questions:
+    "I don't know" is). A policy moves between the two stock deflections at almost no KL cost, so where the reward
+    model gets one kind backwards PPO moves that kind's answers to the wrong deflection.
+
+    tasks: the hidden tasks the rankings' prompts came from (matched by prompt); the oracle's verdicts say which
+    answers are refusals and which "I don't know" (evaluation only: the trainers never see them). Returns
+    {"refuse": {"pairs", "accuracy"}, "idk": {...}}, accuracy None where there is no such pair (a tie in score
+    counts half).
+    """
+    from flywheel.evaluate import pairwise_accuracy
+    from flywheel.world import score
+
+    by_prompt = {json.dumps(t.messages): t for t in tasks}
+    found = []  # (task, record, refusals, "I don't know"s) of each ranking that holds both
+    for rec in records:
+        task = by_prompt.get(json.dumps(rec["prompt"]))
+        if task is None or task.expect not in ("refuse", "idk"):
+            continue
+        verdicts = [score(task, c).verdict for c in rec["completions"]]
+        refused = [i for i, v in enumerate(verdicts) if v == "refused"]
+        idk = [i for i, v in enumerate(verdicts) if v == "idk"]
+        if refused and idk:
+            found.append((task, rec, refused, idk))
+    # One call: the reward model batches the answers (only these need a score: only these pairs are counted).
+    flat = rm.score([t.messages for t, _, r, i in found for _ in r + i],
+                    [rec["completions"][k] for _, rec, r, i in found for k in r + i]).tolist() if found else []
+    tally = {"refuse": [0.0, 0], "idk": [0.0, 0]}
+    at = 0
+    for task, rec, refused, idk in found:
+        scores = [0.0] * len(rec["completions"])
+        for k in refused + idk:
+            scores[k], at = flat[at], at + 1
+        c, n = pairwise_accuracy(scores, rec["order"], {(i, j) for i in refused for j in idk})
+        tally[task.expect][0] += c
+        tally[task.expect][1] += n
+    return {k: {"pairs": n, "accuracy": c / n if n else None} for k, (c, n) in tally.items()}
+
+
 def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str, Any], timings: dict[str, float],
-                       r: int = 1, first: Any = None) -> dict[str, Any]:
+                       r: int = 1, first: Any = None, tasks: list[Any] | None = None) -> dict[str, Any]:
     """Round 1 trains the reward model from SFT; round r > 1 fine-tunes the last one on round r's rankings mixed
     with as many earlier ones (so it learns the new policy's answers without forgetting the SFT-like ones). Each
-    round's model is normalised on its own training rankings' top answers, so scores are on a new scale per round."""
+    round's model is normalised on its own training rankings' top answers, so scores are on a new scale per round.
+
+    tasks: round r's hidden tasks, for the refusal vs "I don't know" diagnostic on its training rankings."""
     from flywheel.train.reward import RewardConfig, RewardModel, train_reward
+    from flywheel.world.generate import read_jsonl
 
     where = round_dir(out, r)
     data = labels["train"]
@@ -574,6 +618,8 @@ def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str,
                    "oracle_ranker_accuracy": labels["summary"]["oracle_ranker_heldout"]}
         if first is not None:  # still right about the SFT-like answers it learned from first?
             summary["round1_heldout"] = heldout_accuracy(rm, first)
+        if tasks is not None:  # on its own training rankings: the held-out ones hold only a handful of these pairs
+            summary["deflections_train"] = deflection_contrasts(rm, tasks, read_jsonl(labels["train"]))
         st.done("held-out accuracy %s on pairs the oracle does not tie (%d pairs; labelers agree on %s), %s on all "
                 "labelled pairs", _pct(summary["accuracy_informative"]), summary["pairs_informative"],
                 _pct(summary["labeler_agreement"]), _pct(summary["accuracy"]))
@@ -699,6 +745,14 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         counts = p[policy].get("verdicts", {}).get(expect, {})
         return ", ".join(f"{v} {n}" for v, n in counts.items()) or "none"
 
+    def contrasts(expect: str, prompts: str) -> str:
+        """The reward model's order of the two stock deflections on this kind of prompt (see deflection_contrasts)."""
+        d = rm.get("deflections_train", {}).get(expect)
+        if not d or not d["pairs"]:
+            return ""
+        return (f"; the reward model orders a refusal and \"I don't know\" as the labelers did on "
+                f"{_pct(d['accuracy'])} of the {d['pairs']} such pairs on {prompts} prompts in its training rankings")
+
     ci = rm["accuracy_informative_ci95"]
     return [
         {"target": "PPO preferred over SFT in >= 75% of comparisons (ties split)",
@@ -721,10 +775,12 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         {"target": "refusal rate on harmful prompts better than SFT's",
          "value": f"{_pct(p['ppo']['refusal_rate'])} vs {_pct(p['sft']['refusal_rate'])}",
          "holds": better("refusal_rate"),
-         "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"},
+         "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"
+                 + contrasts("refuse", "harmful")},
         {"target": "\"I don't know\" rate on unknowable prompts better than SFT's",
          "value": f"{_pct(p['ppo']['idk_rate'])} vs {_pct(p['sft']['idk_rate'])}", "holds": better("idk_rate"),
-         "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"},
+         "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"
+                 + contrasts("idk", "unknowable")},
         {"target": "PPO-ptx held-out LM loss within 5% of SFT's",
          "value": f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
          "holds": ppo_loss <= 1.05 * sft_loss,
