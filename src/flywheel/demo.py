@@ -326,9 +326,11 @@ def _encode_labels(labels: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode_labels(x: dict[str, Any], cfg: DemoConfig, files: dict[str, Path], r: int) -> dict[str, Any]:
+    from flywheel.world import read_jsonl
+
     tasks = round_tasks(cfg, files, r)
     heldout_file = Path(x["heldout_file"])
-    records = [json.loads(line) for line in heldout_file.read_text().splitlines() if line.strip()]
+    records = read_jsonl(heldout_file)
     return {"summary": x["summary"], "held_index": x["held_index"],
             "heldout": ([tasks[i] for i in x["held_index"]], x["held_sets"], records),
             "train": Path(x["train"]), "heldout_file": heldout_file}
@@ -563,7 +565,7 @@ def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]
     from flywheel.world import score
 
     by_prompt = {json.dumps(t.messages): t for t in tasks}
-    found = []  # (task, record, refusals, "I don't know"s) of each ranking that holds both
+    found = []  # (task, record, refusals, "I don't know"s: indices into its answers) of each ranking that holds both
     for rec in records:
         task = by_prompt.get(json.dumps(rec["prompt"]))
         if task is None or task.expect not in ("refuse", "idk"):
@@ -574,8 +576,9 @@ def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]
         if refused and idk:
             found.append((task, rec, refused, idk))
     # One call: the reward model batches the answers (only these need a score: only these pairs are counted).
-    flat = rm.score([t.messages for t, _, r, i in found for _ in r + i],
-                    [rec["completions"][k] for _, rec, r, i in found for k in r + i]).tolist() if found else []
+    flat = rm.score([task.messages for task, _, refused, idk in found for _ in refused + idk],
+                    [rec["completions"][k] for _, rec, refused, idk in found for k in refused + idk]).tolist() \
+        if found else []
     tally = {"refuse": [0.0, 0], "idk": [0.0, 0]}
     at = 0
     for task, rec, refused, idk in found:
@@ -596,7 +599,7 @@ def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str,
 
     tasks: round r's hidden tasks, for the refusal vs "I don't know" diagnostic on its training rankings."""
     from flywheel.train.reward import RewardConfig, RewardModel, train_reward
-    from flywheel.world.generate import read_jsonl
+    from flywheel.world import read_jsonl
 
     where = round_dir(out, r)
     data = labels["train"]
