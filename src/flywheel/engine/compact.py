@@ -17,11 +17,13 @@ are never attended to (a padding query attends to itself only, so no row is full
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from flywheel.engine import native
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")  # these change their frequencies with the sequence length
@@ -179,6 +181,7 @@ class _Weights:
     norm: torch.Tensor  # (hidden,)
     lm_head: Linear
     rope: torch.Tensor  # (positions, 2, D) RoPE cos and signed sin (rotate_half(x) * sin == roll(x, D/2) * this)
+    native: native.NativeWeights | None = None  # the same weights for the native decode step, when it runs
 
 
 @dataclass
@@ -190,6 +193,7 @@ class KVState:
     bias: torch.Tensor  # (B, S) additive attention bias: -inf at padding slots, 0 elsewhere
     pos: torch.Tensor  # (B, 1) int64 position of each row's next token
     n: int  # slots written so far
+    scratch: dict = field(default_factory=dict)  # the native step's work buffer, kept across steps
 
 
 class CompactCausalLM:
@@ -215,6 +219,27 @@ class CompactCausalLM:
         self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
         self._fingerprint: tuple | None = None
         self._weights: _Weights | None = None
+        self.native_reason = self._native_reason(cfg)
+        self._lib = native.load() if self.native_reason is None else None
+        if self.native_reason is None and self._lib is None:
+            self.native_reason = native.unavailable_reason()
+
+    def _native_reason(self, cfg: Any) -> str | None:
+        """Why decode steps cannot run natively (None when they can): the C step is float32, CPU, SiLU only."""
+        if self.dtype != torch.float32:
+            return f"dtype {self.dtype} (the native step is float32)"
+        if self.device.type != "cpu":
+            return f"device {self.device.type}"
+        if cfg.hidden_act != "silu":
+            return f"activation {cfg.hidden_act!r}"
+        if self.n_heads % self.n_kv:
+            return "query heads are not a multiple of the key/value heads"
+        return None
+
+    @property
+    def uses_native(self) -> bool:
+        """Decode steps run in the native library (`flywheel.engine.native`)."""
+        return self._lib is not None
 
     @property
     def device(self) -> torch.device:
@@ -227,7 +252,9 @@ class CompactCausalLM:
         fingerprint = (self.dtype, tuple((p.data_ptr(), p._version) for p in params))
         w = self._weights
         if w is not None and w.rope.shape[0] < positions:  # RoPE tables depend on positions only, not on the weights
-            w = self._weights = dataclasses.replace(w, rope=self._rope(max(positions, 2 * w.rope.shape[0])))
+            rope = self._rope(max(positions, 2 * w.rope.shape[0]))
+            w = self._weights = dataclasses.replace(w, rope=rope,
+                                                    native=w.native and w.native.with_rope(rope))
         if fingerprint == self._fingerprint and w is not None:
             return w
         dt = self.dtype
@@ -249,12 +276,25 @@ class CompactCausalLM:
                 window=window,
             ))
         rope = w.rope if w is not None else self._rope(max(positions, 256))
-        self._weights = _Weights(layers=layers, embed=_param(inner.embed_tokens.weight, dt),
-                                 norm=_param(inner.norm.weight, dt),
-                                 lm_head=Linear([self.model.lm_head.weight], [self.model.lm_head.bias], dt),
-                                 rope=rope)
+        embed, norm = _param(inner.embed_tokens.weight, dt), _param(inner.norm.weight, dt)
+        lm_head = Linear([self.model.lm_head.weight], [self.model.lm_head.bias], dt)
+        self._weights = _Weights(layers=layers, embed=embed, norm=norm, lm_head=lm_head, rope=rope,
+                                 native=self._native_weights(layers, windows, embed, norm, lm_head, rope))
         self._fingerprint = fingerprint
         return self._weights
+
+    def _native_weights(self, layers: list[_Layer], windows: list[int | None], embed: torch.Tensor,
+                        norm: torch.Tensor, lm_head: Linear, rope: torch.Tensor) -> native.NativeWeights | None:
+        if self._lib is None:
+            return None
+        tables = [dict(ln1=layer.ln1.contiguous(), qkv=native.panels(layer.qkv.w), qkv_bias=layer.qkv.bias,
+                       o=native.panels(layer.o.w), o_bias=layer.o.bias, ln2=layer.ln2.contiguous(),
+                       gate_up=native.panels(layer.gate_up.w), gate_up_bias=layer.gate_up.bias,
+                       down=native.panels(layer.down.w), down_bias=layer.down.bias,
+                       q_norm=layer.q_norm, k_norm=layer.k_norm) for layer in layers]
+        dims = [len(layers), embed.shape[1], self.n_heads, self.n_kv, self.head_dim, self.ffn, lm_head.out_features]
+        return native.NativeWeights(tables, [wnd or 0 for wnd in windows], embed.contiguous(), norm.contiguous(),
+                                    native.panels(lm_head.w), lm_head.bias, rope, dims, self.eps, self.scaling)
 
     def _rope(self, length: int) -> torch.Tensor:
         """cos and signed sin tables (length, 2, D) in the engine's dtype, from the model's own rotary module (one
@@ -291,17 +331,20 @@ class CompactCausalLM:
         """Append one token per row (B,) and return the next-token logits (B, V)."""
         n = state.n
         assert n < state.kv.shape[3], "KV cache is full: capacity was too small"
-        mask = state.bias[:, None, None, : n + 1]  # (B, 1, 1, n+1)
-        out = self._forward(state, tokens[:, None], state.pos, n, mask)
+        if state.w.native is not None:
+            out = native.step(self._lib, state.w.native, tokens, state.pos, state.kv, state.bias, n, state.scratch)
+        else:
+            mask = state.bias[:, None, None, : n + 1]  # (B, 1, 1, n+1)
+            out = self._forward(state, tokens[:, None], state.pos, n, mask)
         state.pos += 1
         state.n = n + 1
         return out
 
     def keep(self, state: KVState, rows: torch.Tensor) -> None:
         """Keep only `rows` (indices into the current batch), in that order."""
-        state.kv = state.kv[:, rows]
-        state.bias = state.bias[rows]
-        state.pos = state.pos[rows]
+        state.kv = state.kv[:, rows].contiguous()
+        state.bias = state.bias[rows].contiguous()
+        state.pos = state.pos[rows].contiguous()
 
     def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int) -> torch.Tensor:
         q_slot = torch.arange(start, end, device=mask.device)[:, None]
