@@ -5,7 +5,9 @@ padded), same number of new tokens (no stop token, so both generate exactly max_
 sampling settings (PPO's: temperature 1, top_k 0, top_p 1). Each measurement alternates the two engines and keeps the
 best of --repeats runs after a warm-up. It prints end-to-end generated tokens/s for both and the ratio, and the
 prefill's throughput (the FLOPs the real prompt tokens need) as a fraction of the machine's matmul roof: its fastest
-dtype's (bf16 where the CPU has native bf16, else fp32), measured at the start of the same run.
+dtype's (bf16 where the CPU has native bf16, else fp32), measured at the start of the same run. "torch-step" is ours
+with the decode step in torch ops instead of the native library (`Engine(native_step=False)`), timed in the same
+alternation: what the native step adds.
 
     nice -n 10 python bench/engine_vs_hf.py                              # tiny, small, medium x batch 1, 16, 64
     nice -n 10 python bench/engine_vs_hf.py --sizes small --batches 16 --dtype bfloat16
@@ -98,21 +100,23 @@ def prefill_flops(model, valid: torch.Tensor) -> float:
 def bench_one(size: str, batch: int, dtype: torch.dtype, new_tokens: int, repeats: int, greedy: bool) -> dict:
     model = build(size, dtype)
     engine = Engine(model)
+    torch_step = Engine(model, native_step=False)  # ours with the decode step in torch ops (the ablation)
     batch_prompts = prompts(batch)
     ids, mask = left_pad(batch_prompts)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else 1.0, stop_token_ids=[], seed=0)
 
-    def ours() -> None:
-        gen = engine.generate(batch_prompts, params)
+    def ours(e: Engine = engine) -> None:
+        gen = e.generate(batch_prompts, params)
         assert all(len(row) == new_tokens for row in gen.tokens)
 
     def hf() -> None:
         hf_generate(model, ids, mask, new_tokens, greedy)
 
-    ours(), hf()  # warm-up
-    t_ours, t_hf = [], []
+    ours(), ours(torch_step), hf()  # warm-up
+    t_ours, t_torch, t_hf = [], [], []
     for _ in range(repeats):
         t_ours.append(timed(ours))
+        t_torch.append(timed(lambda: ours(torch_step)))
         t_hf.append(timed(hf))
 
     forward = engine._forward  # prefill alone: our compact forward, and HF's forward as generate calls it
@@ -123,7 +127,8 @@ def bench_one(size: str, batch: int, dtype: torch.dtype, new_tokens: int, repeat
                        for _ in range(repeats + 1))
     tokens = batch * new_tokens
     return dict(size=size, params=count_parameters(model), batch=batch, ours=tokens / min(t_ours),
-                hf=tokens / min(t_hf), spread=statistics.pstdev(t_ours) / min(t_ours),
+                torch_step=tokens / min(t_torch), native=engine._forward.uses_native, hf=tokens / min(t_hf),
+                spread=statistics.pstdev(t_ours) / min(t_ours),
                 prefill_tok=int(valid.sum()) / t_pre, prefill_flops=prefill_flops(model, valid) / t_pre,
                 prefill_flops_hf=prefill_flops(model, valid) / t_pre_hf)
 
@@ -178,15 +183,16 @@ def main() -> None:
     print("matmul roof: " + ", ".join(f"{name} {r / 1e12:.3f} TFLOP/s" for name, r in roofs.items())
           + f" (bf16 native: {bf16_is_fast()}); % roof is of the faster one\n")
     header = (f"{'model':<8}{'params':>8}{'batch':>6}{'HF tok/s':>11}{'ours tok/s':>12}{'ratio':>7}"
-              f"{'prefill tok/s':>15}{'ours % roof':>12}{'HF % roof':>11}")
+              f"{'torch-step tok/s':>18}{'ratio':>7}{'prefill tok/s':>15}{'ours % roof':>12}{'HF % roof':>11}")
     print(header)
     print("-" * len(header))
     for size in sizes:
         for batch in batches:
             r = bench_one(size, batch, dtype, args.new_tokens, args.repeats, args.greedy)
             print(f"{size:<8}{r['params'] / 1e6:>7.1f}M{batch:>6}{r['hf']:>11,.0f}{r['ours']:>12,.0f}"
-                  f"{r['ours'] / r['hf']:>6.1f}x{r['prefill_tok']:>15,.0f}{r['prefill_flops'] / roof:>11.1%}"
-                  f"{r['prefill_flops_hf'] / roof:>11.1%}", flush=True)
+                  f"{r['ours'] / r['hf']:>6.1f}x{r['torch_step']:>18,.0f}{r['torch_step'] / r['hf']:>6.1f}x"
+                  f"{r['prefill_tok']:>15,.0f}{r['prefill_flops'] / roof:>11.1%}{r['prefill_flops_hf'] / roof:>11.1%}"
+                  + ("" if r["native"] else "   (native step unavailable: ours = torch step)"), flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -18,8 +18,8 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler 
 
 
 def _torch_path(model) -> CompactCausalLM:
-    forward = CompactCausalLM(model)
-    forward._lib = None  # the torch decode step
+    forward = CompactCausalLM(model, native_step=False)
+    assert not forward.uses_native and forward.native_reason == "native_step=False"
     return forward
 
 
@@ -60,8 +60,7 @@ def test_native_engine_equals_hf_generate_and_the_torch_path():
     assert engine.generate(PROMPTS, greedy).tokens == _hf_greedy(model, PROMPTS, 24, eos=None)
     sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, top_p=0.95, seed=3)
     ours = engine.generate(PROMPTS, sampled)
-    engine._forward = _torch_path(model)
-    theirs = engine.generate(PROMPTS, sampled)
+    theirs = Engine(model, native_step=False).generate(PROMPTS, sampled)
     assert ours.tokens == theirs.tokens
     for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4

@@ -199,9 +199,12 @@ class KVState:
 class CompactCausalLM:
     """Prefill/decode on a preallocated KV cache: `logits, state = start(ids, valid, capacity)`, then
     `step(state, tokens)` per token; both give float32 logits (B, V). `keep(state, rows)` drops finished rows.
-    Each generation has its own state, so several can be interleaved (streams in a server)."""
+    Each generation has its own state, so several can be interleaved (streams in a server).
 
-    def __init__(self, model: Any, dtype: torch.dtype | None = None):
+    native_step: run float32 CPU decode steps in the native library (`flywheel.engine.native`) when it can be built;
+    `native_reason` says why they do not."""
+
+    def __init__(self, model: Any, dtype: torch.dtype | None = None, *, native_step: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the compact forward cannot run this model: {reason}")
@@ -219,7 +222,7 @@ class CompactCausalLM:
         self.act = F.silu if cfg.hidden_act == "silu" else ACT2FN[cfg.hidden_act]
         self._fingerprint: tuple | None = None
         self._weights: _Weights | None = None
-        self.native_reason = self._native_reason(cfg)
+        self.native_reason = self._native_reason(cfg) if native_step else "native_step=False"
         self._lib = native.load() if self.native_reason is None else None
         if self.native_reason is None and self._lib is None:
             self.native_reason = native.unavailable_reason()

@@ -71,10 +71,11 @@ class Engine:
     dtype: run the compact forward in this dtype (a cast copy of the weights, refreshed when they change); the generic
     path always runs the module as it is. backend: "auto" picks the compact forward when the architecture allows it.
     compact_at: drop finished rows from the batch once this fraction of it has finished (1.0 = never).
+    native_step: let the compact forward run float32 CPU decode steps in the native library (docs/engine.md).
     """
 
     def __init__(self, model: Any, tokenizer: Any | None = None, *, dtype: torch.dtype | str | None = None,
-                 backend: Backend = "auto", compact_at: float = 0.25):
+                 backend: Backend = "auto", compact_at: float = 0.25, native_step: bool = True):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise UserError(f"Engine needs a Hugging Face causal LM (an nn.Module with a config), got {type(model)}")
         if isinstance(dtype, str):
@@ -87,6 +88,7 @@ class Engine:
         self.dtype = dtype
         self.requested_backend: Backend = backend
         self.compact_at = compact_at
+        self.native_step = native_step
         self.update_weights(model)
 
     def update_weights(self, model: Any) -> None:
@@ -96,7 +98,8 @@ class Engine:
             raise UserError(f"the compact engine backend cannot run this model: {reason}")
         self.model = model
         self.backend = "compact" if self.requested_backend != "hf" and reason is None else "hf"
-        self._forward = CompactCausalLM(model, self.dtype) if self.backend == "compact" else HFCausalLM(model)
+        self._forward = (CompactCausalLM(model, self.dtype, native_step=self.native_step)
+                         if self.backend == "compact" else HFCausalLM(model))
         if self.backend == "hf" and self.requested_backend == "auto":
             log.info("engine: generic HF forward (%s)", reason)
         if self.backend == "hf" and self.dtype is not None and self.dtype != next(model.parameters()).dtype:
