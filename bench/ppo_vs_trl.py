@@ -62,6 +62,9 @@ from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.trainer import PPOTrainer
 from flywheel.utils import bf16_is_fast
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_vs_hf import matmul_roof  # noqa: E402  (bench/ is not a package)
+
 TRL_DIR = Path(__file__).resolve().parent.parent / ".bench-trl-1.12"
 LR = 1e-5
 # --clock cpu: time.process_time, this process's CPU seconds (all threads): steadier when the machine is shared
@@ -191,6 +194,25 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
     return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:], strict=False)]
 
 
+def step_flops(cfg: Any, prompt_lens: list[int], new_tokens: int, epochs: int) -> float:
+    """Matmul FLOPs one PPO step needs at the least, on real tokens only (no padding): generation (every prompt and
+    response token through the layers once, the LM head once per response token), the four scoring forwards
+    (policy and reference with the LM head on the response positions, value and reward without), and per epoch the
+    policy's and the value model's forward + backward (3x a forward). The same arithmetic for any implementation."""
+    h, layers, ffn, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    d = getattr(cfg, "head_dim", None) or h // hq
+    per_token = 2 * layers * (h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * ffn)  # the layers' linears
+    lengths = [p + new_tokens for p in prompt_lens]
+    backbone = sum(per_token * t + 2 * 2 * layers * hq * d * t * (t + 1) // 2 for t in lengths)  # + causal attention
+    lm_head = 2 * h * vocab * new_tokens * len(prompt_lens)
+    generation = backbone + lm_head
+    scoring = 4 * backbone + 2 * lm_head
+    update = 3 * (2 * backbone + lm_head)
+    return generation + scoring + epochs * update
+
+
 def measure(setup: Setup, root: Path, epochs: int, args: argparse.Namespace) -> tuple[float, float, float | None]:
     """Alternate the sides --repeats times (the machine's load varies); each keeps its best median."""
     clock = CLOCKS[args.clock]
@@ -242,6 +264,8 @@ def main() -> None:
               f"{args.clock} clock; {args.steps} timed steps after {args.warmup} warm-up, best median of "
               f"{args.repeats}", flush=True)
         rows = [(epochs, *measure(setup, root, epochs, args)) for epochs in args.epochs]
+        policy_cfg = load_causal_lm(setup.policy).config
+        roof = matmul_roof(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
           f"{args.dtype}" + (f", TRL {args.trl_precision}" if args.dtype == "bf16" else ""))
@@ -250,6 +274,14 @@ def main() -> None:
     print("|---:|---:|---:|---:|" + ("---:|---:|" if args.ablate else ""))
     for epochs, o, t, h in rows:
         print(f"| {epochs} | {o:.3f} | {t:.3f} | {t / o:.2f}x |" + (f" {h:.3f} | {t / h:.2f}x |" if h else ""))
+    print(f"\nThe arithmetic's floor, at this run's {args.dtype} matmul roof ({roof / 1e9:.0f} GFLOP/s, a 2048^3 "
+          "matmul): the fastest any implementation of this step could run here, so TRL / floor bounds every speed-up "
+          "(generation counted at the roof too, though its decode steps are bound by memory, not arithmetic):")
+    print("| PPO epochs | GFLOP/step | floor s/step | ours / floor | TRL / floor |")
+    print("|---:|---:|---:|---:|---:|")
+    for epochs, o, t, _ in rows:
+        floor = step_flops(policy_cfg, plen, 32, epochs) / roof
+        print(f"| {epochs} | {floor * roof / 1e9:.1f} | {floor:.3f} | {o / floor:.2f}x | {t / floor:.2f}x |")
 
 
 if __name__ == "__main__":
