@@ -76,8 +76,11 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".decode-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([exe, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                timeout=120)
+        try:
+            result = subprocess.run([exe, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                    timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"{exe} failed to build {SOURCE.name}: {e}") from e
         if result.returncode != 0:
             raise RuntimeError(f"{exe} failed to build {SOURCE.name}: {result.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: a concurrent build or load never sees half a library
