@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from flywheel.engine import Engine, SamplingParams, native
+from flywheel.engine import Engine, SamplingParams, compact, native
 from flywheel.engine.compact import CompactCausalLM
 from test_engine import PROMPTS, _hf_greedy, _model
 
@@ -110,8 +110,11 @@ def test_no_compiler_or_off_falls_back_to_the_torch_step(tmp_path, monkeypatch, 
         native.reset()
 
 
-def test_bf16_and_unsupported_activations_stay_on_the_torch_step():
+def test_bf16_unsupported_activations_and_large_models_stay_on_the_torch_step(monkeypatch):
     model = _model("llama")
     assert "float32" in CompactCausalLM(model, torch.bfloat16).native_reason
     model.config.hidden_act = "gelu"
     assert "activation" in CompactCausalLM(model).native_reason
+    model.config.hidden_act = "silu"
+    monkeypatch.setattr(compact, "NATIVE_MAX_PARAMS", 1000)
+    assert "parameters" in CompactCausalLM(model).native_reason

@@ -29,6 +29,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")  # these change their frequencies with the sequence length
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 _HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# The native decode step keeps its own float32 copy of the weights (panels); its gain is the per-op overhead it
+# removes, which matters for small models and fades where a step is all GEMM. Above this size: the torch step.
+NATIVE_MAX_PARAMS = 200_000_000
 
 
 def unsupported_reason(model: Any, *, lm_head: bool = True) -> str | None:
@@ -237,6 +240,10 @@ class CompactCausalLM:
             return f"activation {cfg.hidden_act!r}"
         if self.n_heads % self.n_kv:
             return "query heads are not a multiple of the key/value heads"
+        n_params = sum(p.numel() for p in self.model.parameters())
+        if n_params > NATIVE_MAX_PARAMS:
+            return (f"{n_params / 1e6:.0f}M parameters: above {NATIVE_MAX_PARAMS / 1e6:.0f}M the native step's extra "
+                    "copy of the weights costs more memory than its per-op savings are worth")
         return None
 
     @property
