@@ -118,3 +118,17 @@ def test_bf16_unsupported_activations_and_large_models_stay_on_the_torch_step(mo
     model.config.hidden_act = "silu"
     monkeypatch.setattr(compact, "NATIVE_MAX_PARAMS", 1000)
     assert "parameters" in CompactCausalLM(model).native_reason
+
+
+@needs_cc
+def test_native_step_uses_the_grown_rope_table_for_long_prompts():
+    model = _model("llama")  # 128 positions; the tables start at 256 and grow on demand
+    model.config.max_position_embeddings = 1024
+    engine = Engine(model)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    engine.generate(PROMPTS, greedy)
+    long = [[(7 * i) % 300 + 3 for i in range(400)], [5, 9, 17]]
+    tokens = engine.generate(long, greedy).tokens
+    weights = engine._forward._weights
+    assert weights.rope.shape[0] > 400 and weights.native.rope is weights.rope
+    assert tokens == Engine(model, native_step=False).generate(long, greedy).tokens

@@ -11,6 +11,7 @@ the compiler's version and flags and the CPU, written atomically; `FLYWHEEL_NATI
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import logging
@@ -91,11 +92,11 @@ def build(compiler: str | None = None) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i, f, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.fw_abi_version.restype = i
     lib.fw_scratch_floats.argtypes = [p, i, i, i]
     lib.fw_scratch_floats.restype = ctypes.c_long
-    lib.fw_step.argtypes = [p, f, f, p, p, p, p, p, p, p, i64p, i64p, i, p, i, p, i, p, p, i]
+    lib.fw_step.argtypes = [p, f, f, p, p, p, p, p, p, p, p, p, i, p, i, p, i, p, p, i]
     lib.fw_step.restype = i
     return lib
 
@@ -171,10 +172,8 @@ class NativeWeights:
 
     def with_rope(self, rope: torch.Tensor) -> NativeWeights:
         """The same weights with a longer RoPE table."""
-        new = object.__new__(NativeWeights)
-        new.__dict__.update(self.__dict__)
-        new.rope = rope
-        new._keep = [*self._keep, rope]
+        new = copy.copy(self)
+        new.rope, new._keep = rope, [*self._keep, rope]
         return new
 
 
