@@ -85,16 +85,21 @@ def timed(fn) -> float:
     return CLOCK() - t
 
 
-def prefill_flops(model, valid: torch.Tensor) -> float:
-    """Matmul FLOPs a prefill of left-padded (B, P) prompts needs: all linear layers on every real token, causal
-    attention within each prompt, and the LM head on the last position only (work on padding is not counted)."""
+def backbone_flops(model, lengths: list[int]) -> int:
+    """Matmul FLOPs of sequences of these lengths through a Llama's layers (no LM head): every linear layer on every
+    token, and causal attention within each sequence."""
     cfg = model.config
-    b = valid.shape[0]
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     linear = count_parameters(model.model.layers) - 2 * h * layers  # minus the RMSNorm weights
-    lengths = valid.sum(-1)
-    attention = 2 * 2 * int((lengths * (lengths + 1) // 2).sum()) * h * layers  # q @ k^T and att @ v, causal
-    return 2 * int(lengths.sum()) * linear + attention + 2 * b * h * cfg.vocab_size
+    attention = 2 * 2 * sum(t * (t + 1) // 2 for t in lengths) * h * layers  # q @ k^T and att @ v, causal
+    return 2 * sum(lengths) * linear + attention
+
+
+def prefill_flops(model, valid: torch.Tensor) -> float:
+    """Matmul FLOPs a prefill of left-padded (B, P) prompts needs: the layers on every real token and the LM head on
+    the last position only (work on padding is not counted)."""
+    cfg = model.config
+    return backbone_flops(model, valid.sum(-1).tolist()) + 2 * valid.shape[0] * cfg.hidden_size * cfg.vocab_size
 
 
 def bench_one(size: str, batch: int, dtype: torch.dtype, new_tokens: int, repeats: int, greedy: bool) -> dict:

@@ -63,7 +63,7 @@ from flywheel.train.ppo.trainer import PPOTrainer
 from flywheel.utils import bf16_is_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_vs_hf import matmul_roof  # noqa: E402  (bench/ is not a package)
+from engine_vs_hf import backbone_flops, matmul_roof  # noqa: E402  (bench/ is not a package)
 
 TRL_DIR = Path(__file__).resolve().parent.parent / ".bench-trl-1.12"
 LR = 1e-5
@@ -194,19 +194,13 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
     return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:], strict=False)]
 
 
-def step_flops(cfg: Any, prompt_lens: list[int], new_tokens: int, epochs: int) -> float:
+def step_flops(policy: Any, prompt_lens: list[int], new_tokens: int, epochs: int) -> float:
     """Matmul FLOPs one PPO step needs at the least, on real tokens only (no padding): generation (every prompt and
     response token through the layers once, the LM head once per response token), the four scoring forwards
     (policy and reference with the LM head on the response positions, value and reward without), and per epoch the
     policy's and the value model's forward + backward (3x a forward). The same arithmetic for any implementation."""
-    h, layers, ffn, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    hq = cfg.num_attention_heads
-    hkv = getattr(cfg, "num_key_value_heads", None) or hq
-    d = getattr(cfg, "head_dim", None) or h // hq
-    per_token = 2 * layers * (h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * ffn)  # the layers' linears
-    lengths = [p + new_tokens for p in prompt_lens]
-    backbone = sum(per_token * t + 2 * 2 * layers * hq * d * t * (t + 1) // 2 for t in lengths)  # + causal attention
-    lm_head = 2 * h * vocab * new_tokens * len(prompt_lens)
+    backbone = backbone_flops(policy, [p + new_tokens for p in prompt_lens])
+    lm_head = 2 * policy.config.hidden_size * policy.config.vocab_size * new_tokens * len(prompt_lens)
     generation = backbone + lm_head
     scoring = 4 * backbone + 2 * lm_head
     update = 3 * (2 * backbone + lm_head)
@@ -255,7 +249,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         setup = make_setup(root, args.prompts)
-        n_params = sum(p.numel() for p in load_causal_lm(setup.policy).parameters())
+        policy = load_causal_lm(setup.policy)
+        n_params = sum(p.numel() for p in policy.parameters())
         plen = [len(p) for p in setup.prompt_ids]
         print(f"policy: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params, vocab {len(setup.tokenizer)}; "
               f"{args.prompts} prompts of {min(plen)}-{max(plen)} tokens x 32 new tokens, one minibatch; "
@@ -264,7 +259,6 @@ def main() -> None:
               f"{args.clock} clock; {args.steps} timed steps after {args.warmup} warm-up, best median of "
               f"{args.repeats}", flush=True)
         rows = [(epochs, *measure(setup, root, epochs, args)) for epochs in args.epochs]
-        policy_cfg = load_causal_lm(setup.policy).config
         roof = matmul_roof(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
@@ -280,7 +274,7 @@ def main() -> None:
     print("| PPO epochs | GFLOP/step | floor s/step | ours / floor | TRL / floor |")
     print("|---:|---:|---:|---:|---:|")
     for epochs, o, t, _ in rows:
-        floor = step_flops(policy_cfg, plen, 32, epochs) / roof
+        floor = step_flops(policy, plen, 32, epochs) / roof
         print(f"| {epochs} | {floor * roof / 1e9:.1f} | {floor:.3f} | {o / floor:.2f}x | {t / floor:.2f}x |")
 
 
