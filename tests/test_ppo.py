@@ -253,3 +253,26 @@ def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path
     big_dir = save_pretrained(big, tokenizer, tmp_path / "big")
     with pytest.raises(UserError, match="vocabulary"):
         PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, ref_model=str(big_dir)), reward_fn=target_reward)
+
+
+def test_the_critic_starts_on_the_rewards_scale(tmp_path, model_dir, prompts_file):
+    """The critic starts from the reward model, whose raw score is offset by the normalisation `flywheel rm` stores;
+    the critic subtracts the same offset, or it would start that far above the returns (which tilts GAE towards long
+    responses: the overestimate is paid only at the last token, discounted by lambda to the early ones)."""
+    from flywheel.train.ppo.roles import Critic
+    from flywheel.train.reward import OFFSET_KEY
+
+    rm = load_sequence_classifier(str(model_dir))
+    setattr(rm.config, OFFSET_KEY, 3.0)
+    rm_dir = save_pretrained(rm, None, tmp_path / "rm")
+    trainer = PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, reward_model=str(rm_dir)))
+    assert trainer.critic.bias == trainer.reward.bias == 3.0
+    prompts = trainer.prompts[:4]
+    gen = trainer.engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=1))
+    s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], trainer.pad_id)
+    args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
+    with torch.no_grad():
+        values, raw = trainer.critic.forward(*args), Critic(trainer.critic.module).forward(*args)
+    torch.testing.assert_close(values, raw - 3.0)
+    # A critic that starts from the policy (no reward model) has no offset.
+    assert PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, "plain"), reward_fn=target_reward).critic.bias == 0.0

@@ -114,12 +114,21 @@ class Reference(_PolicyRole):
 
 
 class Critic(Role):
-    def __init__(self, module: torch.nn.Module):
+    """The value model: its score head before each response token, minus `bias`.
+
+    bias: the normalisation offset of the reward model the critic starts from (`reward_bias` of its config), so that
+    its first predictions are on the scale of the rewards it learns to predict. A critic that starts `c` above the
+    returns tilts GAE towards long responses: the overestimate is paid once, at the last token, and reaches token t
+    discounted by (gamma * lambda)^(T - t), so the early tokens of a long response pay less of it than a short one's.
+    """
+
+    def __init__(self, module: torch.nn.Module, bias: float = 0.0):
         super().__init__(module, trainable=True)
+        self.bias = bias
 
     def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
         hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))[:, :-1]  # (B, R, H): before each token
-        return self.module.score(hidden).squeeze(-1).float()  # (B, R)
+        return self.module.score(hidden).squeeze(-1).float() - self.bias  # (B, R)
 
 
 class Reward(Role):

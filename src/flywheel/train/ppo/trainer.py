@@ -135,7 +135,8 @@ class PPOTrainer:
             kept = [name for name, role in (("reference", self.ref), ("reward model", self.reward)) if role.offload]
             log.info("ppo: --offload-frozen: %s on the CPU between forwards", " and ".join(kept) or "no frozen model")
         value_init = cfg.value_model or cfg.reward_model or cfg.model
-        self.critic = Critic(prepare_model(load_sequence_classifier(value_init).to(self.device), cfg))
+        value_model = load_sequence_classifier(value_init)
+        self.critic = Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_bias(value_model.config))
         self.wrapped_actor = distributed.wrap(policy, "ddp")
         self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
