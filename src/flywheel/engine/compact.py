@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.engine import native
+from flywheel.models import count_parameters
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")  # these change their frequencies with the sequence length
@@ -240,7 +241,7 @@ class CompactCausalLM:
             return f"activation {cfg.hidden_act!r}"
         if self.n_heads % self.n_kv:
             return "query heads are not a multiple of the key/value heads"
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = count_parameters(self.model)
         if n_params > NATIVE_MAX_PARAMS:
             return (f"{n_params / 1e6:.0f}M parameters: above {NATIVE_MAX_PARAMS / 1e6:.0f}M the native step's extra "
                     "copy of the weights costs more memory than its per-op savings are worth")

@@ -103,6 +103,12 @@ class RewardConfig(PreferenceConfig):
         super().validate()
 
 
+def reward_offset(config: Any) -> float:
+    """The normalisation offset `flywheel rm` stores in a reward model's config (0 for other models): what its raw
+    score is reduced by, wherever it is read (scoring, PPO's reward and the critic that starts from it)."""
+    return float(getattr(config, OFFSET_KEY, 0.0) or 0.0)
+
+
 def ranking_loss(rewards: torch.Tensor, pairs: Sequence[tuple[int, int]], margin: float = 0.0) -> torch.Tensor:
     """InstructGPT Eq. 1 for one prompt: -mean over (winner, loser) pairs of log sigmoid(r_w - r_l - margin).
 
@@ -403,7 +409,7 @@ class RewardModel:
     @property
     def offset(self) -> float:
         """What `score` subtracts from the raw head output (stored in the config by `flywheel rm`)."""
-        return float(getattr(self.model.config, OFFSET_KEY, 0.0) or 0.0)
+        return reward_offset(self.model.config)
 
     @property
     def device(self) -> torch.device:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
@@ -116,10 +115,10 @@ class Reference(_PolicyRole):
 class Critic(Role):
     """The value model: its score head before each response token, minus `bias`.
 
-    bias: the normalisation offset of the reward model the critic starts from (`reward_bias` of its config), so that
-    its first predictions are on the scale of the rewards it learns to predict. A critic that starts `c` above the
-    returns tilts GAE towards long responses: the overestimate is paid once, at the last token, and reaches token t
-    discounted by (gamma * lambda)^(T - t), so the early tokens of a long response pay less of it than a short one's.
+    bias: the normalisation offset of the reward model the critic starts from (`reward_offset` of its config), so
+    that its first predictions are on the scale of the rewards it learns to predict. A critic that starts `c` above
+    the returns tilts GAE towards long responses: the overestimate is paid once, at the last token, and reaches token
+    t discounted by (gamma * lambda)^(T - t), so the early tokens of a long response pay less of it than a short one's.
     """
 
     def __init__(self, module: torch.nn.Module, bias: float = 0.0):
@@ -160,9 +159,3 @@ class Reward(Role):
             picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
             return self.module.score(picked).squeeze(-1).float() - self.bias
 
-
-def reward_bias(config: Any) -> float:
-    """The normalisation offset `flywheel rm` stores in the reward model's config (0 for other models)."""
-    from flywheel.train.reward import OFFSET_KEY
-
-    return float(getattr(config, OFFSET_KEY, 0.0) or 0.0)

@@ -58,8 +58,9 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
-from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn, reward_bias
+from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
+from flywheel.train.reward import reward_offset
 from flywheel.utils import log, seed_everything, set_threads
 
 
@@ -128,7 +129,7 @@ class PPOTrainer:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
             rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            self.reward = Reward(rm, bias=reward_bias(rm.config), offload=cfg.offload_frozen)
+            self.reward = Reward(rm, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
         else:
             raise UserError("--reward-model is required")
         if cfg.offload_frozen and self.device.type != "cpu":
@@ -136,7 +137,7 @@ class PPOTrainer:
             log.info("ppo: --offload-frozen: %s on the CPU between forwards", " and ".join(kept) or "no frozen model")
         value_init = cfg.value_model or cfg.reward_model or cfg.model
         value_model = load_sequence_classifier(value_init)
-        self.critic = Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_bias(value_model.config))
+        self.critic = Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
         self.wrapped_actor = distributed.wrap(policy, "ddp")
         self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
