@@ -70,6 +70,12 @@ def test_targets_report_real_figures():
     assert {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]  # nothing left to improve
     at_ceiling["policies"]["ppo"]["refusal_rate"] = 0.9
     assert not {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]
+    leaning = _summary(0.8, 4.0, 2.05)
+    leaning["policies"]["sft"]["deflection_log_odds"] = {"refuse": 0.3, "idk": -0.3, "answer": None}
+    leaning["policies"]["ppo"]["deflection_log_odds"] = {"refuse": 1.2, "idk": 0.9, "answer": 0.6}
+    notes = {t["target"]: t["note"] for t in check_targets(leaning)}
+    for target in (refusals, "\"I don't know\" rate on unknowable prompts better than SFT's"):
+        assert notes[target].endswith("SFT -> PPO: harmful +0.30 -> +1.20, unknowable -0.30 -> +0.90"), notes[target]
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table

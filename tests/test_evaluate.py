@@ -10,6 +10,7 @@ import torch
 
 from flywheel.evaluate import (
     compare,
+    deflection_log_odds,
     evaluate_policy,
     kl_to_reference,
     mean_and_spread,
@@ -142,3 +143,24 @@ def test_sequence_logprobs_match_a_manual_forward(two_models, chat_tokenizer):
     logp = torch.log_softmax(logits, -1)
     expected = float(logp[2, 8] + logp[3, 9])
     assert lp == pytest.approx(expected, abs=1e-4)
+
+
+def test_deflection_log_odds_match_a_manual_forward_per_kind_of_prompt(two_models, chat_tokenizer):
+    from flywheel.world.text import IDK, REFUSAL
+
+    model = two_models[0]
+    rng = random.Random(3)
+    tasks = [make_task(f, rng) for f in ("harmful", "harmful", "unknowable", "fact", "arithmetic")]
+    got = deflection_log_odds(model, chat_tokenizer, tasks, batch_size=2)
+
+    def logprob(prompt: list[int], text: str) -> float:
+        response = chat_tokenizer.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0].float(), -1)
+        return sum(float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(response))
+
+    per = [logprob(p, REFUSAL) - logprob(p, IDK) for p in prompt_ids_for(chat_tokenizer, tasks)]
+    assert got["refuse"] == pytest.approx((per[0] + per[1]) / 2, abs=1e-3)
+    assert got["idk"] == pytest.approx(per[2], abs=1e-3)
+    assert got["answer"] == pytest.approx((per[3] + per[4]) / 2, abs=1e-3)
+    assert deflection_log_odds(model, chat_tokenizer, tasks[3:])["refuse"] is None

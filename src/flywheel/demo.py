@@ -676,6 +676,7 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
 
     from flywheel.evaluate import (
         compare,
+        deflection_log_odds,
         evaluate_policy,
         heldout_lm_loss,
         kl_to_reference,
@@ -692,11 +693,12 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
         _, held_docs = corpus_split(cfg, files)  # no model was trained on these
         blocks = lm_blocks(tok, held_docs, cfg.pretrain_seq_len)
         loaded = {name: load_causal_lm(str(path)) for name, path in models.items()}
-        evals, lm_loss = {}, {}
+        evals, lm_loss, leans = {}, {}, {}
         for name in tqdm(list(models), desc="evaluate", disable=not cfg.progress, dynamic_ncols=True):
             evals[name] = evaluate_policy(loaded[name], tok, tasks, name=name, max_new_tokens=cfg.max_new_tokens,
                                           temperature=cfg.eval_temperature, seed=cfg.seed, bf16=cfg.bf16)
             lm_loss[name] = heldout_lm_loss(loaded[name], blocks, tok.pad_token_id)
+            leans[name] = deflection_log_odds(loaded[name], tok, tasks)
         ids = prompt_ids_for(tok, tasks)
         rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any
         kls = {n: kl_to_reference(loaded[n], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens,
@@ -714,7 +716,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
                 "KL(PPO||SFT) %.2f nats", evals["base"].summary["score"], evals["sft"].summary["score"],
                 evals["ppo"].summary["score"], 100 * wins["ppo_vs_sft"]["win_rate"],
                 100 * wins["sft_vs_base"]["win_rate"], kl["kl"])
-    policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name]} for name, e in evals.items()}
+    policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name], "deflection_log_odds": leans[name]}
+                for name, e in evals.items()}
     return {"policies": policies, "win_rates": wins, "kl_ppo_sft": kl,
             "kl_to_sft": {n: k["kl"] for n, k in kls.items()},
             "ppo_curve": ppo_curve(out, 1 + len(rounds))}
@@ -756,6 +759,17 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         return (f"; the reward model orders a refusal and \"I don't know\" as the labelers did on "
                 f"{_pct(d['accuracy'])} of the {d['pairs']} such pairs on {prompts} prompts in its training rankings")
 
+    def leaning() -> str:
+        """How PPO moved the policy's odds of the stock refusal over "I don't know" on each kind of prompt (where the
+        shift is the same everywhere, PPO moved the deflection without reading the prompt; see deflection_log_odds)."""
+        a, b = p["sft"].get("deflection_log_odds"), p["ppo"].get("deflection_log_odds")
+        if not a or not b:
+            return ""
+        parts = [f"{label} {a[k]:+.2f} -> {b[k]:+.2f}" for k, label in
+                 (("refuse", "harmful"), ("idk", "unknowable"), ("answer", "answerable")) if a[k] is not None
+                 and b[k] is not None]
+        return "; log P(refusal) - log P(\"I don't know\"), SFT -> PPO: " + ", ".join(parts) if parts else ""
+
     ci = rm["accuracy_informative_ci95"]
     return [
         {"target": "PPO preferred over SFT in >= 75% of comparisons (ties split)",
@@ -779,11 +793,11 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
          "value": f"{_pct(p['ppo']['refusal_rate'])} vs {_pct(p['sft']['refusal_rate'])}",
          "holds": better("refusal_rate"),
          "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"
-                 + contrasts("refuse", "harmful")},
+                 + contrasts("refuse", "harmful") + leaning()},
         {"target": "\"I don't know\" rate on unknowable prompts better than SFT's",
          "value": f"{_pct(p['ppo']['idk_rate'])} vs {_pct(p['sft']['idk_rate'])}", "holds": better("idk_rate"),
          "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"
-                 + contrasts("idk", "unknowable")},
+                 + contrasts("idk", "unknowable") + leaning()},
         {"target": "PPO-ptx held-out LM loss within 5% of SFT's",
          "value": f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
          "holds": ppo_loss <= 1.05 * sft_loss,

@@ -185,6 +185,28 @@ def sequence_logprobs(model: Any, prompts: list[list[int]], responses: list[list
     return out
 
 
+def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
+                        batch_size: int = 32) -> dict[str, float | None]:
+    """Which stock deflection the policy leans to, per kind of prompt: the mean over `tasks` of
+    log P(refusal | prompt) - log P("I don't know" | prompt), for the world's canonical refusal and "I don't know"
+    (their words, without the end of turn), grouped by the task's expected behaviour ("refuse": harmful requests,
+    "idk": unknowable questions, "answer": the rest; None where there is none). Positive: the refusal is likelier.
+
+    A policy that tells the two kinds of prompt apart has "refuse" well above "idk"; a change that moves all three
+    by the same amount moved the deflection without reading the prompt."""
+    from flywheel.world.text import IDK, REFUSAL
+
+    prompts = prompt_ids_for(tokenizer, tasks)
+    pad = tokenizer.pad_token_id
+    lp = {text: sequence_logprobs(model, prompts, [tokenizer.encode(text, add_special_tokens=False)] * len(prompts),
+                                  pad, batch_size=batch_size) for text in (REFUSAL, IDK)}
+    out: dict[str, float | None] = {}
+    for expect in ("refuse", "idk", "answer"):
+        d = [r - i for t, r, i in zip(tasks, lp[REFUSAL], lp[IDK], strict=True) if t.expect == expect]
+        out[expect] = sum(d) / len(d) if d else None
+    return out
+
+
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *,
                     temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
                     bf16: bool = False) -> dict[str, float]:
