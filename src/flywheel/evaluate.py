@@ -194,6 +194,7 @@ def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
 
     A policy that tells the two kinds of prompt apart has "refuse" well above "idk"; a change that moves all three
     by the same amount moved the deflection without reading the prompt."""
+    from flywheel.world.tasks import EXPECTS
     from flywheel.world.text import IDK, REFUSAL
 
     prompts = prompt_ids_for(tokenizer, tasks)
@@ -201,7 +202,7 @@ def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
     lp = {text: sequence_logprobs(model, prompts, [tokenizer.encode(text, add_special_tokens=False)] * len(prompts),
                                   pad, batch_size=batch_size) for text in (REFUSAL, IDK)}
     out: dict[str, float | None] = {}
-    for expect in ("refuse", "idk", "answer"):
+    for expect in EXPECTS:
         d = [r - i for t, r, i in zip(tasks, lp[REFUSAL], lp[IDK], strict=True) if t.expect == expect]
         out[expect] = sum(d) / len(d) if d else None
     return out
