@@ -30,15 +30,22 @@ def test_presets_fill_unset_fields_only(monkeypatch):
     quick = parse_config(DemoConfig, ["--quick", "--ppo-steps", "7"], "flywheel demo").resolved()
     assert quick.size == PRESETS["quick"]["size"] and quick.ppo_steps == 7
     assert quick.bf16 is False  # tiny models run faster in fp32
+    assert quick.preset == "quick" and parse_config(DemoConfig, ["--preset", "quick"], "").resolved().quick
     default = DemoConfig().resolved()
-    assert default.size == "mini" and default.bf16 is True
-    # Where bf16 is emulated (an AVX2-only CPU) it is 7-25x slower than fp32: the default stays in fp32 there.
+    assert (default.preset, default.size, default.bf16) == ("default", "small", True)
+    assert all(getattr(default, k) == v for k, v in PRESETS["default"].items())
+    # Where bf16 is emulated (an AVX2-only CPU) it is 7-25x slower than fp32: the demo takes the smaller fp32
+    # preset there, so that it still fits its 10 minutes.
     monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: False)
-    assert DemoConfig().resolved().bf16 is False
-    assert DemoConfig(bf16=True).resolved().bf16 is True  # asked for: kept
-    assert all(getattr(default, k) is not None for k in PRESETS["default"])
-    with pytest.raises(UserError):
-        parse_config(DemoConfig, ["--k-min", "5", "--k-max", "3"], "flywheel demo")
+    fp32 = DemoConfig().resolved()
+    assert (fp32.preset, fp32.size, fp32.bf16) == ("fp32", "mini", False)
+    assert all(getattr(fp32, k) == v for k, v in PRESETS["fp32"].items())
+    assert DemoConfig(bf16=True).resolved().bf16 is True  # asked for: kept, with the preset made for it
+    assert DemoConfig(bf16=True).resolved().preset == "default"
+    assert DemoConfig(preset="default", size="mini").resolved().size == "mini"  # a flag beats its preset
+    for bad in (["--k-min", "5", "--k-max", "3"], ["--preset", "huge"], ["--quick", "--preset", "fp32"]):
+        with pytest.raises(UserError):
+            parse_config(DemoConfig, bad, "flywheel demo")
 
 
 def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> dict:

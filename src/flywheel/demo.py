@@ -1,6 +1,6 @@
 """`flywheel demo`: the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU.
 
-    flywheel demo                      # ~10 min on 2 cores: 4M-parameter model, runs/demo/report.md
+    flywheel demo                      # <= 10 min on 2 cores: 5M-parameter model (4M without native bf16)
     flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3
     flywheel demo --seed 3 --out runs/demo-3 --resume   # continue an interrupted run: finished stages are kept
@@ -29,9 +29,18 @@ from flywheel.utils import atomic_write_text, bf16_is_fast, log, seed_everything
 
 PRETRAIN_EVAL_SPLIT = 0.02  # corpus documents pretraining holds out: the held-out LM loss of every policy
 MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend on it)
-# Settings of the two presets; a DemoConfig field left at None takes its preset's value.
+# Settings of the presets; a DemoConfig field left at None takes its preset's value. Without --preset the demo takes
+# "default" where the CPU multiplies bf16 natively (AVX-512-BF16 / AMX) and "fp32" where bf16 would be emulated, so
+# that either fits 10 minutes on 2 cores (docs/demo.md: 6.5 min and 9 min on the machines measured).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
+        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
+        pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
+        sft_epochs=3.0, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
+        rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
+        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
+    ),
+    "fp32": dict(
         size="mini", corpus_chars=1_200_000, n_demos=3000, n_rank=720, n_ppo=600, n_eval=300,
         pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
         sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
@@ -57,6 +66,10 @@ class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "run directory (world/, base/, sft/, rm/, ppo/, report)"})
     seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
     quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~3 min)"})
+    preset: str = field(default="", metadata={
+        "help": "settings for the fields left unset: default (a 5M model in bf16), fp32 (a 4M model for a CPU "
+                "without native bf16) or quick (= --quick); unset: quick with --quick, else default where the CPU "
+                "multiplies bf16 natively and fp32 where it does not"})
     size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
     base: str = field(default="", metadata={
         "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final of "
@@ -109,9 +122,14 @@ class DemoConfig:
                 "interrupted run's settings: give the same flags)"})
 
     def resolved(self) -> DemoConfig:
-        """A copy with every None filled from the preset."""
-        preset = PRESETS["quick" if self.quick else "default"]
+        """A copy with every None filled from the preset (named in `preset`)."""
+        self.validate()
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not values["preset"]:
+            native = bf16_is_fast() if self.bf16 is None else self.bf16
+            values["preset"] = "quick" if self.quick else "default" if native else "fp32"
+        values["quick"] = values["preset"] == "quick"
+        preset = PRESETS[values["preset"]]
         for k, v in preset.items():
             if values[k] is None:
                 values[k] = v
@@ -125,6 +143,10 @@ class DemoConfig:
     def validate(self) -> None:
         from flywheel.models import TINY_SIZES
 
+        if self.preset and self.preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESETS)}")
+        if self.preset and self.quick and self.preset != "quick":
+            raise UserError(f"--quick is --preset quick: it cannot be combined with --preset {self.preset}")
         if self.size is not None and self.size not in TINY_SIZES:
             raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
         if not 2 <= self.k_min <= self.k_max:
@@ -169,8 +191,9 @@ class Stage:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage under cfg.out and return the summary (also written to summary.json)."""
     cfg = cfg.resolved()
-    cfg.validate()
     set_threads(cfg.threads or None)
+    log.info("flywheel demo: preset %s (a %s model in %s), seed %d, into %s", cfg.preset, cfg.size,
+             "bf16" if cfg.bf16 else "fp32", cfg.seed, cfg.out)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     done = RunState.open(out, cfg)
@@ -874,7 +897,8 @@ def write_report(s: dict[str, Any], out: Path) -> None:
     cols = policy_columns(s)
     lines = [
         "# flywheel demo", "",
-        f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}`: model size {cfg['size']}, "
+        f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}` (preset {cfg['preset']}): model "
+        f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, "
         f"{s['policies']['sft']['n']} held-out prompts judged by the oracle; {s['timings_s']['total']:.0f} s in all.",
         "", result_table(s), "",
         f"Labelers (temperature recalibrated on the SFT samples: T = {lab['temperature']:.3f}) agree on "
