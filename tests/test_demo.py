@@ -43,6 +43,8 @@ def test_presets_fill_unset_fields_only(monkeypatch):
     assert DemoConfig(bf16=True).resolved().bf16 is True  # asked for: kept, with the preset made for it
     assert DemoConfig(bf16=True).resolved().preset == "default"
     assert DemoConfig(preset="default", size="mini").resolved().size == "mini"  # a flag beats its preset
+    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: True)
+    assert DemoConfig(preset="fp32").resolved().bf16 is False  # what it says, even where bf16 is native
     for bad in (["--k-min", "5", "--k-max", "3"], ["--preset", "huge"], ["--quick", "--preset", "fp32"]):
         with pytest.raises(UserError):
             parse_config(DemoConfig, bad, "flywheel demo")

@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
         sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40,
+        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40, bf16=False,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
@@ -114,7 +114,8 @@ class DemoConfig:
     max_new_tokens: int | None = _preset("response length limit when sampling")
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
     bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 autocast (default: on from the small size up, where the CPU has native bf16 matmuls)"})
+        "help": "bf16 autocast (default: off with --preset fp32, else on from hidden size 256 up where the CPU has "
+                "native bf16 matmuls)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     resume: bool = field(default=False, metadata={
