@@ -142,6 +142,23 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
 
 
 @pytest.mark.slow
+def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
+    from flywheel.demo import add_stock_answers
+
+    sets = [["I don't know.", "Paris"], ["I don't know. ", "Rome", "No."], ["No.", "I don't know.", "Oslo"],
+            ["Lima"], ["Lima", "No."]]
+    out, stock = add_stock_answers(sets, 2)
+    # counted once per prompt, up to whitespace: "I don't know." 3, "No." 3, "Lima" 2 (a tie broken by the text)
+    assert stock == ["I don't know.", "No."]
+    assert out == [["I don't know.", "Paris", "No."], ["I don't know. ", "Rome", "No."],
+                   ["No.", "I don't know.", "Oslo"], ["Lima", "I don't know.", "No."],
+                   ["Lima", "No.", "I don't know."]]
+    assert sets[0] == ["I don't know.", "Paris"]  # the input is not changed
+    # an answer given to one prompt only is nobody's stock answer
+    assert add_stock_answers([["a", "b"], ["c"]], 2) == ([["a", "b"], ["c"]], [])
+    assert add_stock_answers(sets, 0)[1] == []
+
+
 def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--quick", "--out", str(out), "--progress", "false"]) == 0

@@ -82,6 +82,8 @@ class DemoConfig:
     n_eval: int | None = _preset("held-out prompts the oracle judges")
     k_min: int = field(default=4, metadata={"help": "fewest answers sampled per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
+    stock_answers: int = field(default=0, metadata={
+        "help": "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"})
     p_verbose: float | None = _preset("demonstrations padded with pleasantries")
     p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
     p_deflect: float = field(default=0.1, metadata={
@@ -449,6 +451,20 @@ def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], 
     return sets
 
 
+def add_stock_answers(sets: list[list[str]], n: int) -> tuple[list[list[str]], list[str]]:
+    """The policy's n stock answers (the ones it gave to the most prompts, at least two) added to every set that lacks
+    them, and the list of them. The labelers then rank a stock answer after every prompt, so the reward model sees it
+    against each prompt's own answers (e.g. a refusal against "I don't know" after an unknowable question) instead of
+    only where the policy happened to sample it. The choice sees the answers alone, never the hidden families."""
+    counts: dict[str, int] = {}
+    for s in sets:
+        for a in {x.strip() for x in s}:
+            counts[a] = counts.get(a, 0) + 1
+    ranked = sorted(counts, key=lambda a: (-counts[a], a))  # ties by text: the same choice on every run
+    stock = [a for a in ranked[:n] if counts[a] >= 2]
+    return [s + [a for a in stock if a not in {x.strip() for x in s}] for s in sets], stock
+
+
 def round_dir(out: Path, r: int) -> Path:
     """Where round r writes its rankings, reward model and PPO run: the run directory itself for round 1."""
     return out if r == 1 else out / f"round{r}"
@@ -492,6 +508,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
         answers, asked = sum(len(s) for s in sets), len(sets)
+        sets, stock = add_stock_answers(sets, cfg.stock_answers) if cfg.stock_answers else (sets, [])
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
         if not any(len({score(t, x).total for x in s}) > 1 for t, s in zip(tasks, sets, strict=True)):
@@ -533,7 +550,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
             "oracle_ranker_heldout": _or_none(oracle_ranker_accuracy, panel, held_tasks, held_sets),
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
-            "train_rankings": len(train), "heldout_rankings": len(held),
+            "train_rankings": len(train), "heldout_rankings": len(held), "stock_answers": stock,
         }
         st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %s)",
                 summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
