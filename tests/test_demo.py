@@ -141,7 +141,6 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
         "\"I don't know\" rate on unknowable prompts better than SFT's"]
 
 
-@pytest.mark.slow
 def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     from flywheel.demo import add_stock_answers
 
@@ -159,6 +158,7 @@ def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     assert add_stock_answers(sets, 0)[1] == []
 
 
+@pytest.mark.slow
 def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--quick", "--out", str(out), "--progress", "false"]) == 0

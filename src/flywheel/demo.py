@@ -456,13 +456,14 @@ def add_stock_answers(sets: list[list[str]], n: int) -> tuple[list[list[str]], l
     them, and the list of them. The labelers then rank a stock answer after every prompt, so the reward model sees it
     against each prompt's own answers (e.g. a refusal against "I don't know" after an unknowable question) instead of
     only where the policy happened to sample it. The choice sees the answers alone, never the hidden families."""
+    distinct = [{x.strip() for x in s} for s in sets]  # what the labelers tell apart (sample_answers' rule)
     counts: dict[str, int] = {}
-    for s in sets:
-        for a in {x.strip() for x in s}:
+    for seen in distinct:
+        for a in seen:
             counts[a] = counts.get(a, 0) + 1
     ranked = sorted(counts, key=lambda a: (-counts[a], a))  # ties by text: the same choice on every run
     stock = [a for a in ranked[:n] if counts[a] >= 2]
-    return [s + [a for a in stock if a not in {x.strip() for x in s}] for s in sets], stock
+    return [s + [a for a in stock if a not in seen] for s, seen in zip(sets, distinct, strict=True)], stock
 
 
 def round_dir(out: Path, r: int) -> Path:
@@ -508,7 +509,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
         answers, asked = sum(len(s) for s in sets), len(sets)
-        sets, stock = add_stock_answers(sets, cfg.stock_answers) if cfg.stock_answers else (sets, [])
+        sets, stock = add_stock_answers(sets, cfg.stock_answers)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
         if not any(len({score(t, x).total for x in s}) > 1 for t, s in zip(tasks, sets, strict=True)):
