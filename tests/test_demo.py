@@ -158,6 +158,31 @@ def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     assert add_stock_answers(sets, 0)[1] == []
 
 
+def test_ppo_takes_the_demo_s_value_learning_rate(tmp_path, monkeypatch):
+    from flywheel.demo import stage_ppo
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_ppo(cfg):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr("flywheel.train.ppo.trainer.train_ppo", fake_train_ppo)
+    (tmp_path / "ptx_corpus.txt").write_text("a document\n")
+    files = {"ppo_prompts": tmp_path / "ppo.jsonl"}
+    for value_lr in (None, 3e-4):
+        cfg = DemoConfig(quick=True, ppo_value_lr=value_lr).resolved()
+        with pytest.raises(Stop):
+            stage_ppo(cfg, tmp_path, files, tmp_path / "sft", tmp_path / "sft", {"dir": tmp_path / "rm"}, {})
+    # unset, the value model learns at the policy's rate (PPOConfig's own default); set, at the given one
+    assert [c.value_lr for c in seen] == [None, 3e-4]
+    assert seen[0].lr == seen[1].lr == PRESETS["quick"]["ppo_lr"]
+    assert parse_config(DemoConfig, ["--ppo-value-lr", "1e-4"], "flywheel demo").ppo_value_lr == 1e-4
+
+
 @pytest.mark.slow
 def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -111,6 +111,8 @@ class DemoConfig:
     ppo_batch_size: int | None = _preset("PPO minibatch")
     ppo_epochs: int | None = _preset("optimisation passes over each rollout batch")
     ppo_lr: float | None = _preset("PPO policy learning rate")
+    ppo_value_lr: float | None = field(default=None, metadata={
+        "help": "PPO value model learning rate (default: --ppo-lr)"})
     kl_coef: float | None = _preset("beta: per-token KL penalty to the SFT policy")
     ptx_coef: float | None = _preset("gamma: weight of the pretraining loss in PPO-ptx (0 = plain PPO)")
     max_new_tokens: int | None = _preset("response length limit when sampling")
@@ -688,7 +690,7 @@ def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], start: Path, s
                          prompts=str(files["ppo_prompts"]), ptx_data=str(ptx), ptx_coef=cfg.ptx_coef,
                          ptx_seq_len=cfg.pretrain_seq_len, ptx_batch_size=2, max_steps=cfg.ppo_steps,
                          rollout_batch_size=cfg.rollout_batch_size, batch_size=cfg.ppo_batch_size,
-                         ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef,
+                         ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, value_lr=cfg.ppo_value_lr, kl_coef=cfg.kl_coef,
                          max_new_tokens=cfg.max_new_tokens, temperature=1.0, bf16=cfg.bf16, threads=cfg.threads,
                          progress=cfg.progress, sample_every=10)
         run = train_ppo(pcfg)
