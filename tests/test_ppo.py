@@ -255,6 +255,16 @@ def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path
         PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, ref_model=str(big_dir)), reward_fn=target_reward)
 
 
+def test_value_lr_must_be_positive_when_given(tmp_path):
+    from flywheel.errors import UserError
+
+    for bad in (0.0, -1e-4):
+        with pytest.raises(UserError, match="--value-lr must be > 0"):
+            _cfg(tmp_path, "m", "p.jsonl", value_lr=bad).validate()
+    _cfg(tmp_path, "m", "p.jsonl", value_lr=1e-4).validate()
+    _cfg(tmp_path, "m", "p.jsonl").validate()  # unset: the policy's --lr
+
+
 def test_the_critic_starts_on_the_rewards_scale(tmp_path, model_dir, prompts_file):
     """The critic starts from the reward model, whose raw score is offset by the normalisation `flywheel rm` stores;
     the critic subtracts the same offset, or it would start that far above the returns (which tilts GAE towards long

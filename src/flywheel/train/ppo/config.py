@@ -71,6 +71,8 @@ class PPOConfig(TrainConfig):
             raise UserError("--kl-estimator must be k1 or k3")
         if self.temperature <= 0:
             raise UserError("--temperature must be > 0 for PPO (it samples)")
+        if self.value_lr is not None and self.value_lr <= 0:
+            raise UserError("--value-lr must be > 0")
         if self.rollout_batch_size % self.batch_size:
             raise UserError("--rollout-batch-size must be a multiple of --batch-size (the minibatch)")
         if self.batch_size % self.grad_accum:
