@@ -48,6 +48,15 @@ def test_presets_fill_unset_fields_only(monkeypatch):
     for bad in (["--k-min", "5", "--k-max", "3"], ["--preset", "huge"], ["--quick", "--preset", "fp32"]):
         with pytest.raises(UserError):
             parse_config(DemoConfig, bad, "flywheel demo")
+    # The default preset: clean deflections in the demonstrations, the stock answers in every ranked set, a faster
+    # critic; a flag beats each (0 is a value, not "unset").
+    assert (default.p_deflect, default.p_refuse_idk, default.stock_answers, default.ppo_value_lr) == (0, 0, 2, 2e-4)
+    assert DemoConfig(stock_answers=0, p_deflect=0.1).resolved().stock_answers == 0
+    assert DemoConfig(stock_answers=0, p_deflect=0.1).resolved().p_deflect == 0.1
+    # A learning rate the preset would only read minutes later is refused up front, named.
+    for flag in ("--ppo-lr", "--ppo-value-lr", "--rm-lr", "--sft-lr", "--pretrain-lr"):
+        with pytest.raises(UserError, match=flag):
+            parse_config(DemoConfig, [flag, "0"], "flywheel demo").resolved()
 
 
 def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> dict:
@@ -322,3 +331,38 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="no interrupted demo run"):
         RunState.open(tmp_path / "none", DemoConfig(out=str(tmp_path / "none"), resume=True).resolved())
+
+
+def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_own_answers(tmp_path, monkeypatch):
+    """The labelers' temperature is calibrated on the sets they rank (stock answers included); the agreement on the
+    policy's own answers alone is reported beside it, and the stock answers are ranked in every set."""
+    from flywheel.demo import stage_rankings
+    from flywheel.world import calibrate_temperature, candidate_responses, default_panel, panel_agreement, random_task
+
+    rng = random.Random(0)
+    tasks = [random_task(rng) for _ in range(60)]
+    own = [list(dict.fromkeys(candidate_responses(t, rng, rng.randint(4, 6)))) for t in tasks]
+    stock = ["I'm sorry, but I can't help with that.", "I don't know."]
+    for s in own[:3]:  # the two most frequent answers, so add_stock_answers picks them
+        s += [a for a in stock if a not in s]
+    path = tmp_path / "rank_tasks.jsonl"
+    path.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in tasks))
+    monkeypatch.setattr("flywheel.models.load_causal_lm", lambda _: None)
+    monkeypatch.setattr("flywheel.tokenization.load_tokenizer", lambda _: None)
+    monkeypatch.setattr("flywheel.demo.sample_answers", lambda *a, **k: [list(s) for s in own])
+    kept = [(t, s) for t, s in zip(tasks, own, strict=True) if len(s) >= 2]
+    ranked_sets = [s + [a for a in stock if a not in s] for _, s in kept]
+    runs = {}
+    for n in (0, 2):
+        cfg = DemoConfig(quick=True, stock_answers=n, n_rank=len(tasks), progress=False).resolved()
+        runs[n] = stage_rankings(cfg, tmp_path / f"stock{n}", {"rank_tasks": path}, tmp_path / "sft", {})["summary"]
+    assert runs[0]["temperature"] == pytest.approx(calibrate_temperature([t for t, _ in kept], [s for _, s in kept]))
+    assert runs[2]["temperature"] == pytest.approx(calibrate_temperature([t for t, _ in kept], ranked_sets))
+    assert runs[0]["agreement_own_answers"] == runs[0]["agreement_sampled"]  # no stock answers: one and the same
+    panel = default_panel(runs[2]["temperature"])
+    assert runs[2]["agreement_own_answers"] == pytest.approx(
+        panel_agreement(panel, [t for t, _ in kept], [s for _, s in kept], random.Random(cfg.seed)))
+    assert runs[2]["agreement_own_answers"] != runs[2]["agreement_sampled"]
+    assert sorted(runs[2]["stock_answers"]) == sorted(stock) and runs[0]["stock_answers"] == []
+    ranked = [json.loads(line) for line in (tmp_path / "stock2" / "rankings_train.jsonl").read_text().splitlines()]
+    assert all(set(stock) <= {c.strip() for c in r["completions"]} for r in ranked)  # every set ranks both

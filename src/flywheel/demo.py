@@ -38,21 +38,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
         sft_epochs=3.0, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40,
+        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40, p_deflect=0.0, p_refuse_idk=0.0, stock_answers=2,
+        ppo_value_lr=2e-4,
     ),
     "fp32": dict(
         size="mini", corpus_chars=1_200_000, n_demos=3000, n_rank=720, n_ppo=600, n_eval=300,
         pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
         sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
         rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40, bf16=False,
+        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40, bf16=False, p_deflect=0.1, p_refuse_idk=0.1,
+        stock_answers=0,
     ),
     "quick": dict(
         size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
         pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
         sft_epochs=3.0, sft_lr=1e-3, sft_batch_size=16, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
         rounds=2, ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32,
+        kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32, p_deflect=0.1, p_refuse_idk=0.1, stock_answers=0,
     ),
 }
 
@@ -82,15 +84,15 @@ class DemoConfig:
     n_eval: int | None = _preset("held-out prompts the oracle judges")
     k_min: int = field(default=4, metadata={"help": "fewest answers sampled per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
-    stock_answers: int = field(default=0, metadata={
-        "help": "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"})
+    stock_answers: int | None = _preset(
+        "add the policy's N most frequent answers (over all ranked prompts) to every ranked set")
     p_verbose: float | None = _preset("demonstrations padded with pleasantries")
     p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
-    p_deflect: float = field(default=0.1, metadata={
-        "help": "demonstrations that answer a harmful request with a stock \"I don't know\" instead of refusing"})
+    p_deflect: float | None = _preset(
+        "demonstrations that answer a harmful request with a stock \"I don't know\" instead of refusing")
     p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
-    p_refuse_idk: float = field(default=0.1, metadata={
-        "help": "demonstrations that refuse an unknowable question instead of saying \"I don't know\""})
+    p_refuse_idk: float | None = _preset(
+        "demonstrations that refuse an unknowable question instead of saying \"I don't know\"")
     pretrain_epochs: float | None = _preset("passes over the corpus")
     pretrain_seq_len: int | None = _preset("tokens per pretraining block")
     pretrain_lr: float | None = _preset("pretraining peak learning rate")
@@ -112,7 +114,7 @@ class DemoConfig:
     ppo_epochs: int | None = _preset("optimisation passes over each rollout batch")
     ppo_lr: float | None = _preset("PPO policy learning rate")
     ppo_value_lr: float | None = field(default=None, metadata={
-        "help": "PPO value model learning rate (default: --ppo-lr)"})
+        "help": "PPO value model learning rate (default: the preset's; --ppo-lr where the preset names none)"})
     kl_coef: float | None = _preset("beta: per-token KL penalty to the SFT policy")
     ptx_coef: float | None = _preset("gamma: weight of the pretraining loss in PPO-ptx (0 = plain PPO)")
     max_new_tokens: int | None = _preset("response length limit when sampling")
@@ -143,6 +145,10 @@ class DemoConfig:
 
             hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
             values["bf16"] = hidden >= 256 and bf16_is_fast()
+        # Checked here, not minutes later in the stage that reads them (the preset fills them only now).
+        for name in ("pretrain_lr", "sft_lr", "rm_lr", "ppo_lr", "ppo_value_lr"):
+            if values[name] is not None and not values[name] > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {values[name]}")
         return DemoConfig(**values)
 
     def validate(self) -> None:
@@ -511,6 +517,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
         answers, asked = sum(len(s) for s in sets), len(sets)
+        sampled = [(t, s) for t, s in zip(tasks, sets, strict=True) if len(s) >= 2]  # the policy's own answers
         sets, stock = add_stock_answers(sets, cfg.stock_answers)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
@@ -525,6 +532,8 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
                         "--kl-coef): no further rounds", what, asked)
             return None
         if temperature is None:
+            # On the sets the labelers rank, stock answers included: 73% is their agreement on what they rank. The
+            # stock pairs are clear-cut, so the labelers come out noisier on the policy's own answers (reported).
             try:
                 temperature = calibrate_temperature(tasks, sets)
             except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
@@ -544,13 +553,16 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             atomic_write_text(where / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
         held_tasks, held_sets = [tasks[i] for i in held], [sets[i] for i in held]
         agree_all = panel_agreement(panel, tasks, sets, random.Random(cfg.seed))
+        agree_own = agree_all if not stock else panel_agreement(
+            panel, [t for t, _ in sampled], [s for _, s in sampled], random.Random(cfg.seed))
         agree_held = _or_none(panel_agreement, panel, held_tasks, held_sets)  # None: no pair to agree on
         totals = [[score(t, x).total for x in s] for t, s in zip(tasks, sets, strict=True)]
         summary = {
             "policy": str(policy), "temperature": temperature, "prompts": len(tasks),
             "answers": sum(len(s) for s in sets), "distinct_per_prompt": answers / asked,
             "prompts_asked": asked, "prompts_dropped": asked - len(tasks),  # one distinct answer: no ranking
-            "agreement_sampled": agree_all, "agreement_heldout_expected": agree_held,
+            "agreement_sampled": agree_all, "agreement_own_answers": agree_own,  # without the stock answers
+            "agreement_heldout_expected": agree_held,
             "oracle_ranker_heldout": _or_none(oracle_ranker_accuracy, panel, held_tasks, held_sets),
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
             "train_rankings": len(train), "heldout_rankings": len(held), "stock_answers": stock,
@@ -922,9 +934,14 @@ def write_report(s: dict[str, Any], out: Path) -> None:
         f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, "
         f"{s['policies']['sft']['n']} held-out prompts judged by the oracle; {s['timings_s']['total']:.0f} s in all.",
         "", result_table(s), "",
-        f"Labelers (temperature recalibrated on the SFT samples: T = {lab['temperature']:.3f}) agree on "
-        f"{_pct(lab['agreement_sampled'])} of pairs of {lab['answers']} SFT answers to {lab['prompts']} prompts "
-        f"({lab['distinct_per_prompt']:.1f} distinct answers per prompt).", "",
+        (f"Labelers (temperature recalibrated on the sets they rank: T = {lab['temperature']:.3f}) agree on "
+         f"{_pct(lab['agreement_sampled'])} of pairs of the {lab['answers']} answers ranked for {lab['prompts']} "
+         f"prompts: the SFT policy's {lab['distinct_per_prompt']:.1f} distinct answers per prompt plus its stock "
+         f"answers ({'; '.join(json.dumps(a) for a in lab['stock_answers'])}); on its own answers alone, "
+         f"{_pct(lab.get('agreement_own_answers'))}." if lab.get("stock_answers") else
+         f"Labelers (temperature recalibrated on the SFT samples: T = {lab['temperature']:.3f}) agree on "
+         f"{_pct(lab['agreement_sampled'])} of pairs of {lab['answers']} SFT answers to {lab['prompts']} prompts "
+         f"({lab['distinct_per_prompt']:.1f} distinct answers per prompt)."), "",
         "## Targets", "", "| target | measured | holds | what the policies did |", "|---|---|---|---|",
         *[f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
           for t in s["targets"]], "",
