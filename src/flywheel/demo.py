@@ -517,7 +517,8 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
                               bf16=cfg.bf16, progress=cfg.progress)
         answers, asked = sum(len(s) for s in sets), len(sets)
-        sampled = [(t, s) for t, s in zip(tasks, sets, strict=True) if len(s) >= 2]  # the policy's own answers
+        own = [i for i, s in enumerate(sets) if len(s) >= 2]  # the policy's own answers, before the stock ones
+        own_tasks, own_sets = [tasks[i] for i in own], [sets[i] for i in own]
         sets, stock = add_stock_answers(sets, cfg.stock_answers)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
@@ -553,8 +554,7 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             atomic_write_text(where / f"{name}.jsonl", "".join(json.dumps(records[i]) + "\n" for i in idx))
         held_tasks, held_sets = [tasks[i] for i in held], [sets[i] for i in held]
         agree_all = panel_agreement(panel, tasks, sets, random.Random(cfg.seed))
-        agree_own = agree_all if not stock else panel_agreement(
-            panel, [t for t, _ in sampled], [s for _, s in sampled], random.Random(cfg.seed))
+        agree_own = panel_agreement(panel, own_tasks, own_sets, random.Random(cfg.seed)) if stock else agree_all
         agree_held = _or_none(panel_agreement, panel, held_tasks, held_sets)  # None: no pair to agree on
         totals = [[score(t, x).total for x in s] for t, s in zip(tasks, sets, strict=True)]
         summary = {
@@ -928,20 +928,19 @@ def write_report(s: dict[str, Any], out: Path) -> None:
     plots = write_plots(s, out)
     cfg, lab = s["config"], s["labelers"]
     cols = policy_columns(s)
+    stock, per_prompt = lab.get("stock_answers"), f"{lab['distinct_per_prompt']:.1f} distinct answers per prompt"
+    ranked = (f"the {lab['answers']} answers ranked for {lab['prompts']} prompts: the SFT policy's {per_prompt} plus "
+              f"its stock answers ({'; '.join(json.dumps(a) for a in stock)}); on its own answers alone, "
+              f"{_pct(lab.get('agreement_own_answers'))}" if stock else
+              f"{lab['answers']} SFT answers to {lab['prompts']} prompts ({per_prompt})")
     lines = [
         "# flywheel demo", "",
         f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}` (preset {cfg['preset']}): model "
         f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, "
         f"{s['policies']['sft']['n']} held-out prompts judged by the oracle; {s['timings_s']['total']:.0f} s in all.",
         "", result_table(s), "",
-        (f"Labelers (temperature recalibrated on the sets they rank: T = {lab['temperature']:.3f}) agree on "
-         f"{_pct(lab['agreement_sampled'])} of pairs of the {lab['answers']} answers ranked for {lab['prompts']} "
-         f"prompts: the SFT policy's {lab['distinct_per_prompt']:.1f} distinct answers per prompt plus its stock "
-         f"answers ({'; '.join(json.dumps(a) for a in lab['stock_answers'])}); on its own answers alone, "
-         f"{_pct(lab.get('agreement_own_answers'))}." if lab.get("stock_answers") else
-         f"Labelers (temperature recalibrated on the SFT samples: T = {lab['temperature']:.3f}) agree on "
-         f"{_pct(lab['agreement_sampled'])} of pairs of {lab['answers']} SFT answers to {lab['prompts']} prompts "
-         f"({lab['distinct_per_prompt']:.1f} distinct answers per prompt)."), "",
+        f"Labelers (temperature recalibrated on the {'sets they rank' if stock else 'SFT samples'}: "
+        f"T = {lab['temperature']:.3f}) agree on {_pct(lab['agreement_sampled'])} of pairs of {ranked}.", "",
         "## Targets", "", "| target | measured | holds | what the policies did |", "|---|---|---|---|",
         *[f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
           for t in s["targets"]], "",
