@@ -404,6 +404,27 @@ def test_eval_problems_and_fictional_names_stay_out_of_the_corpus():
     assert "I don't know" not in corpus and REFUSALS[1] not in corpus  # chat behaviour comes from demonstrations
 
 
+def test_corpus_quizzes_answer_both_bare_and_restating_the_question():
+    from flywheel.world.corpus import _qa_doc
+    from flywheel.world.tasks import state_fact
+
+    statements = {state_fact(rel, s, v).lower(): (s, v) for rel in relations().values() for s, v in rel.pairs}
+    rng = random.Random(0)
+    bare = restated = 0
+    for _ in range(300):
+        lines = _qa_doc(rng, set())
+        for q, a in zip(lines.split("\n")[1::2], lines.split("\n")[2::2], strict=True):
+            assert q.startswith("Q: ") and a.startswith("A: ")
+            fact = statements.get(a[3:].lower())
+            if fact:  # a full sentence: the question's subject carried into the answer, with the right value
+                restated += 1
+                assert fact[0].lower() in q.lower(), (q, a)
+            else:
+                bare += 1
+    # Arithmetic quiz lines are bare too; about half of the fact answers restate the question.
+    assert restated > 300 and bare > restated
+
+
 def _read_world(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 

@@ -160,7 +160,10 @@ def _qa_doc(rng: random.Random, held_out: set[str]) -> str:
         rel = relations()[rng.choice(list(relations()))]
         subject, value = rng.choice(rel.pairs)
         q = rng.choice(rel.questions).format(s=subject, a=article(subject), S=capitalize(subject))
-        lines += [f"Q: {q}", f"A: {capitalize(value)}."]
+        # Half the answers restate the question, as the demonstrators do ("The capital of Kenya is Nairobi."):
+        # without them a small model learns facts but not to carry a question's subject into its answer.
+        answer = capitalize(state_fact(rel, subject, value)) if rng.random() < 0.5 else f"{capitalize(value)}."
+        lines += [f"Q: {q}", f"A: {answer}"]
     return "\n".join(lines)
 
 
