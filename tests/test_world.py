@@ -412,8 +412,8 @@ def test_corpus_quizzes_answer_both_bare_and_restating_the_question():
     rng = random.Random(0)
     bare = restated = 0
     for _ in range(300):
-        lines = _qa_doc(rng, set())
-        for q, a in zip(lines.split("\n")[1::2], lines.split("\n")[2::2], strict=True):
+        lines = _qa_doc(rng, set()).split("\n")  # a title, then Q and A lines in turn
+        for q, a in zip(lines[1::2], lines[2::2], strict=True):
             assert q.startswith("Q: ") and a.startswith("A: ")
             fact = statements.get(a[3:].lower())
             if fact:  # a full sentence: the question's subject carried into the answer, with the right value
