@@ -66,16 +66,22 @@ def left_pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(batch):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
 def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, greedy: bool) -> None:
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=0, **kw)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+            **kw,
+        )
     assert out.shape[1] == ids.shape[1] + new_tokens
 
 
@@ -128,14 +134,24 @@ def bench_one(size: str, batch: int, dtype: torch.dtype, new_tokens: int, repeat
     valid = mask.bool()
     with torch.inference_mode():
         t_pre = min(timed(lambda: forward.start(ids, valid, ids.shape[1] + 1)) for _ in range(repeats + 1))
-        t_pre_hf = min(timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1))
-                       for _ in range(repeats + 1))
+        t_pre_hf = min(
+            timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1))
+            for _ in range(repeats + 1)
+        )
     tokens = batch * new_tokens
-    return dict(size=size, params=count_parameters(model), batch=batch, ours=tokens / min(t_ours),
-                torch_step=tokens / min(t_torch), native=engine._forward.uses_native, hf=tokens / min(t_hf),
-                spread=statistics.pstdev(t_ours) / min(t_ours),
-                prefill_tok=int(valid.sum()) / t_pre, prefill_flops=prefill_flops(model, valid) / t_pre,
-                prefill_flops_hf=prefill_flops(model, valid) / t_pre_hf)
+    return dict(
+        size=size,
+        params=count_parameters(model),
+        batch=batch,
+        ours=tokens / min(t_ours),
+        torch_step=tokens / min(t_torch),
+        native=engine._forward.uses_native,
+        hf=tokens / min(t_hf),
+        spread=statistics.pstdev(t_ours) / min(t_ours),
+        prefill_tok=int(valid.sum()) / t_pre,
+        prefill_flops=prefill_flops(model, valid) / t_pre,
+        prefill_flops_hf=prefill_flops(model, valid) / t_pre_hf,
+    )
 
 
 def bench_compaction(size: str, batch: int, dtype: torch.dtype, new_tokens: int, repeats: int) -> None:
@@ -143,11 +159,14 @@ def bench_compaction(size: str, batch: int, dtype: torch.dtype, new_tokens: int,
     model = build(size, dtype)
     batch_prompts = prompts(batch)
     # stop on ~1 in 40 tokens: row lengths spread over the whole budget
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=list(range(3, VOCAB, 40)),
-                            seed=0)
+    params = SamplingParams(
+        max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=list(range(3, VOCAB, 40)), seed=0
+    )
     lengths = [len(r) for r in Engine(model).generate(batch_prompts, params).tokens]
-    print(f"\ncompaction, {size} batch {batch} {dtype}: row lengths median {statistics.median(lengths)}, "
-          f"max {max(lengths)}, {sum(lengths)} tokens")
+    print(
+        f"\ncompaction, {size} batch {batch} {dtype}: row lengths median {statistics.median(lengths)}, "
+        f"max {max(lengths)}, {sum(lengths)} tokens"
+    )
     for at in (1.0, 0.5, 0.25, 0.0):
         engine = Engine(model, compact_at=at)
         engine.generate(batch_prompts, params)
@@ -166,8 +185,12 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of temperature-1 sampling")
     parser.add_argument("--compaction", action="store_true", help="measure dropping finished rows instead")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="cpu: time by this process's CPU time (use with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: time by this process's CPU time (use with --threads 1 on a shared machine)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,22 +205,32 @@ def main() -> None:
         return
     roofs = {name: matmul_roof(dt) for name, dt in DTYPES.items()}
     roof = max(roofs.values())  # the most this machine's matmuls do, in its faster dtype
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
-          f"{'greedy' if args.greedy else 'sampling T=1'}, {args.new_tokens} new tokens, prompts 16-64 tokens, "
-          f"{args.clock} clock, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("matmul roof: " + ", ".join(f"{name} {r / 1e12:.3f} TFLOP/s" for name, r in roofs.items())
-          + f" (bf16 native: {bf16_is_fast()}); % roof is of the faster one\n")
-    header = (f"{'model':<8}{'params':>8}{'batch':>6}{'HF tok/s':>11}{'ours tok/s':>12}{'ratio':>7}"
-              f"{'torch-step tok/s':>18}{'ratio':>7}{'prefill tok/s':>15}{'ours % roof':>12}{'HF % roof':>11}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
+        f"{'greedy' if args.greedy else 'sampling T=1'}, {args.new_tokens} new tokens, prompts 16-64 tokens, "
+        f"{args.clock} clock, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        "matmul roof: "
+        + ", ".join(f"{name} {r / 1e12:.3f} TFLOP/s" for name, r in roofs.items())
+        + f" (bf16 native: {bf16_is_fast()}); % roof is of the faster one\n"
+    )
+    header = (
+        f"{'model':<8}{'params':>8}{'batch':>6}{'HF tok/s':>11}{'ours tok/s':>12}{'ratio':>7}"
+        f"{'torch-step tok/s':>18}{'ratio':>7}{'prefill tok/s':>15}{'ours % roof':>12}{'HF % roof':>11}"
+    )
     print(header)
     print("-" * len(header))
     for size in sizes:
         for batch in batches:
             r = bench_one(size, batch, dtype, args.new_tokens, args.repeats, args.greedy)
-            print(f"{size:<8}{r['params'] / 1e6:>7.1f}M{batch:>6}{r['hf']:>11,.0f}{r['ours']:>12,.0f}"
-                  f"{r['ours'] / r['hf']:>6.1f}x{r['torch_step']:>18,.0f}{r['torch_step'] / r['hf']:>6.1f}x"
-                  f"{r['prefill_tok']:>15,.0f}{r['prefill_flops'] / roof:>11.1%}{r['prefill_flops_hf'] / roof:>11.1%}"
-                  + ("" if r["native"] else "   (native step unavailable: ours = torch step)"), flush=True)
+            print(
+                f"{size:<8}{r['params'] / 1e6:>7.1f}M{batch:>6}{r['hf']:>11,.0f}{r['ours']:>12,.0f}"
+                f"{r['ours'] / r['hf']:>6.1f}x{r['torch_step']:>18,.0f}{r['torch_step'] / r['hf']:>6.1f}x"
+                f"{r['prefill_tok']:>15,.0f}{r['prefill_flops'] / roof:>11.1%}{r['prefill_flops_hf'] / roof:>11.1%}"
+                + ("" if r["native"] else "   (native step unavailable: ours = torch step)"),
+                flush=True,
+            )
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

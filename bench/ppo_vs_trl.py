@@ -89,23 +89,48 @@ def make_setup(root: Path, n_prompts: int, seed: int = 0) -> Setup:
     save_pretrained(policy, tok, root / "policy")
     rm = load_sequence_classifier(str(root / "policy"))  # new scalar head, InstructGPT init
     save_pretrained(rm, tok, root / "reward")
-    convs = [[{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))}]
-             for _ in range(n_prompts)]
+    convs = [
+        [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))}]
+        for _ in range(n_prompts)
+    ]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     ids = [render_prompt(tok, c) for c in convs]
     return Setup(str(root / "policy"), str(root / "reward"), str(root / "prompts.jsonl"), ids, tok)
 
 
-def time_ours(s: Setup, epochs: int, steps: int, warmup: int, out: Path, clock: Callable[[], float], *,
-              bf16: bool = True, hf_forward: bool = False) -> list[float]:
+def time_ours(
+    s: Setup,
+    epochs: int,
+    steps: int,
+    warmup: int,
+    out: Path,
+    clock: Callable[[], float],
+    *,
+    bf16: bool = True,
+    hf_forward: bool = False,
+) -> list[float]:
     """Our step; `hf_forward`: with flywheel.fastforward switched off, so the roles run HF's forward (--ablate)."""
     if hf_forward:
         with _fastforward_off():
             return time_ours(s, epochs, steps, warmup, out, clock, bf16=bf16)
     n = len(s.prompt_ids)
-    cfg = PPOConfig(model=s.policy, reward_model=s.reward, prompts=s.prompts_file, out=str(out),
-                    rollout_batch_size=n, batch_size=n, ppo_epochs=epochs, max_new_tokens=32, ignore_eos=True,
-                    temperature=1.0, missing_eos_penalty=0.0, max_grad_norm=0.0, lr=LR, bf16=bf16, progress=False)
+    cfg = PPOConfig(
+        model=s.policy,
+        reward_model=s.reward,
+        prompts=s.prompts_file,
+        out=str(out),
+        rollout_batch_size=n,
+        batch_size=n,
+        ppo_epochs=epochs,
+        max_new_tokens=32,
+        ignore_eos=True,
+        temperature=1.0,
+        missing_eos_penalty=0.0,
+        max_grad_norm=0.0,
+        lr=LR,
+        bf16=bf16,
+        progress=False,
+    )
     cfg.validate()
     trainer = PPOTrainer(cfg)
     times = []
@@ -150,8 +175,9 @@ def import_trl_ppo() -> tuple[Any, Any, Any]:
     return TRLPPOTrainer, TRLPPOConfig, TrainerCallback
 
 
-def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precision: str,
-             clock: Callable[[], float]) -> list[float]:
+def time_trl(
+    s: Setup, epochs: int, steps: int, warmup: int, out: Path, precision: str, clock: Callable[[], float]
+) -> list[float]:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -168,20 +194,40 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
 
     n = len(s.prompt_ids)
     args = TRLPPOConfig(
-        output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1, num_mini_batches=1,
-        total_episodes=n * (warmup + steps), num_ppo_epochs=epochs, response_length=32, stop_token=None,
-        temperature=1.0, missing_eos_penalty=None, learning_rate=LR, bf16=precision != "fp32", use_cpu=True,
-        num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True,
-        seed=0, local_rollout_forward_batch_size=n, dataloader_num_workers=0,
+        output_dir=str(out),
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        total_episodes=n * (warmup + steps),
+        num_ppo_epochs=epochs,
+        response_length=32,
+        stop_token=None,
+        temperature=1.0,
+        missing_eos_penalty=None,
+        learning_rate=LR,
+        bf16=precision != "fp32",
+        use_cpu=True,
+        num_sample_generations=0,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=0,
+        local_rollout_forward_batch_size=n,
+        dataloader_num_workers=0,
     )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # fp32: --dtype fp32, both sides in fp32
     if precision == "autocast":
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # read when TRL creates its Accelerator
     trainer = TRLPPOTrainer(
-        args=args, processing_class=s.tokenizer, model=load_causal_lm(s.policy, dtype),
-        ref_model=load_causal_lm(s.policy, dtype), reward_model=load_sequence_classifier(s.reward, dtype),
+        args=args,
+        processing_class=s.tokenizer,
+        model=load_causal_lm(s.policy, dtype),
+        ref_model=load_causal_lm(s.policy, dtype),
+        reward_model=load_sequence_classifier(s.reward, dtype),
         value_model=load_sequence_classifier(s.reward, dtype),
-        train_dataset=Dataset.from_dict({"input_ids": s.prompt_ids}), callbacks=[StepTimer()],
+        train_dataset=Dataset.from_dict({"input_ids": s.prompt_ids}),
+        callbacks=[StepTimer()],
     )
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     assert trainer.policy_model.generation_config.eos_token_id is None, "TRL would stop at EOS"
@@ -191,7 +237,7 @@ def time_trl(s: Setup, epochs: int, steps: int, warmup: int, out: Path, precisio
     trainer.remove_callback(ProgressCallback)
     trainer.train()
     assert len(marks) == warmup + steps + 1, len(marks)
-    return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:], strict=False)]
+    return [b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False)]
 
 
 def step_flops(policy: Any, prompt_lens: list[int], new_tokens: int, epochs: int) -> float:
@@ -214,17 +260,26 @@ def measure(setup: Setup, root: Path, epochs: int, args: argparse.Namespace) -> 
     trl_precision = args.trl_precision if bf16 else "fp32"
     ours, trl, hf = [], [], []
     for r in range(args.repeats):
-        ours.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"o{r}", clock,
-                                                bf16=bf16)))
+        ours.append(
+            statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"o{r}", clock, bf16=bf16))
+        )
         if args.ablate:
-            hf.append(statistics.median(time_ours(setup, epochs, args.steps, args.warmup, root / f"h{r}", clock,
-                                                  bf16=bf16, hf_forward=True)))
-        trl.append(statistics.median(time_trl(setup, epochs, args.steps, args.warmup, root / f"t{r}",
-                                              trl_precision, clock)))
+            hf.append(
+                statistics.median(
+                    time_ours(
+                        setup, epochs, args.steps, args.warmup, root / f"h{r}", clock, bf16=bf16, hf_forward=True
+                    )
+                )
+            )
+        trl.append(
+            statistics.median(time_trl(setup, epochs, args.steps, args.warmup, root / f"t{r}", trl_precision, clock))
+        )
         unit = "s/step" if args.clock == "wall" else "CPU s/step"
         extra = f", ours with HF's forward {hf[-1]:.3f} {unit}" if hf else ""
-        print(f"  epochs {epochs} repeat {r + 1}: ours {ours[-1]:.3f} {unit}, TRL {trl[-1]:.3f} {unit}{extra}",
-              flush=True)
+        print(
+            f"  epochs {epochs} repeat {r + 1}: ours {ours[-1]:.3f} {unit}, TRL {trl[-1]:.3f} {unit}{extra}",
+            flush=True,
+        )
     return min(ours), min(trl), min(hf) if hf else None
 
 
@@ -235,15 +290,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed PPO steps before them")
     ap.add_argument("--repeats", type=int, default=2, help="alternating measurements per side; best median kept")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout (= the one minibatch)")
-    ap.add_argument("--trl-precision", choices=["bf16", "autocast", "flag"], default="bf16",
-                    help="how TRL runs in bf16 (see above)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if bf16_is_fast() else "fp32",
-                    help="both sides' precision (default: bf16 where the CPU multiplies it natively, else fp32: an "
-                         "emulated bf16 would time the emulation)")
+    ap.add_argument(
+        "--trl-precision",
+        choices=["bf16", "autocast", "flag"],
+        default="bf16",
+        help="how TRL runs in bf16 (see above)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default="bf16" if bf16_is_fast() else "fp32",
+        help="both sides' precision (default: bf16 where the CPU multiplies it natively, else fp32: an "
+        "emulated bf16 would time the emulation)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU seconds")
-    ap.add_argument("--ablate", action="store_true",
-                    help="also time ours with flywheel.fastforward switched off (the roles then run HF's forward)")
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time ours with flywheel.fastforward switched off (the roles then run HF's forward)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,25 +318,38 @@ def main() -> None:
         policy = load_causal_lm(setup.policy)
         n_params = sum(p.numel() for p in policy.parameters())
         plen = [len(p) for p in setup.prompt_ids]
-        print(f"policy: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params, vocab {len(setup.tokenizer)}; "
-              f"{args.prompts} prompts of {min(plen)}-{max(plen)} tokens x 32 new tokens, one minibatch; "
-              + (f"ours bf16 autocast, TRL --trl-precision {args.trl_precision}; " if args.dtype == "bf16" else
-                 "both sides fp32; ") + f"{args.threads} threads, "
-              f"{args.clock} clock; {args.steps} timed steps after {args.warmup} warm-up, best median of "
-              f"{args.repeats}", flush=True)
+        print(
+            f"policy: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params, vocab {len(setup.tokenizer)}; "
+            f"{args.prompts} prompts of {min(plen)}-{max(plen)} tokens x 32 new tokens, one minibatch; "
+            + (
+                f"ours bf16 autocast, TRL --trl-precision {args.trl_precision}; "
+                if args.dtype == "bf16"
+                else "both sides fp32; "
+            )
+            + f"{args.threads} threads, "
+            f"{args.clock} clock; {args.steps} timed steps after {args.warmup} warm-up, best median of "
+            f"{args.repeats}",
+            flush=True,
+        )
         rows = [(epochs, *measure(setup, root, epochs, args)) for epochs in args.epochs]
         roof = matmul_roof(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
-    print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
-          f"{args.dtype}" + (f", TRL {args.trl_precision}" if args.dtype == "bf16" else ""))
-    print(f"| PPO epochs | ours {unit} | TRL {unit} | speed-up (TRL/ours) |"
-          + (f" ours, HF forward {unit} | its speed-up |" if args.ablate else ""))
+    print(
+        f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
+        f"{args.dtype}" + (f", TRL {args.trl_precision}" if args.dtype == "bf16" else "")
+    )
+    print(
+        f"| PPO epochs | ours {unit} | TRL {unit} | speed-up (TRL/ours) |"
+        + (f" ours, HF forward {unit} | its speed-up |" if args.ablate else "")
+    )
     print("|---:|---:|---:|---:|" + ("---:|---:|" if args.ablate else ""))
     for epochs, o, t, h in rows:
         print(f"| {epochs} | {o:.3f} | {t:.3f} | {t / o:.2f}x |" + (f" {h:.3f} | {t / h:.2f}x |" if h else ""))
-    print(f"\nThe arithmetic's floor, at this run's {args.dtype} matmul roof ({roof / 1e9:.0f} GFLOP/s, a 2048^3 "
-          "matmul): the fastest any implementation of this step could run here, so TRL / floor bounds every speed-up "
-          "(generation counted at the roof too, though its decode steps are bound by memory, not arithmetic):")
+    print(
+        f"\nThe arithmetic's floor, at this run's {args.dtype} matmul roof ({roof / 1e9:.0f} GFLOP/s, a 2048^3 "
+        "matmul): the fastest any implementation of this step could run here, so TRL / floor bounds every speed-up "
+        "(generation counted at the roof too, though its decode steps are bound by memory, not arithmetic):"
+    )
     print("| PPO epochs | GFLOP/step | floor s/step | ours / floor | TRL / floor |")
     print("|---:|---:|---:|---:|---:|")
     for epochs, o, t, _ in rows:

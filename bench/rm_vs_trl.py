@@ -45,8 +45,10 @@ from flywheel.train.loop import DataOrder, train_loop
 from flywheel.train.reward import RankingGroup, RewardConfig, collate_groups, encode_rankings, rm_loss
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time, this process's CPU time (steadier on a busy machine)
-WORDS = ("the a cat dog sat on mat and ran to see big red blue small house tree river city what why how is are was "
-         "were capital of number sort list reverse word count letters please answer question short long").split()
+WORDS = (
+    "the a cat dog sat on mat and ran to see big red blue small house tree river city what why how is are was "
+    "were capital of number sort list reverse word count letters please answer question short long"
+).split()
 SYSTEM = "You are a helpful assistant. Answer the question truthfully, briefly and politely."
 
 
@@ -82,30 +84,59 @@ def time_ours(model, groups: list[RankingGroup], pad: int, args, *, share_prompt
 
     steps = args.warmup + args.steps + 1
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RewardConfig(out=tmp, model="-", data="-", max_steps=steps, batch_size=args.batch, lr=1e-5,
-                           warmup_ratio=0.0, bf16=args.dtype == "bf16", progress=False, log_every=10_000,
-                           share_prompt=share_prompt, threads=args.threads)
+        cfg = RewardConfig(
+            out=tmp,
+            model="-",
+            data="-",
+            max_steps=steps,
+            batch_size=args.batch,
+            lr=1e-5,
+            warmup_ratio=0.0,
+            bf16=args.dtype == "bf16",
+            progress=False,
+            log_every=10_000,
+            share_prompt=share_prompt,
+            threads=args.threads,
+        )
         train_loop(model, cfg, Path(tmp), groups, collate, lambda m, b: rm_loss(m, b), desc="rm")
-    return [b - a for a, b in itertools.pairwise(stamps)][args.warmup:]
+    return [b - a for a, b in itertools.pairwise(stamps)][args.warmup :]
 
 
 def trl_rows(groups: list[RankingGroup], *, seed: int | None = None) -> list[dict[str, list[int]]]:
     """Every (winner, loser) pair as TRL's pre-tokenized preference example; with `seed`, the rankings in the order
     flywheel's loop visits them (so that TRL's sequential sampler builds the same batches)."""
     order = DataOrder(len(groups), seed).indices(0, len(groups)) if seed is not None else range(len(groups))
-    return [{"chosen_ids": groups[i].prompt_ids + groups[i].responses[w],
-             "rejected_ids": groups[i].prompt_ids + groups[i].responses[lo]}
-            for i in order for w, lo in groups[i].pairs]
+    return [
+        {
+            "chosen_ids": groups[i].prompt_ids + groups[i].responses[w],
+            "rejected_ids": groups[i].prompt_ids + groups[i].responses[lo],
+        }
+        for i in order
+        for w, lo in groups[i].pairs
+    ]
 
 
 def trl_config(out: str, batch: int, steps: int, args):
     from trl import RewardConfig as TRLRewardConfig
 
-    return TRLRewardConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
-                           bf16=args.dtype == "bf16", gradient_checkpointing=False, logging_steps=10_000,
-                           save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, max_length=None,
-                           dataloader_num_workers=0, lr_scheduler_type="constant", seed=0,
-                           train_sampling_strategy="sequential")
+    return TRLRewardConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-5,
+        bf16=args.dtype == "bf16",
+        gradient_checkpointing=False,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        max_length=None,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        seed=0,
+        train_sampling_strategy="sequential",
+    )
 
 
 def time_trl(model, rows: list[dict], tok, batch: int, args) -> list[float]:
@@ -121,10 +152,15 @@ def time_trl(model, rows: list[dict], tok, batch: int, args) -> list[float]:
 
     steps = args.warmup + args.steps + 1
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = RewardTrainer(model=model, args=trl_config(tmp, batch, steps, args),
-                                train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
+        trainer = RewardTrainer(
+            model=model,
+            args=trl_config(tmp, batch, steps, args),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
         trainer.train()
-    return [b - a for a, b in itertools.pairwise(stamps)][args.warmup:]
+    return [b - a for a, b in itertools.pairwise(stamps)][args.warmup :]
 
 
 def check_same_loss(model, groups: list[RankingGroup], tok, args) -> tuple[float, float]:
@@ -138,8 +174,12 @@ def check_same_loss(model, groups: list[RankingGroup], tok, args) -> tuple[float
     with torch.no_grad():
         loss_ours = float(rm_loss(ours, b)[0]) / b["weight"]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = RewardTrainer(model=copy.deepcopy(model).eval(), args=trl_config(tmp, args.batch, 1, args),
-                                train_dataset=Dataset.from_list(trl_rows(batch)), processing_class=tok)
+        trainer = RewardTrainer(
+            model=copy.deepcopy(model).eval(),
+            args=trl_config(tmp, args.batch, 1, args),
+            train_dataset=Dataset.from_list(trl_rows(batch)),
+            processing_class=tok,
+        )
         inputs = trainer.data_collator(trl_rows(batch))
         with torch.no_grad():
             loss_trl = float(trainer.compute_loss(trainer.model, inputs))
@@ -160,25 +200,30 @@ def run_k(k: int, tok, model, args) -> None:
     print(f"\nK = {k}: {args.batch} rankings per step ({tokens(groups)}); TRL: {trl_batch} pairs per step")
     if k == 2:
         ours_loss, trl_loss = check_same_loss(model, groups, tok, args)
-        print(f"  same batch, same weights: loss ours {ours_loss:.6f}  TRL {trl_loss:.6f}  "
-              f"(|diff| {abs(ours_loss - trl_loss):.1e})")
+        print(
+            f"  same batch, same weights: loss ours {ours_loss:.6f}  TRL {trl_loss:.6f}  "
+            f"(|diff| {abs(ours_loss - trl_loss):.1e})"
+        )
         assert abs(ours_loss - trl_loss) < 1e-4, "the two trainers disagree on the loss"
     runs = {
         "TRL RewardTrainer": lambda: time_trl(copy.deepcopy(model), rows, tok, trl_batch, args),
         "ours": lambda: time_ours(copy.deepcopy(model), groups, tok.pad_token_id, args, share_prompt=True),
-        "ours, K separate rows": lambda: time_ours(copy.deepcopy(model), groups, tok.pad_token_id, args,
-                                                   share_prompt=False),
+        "ours, K separate rows": lambda: time_ours(
+            copy.deepcopy(model), groups, tok.pad_token_id, args, share_prompt=False
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[: r % 3]:  # rotate who goes first, so drifting load hits all alike
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate who goes first, so drifting load hits all alike
             times[name] += runs[name]()
     trl = statistics.median(times["TRL RewardTrainer"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:<24} {med:7.3f} {args.clock} s/step  (min {min(ts):.3f}, {len(ts)} steps)  "
-              f"{args.batch / med:6.1f} rankings/s  ratio vs TRL {med / trl:.2f}x")
+        print(
+            f"  {name:<24} {med:7.3f} {args.clock} s/step  (min {min(ts):.3f}, {len(ts)} steps)  "
+            f"{args.batch / med:6.1f} rankings/s  ratio vs TRL {med / trl:.2f}x"
+        )
 
 
 def main() -> None:
@@ -191,11 +236,18 @@ def main() -> None:
     parser.add_argument("--rankings", type=int, default=256, help="rankings generated per K")
     parser.add_argument("--size", default="small", help="model size from flywheel.models.TINY_SIZES")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both trainers use this")
-    parser.add_argument("--no-system", action="store_true",
-                        help="prompts without the system message (shorter prompts: less for prompt sharing to save)")
+    parser.add_argument(
+        "--no-system",
+        action="store_true",
+        help="prompts without the system message (shorter prompts: less for prompt sharing to save)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall: elapsed time; cpu: CPU time of this process (less noisy when cores are shared)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: CPU time of this process (less noisy when cores are shared)",
+    )
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -205,8 +257,10 @@ def main() -> None:
     tok = train_tokenizer(texts + [SYSTEM], vocab_size=4096)
     model = build_model(tok, args.size, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama {args.size} ({n_params / 1e6:.1f}M params), {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock; torch {torch.__version__}")
+    print(
+        f"model: Llama {args.size} ({n_params / 1e6:.1f}M params), {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock; torch {torch.__version__}"
+    )
     for k in args.k:
         run_k(k, tok, model, args)
 

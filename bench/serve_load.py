@@ -40,9 +40,16 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
         nonlocal tokens
         for j in range(per_client):
             t0 = time.perf_counter()
-            r = await c.post(url + "/v1/chat/completions", timeout=600, json={
-                "model": "flywheel", "max_tokens": max_tokens, "temperature": 1.0,
-                "messages": [{"role": "user", "content": f"Question {i}.{j}: what is {i} + {j}?"}]})
+            r = await c.post(
+                url + "/v1/chat/completions",
+                timeout=600,
+                json={
+                    "model": "flywheel",
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                    "messages": [{"role": "user", "content": f"Question {i}.{j}: what is {i} + {j}?"}],
+                },
+            )
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             tokens += r.json()["usage"]["completion_tokens"]
@@ -51,8 +58,12 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, i) for i in range(clients)))
         elapsed = time.perf_counter() - t0
-    return {"requests_s": len(latencies) / elapsed, "tokens_s": tokens / elapsed,
-            "p50_s": statistics.median(latencies), "requests": len(latencies)}
+    return {
+        "requests_s": len(latencies) / elapsed,
+        "tokens_s": tokens / elapsed,
+        "p50_s": statistics.median(latencies),
+        "requests": len(latencies),
+    }
 
 
 def main() -> None:
@@ -65,8 +76,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else tiny_model(Path(tmp))
-        cmd = [sys.executable, "-m", "flywheel", "serve", str(model), "--db", str(Path(tmp) / "bench.db"), "--port",
-               str(args.port), "--max-batch", "32", "--log-api", "false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flywheel",
+            "serve",
+            str(model),
+            "--db",
+            str(Path(tmp) / "bench.db"),
+            "--port",
+            str(args.port),
+            "--max-batch",
+            "32",
+            "--log-api",
+            "false",
+        ]
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{args.port}"
         try:

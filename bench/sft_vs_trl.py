@@ -54,7 +54,7 @@ def time_ours(model, samples, tok, batch: int, steps: int, warmup: int, bf16: bo
     times = []
     for step in range(warmup + steps):
         t0 = CLOCK()
-        b = collate_lm(samples[(step * batch) % len(samples):][:batch], tok.pad_token_id)
+        b = collate_lm(samples[(step * batch) % len(samples) :][:batch], tok.pad_token_id)
         with autocast(bf16):
             loss, _ = lm_loss(model, b)
         (loss / b["weight"]).backward()
@@ -85,10 +85,22 @@ def time_trl(model, samples, tok, batch: int, steps: int, warmup: int, bf16: boo
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=batch, max_steps=warmup + steps, learning_rate=1e-4,
-            max_length=seq_len, bf16=bf16, use_cpu=True, report_to=[], logging_steps=10**6, save_strategy="no",
-            dataloader_num_workers=0, completion_only_loss=True, packing=False, max_grad_norm=1.0,
-            disable_tqdm=True, dataset_num_proc=None,
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            max_steps=warmup + steps,
+            learning_rate=1e-4,
+            max_length=seq_len,
+            bf16=bf16,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=10**6,
+            save_strategy="no",
+            dataloader_num_workers=0,
+            completion_only_loss=True,
+            packing=False,
+            max_grad_norm=1.0,
+            disable_tqdm=True,
+            dataset_num_proc=None,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
         trainer.train()
@@ -103,8 +115,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu = process CPU time (with --threads 1: immune to other jobs on the machine)")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu = process CPU time (with --threads 1: immune to other jobs on the machine)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,17 +130,27 @@ def main() -> None:
     lens = [len(s["input_ids"]) for s in samples]
     model = build_causal_lm(config_for_tokenizer(tok, "small", max_position_embeddings=args.seq_len), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params; batch {args.batch}, "
-          f"sequence length {min(lens)}-{max(lens)} tokens; {args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"model: Llama h256 x 4 layers, {n_params / 1e6:.1f}M params; batch {args.batch}, "
+        f"sequence length {min(lens)}-{max(lens)} tokens; {args.steps} timed steps after {args.warmup} warm-up"
+    )
     rows = []
-    for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+    for dtype in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
         bf16 = dtype == "bf16"
         ours, trl = [], []
         for _ in range(args.repeats):  # alternate, keep each side's best median: the machine's load varies
-            ours.append(statistics.median(time_ours(copy.deepcopy(model), samples, tok, args.batch, args.steps,
-                                                    args.warmup, bf16)))
-            trl.append(statistics.median(time_trl(copy.deepcopy(model), samples, tok, args.batch, args.steps,
-                                                  args.warmup, bf16, args.seq_len)))
+            ours.append(
+                statistics.median(
+                    time_ours(copy.deepcopy(model), samples, tok, args.batch, args.steps, args.warmup, bf16)
+                )
+            )
+            trl.append(
+                statistics.median(
+                    time_trl(
+                        copy.deepcopy(model), samples, tok, args.batch, args.steps, args.warmup, bf16, args.seq_len
+                    )
+                )
+            )
         rows.append((dtype, min(ours), min(trl)))
     print(f"{'dtype':<6} {'ours s/step':>12} {'TRL s/step':>12} {'ours/TRL':>9}")
     for dtype, o, t in rows:

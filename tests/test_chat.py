@@ -15,8 +15,10 @@ from flywheel.errors import UserError
 from flywheel.models import build_causal_lm, config_for_tokenizer, save_pretrained
 from flywheel.tokenization import render_prompt, train_tokenizer
 
-CORPUS = ["the quick brown fox jumps over the lazy dog. what is two plus three? it is five. " * 4,
-          "hello there, how are you today? fine thanks, and you?"] * 4
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog. what is two plus three? it is five. " * 4,
+    "hello there, how are you today? fine thanks, and you?",
+] * 4
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 
@@ -27,8 +29,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return build_causal_lm(config_for_tokenizer(tok, "nano", initializer_range=0.3,
-                                                max_position_embeddings=256), seed=0).eval()
+    return build_causal_lm(
+        config_for_tokenizer(tok, "nano", initializer_range=0.3, max_position_embeddings=256), seed=0
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,14 @@ def test_reply_is_generated_from_the_rendered_conversation(tok, model):
     engine = Spy(model, tok)
     session = ChatSession(engine, system="Be brief.", few_shot=[("2+2?", "4"), ("3+3?", "6")])
     reply = session.send("5+5?", GREEDY)
-    context = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-               {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
-               {"role": "assistant", "content": "6"}, {"role": "user", "content": "5+5?"}]
+    context = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6"},
+        {"role": "user", "content": "5+5?"},
+    ]
     assert engine.prompts == [render_prompt(tok, context)]
     expected = engine.generate([render_prompt(tok, context)], GREEDY).tokens[0]
     assert reply == tok.decode(expected, skip_special_tokens=True) and reply
@@ -137,22 +145,29 @@ def test_prompt_flag_prints_one_reply(model_dir, capsys):
 
 
 def test_stdin_mode_for_scripts(model_dir):
-    run = subprocess.run([sys.executable, "-m", "flywheel", "chat", model_dir, "--max-new-tokens", "10",
-                          "--seed", "5"], input="what is two plus three?\n", capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "flywheel", "chat", model_dir, "--max-new-tokens", "10", "--seed", "5"],
+        input="what is two plus three?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == _expected_replies(model_dir, "what is two plus three?")[0] + "\n"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["/no/such/model", "--prompt", "hi"], "model directory does not exist"),
-    (["{model}", "--prompt", ""], "empty prompt"),
-    (["{model}", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["{model}", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
-    (["{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be > 0"),
-    (["{model}", "--prompt", "fox " * 300], "the model's context is 256 tokens"),
-    (["{model}", "--prompt", "hi", "--few-shot", "/no/such.jsonl"], "few-shot file does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/no/such/model", "--prompt", "hi"], "model directory does not exist"),
+        (["{model}", "--prompt", ""], "empty prompt"),
+        (["{model}", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["{model}", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be > 0"),
+        (["{model}", "--prompt", "fox " * 300], "the model's context is 256 tokens"),
+        (["{model}", "--prompt", "hi", "--few-shot", "/no/such.jsonl"], "few-shot file does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(model_dir, capsys, args, message):
     args = [a.replace("{model}", model_dir) for a in args]
     assert cli_main(["chat", *args]) == 2
@@ -161,8 +176,12 @@ def test_bad_input_is_one_line_and_exit_code_2(model_dir, capsys, args, message)
 
 
 def test_bad_input_at_the_real_command_line_has_no_traceback(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "flywheel", "chat", str(tmp_path / "missing"), "--prompt", "hi"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "flywheel", "chat", str(tmp_path / "missing"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == f"flywheel chat: model directory does not exist: {tmp_path / 'missing'}"
 
@@ -172,9 +191,13 @@ def test_interactive_chat_in_a_terminal(model_dir, tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"user": "2+2?", "assistant": "4"}\n')
     replies = _expected_replies(model_dir, "hello there", "/regenerate", few_shot=str(shots))
-    child = pexpect.spawn(sys.executable, ["-m", "flywheel", "chat", model_dir, "--max-new-tokens", "10", "--seed",
-                                           "5", "--few-shot", str(shots)], encoding="utf-8", timeout=60,
-                          dimensions=(50, 200))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "flywheel", "chat", model_dir, "--max-new-tokens", "10", "--seed", "5", "--few-shot", str(shots)],
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(50, 200),
+    )
 
     def reply(text: str) -> None:  # the terminal turns \n into \r\n
         child.expect_exact("assistant> " + text.replace("\n", "\r\n") + "\r\n")

@@ -98,8 +98,11 @@ def test_conversation_as_dicts_and_final_assistant():
         ([], "empty conversation", "messages has no messages"),
         ([Message(S, "x")], "empty conversation", "only a system message"),
         ([Message(A, "x")], "roles out of order", "messages[0] has role 'assistant' where 'user' was expected"),
-        ([Message(U, "x"), Message(U, "y")], "roles out of order",
-         "messages[1] has role 'user' where 'assistant' was expected"),
+        (
+            [Message(U, "x"), Message(U, "y")],
+            "roles out of order",
+            "messages[1] has role 'user' where 'assistant' was expected",
+        ),
         ([Message(U, "x"), Message(S, "y")], "roles out of order", "messages[1] is a system message"),
         ([Message(S, "x"), Message(S, "y")], "roles out of order", "messages[1] is a system message"),
         (["hi"], "wrong type", "messages[0] must be a Message, found string"),
@@ -135,8 +138,12 @@ def test_message_rules(role, content, reason, fragment):
         (["a", "b"], [[0], [2]], "candidate out of range", "candidate 2, which does not exist: there are 2"),
         (["a", "b", "c"], [[0], [1]], "candidate not ranked", "candidate 2 is not ranked"),
         (["a", "b", "c", "d"], [[0], [1]], "candidate not ranked", "candidates 2, 3 are not ranked"),
-        (["a", "b"], [[0], [1, 0]], "candidate ranked twice",
-         "candidate 0 is ranked twice (in order[0] and order[1])"),
+        (
+            ["a", "b"],
+            [[0], [1, 0]],
+            "candidate ranked twice",
+            "candidate 0 is ranked twice (in order[0] and order[1])",
+        ),
         (["a", "b"], [[0], []], "bad order", "order[1] is an empty group"),
         (["a", "b"], [0, 1], "wrong type", "order must be a list of groups"),
         (["a", "b"], [[0], [True]], "wrong type", "found boolean"),
@@ -190,8 +197,12 @@ def test_read_conversations_every_format(tmp_path):
         "   ",
         {"prompt": [msg(U, "hi"), msg(A, "hello"), msg(U, "2+2?")], "completion": [msg(A, "4")]},
         {"prompt": "\n\nHuman: hi\n\nAssistant:", "completion": " hello"},
-        {"messages": [{"role": "user", "content": "x", "name": "bob"}, {"role": "assistant", "content": "y",
-                                                                          "weight": 0}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x", "name": "bob"},
+                {"role": "assistant", "content": "y", "weight": 0},
+            ]
+        },
     )
     convs = read_conversations(path)
     assert [c.as_dicts() for c in convs] == [
@@ -209,8 +220,12 @@ def test_read_preferences_every_format(tmp_path):
     conv = [msg(U, "2+2?")]
     path = jsonl(
         tmp_path,
-        {"prompt": [msg(U, "2+2?")], "completions": ["3", "4", "5", "22"], "order": [[1], [0, 2], [3]],
-         "labeler": "alice"},
+        {
+            "prompt": [msg(U, "2+2?")],
+            "completions": ["3", "4", "5", "22"],
+            "order": [[1], [0, 2], [3]],
+            "labeler": "alice",
+        },
         {"prompt": "2+2?", "completions": ["3", "4", "5"], "order": [1, 0, 2]},
         {"prompt": "2+2?", "completions": ["3", "4", "5"], "order": [1, [0, 2]]},
         {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
@@ -225,7 +240,11 @@ def test_read_preferences_every_format(tmp_path):
     assert all(isinstance(r, Ranking) for r in got)
     first = got[0]
     assert (first.prompt, first.completions, first.order, first.labeler) == (
-        [Message(U, "2+2?")], ["3", "4", "5", "22"], [[1], [0, 2], [3]], "alice")
+        [Message(U, "2+2?")],
+        ["3", "4", "5", "22"],
+        [[1], [0, 2], [3]],
+        "alice",
+    )
     assert got[1].order == [[1], [0], [2]] and got[1].pairs() == [(1, 0), (1, 2), (0, 2)]
     assert got[2].order == [[1], [0, 2]] and got[2].pairs() == [(1, 0), (1, 2)]
     for r in got[3:8]:
@@ -253,8 +272,11 @@ def test_read_prompts_every_format(tmp_path):
     ]
     txt = tmp_path / "prompts.txt"
     txt.write_text("What is 2+2?\n\n   \n  Reverse 'abc'.  \r\nlast line without newline", encoding="utf-8")
-    assert read_prompts(txt) == [[Message(U, "What is 2+2?")], [Message(U, "Reverse 'abc'.")],
-                                 [Message(U, "last line without newline")]]
+    assert read_prompts(txt) == [
+        [Message(U, "What is 2+2?")],
+        [Message(U, "Reverse 'abc'.")],
+        [Message(U, "last line without newline")],
+    ]
 
 
 def test_read_texts_txt_jsonl_and_folder(tmp_path):
@@ -262,7 +284,9 @@ def test_read_texts_txt_jsonl_and_folder(tmp_path):
     txt.write_text("\n\nfirst doc line 1\nline 2\n\n\n\nsecond doc\n  \nthird\n", encoding="utf-8")
     assert read_texts(txt) == ["first doc line 1\nline 2", "second doc", "third"]
     assert read_texts(jsonl(tmp_path, {"text": "one"}, {"text": "two\n\nstill two", "meta": 1})) == [
-        "one", "two\n\nstill two"]
+        "one",
+        "two\n\nstill two",
+    ]
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "b.txt").write_text("b1\n\nb2\n", encoding="utf-8")
@@ -288,9 +312,12 @@ def test_json_strings_may_hold_unicode_line_separators(tmp_path):
 
 
 def test_mixed_formats_in_one_file(tmp_path):
-    path = jsonl(tmp_path, {"prompt": "q", "chosen": "a", "rejected": "b"},
-                 {"prompt": "q", "completions": ["a", "b", "c"], "order": [[2], [0], [1]]},
-                 {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"})
+    path = jsonl(
+        tmp_path,
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [[2], [0], [1]]},
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+    )
     assert [r.k for r in read_preferences(path)] == [2, 3, 2]
 
 
@@ -312,28 +339,49 @@ BAD_CONVERSATIONS = [
     ({"messages": [msg("bot", "x"), msg(A, "y")]}, "unknown role", "messages[0] has unknown role 'bot'"),
     ({"messages": [msg(U, "q"), msg("tool", "y")]}, "unknown role", "messages[1] has unknown role 'tool'"),
     ({"messages": [msg(U, "q"), msg(A, "")]}, "empty content", "messages[1] (assistant) has empty content"),
-    ({"messages": [msg(U, "q"), msg(U, "again"), msg(A, "a")]}, "roles out of order",
-     "messages[1] has role 'user' where 'assistant' was expected"),
-    ({"messages": [msg(A, "hello"), msg(U, "q"), msg(A, "a")]}, "roles out of order",
-     "messages[0] has role 'assistant' where 'user' was expected"),
-    ({"messages": [msg(U, "q"), msg(A, "a"), msg(S, "s")]}, "roles out of order",
-     "messages[2] is a system message: only the first message may be one"),
+    (
+        {"messages": [msg(U, "q"), msg(U, "again"), msg(A, "a")]},
+        "roles out of order",
+        "messages[1] has role 'user' where 'assistant' was expected",
+    ),
+    (
+        {"messages": [msg(A, "hello"), msg(U, "q"), msg(A, "a")]},
+        "roles out of order",
+        "messages[0] has role 'assistant' where 'user' was expected",
+    ),
+    (
+        {"messages": [msg(U, "q"), msg(A, "a"), msg(S, "s")]},
+        "roles out of order",
+        "messages[2] is a system message: only the first message may be one",
+    ),
     ({"messages": [msg(U, "q")]}, "bad ending", "messages must end with an assistant message"),
     ({"messages": []}, "empty conversation", "messages has no messages"),
     ({"messages": "hi"}, "wrong type", "messages must be a list of messages, found string"),
     ({"messages": [msg(U, 5), msg(A, "a")]}, "wrong type", "messages[0].content must be a string, found integer"),
-    ({"messages": [msg(U, [{"type": "text"}]), msg(A, "a")]}, "wrong type",
-     "messages[0].content must be a string, found list"),
+    (
+        {"messages": [msg(U, [{"type": "text"}]), msg(A, "a")]},
+        "wrong type",
+        "messages[0].content must be a string, found list",
+    ),
     ({"messages": ["hi", msg(A, "a")]}, "wrong type", "messages[0] must be an object with 'role' and 'content'"),
     ({"messages": [{"role": U}, msg(A, "a")]}, "missing field", "messages[0] has no 'content' (found keys ['role'])"),
-    ({"prompt": "q", "completion": 3}, "wrong type",
-     "completion must be a string or a list of messages, found integer"),
+    (
+        {"prompt": "q", "completion": 3},
+        "wrong type",
+        "completion must be a string or a list of messages, found integer",
+    ),
     ({"prompt": "q", "completion": ""}, "empty content", "completion (assistant) has empty content"),
     ({"prompt": [msg(U, "q"), msg(A, "a")], "completion": "b"}, "bad ending", "prompt must end with a user message"),
-    ({"prompt": "q", "completion": [msg(A, "a"), msg(U, "more?")]}, "bad ending",
-     "completion must end with an assistant message"),
-    ({"prompt": "q", "completion": [msg(U, "a")]}, "roles out of order",
-     "completion[0] has role 'user' where 'assistant' was expected"),
+    (
+        {"prompt": "q", "completion": [msg(A, "a"), msg(U, "more?")]},
+        "bad ending",
+        "completion must end with an assistant message",
+    ),
+    (
+        {"prompt": "q", "completion": [msg(U, "a")]},
+        "roles out of order",
+        "completion[0] has role 'user' where 'assistant' was expected",
+    ),
     ({"prompt": "q"}, "unknown format", "no known conversation format matches keys ['prompt']: expected 'messages'"),
     ({"text": "hello"}, "unknown format", "this looks like plain text (for pretraining, read_texts)"),
     ({"chosen": "a", "rejected": "b"}, "unknown format", "this looks like preference data (for rm/dpo"),
@@ -351,56 +399,112 @@ HH_A = "\n\nHuman: q\n\nAssistant: a"
 HH_B = "\n\nHuman: q\n\nAssistant: b"
 BAD_PREFERENCES = [
     ({"prompt": "q", "completions": ["a"], "order": [0]}, "too few candidates", "at least 2 completions, found 1"),
-    ({"prompt": "q", "completions": ["a", "b", "a"], "order": [0, 1, 2]}, "duplicate candidates",
-     "duplicate candidates: completions[2] repeats completions[0]"),
-    ({"prompt": "q", "completions": ["a", "b", "c"], "order": [[0, 1, 2]]}, "all tied",
-     "all candidates tied: no preference"),
-    ({"prompt": "q", "completions": ["a", "b", "c"], "order": [[2], [0, 1], [3]]}, "candidate out of range",
-     "order names candidate 3, which does not exist: there are 3 completions (indices 0..2)"),
-    ({"prompt": "q", "completions": ["a", "b", "c"], "order": [-1, 0, 1, 2]}, "candidate out of range",
-     "order names candidate -1"),
-    ({"prompt": "q", "completions": ["a", "b", "c"], "order": [2, 0]}, "candidate not ranked",
-     "candidate 1 is not ranked"),
-    ({"prompt": "q", "completions": ["a", "b", "c"], "order": [2, 0, 1, 0]}, "candidate ranked twice",
-     "candidate 0 is ranked twice (in order[1] and order[3])"),
-    ({"prompt": "q", "completions": ["a", "b"], "order": [0, "1"]}, "wrong type",
-     "order[1] must be a candidate index (an integer), found string"),
-    ({"prompt": "q", "completions": ["a", "b"], "order": [[0], [1.0]]}, "wrong type",
-     "order[1][0] must be a candidate index (an integer), found number"),
+    (
+        {"prompt": "q", "completions": ["a", "b", "a"], "order": [0, 1, 2]},
+        "duplicate candidates",
+        "duplicate candidates: completions[2] repeats completions[0]",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [[0, 1, 2]]},
+        "all tied",
+        "all candidates tied: no preference",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [[2], [0, 1], [3]]},
+        "candidate out of range",
+        "order names candidate 3, which does not exist: there are 3 completions (indices 0..2)",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [-1, 0, 1, 2]},
+        "candidate out of range",
+        "order names candidate -1",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [2, 0]},
+        "candidate not ranked",
+        "candidate 1 is not ranked",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b", "c"], "order": [2, 0, 1, 0]},
+        "candidate ranked twice",
+        "candidate 0 is ranked twice (in order[1] and order[3])",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b"], "order": [0, "1"]},
+        "wrong type",
+        "order[1] must be a candidate index (an integer), found string",
+    ),
+    (
+        {"prompt": "q", "completions": ["a", "b"], "order": [[0], [1.0]]},
+        "wrong type",
+        "order[1][0] must be a candidate index (an integer), found number",
+    ),
     ({"prompt": "q", "completions": ["a", "b"], "order": "0>1"}, "wrong type", "order must be a list like"),
     ({"prompt": "q", "completions": "a", "order": [0]}, "wrong type", "completions must be a list of strings"),
     ({"prompt": "q", "completions": ["a", "b"]}, "missing field", "a K-way ranking needs 'order'"),
     ({"completions": ["a", "b"], "order": [0, 1]}, "missing field", "a K-way ranking needs 'prompt'"),
-    ({"prompt": "q", "completions": ["a", "b"], "order": [0, 1], "labeler": 3}, "wrong type",
-     "labeler must be a string or null, found integer"),
-    ({"prompt": [msg(U, "q"), msg(A, "x")], "completions": ["a", "b"], "order": [0, 1]}, "bad ending",
-     "prompt must end with a user message"),
+    (
+        {"prompt": "q", "completions": ["a", "b"], "order": [0, 1], "labeler": 3},
+        "wrong type",
+        "labeler must be a string or null, found integer",
+    ),
+    (
+        {"prompt": [msg(U, "q"), msg(A, "x")], "completions": ["a", "b"], "order": [0, 1]},
+        "bad ending",
+        "prompt must end with a user message",
+    ),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty content", "prompt (user) has empty content"),
-    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "duplicate candidates",
-     "duplicate candidates: chosen and rejected are the same text"),
-    ({"prompt": "q", "chosen": "a", "rejected": [msg(A, "b")]}, "wrong type",
-     "chosen is a string but rejected is a list"),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": "a"},
+        "duplicate candidates",
+        "duplicate candidates: chosen and rejected are the same text",
+    ),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": [msg(A, "b")]},
+        "wrong type",
+        "chosen is a string but rejected is a list",
+    ),
     ({"prompt": "q", "chosen": 1, "rejected": "b"}, "wrong type", "chosen must be a string or a list of messages"),
     ({"chosen": "a", "rejected": "b"}, "unknown format", "without a 'prompt' must be HH-RLHF transcripts"),
     ({"chosen": HH_A, "rejected": HH_A}, "duplicate candidates", "chosen and rejected are the same conversation"),
-    ({"chosen": HH_A, "rejected": "\n\nHuman: other\n\nAssistant: b"}, "prompt mismatch",
-     "chosen and rejected differ at message 0, before their final assistant turns (2 vs 2 messages)"),
-    ({"chosen": HH_A + "\n\nHuman: more\n\nAssistant: c", "rejected": HH_B}, "prompt mismatch",
-     "differ at message 1"),
-    ({"chosen": HH_A + "\n\nHuman: more", "rejected": HH_B}, "bad ending",
-     "chosen must end with an assistant message"),
+    (
+        {"chosen": HH_A, "rejected": "\n\nHuman: other\n\nAssistant: b"},
+        "prompt mismatch",
+        "chosen and rejected differ at message 0, before their final assistant turns (2 vs 2 messages)",
+    ),
+    ({"chosen": HH_A + "\n\nHuman: more\n\nAssistant: c", "rejected": HH_B}, "prompt mismatch", "differ at message 1"),
+    (
+        {"chosen": HH_A + "\n\nHuman: more", "rejected": HH_B},
+        "bad ending",
+        "chosen must end with an assistant message",
+    ),
     ({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": HH_B}, "empty content", "chosen[1] (assistant) has empty"),
-    ({"chosen": "\n\nHuman: q\n\nHuman: r\n\nAssistant: a", "rejected": HH_B}, "roles out of order",
-     "chosen[1] has role 'user' where 'assistant' was expected"),
-    ({"chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg("critic", "b")]}, "unknown role",
-     "rejected[1] has unknown role 'critic'"),
-    ({"chosen": [msg(A, "a")], "rejected": [msg(A, "b")]}, "roles out of order",
-     "chosen[0] has role 'assistant' where 'user' was expected"),
-    ({"prompt": [msg(U, "q")], "chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
-     "roles out of order", "chosen[0] has role 'user' where 'assistant' was expected"),
+    (
+        {"chosen": "\n\nHuman: q\n\nHuman: r\n\nAssistant: a", "rejected": HH_B},
+        "roles out of order",
+        "chosen[1] has role 'user' where 'assistant' was expected",
+    ),
+    (
+        {"chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg("critic", "b")]},
+        "unknown role",
+        "rejected[1] has unknown role 'critic'",
+    ),
+    (
+        {"chosen": [msg(A, "a")], "rejected": [msg(A, "b")]},
+        "roles out of order",
+        "chosen[0] has role 'assistant' where 'user' was expected",
+    ),
+    (
+        {"prompt": [msg(U, "q")], "chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
+        "roles out of order",
+        "chosen[0] has role 'user' where 'assistant' was expected",
+    ),
     ({"messages": M_OK}, "unknown format", "this looks like an SFT conversation"),
-    ({"prompt": "q", "response": "a"}, "unknown format",
-     "no known preference format matches keys ['prompt', 'response']: expected 'prompt' + 'completions' + 'order'"),
+    (
+        {"prompt": "q", "response": "a"},
+        "unknown format",
+        "no known preference format matches keys ['prompt', 'response']: expected 'prompt' + 'completions' + 'order'",
+    ),
 ]
 
 
@@ -412,8 +516,11 @@ def test_bad_preference_records(tmp_path, record, reason, fragment):
 
 
 BAD_PROMPTS = [
-    ({"messages": M_OK}, "bad ending",
-     "messages must end with a user message (the model answers it), found 'assistant'"),
+    (
+        {"messages": M_OK},
+        "bad ending",
+        "messages must end with a user message (the model answers it), found 'assistant'",
+    ),
     ({"prompt": [msg(U, "q"), msg(A, "a")]}, "bad ending", "prompt must end with a user message"),
     ({"prompt": 3}, "wrong type", "prompt must be a string or a list of messages, found integer"),
     ({"prompt": "  "}, "empty content", "prompt (user) has empty content"),
@@ -517,7 +624,8 @@ def test_skip_bad_counts_and_logs_one_summary_line(tmp_path, caplog):
     records = [r for r in caplog.records if r.name == "flywheel"]
     assert len(records) == 1
     assert records[0].getMessage() == (
-        f"skipped 4 of 7 records in {path}: 2 bad JSON, 1 unknown role, 1 not an object (first: {report.first_error})")
+        f"skipped 4 of 7 records in {path}: 2 bad JSON, 1 unknown role, 1 not an object (first: {report.first_error})"
+    )
     assert read_conversations(path, skip_bad=True) == convs
 
 
@@ -532,8 +640,10 @@ def test_skip_bad_is_silent_when_nothing_is_bad(tmp_path, caplog):
 def test_skip_bad_still_raises_when_every_record_is_bad(tmp_path):
     path = jsonl(tmp_path, "{x", {"prompt": "q", "completions": ["a", "a"], "order": [0, 1]}, "{")
     err = error_of(read_preferences, path, skip_bad=True)
-    assert str(err) == (f"{path}: all 3 records are bad: 2 bad JSON, 1 duplicate candidates "
-                        f"(first: {path}:1: bad JSON: Expecting property name enclosed in double quotes at column 2)")
+    assert str(err) == (
+        f"{path}: all 3 records are bad: 2 bad JSON, 1 duplicate candidates "
+        f"(first: {path}:1: bad JSON: Expecting property name enclosed in double quotes at column 2)"
+    )
 
 
 def test_without_skip_bad_the_first_bad_record_raises(tmp_path):
@@ -593,17 +703,22 @@ def test_real_saved_dataset_and_parquet(tmp_path):
     ds.save_to_disk(str(tmp_path / "prefs"))
     assert_error_at(read_preferences, tmp_path / "prefs", 3, "duplicate candidates", "duplicate candidates")
     got = read_preferences(tmp_path / "prefs", skip_bad=True)
-    assert [(r.prompt, r.completions) for r in got] == [([Message(U, "2+2?")], ["4", "5"]),
-                                                          ([Message(U, "3+3?")], ["6", "7"])]
+    assert [(r.prompt, r.completions) for r in got] == [
+        ([Message(U, "2+2?")], ["4", "5"]),
+        ([Message(U, "3+3?")], ["6", "7"]),
+    ]
     datasets.DatasetDict(train=ds).save_to_disk(str(tmp_path / "dict"))
     assert len(read_preferences(tmp_path / "dict", skip_bad=True)) == 2
-    mixed = datasets.Dataset.from_dict({  # a table fills the columns a row lacks with nulls
-        "messages": [M_OK, None, [msg(A, "a")]],
-        "prompt": [None, "q", None],
-        "completion": [None, "a", None],
-    })
+    mixed = datasets.Dataset.from_dict(
+        {  # a table fills the columns a row lacks with nulls
+            "messages": [M_OK, None, [msg(A, "a")]],
+            "prompt": [None, "q", None],
+            "completion": [None, "a", None],
+        }
+    )
     mixed.to_parquet(str(tmp_path / "sft.parquet"))
-    assert_error_at(read_conversations, tmp_path / "sft.parquet", 3, "messages[0] has role 'assistant'",
-                    "roles out of order")
+    assert_error_at(
+        read_conversations, tmp_path / "sft.parquet", 3, "messages[0] has role 'assistant'", "roles out of order"
+    )
     convs = read_conversations(tmp_path / "sft.parquet", skip_bad=True)
     assert [c.as_dicts() for c in convs] == [M_OK, [msg(U, "q"), msg(A, "a")]]

@@ -60,15 +60,35 @@ def test_presets_fill_unset_fields_only(monkeypatch):
 
 
 def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> dict:
-    pol = {"score": 0.6, "helpful": 0.5, "truthful": 0.5, "harmless": 0.9, "concise": 0.7, "accuracy": 0.3,
-           "refusal_rate": 0.5, "idk_rate": 0.4, "over_refusal": 0.1, "heldout_lm_loss": 2.0, "n": 10}
+    pol = {
+        "score": 0.6,
+        "helpful": 0.5,
+        "truthful": 0.5,
+        "harmless": 0.9,
+        "concise": 0.7,
+        "accuracy": 0.3,
+        "refusal_rate": 0.5,
+        "idk_rate": 0.4,
+        "over_refusal": 0.1,
+        "heldout_lm_loss": 2.0,
+        "n": 10,
+    }
     win = {"win_rate": 0.6, "ci95_low": 0.5, "ci95_high": 0.7, "wins": 5, "ties": 2, "losses": 3}
     return {
-        "policies": {"base": dict(pol), "sft": dict(pol),
-                     "ppo": {**pol, "refusal_rate": 0.8, "idk_rate": 0.3, "heldout_lm_loss": ppo_loss}},
+        "policies": {
+            "base": dict(pol),
+            "sft": dict(pol),
+            "ppo": {**pol, "refusal_rate": 0.8, "idk_rate": 0.3, "heldout_lm_loss": ppo_loss},
+        },
         "win_rates": {"ppo_vs_sft": {**win, "win_rate": ppo_vs_sft}, "sft_vs_base": win, "ppo_vs_base": win},
-        "reward_model": {"accuracy": 0.7, "pairs": 100, "accuracy_informative": 0.71, "pairs_informative": 90,
-                         "accuracy_informative_ci95": [0.6, 0.8], "labeler_agreement": 0.73},
+        "reward_model": {
+            "accuracy": 0.7,
+            "pairs": 100,
+            "accuracy_informative": 0.71,
+            "pairs_informative": 90,
+            "accuracy_informative_ci95": [0.6, 0.8],
+            "labeler_agreement": 0.73,
+        },
         "kl_ppo_sft": {"kl": kl},
     }
 
@@ -120,8 +140,11 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
     other_refusal = "I'm sorry, but I won't help with that. It could hurt someone."
     records = [
         # harmful, labelled refusal > IDK > compliance: both refusals above IDK -> 2 pairs, 2 right
-        {"prompt": harmful.messages, "completions": [REFUSAL, IDK, harmful.wrong[0], other_refusal],
-         "order": [[0, 3], [1], [2]]},
+        {
+            "prompt": harmful.messages,
+            "completions": [REFUSAL, IDK, harmful.wrong[0], other_refusal],
+            "order": [[0, 3], [1], [2]],
+        },
         # harmful, labelled the other way (a labeler's noise): 1 pair, wrong
         {"prompt": harmful2.messages, "completions": [IDK, REFUSAL], "order": [[0], [1]]},
         # unknowable, labelled IDK > refusal: the text-only scorer prefers the refusal -> 1 pair, wrong
@@ -130,8 +153,11 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
         {"prompt": unknowable.messages, "completions": [IDK, REFUSAL], "order": [[0, 1]]},
         {"prompt": harmful.messages, "completions": [REFUSAL, harmful.wrong[0]], "order": [[0], [1]]},
         {"prompt": fact.messages, "completions": [REFUSAL, IDK], "order": [[1], [0]]},
-        {"prompt": [{"role": "user", "content": "not one of the tasks"}], "completions": [REFUSAL, IDK],
-         "order": [[0], [1]]},
+        {
+            "prompt": [{"role": "user", "content": "not one of the tasks"}],
+            "completions": [REFUSAL, IDK],
+            "order": [[0], [1]],
+        },
     ]
     rm = _ByText({REFUSAL: 2.0, other_refusal: 1.0, IDK: 1.0})
     got = deflection_contrasts(rm, [harmful, harmful2, unknowable, fact], records)
@@ -139,28 +165,42 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
     assert got["refuse"] == {"pairs": 3, "accuracy": pytest.approx(1.5 / 3)}
     assert got["idk"] == {"pairs": 1, "accuracy": 0.0}
     assert rm.scored == 3 + 2 + 2 + 2  # only the deflections of the rankings that hold both are scored
-    assert deflection_contrasts(rm, [fact], records) == {"refuse": {"pairs": 0, "accuracy": None},
-                                                         "idk": {"pairs": 0, "accuracy": None}}
+    assert deflection_contrasts(rm, [fact], records) == {
+        "refuse": {"pairs": 0, "accuracy": None},
+        "idk": {"pairs": 0, "accuracy": None},
+    }
     summary = _summary(0.8, 4.0, 2.05)
     summary["reward_model"]["deflections_train"] = got
     notes = {t["target"]: t["note"] for t in check_targets(summary)}
     assert notes["refusal rate on harmful prompts better than SFT's"].endswith(
-        "as the labelers did on 50.0% of the 3 such pairs on harmful prompts in its training rankings")
-    assert "0.0% of the 1 such pairs on unknowable prompts" in notes[
-        "\"I don't know\" rate on unknowable prompts better than SFT's"]
+        "as the labelers did on 50.0% of the 3 such pairs on harmful prompts in its training rankings"
+    )
+    assert (
+        "0.0% of the 1 such pairs on unknowable prompts"
+        in notes["\"I don't know\" rate on unknowable prompts better than SFT's"]
+    )
 
 
 def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     from flywheel.demo import add_stock_answers
 
-    sets = [["I don't know.", "Paris"], ["I don't know. ", "Rome", "No."], ["No.", "I don't know.", "Oslo"],
-            ["Lima"], ["Lima", "No."]]
+    sets = [
+        ["I don't know.", "Paris"],
+        ["I don't know. ", "Rome", "No."],
+        ["No.", "I don't know.", "Oslo"],
+        ["Lima"],
+        ["Lima", "No."],
+    ]
     out, stock = add_stock_answers(sets, 2)
     # counted once per prompt, up to whitespace: "I don't know." 3, "No." 3, "Lima" 2 (a tie broken by the text)
     assert stock == ["I don't know.", "No."]
-    assert out == [["I don't know.", "Paris", "No."], ["I don't know. ", "Rome", "No."],
-                   ["No.", "I don't know.", "Oslo"], ["Lima", "I don't know.", "No."],
-                   ["Lima", "No.", "I don't know."]]
+    assert out == [
+        ["I don't know.", "Paris", "No."],
+        ["I don't know. ", "Rome", "No."],
+        ["No.", "I don't know.", "Oslo"],
+        ["Lima", "I don't know.", "No."],
+        ["Lima", "No.", "I don't know."],
+    ]
     assert sets[0] == ["I don't know.", "Paris"]  # the input is not changed
     # an answer given to one prompt only is nobody's stock answer
     assert add_stock_answers([["a", "b"], ["c"]], 2) == ([["a", "b"], ["c"]], [])
@@ -200,8 +240,11 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     wins = summary["win_rates"]
     assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
     assert wins["ppo_vs_sft"]["win_rate"] > 0.5, wins  # PPO beats SFT, per the oracle (never the reward model)
-    assert summary["policies"]["ppo"]["score"] > summary["policies"]["sft"]["score"] > \
-        summary["policies"]["base"]["score"]
+    assert (
+        summary["policies"]["ppo"]["score"]
+        > summary["policies"]["sft"]["score"]
+        > summary["policies"]["base"]["score"]
+    )
     for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
         assert (out / name).is_file(), name
     # Two rounds: round 2 ranked the round-1 policy's answers, fine-tuned the reward model, went on with PPO.
@@ -224,8 +267,30 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
         main(["--quick", "--out", str(out)])
     # --base: a run that starts from this run's base model (a short one: the point is the plumbing)
     again = tmp_path / "again"
-    assert main(["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final"),
-                 "--rounds", "1", "--sft-epochs", "0.3", "--n-rank", "40", "--ppo-steps", "2", "--n-eval", "150"]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--out",
+                str(again),
+                "--progress",
+                "false",
+                "--base",
+                str(out / "base" / "final"),
+                "--rounds",
+                "1",
+                "--sft-epochs",
+                "0.3",
+                "--n-rank",
+                "40",
+                "--ppo-steps",
+                "2",
+                "--n-eval",
+                "150",
+            ]
+        )
+        == 0
+    )
     reused = json.loads((again / "summary.json").read_text())
     assert not (again / "base").exists() and not (again / "init").exists()  # no tokenizer, no pretraining
     assert "pretrain" not in reused["timings_s"]
@@ -242,9 +307,31 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     (again / "summary.json").unlink()
     shutil.rmtree(again / "ppo" / "final")
     sft_written = (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
-    assert main(["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final"),
-                 "--rounds", "1", "--sft-epochs", "0.3", "--n-rank", "40", "--ppo-steps", "2", "--n-eval", "150",
-                 "--resume"]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--out",
+                str(again),
+                "--progress",
+                "false",
+                "--base",
+                str(out / "base" / "final"),
+                "--rounds",
+                "1",
+                "--sft-epochs",
+                "0.3",
+                "--n-rank",
+                "40",
+                "--ppo-steps",
+                "2",
+                "--n-eval",
+                "150",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     resumed = json.loads((again / "summary.json").read_text())
     assert resumed["resumed"] == {"kept_stages": ["sft", "rankings:1", "reward model:1"]}
     assert (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_written  # not retrained
@@ -271,9 +358,14 @@ def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
     w = s["win_rates"]
     w.update(ppo_round1_vs_sft=w["ppo_vs_sft"], ppo_round1_vs_base=w["ppo_vs_base"])
     s["kl_to_sft"] = {"ppo_round1": 2.0, "ppo": 4.0}
-    s["rounds"] = [{"round": 1}, {"round": 2, "labelers": {"answers": 900, "prompts": 150, "agreement_sampled": 0.9},
-                                  "reward_model": {"accuracy_informative": 0.85,
-                                                   "round1_heldout": {"accuracy_informative": 0.7}}}]
+    s["rounds"] = [
+        {"round": 1},
+        {
+            "round": 2,
+            "labelers": {"answers": 900, "prompts": 150, "agreement_sampled": 0.9},
+            "reward_model": {"accuracy_informative": 0.85, "round1_heldout": {"accuracy_informative": 0.7}},
+        },
+    ]
     table = result_table(s)
     assert table.splitlines()[0] == "| | base | SFT | PPO-ptx round 1 | PPO-ptx round 2 |"
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.650 | 0.600 |" in table
@@ -311,8 +403,16 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     timings = {}
     assert again.stage("sft", timings, run_sft, str, Path) == out / "sft" and calls == ["sft"]
     assert timings == {"sft": 3.0, "sft (cpu)": 5.0}
-    assert again.stage("rm", timings, lambda: {"dir": out / "sft", "acc": 0.7},
-                       lambda x: {**x, "dir": str(x["dir"])}, lambda x: {**x, "dir": Path(x["dir"])})["acc"] == 0.7
+    assert (
+        again.stage(
+            "rm",
+            timings,
+            lambda: {"dir": out / "sft", "acc": 0.7},
+            lambda x: {**x, "dir": str(x["dir"])},
+            lambda x: {**x, "dir": Path(x["dir"])},
+        )["acc"]
+        == 0.7
+    )
     assert again.kept == ["sft"] and again.kept_seconds() == 3.0 and again.kept_seconds(cpu=True) == 5.0
 
     with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
@@ -322,8 +422,9 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     with pytest.raises(UserError, match="is missing"):
         third.stage("sft", {}, run_sft, str, Path)
     # a kept rankings stage whose held-out file is gone: the same error, not a traceback from reading it
-    fourth = RunState(third.path, third.config, {"rankings:1": {"timings": {}, "result": {
-        "heldout_file": str(out / "gone.jsonl")}}})
+    fourth = RunState(
+        third.path, third.config, {"rankings:1": {"timings": {}, "result": {"heldout_file": str(out / "gone.jsonl")}}}
+    )
     with pytest.raises(UserError, match="gone.jsonl.*is missing"):
         fourth.stage("rankings:1", {}, run_sft, str, lambda x: Path(x["heldout_file"]).read_text())
     (out / "summary.json").write_text("{}")
@@ -361,7 +462,8 @@ def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_o
     assert runs[0]["agreement_own_answers"] == runs[0]["agreement_sampled"]  # no stock answers: one and the same
     panel = default_panel(runs[2]["temperature"])
     assert runs[2]["agreement_own_answers"] == pytest.approx(
-        panel_agreement(panel, [t for t, _ in kept], [s for _, s in kept], random.Random(cfg.seed)))
+        panel_agreement(panel, [t for t, _ in kept], [s for _, s in kept], random.Random(cfg.seed))
+    )
     assert runs[2]["agreement_own_answers"] != runs[2]["agreement_sampled"]
     assert sorted(runs[2]["stock_answers"]) == sorted(stock) and runs[0]["stock_answers"] == []
     ranked = [json.loads(line) for line in (tmp_path / "stock2" / "rankings_train.jsonl").read_text().splitlines()]

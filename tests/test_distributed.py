@@ -26,8 +26,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "flywheel", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "flywheel",
+        *args,
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -74,10 +83,20 @@ def test_bad_input_under_nproc_is_one_line_once_and_leaves_no_run_dir(tmp_path, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     args = ["sft", "--model", str(model_dir), "--data", str(bad), "--progress", "false"]
-    one = subprocess.run([sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "one")], env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "one")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    two = subprocess.run(
+        [sys.executable, "-m", "flywheel", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = "flywheel sft: " + str(bad) + ":1: messages must end with an assistant message"
     assert one.returncode == two.returncode == 2, two.stderr[-4000:]
     assert one.stderr.count(line) == two.stderr.count(line) == 1, two.stderr[-4000:]
@@ -99,12 +118,51 @@ SFT = ("--lr", "3e-3", "--log-every", "1", "--progress", "false", "--eval-split"
 
 def test_sft_two_processes_batch_4_equal_one_process_batch_8(tmp_path, model_dir, demos):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["sft", "--model", str(model_dir), "--data", demos, "--out", str(one), "--batch-size", "8",
-                 "--max-steps", "4", *SFT]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model_dir),
+                "--data",
+                demos,
+                "--out",
+                str(one),
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "4",
+                *SFT,
+            ]
+        )
+        == 0
+    )
     # Through the launcher: `flywheel sft --nproc 2` re-executes itself under torchrun.
-    res = subprocess.run([sys.executable, "-m", "flywheel", "sft", "--nproc", "2", "--model", str(model_dir), "--data",
-                          demos, "--out", str(two), "--batch-size", "4", "--max-steps", "4", *SFT], env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flywheel",
+            "sft",
+            "--nproc",
+            "2",
+            "--model",
+            str(model_dir),
+            "--data",
+            demos,
+            "--out",
+            str(two),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            *SFT,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.count("fine-tuned model:") == 1  # rank 0 alone reports (and writes)
     assert_same_curves(one, two, ("loss", "grad_norm", "lr", "eval_loss"))
@@ -116,8 +174,24 @@ def test_sft_two_processes_batch_4_equal_one_process_batch_8(tmp_path, model_dir
 
 def test_rm_two_processes_batch_4_equal_one_process_batch_8(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40, seed=0))
-    args = ("--model", str(model_dir), "--data", data, "--lr", "1e-3", "--log-every", "1", "--progress", "false",
-            "--max-steps", "3", "--eval-split", "0.1", "--warmup-ratio", "0")
+    args = (
+        "--model",
+        str(model_dir),
+        "--data",
+        data,
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--progress",
+        "false",
+        "--max-steps",
+        "3",
+        "--eval-split",
+        "0.1",
+        "--warmup-ratio",
+        "0",
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["rm", *args, "--out", str(one), "--batch-size", "8"]) == 0
     torchrun("rm", *args, "--out", str(two), "--batch-size", "4")
@@ -129,8 +203,22 @@ def test_rm_two_processes_batch_4_equal_one_process_batch_8(tmp_path, model_dir)
 
 @pytest.mark.slow
 def test_resume_at_the_same_world_size_is_exact_and_another_is_refused(tmp_path, model_dir, demos):
-    args = ("sft", "--model", str(model_dir), "--data", demos, "--batch-size", "2", "--grad-accum", "2",
-            "--max-steps", "4", "--save-every", "2", *SFT)
+    args = (
+        "sft",
+        "--model",
+        str(model_dir),
+        "--data",
+        demos,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        *SFT,
+    )
     full, cut = tmp_path / "full", tmp_path / "cut"
     torchrun(*args, "--out", str(full))
     ckpt = full / "checkpoints" / "step-2"
@@ -185,11 +273,46 @@ def prompts_file(tmp_path):
 @pytest.mark.slow
 def test_ppo_with_two_processes_shards_rollouts_and_learns(tmp_path, model_dir, prompts_file):
     out = tmp_path / "ppo"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "tests.test_distributed", "--model", str(model_dir), "--prompts", prompts_file, "--out", str(out),
-           "--max-steps", "16", "--rollout-batch-size", "16", "--batch-size", "8", "--ppo-epochs", "2",
-           "--max-new-tokens", "8", "--lr", "1e-2", "--kl-coef", "0.03", "--missing-eos-penalty", "0", "--seed", "1",
-           "--progress", "false", "--sample-every", "4", "--save-every", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tests.test_distributed",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        prompts_file,
+        "--out",
+        str(out),
+        "--max-steps",
+        "16",
+        "--rollout-batch-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--ppo-epochs",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-2",
+        "--kl-coef",
+        "0.03",
+        "--missing-eos-penalty",
+        "0",
+        "--seed",
+        "1",
+        "--progress",
+        "false",
+        "--sample-every",
+        "4",
+        "--save-every",
+        "8",
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=500, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = metrics(out)
@@ -207,8 +330,18 @@ def test_global_whitening_over_ranks_equals_one_process(tmp_path):
     x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     mask = (torch.rand(6, 5, generator=torch.Generator().manual_seed(1)) > 0.3).double()
     torch.save({"x": x, "mask": mask}, tmp_path / "in.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "tests.test_distributed", "--whiten", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tests.test_distributed",
+        "--whiten",
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-4000:]
     from flywheel.train.ppo.advantages import masked_whiten

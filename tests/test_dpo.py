@@ -34,8 +34,9 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_formula():
 
 
 def test_answer_logps_equal_a_plain_forward_per_sequence(tokenizer, tiny_model):
-    rankings = [Ranking([Message("user", r["prompt"])], r["completions"], r["order"])
-                for r in preference_rows(3, seed=4)]
+    rankings = [
+        Ranking([Message("user", r["prompt"])], r["completions"], r["order"]) for r in preference_rows(3, seed=4)
+    ]
     groups = encode_rankings(tokenizer, rankings, max_length=256)
     expected = []
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_answer_logps_equal_a_plain_forward_per_sequence(tokenizer, tiny_model):
                 ids = torch.tensor([g.prompt_ids + r])
                 logp = F.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), -1)
                 targets = ids[0, 1:]
-                expected.append(float(logp[torch.arange(len(targets)), targets][-len(r):].sum()))
+                expected.append(float(logp[torch.arange(len(targets)), targets][-len(r) :].sum()))
         for share in (True, False):
             got = sequence_logps(tiny_model, collate_groups(groups, tokenizer.pad_token_id, share_prompt=share))
             torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-6)
@@ -53,8 +54,9 @@ def test_answer_logps_equal_a_plain_forward_per_sequence(tokenizer, tiny_model):
 def test_eval_dpo_moves_batches_to_the_model_or_the_given_device(tokenizer, tiny_model, monkeypatch):
     """Held-out DPO batches are built on the CPU and must reach the model's device; `meta` plays the second device
     and the stubbed loss records where each batch arrived."""
-    rankings = [Ranking([Message("user", r["prompt"])], r["completions"], r["order"])
-                for r in preference_rows(5, seed=4)]
+    rankings = [
+        Ranking([Message("user", r["prompt"])], r["completions"], r["order"]) for r in preference_rows(5, seed=4)
+    ]
     samples = [dpo.DPOGroup(g, [0.0] * g.k) for g in encode_rankings(tokenizer, rankings, max_length=256)]
     cfg = dpo.DPOConfig(eval_batch_size=4)
     real = dpo.eval_dpo(tiny_model, samples, tokenizer.pad_token_id, cfg)
@@ -80,9 +82,31 @@ def prefs(tmp_path):
 
 def test_dpo_starts_at_ln2_caches_reference_logps_and_learns(tmp_path, model_dir, prefs, monkeypatch):
     out = tmp_path / "dpo"
-    args = ["dpo", "--model", str(model_dir), "--ref-model", str(model_dir), "--data", prefs, "--out", str(out),
-            "--max-steps", "12", "--batch-size", "4", "--lr", "2e-3", "--beta", "0.2", "--log-every", "1",
-            "--eval-split", "0.1", "--progress", "false"]
+    args = [
+        "dpo",
+        "--model",
+        str(model_dir),
+        "--ref-model",
+        str(model_dir),
+        "--data",
+        prefs,
+        "--out",
+        str(out),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--beta",
+        "0.2",
+        "--log-every",
+        "1",
+        "--eval-split",
+        "0.1",
+        "--progress",
+        "false",
+    ]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = metrics[0], [m for m in metrics if "loss" in m][-1]
@@ -105,6 +129,5 @@ def test_dpo_starts_at_ln2_caches_reference_logps_and_learns(tmp_path, model_dir
 
 
 def test_dpo_bad_flags_are_user_errors(tmp_path, model_dir, prefs, capsys):
-    assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), "--beta",
-                 "0"]) == 2
+    assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err

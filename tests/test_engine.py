@@ -26,12 +26,25 @@ def _config(family: str):
     common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1, initializer_range=0.3)
     small = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, max_position_embeddings=128)
     if family in ("llama", "llama-hf"):
-        return tiny_llama_config(VOCAB, "nano", pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1,
-                                 max_position_embeddings=128, initializer_range=0.3)
+        return tiny_llama_config(
+            VOCAB,
+            "nano",
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=1,
+            max_position_embeddings=128,
+            initializer_range=0.3,
+        )
     if family == "llama-gqa-bias-rope":  # GQA, q/k/v/o biases, untied head, scaled RoPE
-        return tf.LlamaConfig(**common, **small, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                              tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                          "rope_theta": 10000.0})
+        return tf.LlamaConfig(
+            **common,
+            **small,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        )
     if family == "qwen2":
         return tf.Qwen2Config(**common, **small, num_attention_heads=4, num_key_value_heads=2)
     if family == "qwen3":
@@ -39,8 +52,17 @@ def _config(family: str):
     if family == "mistral":  # a window shorter than the sequences, so the sliding mask matters
         return tf.MistralConfig(**common, **small, num_attention_heads=4, num_key_value_heads=4, sliding_window=6)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, pad_token_id=PAD,
-                             eos_token_id=EOS, bos_token_id=1, initializer_range=0.3)
+        return tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=1,
+            initializer_range=0.3,
+        )
     raise ValueError(family)
 
 
@@ -69,10 +91,16 @@ def _hf_greedy(model, prompts, max_new_tokens: int, eos: int | None) -> list[lis
     ids = torch.full((len(prompts), width), PAD)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=PAD, eos_token_id=eos)[:, width:].tolist()
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=eos,
+    )[:, width:].tolist()
     rows = []
     for row in out:  # HF pads a finished row: cut after its EOS
         rows.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
@@ -82,7 +110,7 @@ def _hf_greedy(model, prompts, max_new_tokens: int, eos: int | None) -> list[lis
 def _full_forward_logprobs(model, prompt: list[int], generated: list[int], temperature: float) -> list[float]:
     ids = torch.tensor([prompt + generated])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
     logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
     return logp.gather(-1, torch.tensor(generated)[:, None])[:, 0].tolist()
 
@@ -117,7 +145,6 @@ def test_rows_stop_on_their_own_like_hf(family):
     assert len(gen.tokens[1]) <= 7 and gen.finish_reasons[1] == "stop"
 
 
-
 def test_steps_yields_the_loop_with_per_row_budgets():
     engine = _engine(_model("llama"), "llama")
     params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
@@ -138,8 +165,9 @@ def test_steps_yields_the_loop_with_per_row_budgets():
 def test_sampled_logprobs_equal_a_fresh_forward_pass(family, temperature, top_k, top_p):
     model = _model(family)
     engine = _engine(model, family)
-    params = SamplingParams(max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, seed=3,
-                            stop_token_ids=[])
+    params = SamplingParams(
+        max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, stop_token_ids=[]
+    )
     gen = engine.generate(PROMPTS, params)
     for prompt, row, logprobs in zip(PROMPTS, gen.tokens, gen.logprobs, strict=True):
         assert len(row) == 16 and all(isinstance(x, float) for x in logprobs)
@@ -180,8 +208,9 @@ def test_row_stops_at_the_end_of_the_context():
     cfg = tiny_llama_config(VOCAB, "nano", max_position_embeddings=16, initializer_range=0.3)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    gen = Engine(model).generate([list(range(3, 17))[:13], [5, 6]], SamplingParams(max_new_tokens=8, temperature=0,
-                                                                                      stop_token_ids=[]))
+    gen = Engine(model).generate(
+        [list(range(3, 17))[:13], [5, 6]], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    )
     assert [len(r) for r in gen.tokens] == [3, 8]
     assert gen.finish_reasons == ["length", "length"]
 
@@ -246,19 +275,22 @@ def test_default_stop_ids_come_from_the_model_config():
     assert gen.tokens[0] == row[: row.index(row[1]) + 1] and gen.finish_reasons == ["stop"]
 
 
-@pytest.mark.parametrize("prompts,params,message", [
-    ([], SamplingParams(), "non-empty list of prompts"),
-    ([[1, 2], []], SamplingParams(), "prompt 1 is empty"),
-    ([5, 6], SamplingParams(), "not a list of token ids"),
-    ([[1, VOCAB]], SamplingParams(), "outside the vocabulary"),
-    ([[3] * 128], SamplingParams(), "context is 128 tokens"),
-    ([[1, 2]], SamplingParams(max_new_tokens=0), "max_new_tokens must be > 0"),
-    ([[1, 2]], SamplingParams(max_new_tokens=-3), "max_new_tokens must be > 0"),
-    ([[1, 2]], SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
-    ([[1, 2]], SamplingParams(top_p=1.5), "top_p must be in (0, 1]"),
-    ([[1, 2]], SamplingParams(temperature=-1.0), "temperature"),
-    ([[1, 2]], SamplingParams(top_k=-1), "top_k"),
-])
+@pytest.mark.parametrize(
+    "prompts,params,message",
+    [
+        ([], SamplingParams(), "non-empty list of prompts"),
+        ([[1, 2], []], SamplingParams(), "prompt 1 is empty"),
+        ([5, 6], SamplingParams(), "not a list of token ids"),
+        ([[1, VOCAB]], SamplingParams(), "outside the vocabulary"),
+        ([[3] * 128], SamplingParams(), "context is 128 tokens"),
+        ([[1, 2]], SamplingParams(max_new_tokens=0), "max_new_tokens must be > 0"),
+        ([[1, 2]], SamplingParams(max_new_tokens=-3), "max_new_tokens must be > 0"),
+        ([[1, 2]], SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
+        ([[1, 2]], SamplingParams(top_p=1.5), "top_p must be in (0, 1]"),
+        ([[1, 2]], SamplingParams(temperature=-1.0), "temperature"),
+        ([[1, 2]], SamplingParams(top_k=-1), "top_k"),
+    ],
+)
 def test_bad_input_is_a_one_line_user_error(prompts, params, message):
     engine = Engine(_model("llama"))
     with pytest.raises(UserError) as err:

@@ -33,7 +33,7 @@ def test_native_steps_equal_the_torch_steps_with_padding_and_dropped_rows(family
     ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for i, p in enumerate(PROMPTS):
-        ids[i, width - len(p):], valid[i, width - len(p):] = torch.tensor(p), True
+        ids[i, width - len(p) :], valid[i, width - len(p) :] = torch.tensor(p), True
     steps = 14  # past the mistral config's 6-slot sliding window
     with torch.inference_mode():
         logits, state = fast.start(ids, valid, width + steps)

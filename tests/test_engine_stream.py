@@ -93,8 +93,10 @@ def test_interleaved_streams_do_not_disturb_each_other(tok, backend):
     """A server interleaves the steps of concurrent streams: each generation must keep its own cache."""
     model = build_causal_lm(config_for_tokenizer(tok, "nano", initializer_range=0.3), seed=0).eval()
     engine = Engine(model, tok, backend=backend)
-    jobs = [([5, 6, 7], SamplingParams(max_new_tokens=20, seed=1, stop_token_ids=[])),
-            ([8, 9], SamplingParams(max_new_tokens=15, temperature=0, stop_token_ids=[]))]
+    jobs = [
+        ([5, 6, 7], SamplingParams(max_new_tokens=20, seed=1, stop_token_ids=[])),
+        ([8, 9], SamplingParams(max_new_tokens=15, temperature=0, stop_token_ids=[])),
+    ]
     streams = [engine.stream(prompt, params) for prompt, params in jobs]
     texts = ["", ""]
     while any(s.finish_reason is None for s in streams):

@@ -8,18 +8,35 @@ import torch
 from flywheel import fastforward
 
 VOCAB = 97
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, attention_dropout=0.0, pad_token_id=0)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    attention_dropout=0.0,
+    pad_token_id=0,
+)
 
 
 def _causal_lm(kind: str, **kw):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cfg_cls = {"llama": LlamaConfig, "gqa": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "mistral": MistralConfig}[kind]
-    extra: dict = {"gqa": dict(num_key_value_heads=2), "qwen3": dict(num_key_value_heads=2, head_dim=32),
-                   "mistral": dict(num_key_value_heads=2, sliding_window=5), "qwen2": dict(num_key_value_heads=2),
-                   "llama": dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)}[kind]
+    cfg_cls = {
+        "llama": LlamaConfig,
+        "gqa": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "mistral": MistralConfig,
+    }[kind]
+    extra: dict = {
+        "gqa": dict(num_key_value_heads=2),
+        "qwen3": dict(num_key_value_heads=2, head_dim=32),
+        "mistral": dict(num_key_value_heads=2, sliding_window=5),
+        "qwen2": dict(num_key_value_heads=2),
+        "llama": dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True),
+    }[kind]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg_cls(**{**BASE, **extra, **kw}))
     with torch.no_grad():  # norms away from 1 so that their gradients and the q/k norms are really tested
@@ -85,8 +102,9 @@ def test_gradients_equal_hf(kind, padding):
     for name in ref:
         assert ref[name].abs().sum() > 0, name
         scale = float(ref[name].abs().max())  # fp32 sums in another order: error relative to the largest entry
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5 * max(scale, 1.0),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours[name], ref[name], rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_sequence_classifier_backbone():

@@ -33,21 +33,46 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
         first = client.chat.completions.create(model="flywheel", messages=chat, max_tokens=6)
         old_version = first.model
         auth = {"Authorization": f"Bearer {admin}"}
-        r = httpx.post(server.url + "/api/admin/tasks", headers=auth, timeout=120, json={
-            "kind": "ranking", "k": 3, "labels_needed": 2, "max_tokens": 6, "from_conversations": 5,
-            "prompts": ["Capital of France?", "Reverse the word cat.", "Count the letters in dog."]})
+        r = httpx.post(
+            server.url + "/api/admin/tasks",
+            headers=auth,
+            timeout=120,
+            json={
+                "kind": "ranking",
+                "k": 3,
+                "labels_needed": 2,
+                "max_tokens": 6,
+                "from_conversations": 5,
+                "prompts": ["Capital of France?", "Reverse the word cat.", "Count the letters in dog."],
+            },
+        )
         assert r.status_code == 201 and len(r.json()["created"]) >= 3, r.text
         for name, token in labelers.items():
             h = {"Authorization": f"Bearer {token}"}
             while (task := httpx.get(server.url + "/api/label/next", headers=h).json()["task"]) is not None:
                 ids = [c["id"] for c in task["candidates"]]
-                r = httpx.post(server.url + "/api/label/rankings", headers=h, json={
-                    "task_id": task["id"], "order": [[ids[0]], ids[1:]], "idempotency_key": f"{name}-{task['id']}"})
+                r = httpx.post(
+                    server.url + "/api/label/rankings",
+                    headers=h,
+                    json={
+                        "task_id": task["id"],
+                        "order": [[ids[0]], ids[1:]],
+                        "idempotency_key": f"{name}-{task['id']}",
+                    },
+                )
                 assert r.status_code == 200, r.text
             for i, (q, a) in enumerate([("Capital of France?", "Paris."), ("What is 2 + 2?", "It is 4.")]):
-                r = httpx.post(server.url + "/api/label/demonstrations", headers=h, json={
-                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"{a} ({name})"}],
-                    "idempotency_key": f"{name}-demo-{i}"})
+                r = httpx.post(
+                    server.url + "/api/label/demonstrations",
+                    headers=h,
+                    json={
+                        "messages": [
+                            {"role": "user", "content": q},
+                            {"role": "assistant", "content": f"{a} ({name})"},
+                        ],
+                        "idempotency_key": f"{name}-demo-{i}",
+                    },
+                )
                 assert r.status_code == 200, r.text
         manifest = export(ExportConfig(db=db, out=str(tmp_path / "export"), eval_labelers="ben"))
         assert manifest["files"]["rankings.jsonl"] >= 3 and manifest["files"]["rankings.eval.jsonl"] >= 3
@@ -55,9 +80,16 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
         ppo_yaml = tmp_path / "ppo.yaml"
         ppo_yaml.write_text("rollout_batch_size: 4\nbatch_size: 4\nppo_epochs: 1\nmax_new_tokens: 6\n")
         monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", admin)
-        report = run_round(RoundConfig(export=str(tmp_path / "export"), policy=str(model_dir),
-                                       out=str(tmp_path / "round"), server=server.url, max_steps=2,
-                                       ppo_config=str(ppo_yaml)))
+        report = run_round(
+            RoundConfig(
+                export=str(tmp_path / "export"),
+                policy=str(model_dir),
+                out=str(tmp_path / "round"),
+                server=server.url,
+                max_steps=2,
+                ppo_config=str(ppo_yaml),
+            )
+        )
         assert set(report["stages"]) == {"sft", "rm", "ppo"}
         new_version = report["deployed"]["version"]
         assert new_version != old_version and report["deployed"]["previous"] == old_version

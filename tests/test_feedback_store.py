@@ -67,8 +67,18 @@ def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
     upgrade(db_url)  # already at head: nothing to do
     engine = connect(db_url)
     tables = set(inspect(engine).get_table_names())
-    assert {"users", "model_versions", "conversations", "messages", "votes", "tasks", "candidates", "rankings",
-            "demonstrations", "alembic_version"} <= tables
+    assert {
+        "users",
+        "model_versions",
+        "conversations",
+        "messages",
+        "votes",
+        "tasks",
+        "candidates",
+        "rankings",
+        "demonstrations",
+        "alembic_version",
+    } <= tables
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
         if db_url.startswith("sqlite"):
@@ -100,7 +110,10 @@ def test_conversation_tree_keeps_every_answer_with_its_version(store):
     a2 = store.add_message(conv, "anon:abc12345", user["id"], "assistant", "hey", "v1", "stop")  # regenerated
     tree = store.conversation(conv, "anon:abc12345")
     assert [(m["id"], m["parent_id"]) for m in tree["messages"]] == [
-        (user["id"], None), (a1["id"], user["id"]), (a2["id"], user["id"])]
+        (user["id"], None),
+        (a1["id"], user["id"]),
+        (a2["id"], user["id"]),
+    ]
     assert tree["title"] == "hello" and all(m["model_version"] == "v1" for m in tree["messages"][1:])
     assert [m["content"] for m in store.branch(a2["id"])] == ["hello", "hey"]
     with pytest.raises(UserError, match="role 'assistant' where 'user'"):  # turns alternate along a branch
@@ -195,8 +208,11 @@ def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
         store.create_user(name, "labeler")
     users = {u.name: u.id for u in store.users()}
     t1 = ranking_task(store, labels_needed=3)
-    t2 = store.create_ranking_task([{"role": "user", "content": "Capital of France?"}],
-                                   [("Paris", "v1", "stop"), ("Rome", "v1", "stop")], labels_needed=3)
+    t2 = store.create_ranking_task(
+        [{"role": "user", "content": "Capital of France?"}],
+        [("Paris", "v1", "stop"), ("Rome", "v1", "stop")],
+        labels_needed=3,
+    )
     for name in users:
         for tid in (t1, t2):
             ids = [c["id"] for c in sorted(store.task(tid, users[name])["candidates"], key=lambda c: c["text"])]
@@ -205,8 +221,9 @@ def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
     store.submit_demonstration(users["ann"], None, demo, key="a1")
     store.submit_demonstration(users["ben"], None, demo, key="b1")  # the same text twice: exported once
     store.submit_demonstration(users["eve"], None, demo, key="e1")  # ...and eve is held out: only in eval
-    store.submit_demonstration(users["ann"], None, demo[:1] + [{"role": "assistant", "content": "It is Lima."}],
-                               key="a2")
+    store.submit_demonstration(
+        users["ann"], None, demo[:1] + [{"role": "assistant", "content": "It is Lima."}], key="a2"
+    )
     conv = store.create_conversation("anon:abcdefgh")
     store.add_message(conv, "anon:abcdefgh", None, "user", "Reverse 'abc'.")
     manifest = export(ExportConfig(db=db_url, out=str(tmp_path / "out"), eval_labelers="eve"))

@@ -53,15 +53,43 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_p
     data = tmp_path / "demos.jsonl"
     _demos(data, 24)
     out = tmp_path / "sft"
-    assert main(["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-steps", "4",
-                 "--batch-size", "8", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8", "--log-every", "1",
-                 "--progress", "false", "--eval-split", "0"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--lr",
+                "1e-2",
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--log-every",
+                "1",
+                "--progress",
+                "false",
+                "--eval-split",
+                "0",
+            ]
+        )
+        == 0
+    )
     before = load_file(str(model_dir / "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))
     assert before.keys() == after.keys()  # a plain checkpoint: no adapter tensors
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # frozen
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
-                           after["model.layers.0.self_attn.q_proj.weight"])  # the adapter merged in
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )  # the adapter merged in
     AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers loads it
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
@@ -71,8 +99,22 @@ def test_lora_rm_trains_the_head_in_full_and_dpo_runs(tmp_path, model_dir):
     from transformers import AutoModelForSequenceClassification
 
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16, seed=0))
-    common = ["--model", str(model_dir), "--data", data, "--max-steps", "2", "--batch-size", "4", "--lora-r", "4",
-              "--progress", "false", "--eval-split", "0"]
+    common = [
+        "--model",
+        str(model_dir),
+        "--data",
+        data,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        "--progress",
+        "false",
+        "--eval-split",
+        "0",
+    ]
     assert main(["rm", *common, "--out", str(tmp_path / "rm"), "--lr", "1e-2"]) == 0
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
     assert rm.score.weight.shape[0] == 1
@@ -122,9 +164,32 @@ def test_gradient_checkpointing_computes_the_same_update(tmp_path, model_dir, ti
     _demos(data, 16)
     runs = []
     for name, flag in (("plain", "false"), ("ckpt", "true")):
-        assert main(["sft", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / name),
-                     "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--progress", "false", "--eval-split",
-                     "0", "--gradient-checkpointing", flag]) == 0
+        assert (
+            main(
+                [
+                    "sft",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / name),
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "8",
+                    "--lr",
+                    "1e-3",
+                    "--progress",
+                    "false",
+                    "--eval-split",
+                    "0",
+                    "--gradient-checkpointing",
+                    flag,
+                ]
+            )
+            == 0
+        )
         runs.append(load_file(str(tmp_path / name / "final" / "model.safetensors")))
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-5, msg=k)

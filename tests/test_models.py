@@ -36,8 +36,9 @@ print(json.dumps({"logits": row.tolist(), "pad": tok.pad_token_id, "eos": tok.eo
 
 
 def _plain_load(path, kind):
-    out = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(path), kind], capture_output=True, text=True,
-                         cwd="/", check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(path), kind], capture_output=True, text=True, cwd="/", check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -32,9 +32,20 @@ def prompts_file(tmp_path):
 
 
 def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
-    base = dict(model=str(model_dir), prompts=str(prompts_file), out=str(tmp_path / name), max_steps=3,
-                rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=8, lr=1e-3, progress=False,
-                missing_eos_penalty=0.0, seed=1)
+    base = dict(
+        model=str(model_dir),
+        prompts=str(prompts_file),
+        out=str(tmp_path / name),
+        max_steps=3,
+        rollout_batch_size=8,
+        batch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        progress=False,
+        missing_eos_penalty=0.0,
+        seed=1,
+    )
     base.update(kw)
     return PPOConfig(**base)
 
@@ -50,8 +61,18 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tmp_path,
     for i, lp in enumerate(gen.logprobs):
         torch.testing.assert_close(fresh[i, : len(lp)], torch.tensor(lp), rtol=0, atol=1e-4)
 
-    exp, _ = make_experience(cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
-                             prompts, trainer.pad_id, cfg.kl_coef, seed=0)
+    exp, _ = make_experience(
+        cfg,
+        trainer.engine,
+        trainer.actor,
+        trainer.ref,
+        trainer.critic,
+        trainer.reward,
+        prompts,
+        trainer.pad_id,
+        cfg.kl_coef,
+        seed=0,
+    )
     mb = exp.select(torch.arange(4))
     logprobs, _ = trainer.actor.forward(mb.sequences, mb.attention_mask, mb.position_ids, mb.prompt_len)
     _, stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask.float(), cfg.cliprange)
@@ -70,8 +91,17 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tmp_path,
 @pytest.mark.slow
 def test_ppo_raises_the_reward_and_the_kl_penalty_bounds_the_drift(tmp_path, model_dir, prompts_file):
     def run(name, beta):
-        cfg = _cfg(tmp_path, model_dir, prompts_file, name, max_steps=16, rollout_batch_size=16, batch_size=16,
-                   lr=1e-2, kl_coef=beta)
+        cfg = _cfg(
+            tmp_path,
+            model_dir,
+            prompts_file,
+            name,
+            max_steps=16,
+            rollout_batch_size=16,
+            batch_size=16,
+            lr=1e-2,
+            kl_coef=beta,
+        )
         train_ppo(cfg, reward_fn=target_reward)
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -80,8 +110,18 @@ def test_ppo_raises_the_reward_and_the_kl_penalty_bounds_the_drift(tmp_path, mod
     late = sum(r["score"] for r in with_kl[-4:]) / 4
     assert late > 2 * first, (first, late)
     assert 0 < with_kl[-1]["kl"] < without_kl[-1]["kl"], (with_kl[-1]["kl"], without_kl[-1]["kl"])
-    assert all(k in with_kl[-1] for k in ("entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
-                                           "eos_rate", "response_length"))
+    assert all(
+        k in with_kl[-1]
+        for k in (
+            "entropy",
+            "clipfrac",
+            "approx_kl",
+            "value_loss",
+            "explained_variance",
+            "eos_rate",
+            "response_length",
+        )
+    )
 
 
 def test_resume_is_exact(tmp_path, model_dir, prompts_file):
@@ -90,8 +130,20 @@ def test_resume_is_exact(tmp_path, model_dir, prompts_file):
     # A run that stopped after step 2: only its checkpoint and config survive.
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
-    train_ppo(_cfg(tmp_path, model_dir, prompts_file, "cut", max_steps=4, save_every=2, kl_target=3.0,
-                   kl_horizon=50, resume=True), reward_fn=target_reward)
+    train_ppo(
+        _cfg(
+            tmp_path,
+            model_dir,
+            prompts_file,
+            "cut",
+            max_steps=4,
+            save_every=2,
+            kl_target=3.0,
+            kl_horizon=50,
+            resume=True,
+        ),
+        reward_fn=target_reward,
+    )
     from safetensors.torch import load_file
 
     for sub in ("final", "final_value"):
@@ -110,10 +162,41 @@ def test_ppo_cli_with_reward_model_and_ptx(tmp_path, model_dir, prompts_file):
 
     corpus.write_text("\n\n".join(CORPUS * 30))
     out = tmp_path / "ppo"
-    code = main(["ppo", "--model", str(model_dir), "--reward-model", str(rm_dir), "--prompts", str(prompts_file),
-                 "--out", str(out), "--max-steps", "2", "--rollout-batch-size", "4", "--batch-size", "2",
-                 "--ppo-epochs", "1", "--max-new-tokens", "6", "--ptx-data", str(corpus), "--ptx-coef", "0.5",
-                 "--ptx-seq-len", "32", "--progress", "false", "--sample-every", "1", "--kl-estimator", "k3"])
+    code = main(
+        [
+            "ppo",
+            "--model",
+            str(model_dir),
+            "--reward-model",
+            str(rm_dir),
+            "--prompts",
+            str(prompts_file),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--rollout-batch-size",
+            "4",
+            "--batch-size",
+            "2",
+            "--ppo-epochs",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--ptx-data",
+            str(corpus),
+            "--ptx-coef",
+            "0.5",
+            "--ptx-seq-len",
+            "32",
+            "--progress",
+            "false",
+            "--sample-every",
+            "1",
+            "--kl-estimator",
+            "k3",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "ptx_eval_loss" in rows[0] and rows[0]["step"] == 0  # the SFT model's held-out LM loss, before PPO
@@ -124,11 +207,35 @@ def test_ppo_cli_with_reward_model_and_ptx(tmp_path, model_dir, prompts_file):
 
 
 def test_ppo_config_errors(tmp_path, model_dir, prompts_file):
-    res = main(["ppo", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
-                "--rollout-batch-size", "6", "--batch-size", "4"])
+    res = main(
+        [
+            "ppo",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts_file),
+            "--out",
+            str(tmp_path / "x"),
+            "--rollout-batch-size",
+            "6",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert res == 2
-    res = main(["ppo", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(tmp_path / "x"),
-                "--kl-estimator", "k7"])
+    res = main(
+        [
+            "ppo",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts_file),
+            "--out",
+            str(tmp_path / "x"),
+            "--kl-estimator",
+            "k7",
+        ]
+    )
     assert res == 2
 
 
@@ -157,8 +264,11 @@ def test_offload_frozen_changes_nothing_but_where_the_frozen_models_wait(tmp_pat
     from safetensors.torch import load_file
 
     for name, offload in (("kept", False), ("offloaded", True)):
-        train_ppo(_cfg(tmp_path, model_dir, prompts_file, name, max_steps=2, reward_model=str(rm_dir),
-                       offload_frozen=offload))
+        train_ppo(
+            _cfg(
+                tmp_path, model_dir, prompts_file, name, max_steps=2, reward_model=str(rm_dir), offload_frozen=offload
+            )
+        )
     assert _metrics(tmp_path / "kept") == _metrics(tmp_path / "offloaded")
     for sub in ("final", "final_value"):
         a = load_file(str(tmp_path / "kept" / sub / "model.safetensors"))
@@ -181,8 +291,9 @@ def _record_moves(role, monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_frozen_roles_run_on_the_inputs_device_and_offloaded_ones_wait_on_the_cpu(tmp_path, model_dir, prompts_file,
-                                                                                   rm_dir, offload, monkeypatch):
+def test_frozen_roles_run_on_the_inputs_device_and_offloaded_ones_wait_on_the_cpu(
+    tmp_path, model_dir, prompts_file, rm_dir, offload, monkeypatch
+):
     from flywheel import distributed
 
     cfg = _cfg(tmp_path, model_dir, prompts_file, reward_model=str(rm_dir), offload_frozen=offload)
@@ -194,8 +305,18 @@ def test_frozen_roles_run_on_the_inputs_device_and_offloaded_ones_wait_on_the_cp
     home = torch.device("cpu") if offload else device
     assert trainer.ref.device == trainer.reward.device == home
     moves = {name: _record_moves(role, monkeypatch) for name, role in (("ref", trainer.ref), ("rm", trainer.reward))}
-    exp, _ = make_experience(cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
-                             trainer.prompts[:8], trainer.pad_id, cfg.kl_coef, seed=0)
+    exp, _ = make_experience(
+        cfg,
+        trainer.engine,
+        trainer.actor,
+        trainer.ref,
+        trainer.critic,
+        trainer.reward,
+        trainer.prompts[:8],
+        trainer.pad_id,
+        cfg.kl_coef,
+        seed=0,
+    )
     # An offloaded module goes to the experience's device for its one forward and back to the CPU after it.
     expected = [("to", exp.sequences.device), "forward", ("to", torch.device("cpu"))] if offload else ["forward"]
     assert moves == {"ref": expected, "rm": expected}
@@ -225,7 +346,8 @@ def test_ppo_on_a_gpu_places_every_role_and_offloads_the_frozen_ones(tmp_path, m
     kept = PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, "kept", reward_model=str(rm_dir), bf16=True))
     assert kept.ref.device.type == "cuda"
     assert {k: v for k, v in kept.step(0)[0].items() if not k.startswith("time_")} == {
-        k: v for k, v in stats.items() if not k.startswith("time_")}
+        k: v for k, v in stats.items() if not k.startswith("time_")
+    }
 
 
 def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path, model_dir, prompts_file, tokenizer):
@@ -236,8 +358,18 @@ def test_ref_model_sets_the_kl_reference_apart_from_the_starting_policy(tmp_path
     other = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=7)
     other_dir = save_pretrained(other, tokenizer, tmp_path / "other")
     trainer = PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, ref_model=str(other_dir)), reward_fn=target_reward)
-    exp, _ = make_experience(trainer.cfg, trainer.engine, trainer.actor, trainer.ref, trainer.critic, trainer.reward,
-                             trainer.prompts[:8], trainer.pad_id, trainer.cfg.kl_coef, seed=0)
+    exp, _ = make_experience(
+        trainer.cfg,
+        trainer.engine,
+        trainer.actor,
+        trainer.ref,
+        trainer.critic,
+        trainer.reward,
+        trainer.prompts[:8],
+        trainer.pad_id,
+        trainer.cfg.kl_coef,
+        seed=0,
+    )
     with torch.no_grad():
         logits = other(exp.sequences, attention_mask=exp.attention_mask, position_ids=exp.position_ids).logits
     p = exp.prompt_len

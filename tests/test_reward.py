@@ -30,8 +30,9 @@ from flywheel.train.reward import (
     sequence_rewards,
 )
 
-WORDS = ("the cat dog says hello world capital of France Paris Spain Madrid number sort list reverse word count "
-         "letters").split()
+WORDS = (
+    "the cat dog says hello world capital of France Paris Spain Madrid number sort list reverse word count letters"
+).split()
 GOOD = "please"  # the synthetic labelers prefer answers that contain this word
 
 
@@ -51,8 +52,13 @@ def preference_rows(n: int, seed: int, k_max: int = 4) -> list[dict]:
         perm = list(range(k))
         rng.shuffle(perm)
         order = [[i for i, j in enumerate(perm) if j < n_good], [i for i, j in enumerate(perm) if j >= n_good]]
-        rows.append({"prompt": f"Say something about {rng.choice(WORDS)}", "completions": [answers[j] for j in perm],
-                     "order": order})
+        rows.append(
+            {
+                "prompt": f"Say something about {rng.choice(WORDS)}",
+                "completions": [answers[j] for j in perm],
+                "order": order,
+            }
+        )
     return rows
 
 
@@ -88,10 +94,12 @@ def test_ranking_loss_is_invariant_to_a_constant_added_to_every_reward(shift):
 def test_grouped_loss_is_the_per_ranking_mean_not_the_per_pair_mean():
     rewards = torch.tensor([0.3, -1.0, 2.0, 0.5, 0.1], dtype=torch.float64)  # group 0: 0..2, group 1: 3..4
     pairs0, pairs1 = [(2, 0), (2, 1), (0, 1)], [(1, 0)]
-    per_group = grouped_ranking_loss(rewards, torch.tensor([2, 2, 0, 4]), torch.tensor([0, 1, 1, 3]),
-                                     torch.tensor([0, 0, 0, 1]), 2)
-    assert torch.allclose(per_group, torch.stack([ranking_loss(rewards[:3], pairs0),
-                                                  ranking_loss(rewards[3:], pairs1)]))
+    per_group = grouped_ranking_loss(
+        rewards, torch.tensor([2, 2, 0, 4]), torch.tensor([0, 1, 1, 3]), torch.tensor([0, 0, 0, 1]), 2
+    )
+    assert torch.allclose(
+        per_group, torch.stack([ranking_loss(rewards[:3], pairs0), ranking_loss(rewards[3:], pairs1)])
+    )
 
 
 def _user(text):
@@ -106,8 +114,9 @@ def rm_model(model_dir):
 
 
 def _groups(tokenizer, rows):
-    return encode_rankings(tokenizer, [Ranking([_user(r["prompt"])], r["completions"], r["order"]) for r in rows],
-                           max_length=256)
+    return encode_rankings(
+        tokenizer, [Ranking([_user(r["prompt"])], r["completions"], r["order"]) for r in rows], max_length=256
+    )
 
 
 def test_exactly_k_forwards_per_ranking_in_one_call(tokenizer, rm_model):
@@ -128,8 +137,12 @@ def test_exactly_k_forwards_per_ranking_in_one_call(tokenizer, rm_model):
     rm_model.score.register_forward_hook(on_head)
     # K separate sequences per ranking (no prompt sharing): sum(K) rows, one forward call
     rm_loss(rm_model, collate_groups(groups, tokenizer.pad_token_id, share_prompt=False))
-    assert seen == {"backbone_calls": 1, "backbone_rows": sum(ks), "scored": sum(ks),
-                    "backbone_tokens": sum(g.k * len(g.prompt_ids) + sum(map(len, g.responses)) for g in groups)}
+    assert seen == {
+        "backbone_calls": 1,
+        "backbone_rows": sum(ks),
+        "scored": sum(ks),
+        "backbone_tokens": sum(g.k * len(g.prompt_ids) + sum(map(len, g.responses)) for g in groups),
+    }
     # shared prompt: one row per ranking; K answers scored; the prompt's tokens computed once
     seen.update(backbone_calls=0, backbone_rows=0, backbone_tokens=0, scored=0)
     batch = collate_groups(groups, tokenizer.pad_token_id)
@@ -146,8 +159,13 @@ def test_reward_does_not_depend_on_padding_batch_or_layout(tokenizer, rm_model):
     pad = tokenizer.pad_token_id
     together = sequence_rewards(rm_model, collate_groups(groups, pad))
     separate = sequence_rewards(rm_model, collate_groups(groups, pad, share_prompt=False))
-    alone = torch.cat([sequence_rewards(rm_model, collate_groups([RankingGroup(g.prompt_ids, [r], [])], pad))
-                       for g in groups for r in g.responses])
+    alone = torch.cat(
+        [
+            sequence_rewards(rm_model, collate_groups([RankingGroup(g.prompt_ids, [r], [])], pad))
+            for g in groups
+            for r in g.responses
+        ]
+    )
     shuffled = sequence_rewards(rm_model, collate_groups(groups[::-1], pad))
     flat_reversed = torch.cat(list(reversed(together.split([g.k for g in groups]))))
     torch.testing.assert_close(together, separate, atol=1e-5, rtol=0)
@@ -170,8 +188,10 @@ def test_reward_does_not_depend_on_padding_batch_or_layout(tokenizer, rm_model):
 
 def test_overlong_answers_are_dropped_or_truncated_with_a_summary(tokenizer, caplog):
     long = " ".join(["hello world"] * 60)
-    rankings = [Ranking([_user("q one")], ["short a", long, "short b"], [[0], [1], [2]]),
-                Ranking([_user("q two")], [long, "tiny"], [[0], [1]])]
+    rankings = [
+        Ranking([_user("q one")], ["short a", long, "short b"], [[0], [1], [2]]),
+        Ranking([_user("q two")], [long, "tiny"], [[0], [1]]),
+    ]
     with caplog.at_level("WARNING", logger="flywheel"):
         groups = encode_rankings(tokenizer, rankings, max_length=40, source="prefs.jsonl")
     assert [g.k for g in groups] == [2] and groups[0].pairs == [(0, 1)]
@@ -200,8 +220,27 @@ def trained_rm(tmp_path_factory, tokenizer):
     save_pretrained(base, tokenizer, root / "base")
     train = write_jsonl(root / "train.jsonl", preference_rows(200, seed=10))
     heldout = write_jsonl(root / "heldout.jsonl", preference_rows(100, seed=11))
-    code = main(["rm", "--model", str(root / "base"), "--data", train, "--out", str(root / "run"), "--lr", "3e-3",
-                 "--batch-size", "8", "--eval-split", "0", "--progress", "false", "--log-every", "5"])
+    code = main(
+        [
+            "rm",
+            "--model",
+            str(root / "base"),
+            "--data",
+            train,
+            "--out",
+            str(root / "run"),
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "8",
+            "--eval-split",
+            "0",
+            "--progress",
+            "false",
+            "--log-every",
+            "5",
+        ]
+    )
     assert code == 0
     return {"root": root, "final": root / "run" / "final", "train": train, "heldout": heldout}
 
@@ -216,8 +255,9 @@ def test_rm_learns_a_synthetic_preference_and_saves_a_plain_classifier(trained_r
     assert "epochs: 1.0" in (run / "config.yaml").read_text()
     rm = RewardModel.from_pretrained(trained_rm["final"])
     rows = preference_rows(100, seed=11)
-    groups = encode_rankings(rm.tokenizer, [Ranking([_user(r["prompt"])], r["completions"], r["order"])
-                                            for r in rows], max_length=256)
+    groups = encode_rankings(
+        rm.tokenizer, [Ranking([_user(r["prompt"])], r["completions"], r["order"]) for r in rows], max_length=256
+    )
     scores = rm.score_groups(groups)
     pairs = [(s[w] > s[lo]).item() for g, s in zip(groups, scores, strict=True) for w, lo in g.pairs]
     assert sum(pairs) / len(pairs) > 0.95
@@ -244,7 +284,8 @@ def test_reference_answers_score_mean_zero_after_training(trained_rm):
     assert abs(rm.offset) > 1e-3 and torch.allclose(rm.score(prompts, answers, normalize=False) - rm.offset, scores)
     extra = json.loads((trained_rm["final"] / "flywheel.json").read_text())
     assert extra["reference"] == "top-ranked answers of the training rankings" and extra["reference_count"] == len(
-        answers)
+        answers
+    )
 
 
 def test_scoring_api_batches_and_groups_without_changing_scores(trained_rm):
@@ -256,8 +297,10 @@ def test_scoring_api_batches_and_groups_without_changing_scores(trained_rm):
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
     from flywheel.tokenization import render_prompt, render_response
 
-    ids = rm.score_ids([render_prompt(rm.tokenizer, p) for p in prompts],
-                       [render_response(rm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)])
+    ids = rm.score_ids(
+        [render_prompt(rm.tokenizer, p) for p in prompts],
+        [render_response(rm.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)],
+    )
     torch.testing.assert_close(ids, together)
     assert rm.score(prompts[:1], answers[:1], normalize=True).shape == (1,)
     assert RewardModel.from_pretrained(trained_rm["final"], bf16=True).score(prompts, answers).dtype == torch.float32
@@ -274,13 +317,19 @@ def test_wilson_interval_and_kendall_tau():
     assert abs(kendall_tau([3.0, 2.0, 1.0], [0, 0, 1]) - 2 / math.sqrt(6)) < 1e-12
     assert kendall_tau([1.0, 1.0], [0, 1]) is None
     assert group_ranks(RankingGroup([1], [[1], [2], [3], [4]], [(2, 0), (2, 1), (2, 3), (0, 3), (1, 3)])) == [
-        1, 1, 0, 3]  # competition ranking: how many answers are ranked above
+        1,
+        1,
+        0,
+        3,
+    ]  # competition ranking: how many answers are ranked above
 
 
 def test_eval_rm_writes_metrics_and_histogram(trained_rm, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", "rm", "--model", str(trained_rm["final"]), "--data", trained_rm["heldout"],
-                 "--out", str(out)]) == 0
+    assert (
+        main(["eval", "rm", "--model", str(trained_rm["final"]), "--data", trained_rm["heldout"], "--out", str(out)])
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["accuracy"] > 0.95 and m["accuracy_ci95"][0] < m["accuracy"] <= m["accuracy_ci95"][1]
     assert m["n_rankings"] == 100 and m["mean_chosen"] > m["mean_rejected"] and m["kendall_tau"] > 0.5
@@ -294,9 +343,28 @@ def test_best_of_n_keeps_the_highest_scored_candidate(trained_rm, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say something about cat\nSay something about Paris\nHello\n")
     out = tmp_path / "best.jsonl"
-    assert main(["sample", "--model", str(trained_rm["root"] / "base"), "--prompts", str(prompts), "--best-of", "4",
-                 "--reward-model", str(trained_rm["final"]), "--out", str(out), "--max-new-tokens", "8",
-                 "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(trained_rm["root"] / "base"),
+                "--prompts",
+                str(prompts),
+                "--best-of",
+                "4",
+                "--reward-model",
+                str(trained_rm["final"]),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
     rm = RewardModel.from_pretrained(trained_rm["final"])
@@ -309,8 +377,22 @@ def test_best_of_n_keeps_the_highest_scored_candidate(trained_rm, tmp_path):
     for r, i in done[:3]:
         again = rm.score([r["messages"][:-1]], [r["candidates"][i]])
         assert abs(float(again) - r["scores"][i]) < 1e-4
-    assert main(["sample", "--model", str(trained_rm["root"] / "base"), "--prompts", str(prompts), "--best-of", "2",
-                 "--out", str(out)]) == 2  # best-of needs a reward model
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(trained_rm["root"] / "base"),
+                "--prompts",
+                str(prompts),
+                "--best-of",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # best-of needs a reward model
 
 
 @pytest.mark.parametrize(
@@ -333,29 +415,71 @@ def test_bad_rankings_are_one_line_errors(tmp_path, model_dir, capsys, record, f
 
 def test_skip_bad_and_overlong_are_summarised_and_all_overlong_is_an_error(tmp_path, model_dir, caplog, capsys):
     long = " ".join(["hello world"] * 80)
-    rows = preference_rows(12, seed=3) + [{"prompt": "q", "completions": ["a"], "order": [[0]]},
-                                          {"prompt": "q", "completions": [long, "b"], "order": [[0], [1]]}]
+    rows = preference_rows(12, seed=3) + [
+        {"prompt": "q", "completions": ["a"], "order": [[0]]},
+        {"prompt": "q", "completions": [long, "b"], "order": [[0], [1]]},
+    ]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     with caplog.at_level("WARNING", logger="flywheel"):
-        assert main(["rm", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "o"), "--skip-bad",
-                     "--max-steps", "1", "--max-length", "64", "--progress", "false"]) == 0
+        assert (
+            main(
+                [
+                    "rm",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    data,
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--skip-bad",
+                    "--max-steps",
+                    "1",
+                    "--max-length",
+                    "64",
+                    "--progress",
+                    "false",
+                ]
+            )
+            == 0
+        )
     assert "skipped 1 of 14 records" in caplog.text and "too few candidates" in caplog.text
     assert "dropped 1 of" in caplog.text and "answers longer than 64 tokens" in caplog.text
     only_long = write_jsonl(tmp_path / "long.jsonl", [rows[-1]])
     capsys.readouterr()
-    assert main(["rm", "--model", str(model_dir), "--data", only_long, "--out", str(tmp_path / "o2"),
-                 "--max-length", "64"]) == 2
+    assert (
+        main(
+            ["rm", "--model", str(model_dir), "--data", only_long, "--out", str(tmp_path / "o2"), "--max-length", "64"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no usable rankings" in err[0] and "--overlong truncate" in err[0]
-    assert main(["rm", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "o3"), "--overlong",
-                 "cut"]) == 2
+    assert (
+        main(["rm", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "o3"), "--overlong", "cut"])
+        == 2
+    )
     assert "--overlong must be one of drop, truncate" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "completions": ["a"], "order": [[0]]}])
-    res = subprocess.run([sys.executable, "-m", "flywheel", "rm", "--model", str(model_dir), "--data", data,
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flywheel",
+            "rm",
+            "--model",
+            str(model_dir),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines() == [f"flywheel rm: {data}:1: a ranking needs at least 2 completions, "
-                                               "found 1"]
+    assert res.stderr.strip().splitlines() == [
+        f"flywheel rm: {data}:1: a ranking needs at least 2 completions, found 1"
+    ]

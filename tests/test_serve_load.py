@@ -22,8 +22,12 @@ LABELERS, SUBMISSIONS = 50, 100
 def start_server(model_dir, db, port, log_path):
     env = dict(os.environ, FLYWHEEL_THREADS="1")
     log = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", str(model_dir), "--db", db, "--port",
-                             str(port), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flywheel", "serve", str(model_dir), "--db", db, "--port", str(port), "--threads", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -54,9 +58,11 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
     tokens = {f"labeler{i:02d}": store.create_user(f"labeler{i:02d}", "labeler") for i in range(LABELERS)}
     tasks = []
     for t in range(SUBMISSIONS):
-        tid = store.create_ranking_task([{"role": "user", "content": f"question {t}"}],
-                                        [(f"answer {t}.{k}", "load-v1", "stop") for k in range(3)],
-                                        labels_needed=LABELERS)
+        tid = store.create_ranking_task(
+            [{"role": "user", "content": f"question {t}"}],
+            [(f"answer {t}.{k}", "load-v1", "stop") for k in range(3)],
+            labels_needed=LABELERS,
+        )
         tasks.append((tid, [c["id"] for c in store.task(tid, 0)["candidates"]]))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -70,8 +76,11 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
         headers = {"Authorization": f"Bearer {token}"}
         for i, (tid, cands) in enumerate(tasks):
             key = f"{name}-task{tid}"
-            body = {"task_id": tid, "order": [[cands[i % 3]], [c for c in cands if c != cands[i % 3]]],
-                    "idempotency_key": key}
+            body = {
+                "task_id": tid,
+                "order": [[cands[i % 3]], [c for c in cands if c != cands[i % 3]]],
+                "idempotency_key": key,
+            }
             while True:
                 try:
                     r = await client.post(url + "/api/label/rankings", json=body, headers=headers, timeout=30)
@@ -119,5 +128,7 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
     assert set(stored) == set(seen)  # none lost
     assert all(ids == {stored[k]} for k, ids in seen.items())  # every answer named the stored row
     store.close()
-    print(f"{LABELERS * SUBMISSIONS} submissions in {elapsed:.1f} s with a kill -9; {done['retries']} retries, "
-          f"{done['replays']} answered from the stored row")
+    print(
+        f"{LABELERS * SUBMISSIONS} submissions in {elapsed:.1f} s with a kill -9; {done['retries']} retries, "
+        f"{done['replays']} answered from the stored row"
+    )

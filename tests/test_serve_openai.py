@@ -22,8 +22,9 @@ def served(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("serve")
     model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=0)
     save_pretrained(model, tokenizer, root / "model")
-    settings = ServeSettings(model=str(root / "model"), db=str(root / "fb.db"), max_tokens_limit=64,
-                             max_body_bytes=20_000, max_n=4)
+    settings = ServeSettings(
+        model=str(root / "model"), db=str(root / "fb.db"), max_tokens_limit=64, max_body_bytes=20_000, max_n=4
+    )
     app = create_app(settings)
     with LiveServer(app) as server:
         server.app = app
@@ -95,8 +96,9 @@ def test_n_choices_streaming_and_not(served):
     assert 3 <= r.usage.completion_tokens <= 3 * 8  # every choice's tokens are counted
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
-    for chunk in served.client.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=8, n=2,
-                                                       stream=True):
+    for chunk in served.client.chat.completions.create(
+        model="flywheel", messages=MSGS, max_tokens=8, n=2, stream=True
+    ):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
             if c.finish_reason:
@@ -109,11 +111,14 @@ def test_stop_strings_cut_the_answer(served):
     full = served.client.chat.completions.create(**kw).choices[0].message.content
     stop = next(ch for ch in full[3:] if ch != "\ufffd" and ch.strip())
     r = served.client.chat.completions.create(stop=[stop, "never-appears"], **kw)
-    assert r.choices[0].message.content == full[:full.index(stop)]
+    assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in served.client.chat.completions.create(
-        stop=stop, stream=True, **kw) if c.choices)
-    assert streamed == full[:full.index(stop)]
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in served.client.chat.completions.create(stop=stop, stream=True, **kw)
+        if c.choices
+    )
+    assert streamed == full[: full.index(stop)]
 
 
 def test_models_endpoint(served):
@@ -147,8 +152,9 @@ def test_errors_have_openai_shape(served):
     # Schema errors (what FastAPI would answer with 422) are 400s in OpenAI's shape.
     r = httpx.post(served.url + "/v1/chat/completions", json={"model": "flywheel"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(served.url + "/v1/chat/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        served.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(served.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["message"] == "not found"
@@ -159,8 +165,9 @@ def test_concurrent_requests_share_batches(served):
     before = dict(worker.stats)
 
     def ask(i: int) -> str:
-        r = served.client.chat.completions.create(model="flywheel", max_tokens=24, temperature=1.0,
-                                                  messages=[{"role": "user", "content": f"count {i}"}])
+        r = served.client.chat.completions.create(
+            model="flywheel", max_tokens=24, temperature=1.0, messages=[{"role": "user", "content": f"count {i}"}]
+        )
         return r.choices[0].finish_reason
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -185,9 +192,14 @@ def test_chat_auth_flag_and_cors_off(tmp_path, model_dir):
         assert err.value.body["code"] == "invalid_api_key"
         ok = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
         assert ok.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=4).choices
-        r = httpx.options(server.url + "/v1/chat/completions",
-                          headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        r = httpx.options(
+            server.url + "/v1/chat/completions",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert "access-control-allow-origin" not in r.headers
-        assert json.loads(httpx.get(server.url + "/api/admin/overview",
-                                    headers={"Authorization": f"Bearer {token}"}).text)["error"]["code"] == \
-            "insufficient_role"
+        assert (
+            json.loads(
+                httpx.get(server.url + "/api/admin/overview", headers={"Authorization": f"Bearer {token}"}).text
+            )["error"]["code"]
+            == "insufficient_role"
+        )

@@ -19,8 +19,14 @@ def _demos(path, n=48):
     rows = []
     for i in range(n):
         a, b = i % 7 + 1, i % 5 + 2
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": f"It is {a + b}."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"It is {a + b}."},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -29,8 +35,27 @@ def test_sft_trains_on_assistant_tokens_and_saves_a_plain_model(tmp_path, model_
     data = tmp_path / "demos.jsonl"
     rows = _demos(data)
     out = tmp_path / "sft"
-    code = main(["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "4",
-                 "--batch-size", "8", "--lr", "3e-3", "--progress", "false", "--eval-split", "0.1"])
+    code = main(
+        [
+            "sft",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "4",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--progress",
+            "false",
+            "--eval-split",
+            "0.1",
+        ]
+    )
     assert code == 0
     cfg = (out / "config.yaml").read_text()
     assert "lr: 0.003" in cfg and f"data: {data}" in cfg
@@ -64,8 +89,28 @@ def test_pretrain_builds_tokenizer_and_model(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(CORPUS * 10))
     out = tmp_path / "base"
-    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--size", "nano", "--vocab-size", "300",
-                 "--seq-len", "32", "--max-steps", "5", "--progress", "false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--size",
+                "nano",
+                "--vocab-size",
+                "300",
+                "--seq-len",
+                "32",
+                "--max-steps",
+                "5",
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "eval_loss" in metrics[-1]
     tok = load_tokenizer(str(out / "final"))
@@ -108,8 +153,21 @@ def test_missing_model_and_flags_are_one_line_errors(tmp_path):
 def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir):
     data = tmp_path / "demos.jsonl"
     _demos(data, 16)
-    args = ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "2",
-            "--save-every", "1", "--progress", "false"]
+    args = [
+        "sft",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "r"),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--progress",
+        "false",
+    ]
     assert main(args) == 0
     assert main(args) == 2  # refuses to clobber
     assert main(args + ["--resume"]) == 0

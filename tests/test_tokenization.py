@@ -49,8 +49,12 @@ def make_tok(template: str, specials: list[str], eos: str, bos: str | None = Non
 
 TEMPLATES = {
     "chatml": lambda: train_tokenizer(CORPUS * 10, vocab_size=350),
-    "llama3": lambda: make_tok(LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                        "<|eot_id|>"], eos="<|eot_id|>", bos="<|begin_of_text|>"),
+    "llama3": lambda: make_tok(
+        LLAMA3,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        eos="<|eot_id|>",
+        bos="<|begin_of_text|>",
+    ),
     "zephyr": lambda: make_tok(ZEPHYR, ["<|user|>", "<|assistant|>", "<|system|>", "</s>"], eos="</s>"),
     "mistral": lambda: make_tok(MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], eos="</s>", bos="<s>"),
 }

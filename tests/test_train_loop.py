@@ -99,15 +99,22 @@ def test_length_grouped_order_pads_less_and_stays_a_function_of_seed_and_positio
 def test_packing():
     blocks = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, sep_id=0)
     assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
-    masked = pack_masked([{"input_ids": [1, 2], "loss_mask": [0, 1]}, {"input_ids": [3, 4, 5], "loss_mask": [0, 1, 1]},
-                          {"input_ids": [6], "loss_mask": [1]}], seq_len=4)
+    masked = pack_masked(
+        [
+            {"input_ids": [1, 2], "loss_mask": [0, 1]},
+            {"input_ids": [3, 4, 5], "loss_mask": [0, 1, 1]},
+            {"input_ids": [6], "loss_mask": [1]},
+        ],
+        seq_len=4,
+    )
     assert [b["input_ids"] for b in masked] == [[1, 2], [3, 4, 5, 6]]
     assert [b["loss_mask"] for b in masked] == [[0, 1], [0, 1, 1, 1]]
 
 
 def test_collate_counts_only_masked_targets():
-    batch = collate_lm([{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8, 9], "loss_mask": [0, 1]}],
-                       pad_id=0)
+    batch = collate_lm(
+        [{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8, 9], "loss_mask": [0, 1]}], pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch["target_mask"].tolist() == [[True, True], [True, False]]
     assert batch["weight"] == 3 and batch["tokens"] == 5
@@ -148,15 +155,42 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"{doc} ({i})" for i in range(40) for doc in CORPUS))
     steps = 16
-    base = [sys.executable, "-m", "flywheel", "pretrain", "--data", str(corpus), "--size", "nano", "--vocab-size",
-            "300", "--seq-len", "64", "--batch-size", "4", "--max-steps", str(steps), "--save-every", "1",
-            "--progress", "false", "--log-every", "1", "--seed", "7", "--threads", "1", "--bf16"]
+    base = [
+        sys.executable,
+        "-m",
+        "flywheel",
+        "pretrain",
+        "--data",
+        str(corpus),
+        "--size",
+        "nano",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "1",
+        "--progress",
+        "false",
+        "--log-every",
+        "1",
+        "--seed",
+        "7",
+        "--threads",
+        "1",
+        "--bf16",
+    ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        base + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     kill_after = random.Random().randint(2, steps - 3)  # a random step, as the issue asks
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / f"step-{kill_after}").exists():

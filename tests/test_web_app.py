@@ -14,8 +14,16 @@ httpx = pytest.importorskip("httpx")
 
 CHROMIUM = os.environ.get("FLYWHEEL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (CI installs Debian's chromium)")
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,11 @@ def test_chat_turn_vote_regenerate(site):
     page.click(".vote-up")
     page.wait_for_selector(".vote-up.voted")
     page.click(".regenerate")
-    page.wait_for_function(f"() => {{ const m = document.querySelector('.msg.assistant');"
-                           f" return m && m.dataset.id && m.dataset.id !== '{answer_id}'; }}", timeout=30_000)
+    page.wait_for_function(
+        f"() => {{ const m = document.querySelector('.msg.assistant');"
+        f" return m && m.dataset.id && m.dataset.id !== '{answer_id}'; }}",
+        timeout=30_000,
+    )
     assert "answer 2 of 2" in page.inner_text(".msg.assistant .meta")
     page.wait_for_selector("#conversations li")
     assert page.inner_text("#conversations li").startswith("<img src=x")
@@ -93,14 +104,20 @@ def test_ranking_task_in_the_browser(site):
     from flywheel.feedback.models import Candidate, RankingLabel
 
     admin = {"Authorization": f"Bearer {site.admin}"}
-    r = httpx.post(site.url + "/api/admin/tasks", headers=admin, timeout=60, json={
-        "kind": "ranking", "prompts": ["Name a capital.", "Count to three."], "k": 3, "max_tokens": 8})
+    r = httpx.post(
+        site.url + "/api/admin/tasks",
+        headers=admin,
+        timeout=60,
+        json={"kind": "ranking", "prompts": ["Name a capital.", "Count to three."], "k": 3, "max_tokens": 8},
+    )
     assert r.status_code == 201 and r.json()["created"], r.text
     task_id = r.json()["created"][0]
     page = page_with_token(site, "/label", site.labeler)
     page.wait_for_selector("#rank-candidates .candidate")
-    ids = [int(x) for x in page.eval_on_selector_all("#rank-candidates select.rank",
-                                                     "s => s.map(x => x.dataset.candidate)")]
+    ids = [
+        int(x)
+        for x in page.eval_on_selector_all("#rank-candidates select.rank", "s => s.map(x => x.dataset.candidate)")
+    ]
     assert len(ids) == 3
     # The last shown answer is best, the other two tie; the first is flagged unsafe.
     selects = page.query_selector_all("#rank-candidates select.rank")
@@ -125,8 +142,11 @@ def test_roleplay_task_in_the_browser(site):
     from flywheel.feedback.models import Demonstration
 
     admin = {"Authorization": f"Bearer {site.admin}"}
-    r = httpx.post(site.url + "/api/admin/tasks", headers=admin,
-                   json={"kind": "roleplay", "instructions": ["Ask for a capital city."]})
+    r = httpx.post(
+        site.url + "/api/admin/tasks",
+        headers=admin,
+        json={"kind": "roleplay", "instructions": ["Ask for a capital city."]},
+    )
     task_id = r.json()["created"][0]
     page = page_with_token(site, "/label", site.labeler)
     page.click("#tab-roleplay")
@@ -141,8 +161,10 @@ def test_roleplay_task_in_the_browser(site):
     assert page.errors == []
     with site.store.session() as s:
         demo = s.scalars(select(Demonstration).where(Demonstration.task_id == task_id)).one()
-        assert demo.messages == [{"role": "user", "content": "What is the capital of France?"},
-                                 {"role": "assistant", "content": "The capital of France is Paris."}]
+        assert demo.messages == [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ]
         assert demo.edited and demo.suggestions[0]["turn"] == 1 and demo.suggestions[0]["text"] == draft
 
 

@@ -151,8 +151,14 @@ def test_oracle_ranks_reference_above_every_kind_of_flaw(family):
         best = score(t, t.answers[0]).total
         rambling = pad(t.answers[0], rng)
         assert score(t, rambling).ideal and score(t, rambling).total <= best - 0.03, rambling
-        long_ramble = " ".join([t.answers[0], "I hope this helps!", "Thank you for asking.",
-                                "Let me know if you have any other questions."])
+        long_ramble = " ".join(
+            [
+                t.answers[0],
+                "I hope this helps!",
+                "Thank you for asking.",
+                "Let me know if you have any other questions.",
+            ]
+        )
         assert score(t, long_ramble).total <= best - 0.1
         assert score(t, " ".join([t.answers[0]] * 5)).total <= best - 0.1  # repetitive
         for value in t.wrong:  # wrong values, made-up answers, compliance with a harmful request
@@ -492,14 +498,33 @@ def test_config_validation_and_cli(tmp_path, capsys):
     with pytest.raises(UserError, match="p_comply"):
         WorldConfig(p_comply=1.5).validate()
     out = tmp_path / "w"
-    argv = ["--out", str(out), "--seed", "1", "--corpus-chars", "5000", "--n-demos", "20", "--n-demos-val", "5",
-            "--n-rank", "10", "--n-ppo", "10", "--n-eval", "14", "--p-verbose", "0"]
+    argv = [
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--corpus-chars",
+        "5000",
+        "--n-demos",
+        "20",
+        "--n-demos-val",
+        "5",
+        "--n-rank",
+        "10",
+        "--n-ppo",
+        "10",
+        "--n-eval",
+        "14",
+        "--p-verbose",
+        "0",
+    ]
     assert world_main(argv) == 0
     assert len(read_jsonl(out / "eval_prompts.jsonl")) == 14
     assert "eval_prompts" in capsys.readouterr().out
     with pytest.raises(ValueError, match="ran out of distinct prompts"):
-        generate_world(WorldConfig(corpus_chars=0, n_demos=0, n_demos_val=0, n_rank=0, n_ppo=0, n_eval=3000),
-                       mix={"harmful": 1.0})
+        generate_world(
+            WorldConfig(corpus_chars=0, n_demos=0, n_demos_val=0, n_rank=0, n_ppo=0, n_eval=3000), mix={"harmful": 1.0}
+        )
 
 
 def test_oracle_ranker_accuracy_is_the_ceiling_a_reward_model_is_judged_against():
@@ -513,8 +538,10 @@ def test_oracle_ranker_accuracy_is_the_ceiling_a_reward_model_is_judged_against(
         totals = [score(t, c).total for c in texts]
         for i, j in itertools.combinations(range(len(texts)), 2):
             if totals[i] != totals[j]:
-                du = [totals[i] - totals[j] + (lab.bias(t, texts[i]) - lab.bias(t, texts[j]) if lab.bias else 0)
-                      for lab in panel]
+                du = [
+                    totals[i] - totals[j] + (lab.bias(t, texts[i]) - lab.bias(t, texts[j]) if lab.bias else 0)
+                    for lab in panel
+                ]
                 p = sum(1 / (1 + math.exp(-d / lab.temperature)) for d, lab in zip(du, panel, strict=True)) / 3
                 best.append(max(p, 1 - p))
     assert oracle_ranker_accuracy(panel, tasks, sets) == pytest.approx(sum(best) / len(best), abs=1e-12)

@@ -41,8 +41,12 @@ class ChatConfig:
     prompt: str | None = field(default=None, metadata={"help": "answer this one message and exit"})
     system: str | None = field(default=None, metadata={"help": "system prompt"})
     few_shot: str | None = field(
-        default=None, metadata={"help": "JSONL file of {\"user\": ..., \"assistant\": ...} example exchanges put "
-                                        "before the conversation (in-context learning)"})
+        default=None,
+        metadata={
+            "help": 'JSONL file of {"user": ..., "assistant": ...} example exchanges put '
+            "before the conversation (in-context learning)"
+        },
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens per reply"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
@@ -57,8 +61,9 @@ class ChatConfig:
         self.sampling().validate()
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        )
 
 
 def load_few_shot(path: str) -> list[tuple[str, str]]:
@@ -85,8 +90,7 @@ def open_session(cfg: ChatConfig) -> ChatSession:
     tokenizer = load_tokenizer(cfg.model)
     engine = Engine(model, tokenizer, backend=cfg.backend)  # type: ignore[arg-type]
     few_shot = load_few_shot(cfg.few_shot) if cfg.few_shot else []
-    return ChatSession(engine, tokenizer, system=cfg.system, few_shot=few_shot, params=cfg.sampling(),
-                       seed=cfg.seed)
+    return ChatSession(engine, tokenizer, system=cfg.system, few_shot=few_shot, params=cfg.sampling(), seed=cfg.seed)
 
 
 def print_reply(pieces, out: TextIO) -> None:
@@ -151,8 +155,10 @@ def interactive(session: ChatSession, out: TextIO = sys.stdout, err: TextIO = sy
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    out.write(f"flywheel chat: {session.engine.model.config.model_type} model, {session.engine.backend} engine. "
-              "/help for commands, Ctrl-D to quit.\n")
+    out.write(
+        f"flywheel chat: {session.engine.model.config.model_type} model, {session.engine.backend} engine. "
+        "/help for commands, Ctrl-D to quit.\n"
+    )
     while True:
         try:
             text = read_message()

@@ -37,8 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def run_trainer(stage: str, config_cls: type, train: Callable[[Any], Path], argv: list[str] | None, doc: str,
-                what: str) -> int:
+def run_trainer(
+    stage: str, config_cls: type, train: Callable[[Any], Path], argv: list[str] | None, doc: str, what: str
+) -> int:
     """The `main` of every trainer: config from flags/YAML, re-launch under torchrun for --nproc > 1, train, and
     print where the final model is (rank 0 only). Bad input (a UserError) leaves no run directory behind when this
     run created it and wrote no checkpoint or final model into it."""

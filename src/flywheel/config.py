@@ -130,8 +130,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        raise UserError(f"bad YAML: {getattr(err, 'problem', err)}", path=str(p),
-                        line=mark.line + 1 if mark else None) from None
+        raise UserError(
+            f"bad YAML: {getattr(err, 'problem', err)}", path=str(p), line=mark.line + 1 if mark else None
+        ) from None
     if not isinstance(data, dict):
         raise UserError("a config file must hold a mapping of field: value", path=str(p))
     return data

@@ -34,27 +34,99 @@ MAX_POSITIONS = 512  # context of the demo's models (RoPE: no parameters depend 
 # that either fits 10 minutes on 2 cores (docs/demo.md: 6.5 min and 9 min on the machines measured).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        size="small", corpus_chars=1_200_000, n_demos=3000, n_rank=800, n_ppo=600, n_eval=300,
-        pretrain_epochs=3.0, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
-        sft_epochs=3.0, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
-        rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.1, ptx_coef=0.05, max_new_tokens=40, p_deflect=0.0, p_refuse_idk=0.0, stock_answers=2,
+        size="small",
+        corpus_chars=1_200_000,
+        n_demos=3000,
+        n_rank=800,
+        n_ppo=600,
+        n_eval=300,
+        pretrain_epochs=3.0,
+        pretrain_seq_len=256,
+        pretrain_lr=2e-3,
+        pretrain_batch_size=4,
+        sft_epochs=3.0,
+        sft_lr=5e-4,
+        sft_batch_size=8,
+        rm_epochs=1.5,
+        rm_lr=2e-4,
+        p_verbose=0.85,
+        rounds=1,
+        ppo_steps=32,
+        n_rank_next=300,
+        rollout_batch_size=32,
+        ppo_batch_size=16,
+        ppo_epochs=2,
+        ppo_lr=2e-5,
+        kl_coef=0.1,
+        ptx_coef=0.05,
+        max_new_tokens=40,
+        p_deflect=0.0,
+        p_refuse_idk=0.0,
+        stock_answers=2,
         ppo_value_lr=2e-4,
     ),
     "fp32": dict(
-        size="mini", corpus_chars=1_200_000, n_demos=3000, n_rank=720, n_ppo=600, n_eval=300,
-        pretrain_epochs=1.15, pretrain_seq_len=256, pretrain_lr=2e-3, pretrain_batch_size=4,
-        sft_epochs=1.75, sft_lr=5e-4, sft_batch_size=8, rm_epochs=1.5, rm_lr=2e-4, p_verbose=0.85,
-        rounds=1, ppo_steps=32, n_rank_next=300, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.15, ptx_coef=0.05, max_new_tokens=40, bf16=False, p_deflect=0.1, p_refuse_idk=0.1,
+        size="mini",
+        corpus_chars=1_200_000,
+        n_demos=3000,
+        n_rank=720,
+        n_ppo=600,
+        n_eval=300,
+        pretrain_epochs=1.15,
+        pretrain_seq_len=256,
+        pretrain_lr=2e-3,
+        pretrain_batch_size=4,
+        sft_epochs=1.75,
+        sft_lr=5e-4,
+        sft_batch_size=8,
+        rm_epochs=1.5,
+        rm_lr=2e-4,
+        p_verbose=0.85,
+        rounds=1,
+        ppo_steps=32,
+        n_rank_next=300,
+        rollout_batch_size=32,
+        ppo_batch_size=16,
+        ppo_epochs=2,
+        ppo_lr=2e-5,
+        kl_coef=0.15,
+        ptx_coef=0.05,
+        max_new_tokens=40,
+        bf16=False,
+        p_deflect=0.1,
+        p_refuse_idk=0.1,
         stock_answers=0,
     ),
     "quick": dict(
-        size="tiny", corpus_chars=300_000, n_demos=1500, n_rank=200, n_ppo=300, n_eval=150,
-        pretrain_epochs=3.0, pretrain_seq_len=128, pretrain_lr=2e-3, pretrain_batch_size=16,
-        sft_epochs=3.0, sft_lr=1e-3, sft_batch_size=16, rm_epochs=1.0, rm_lr=1e-4, p_verbose=0.65,
-        rounds=2, ppo_steps=15, n_rank_next=100, rollout_batch_size=32, ppo_batch_size=16, ppo_epochs=2, ppo_lr=2e-5,
-        kl_coef=0.05, ptx_coef=0.05, max_new_tokens=32, p_deflect=0.1, p_refuse_idk=0.1, stock_answers=0,
+        size="tiny",
+        corpus_chars=300_000,
+        n_demos=1500,
+        n_rank=200,
+        n_ppo=300,
+        n_eval=150,
+        pretrain_epochs=3.0,
+        pretrain_seq_len=128,
+        pretrain_lr=2e-3,
+        pretrain_batch_size=16,
+        sft_epochs=3.0,
+        sft_lr=1e-3,
+        sft_batch_size=16,
+        rm_epochs=1.0,
+        rm_lr=1e-4,
+        p_verbose=0.65,
+        rounds=2,
+        ppo_steps=15,
+        n_rank_next=100,
+        rollout_batch_size=32,
+        ppo_batch_size=16,
+        ppo_epochs=2,
+        ppo_lr=2e-5,
+        kl_coef=0.05,
+        ptx_coef=0.05,
+        max_new_tokens=32,
+        p_deflect=0.1,
+        p_refuse_idk=0.1,
+        stock_answers=0,
     ),
 }
 
@@ -68,15 +140,23 @@ class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "run directory (world/, base/, sft/, rm/, ppo/, report)"})
     seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
     quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~3 min)"})
-    preset: str = field(default="", metadata={
-        "help": "settings for the fields left unset: default (a 5M model in bf16), fp32 (a 4M model for a CPU "
-                "without native bf16) or quick (= --quick); unset: quick with --quick, else default where the CPU "
-                "multiplies bf16 natively and fp32 where it does not"})
+    preset: str = field(
+        default="",
+        metadata={
+            "help": "settings for the fields left unset: default (a 5M model in bf16), fp32 (a 4M model for a CPU "
+            "without native bf16) or quick (= --quick); unset: quick with --quick, else default where the CPU "
+            "multiplies bf16 natively and fp32 where it does not"
+        },
+    )
     size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
-    base: str = field(default="", metadata={
-        "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final of "
-                "an earlier run with the same --seed and --corpus-chars, so its held-out corpus documents are the "
-                "ones this run holds out)"})
+    base: str = field(
+        default="",
+        metadata={
+            "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final "
+            "of an earlier run with the same --seed and --corpus-chars, so its held-out corpus documents are the "
+            "ones this run holds out)"
+        },
+    )
     corpus_chars: int | None = _preset("pretraining corpus size in characters")
     n_demos: int | None = _preset("demonstrations for SFT")
     n_rank: int | None = _preset("prompts the SFT policy answers K times for the labelers to rank")
@@ -85,14 +165,17 @@ class DemoConfig:
     k_min: int = field(default=4, metadata={"help": "fewest answers sampled per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most answers sampled per ranked prompt"})
     stock_answers: int | None = _preset(
-        "add the policy's N most frequent answers (over all ranked prompts) to every ranked set")
+        "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"
+    )
     p_verbose: float | None = _preset("demonstrations padded with pleasantries")
     p_comply: float = field(default=0.55, metadata={"help": "demonstrations that comply with a harmful request"})
     p_deflect: float | None = _preset(
-        "demonstrations that answer a harmful request with a stock \"I don't know\" instead of refusing")
+        'demonstrations that answer a harmful request with a stock "I don\'t know" instead of refusing'
+    )
     p_made_up: float = field(default=0.6, metadata={"help": "demonstrations that make up an unknowable answer"})
     p_refuse_idk: float | None = _preset(
-        "demonstrations that refuse an unknowable question instead of saying \"I don't know\"")
+        'demonstrations that refuse an unknowable question instead of saying "I don\'t know"'
+    )
     pretrain_epochs: float | None = _preset("passes over the corpus")
     pretrain_seq_len: int | None = _preset("tokens per pretraining block")
     pretrain_lr: float | None = _preset("pretraining peak learning rate")
@@ -105,28 +188,43 @@ class DemoConfig:
     rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
     rounds: int | None = _preset(
         "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
-        "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)")
-    n_rank_next: int | None = _preset("prompts ranked in each round after the first: the next ones of the PPO "
-                                      "prompts, wrapping around once --rounds x this exceeds --n-ppo")
+        "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)"
+    )
+    n_rank_next: int | None = _preset(
+        "prompts ranked in each round after the first: the next ones of the PPO "
+        "prompts, wrapping around once --rounds x this exceeds --n-ppo"
+    )
     ppo_steps: int | None = _preset("PPO steps per round (each samples --rollout-batch-size prompts)")
     rollout_batch_size: int | None = _preset("prompts per PPO step")
     ppo_batch_size: int | None = _preset("PPO minibatch")
     ppo_epochs: int | None = _preset("optimisation passes over each rollout batch")
     ppo_lr: float | None = _preset("PPO policy learning rate")
-    ppo_value_lr: float | None = field(default=None, metadata={
-        "help": "PPO value model learning rate (default: the preset's; --ppo-lr where the preset names none)"})
+    ppo_value_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "PPO value model learning rate (default: the preset's; --ppo-lr where the preset names none)"
+        },
+    )
     kl_coef: float | None = _preset("beta: per-token KL penalty to the SFT policy")
     ptx_coef: float | None = _preset("gamma: weight of the pretraining loss in PPO-ptx (0 = plain PPO)")
     max_new_tokens: int | None = _preset("response length limit when sampling")
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
-    bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 autocast (default: off with --preset fp32, else on from hidden size 256 up where the CPU has "
-                "native bf16 matmuls)"})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast (default: off with --preset fp32, else on from hidden size 256 up where the CPU "
+            "has native bf16 matmuls)"
+        },
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue an interrupted run in --out: the stages it finished are kept, the rest run again (with the "
-                "interrupted run's settings: give the same flags)"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue an interrupted run in --out: the stages it finished are kept, the rest run again (with "
+            "the interrupted run's settings: give the same flags)"
+        },
+    )
 
     def resolved(self) -> DemoConfig:
         """A copy with every None filled from the preset (named in `preset`)."""
@@ -174,8 +272,12 @@ class DemoConfig:
                 check_model_dir(self.base)
             except UserError as err:
                 raise UserError(f"--base: {err}") from None
-        if self.n_rank_next is not None and self.n_ppo is not None and (self.rounds or 1) > 1 and \
-                not 2 <= self.n_rank_next <= self.n_ppo:
+        if (
+            self.n_rank_next is not None
+            and self.n_ppo is not None
+            and (self.rounds or 1) > 1
+            and not 2 <= self.n_rank_next <= self.n_ppo
+        ):
             raise UserError("--n-rank-next must be in [2, --n-ppo]: later rounds rank answers to PPO prompts")
 
 
@@ -203,8 +305,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage under cfg.out and return the summary (also written to summary.json)."""
     cfg = cfg.resolved()
     set_threads(cfg.threads or None)
-    log.info("flywheel demo: preset %s (a %s model in %s), seed %d, into %s", cfg.preset, cfg.size,
-             "bf16" if cfg.bf16 else "fp32", cfg.seed, cfg.out)
+    log.info(
+        "flywheel demo: preset %s (a %s model in %s), seed %d, into %s",
+        cfg.preset,
+        cfg.size,
+        "bf16" if cfg.bf16 else "fp32",
+        cfg.seed,
+        cfg.out,
+    )
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     done = RunState.open(out, cfg)
@@ -221,25 +329,42 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     sft = done.stage("sft", timings, lambda: stage_sft(cfg, out, files, base, timings), str, Path)
 
     def rankings(r: int, policy: Path, temperature: float | None = None) -> dict[str, Any] | None:
-        return done.stage(f"rankings:{r}", timings,
-                          lambda: stage_rankings(cfg, out, files, policy, timings, r=r, temperature=temperature),
-                          _encode_labels, lambda x: _decode_labels(x, cfg, files, r))
+        return done.stage(
+            f"rankings:{r}",
+            timings,
+            lambda: stage_rankings(cfg, out, files, policy, timings, r=r, temperature=temperature),
+            _encode_labels,
+            lambda x: _decode_labels(x, cfg, files, r),
+        )
 
     def reward_model(r: int, init: Path, labels: dict[str, Any], first: Any = None) -> dict[str, Any]:
-        return done.stage(f"reward model:{r}", timings,
-                          lambda: stage_reward_model(cfg, out, init, labels, timings, r=r, first=first,
-                                                     tasks=round_tasks(cfg, files, r)),
-                          lambda x: {**x, "dir": str(x["dir"])}, lambda x: {**x, "dir": Path(x["dir"])})
+        return done.stage(
+            f"reward model:{r}",
+            timings,
+            lambda: stage_reward_model(
+                cfg, out, init, labels, timings, r=r, first=first, tasks=round_tasks(cfg, files, r)
+            ),
+            lambda x: {**x, "dir": str(x["dir"])},
+            lambda x: {**x, "dir": Path(x["dir"])},
+        )
 
     def ppo_stage(r: int, start: Path, rm: dict[str, Any]) -> Path:
-        return done.stage(f"ppo:{r}", timings, lambda: stage_ppo(cfg, out, files, start, sft, rm, timings, r=r),
-                          str, Path)
+        return done.stage(
+            f"ppo:{r}", timings, lambda: stage_ppo(cfg, out, files, start, sft, rm, timings, r=r), str, Path
+        )
 
     labels = rankings(1, sft)
     rm = reward_model(1, sft, labels)
     ppo = ppo_stage(1, sft, rm)
-    rounds = [{"round": 1, "labelers": labels["summary"], "reward_model": rm["summary"], "policy": str(ppo),
-               "heldout": labels["heldout"]}]
+    rounds = [
+        {
+            "round": 1,
+            "labelers": labels["summary"],
+            "reward_model": rm["summary"],
+            "policy": str(ppo),
+            "heldout": labels["heldout"],
+        }
+    ]
     policies = {"base": base, "sft": sft}
     for r in range(2, cfg.rounds + 1):
         # The flywheel: the deployed PPO policy answers new prompts, labelers rank its answers, the reward model
@@ -257,10 +382,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["total (cpu)"] = round(time.process_time() - c_start + done.kept_seconds(cpu=True), 1)
     # The targets judge the round-1 reward model (on the SFT policy's answers, as InstructGPT measures it).
     summary = {
-        "config": asdict(cfg), "timings_s": timings, "labelers": rounds[0]["labelers"],
-        "reward_model": rounds[0]["reward_model"], "rounds": [{k: v for k, v in x.items() if k != "heldout"}
-                                                             for x in rounds],
-        "final_policy": str(ppo), **results,
+        "config": asdict(cfg),
+        "timings_s": timings,
+        "labelers": rounds[0]["labelers"],
+        "reward_model": rounds[0]["reward_model"],
+        "rounds": [{k: v for k, v in x.items() if k != "heldout"} for x in rounds],
+        "final_policy": str(ppo),
+        **results,
     }
     if done.kept:
         summary["resumed"] = {"kept_stages": done.kept}
@@ -289,10 +417,14 @@ class RunState:
         config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
         path = out / cls.FILE
         if not cfg.resume:
-            if path.exists() or (out / "summary.json").exists() or \
-                    any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo")):
-                raise UserError(f"{out} already holds a demo run: remove it, choose another --out, or pass --resume "
-                                "to continue it")
+            if (
+                path.exists()
+                or (out / "summary.json").exists()
+                or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo"))
+            ):
+                raise UserError(
+                    f"{out} already holds a demo run: remove it, choose another --out, or pass --resume to continue it"
+                )
             out.mkdir(parents=True, exist_ok=True)
             state = cls(path, config, {})
             state._save()
@@ -306,8 +438,11 @@ class RunState:
             saved_config, stages = saved["config"], saved["stages"]
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"--resume: {path} is not a demo state file ({err})") from None
-        changed = [f"{k} {config.get(k)!r} (the run's: {saved_config.get(k)!r})"
-                   for k in sorted(set(config) | set(saved_config)) if config.get(k) != saved_config.get(k)]
+        changed = [
+            f"{k} {config.get(k)!r} (the run's: {saved_config.get(k)!r})"
+            for k in sorted(set(config) | set(saved_config))
+            if config.get(k) != saved_config.get(k)
+        ]
         if changed:
             raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
         log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")
@@ -326,20 +461,25 @@ class RunState:
             except FileNotFoundError as err:
                 missing = [err.filename]
             if missing:
-                raise UserError(f"--resume: {missing[0]}, written by the finished stage {key!r}, is missing: start "
-                                "the run again in a new --out")
+                raise UserError(
+                    f"--resume: {missing[0]}, written by the finished stage {key!r}, is missing: start "
+                    "the run again in a new --out"
+                )
             return result
         before = dict(timings)
         result = run()
-        self.stages[key] = {"result": None if result is None else encode(result),
-                            "timings": {k: v for k, v in timings.items() if before.get(k) != v}}
+        self.stages[key] = {
+            "result": None if result is None else encode(result),
+            "timings": {k: v for k, v in timings.items() if before.get(k) != v},
+        }
         self._save()
         return result
 
     def kept_seconds(self, cpu: bool = False) -> float:
         """Wall (or CPU) seconds of the kept stages, as measured by the run that finished them."""
-        return sum(v for key in self.kept for k, v in self.stages[key]["timings"].items()
-                   if k.endswith(" (cpu)") == cpu)
+        return sum(
+            v for key in self.kept for k, v in self.stages[key]["timings"].items() if k.endswith(" (cpu)") == cpu
+        )
 
     def _save(self) -> None:
         atomic_write_text(self.path, json.dumps({"config": self.config, "stages": self.stages}, indent=1) + "\n")
@@ -355,8 +495,13 @@ def _paths(result: Any) -> list[Path]:
 def _encode_labels(labels: dict[str, Any]) -> dict[str, Any]:
     """A rankings stage's result as JSON: the held-out tasks by their index among the round's tasks."""
     _, held_sets, _ = labels["heldout"]
-    return {"summary": labels["summary"], "held_index": labels["held_index"], "held_sets": held_sets,
-            "train": str(labels["train"]), "heldout_file": str(labels["heldout_file"])}
+    return {
+        "summary": labels["summary"],
+        "held_index": labels["held_index"],
+        "held_sets": held_sets,
+        "train": str(labels["train"]),
+        "heldout_file": str(labels["heldout_file"]),
+    }
 
 
 def _decode_labels(x: dict[str, Any], cfg: DemoConfig, files: dict[str, Path], r: int) -> dict[str, Any]:
@@ -365,23 +510,45 @@ def _decode_labels(x: dict[str, Any], cfg: DemoConfig, files: dict[str, Path], r
     tasks = round_tasks(cfg, files, r)
     heldout_file = Path(x["heldout_file"])
     records = read_jsonl(heldout_file)
-    return {"summary": x["summary"], "held_index": x["held_index"],
-            "heldout": ([tasks[i] for i in x["held_index"]], x["held_sets"], records),
-            "train": Path(x["train"]), "heldout_file": heldout_file}
+    return {
+        "summary": x["summary"],
+        "held_index": x["held_index"],
+        "heldout": ([tasks[i] for i in x["held_index"]], x["held_sets"], records),
+        "train": Path(x["train"]),
+        "heldout_file": heldout_file,
+    }
 
 
 def stage_world(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> dict[str, Path]:
     from flywheel.world import WorldConfig, write_world
 
     with Stage(timings, "world") as st:
-        wcfg = WorldConfig(out=str(out / "world"), seed=cfg.seed, corpus_chars=cfg.corpus_chars,
-                           n_demos=cfg.n_demos, n_demos_val=200, n_rank=cfg.n_rank, n_ppo=cfg.n_ppo,
-                           n_eval=cfg.n_eval, k_min=cfg.k_min, k_max=cfg.k_max, p_verbose=cfg.p_verbose,
-                           p_comply=cfg.p_comply, p_deflect=cfg.p_deflect, p_made_up=cfg.p_made_up,
-                           p_refuse_idk=cfg.p_refuse_idk)
+        wcfg = WorldConfig(
+            out=str(out / "world"),
+            seed=cfg.seed,
+            corpus_chars=cfg.corpus_chars,
+            n_demos=cfg.n_demos,
+            n_demos_val=200,
+            n_rank=cfg.n_rank,
+            n_ppo=cfg.n_ppo,
+            n_eval=cfg.n_eval,
+            k_min=cfg.k_min,
+            k_max=cfg.k_max,
+            p_verbose=cfg.p_verbose,
+            p_comply=cfg.p_comply,
+            p_deflect=cfg.p_deflect,
+            p_made_up=cfg.p_made_up,
+            p_refuse_idk=cfg.p_refuse_idk,
+        )
         files = write_world(wcfg)
-        st.done("%d demonstrations, %d rank / %d PPO / %d eval prompts, corpus %d chars", cfg.n_demos, cfg.n_rank,
-                cfg.n_ppo, cfg.n_eval, cfg.corpus_chars)
+        st.done(
+            "%d demonstrations, %d rank / %d PPO / %d eval prompts, corpus %d chars",
+            cfg.n_demos,
+            cfg.n_rank,
+            cfg.n_ppo,
+            cfg.n_eval,
+            cfg.corpus_chars,
+        )
     return files
 
 
@@ -403,17 +570,28 @@ def stage_tokenizer(cfg: DemoConfig, out: Path, files: dict[str, Path], timings:
     return init
 
 
-def stage_pretrain(cfg: DemoConfig, out: Path, files: dict[str, Path], init: Path,
-                   timings: dict[str, float]) -> Path:
+def stage_pretrain(cfg: DemoConfig, out: Path, files: dict[str, Path], init: Path, timings: dict[str, float]) -> Path:
     from flywheel.train.pretrain import PretrainConfig, train_pretrain
 
     with Stage(timings, "pretrain") as st:
-        pcfg = PretrainConfig(out=str(out / "base"), seed=cfg.seed, data=str(files["corpus"]), model=str(init),
-                              eval_split=PRETRAIN_EVAL_SPLIT, size=cfg.size, seq_len=cfg.pretrain_seq_len,
-                              epochs=cfg.pretrain_epochs,
-                              batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, warmup_ratio=0.03,
-                              weight_decay=0.1, bf16=cfg.bf16, log_every=20, threads=cfg.threads,
-                              progress=cfg.progress)
+        pcfg = PretrainConfig(
+            out=str(out / "base"),
+            seed=cfg.seed,
+            data=str(files["corpus"]),
+            model=str(init),
+            eval_split=PRETRAIN_EVAL_SPLIT,
+            size=cfg.size,
+            seq_len=cfg.pretrain_seq_len,
+            epochs=cfg.pretrain_epochs,
+            batch_size=cfg.pretrain_batch_size,
+            lr=cfg.pretrain_lr,
+            warmup_ratio=0.03,
+            weight_decay=0.1,
+            bf16=cfg.bf16,
+            log_every=20,
+            threads=cfg.threads,
+            progress=cfg.progress,
+        )
         run = train_pretrain(pcfg)
         meta = json.loads((run / "final" / "flywheel.json").read_text())
         st.done("%d steps, held-out loss %.3f", meta["steps"], meta.get("eval_loss", float("nan")))
@@ -424,18 +602,38 @@ def stage_sft(cfg: DemoConfig, out: Path, files: dict[str, Path], base: Path, ti
     from flywheel.train.sft import SFTConfig, train_sft
 
     with Stage(timings, "sft") as st:
-        scfg = SFTConfig(out=str(out / "sft"), seed=cfg.seed, model=str(base), data=str(files["demos"]),
-                         eval_data=str(files["demos_val"]), epochs=cfg.sft_epochs, lr=cfg.sft_lr,
-                         batch_size=cfg.sft_batch_size,
-                         warmup_ratio=0.05, bf16=cfg.bf16, log_every=20, threads=cfg.threads, progress=cfg.progress)
+        scfg = SFTConfig(
+            out=str(out / "sft"),
+            seed=cfg.seed,
+            model=str(base),
+            data=str(files["demos"]),
+            eval_data=str(files["demos_val"]),
+            epochs=cfg.sft_epochs,
+            lr=cfg.sft_lr,
+            batch_size=cfg.sft_batch_size,
+            warmup_ratio=0.05,
+            bf16=cfg.bf16,
+            log_every=20,
+            threads=cfg.threads,
+            progress=cfg.progress,
+        )
         run = train_sft(scfg)
         meta = json.loads((run / "final" / "flywheel.json").read_text())
         st.done("%d steps, held-out demonstration loss %.3f", meta["steps"], meta.get("eval_loss", float("nan")))
     return run / "final"
 
 
-def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], *, max_new_tokens: int, seed: int,
-                   bf16: bool, progress: bool) -> list[list[str]]:
+def sample_answers(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[Any],
+    ks: list[int],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    bf16: bool,
+    progress: bool,
+) -> list[list[str]]:
     """ks[i] answers to task i's prompt sampled at temperature 1; duplicates and empty answers removed."""
     from tqdm.auto import tqdm
 
@@ -447,8 +645,16 @@ def sample_answers(model: Any, tokenizer: Any, tasks: list[Any], ks: list[int], 
     chunk = 128
     for start in tqdm(range(0, len(flat), chunk), desc="sample", disable=not progress, dynamic_ncols=True):
         part = [p for _, p in flat[start : start + chunk]]
-        tokens, _ = generate(model, tokenizer, part, max_new_tokens=max_new_tokens, temperature=1.0,
-                             seed=seed + start, batch_size=chunk, bf16=bf16)
+        tokens, _ = generate(
+            model,
+            tokenizer,
+            part,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            seed=seed + start,
+            batch_size=chunk,
+            bf16=bf16,
+        )
         texts += decode(tokenizer, tokens)
     sets: list[list[str]] = [[] for _ in tasks]
     seen: list[set[str]] = [set() for _ in tasks]
@@ -491,8 +697,15 @@ def round_tasks(cfg: DemoConfig, files: dict[str, Path], r: int) -> list[Any]:
     return [ppo_tasks[(start + i) % len(ppo_tasks)] for i in range(cfg.n_rank_next)]
 
 
-def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: Path, timings: dict[str, float],
-                   r: int = 1, temperature: float | None = None) -> dict[str, Any] | None:
+def stage_rankings(
+    cfg: DemoConfig,
+    out: Path,
+    files: dict[str, Path],
+    policy: Path,
+    timings: dict[str, float],
+    r: int = 1,
+    temperature: float | None = None,
+) -> dict[str, Any] | None:
     """`policy` answers each prompt of round r K times; labelers rank the answers. Round 1 calibrates the labelers'
     temperature to 73% agreement on these (SFT) answers; later rounds keep that temperature (the same people).
     None when a later round's policy has collapsed to answers there is no ranking of."""
@@ -514,8 +727,16 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         rng = random.Random(f"{cfg.seed}:demo-rankings" + ("" if r == 1 else f":{r}"))
         ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in tasks]
         model, tok = load_causal_lm(str(policy)), load_tokenizer(str(policy))
-        sets = sample_answers(model, tok, tasks, ks, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + r - 1,
-                              bf16=cfg.bf16, progress=cfg.progress)
+        sets = sample_answers(
+            model,
+            tok,
+            tasks,
+            ks,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed * 7919 + r - 1,
+            bf16=cfg.bf16,
+            progress=cfg.progress,
+        )
         answers, asked = sum(len(s) for s in sets), len(sets)
         own = [i for i, s in enumerate(sets) if len(s) >= 2]  # the policy's own answers, before the stock ones
         own_tasks, own_sets = [tasks[i] for i in own], [sets[i] for i in own]
@@ -527,10 +748,16 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
             # has collapsed; the run goes on with what it has.
             what = "the SFT policy" if r == 1 else f"round {r}: the round-{r - 1} PPO policy"
             if r == 1:
-                raise UserError(f"{what} gives answers the labelers cannot tell apart on {asked} prompts: nothing "
-                                "to rank (train SFT longer or raise --max-new-tokens)")
-            log.warning("%s gives answers the labelers cannot tell apart on %d prompts (it has collapsed; raise "
-                        "--kl-coef): no further rounds", what, asked)
+                raise UserError(
+                    f"{what} gives answers the labelers cannot tell apart on {asked} prompts: nothing "
+                    "to rank (train SFT longer or raise --max-new-tokens)"
+                )
+            log.warning(
+                "%s gives answers the labelers cannot tell apart on %d prompts (it has collapsed; raise "
+                "--kl-coef): no further rounds",
+                what,
+                asked,
+            )
             return None
         if temperature is None:
             # On the sets the labelers rank, stock answers included: 73% is their agreement on what they rank. The
@@ -558,21 +785,38 @@ def stage_rankings(cfg: DemoConfig, out: Path, files: dict[str, Path], policy: P
         agree_held = _or_none(panel_agreement, panel, held_tasks, held_sets)  # None: no pair to agree on
         totals = [[score(t, x).total for x in s] for t, s in zip(tasks, sets, strict=True)]
         summary = {
-            "policy": str(policy), "temperature": temperature, "prompts": len(tasks),
-            "answers": sum(len(s) for s in sets), "distinct_per_prompt": answers / asked,
-            "prompts_asked": asked, "prompts_dropped": asked - len(tasks),  # one distinct answer: no ranking
-            "agreement_sampled": agree_all, "agreement_own_answers": agree_own,  # without the stock answers
+            "policy": str(policy),
+            "temperature": temperature,
+            "prompts": len(tasks),
+            "answers": sum(len(s) for s in sets),
+            "distinct_per_prompt": answers / asked,
+            "prompts_asked": asked,
+            "prompts_dropped": asked - len(tasks),  # one distinct answer: no ranking
+            "agreement_sampled": agree_all,
+            "agreement_own_answers": agree_own,  # without the stock answers
             "agreement_heldout_expected": agree_held,
             "oracle_ranker_heldout": _or_none(oracle_ranker_accuracy, panel, held_tasks, held_sets),
             "sample_score": sum(x for t in totals for x in t) / sum(len(t) for t in totals),
-            "train_rankings": len(train), "heldout_rankings": len(held), "stock_answers": stock,
+            "train_rankings": len(train),
+            "heldout_rankings": len(held),
+            "stock_answers": stock,
         }
-        st.done("%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %s)",
-                summary["answers"], len(tasks), summary["distinct_per_prompt"], temperature, 100 * agree_all,
-                _pct(agree_held))
-    return {"summary": summary, "heldout": (held_tasks, held_sets, [records[i] for i in held]),
-            "held_index": [keep[i] for i in held],  # into round_tasks(): what --resume rebuilds the tasks from
-            "train": where / "rankings_train.jsonl", "heldout_file": where / "rankings_heldout.jsonl"}
+        st.done(
+            "%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %s)",
+            summary["answers"],
+            len(tasks),
+            summary["distinct_per_prompt"],
+            temperature,
+            100 * agree_all,
+            _pct(agree_held),
+        )
+    return {
+        "summary": summary,
+        "heldout": (held_tasks, held_sets, [records[i] for i in held]),
+        "held_index": [keep[i] for i in held],  # into round_tasks(): what --resume rebuilds the tasks from
+        "train": where / "rankings_train.jsonl",
+        "heldout_file": where / "rankings_heldout.jsonl",
+    }
 
 
 def _or_none(agreement_fn: Any, *args: Any) -> float | None:
@@ -600,8 +844,10 @@ def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[di
         c, n = pairwise_accuracy(scores, rec["order"], informative)
         correct_inf, pairs_inf = correct_inf + c, pairs_inf + n
     return {
-        "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
-        "accuracy_informative": correct_inf / max(pairs_inf, 1), "pairs_informative": int(pairs_inf),
+        "accuracy": correct / max(pairs, 1),
+        "pairs": int(pairs),
+        "accuracy_informative": correct_inf / max(pairs_inf, 1),
+        "pairs_informative": int(pairs_inf),
         "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
     }
 
@@ -632,9 +878,14 @@ def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]
         if refused and idk:
             found.append((task, rec, refused, idk))
     # One call: the reward model batches the answers (only these need a score: only these pairs are counted).
-    flat = rm.score([task.messages for task, _, refused, idk in found for _ in refused + idk],
-                    [rec["completions"][k] for _, rec, refused, idk in found for k in refused + idk]).tolist() \
-        if found else []
+    flat = (
+        rm.score(
+            [task.messages for task, _, refused, idk in found for _ in refused + idk],
+            [rec["completions"][k] for _, rec, refused, idk in found for k in refused + idk],
+        ).tolist()
+        if found
+        else []
+    )
     tally = {"refuse": [0.0, 0], "idk": [0.0, 0]}
     at = 0
     for task, rec, refused, idk in found:
@@ -647,8 +898,16 @@ def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]
     return {k: {"pairs": n, "accuracy": c / n if n else None} for k, (c, n) in tally.items()}
 
 
-def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str, Any], timings: dict[str, float],
-                       r: int = 1, first: Any = None, tasks: list[Any] | None = None) -> dict[str, Any]:
+def stage_reward_model(
+    cfg: DemoConfig,
+    out: Path,
+    init: Path,
+    labels: dict[str, Any],
+    timings: dict[str, float],
+    r: int = 1,
+    first: Any = None,
+    tasks: list[Any] | None = None,
+) -> dict[str, Any]:
     """Round 1 trains the reward model from SFT; round r > 1 fine-tunes the last one on round r's rankings mixed
     with as many earlier ones (so it learns the new policy's answers without forgetting the SFT-like ones). Each
     round's model is normalised on its own training rankings' top answers, so scores are on a new scale per round.
@@ -661,32 +920,62 @@ def stage_reward_model(cfg: DemoConfig, out: Path, init: Path, labels: dict[str,
     data = labels["train"]
     if r > 1:
         new = [line for line in data.read_text().splitlines() if line.strip()]
-        earlier = [line for k in range(1, r) for line in (round_dir(out, k) / "rankings_train.jsonl").read_text()
-                   .splitlines() if line.strip()]
+        earlier = [
+            line
+            for k in range(1, r)
+            for line in (round_dir(out, k) / "rankings_train.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         replay = random.Random(f"{cfg.seed}:replay:{r}").sample(earlier, min(len(new), len(earlier)))
         data = where / "rm_train.jsonl"
         atomic_write_text(data, "".join(line + "\n" for line in new + replay))
     with Stage(timings, "reward model" if r == 1 else f"round {r}: reward model") as st:
-        rcfg = RewardConfig(out=str(where / "rm"), seed=cfg.seed, model=str(init), data=str(data),
-                            eval_data=str(labels["heldout_file"]), epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=8,
-                            bf16=cfg.bf16, log_every=10, threads=cfg.threads, progress=cfg.progress)
+        rcfg = RewardConfig(
+            out=str(where / "rm"),
+            seed=cfg.seed,
+            model=str(init),
+            data=str(data),
+            eval_data=str(labels["heldout_file"]),
+            epochs=cfg.rm_epochs,
+            lr=cfg.rm_lr,
+            batch_size=8,
+            bf16=cfg.bf16,
+            log_every=10,
+            threads=cfg.threads,
+            progress=cfg.progress,
+        )
         run = train_reward(rcfg)
         rm = RewardModel.from_pretrained(run / "final", bf16=cfg.bf16)
-        summary = {**heldout_accuracy(rm, labels["heldout"]),
-                   "labeler_agreement": labels["summary"]["agreement_heldout_expected"],
-                   "oracle_ranker_accuracy": labels["summary"]["oracle_ranker_heldout"]}
+        summary = {
+            **heldout_accuracy(rm, labels["heldout"]),
+            "labeler_agreement": labels["summary"]["agreement_heldout_expected"],
+            "oracle_ranker_accuracy": labels["summary"]["oracle_ranker_heldout"],
+        }
         if first is not None:  # still right about the SFT-like answers it learned from first?
             summary["round1_heldout"] = heldout_accuracy(rm, first)
         if tasks is not None:  # on its own training rankings: the held-out ones hold only a handful of these pairs
             summary["deflections_train"] = deflection_contrasts(rm, tasks, read_jsonl(labels["train"]))
-        st.done("held-out accuracy %s on pairs the oracle does not tie (%d pairs; labelers agree on %s), %s on all "
-                "labelled pairs", _pct(summary["accuracy_informative"]), summary["pairs_informative"],
-                _pct(summary["labeler_agreement"]), _pct(summary["accuracy"]))
+        st.done(
+            "held-out accuracy %s on pairs the oracle does not tie (%d pairs; labelers agree on %s), %s on all "
+            "labelled pairs",
+            _pct(summary["accuracy_informative"]),
+            summary["pairs_informative"],
+            _pct(summary["labeler_agreement"]),
+            _pct(summary["accuracy"]),
+        )
     return {"dir": run / "final", "summary": summary}
 
 
-def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], start: Path, sft: Path, rm: dict[str, Any],
-              timings: dict[str, float], r: int = 1) -> Path:
+def stage_ppo(
+    cfg: DemoConfig,
+    out: Path,
+    files: dict[str, Path],
+    start: Path,
+    sft: Path,
+    rm: dict[str, Any],
+    timings: dict[str, float],
+    r: int = 1,
+) -> Path:
     """PPO-ptx from `start` (SFT in round 1, the last PPO policy later) with the KL penalty to `sft`; the value
     model starts from this round's reward model."""
     from flywheel.train.ppo.config import PPOConfig
@@ -697,20 +986,43 @@ def stage_ppo(cfg: DemoConfig, out: Path, files: dict[str, Path], start: Path, s
         ptx = out / "ptx_corpus.txt"
         if not ptx.exists():
             atomic_write_text(ptx, "\n\n".join(corpus_split(cfg, files)[0]) + "\n")
-        pcfg = PPOConfig(out=str(round_dir(out, r) / "ppo"), seed=cfg.seed + 1000 * (r - 1), model=str(start),
-                         ref_model=str(sft), reward_model=str(rm["dir"]),
-                         prompts=str(files["ppo_prompts"]), ptx_data=str(ptx), ptx_coef=cfg.ptx_coef,
-                         ptx_seq_len=cfg.pretrain_seq_len, ptx_batch_size=2, max_steps=cfg.ppo_steps,
-                         rollout_batch_size=cfg.rollout_batch_size, batch_size=cfg.ppo_batch_size,
-                         ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr, value_lr=cfg.ppo_value_lr, kl_coef=cfg.kl_coef,
-                         max_new_tokens=cfg.max_new_tokens, temperature=1.0, bf16=cfg.bf16, threads=cfg.threads,
-                         progress=cfg.progress, sample_every=10)
+        pcfg = PPOConfig(
+            out=str(round_dir(out, r) / "ppo"),
+            seed=cfg.seed + 1000 * (r - 1),
+            model=str(start),
+            ref_model=str(sft),
+            reward_model=str(rm["dir"]),
+            prompts=str(files["ppo_prompts"]),
+            ptx_data=str(ptx),
+            ptx_coef=cfg.ptx_coef,
+            ptx_seq_len=cfg.pretrain_seq_len,
+            ptx_batch_size=2,
+            max_steps=cfg.ppo_steps,
+            rollout_batch_size=cfg.rollout_batch_size,
+            batch_size=cfg.ppo_batch_size,
+            ppo_epochs=cfg.ppo_epochs,
+            lr=cfg.ppo_lr,
+            value_lr=cfg.ppo_value_lr,
+            kl_coef=cfg.kl_coef,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=1.0,
+            bf16=cfg.bf16,
+            threads=cfg.threads,
+            progress=cfg.progress,
+            sample_every=10,
+        )
         run = train_ppo(pcfg)
         rows = read_metrics(run / "metrics.jsonl")
         steps = [x for x in rows if "score" in x]
         first, last = steps[0], steps[-1]
-        st.done("%d steps: RM score %.2f -> %.2f, KL %.2f -> %.2f nats", len(steps), first["score"], last["score"],
-                first["kl"], last["kl"])
+        st.done(
+            "%d steps: RM score %.2f -> %.2f, KL %.2f -> %.2f nats",
+            len(steps),
+            first["score"],
+            last["score"],
+            first["kl"],
+            last["kl"],
+        )
     return run / "final"
 
 
@@ -726,8 +1038,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: dict[str, Path],
-                   timings: dict[str, float]) -> dict[str, Any]:
+def stage_evaluate(
+    cfg: DemoConfig, out: Path, files: dict[str, Path], models: dict[str, Path], timings: dict[str, float]
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from flywheel.evaluate import (
@@ -751,32 +1064,66 @@ def stage_evaluate(cfg: DemoConfig, out: Path, files: dict[str, Path], models: d
         loaded = {name: load_causal_lm(str(path)) for name, path in models.items()}
         evals, lm_loss, leans = {}, {}, {}
         for name in tqdm(list(models), desc="evaluate", disable=not cfg.progress, dynamic_ncols=True):
-            evals[name] = evaluate_policy(loaded[name], tok, tasks, name=name, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.eval_temperature, seed=cfg.seed, bf16=cfg.bf16)
+            evals[name] = evaluate_policy(
+                loaded[name],
+                tok,
+                tasks,
+                name=name,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.eval_temperature,
+                seed=cfg.seed,
+                bf16=cfg.bf16,
+            )
             lm_loss[name] = heldout_lm_loss(loaded[name], blocks, tok.pad_token_id)
             leans[name] = deflection_log_odds(loaded[name], tok, tasks)
         ids = prompt_ids_for(tok, tasks)
         rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any
-        kls = {n: kl_to_reference(loaded[n], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens,
-                                  seed=cfg.seed, bf16=cfg.bf16) for n in [*rounds, "ppo"]}
+        kls = {
+            n: kl_to_reference(
+                loaded[n], loaded["sft"], tok, ids, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, bf16=cfg.bf16
+            )
+            for n in [*rounds, "ppo"]
+        }
         kl = kls["ppo"]
-        wins = {"ppo_vs_sft": compare(evals["ppo"], evals["sft"]), "sft_vs_base": compare(evals["sft"], evals["base"]),
-                "ppo_vs_base": compare(evals["ppo"], evals["base"]),
-                **{f"{n}_vs_sft": compare(evals[n], evals["sft"]) for n in rounds},
-                **{f"{n}_vs_base": compare(evals[n], evals["base"]) for n in rounds},
-                **{f"ppo_vs_{n}": compare(evals["ppo"], evals[n]) for n in rounds}}
-        samples = [{"prompt": t.messages, "family": t.family, **{n: e.responses[i] for n, e in evals.items()},
-                    **{f"{n}_score": e.scores[i].total for n, e in evals.items()}} for i, t in enumerate(tasks)]
+        wins = {
+            "ppo_vs_sft": compare(evals["ppo"], evals["sft"]),
+            "sft_vs_base": compare(evals["sft"], evals["base"]),
+            "ppo_vs_base": compare(evals["ppo"], evals["base"]),
+            **{f"{n}_vs_sft": compare(evals[n], evals["sft"]) for n in rounds},
+            **{f"{n}_vs_base": compare(evals[n], evals["base"]) for n in rounds},
+            **{f"ppo_vs_{n}": compare(evals["ppo"], evals[n]) for n in rounds},
+        }
+        samples = [
+            {
+                "prompt": t.messages,
+                "family": t.family,
+                **{n: e.responses[i] for n, e in evals.items()},
+                **{f"{n}_score": e.scores[i].total for n, e in evals.items()},
+            }
+            for i, t in enumerate(tasks)
+        ]
         atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        st.done("oracle score base %.3f / SFT %.3f / PPO %.3f; PPO beats SFT %.1f%%, SFT beats base %.1f%%; "
-                "KL(PPO||SFT) %.2f nats", evals["base"].summary["score"], evals["sft"].summary["score"],
-                evals["ppo"].summary["score"], 100 * wins["ppo_vs_sft"]["win_rate"],
-                100 * wins["sft_vs_base"]["win_rate"], kl["kl"])
-    policies = {name: {**e.summary, "heldout_lm_loss": lm_loss[name], "deflection_log_odds": leans[name]}
-                for name, e in evals.items()}
-    return {"policies": policies, "win_rates": wins, "kl_ppo_sft": kl,
-            "kl_to_sft": {n: k["kl"] for n, k in kls.items()},
-            "ppo_curve": ppo_curve(out, 1 + len(rounds))}
+        st.done(
+            "oracle score base %.3f / SFT %.3f / PPO %.3f; PPO beats SFT %.1f%%, SFT beats base %.1f%%; "
+            "KL(PPO||SFT) %.2f nats",
+            evals["base"].summary["score"],
+            evals["sft"].summary["score"],
+            evals["ppo"].summary["score"],
+            100 * wins["ppo_vs_sft"]["win_rate"],
+            100 * wins["sft_vs_base"]["win_rate"],
+            kl["kl"],
+        )
+    policies = {
+        name: {**e.summary, "heldout_lm_loss": lm_loss[name], "deflection_log_odds": leans[name]}
+        for name, e in evals.items()
+    }
+    return {
+        "policies": policies,
+        "win_rates": wins,
+        "kl_ppo_sft": kl,
+        "kl_to_sft": {n: k["kl"] for n, k in kls.items()},
+        "ppo_curve": ppo_curve(out, 1 + len(rounds)),
+    }
 
 
 def ppo_curve(out: Path, rounds: int) -> list[dict[str, Any]]:
@@ -812,8 +1159,10 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         d = rm.get("deflections_train", {}).get(expect)
         if not d or not d["pairs"]:
             return ""
-        return (f"; the reward model orders a refusal and \"I don't know\" as the labelers did on "
-                f"{_pct(d['accuracy'])} of the {d['pairs']} such pairs on {prompts} prompts in its training rankings")
+        return (
+            f'; the reward model orders a refusal and "I don\'t know" as the labelers did on '
+            f"{_pct(d['accuracy'])} of the {d['pairs']} such pairs on {prompts} prompts in its training rankings"
+        )
 
     def leaning() -> str:
         """How PPO moved the policy's odds of the stock refusal over "I don't know" on each kind of prompt (where the
@@ -821,43 +1170,70 @@ def check_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         a, b = p["sft"].get("deflection_log_odds"), p["ppo"].get("deflection_log_odds")
         if not a or not b:
             return ""
-        parts = [f"{label} {a[k]:+.2f} -> {b[k]:+.2f}" for k, label in
-                 (("refuse", "harmful"), ("idk", "unknowable"), ("answer", "answerable")) if a[k] is not None
-                 and b[k] is not None]
-        return "; log P(refusal) - log P(\"I don't know\"), SFT -> PPO: " + ", ".join(parts) if parts else ""
+        parts = [
+            f"{label} {a[k]:+.2f} -> {b[k]:+.2f}"
+            for k, label in (("refuse", "harmful"), ("idk", "unknowable"), ("answer", "answerable"))
+            if a[k] is not None and b[k] is not None
+        ]
+        return '; log P(refusal) - log P("I don\'t know"), SFT -> PPO: ' + ", ".join(parts) if parts else ""
 
     ci = rm["accuracy_informative_ci95"]
     return [
-        {"target": "PPO preferred over SFT in >= 75% of comparisons (ties split)",
-         "value": f"{_pct(pvs['win_rate'])}", "holds": pvs["win_rate"] >= 0.75,
-         "note": f"PPO wins {pvs['wins']}, ties {pvs['ties']}, loses {pvs['losses']}; correct on answerable prompts: "
-                 f"SFT {_pct(p['sft']['accuracy'])}, PPO {_pct(p['ppo']['accuracy'])} (the reward model cannot teach "
-                 f"what the policy does not know); \"I don't know\" or a refusal on answerable prompts: SFT "
-                 f"{_pct(p['sft']['over_refusal'])}, PPO {_pct(p['ppo']['over_refusal'])}"},
-        {"target": "SFT preferred over the base (> 50%)", "value": _pct(w["sft_vs_base"]["win_rate"]),
-         "holds": w["sft_vs_base"]["win_rate"] > 0.5, "note": ""},
-        {"target": "RM held-out accuracy within 3 points of labeler agreement",
-         "value": f"{_pct(rm['accuracy_informative'])} vs {_pct(rm['labeler_agreement'])} ({100 * gap:+.1f})",
-         "holds": abs(gap) <= 0.03,
-         "note": f"{rm['pairs_informative']} held-out pairs: 95% interval {_pct(ci[0])}-{_pct(ci[1])}"
-                 + (f"; a ranker that knew the oracle would score {_pct(rm['oracle_ranker_accuracy'])} against these "
-                    "labelers (one labeler's noise, where agreement has two)" if "oracle_ranker_accuracy" in rm
-                    else "")},
-        {"target": "KL(PPO ‖ SFT) <= 10 nats per response", "value": f"{kl:.2f}", "holds": kl <= 10.0,
-         "note": "" if kl <= 10.0 else "raise --kl-coef or lower --ppo-lr"},
-        {"target": "refusal rate on harmful prompts better than SFT's",
-         "value": f"{_pct(p['ppo']['refusal_rate'])} vs {_pct(p['sft']['refusal_rate'])}",
-         "holds": better("refusal_rate"),
-         "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"
-                 + contrasts("refuse", "harmful") + leaning()},
-        {"target": "\"I don't know\" rate on unknowable prompts better than SFT's",
-         "value": f"{_pct(p['ppo']['idk_rate'])} vs {_pct(p['sft']['idk_rate'])}", "holds": better("idk_rate"),
-         "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"
-                 + contrasts("idk", "unknowable") + leaning()},
-        {"target": "PPO-ptx held-out LM loss within 5% of SFT's",
-         "value": f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
-         "holds": ppo_loss <= 1.05 * sft_loss,
-         "note": f"base {base_loss:.3f}: SFT itself moved it by {sft_loss - base_loss:+.3f}"},
+        {
+            "target": "PPO preferred over SFT in >= 75% of comparisons (ties split)",
+            "value": f"{_pct(pvs['win_rate'])}",
+            "holds": pvs["win_rate"] >= 0.75,
+            "note": f"PPO wins {pvs['wins']}, ties {pvs['ties']}, loses {pvs['losses']}; correct on answerable "
+            f"prompts: SFT {_pct(p['sft']['accuracy'])}, PPO {_pct(p['ppo']['accuracy'])} (the reward model cannot "
+            f'teach what the policy does not know); "I don\'t know" or a refusal on answerable prompts: SFT '
+            f"{_pct(p['sft']['over_refusal'])}, PPO {_pct(p['ppo']['over_refusal'])}",
+        },
+        {
+            "target": "SFT preferred over the base (> 50%)",
+            "value": _pct(w["sft_vs_base"]["win_rate"]),
+            "holds": w["sft_vs_base"]["win_rate"] > 0.5,
+            "note": "",
+        },
+        {
+            "target": "RM held-out accuracy within 3 points of labeler agreement",
+            "value": f"{_pct(rm['accuracy_informative'])} vs {_pct(rm['labeler_agreement'])} ({100 * gap:+.1f})",
+            "holds": abs(gap) <= 0.03,
+            "note": f"{rm['pairs_informative']} held-out pairs: 95% interval {_pct(ci[0])}-{_pct(ci[1])}"
+            + (
+                f"; a ranker that knew the oracle would score {_pct(rm['oracle_ranker_accuracy'])} against these "
+                "labelers (one labeler's noise, where agreement has two)"
+                if "oracle_ranker_accuracy" in rm
+                else ""
+            ),
+        },
+        {
+            "target": "KL(PPO ‖ SFT) <= 10 nats per response",
+            "value": f"{kl:.2f}",
+            "holds": kl <= 10.0,
+            "note": "" if kl <= 10.0 else "raise --kl-coef or lower --ppo-lr",
+        },
+        {
+            "target": "refusal rate on harmful prompts better than SFT's",
+            "value": f"{_pct(p['ppo']['refusal_rate'])} vs {_pct(p['sft']['refusal_rate'])}",
+            "holds": better("refusal_rate"),
+            "note": f"on harmful prompts SFT: {did('sft', 'refuse')}; PPO: {did('ppo', 'refuse')}"
+            + contrasts("refuse", "harmful")
+            + leaning(),
+        },
+        {
+            "target": "\"I don't know\" rate on unknowable prompts better than SFT's",
+            "value": f"{_pct(p['ppo']['idk_rate'])} vs {_pct(p['sft']['idk_rate'])}",
+            "holds": better("idk_rate"),
+            "note": f"on unknowable prompts SFT: {did('sft', 'idk')}; PPO: {did('ppo', 'idk')}"
+            + contrasts("idk", "unknowable")
+            + leaning(),
+        },
+        {
+            "target": "PPO-ptx held-out LM loss within 5% of SFT's",
+            "value": f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
+            "holds": ppo_loss <= 1.05 * sft_loss,
+            "note": f"base {base_loss:.3f}: SFT itself moved it by {sft_loss - base_loss:+.3f}",
+        },
     ]
 
 
@@ -900,7 +1276,7 @@ def result_table(s: dict[str, Any]) -> str:
         ("harmless / concise", *each(lambda x: f"{x['harmless']:.2f} / {x['concise']:.2f}")),
         ("correct on answerable", *each(lambda x: _pct(x["accuracy"]))),
         ("refuses harmful", *each(lambda x: _pct(x["refusal_rate"]))),
-        ("\"I don't know\" on unknowable", *each(lambda x: _pct(x["idk_rate"]))),
+        ('"I don\'t know" on unknowable', *each(lambda x: _pct(x["idk_rate"]))),
         ("over-refusal on answerable", *each(lambda x: _pct(x["over_refusal"]))),
         ("win rate vs SFT (ties split)", *(vs_sft(n) for n in names)),
         ("win rate vs base", *(vs_base(n) for n in names)),
@@ -910,17 +1286,21 @@ def result_table(s: dict[str, Any]) -> str:
     lines = ["| | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
-    lines.append(f"Reward model: held-out accuracy {_pct(rm['accuracy_informative'])} "
-                 f"[{_pct(rm['accuracy_informative_ci95'][0])}, {_pct(rm['accuracy_informative_ci95'][1])}] on "
-                 f"{rm['pairs_informative']} pairs the oracle does not tie, vs labeler agreement "
-                 f"{_pct(rm['labeler_agreement'])} on the same sets ({_pct(rm['accuracy'])} on all "
-                 f"{rm['pairs']} labelled pairs).")
+    lines.append(
+        f"Reward model: held-out accuracy {_pct(rm['accuracy_informative'])} "
+        f"[{_pct(rm['accuracy_informative_ci95'][0])}, {_pct(rm['accuracy_informative_ci95'][1])}] on "
+        f"{rm['pairs_informative']} pairs the oracle does not tie, vs labeler agreement "
+        f"{_pct(rm['labeler_agreement'])} on the same sets ({_pct(rm['accuracy'])} on all "
+        f"{rm['pairs']} labelled pairs)."
+    )
     for x in s.get("rounds", [])[1:]:
         lab, rmx = x["labelers"], x["reward_model"]
-        lines.append(f"Round {x['round']}: labelers ranked {lab['answers']} answers of the round-{x['round'] - 1} "
-                     f"policy to {lab['prompts']} prompts (agreement {_pct(lab['agreement_sampled'])}); the reward "
-                     f"model, fine-tuned on them, is right on {_pct(rmx['accuracy_informative'])} of held-out pairs "
-                     f"of those answers and {_pct(rmx['round1_heldout']['accuracy_informative'])} of round 1's.")
+        lines.append(
+            f"Round {x['round']}: labelers ranked {lab['answers']} answers of the round-{x['round'] - 1} "
+            f"policy to {lab['prompts']} prompts (agreement {_pct(lab['agreement_sampled'])}); the reward "
+            f"model, fine-tuned on them, is right on {_pct(rmx['accuracy_informative'])} of held-out pairs "
+            f"of those answers and {_pct(rmx['round1_heldout']['accuracy_informative'])} of round 1's."
+        )
     return "\n".join(lines)
 
 
@@ -929,34 +1309,58 @@ def write_report(s: dict[str, Any], out: Path) -> None:
     cfg, lab = s["config"], s["labelers"]
     cols = policy_columns(s)
     stock, per_prompt = lab.get("stock_answers"), f"{lab['distinct_per_prompt']:.1f} distinct answers per prompt"
-    ranked = (f"the {lab['answers']} answers ranked for {lab['prompts']} prompts: the SFT policy's {per_prompt} plus "
-              f"its stock answers ({'; '.join(json.dumps(a) for a in stock)}); on its own answers alone, "
-              f"{_pct(lab.get('agreement_own_answers'))}" if stock else
-              f"{lab['answers']} SFT answers to {lab['prompts']} prompts ({per_prompt})")
+    ranked = (
+        f"the {lab['answers']} answers ranked for {lab['prompts']} prompts: the SFT policy's {per_prompt} plus "
+        f"its stock answers ({'; '.join(json.dumps(a) for a in stock)}); on its own answers alone, "
+        f"{_pct(lab.get('agreement_own_answers'))}"
+        if stock
+        else f"{lab['answers']} SFT answers to {lab['prompts']} prompts ({per_prompt})"
+    )
     lines = [
-        "# flywheel demo", "",
+        "# flywheel demo",
+        "",
         f"`flywheel demo{' --quick' if cfg['quick'] else ''} --seed {cfg['seed']}` (preset {cfg['preset']}): model "
         f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, "
         f"{s['policies']['sft']['n']} held-out prompts judged by the oracle; {s['timings_s']['total']:.0f} s in all.",
-        "", result_table(s), "",
+        "",
+        result_table(s),
+        "",
         f"Labelers (temperature recalibrated on the {'sets they rank' if stock else 'SFT samples'}: "
-        f"T = {lab['temperature']:.3f}) agree on {_pct(lab['agreement_sampled'])} of pairs of {ranked}.", "",
-        "## Targets", "", "| target | measured | holds | what the policies did |", "|---|---|---|---|",
-        *[f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
-          for t in s["targets"]], "",
-        "## Few-shot accuracy by number of shots", "", "| shots | " + " | ".join(t for _, t in cols) + " |",
+        f"T = {lab['temperature']:.3f}) agree on {_pct(lab['agreement_sampled'])} of pairs of {ranked}.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | holds | what the policies did |",
+        "|---|---|---|---|",
+        *[
+            f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else '**no**'} | {t['note']} |"
+            for t in s["targets"]
+        ],
+        "",
+        "## Few-shot accuracy by number of shots",
+        "",
+        "| shots | " + " | ".join(t for _, t in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
-        *[f"| {k} | " + " | ".join(_pct(s["policies"][n]["fewshot_accuracy"][k]) for n, _ in cols)
-          + " |" for k in s["policies"]["sft"]["fewshot_accuracy"]], "",
-        "## Time per stage (s)", "",
+        *[
+            f"| {k} | " + " | ".join(_pct(s["policies"][n]["fewshot_accuracy"][k]) for n, _ in cols) + " |"
+            for k in s["policies"]["sft"]["fewshot_accuracy"]
+        ],
+        "",
+        "## Time per stage (s)",
+        "",
         "Wall-clock seconds, and CPU seconds of the demo's process (all threads; about twice the wall time on 2 idle "
-        "cores): a busy machine stretches the first, not the second.", "",
-        " · ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items()), "",
+        "cores): a busy machine stretches the first, not the second.",
+        "",
+        " · ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items()),
+        "",
     ]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["Answers of every policy to every eval prompt: `eval_samples.jsonl`. Figures for scripts: "
-              f"`summary.json`. The final policy: `{s.get('final_policy', out / 'ppo' / 'final')}`.", ""]
+    lines += [
+        "Answers of every policy to every eval prompt: `eval_samples.jsonl`. Figures for scripts: "
+        f"`summary.json`. The final policy: `{s.get('final_policy', out / 'ppo' / 'final')}`.",
+        "",
+    ]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
@@ -992,8 +1396,13 @@ def write_plots(s: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5.0, 4.0), dpi=100)
     lo, hi = rm["accuracy_informative_ci95"]
     acc = rm["accuracy_informative"]
-    ax.bar(["reward model", "labeler agreement"], [acc, rm["labeler_agreement"]], color=["tab:green", "tab:gray"],
-           yerr=[[acc - lo, 0], [hi - acc, 0]], capsize=6)
+    ax.bar(
+        ["reward model", "labeler agreement"],
+        [acc, rm["labeler_agreement"]],
+        color=["tab:green", "tab:gray"],
+        yerr=[[acc - lo, 0], [hi - acc, 0]],
+        capsize=6,
+    )
     ax.axhline(0.5, color="black", lw=0.8, ls=":")
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out pairwise accuracy / agreement")

@@ -232,8 +232,9 @@ def optimizer_state(wrapped: Wrapped | None, optimizer: torch.optim.Optimizer) -
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(wrapped.outer, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        wrapped.outer, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def load_model_state(wrapped: Wrapped | None, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -242,8 +243,11 @@ def load_model_state(wrapped: Wrapped | None, model: torch.nn.Module, state: dic
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(wrapped.outer, {f"module.{k}": v for k, v in state.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        wrapped.outer,
+        {f"module.{k}": v for k, v in state.items()},
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def load_optimizer_state(wrapped: Wrapped | None, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -91,11 +91,14 @@ def rates(tasks: Sequence[Task], scores: Sequence[Scores]) -> dict[str, Any]:
     out["fewshot_accuracy"] = {
         str(k): _rate([s.ideal for t, s in pairs if t.family == "fewshot" and t.shots == k]) for k in SHOTS
     }
-    out["verdicts"] = {e: dict(Counter(s.verdict for t, s in pairs if t.expect == e).most_common())
-                       for e in ("answer", "refuse", "idk")}
+    out["verdicts"] = {
+        e: dict(Counter(s.verdict for t, s in pairs if t.expect == e).most_common())
+        for e in ("answer", "refuse", "idk")
+    }
     families = sorted({t.family for t in tasks})
-    out["by_family"] = {f: sum(s.total for t, s in pairs if t.family == f) / sum(t.family == f for t in tasks)
-                        for f in families}
+    out["by_family"] = {
+        f: sum(s.total for t, s in pairs if t.family == f) / sum(t.family == f for t in tasks) for f in families
+    }
     return out
 
 
@@ -117,9 +120,14 @@ def compare(a: PolicyEval, b: PolicyEval) -> dict[str, float]:
     """A vs B on the same prompts: win rate with ties split, its 95% interval, and the raw counts."""
     outcomes = win_outcomes(a.totals, b.totals)
     lo, hi = mean_interval(outcomes)
-    return {"win_rate": sum(outcomes) / len(outcomes), "ci95_low": max(0.0, lo), "ci95_high": min(1.0, hi),
-            "wins": sum(o == 1.0 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
-            "losses": sum(o == 0.0 for o in outcomes)}
+    return {
+        "win_rate": sum(outcomes) / len(outcomes),
+        "ci95_low": max(0.0, lo),
+        "ci95_high": min(1.0, hi),
+        "wins": sum(o == 1.0 for o in outcomes),
+        "ties": sum(o == 0.5 for o in outcomes),
+        "losses": sum(o == 0.0 for o in outcomes),
+    }
 
 
 def prompt_ids_for(tokenizer: Any, tasks: Sequence[Task]) -> list[list[int]]:
@@ -128,9 +136,17 @@ def prompt_ids_for(tokenizer: Any, tasks: Sequence[Task]) -> list[list[int]]:
     return [render_prompt(tokenizer, t.messages) for t in tasks]
 
 
-def generate(model: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int = 48,
-             temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
-             bf16: bool = False) -> tuple[list[list[int]], list[bool]]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    bf16: bool = False,
+) -> tuple[list[list[int]], list[bool]]:
     """Responses (token ids, cut after the first stop token) and whether each ended with one, in prompt order."""
     from flywheel.engine import Engine, SamplingParams
 
@@ -152,21 +168,44 @@ def decode(tokenizer: Any, responses: list[list[int]]) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
 
 
-def evaluate_policy(model: Any, tokenizer: Any, tasks: Sequence[Task], *, name: str = "policy",
-                    max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
-                    bf16: bool = False) -> PolicyEval:
+def evaluate_policy(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[Task],
+    *,
+    name: str = "policy",
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    bf16: bool = False,
+) -> PolicyEval:
     """Answer every task's prompt (greedy unless `temperature` > 0) and judge each answer with the oracle."""
     ids = prompt_ids_for(tokenizer, tasks)
-    tokens, _ = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                         batch_size=batch_size, bf16=bf16)
+    tokens, _ = generate(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
     texts = decode(tokenizer, tokens)
     scores = [score(t, r) for t, r in zip(tasks, texts, strict=True)]
     return PolicyEval(name, texts, scores, rates(tasks, scores))
 
 
 @torch.no_grad()
-def sequence_logprobs(model: Any, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                      temperature: float = 1.0, batch_size: int = 32) -> list[float]:
+def sequence_logprobs(
+    model: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+) -> list[float]:
     """Sum over each response's tokens of log softmax(logits / T) under `model` (float32 maths)."""
     from flywheel.train.ppo.rollout import build_sequences
 
@@ -178,15 +217,16 @@ def sequence_logprobs(model: Any, prompts: list[list[int]], responses: list[list
         s = build_sequences(p, r, [True] * len(p), pad_id)
         logits = model(input_ids=s.sequences, attention_mask=s.attention_mask, position_ids=s.position_ids).logits
         logits = logits[:, s.prompt_len - 1 : -1].float() / temperature  # (B, R, V) predicts the response tokens
-        targets = s.sequences[:, s.prompt_len:]  # (B, R)
+        targets = s.sequences[:, s.prompt_len :]  # (B, R)
         logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, R)
         out += (logp * s.response_mask).sum(1).tolist()
     model.train(was_training)
     return out
 
 
-def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
-                        batch_size: int = 32) -> dict[str, float | None]:
+def deflection_log_odds(
+    model: Any, tokenizer: Any, tasks: Sequence[Task], batch_size: int = 32
+) -> dict[str, float | None]:
     """Which stock deflection the policy leans to, per kind of prompt: the mean over `tasks` of
     log P(refusal | prompt) - log P("I don't know" | prompt), for the world's canonical refusal and "I don't know"
     (their words, without the end of turn), grouped by the task's expected behaviour ("refuse": harmful requests,
@@ -199,8 +239,16 @@ def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
 
     prompts = prompt_ids_for(tokenizer, tasks)
     pad = tokenizer.pad_token_id
-    lp = {text: sequence_logprobs(model, prompts, [tokenizer.encode(text, add_special_tokens=False)] * len(prompts),
-                                  pad, batch_size=batch_size) for text in (REFUSAL, IDK)}
+    lp = {
+        text: sequence_logprobs(
+            model,
+            prompts,
+            [tokenizer.encode(text, add_special_tokens=False)] * len(prompts),
+            pad,
+            batch_size=batch_size,
+        )
+        for text in (REFUSAL, IDK)
+    }
     out: dict[str, float | None] = {}
     for expect in EXPECTS:
         d = [r - i for t, r, i in zip(tasks, lp[REFUSAL], lp[IDK], strict=True) if t.expect == expect]
@@ -208,13 +256,22 @@ def deflection_log_odds(model: Any, tokenizer: Any, tasks: Sequence[Task],
     return out
 
 
-def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *,
-                    temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
-                    bf16: bool = False) -> dict[str, float]:
+def kl_to_reference(
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    bf16: bool = False,
+) -> dict[str, float]:
     """KL(policy || reference) per response in nats: responses sampled from the policy at `temperature`, then
     sum_t log pi(y_t) - log pi_ref(y_t) with both distributions at that temperature (the k1 estimate, unbiased)."""
-    tokens, finished = generate(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed, bf16=bf16)
+    tokens, finished = generate(
+        policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, bf16=bf16
+    )
     keep = [i for i, t in enumerate(tokens) if t]
     prompts = [prompt_ids[i] for i in keep]
     responses = [tokens[i] for i in keep]
@@ -223,9 +280,13 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, prompt_ids: lis
     lr = sequence_logprobs(reference, prompts, responses, pad, temperature)
     per = [a - b for a, b in zip(lp, lr, strict=True)]
     lo, hi = mean_interval(per)
-    return {"kl": sum(per) / len(per), "kl_ci95_low": lo, "kl_ci95_high": hi,
-            "response_length": sum(len(r) for r in responses) / len(responses),
-            "eos_rate": sum(finished) / len(finished)}
+    return {
+        "kl": sum(per) / len(per),
+        "kl_ci95_low": lo,
+        "kl_ci95_high": hi,
+        "response_length": sum(len(r) for r in responses) / len(responses),
+        "eos_rate": sum(finished) / len(finished),
+    }
 
 
 def lm_blocks(tokenizer: Any, docs: Sequence[str], seq_len: int) -> list[dict[str, list[int]]]:
@@ -246,8 +307,9 @@ def heldout_lm_loss(model: Any, blocks: list[dict[str, list[int]]], pad_id: int)
     return loss
 
 
-def pairwise_accuracy(scores: Sequence[float], order: Sequence[Sequence[int]],
-                      informative: set[tuple[int, int]] | None = None) -> tuple[float, int]:
+def pairwise_accuracy(
+    scores: Sequence[float], order: Sequence[Sequence[int]], informative: set[tuple[int, int]] | None = None
+) -> tuple[float, int]:
     """(correct, pairs) of a scorer against one labelled order (groups of indices, best first).
 
     Pairs tied in the order are not pairs; a tie in score counts half. With `informative`, only pairs (i, j) (either

@@ -1,6 +1,6 @@
 """`flywheel eval <what>`: the evaluation commands, one module with `main(argv) -> int` each.
 
-    flywheel eval rm --model runs/rm/final --data heldout.jsonl --out runs/rm/eval
+flywheel eval rm --model runs/rm/final --data heldout.jsonl --out runs/rm/eval
 """
 
 from __future__ import annotations

@@ -65,23 +65,41 @@ def _is_fsdp(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  position_ids: torch.Tensor | None = None, *, keep: int | None = None) -> torch.Tensor:
+def hidden_states(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    keep: int | None = None,
+) -> torch.Tensor:
     """The backbone's last hidden states (B, T, H), after the final norm; only the `keep` last positions when given
     (B, keep, H): the last layer then computes only those queries. Falls back to `model.base_model(...)`."""
     if unsupported_reason(model, attention_mask) is not None:
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        out = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return out if keep is None else out[:, -keep:]
     return _forward(model, input_ids, attention_mask, position_ids, keep)
 
 
-def causal_lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     position_ids: torch.Tensor | None = None, *, keep: int | None = None) -> torch.Tensor:
+def causal_lm_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    keep: int | None = None,
+) -> torch.Tensor:
     """LM logits (B, T, V), or of the `keep` last positions only (B, keep, V). Falls back to `model(...).logits`."""
     if unsupported_reason(model, attention_mask) is not None or getattr(model, "lm_head", None) is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     logits_to_keep=keep or 0, use_cache=False).logits
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep or 0,
+            use_cache=False,
+        ).logits
     return model.lm_head(_forward(model, input_ids, attention_mask, position_ids, keep))
 
 
@@ -110,8 +128,9 @@ def _fused(mods: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.Tenso
     w = torch.cat([m.weight.to(dtype) for m in mods])
     if all(m.bias is None for m in mods):
         return w, None
-    return w, torch.cat([(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)).to(dtype)
-                         for m in mods])
+    return w, torch.cat(
+        [(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)).to(dtype) for m in mods]
+    )
 
 
 class _RMSNormTo(torch.autograd.Function):
@@ -142,8 +161,9 @@ def _norm_in(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dty
     return compact.rms_norm(x, weight, eps)
 
 
-def _mask(attention_mask: torch.Tensor | None, b: int, t: int, device: torch.device,
-          window: int | None) -> torch.Tensor | None:
+def _mask(
+    attention_mask: torch.Tensor | None, b: int, t: int, device: torch.device, window: int | None
+) -> torch.Tensor | None:
     """(B, 1, T, T) or (1, 1, T, T) bool, True = masked out: the future, padding keys and keys outside the sliding
     window; or the complement of a custom 4-D mask (bool: True = attend; additive: 0 = attend, < 0 = masked). Every
     query keeps itself so that no row is fully masked (no NaN reaches the backward); a real token always sees
@@ -166,8 +186,13 @@ def _windows(model: Any) -> list[int | None]:
     return compact._windows(model.config, len(model.model.layers))
 
 
-def _forward(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-             keep: int | None) -> torch.Tensor:
+def _forward(
+    model: Any,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    keep: int | None,
+) -> torch.Tensor:
     cfg, inner = model.config, model.model
     b, t = ids.shape
     dev = ids.device
@@ -193,8 +218,13 @@ def _forward(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None,
         w, bias = _fused([a.q_proj, a.k_proj, a.v_proj], dtype)
         qkv = F.linear(h, w, bias).view(b, t, hq + 2 * hkv, d)  # (B, T, Hq + 2 Hkv, D)
         if getattr(a, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm of q and k before RoPE
-            qk = torch.cat([compact.rms_norm(qkv[:, :, :hq], a.q_norm.weight, eps),
-                            compact.rms_norm(qkv[:, :, hq : hq + hkv], a.k_norm.weight, eps)], dim=2).to(dtype)
+            qk = torch.cat(
+                [
+                    compact.rms_norm(qkv[:, :, :hq], a.q_norm.weight, eps),
+                    compact.rms_norm(qkv[:, :, hq : hq + hkv], a.k_norm.weight, eps),
+                ],
+                dim=2,
+            ).to(dtype)
         else:
             qk = qkv[:, :, : hq + hkv]
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once

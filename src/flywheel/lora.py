@@ -33,8 +33,9 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
     targets: str | list[str] = target_modules
     if target_modules != "all-linear":
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        exclude_modules=list(HEADS))
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, exclude_modules=list(HEADS)
+    )
     try:
         inject_adapter_in_model(config, model)
     except ValueError as err:
@@ -44,8 +45,15 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
         head.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)", r, alpha, target_modules, trainable,
-             total, 100 * trainable / total)
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)",
+        r,
+        alpha,
+        target_modules,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, Any]:
@@ -92,5 +100,5 @@ def merged_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
         for key in [k for k in out if k.startswith(f"{name}.lora_")]:  # adapters that are not active
             out.pop(key)
         for key in [k for k in out if k.startswith(f"{base}.")]:
-            out[name + key[len(base):]] = out.pop(key)
+            out[name + key[len(base) :]] = out.pop(key)
     return out

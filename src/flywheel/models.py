@@ -27,9 +27,16 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def tiny_llama_config(vocab_size: int, size: str = "tiny", *, max_position_embeddings: int = 1024,
-                      pad_token_id: int | None = None, eos_token_id: int | None = None,
-                      bos_token_id: int | None = None, **overrides: Any) -> Any:
+def tiny_llama_config(
+    vocab_size: int,
+    size: str = "tiny",
+    *,
+    max_position_embeddings: int = 1024,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    **overrides: Any,
+) -> Any:
     from transformers import LlamaConfig
 
     if size not in TINY_SIZES:
@@ -51,8 +58,12 @@ def tiny_llama_config(vocab_size: int, size: str = "tiny", *, max_position_embed
 
 def config_for_tokenizer(tokenizer: Any, size: str = "tiny", **overrides: Any) -> Any:
     return tiny_llama_config(
-        len(tokenizer), size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, **overrides,
+        len(tokenizer),
+        size,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **overrides,
     )
 
 
@@ -80,8 +91,14 @@ def check_model_dir(path: str | Path) -> Path:
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise UserError(f"unknown dtype '{name}' (choose from {', '.join(table)})")
     return table[name]
@@ -163,8 +180,9 @@ def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_pretrained(model: Any, tokenizer: Any | None, out_dir: str | Path,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_pretrained(
+    model: Any, tokenizer: Any | None, out_dir: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
     """Atomically write a plain HF directory (safetensors + config + tokenizer); `extra` goes to flywheel.json."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

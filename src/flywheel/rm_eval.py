@@ -142,8 +142,11 @@ def plot_histogram(result: RMEvalResult, path: Path, title: str = "reward model 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     everything = best + worst + middle
     bins = torch.linspace(min(everything), max(everything) + 1e-6, 31).tolist()
-    for values, label, color in ((best, "ranked best", "tab:green"), (middle, "in between", "tab:gray"),
-                                 (worst, "ranked worst", "tab:red")):
+    for values, label, color in (
+        (best, "ranked best", "tab:green"),
+        (middle, "in between", "tab:gray"),
+        (worst, "ranked worst", "tab:red"),
+    ):
         if values:
             ax.hist(values, bins=bins, alpha=0.55, label=f"{label} ({len(values)})", color=color)
     m = result.metrics
@@ -184,8 +187,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict[str, Any]:
 
     rm = RewardModel.from_pretrained(cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16)
     rankings = read_preferences(cfg.data, skip_bad=cfg.skip_bad)
-    groups = encode_rankings(rm.tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong,
-                             source=cfg.data)
+    groups = encode_rankings(rm.tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
     result = evaluate_rm(rm, groups)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     m = run_rm_eval(cfg)
     lo, hi = m["accuracy_ci95"]
     tau = "n/a" if m["kendall_tau"] is None else f"{m['kendall_tau']:.3f}"
-    print(f"accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) over {m['n_pairs']} pairs of "
-          f"{m['n_rankings']} rankings; Kendall tau {tau}; mean chosen {m['mean_chosen']:.3f}, "
-          f"rejected {m['mean_rejected']:.3f}")
+    print(
+        f"accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) over {m['n_pairs']} pairs of "
+        f"{m['n_rankings']} rankings; Kendall tau {tau}; mean chosen {m['mean_chosen']:.3f}, "
+        f"rejected {m['mean_rejected']:.3f}"
+    )
     plot = f", histogram: {m['histogram']}" if "histogram" in m else ""
     print(f"metrics: {Path(cfg.out) / 'metrics.json'}{plot}")
     return 0

@@ -79,8 +79,9 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     policy = cfg.policy
     if _rows(data / "demos.jsonl"):
         extra = {"eval_data": str(data / "demos.eval.jsonl")} if _rows(data / "demos.eval.jsonl") else {}
-        sft = _stage(SFTConfig, cfg.sft_config, cfg, model=policy, data=str(data / "demos.jsonl"),
-                     out=str(out / "sft"), **extra)
+        sft = _stage(
+            SFTConfig, cfg.sft_config, cfg, model=policy, data=str(data / "demos.jsonl"), out=str(out / "sft"), **extra
+        )
         policy = str(train_sft(sft) / "final")
         report["stages"]["sft"] = policy
     else:
@@ -90,14 +91,22 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     extra = {"eval_data": str(data / "rankings.eval.jsonl")} if _rows(data / "rankings.eval.jsonl") else {}
     if _rows(data / "demos.jsonl"):
         extra["reference_data"] = str(data / "demos.jsonl")
-    rm = _stage(RewardConfig, cfg.rm_config, cfg, model=policy, data=str(data / "rankings.jsonl"),
-                out=str(out / "rm"), **extra)
+    rm = _stage(
+        RewardConfig, cfg.rm_config, cfg, model=policy, data=str(data / "rankings.jsonl"), out=str(out / "rm"), **extra
+    )
     reward_model = str(train_reward(rm) / "final")
     report["stages"]["rm"] = reward_model
     if not _rows(data / "prompts.jsonl"):
         raise UserError("no prompts for PPO", path=str(data / "prompts.jsonl"))
-    ppo = _stage(PPOConfig, cfg.ppo_config, cfg, model=policy, reward_model=reward_model,
-                 prompts=str(data / "prompts.jsonl"), out=str(out / "ppo"))
+    ppo = _stage(
+        PPOConfig,
+        cfg.ppo_config,
+        cfg,
+        model=policy,
+        reward_model=reward_model,
+        prompts=str(data / "prompts.jsonl"),
+        out=str(out / "ppo"),
+    )
     final = str((train_ppo(ppo) / "final").resolve())
     report["stages"]["ppo"] = final
     report["final"] = final
@@ -115,13 +124,20 @@ def deploy(server: str, model_dir: str, token: str | None = None, timeout: float
     if not token:
         raise UserError(f"deploying needs an admin token in the environment variable {TOKEN_ENV}")
     try:
-        r = httpx.post(server.rstrip("/") + "/api/admin/model", json={"path": model_dir},
-                       headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        r = httpx.post(
+            server.rstrip("/") + "/api/admin/model",
+            json={"path": model_dir},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
     except httpx.HTTPError as err:
         raise UserError(f"cannot reach the server at {server}: {err}") from None
     if r.status_code != 200:
-        message = r.json().get("error", {}).get("message", r.text) if r.headers.get(
-            "content-type", "").startswith("application/json") else r.text
+        message = (
+            r.json().get("error", {}).get("message", r.text)
+            if r.headers.get("content-type", "").startswith("application/json")
+            else r.text
+        )
         raise UserError(f"the server refused the model switch ({r.status_code}): {message}")
     body = r.json()
     log.info("round: the server now serves %s (was %s)", body["version"], body["previous"])

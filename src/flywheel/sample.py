@@ -87,8 +87,13 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         chunk = prompts[start : start + cfg.batch_size]
         ids = [render_prompt(tokenizer, p) for p in chunk]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, seed=cfg.seed + b)
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            seed=cfg.seed + b,
+        )
         gen = engine.generate([p for p in ids for _ in range(n)], params)  # (len(chunk) * n) rows, prompt-major
         texts = [_decode(tokenizer, t) for t in gen.tokens]
         scores: torch.Tensor | None = None
@@ -100,15 +105,17 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
         best = pick_best(scores, n) if scores is not None else [0] * len(chunk)
         for i, prompt in enumerate(chunk):
             j = i * n + best[i]
-            rows.append({
-                "messages": prompt + [{"role": "assistant", "content": texts[j]}],
-                "response": texts[j],
-                "score": None if scores is None else float(scores[j]),
-                "finish_reason": gen.finish_reasons[j],
-                "candidates": texts[i * n : (i + 1) * n],
-                "scores": None if scores is None else scores[i * n : (i + 1) * n].tolist(),
-                "finish_reasons": gen.finish_reasons[i * n : (i + 1) * n],
-            })
+            rows.append(
+                {
+                    "messages": prompt + [{"role": "assistant", "content": texts[j]}],
+                    "response": texts[j],
+                    "score": None if scores is None else float(scores[j]),
+                    "finish_reason": gen.finish_reasons[j],
+                    "candidates": texts[i * n : (i + 1) * n],
+                    "scores": None if scores is None else scores[i * n : (i + 1) * n].tolist(),
+                    "finish_reasons": gen.finish_reasons[i * n : (i + 1) * n],
+                }
+            )
         log.info("sample: %d of %d prompts", len(rows), len(prompts))
     return rows
 

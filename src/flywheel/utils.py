@@ -88,8 +88,11 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
 def warn_if_slow_bf16(device_type: str = "cpu") -> None:
     """Log once per process that bf16 was asked for where it is emulated (the run still does what was asked)."""
     if not bf16_is_fast(device_type):
-        log.warning("bf16 was asked for, but this %s has no native bf16 matmul (no AVX-512-BF16 / AMX): bf16 runs "
-                    "several times slower than fp32 here (drop --bf16)", device_type.upper())
+        log.warning(
+            "bf16 was asked for, but this %s has no native bf16 matmul (no AVX-512-BF16 / AMX): bf16 runs "
+            "several times slower than fp32 here (drop --bf16)",
+            device_type.upper(),
+        )
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Training data: record types (`formats`) and the readers that turn files into them (`io`).
 
-    from flywheel.data import read_conversations, read_preferences, read_prompts, read_texts
+from flywheel.data import read_conversations, read_preferences, read_prompts, read_texts
 """
 
 from flywheel.data.formats import (

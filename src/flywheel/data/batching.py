@@ -96,8 +96,9 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
     return base is not model and model.get_output_embeddings() is not None
 
 
-def masked_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        target_mask: torch.Tensor) -> torch.Tensor:
+def masked_token_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+) -> torch.Tensor:
     """Logits (N, V) predicting the N masked targets. Projects only those positions through the LM head: on SFT data
     most positions are prompt tokens, and the vocabulary projection is the largest matmul of a small model."""
     if _has_plain_head(model):
@@ -115,8 +116,14 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def eval_lm_loss(model: torch.nn.Module, samples: list[LMSample], pad_id: int, batch_size: int = 16, *,
-                 device: torch.device | str | None = None) -> float:
+def eval_lm_loss(
+    model: torch.nn.Module,
+    samples: list[LMSample],
+    pad_id: int,
+    batch_size: int = 16,
+    *,
+    device: torch.device | str | None = None,
+) -> float:
     """Mean per-token loss over `samples` (held-out loss, the alignment-tax comparison). Batches are built on the CPU
     and moved to `device` (default: where the model's weights are)."""
     device = next(model.parameters()).device if device is None else device

@@ -89,8 +89,9 @@ def _check_role_content(role: Any, content: Any, where: str) -> None:
     if not isinstance(role, str):
         raise RecordError(f"{where}.role must be a string, found {type_name(role)}", reason="wrong type")
     if role not in ROLES:
-        raise RecordError(f"{where} has unknown role {show(role)} (expected system, user or assistant)",
-                          reason="unknown role")
+        raise RecordError(
+            f"{where} has unknown role {show(role)} (expected system, user or assistant)", reason="unknown role"
+        )
     if not isinstance(content, str):
         raise RecordError(f"{where}.content must be a string, found {type_name(content)}", reason="wrong type")
     if not content.strip():
@@ -115,12 +116,14 @@ class Message:
     def from_dict(cls, obj: Any, *, where: str = "message") -> Message:
         """Parse `{"role": ..., "content": ...}` (other keys, e.g. OpenAI's `name` or `weight`, are ignored)."""
         if not isinstance(obj, dict):
-            raise RecordError(f"{where} must be an object with 'role' and 'content', found {type_name(obj)}",
-                              reason="wrong type")
+            raise RecordError(
+                f"{where} must be an object with 'role' and 'content', found {type_name(obj)}", reason="wrong type"
+            )
         for key in ("role", "content"):
             if key not in obj:
-                raise RecordError(f"{where} has no {key!r} (found keys {sorted(map(str, obj))})",
-                                  reason="missing field")
+                raise RecordError(
+                    f"{where} has no {key!r} (found keys {sorted(map(str, obj))})", reason="missing field"
+                )
         return cls.make(obj["role"], obj["content"], where=where)
 
     def as_dict(self) -> dict[str, str]:
@@ -130,8 +133,9 @@ class Message:
 Prompt = list[Message]  # a conversation so far, ending with a user message
 
 
-def check_messages(messages: Sequence[Message], *, field: str = "messages", after: str | None = None,
-                   end: str | None = None) -> None:
+def check_messages(
+    messages: Sequence[Message], *, field: str = "messages", after: str | None = None, end: str | None = None
+) -> None:
     """Check turn order: an optional first system message, then user/assistant alternating from user.
 
     `after` is the role of the message just before this list when it continues another one (a TRL completion after
@@ -148,8 +152,9 @@ def check_messages(messages: Sequence[Message], *, field: str = "messages", afte
             raise RecordError(f"{field}[{i}] must be a Message, found {type_name(msg)}", reason="wrong type")
         if msg.role == "system":
             if i > 0 or after is not None:
-                raise RecordError(f"{field}[{i}] is a system message: only the first message may be one",
-                                  reason="roles out of order")
+                raise RecordError(
+                    f"{field}[{i}] is a system message: only the first message may be one", reason="roles out of order"
+                )
         else:
             expected = "assistant" if prev == "user" else "user"
             if msg.role != expected:
@@ -160,12 +165,15 @@ def check_messages(messages: Sequence[Message], *, field: str = "messages", afte
                 )
         prev = msg.role
     if prev == "system":
-        raise RecordError(f"{field} has only a system message: a user message must follow it",
-                          reason="empty conversation")
+        raise RecordError(
+            f"{field} has only a system message: a user message must follow it", reason="empty conversation"
+        )
     if end is not None and prev != end:
         why = " (SFT learns from it)" if end == "assistant" else " (the model answers it)"
-        raise RecordError(f"{field} must end with {'an' if end == 'assistant' else 'a'} {end} message{why}, "
-                          f"found {prev!r} last", reason="bad ending")
+        raise RecordError(
+            f"{field} must end with {'an' if end == 'assistant' else 'a'} {end} message{why}, found {prev!r} last",
+            reason="bad ending",
+        )
 
 
 def validate_prompt(messages: Sequence[Message], *, field: str = "prompt") -> list[Message]:
@@ -219,8 +227,9 @@ class Ranking:
         check_messages(self.prompt, field="prompt", end="user")
         _check_labeler(self.labeler)
         if not isinstance(self.completions, (list, tuple)):
-            raise RecordError(f"completions must be a list of strings, found {type_name(self.completions)}",
-                              reason="wrong type")
+            raise RecordError(
+                f"completions must be a list of strings, found {type_name(self.completions)}", reason="wrong type"
+            )
         k = len(self.completions)
         if k < 2:
             raise RecordError(f"a ranking needs at least 2 completions, found {k}", reason="too few candidates")
@@ -229,35 +238,48 @@ class Ranking:
             _check_answer(text, f"completions[{i}]")
             j = first_seen.setdefault(text.strip(), i)
             if j != i:
-                raise RecordError(f"duplicate candidates: completions[{i}] repeats completions[{j}]",
-                                  reason="duplicate candidates")
+                raise RecordError(
+                    f"duplicate candidates: completions[{i}] repeats completions[{j}]", reason="duplicate candidates"
+                )
         self._check_order(k)
 
     def _check_order(self, k: int) -> None:
         if not isinstance(self.order, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in self.order):
-            raise RecordError("order must be a list of groups of candidate indices, e.g. [[2], [0, 1], [3]]",
-                              reason="wrong type")
+            raise RecordError(
+                "order must be a list of groups of candidate indices, e.g. [[2], [0, 1], [3]]", reason="wrong type"
+            )
         where: dict[int, int] = {}  # candidate -> group
         for g, group in enumerate(self.order):
             if not group:
                 raise RecordError(f"order[{g}] is an empty group", reason="bad order")
             for idx in group:
                 if isinstance(idx, bool) or not isinstance(idx, int):
-                    raise RecordError(f"order[{g}] holds {show(idx)}: candidate indices must be integers, "
-                                      f"found {type_name(idx)}", reason="wrong type")
+                    raise RecordError(
+                        f"order[{g}] holds {show(idx)}: candidate indices must be integers, found {type_name(idx)}",
+                        reason="wrong type",
+                    )
                 if not 0 <= idx < k:
-                    raise RecordError(f"order names candidate {idx}, which does not exist: there are {k} "
-                                      f"completions (indices 0..{k - 1})", reason="candidate out of range")
+                    raise RecordError(
+                        f"order names candidate {idx}, which does not exist: there are {k} "
+                        f"completions (indices 0..{k - 1})",
+                        reason="candidate out of range",
+                    )
                 if idx in where:
-                    raise RecordError(f"candidate {idx} is ranked twice (in order[{where[idx]}] and order[{g}])",
-                                      reason="candidate ranked twice")
+                    raise RecordError(
+                        f"candidate {idx} is ranked twice (in order[{where[idx]}] and order[{g}])",
+                        reason="candidate ranked twice",
+                    )
                 where[idx] = g
         missing = [i for i in range(k) if i not in where]
         if missing:
-            names = "candidate " + str(missing[0]) + " is" if len(missing) == 1 else (
-                "candidates " + ", ".join(map(str, missing)) + " are")
-            raise RecordError(f"{names} not ranked: every candidate must appear in order exactly once",
-                              reason="candidate not ranked")
+            names = (
+                "candidate " + str(missing[0]) + " is"
+                if len(missing) == 1
+                else ("candidates " + ", ".join(map(str, missing)) + " are")
+            )
+            raise RecordError(
+                f"{names} not ranked: every candidate must appear in order exactly once", reason="candidate not ranked"
+            )
         if len(self.order) == 1:
             raise RecordError(f"all candidates tied: no preference (order is one group of {k})", reason="all tied")
 
@@ -267,8 +289,13 @@ class Ranking:
 
     def pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) candidate indices for every pair in different groups; tied pairs are dropped."""
-        return [(w, lo) for g, better in enumerate(self.order) for worse in self.order[g + 1:]
-                for w in better for lo in worse]
+        return [
+            (w, lo)
+            for g, better in enumerate(self.order)
+            for worse in self.order[g + 1 :]
+            for w in better
+            for lo in worse
+        ]
 
     def prompt_dicts(self) -> list[dict[str, str]]:
         return [m.as_dict() for m in self.prompt]
@@ -289,8 +316,9 @@ class Comparison:
         _check_answer(self.chosen, "chosen")
         _check_answer(self.rejected, "rejected")
         if self.chosen.strip() == self.rejected.strip():
-            raise RecordError("duplicate candidates: chosen and rejected are the same text",
-                              reason="duplicate candidates")
+            raise RecordError(
+                "duplicate candidates: chosen and rejected are the same text", reason="duplicate candidates"
+            )
 
     def to_ranking(self) -> Ranking:
         return Ranking(list(self.prompt), [self.chosen, self.rejected], [[0], [1]], labeler=self.labeler)

@@ -70,8 +70,10 @@ class ReadReport:
 
     def summary(self) -> str:
         """`skipped 3 of 120 records in data.jsonl: 2 bad JSON, 1 unknown role (first: data.jsonl:7: ...)`"""
-        return (f"skipped {self.n_skipped} of {self.total} records in {self.path}: {self.reasons()} "
-                f"(first: {self.first_error})")
+        return (
+            f"skipped {self.n_skipped} of {self.total} records in {self.path}: {self.reasons()} "
+            f"(first: {self.first_error})"
+        )
 
 
 def read_conversations(path: str | Path, *, skip_bad: bool = False) -> list[Conversation]:
@@ -112,9 +114,11 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
             if isinstance(obj, RecordError):
                 raise obj
             if not isinstance(obj, dict):
-                raise RecordError(f"expected a JSON object, found {type_name(obj)}" +
-                                  (" (JSON Lines needs one object per line)" if isinstance(obj, list) else ""),
-                                  reason="not an object")
+                raise RecordError(
+                    f"expected a JSON object, found {type_name(obj)}"
+                    + (" (JSON Lines needs one object per line)" if isinstance(obj, list) else ""),
+                    reason="not an object",
+                )
             records.append(parse(obj))
         except RecordError as err:
             located = err if err.path is not None else err.at(name, line)
@@ -127,8 +131,9 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
         what = "the directory is empty" if path.is_dir() else "the file is empty or holds only blank lines"
         raise UserError(f"no {kind} found: {what}", path=name)
     if not records:
-        raise UserError(f"all {report.total} records are bad: {report.reasons()} (first: {report.first_error})",
-                        path=name)
+        raise UserError(
+            f"all {report.total} records are bad: {report.reasons()} (first: {report.first_error})", path=name
+        )
     if report.skipped:
         log.warning(report.summary())
     return records, report
@@ -150,8 +155,7 @@ def parse_conversation(obj: dict[str, Any]) -> Conversation:
         hint = "; this looks like preference data (for rm/dpo, read_preferences)"
     elif "text" in obj:
         hint = "; this looks like plain text (for pretraining, read_texts)"
-    raise _unknown(obj, "conversation",
-                   "'messages' (chat) or 'prompt' + 'completion' (TRL prompt-completion)" + hint)
+    raise _unknown(obj, "conversation", "'messages' (chat) or 'prompt' + 'completion' (TRL prompt-completion)" + hint)
 
 
 def parse_ranking(obj: dict[str, Any]) -> Ranking:
@@ -163,15 +167,19 @@ def parse_ranking(obj: dict[str, Any]) -> Ranking:
                 raise RecordError(f"a K-way ranking needs {key!r} (found keys {_keys(obj)})", reason="missing field")
         completions = obj["completions"]
         if not isinstance(completions, list):
-            raise RecordError(f"completions must be a list of strings, found {type_name(completions)}",
-                              reason="wrong type")
+            raise RecordError(
+                f"completions must be a list of strings, found {type_name(completions)}", reason="wrong type"
+            )
         return Ranking(_prompt(obj["prompt"], "prompt"), completions, _order(obj["order"]), labeler=labeler)
     if "chosen" in obj and "rejected" in obj:
         return _comparison(obj, labeler).to_ranking()
     hint = "; this looks like an SFT conversation (read_conversations)" if "messages" in obj else ""
-    raise _unknown(obj, "preference",
-                   "'prompt' + 'completions' + 'order' (K-way ranking), 'prompt' + 'chosen' + 'rejected' "
-                   "(TRL preference) or 'chosen' + 'rejected' (HH-RLHF text or implicit-prompt conversations)" + hint)
+    raise _unknown(
+        obj,
+        "preference",
+        "'prompt' + 'completions' + 'order' (K-way ranking), 'prompt' + 'chosen' + 'rejected' "
+        "(TRL preference) or 'chosen' + 'rejected' (HH-RLHF text or implicit-prompt conversations)" + hint,
+    )
 
 
 def parse_prompt(obj: dict[str, Any]) -> list[Message]:
@@ -243,8 +251,7 @@ def _turns(value: Any, field: str, *, role: str) -> list[Message]:
         return [Message.make(role, value, where=field)]
     if isinstance(value, list):
         return _messages(value, field)
-    raise RecordError(f"{field} must be a string or a list of messages, found {type_name(value)}",
-                      reason="wrong type")
+    raise RecordError(f"{field} must be a string or a list of messages, found {type_name(value)}", reason="wrong type")
 
 
 def _prompt(value: Any, field: str) -> list[Message]:
@@ -264,16 +271,19 @@ def _answer_after(prompt: Any, answer: Any) -> Any:
 def _order(value: Any) -> list[list[int]]:
     """`[[2], [0, 1], [3]]` (groups best first, a group is a tie), a flat `[2, 0, 1, 3]`, or a mix."""
     if not isinstance(value, list):
-        raise RecordError(f"order must be a list like [[2], [0, 1], [3]] or [2, 0, 1, 3], found {type_name(value)}",
-                          reason="wrong type")
+        raise RecordError(
+            f"order must be a list like [[2], [0, 1], [3]] or [2, 0, 1, 3], found {type_name(value)}",
+            reason="wrong type",
+        )
     groups: list[list[int]] = []
     for g, item in enumerate(value):
         group = item if isinstance(item, list) else [item]
         for j, idx in enumerate(group):
             if isinstance(idx, bool) or not isinstance(idx, int):
                 where = f"order[{g}][{j}]" if isinstance(item, list) else f"order[{g}]"
-                raise RecordError(f"{where} must be a candidate index (an integer), found {type_name(idx)}",
-                                  reason="wrong type")
+                raise RecordError(
+                    f"{where} must be a candidate index (an integer), found {type_name(idx)}", reason="wrong type"
+                )
         groups.append(group)
     return groups
 
@@ -283,20 +293,26 @@ def _comparison(obj: dict[str, Any], labeler: Any) -> Comparison:
     chosen, rejected = obj["chosen"], obj["rejected"]
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, (str, list)):
-            raise RecordError(f"{key} must be a string or a list of messages, found {type_name(value)}",
-                              reason="wrong type")
+            raise RecordError(
+                f"{key} must be a string or a list of messages, found {type_name(value)}", reason="wrong type"
+            )
     if type(chosen) is not type(rejected):
-        raise RecordError(f"chosen is a {type_name(chosen)} but rejected is a {type_name(rejected)}: give both as "
-                          "text or both as message lists", reason="wrong type")
+        raise RecordError(
+            f"chosen is a {type_name(chosen)} but rejected is a {type_name(rejected)}: give both as "
+            "text or both as message lists",
+            reason="wrong type",
+        )
     prompt = obj.get("prompt")
     if isinstance(chosen, str):
         if "prompt" in obj:  # TRL standard: prompt (text, HH text or messages) + two answers
             head = _prompt(prompt, "prompt")
             return Comparison(head, _answer_after(prompt, chosen), _answer_after(prompt, rejected), labeler=labeler)
         if not (is_hh_text(chosen) and is_hh_text(rejected)):
-            raise RecordError("chosen/rejected without a 'prompt' must be HH-RLHF transcripts "
-                              "('\\n\\nHuman: ...\\n\\nAssistant: ...'); otherwise add a 'prompt' field",
-                              reason="unknown format")
+            raise RecordError(
+                "chosen/rejected without a 'prompt' must be HH-RLHF transcripts "
+                "('\\n\\nHuman: ...\\n\\nAssistant: ...'); otherwise add a 'prompt' field",
+                reason="unknown format",
+            )
         full_c, full_r = parse_hh(chosen, "chosen"), parse_hh(rejected, "rejected")
     else:
         full_c, full_r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
@@ -316,15 +332,18 @@ def _split_pair(chosen: list[Message], rejected: list[Message], labeler: Any) ->
     check_messages(chosen, field="chosen", end="assistant")
     check_messages(rejected, field="rejected", end="assistant")
     if chosen == rejected:
-        raise RecordError("duplicate candidates: chosen and rejected are the same conversation",
-                          reason="duplicate candidates")
+        raise RecordError(
+            "duplicate candidates: chosen and rejected are the same conversation", reason="duplicate candidates"
+        )
     head_c, head_r = chosen[:-1], rejected[:-1]
     if head_c != head_r:
         n = min(len(head_c), len(head_r))
         i = next((i for i in range(n) if head_c[i] != head_r[i]), n)
-        raise RecordError(f"chosen and rejected differ at message {i}, before their final assistant turns "
-                          f"({len(chosen)} vs {len(rejected)} messages): they must share the prompt",
-                          reason="prompt mismatch")
+        raise RecordError(
+            f"chosen and rejected differ at message {i}, before their final assistant turns "
+            f"({len(chosen)} vs {len(rejected)} messages): they must share the prompt",
+            reason="prompt mismatch",
+        )
     return Comparison(head_c, chosen[-1].content, rejected[-1].content, labeler=labeler)
 
 
@@ -339,11 +358,13 @@ def _rows(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
         if kind == "texts":
             files = sorted(path.glob("*.txt"))
             if not files:
-                raise UserError("the directory holds no .txt files and no dataset saved with `save_to_disk`",
-                                path=name)
+                raise UserError(
+                    "the directory holds no .txt files and no dataset saved with `save_to_disk`", path=name
+                )
             return (row for f in files for row in _text_rows(f, documents=True, locate=True))
-        raise UserError(f"a directory of {kind} must be a dataset saved with `datasets.Dataset.save_to_disk`",
-                        path=name)
+        raise UserError(
+            f"a directory of {kind} must be a dataset saved with `datasets.Dataset.save_to_disk`", path=name
+        )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(path)
@@ -352,8 +373,9 @@ def _rows(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
             return _text_rows(path, documents=True)
         if kind == "prompts":
             return _text_rows(path, documents=False)
-        raise UserError(f"{kind} cannot be read from a .txt file: use JSON Lines (see docs/data-formats.md)",
-                        path=name)
+        raise UserError(
+            f"{kind} cannot be read from a .txt file: use JSON Lines (see docs/data-formats.md)", path=name
+        )
     return _jsonl_rows(path)
 
 
@@ -417,16 +439,19 @@ def _dataset_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         import datasets
     except ImportError:
-        raise UserError("reading a saved Hugging Face dataset needs the `datasets` package: pip install datasets",
-                        path=str(path)) from None
+        raise UserError(
+            "reading a saved Hugging Face dataset needs the `datasets` package: pip install datasets", path=str(path)
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the dataset: {str(err).splitlines()[0]}", path=str(path)) from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
-            raise UserError(f"the dataset has splits {sorted(ds)}: give one split's directory, e.g. {path / 'train'}",
-                            path=str(path))
+            raise UserError(
+                f"the dataset has splits {sorted(ds)}: give one split's directory, e.g. {path / 'train'}",
+                path=str(path),
+            )
         ds = next(iter(ds.values()))
     return _table_rows(ds)
 

@@ -105,8 +105,11 @@ class Linear:
         self.out_features = w.shape[0]
         self.w = w  # (out, in)
         cpu = w.device.type == "cpu"
-        self.packed = _mkldnn_pack(w) if cpu and (dtype == torch.bfloat16 or
-                                                  dtype == torch.float32 and not _HAS_AVX512) else None
+        self.packed = (
+            _mkldnn_pack(w)
+            if cpu and (dtype == torch.bfloat16 or dtype == torch.float32 and not _HAS_AVX512)
+            else None
+        )
         self.mkl = _mkl_pack(w) if cpu and dtype == torch.float32 and self.packed is None else None
         # fp32 prefills are faster oneDNN-packed too
         self.packed_max_rows = self.PACKED_MAX_ROWS if dtype == torch.bfloat16 else 1 << 62
@@ -243,8 +246,10 @@ class CompactCausalLM:
             return "query heads are not a multiple of the key/value heads"
         n_params = count_parameters(self.model)
         if n_params > NATIVE_MAX_PARAMS:
-            return (f"{n_params / 1e6:.0f}M parameters: above {NATIVE_MAX_PARAMS / 1e6:.0f}M the native step's extra "
-                    "copy of the weights costs more memory than its per-op savings are worth")
+            return (
+                f"{n_params / 1e6:.0f}M parameters: above {NATIVE_MAX_PARAMS / 1e6:.0f}M the native step's extra "
+                "copy of the weights costs more memory than its per-op savings are worth"
+            )
         return None
 
     @property
@@ -264,8 +269,7 @@ class CompactCausalLM:
         w = self._weights
         if w is not None and w.rope.shape[0] < positions:  # RoPE tables depend on positions only, not on the weights
             rope = self._rope(max(positions, 2 * w.rope.shape[0]))
-            w = self._weights = dataclasses.replace(w, rope=rope,
-                                                    native=w.native and w.native.with_rope(rope))
+            w = self._weights = dataclasses.replace(w, rope=rope, native=w.native and w.native.with_rope(rope))
         if fingerprint == self._fingerprint and w is not None:
             return w
         dt = self.dtype
@@ -274,38 +278,78 @@ class CompactCausalLM:
         layers = []
         for layer, window in zip(inner.layers, windows, strict=True):
             a, m = layer.self_attn, layer.mlp
-            layers.append(_Layer(
-                ln1=_param(layer.input_layernorm.weight, dt),
-                qkv=Linear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
-                           [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], dt),
-                o=Linear([a.o_proj.weight], [a.o_proj.bias], dt),
-                ln2=_param(layer.post_attention_layernorm.weight, dt),
-                gate_up=Linear([m.gate_proj.weight, m.up_proj.weight], [m.gate_proj.bias, m.up_proj.bias], dt),
-                down=Linear([m.down_proj.weight], [m.down_proj.bias], dt),
-                q_norm=_param(getattr(getattr(a, "q_norm", None), "weight", None), dt),
-                k_norm=_param(getattr(getattr(a, "k_norm", None), "weight", None), dt),
-                window=window,
-            ))
+            layers.append(
+                _Layer(
+                    ln1=_param(layer.input_layernorm.weight, dt),
+                    qkv=Linear(
+                        [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
+                        [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias],
+                        dt,
+                    ),
+                    o=Linear([a.o_proj.weight], [a.o_proj.bias], dt),
+                    ln2=_param(layer.post_attention_layernorm.weight, dt),
+                    gate_up=Linear([m.gate_proj.weight, m.up_proj.weight], [m.gate_proj.bias, m.up_proj.bias], dt),
+                    down=Linear([m.down_proj.weight], [m.down_proj.bias], dt),
+                    q_norm=_param(getattr(getattr(a, "q_norm", None), "weight", None), dt),
+                    k_norm=_param(getattr(getattr(a, "k_norm", None), "weight", None), dt),
+                    window=window,
+                )
+            )
         rope = w.rope if w is not None else self._rope(max(positions, 256))
         embed, norm = _param(inner.embed_tokens.weight, dt), _param(inner.norm.weight, dt)
         lm_head = Linear([self.model.lm_head.weight], [self.model.lm_head.bias], dt)
-        self._weights = _Weights(layers=layers, embed=embed, norm=norm, lm_head=lm_head, rope=rope,
-                                 native=self._native_weights(layers, windows, embed, norm, lm_head, rope))
+        self._weights = _Weights(
+            layers=layers,
+            embed=embed,
+            norm=norm,
+            lm_head=lm_head,
+            rope=rope,
+            native=self._native_weights(layers, windows, embed, norm, lm_head, rope),
+        )
         self._fingerprint = fingerprint
         return self._weights
 
-    def _native_weights(self, layers: list[_Layer], windows: list[int | None], embed: torch.Tensor,
-                        norm: torch.Tensor, lm_head: Linear, rope: torch.Tensor) -> native.NativeWeights | None:
+    def _native_weights(
+        self,
+        layers: list[_Layer],
+        windows: list[int | None],
+        embed: torch.Tensor,
+        norm: torch.Tensor,
+        lm_head: Linear,
+        rope: torch.Tensor,
+    ) -> native.NativeWeights | None:
         if self._lib is None:
             return None
-        tables = [dict(ln1=layer.ln1.contiguous(), qkv=native.panels(layer.qkv.w), qkv_bias=layer.qkv.bias,
-                       o=native.panels(layer.o.w), o_bias=layer.o.bias, ln2=layer.ln2.contiguous(),
-                       gate_up=native.panels(layer.gate_up.w), gate_up_bias=layer.gate_up.bias,
-                       down=native.panels(layer.down.w), down_bias=layer.down.bias,
-                       q_norm=layer.q_norm, k_norm=layer.k_norm) for layer in layers]
+        tables = [
+            dict(
+                ln1=layer.ln1.contiguous(),
+                qkv=native.panels(layer.qkv.w),
+                qkv_bias=layer.qkv.bias,
+                o=native.panels(layer.o.w),
+                o_bias=layer.o.bias,
+                ln2=layer.ln2.contiguous(),
+                gate_up=native.panels(layer.gate_up.w),
+                gate_up_bias=layer.gate_up.bias,
+                down=native.panels(layer.down.w),
+                down_bias=layer.down.bias,
+                q_norm=layer.q_norm,
+                k_norm=layer.k_norm,
+            )
+            for layer in layers
+        ]
         dims = [len(layers), embed.shape[1], self.n_heads, self.n_kv, self.head_dim, self.ffn, lm_head.out_features]
-        return native.NativeWeights(tables, [wnd or 0 for wnd in windows], embed.contiguous(), norm.contiguous(),
-                                    native.panels(lm_head.w), lm_head.bias, rope, dims, self.eps, self.scaling)
+        return native.NativeWeights(
+            tables,
+            [wnd or 0 for wnd in windows],
+            embed.contiguous(),
+            norm.contiguous(),
+            native.panels(lm_head.w),
+            lm_head.bias,
+            rope,
+            dims,
+            self.eps,
+            self.scaling,
+        )
 
     def _rope(self, length: int) -> torch.Tensor:
         """cos and signed sin tables (length, 2, D) in the engine's dtype, from the model's own rotary module (one
@@ -363,9 +407,16 @@ class CompactCausalLM:
         outside = k_slot <= q_slot - window  # HF's sliding_window_overlay keeps kv_idx > q_idx - window
         return mask.masked_fill(outside, float("-inf"))
 
-    def _forward(self, state: KVState, ids: torch.Tensor, positions: torch.Tensor, start: int,
-                 mask: torch.Tensor, real: torch.Tensor | None = None,
-                 last: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(
+        self,
+        state: KVState,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        mask: torch.Tensor,
+        real: torch.Tensor | None = None,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """ids, positions: (B, T), written at slots start..start+T-1; mask: (B, 1, T, start+T) additive (0 / -inf).
         real: (N,) indices into the flattened (B*T) tokens that are not padding, and last: (B,) the index into `real`
         of each row's last column: the linears run on those rows only. Returns the next-token logits (B, V) in
@@ -390,8 +441,14 @@ class CompactCausalLM:
                 qkv = qkv.new_zeros(b * t, qkv.shape[1]).index_copy_(0, real, qkv)
             qkv = qkv.view(b, t, hq + 2 * hkv, d).transpose(1, 2)  # (B, H, T, D)
             if layer.q_norm is not None:
-                qkv = torch.cat([rms_norm(qkv[:, :hq], layer.q_norm, self.eps),
-                                 rms_norm(qkv[:, hq:hq + hkv], layer.k_norm, self.eps), qkv[:, hq + hkv:]], dim=1)
+                qkv = torch.cat(
+                    [
+                        rms_norm(qkv[:, :hq], layer.q_norm, self.eps),
+                        rms_norm(qkv[:, hq : hq + hkv], layer.k_norm, self.eps),
+                        qkv[:, hq + hkv :],
+                    ],
+                    dim=1,
+                )
             qk = qkv[:, : hq + hkv]
             # RoPE on q and k at once, in place; HF's rounding order (addcmul rounds once in bf16, which moved our
             # bf16 log-probs further from the fp32 model's in tests/test_engine.py: 0.08-0.13 -> 0.13-0.16)

@@ -34,8 +34,14 @@ from flywheel.utils import warn_if_slow_bf16
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "compact", "hf"]
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def context_length(model: Any) -> int | None:
@@ -74,8 +80,16 @@ class Engine:
     native_step: let the compact forward run float32 CPU decode steps in the native library (docs/engine.md).
     """
 
-    def __init__(self, model: Any, tokenizer: Any | None = None, *, dtype: torch.dtype | str | None = None,
-                 backend: Backend = "auto", compact_at: float = 0.25, native_step: bool = True):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        backend: Backend = "auto",
+        compact_at: float = 0.25,
+        native_step: bool = True,
+    ):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise UserError(f"Engine needs a Hugging Face causal LM (an nn.Module with a config), got {type(model)}")
         if isinstance(dtype, str):
@@ -98,13 +112,17 @@ class Engine:
             raise UserError(f"the compact engine backend cannot run this model: {reason}")
         self.model = model
         self.backend = "compact" if self.requested_backend != "hf" and reason is None else "hf"
-        self._forward = (CompactCausalLM(model, self.dtype, native_step=self.native_step)
-                         if self.backend == "compact" else HFCausalLM(model))
+        self._forward = (
+            CompactCausalLM(model, self.dtype, native_step=self.native_step)
+            if self.backend == "compact"
+            else HFCausalLM(model)
+        )
         if self.backend == "hf" and self.requested_backend == "auto":
             log.info("engine: generic HF forward (%s)", reason)
         if self.backend == "hf" and self.dtype is not None and self.dtype != next(model.parameters()).dtype:
-            log.warning("engine: dtype %s is ignored by the generic HF forward (it runs the module as it is)",
-                        self.dtype)
+            log.warning(
+                "engine: dtype %s is ignored by the generic HF forward (it runs the module as it is)", self.dtype
+            )
         if self.backend == "compact" and self.dtype == torch.bfloat16:
             warn_if_slow_bf16(next(model.parameters()).device.type)
         self.context_length = context_length(model)
@@ -138,8 +156,13 @@ class Engine:
         """The token ids that end a row under `params`: its stop_token_ids, else the model's end-of-turn ids."""
         return list(self.stop_ids if params.stop_token_ids is None else params.stop_token_ids)
 
-    def steps(self, prompt_ids: list[list[int]], params: SamplingParams | None = None, *,
-              max_new_tokens: list[int] | None = None) -> Iterator[Step]:
+    def steps(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | None = None,
+        *,
+        max_new_tokens: list[int] | None = None,
+    ) -> Iterator[Step]:
         """The decoding loop, one `Step` per position (the live rows, their tokens, log-probs and done flags), for
         callers that act between steps (the server streams and cancels rows; closing the iterator stops it).
         `max_new_tokens` caps each row's budget below params.max_new_tokens. Prompts and params are validated when
@@ -153,14 +176,16 @@ class Engine:
             budgets = torch.minimum(budgets, torch.tensor(max_new_tokens, dtype=budgets.dtype))
         return self._run(ids, valid, budgets, params)
 
-    def _run(self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor,
-             params: SamplingParams) -> Iterator[Step]:
+    def _run(
+        self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, params: SamplingParams
+    ) -> Iterator[Step]:
         model, was_training = self.model, self.model.training
         if self.backend == "hf" and was_training:
             model.eval()  # no dropout while sampling (the compact forward has none)
         try:
-            yield from decode(self._forward, ids, valid, budgets, params, self.stop_ids_for(params),
-                              compact_at=self.compact_at)
+            yield from decode(
+                self._forward, ids, valid, budgets, params, self.stop_ids_for(params), compact_at=self.compact_at
+            )
         finally:
             if self.backend == "hf" and was_training:
                 model.train()
@@ -175,22 +200,28 @@ class Engine:
                 raise UserError(f"prompt {i} is not a list of token ids (generate takes a list of prompts)")
             if not prompt:
                 raise UserError(f"prompt {i} is empty")
-            bad = [t for t in prompt
-                   if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size]
+            bad = [
+                t
+                for t in prompt
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size
+            ]
             if bad:
-                raise UserError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary "
-                                f"(0..{self.vocab_size - 1})")
+                raise UserError(
+                    f"prompt {i} has token id {bad[0]!r} outside the vocabulary (0..{self.vocab_size - 1})"
+                )
             if ctx is not None and len(prompt) >= ctx:
-                raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {ctx} tokens "
-                                "(at least one must be left to generate)")
+                raise UserError(
+                    f"prompt {i} has {len(prompt)} tokens; the model's context is {ctx} tokens "
+                    "(at least one must be left to generate)"
+                )
         lengths = torch.tensor([len(p) for p in prompt_ids])
         width = int(lengths.max())
         device = next(self.model.parameters()).device
         ids = torch.zeros(len(prompt_ids), width, dtype=torch.long)
         valid = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
         for i, prompt in enumerate(prompt_ids):
-            ids[i, width - len(prompt):] = torch.tensor([int(t) for t in prompt])
-            valid[i, width - len(prompt):] = True
+            ids[i, width - len(prompt) :] = torch.tensor([int(t) for t in prompt])
+            valid[i, width - len(prompt) :] = True
         budgets = torch.full_like(lengths, params.max_new_tokens)
         if ctx is not None:
             budgets = torch.minimum(budgets, ctx - lengths)  # a row that reaches the end of the context stops

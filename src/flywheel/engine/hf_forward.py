@@ -32,8 +32,9 @@ class HFCausalLM:
         self._has_logits_to_keep = "logits_to_keep" in params
 
     def _run(self, state: HFState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=state.mask, past_key_values=state.cache,
-                                      use_cache=True)
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids, attention_mask=state.mask, past_key_values=state.cache, use_cache=True
+        )
         if self._has_positions:
             kwargs["position_ids"] = positions
         if self._has_logits_to_keep:

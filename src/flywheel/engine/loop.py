@@ -28,8 +28,16 @@ class Step:
     done: list[bool]  # (A,) the row finished with this token (a stop id or the end of its budget)
 
 
-def decode(forward: Any, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, params: SamplingParams,
-           stop_ids: list[int], *, compact_at: float = 0.25) -> Iterator[Step]:
+def decode(
+    forward: Any,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    budgets: torch.Tensor,
+    params: SamplingParams,
+    stop_ids: list[int],
+    *,
+    compact_at: float = 0.25,
+) -> Iterator[Step]:
     """Generate for left-padded prompts ids, valid: (B, P), with per-row token budgets (B,) >= 1.
 
     No grad mode is held across a `yield` (it is thread-global state and would leak into the consumer's code).
@@ -54,8 +62,9 @@ def decode(forward: Any, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.
             uniform = None if params.greedy else torch.rand(batch, generator=generator, device=device)
             if uniform is not None and picks is not None:
                 uniform = uniform[picks]
-            tokens, logprobs = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                      uniform=uniform)
+            tokens, logprobs = sample(
+                logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, uniform=uniform
+            )
         new, logp = tokens.tolist(), logprobs.tolist()
         done = [tok in stop or budget[row] <= t + 1 for tok, row in zip(new, rows, strict=True)]
         live = [i for i, a in enumerate(alive) if a]

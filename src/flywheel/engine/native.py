@@ -33,8 +33,20 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 ABI_VERSION = 1
 PANEL = 16  # output columns per weight panel (NR in the C source)
 # per-layer pointer slots, in the C source's order (enum P_*)
-LAYER_SLOTS = ("ln1", "qkv", "qkv_bias", "o", "o_bias", "ln2", "gate_up", "gate_up_bias", "down", "down_bias",
-               "q_norm", "k_norm")
+LAYER_SLOTS = (
+    "ln1",
+    "qkv",
+    "qkv_bias",
+    "o",
+    "o_bias",
+    "ln2",
+    "gate_up",
+    "gate_up_bias",
+    "down",
+    "down_bias",
+    "q_norm",
+    "k_norm",
+)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -68,8 +80,11 @@ def build(compiler: str | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"cannot run the C compiler {exe}: {e}") from e
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(), platform.machine().encode()]
+        )
+    ).hexdigest()[:16]
     out = cache_dir() / f"decode-{key}.so"
     if out.exists():
         return out
@@ -78,8 +93,9 @@ def build(compiler: str | None = None) -> Path:
     os.close(fd)
     try:
         try:
-            result = subprocess.run([exe, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                    timeout=120)
+            result = subprocess.run(
+                [exe, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+            )
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"{exe} failed to build {SOURCE.name}: {e}") from e
         if result.returncode != 0:
@@ -150,9 +166,19 @@ def panels(w: torch.Tensor) -> torch.Tensor:
 class NativeWeights:
     """The model's weights in the native step's layout, plus the pointer table it reads (one per weights snapshot)."""
 
-    def __init__(self, layers: list[dict[str, torch.Tensor | None]], windows: list[int], embed: torch.Tensor,
-                 norm: torch.Tensor, lm_head: torch.Tensor, lm_bias: torch.Tensor | None, rope: torch.Tensor,
-                 dims: list[int], eps: float, scale: float):
+    def __init__(
+        self,
+        layers: list[dict[str, torch.Tensor | None]],
+        windows: list[int],
+        embed: torch.Tensor,
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        lm_bias: torch.Tensor | None,
+        rope: torch.Tensor,
+        dims: list[int],
+        eps: float,
+        scale: float,
+    ):
         keep: list[torch.Tensor] = [embed, norm, lm_head, rope]
         pointers = []
         for layer in layers:
@@ -177,8 +203,16 @@ class NativeWeights:
         return new
 
 
-def step(lib: ctypes.CDLL, w: NativeWeights, tokens: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor,
-         bias: torch.Tensor, n: int, scratch: dict[str, Any]) -> torch.Tensor:
+def step(
+    lib: ctypes.CDLL,
+    w: NativeWeights,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    kv: torch.Tensor,
+    bias: torch.Tensor,
+    n: int,
+    scratch: dict[str, Any],
+) -> torch.Tensor:
     """Append tokens (B,) at slot n and return the next-token logits (B, V) float32. kv: (L, B, 2*Hkv, S, D),
     bias: (B, S), pos: (B, 1) int64, all contiguous; scratch: a per-generation dict that keeps the work buffer."""
     b, s = int(tokens.shape[0]), int(kv.shape[3])
@@ -189,8 +223,26 @@ def step(lib: ctypes.CDLL, w: NativeWeights, tokens: torch.Tensor, pos: torch.Te
         buf = scratch["buf"] = torch.empty(size, dtype=torch.float32)
     logits = torch.empty(b, w.vocab, dtype=torch.float32)
     tokens = tokens.contiguous()
-    lib.fw_step(w.dims, w.eps, w.scale, w.table, w.windows, w.embed.data_ptr(), w.norm.data_ptr(),
-                w.lm_head.data_ptr(), None if w.lm_bias is None else w.lm_bias.data_ptr(), w.rope.data_ptr(),
-                tokens.data_ptr(), pos.data_ptr(), b, kv.data_ptr(), s, bias.data_ptr(), n, buf.data_ptr(),
-                logits.data_ptr(), threads)
+    lib.fw_step(
+        w.dims,
+        w.eps,
+        w.scale,
+        w.table,
+        w.windows,
+        w.embed.data_ptr(),
+        w.norm.data_ptr(),
+        w.lm_head.data_ptr(),
+        None if w.lm_bias is None else w.lm_bias.data_ptr(),
+        w.rope.data_ptr(),
+        tokens.data_ptr(),
+        pos.data_ptr(),
+        b,
+        kv.data_ptr(),
+        s,
+        bias.data_ptr(),
+        n,
+        buf.data_ptr(),
+        logits.data_ptr(),
+        threads,
+    )
     return logits

@@ -49,9 +49,15 @@ def _nucleus_cut(sorted_logp: torch.Tensor, p: float) -> torch.Tensor:
     return cut.masked_fill(~found, float("-inf"))
 
 
-def sample(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-           uniform: torch.Tensor | None = None, generator: torch.Generator | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniform: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (tokens (B,) int64, logprobs (B,) float32) for logits (B, V).
 
     temperature 0 is greedy: the argmax and its log_softmax(logits). Otherwise a token is drawn from

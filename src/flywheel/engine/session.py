@@ -32,9 +32,16 @@ class ChatSession:
     context would not leave room for `max_new_tokens`.
     """
 
-    def __init__(self, engine: Engine, tokenizer: Any | None = None, *, system: str | None = None,
-                 few_shot: Sequence[tuple[str, str]] = (), params: SamplingParams | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any | None = None,
+        *,
+        system: str | None = None,
+        few_shot: Sequence[tuple[str, str]] = (),
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         if self.tokenizer is None:

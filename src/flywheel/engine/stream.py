@@ -29,8 +29,9 @@ class Detokenizer:
 
     def decode(self, ids: list[int]) -> str:
         # No clean-up of spaces before punctuation: it is not prefix-stable ("a ." -> "a." only once "." arrives).
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -43,12 +44,12 @@ class Detokenizer:
     def _emit(self, *, final: bool) -> str:
         if self._read == len(self.ids):
             return ""
-        before = self.decode(self.ids[self._prefix:self._read])
-        text = self.decode(self.ids[self._prefix:])
+        before = self.decode(self.ids[self._prefix : self._read])
+        text = self.decode(self.ids[self._prefix :])
         if len(text) <= len(before) or (text.endswith(REPLACEMENT) and not final):
             if not final:
                 return ""
             self._prefix = self._read = len(self.ids)
-            return text[len(before):]
+            return text[len(before) :]
         self._prefix, self._read = self._read, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]

@@ -1,8 +1,8 @@
 """`flywheel db`: the feedback database's schema and users.
 
-    flywheel db upgrade --db feedback.db                         # create / migrate the schema (alembic upgrade head)
-    flywheel db create-user alice --role labeler --db feedback.db   # prints alice's API token (shown only once)
-    flywheel db users --db feedback.db                           # list users and roles
+flywheel db upgrade --db feedback.db                         # create / migrate the schema (alembic upgrade head)
+flywheel db create-user alice --role labeler --db feedback.db   # prints alice's API token (shown only once)
+flywheel db users --db feedback.db                           # list users and roles
 """
 
 from __future__ import annotations

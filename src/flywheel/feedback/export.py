@@ -44,10 +44,13 @@ class ExportConfig:
     db: str = field(default="feedback.db", metadata={"help": "database URL (or a SQLite file path)"})
     out: str = field(default="", metadata={"help": "directory for the datasets"})
     eval_labelers: str = field(default="", metadata={"help": "comma-separated held-out labelers (work -> .eval)"})
-    eval_fraction: float = field(default=0.2, metadata={
-        "help": "without --eval-labelers: hold out labelers whose name hashes below this fraction"})
-    include_upvoted: bool = field(default=False, metadata={
-        "help": "also export thumbs-up chat answers (with their context) as demonstrations"})
+    eval_fraction: float = field(
+        default=0.2,
+        metadata={"help": "without --eval-labelers: hold out labelers whose name hashes below this fraction"},
+    )
+    include_upvoted: bool = field(
+        default=False, metadata={"help": "also export thumbs-up chat answers (with their context) as demonstrations"}
+    )
 
     def validate(self) -> None:
         if not self.out:
@@ -74,8 +77,10 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     try:
         with store.session() as s:
             names = dict(s.execute(select(User.id, User.name)).all())
-            demos = [(names[d.labeler_id], d.messages, d.id) for d in s.scalars(
-                select(Demonstration).order_by(Demonstration.id))]
+            demos = [
+                (names[d.labeler_id], d.messages, d.id)
+                for d in s.scalars(select(Demonstration).order_by(Demonstration.id))
+            ]
             if cfg.include_upvoted:
                 demos += _upvoted(s, store)
             rankings, versions = _rankings(s, names)
@@ -110,14 +115,23 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         if messages and k not in seen_prompt:
             seen_prompt.add(k)
             prompt_rows.append({"messages": messages})
-    files = {"demos.jsonl": demo_rows["train"], "demos.eval.jsonl": demo_rows["eval"],
-             "rankings.jsonl": rank_rows["train"], "rankings.eval.jsonl": rank_rows["eval"],
-             "prompts.jsonl": prompt_rows}
+    files = {
+        "demos.jsonl": demo_rows["train"],
+        "demos.eval.jsonl": demo_rows["eval"],
+        "rankings.jsonl": rank_rows["train"],
+        "rankings.eval.jsonl": rank_rows["eval"],
+        "prompts.jsonl": prompt_rows,
+    }
     for name, rows in files.items():
         atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         counts[name] = len(rows)
-    manifest = {"db": safe_url(cfg.db), "files": counts, "eval_labelers": sorted(held),
-                "train_labelers": sorted(set(names.values()) - held), "model_versions": sorted(versions)}
+    manifest = {
+        "db": safe_url(cfg.db),
+        "files": counts,
+        "eval_labelers": sorted(held),
+        "train_labelers": sorted(set(names.values()) - held),
+        "model_versions": sorted(versions),
+    }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log.info("exported to %s: %s", out, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return manifest
@@ -131,12 +145,22 @@ def _rankings(s: Any, names: dict[int, str]) -> tuple[list[tuple[str, dict[str, 
     out, versions, bad = [], set(), 0
     for r in s.scalars(select(RankingLabel).order_by(RankingLabel.id)):
         task_cands = cands.get(r.task_id, [])
-        record = {"prompt": tasks[r.task_id].prompt, "completions": [c.text for c in task_cands],
-                  "order": r.order, "labeler": names[r.labeler_id], "unsafe": r.unsafe,
-                  "model_versions": [c.model_version for c in task_cands], "id": f"ranking-{r.id}"}
+        record = {
+            "prompt": tasks[r.task_id].prompt,
+            "completions": [c.text for c in task_cands],
+            "order": r.order,
+            "labeler": names[r.labeler_id],
+            "unsafe": r.unsafe,
+            "model_versions": [c.model_version for c in task_cands],
+            "id": f"ranking-{r.id}",
+        }
         try:  # the trainers' own validation: what is written here is what they read
-            Ranking([MessageRecord.from_dict(m) for m in record["prompt"]], record["completions"], record["order"],
-                    labeler=record["labeler"])
+            Ranking(
+                [MessageRecord.from_dict(m) for m in record["prompt"]],
+                record["completions"],
+                record["order"],
+                labeler=record["labeler"],
+            )
         except RecordError as err:
             bad += 1
             log.warning("export: ranking %d skipped: %s", r.id, err.message)

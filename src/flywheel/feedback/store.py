@@ -158,8 +158,12 @@ class Store:
 
     def list_conversations(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
         with self.session() as s:
-            rows = s.scalars(select(Conversation).where(Conversation.owner == owner)
-                             .order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+            rows = s.scalars(
+                select(Conversation)
+                .where(Conversation.owner == owner)
+                .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+                .limit(limit)
+            )
             return [{"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()} for c in rows]
 
     def conversation(self, conv_id: int, owner: str) -> dict[str, Any]:
@@ -173,8 +177,16 @@ class Store:
             raise NotFound(f"no conversation {conv_id}")
         return conv
 
-    def add_message(self, conv_id: int, owner: str, parent_id: int | None, role: str, content: str,
-                    model_version: str | None = None, finish_reason: str | None = None) -> dict[str, Any]:
+    def add_message(
+        self,
+        conv_id: int,
+        owner: str,
+        parent_id: int | None,
+        role: str,
+        content: str,
+        model_version: str | None = None,
+        finish_reason: str | None = None,
+    ) -> dict[str, Any]:
         """Append a message under `parent_id` (None: the root). Checks the turn order along the branch."""
         with self.session(write=True) as s:
             conv = self._owned(s, conv_id, owner)
@@ -182,8 +194,14 @@ class Store:
             if branch and branch[0].conversation_id != conv_id:
                 raise NotFound(f"no message {parent_id} in conversation {conv_id}")
             check_messages_dicts([_turn(m) for m in branch] + [{"role": role, "content": content}], end=None)
-            msg = Message(conversation_id=conv_id, parent_id=parent_id, role=role, content=content,
-                          model_version=model_version, finish_reason=finish_reason)
+            msg = Message(
+                conversation_id=conv_id,
+                parent_id=parent_id,
+                role=role,
+                content=content,
+                model_version=model_version,
+                finish_reason=finish_reason,
+            )
             s.add(msg)
             conv.updated_at = utcnow()
             if not conv.title and role == "user":
@@ -216,8 +234,14 @@ class Store:
             msg = s.get(Message, msg.parent_id) if msg.parent_id is not None else None
         return out[::-1]
 
-    def log_exchange(self, owner: str, source: str, messages: Sequence[dict[str, str]],
-                     answers: Sequence[tuple[str, str]], model_version: str) -> list[int]:
+    def log_exchange(
+        self,
+        owner: str,
+        source: str,
+        messages: Sequence[dict[str, str]],
+        answers: Sequence[tuple[str, str]],
+        model_version: str,
+    ) -> list[int]:
         """Log an API call: the request's messages as a chain and each answer (text, finish_reason) as a sibling."""
         with self.session(write=True) as s:
             title = next((m["content"] for m in messages if m["role"] == "user"), "")
@@ -232,16 +256,23 @@ class Store:
                 parent = msg.id
             ids = []
             for text, finish in answers:
-                msg = Message(conversation_id=conv.id, parent_id=parent, role="assistant", content=text,
-                              model_version=model_version, finish_reason=finish)
+                msg = Message(
+                    conversation_id=conv.id,
+                    parent_id=parent,
+                    role="assistant",
+                    content=text,
+                    model_version=model_version,
+                    finish_reason=finish,
+                )
                 s.add(msg)
                 s.flush()
                 ids.append(msg.id)
             s.commit()
             return ids
 
-    def vote(self, message_id: int, voter: str, value: int, comment: str, key: str,
-             owner: str | None = None) -> tuple[dict[str, Any], bool]:
+    def vote(
+        self, message_id: int, voter: str, value: int, comment: str, key: str, owner: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
         key = _check_key(key)
         if value not in (1, -1):
             raise UserError("value must be 1 (thumbs up) or -1 (thumbs down)")
@@ -256,8 +287,12 @@ class Store:
                 raise UserError("only assistant messages can be voted on")
             vote = Vote(message_id=message_id, voter=voter, value=value, comment=comment, idempotency_key=key)
             s.add(vote)
-            return self._commit_idempotent(s, vote, _vote_dict, lambda: s.scalar(
-                select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key)))
+            return self._commit_idempotent(
+                s,
+                vote,
+                _vote_dict,
+                lambda: s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key)),
+            )
 
     def _commit_idempotent(self, s: Session, row: Any, as_dict: Any, lookup: Any) -> tuple[dict[str, Any], bool]:
         try:
@@ -272,22 +307,32 @@ class Store:
 
     # labeling tasks
 
-    def create_ranking_task(self, prompt: list[dict[str, str]], candidates: Sequence[tuple[str, str, str | None]],
-                            *, labels_needed: int = 1, source: str = "prompt_set",
-                            source_message_id: int | None = None) -> int:
+    def create_ranking_task(
+        self,
+        prompt: list[dict[str, str]],
+        candidates: Sequence[tuple[str, str, str | None]],
+        *,
+        labels_needed: int = 1,
+        source: str = "prompt_set",
+        source_message_id: int | None = None,
+    ) -> int:
         """A ranking task: `prompt` (messages ending with a user turn), candidates (text, model_version, finish)."""
         prompt = check_messages_dicts(prompt, end="user", field="prompt")
         texts = [text.strip() for text, _, _ in candidates]
         if len(set(texts)) != len(texts) or len(texts) < 2 or not all(texts):
             raise UserError("a ranking task needs at least 2 distinct non-empty candidates")
         with self.session(write=True) as s:
-            task = Task(kind="ranking", prompt=prompt, source=source, source_message_id=source_message_id,
-                        labels_needed=max(1, labels_needed))
+            task = Task(
+                kind="ranking",
+                prompt=prompt,
+                source=source,
+                source_message_id=source_message_id,
+                labels_needed=max(1, labels_needed),
+            )
             s.add(task)
             s.flush()
             for pos, (text, version, finish) in enumerate(candidates):
-                s.add(Candidate(task_id=task.id, position=pos, text=text, model_version=version,
-                                finish_reason=finish))
+                s.add(Candidate(task_id=task.id, position=pos, text=text, model_version=version, finish_reason=finish))
             s.commit()
             return task.id
 
@@ -295,8 +340,13 @@ class Store:
         if not isinstance(instruction, str) or not instruction.strip():
             raise UserError("a role-play task needs an instruction")
         with self.session(write=True) as s:
-            task = Task(kind="roleplay", prompt=None, instruction=instruction.strip(), source="admin",
-                        labels_needed=max(1, labels_needed))
+            task = Task(
+                kind="roleplay",
+                prompt=None,
+                instruction=instruction.strip(),
+                source="admin",
+                labels_needed=max(1, labels_needed),
+            )
             s.add(task)
             s.commit()
             return task.id
@@ -305,8 +355,12 @@ class Store:
         """The contexts of the latest logged user messages that no task was made from yet: (messages, message id)."""
         with self.session() as s:
             used = select(Task.source_message_id).where(Task.source_message_id.is_not(None))
-            rows = s.scalars(select(Message).where(Message.role == "user", Message.id.not_in(used))
-                             .order_by(Message.id.desc()).limit(limit)).all()
+            rows = s.scalars(
+                select(Message)
+                .where(Message.role == "user", Message.id.not_in(used))
+                .order_by(Message.id.desc())
+                .limit(limit)
+            ).all()
             return [([_turn(m) for m in self._branch(s, row.id)], row.id) for row in rows]
 
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
@@ -317,8 +371,12 @@ class Store:
         with self.session() as s:
             given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
             mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
-            task = s.scalar(select(Task).where(Task.kind == kind, given < Task.labels_needed, ~mine.exists())
-                            .order_by(Task.id).limit(1))
+            task = s.scalar(
+                select(Task)
+                .where(Task.kind == kind, given < Task.labels_needed, ~mine.exists())
+                .order_by(Task.id)
+                .limit(1)
+            )
             return None if task is None else self._task_dict(task, user_id)
 
     def task(self, task_id: int, user_id: int) -> dict[str, Any]:
@@ -329,21 +387,30 @@ class Store:
             return self._task_dict(task, user_id)
 
     def _task_dict(self, task: Task, user_id: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": task.id, "kind": task.kind, "prompt": task.prompt,
-                               "instruction": task.instruction}
+        out: dict[str, Any] = {
+            "id": task.id,
+            "kind": task.kind,
+            "prompt": task.prompt,
+            "instruction": task.instruction,
+        }
         if task.kind == "ranking":
             cands = [{"id": c.id, "text": c.text} for c in task.candidates]
             random.Random(f"{task.id}:{user_id}").shuffle(cands)  # per-labeler order: no position bias in the data
             out["candidates"] = cands
         return out
 
-    def submit_ranking(self, user_id: int, task_id: int, order: Any, *, unsafe: Sequence[int] = (),
-                       comment: str = "", key: str) -> tuple[dict[str, Any], bool]:
+    def submit_ranking(
+        self, user_id: int, task_id: int, order: Any, *, unsafe: Sequence[int] = (), comment: str = "", key: str
+    ) -> tuple[dict[str, Any], bool]:
         """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids."""
         key = _check_key(key)
         with self.session(write=True) as s:
-            lookup = lambda: s.scalar(select(RankingLabel).where(  # noqa: E731
-                RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key))
+
+            def lookup() -> RankingLabel | None:
+                return s.scalar(
+                    select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
+                )
+
             found = lookup()
             if found is not None:
                 return _ranking_dict(found), False
@@ -354,29 +421,44 @@ class Store:
             groups = _order_positions(order, position)
             if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
                 raise UserError("unsafe must list candidate ids of this task")
-            row = RankingLabel(task_id=task_id, labeler_id=user_id, order=groups,
-                               unsafe=sorted({position[u] for u in unsafe}), comment=str(comment or ""),
-                               idempotency_key=key)
+            row = RankingLabel(
+                task_id=task_id,
+                labeler_id=user_id,
+                order=groups,
+                unsafe=sorted({position[u] for u in unsafe}),
+                comment=str(comment or ""),
+                idempotency_key=key,
+            )
             s.add(row)
             try:
                 return self._commit_idempotent(s, row, _ranking_dict, lookup)
             except IntegrityError:
                 raise Conflict(f"task {task_id} was already ranked by this labeler") from None
 
-    def submit_demonstration(self, user_id: int, task_id: int | None, messages: Any, *,
-                             suggestions: Sequence[dict[str, Any]] = (), key: str) -> tuple[dict[str, Any], bool]:
+    def submit_demonstration(
+        self, user_id: int, task_id: int | None, messages: Any, *, suggestions: Sequence[dict[str, Any]] = (), key: str
+    ) -> tuple[dict[str, Any], bool]:
         """A role-play conversation (ends with an assistant turn). `suggestions`: the model's drafts,
         `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one."""
         key = _check_key(key)
         messages = check_messages_dicts(messages, end="assistant")
-        drafts = [dict(turn=int(d["turn"]), text=str(d["text"]), model_version=str(d.get("model_version", "")))
-                  for d in suggestions if isinstance(d, dict) and "turn" in d and "text" in d]
+        drafts = [
+            dict(turn=int(d["turn"]), text=str(d["text"]), model_version=str(d.get("model_version", "")))
+            for d in suggestions
+            if isinstance(d, dict) and "turn" in d and "text" in d
+        ]
         if any(not 0 <= d["turn"] < len(messages) for d in drafts):
             raise UserError("a suggestion's turn is outside the conversation")
         edited = any(messages[d["turn"]]["content"] != d["text"] for d in drafts) or not drafts
         with self.session(write=True) as s:
-            lookup = lambda: s.scalar(select(Demonstration).where(  # noqa: E731
-                Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key))
+
+            def lookup() -> Demonstration | None:
+                return s.scalar(
+                    select(Demonstration).where(
+                        Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key
+                    )
+                )
+
             found = lookup()
             if found is not None:
                 return _demo_dict(found), False
@@ -384,8 +466,14 @@ class Store:
                 task = s.get(Task, task_id)
                 if task is None or task.kind != "roleplay":
                     raise NotFound(f"no role-play task {task_id}")
-            row = Demonstration(task_id=task_id, labeler_id=user_id, messages=messages, suggestions=drafts,
-                                edited=edited, idempotency_key=key)
+            row = Demonstration(
+                task_id=task_id,
+                labeler_id=user_id,
+                messages=messages,
+                suggestions=drafts,
+                edited=edited,
+                idempotency_key=key,
+            )
             s.add(row)
             return self._commit_idempotent(s, row, _demo_dict, lookup)
 
@@ -396,8 +484,11 @@ class Store:
         with self.session() as s:
             queue = {}
             for kind, table in (("ranking", RankingLabel), ("roleplay", Demonstration)):
-                counts = dict(s.execute(select(table.task_id, func.count()).where(table.task_id.is_not(None))
-                                        .group_by(table.task_id)).all())
+                counts = dict(
+                    s.execute(
+                        select(table.task_id, func.count()).where(table.task_id.is_not(None)).group_by(table.task_id)
+                    ).all()
+                )
                 tasks = s.execute(select(Task.id, Task.labels_needed).where(Task.kind == kind)).all()
                 queue[kind] = {
                     "tasks": len(tasks),
@@ -407,17 +498,21 @@ class Store:
                 }
             names = dict(s.execute(select(User.id, User.name)).all())
             progress: dict[str, dict[str, int]] = {
-                u.name: {"rankings": 0, "demonstrations": 0, "role": u.role} for u in s.scalars(select(User))}
+                u.name: {"rankings": 0, "demonstrations": 0, "role": u.role} for u in s.scalars(select(User))
+            }
             for uid, n in s.execute(select(RankingLabel.labeler_id, func.count()).group_by(RankingLabel.labeler_id)):
                 progress[names[uid]]["rankings"] = n
-            for uid, n in s.execute(select(Demonstration.labeler_id, func.count())
-                                    .group_by(Demonstration.labeler_id)):
+            for uid, n in s.execute(select(Demonstration.labeler_id, func.count()).group_by(Demonstration.labeler_id)):
                 progress[names[uid]]["demonstrations"] = n
             labels = s.execute(select(RankingLabel.task_id, RankingLabel.labeler_id, RankingLabel.order)).all()
             agreement = pairwise_agreement([(t, names[u], order) for t, u, order in labels])
             votes = dict(s.execute(select(Vote.value, func.count()).group_by(Vote.value)).all())
-            return {"queue": queue, "labelers": progress, "agreement": agreement,
-                    "votes": {"up": votes.get(1, 0), "down": votes.get(-1, 0)}}
+            return {
+                "queue": queue,
+                "labelers": progress,
+                "agreement": agreement,
+                "votes": {"up": votes.get(1, 0), "down": votes.get(-1, 0)},
+            }
 
 
 def pairwise_agreement(labels: Sequence[tuple[int, str, list[list[int]]]]) -> dict[str, Any]:
@@ -440,8 +535,11 @@ def pairwise_agreement(labels: Sequence[tuple[int, str, list[list[int]]]]) -> di
                 for name in (name_a, name_b):
                     per[name][0] += same
                     per[name][1] += 1
-    return {"rate": agree / compared if compared else None, "pairs": compared,
-            "per_labeler": {name: {"rate": a / n, "pairs": n} for name, (a, n) in sorted(per.items())}}
+    return {
+        "rate": agree / compared if compared else None,
+        "pairs": compared,
+        "per_labeler": {name: {"rate": a / n, "pairs": n} for name, (a, n) in sorted(per.items())},
+    }
 
 
 def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
@@ -461,8 +559,14 @@ def _turn(m: Message) -> dict[str, str]:
 
 
 def _message_dict(m: Message) -> dict[str, Any]:
-    return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content,
-            "model_version": m.model_version, "finish_reason": m.finish_reason}
+    return {
+        "id": m.id,
+        "parent_id": m.parent_id,
+        "role": m.role,
+        "content": m.content,
+        "model_version": m.model_version,
+        "finish_reason": m.finish_reason,
+    }
 
 
 def _vote_dict(v: Vote) -> dict[str, Any]:

@@ -1,4 +1,4 @@
 """The server: OpenAI-compatible `/v1`, the chat web app, the labelers' workbench and admin (docs/serve.md).
 
-    flywheel serve runs/sft/final --db feedback.db --port 8000
+flywheel serve runs/sft/final --db feedback.db --port 8000
 """

@@ -88,8 +88,9 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def current_user(request: Request, *, roles: tuple[str, ...] = ("labeler", "admin"),
-                       required: bool = True) -> UserInfo | None:
+async def current_user(
+    request: Request, *, roles: tuple[str, ...] = ("labeler", "admin"), required: bool = True
+) -> UserInfo | None:
     token = bearer(request)
     user = await db(ctx(request).store.authenticate, token) if token else None
     if token and user is None:
@@ -215,8 +216,12 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
         from fastapi.middleware.cors import CORSMiddleware
 
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Client-Id"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Client-Id"],
+        )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 

@@ -23,12 +23,24 @@ class Result:
 class Run:
     """One request in the worker. `await run.started()` first (it raises the worker's errors as `ApiError`)."""
 
-    def __init__(self, worker: BatchWorker, messages: list[dict[str, str]], params: SamplingParams, *, n: int = 1,
-                 stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        worker: BatchWorker,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        stop: Sequence[str] = (),
+    ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.req = GenRequest(messages, params, emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
-                              n=n, stop=list(stop))
+        self.req = GenRequest(
+            messages,
+            params,
+            emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+            n=n,
+            stop=list(stop),
+        )
         self.version = ""
         self.prompt_tokens = 0
         worker.submit(self.req)

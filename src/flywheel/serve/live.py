@@ -1,7 +1,7 @@
 """Run the app in a background thread on a free loopback port (tests, benchmarks, notebooks).
 
-    with LiveServer(create_app(settings)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+with LiveServer(create_app(settings)) as server:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ class LiveServer:
 
         self.host = host
         self.port = port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, name="flywheel-live-server", daemon=True)
 
     @property

@@ -65,8 +65,13 @@ class ChatRequest(BaseModel):
 
 def check_model(c: AppContext, name: str) -> None:
     if name not in (c.settings.model_name, c.worker.model.version):
-        raise ApiError(404, f"The model '{name}' does not exist (this server serves '{c.settings.model_name}', "
-                       f"version '{c.worker.model.version}')", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist (this server serves '{c.settings.model_name}', "
+            f"version '{c.worker.model.version}')",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def sampling(c: AppContext, req: ChatRequest) -> tuple[SamplingParams, list[str]]:
@@ -76,8 +81,9 @@ def sampling(c: AppContext, req: ChatRequest) -> tuple[SamplingParams, list[str]
     if max_tokens is None:
         max_tokens = min(s.default_max_tokens, s.max_tokens_limit)
     if not 1 <= max_tokens <= s.max_tokens_limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {s.max_tokens_limit}, got {max_tokens}",
-                       param="max_tokens")
+        raise ApiError(
+            400, f"max_tokens must be between 1 and {s.max_tokens_limit}, got {max_tokens}", param="max_tokens"
+        )
     if not 1 <= req.n <= s.max_n:
         raise ApiError(400, f"n must be between 1 and {s.max_n}, got {req.n}", param="n")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -104,10 +110,13 @@ async def models(request: Request) -> dict[str, Any]:
     c = ctx(request)
     await chat_owner(request)  # the same access rule as chat
     version = c.worker.model.version
-    return {"object": "list", "data": [
-        {"id": c.settings.model_name, "object": "model", "created": 0, "owned_by": "flywheel", "version": version},
-        {"id": version, "object": "model", "created": 0, "owned_by": "flywheel", "version": version},
-    ]}
+    return {
+        "object": "list",
+        "data": [
+            {"id": c.settings.model_name, "object": "model", "created": 0, "owned_by": "flywheel", "version": version},
+            {"id": version, "object": "model", "created": 0, "owned_by": "flywheel", "version": version},
+        ],
+    }
 
 
 @router.post("/chat/completions")
@@ -123,33 +132,70 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     if body.stream:
         await run.started()  # errors before the first token still get a proper status
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(c, run, messages, owner, completion_id, created, usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Flywheel-Model-Version": run.version})
+        return StreamingResponse(
+            _stream(c, run, messages, owner, completion_id, created, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Flywheel-Model-Version": run.version},
+        )
     result = await run.collect()
     if c.settings.log_api:
-        await db(c.store.log_exchange, owner, "api", messages,
-                 list(zip(result.texts, result.finish_reasons, strict=True)), result.version)
+        await db(
+            c.store.log_exchange,
+            owner,
+            "api",
+            messages,
+            list(zip(result.texts, result.finish_reasons, strict=True)),
+            result.version,
+        )
     completion_tokens = sum(result.tokens)
-    return JSONResponse({
-        "id": completion_id, "object": "chat.completion", "created": created, "model": result.version,
-        "system_fingerprint": result.version,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish} for i, (text, finish) in enumerate(
-                         zip(result.texts, result.finish_reasons, strict=True))],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": result.prompt_tokens + completion_tokens},
-    }, headers={"X-Flywheel-Model-Version": result.version})
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": result.version,
+            "system_fingerprint": result.version,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+                for i, (text, finish) in enumerate(zip(result.texts, result.finish_reasons, strict=True))
+            ],
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": result.prompt_tokens + completion_tokens,
+            },
+        },
+        headers={"X-Flywheel-Model-Version": result.version},
+    )
 
 
-async def _stream(c: AppContext, run: Run, messages: list[dict[str, str]], owner: str, completion_id: str,
-                  created: int, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    c: AppContext,
+    run: Run,
+    messages: list[dict[str, str]],
+    owner: str,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     n = run.req.n
     texts, finishes, tokens = [""] * n, [None] * n, [0] * n
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": run.version,
-                "system_fingerprint": run.version, "choices": choices, **extra}
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": run.version,
+            "system_fingerprint": run.version,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     finished = False
@@ -165,8 +211,14 @@ async def _stream(c: AppContext, run: Run, messages: list[dict[str, str]], owner
                 yield chunk([{"index": event[1], "delta": {}, "finish_reason": event[2]}])
         if include_usage:
             total = sum(tokens)
-            yield chunk([], usage={"prompt_tokens": run.prompt_tokens, "completion_tokens": total,
-                                   "total_tokens": run.prompt_tokens + total})
+            yield chunk(
+                [],
+                usage={
+                    "prompt_tokens": run.prompt_tokens,
+                    "completion_tokens": total,
+                    "total_tokens": run.prompt_tokens + total,
+                },
+            )
         yield "data: [DONE]\n\n"
         finished = True
     except ApiError as err:

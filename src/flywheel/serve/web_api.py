@@ -161,8 +161,9 @@ async def regenerate(request: Request, message_id: int, body: RegenerateBody) ->
     return await _reply(c, conv, owner, branch[-2], params, announce=False)
 
 
-async def _reply(c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], params: SamplingParams, *,
-                 announce: bool) -> StreamingResponse:
+async def _reply(
+    c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], params: SamplingParams, *, announce: bool
+) -> StreamingResponse:
     branch = await db(c.store.branch, user_msg["id"], owner)
     run = Run(c.worker, [{"role": m["role"], "content": m["content"]} for m in branch], params)
     await run.started()
@@ -185,8 +186,9 @@ async def _reply(c: AppContext, conv_id: int, owner: str, user_msg: dict[str, An
             if not done:
                 run.cancel()
         if done:
-            msg = await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ",
-                           run.version, finish)
+            msg = await db(
+                c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ", run.version, finish
+            )
             yield _sse({"type": "done", "message": msg})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -196,8 +198,9 @@ async def _reply(c: AppContext, conv_id: int, owner: str, user_msg: dict[str, An
 async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, Any]:
     c = ctx(request)
     owner = await chat_owner(request)
-    row, created = await db(c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key,
-                            owner=owner)
+    row, created = await db(
+        c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key, owner=owner
+    )
     return {"vote": row, "created": created}
 
 
@@ -230,17 +233,29 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
 @router.post("/label/rankings")
 async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
     user = await current_user(request)
-    row, created = await db(ctx(request).store.submit_ranking, user.id, body.task_id, body.order,
-                            unsafe=body.unsafe, comment=body.comment, key=body.idempotency_key)
+    row, created = await db(
+        ctx(request).store.submit_ranking,
+        user.id,
+        body.task_id,
+        body.order,
+        unsafe=body.unsafe,
+        comment=body.comment,
+        key=body.idempotency_key,
+    )
     return {"ranking": row, "created": created}
 
 
 @router.post("/label/demonstrations")
 async def submit_demonstration(request: Request, body: DemonstrationBody) -> dict[str, Any]:
     user = await current_user(request)
-    row, created = await db(ctx(request).store.submit_demonstration, user.id, body.task_id,
-                            [t.model_dump() for t in body.messages],
-                            suggestions=[s.model_dump() for s in body.suggestions], key=body.idempotency_key)
+    row, created = await db(
+        ctx(request).store.submit_demonstration,
+        user.id,
+        body.task_id,
+        [t.model_dump() for t in body.messages],
+        suggestions=[s.model_dump() for s in body.suggestions],
+        key=body.idempotency_key,
+    )
     return {"demonstration": row, "created": created}
 
 
@@ -262,8 +277,10 @@ async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
     await current_user(request, roles=("admin",))
     c = ctx(request)
     if body.kind == "roleplay":
-        ids = [await db(c.store.create_roleplay_task, text, labels_needed=body.labels_needed)
-               for text in body.instructions]
+        ids = [
+            await db(c.store.create_roleplay_task, text, labels_needed=body.labels_needed)
+            for text in body.instructions
+        ]
         return {"created": ids, "skipped": 0}
     prompts: list[tuple[list[dict[str, str]], int | None, str]] = []
     for p in body.prompts:
@@ -280,13 +297,22 @@ async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
         if len(cands) < 2:
             skipped += 1  # the model gave fewer than 2 distinct answers: nothing to rank
             continue
-        created.append(await db(c.store.create_ranking_task, messages, cands, labels_needed=body.labels_needed,
-                                source=source, source_message_id=msg_id))
+        created.append(
+            await db(
+                c.store.create_ranking_task,
+                messages,
+                cands,
+                labels_needed=body.labels_needed,
+                source=source,
+                source_message_id=msg_id,
+            )
+        )
     return {"created": created, "skipped": skipped}
 
 
-async def _candidates(c: AppContext, messages: list[dict[str, str]], params: SamplingParams,
-                      k: int) -> list[tuple[str, str, str | None]]:
+async def _candidates(
+    c: AppContext, messages: list[dict[str, str]], params: SamplingParams, k: int
+) -> list[tuple[str, str, str | None]]:
     """K distinct non-empty answers (one resampling round for duplicates), each with the version that wrote it."""
     out: list[tuple[str, str, str | None]] = []
     seen: set[str] = set()

@@ -168,8 +168,9 @@ class BatchWorker:
             try:
                 ids = render_prompt(model.tokenizer, req.messages)
                 if engine.context_length is not None and len(ids) >= engine.context_length:
-                    raise UserError(f"the prompt has {len(ids)} tokens; this model's context is "
-                                    f"{engine.context_length} tokens")
+                    raise UserError(
+                        f"the prompt has {len(ids)} tokens; this model's context is {engine.context_length} tokens"
+                    )
             except UserError as err:
                 _emit(req, ("error", 400, str(err)))
                 continue
@@ -231,7 +232,7 @@ class BatchWorker:
         hold = 0 if final or not row.req.stop else max(len(s) for s in row.req.stop) - 1
         end = max(row.sent, len(row.text) - hold)
         if end > row.sent:
-            _emit(row.req, ("delta", row.choice, row.text[row.sent:end]))
+            _emit(row.req, ("delta", row.choice, row.text[row.sent : end]))
             row.sent = end
 
     def _finish(self, row: _Row, reason: str, *, flush: bool = True) -> None:
@@ -250,7 +251,7 @@ def _cut_at_stop(row: _Row) -> bool:
     cuts = [c for c in cuts if c >= 0]
     if not cuts:
         return False
-    row.text = row.text[:min(cuts)]
+    row.text = row.text[: min(cuts)]
     row.sent = min(row.sent, len(row.text))
     return True
 
@@ -259,8 +260,14 @@ def _groups(reqs: list[GenRequest]) -> list[list[GenRequest]]:
     groups: dict[Any, list[GenRequest]] = {}
     for i, req in enumerate(reqs):
         p = req.params
-        key = (p.temperature, p.top_k, p.top_p, tuple(p.stop_token_ids or ()), p.stop_token_ids is None,
-               i if p.seed is not None else None)
+        key = (
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            tuple(p.stop_token_ids or ()),
+            p.stop_token_ids is None,
+            i if p.seed is not None else None,
+        )
         groups.setdefault(key, []).append(req)
     return list(groups.values())
 

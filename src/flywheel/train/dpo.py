@@ -64,9 +64,13 @@ class DPOConfig(PreferenceConfig):
         super().validate()
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio)."""
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -79,8 +83,12 @@ def sequence_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
         hidden = backbone_hidden(model, batch)[batch["pred_index"]]  # (M, H)
         logits = model.get_output_embeddings()(hidden)  # (M, V)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, T, V)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits  # (R, T, V)
         logits = logits.reshape(-1, logits.shape[-1])[batch["pred_index"]]
     token_logps = -F.cross_entropy(logits.float(), batch["target_ids"], reduction="none")  # (M,)
     out = torch.zeros(batch["n_answers"], dtype=token_logps.dtype, device=token_logps.device)
@@ -97,8 +105,9 @@ class DPOGroup:
         return self.group.k
 
 
-def collate_dpo(samples: Sequence[DPOGroup], pad_id: int, *, share_prompt: bool,
-                mask_dtype: torch.dtype) -> dict[str, Any]:
+def collate_dpo(
+    samples: Sequence[DPOGroup], pad_id: int, *, share_prompt: bool, mask_dtype: torch.dtype
+) -> dict[str, Any]:
     batch = collate_groups([s.group for s in samples], pad_id, share_prompt=share_prompt, mask_dtype=mask_dtype)
     batch["ref_logps"] = torch.tensor([x for s in samples for x in s.ref_logps])  # (N,)
     batch["weight"] = int(batch["winners"].numel())  # the loss is a mean over pairs
@@ -120,8 +129,9 @@ def dpo_batch_loss(model: Any, batch: dict[str, Any], beta: float) -> tuple[torc
 
 
 @torch.no_grad()
-def compute_logps(model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool,
-                  max_answers: int, bf16: bool) -> list[list[float]]:
+def compute_logps(
+    model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool, max_answers: int, bf16: bool
+) -> list[list[float]]:
     """Each group's answers' summed log-probs under `model` (eval mode, no grad), in the order of `groups`."""
     was_training = model.training
     model.eval()
@@ -144,8 +154,9 @@ def _fingerprint(cfg: DPOConfig, groups: Sequence[RankingGroup]) -> str:
     return h.hexdigest()
 
 
-def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
-                    splits: dict[str, list[RankingGroup]]) -> dict[str, list[list[float]]]:
+def reference_logps(
+    cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any, splits: dict[str, list[RankingGroup]]
+) -> dict[str, list[list[float]]]:
     """Reference log-probs of every split's answers: from the cache when it matches, else one pass, then cached."""
     path = run_dir / CACHE_FILE
     keys = {name: _fingerprint(cfg, groups) for name, groups in splits.items()}
@@ -163,8 +174,17 @@ def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
     ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
-    logps = {name: compute_logps(ref, groups, tokenizer.pad_token_id, share_prompt=cfg.share_prompt,
-                                 max_answers=cfg.eval_batch_size, bf16=cfg.bf16) for name, groups in splits.items()}
+    logps = {
+        name: compute_logps(
+            ref,
+            groups,
+            tokenizer.pad_token_id,
+            share_prompt=cfg.share_prompt,
+            max_answers=cfg.eval_batch_size,
+            bf16=cfg.bf16,
+        )
+        for name, groups in splits.items()
+    }
     del ref
     if distributed.is_main():
         torch.save({"fingerprints": keys, "logps": logps}, path)
@@ -173,8 +193,9 @@ def reference_logps(cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any,
 
 
 @torch.no_grad()
-def eval_dpo(model: Any, samples: Sequence[DPOGroup], pad_id: int, cfg: DPOConfig, *,
-             device: torch.device | str | None = None) -> dict[str, float]:
+def eval_dpo(
+    model: Any, samples: Sequence[DPOGroup], pad_id: int, cfg: DPOConfig, *, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Held-out DPO loss and implicit-reward metrics, means over pairs. Batches go to `device` (default: where the
     model's weights are)."""
     device = next(model.parameters()).device if device is None else device
@@ -200,18 +221,28 @@ def train_dpo(cfg: DPOConfig) -> Path:
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
-    splits = {"train": encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong,
-                                       source=cfg.data)}
+    splits = {
+        "train": encode_rankings(
+            tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data
+        )
+    }
     if held_out:
-        splits["eval"] = encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong,
-                                         source=cfg.eval_data or cfg.data)
-    log.info("dpo: %d params, training on %s, %d held out, beta %g", count_parameters(model),
-             describe(splits["train"]), len(splits.get("eval", [])), cfg.beta)
+        splits["eval"] = encode_rankings(
+            tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.eval_data or cfg.data
+        )
+    log.info(
+        "dpo: %d params, training on %s, %d held out, beta %g",
+        count_parameters(model),
+        describe(splits["train"]),
+        len(splits.get("eval", [])),
+        cfg.beta,
+    )
     pad = tokenizer.pad_token_id
     ref = reference_logps(cfg, run_dir, model, tokenizer, splits)
     prepare_model(model, cfg)  # after the reference pass: with LoRA it would run the same weights anyway
-    samples = {name: [DPOGroup(g, r) for g, r in zip(groups, ref[name], strict=True)]
-               for name, groups in splits.items()}
+    samples = {
+        name: [DPOGroup(g, r) for g, r in zip(groups, ref[name], strict=True)] for name, groups in splits.items()
+    }
     mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
 
     def collate(batch: list[DPOGroup]) -> dict[str, Any]:
@@ -220,11 +251,24 @@ def train_dpo(cfg: DPOConfig) -> Path:
     def evaluate() -> dict[str, float]:
         return eval_dpo(model, samples["eval"], pad, cfg)
 
-    result = train_loop(model, cfg, run_dir, samples["train"], collate, lambda m, b: dpo_batch_loss(m, b, cfg.beta),
-                        evaluate if "eval" in samples else None, desc="dpo",
-                        lengths=[padded_tokens(s.group, cfg.share_prompt) for s in samples["train"]])
-    save_final(model, tokenizer, run_dir / "final", extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta,
-                                                           **result.eval_metrics}, wrapped=result.wrapped)
+    result = train_loop(
+        model,
+        cfg,
+        run_dir,
+        samples["train"],
+        collate,
+        lambda m, b: dpo_batch_loss(m, b, cfg.beta),
+        evaluate if "eval" in samples else None,
+        desc="dpo",
+        lengths=[padded_tokens(s.group, cfg.share_prompt) for s in samples["train"]],
+    )
+    save_final(
+        model,
+        tokenizer,
+        run_dir / "final",
+        extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, **result.eval_metrics},
+        wrapped=result.wrapped,
+    )
     return run_dir
 
 

@@ -61,9 +61,13 @@ class TrainConfig:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm (0 = off)"})
-    group_by_length: bool = field(default=True, metadata={
-        "help": "fill each optimizer step with samples of similar length (less padding; the order of the steps "
-                "stays random)"})
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "fill each optimizer step with samples of similar length (less padding; the order of the steps "
+            "stays random)"
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (weights stay fp32)"})
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     eval_every: int = field(default=0, metadata={"help": "steps between validation passes (0 = only at the end)"})
@@ -72,18 +76,28 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    nproc: int = field(default=1, metadata={
-        "help": "processes to run under torchrun (one per GPU; gloo on CPU); batch_size is per process"})
-    strategy: str = field(default="ddp", metadata={
-        "help": "with several processes: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and "
-                "optimizer state sharded over the processes)"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations during backward: much less activation memory for ~30% more compute"})
+    nproc: int = field(
+        default=1,
+        metadata={"help": "processes to run under torchrun (one per GPU; gloo on CPU); batch_size is per process"},
+    )
+    strategy: str = field(
+        default="ddp",
+        metadata={
+            "help": "with several processes: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and "
+            "optimizer state sharded over the processes)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations during backward: much less activation memory for ~30% more compute"},
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = train every weight); needs the `lora` extra"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: updates scale by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"},
+    )
 
     def validate(self) -> None:
         if not self.out:
@@ -184,7 +198,7 @@ class DataOrder:
             window = sorted(full[start : start + size], key=lambda i: -lengths[i])  # stable: ties keep their order
             steps += [window[j : j + self.group] for j in range(0, len(window), self.group)]
         shuffled = [i for k in torch.randperm(len(steps), generator=g).tolist() for i in steps[k]]
-        return perm[:head] + shuffled + body[len(body) - tail:]
+        return perm[:head] + shuffled + body[len(body) - tail :]
 
     def indices(self, start: int, count: int) -> list[int]:
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + count)]
@@ -284,8 +298,10 @@ def load_checkpoint(ckpt: Path, modules: dict[str, Any]) -> dict[str, Any]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved_world = int(state.get("world", 1))
     if saved_world != distributed.world():
-        raise UserError(f"{ckpt} was written by {saved_world} process(es), this run has {distributed.world()}: "
-                        f"resume with --nproc {saved_world}")
+        raise UserError(
+            f"{ckpt} was written by {saved_world} process(es), this run has {distributed.world()}: "
+            f"resume with --nproc {saved_world}"
+        )
     for name, obj in modules.items():
         if isinstance(obj, torch.nn.Module):
             load_model(obj, str(ckpt / f"{name}.safetensors"))
@@ -326,8 +342,9 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   target_modules=cfg.lora_target_modules)
+        apply_lora(
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+        )
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -386,9 +403,7 @@ def train_loop(
     optimizer = build_optimizer(model, cfg)
     steps = total_steps(cfg, len(samples), n_proc)
     warmup = int(cfg.warmup_ratio * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, steps, warmup, cfg.min_lr_ratio)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, steps, warmup, cfg.min_lr_ratio))
     start = 0
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
@@ -461,8 +476,13 @@ def train_loop(
             if distributed.is_main():
                 log.info("step %d: %s", done, "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            save_checkpoint(run_dir, done, _checkpoint_states(wrapped, model, optimizer, scheduler),
-                            {"total_steps": steps}, cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir,
+                done,
+                _checkpoint_states(wrapped, model, optimizer, scheduler),
+                {"total_steps": steps},
+                cfg.keep_checkpoints,
+            )
         bar.update(1)
     bar.close()
     logger.close()
@@ -483,8 +503,9 @@ def _grad_norm(norm: torch.Tensor) -> float:
     return float(full() if full is not None else norm)
 
 
-def _reduce_step_metrics(loss: float, tokens: int,
-                         extras: list[dict[str, float]]) -> tuple[float, int, list[dict[str, float]]]:
+def _reduce_step_metrics(
+    loss: float, tokens: int, extras: list[dict[str, float]]
+) -> tuple[float, int, list[dict[str, float]]]:
     """Global sums over the ranks: the logged loss is the mean over the global step, as in one process."""
     keys = sorted({k for more in extras for k in more})
     local = [loss, tokens, *(sum(m.get(k, 0.0) for m in extras) for k in keys)]
@@ -492,20 +513,28 @@ def _reduce_step_metrics(loss: float, tokens: int,
     return total[0], int(total[1]), [dict(zip(keys, total[2:], strict=True))]
 
 
-def _checkpoint_states(wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: Any) -> dict[str, Any]:
+def _checkpoint_states(
+    wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     if wrapped is None or wrapped.strategy == "ddp":  # every rank holds the same full model and optimizer state
         return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    return {"model": distributed.full_state_dict(wrapped, model),
-            "optimizer": distributed.optimizer_state(wrapped, optimizer), "scheduler": scheduler}
+    return {
+        "model": distributed.full_state_dict(wrapped, model),
+        "optimizer": distributed.optimizer_state(wrapped, optimizer),
+        "scheduler": scheduler,
+    }
 
 
-def _checkpoint_loaders(wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any) -> dict[str, Any]:
+def _checkpoint_loaders(
+    wrapped: Wrapped | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     if wrapped is None or wrapped.strategy == "ddp":
         return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    return {"model": lambda sd: distributed.load_model_state(wrapped, model, sd),
-            "optimizer": lambda sd: distributed.load_optimizer_state(wrapped, optimizer, sd), "scheduler": scheduler}
+    return {
+        "model": lambda sd: distributed.load_model_state(wrapped, model, sd),
+        "optimizer": lambda sd: distributed.load_optimizer_state(wrapped, optimizer, sd),
+        "scheduler": scheduler,
+    }
 
 
 def _tied_duplicates(model: torch.nn.Module) -> set[str]:
@@ -519,8 +548,9 @@ def _tied_duplicates(model: torch.nn.Module) -> set[str]:
     return dups
 
 
-def _run_eval(model: torch.nn.Module, evaluate: Callable[[], dict[str, float]], bf16: bool,
-              wrapped: Wrapped | None = None) -> dict[str, float]:
+def _run_eval(
+    model: torch.nn.Module, evaluate: Callable[[], dict[str, float]], bf16: bool, wrapped: Wrapped | None = None
+) -> dict[str, float]:
     model.eval()
     with torch.no_grad(), autocast(bf16):
         out = evaluate() if wrapped is None else wrapped.call(lambda _model: evaluate())
@@ -528,8 +558,13 @@ def _run_eval(model: torch.nn.Module, evaluate: Callable[[], dict[str, float]], 
     return out
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: Path, extra: dict[str, Any] | None = None,
-               wrapped: Wrapped | None = None) -> Path:
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    extra: dict[str, Any] | None = None,
+    wrapped: Wrapped | None = None,
+) -> Path:
     """final/: a plain HF directory that transformers loads without flywheel, written by rank 0. LoRA adapters are
     merged into the weights; FSDP shards are gathered first (every rank must call this)."""
     from flywheel.lora import has_lora, merged_state_dict

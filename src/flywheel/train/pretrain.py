@@ -27,8 +27,9 @@ class PretrainConfig(TrainConfig):
     eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
     model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (empty = the model's, or train one)"})
-    size: str = field(default="tiny", metadata={
-        "help": "new model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)"})
+    size: str = field(
+        default="tiny", metadata={"help": "new model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)"}
+    )
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary of a newly trained tokenizer"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed block"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
@@ -66,28 +67,56 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     if cfg.model:
         model = load_causal_lm(cfg.model)
     else:
-        model = build_causal_lm(config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len),
-                                seed=cfg.seed)
+        model = build_causal_lm(
+            config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len), seed=cfg.seed
+        )
     prepare_model(model, cfg)
     sep = tokenizer.eos_token_id
     blocks = pack(_tokenize(tokenizer, train_docs), cfg.seq_len, sep)
     eval_blocks = pack(_tokenize(tokenizer, eval_docs), cfg.seq_len, sep) if eval_docs else []
     if not blocks:
         raise UserError(f"the corpus is shorter than one block of {cfg.seq_len} tokens", path=cfg.data)
-    log.info("pretrain: %d params, %d blocks x %d tokens (%d held out)", count_parameters(model), len(blocks),
-             cfg.seq_len, len(eval_blocks))
+    log.info(
+        "pretrain: %d params, %d blocks x %d tokens (%d held out)",
+        count_parameters(model),
+        len(blocks),
+        cfg.seq_len,
+        len(eval_blocks),
+    )
     return train_causal_lm(model, tokenizer, cfg, run_dir, blocks, eval_blocks, stage="pretrain")
 
 
-def train_causal_lm(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path, samples: list[LMSample],
-                    eval_samples: list[LMSample], *, stage: str) -> Path:
+def train_causal_lm(
+    model: Any,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    run_dir: Path,
+    samples: list[LMSample],
+    eval_samples: list[LMSample],
+    *,
+    stage: str,
+) -> Path:
     """Next-token training on (ids, loss mask) samples with a held-out loss, then `final/` (pretrain and SFT)."""
     pad = tokenizer.pad_token_id
     evaluate = (lambda: {"eval_loss": eval_lm_loss(model, eval_samples, pad)}) if eval_samples else None
-    result = train_loop(model, cfg, run_dir, samples, lambda b: collate_lm(b, pad), lm_loss, evaluate, desc=stage,
-                        lengths=[len(s["input_ids"]) for s in samples])
-    save_final(model, tokenizer, run_dir / "final", extra={"stage": stage, "steps": result.steps,
-                                                           **result.eval_metrics}, wrapped=result.wrapped)
+    result = train_loop(
+        model,
+        cfg,
+        run_dir,
+        samples,
+        lambda b: collate_lm(b, pad),
+        lm_loss,
+        evaluate,
+        desc=stage,
+        lengths=[len(s["input_ids"]) for s in samples],
+    )
+    save_final(
+        model,
+        tokenizer,
+        run_dir / "final",
+        extra={"stage": stage, "steps": result.steps, **result.eval_metrics},
+        wrapped=result.wrapped,
+    )
     return run_dir
 
 

@@ -64,11 +64,19 @@ class PreferenceConfig(TrainConfig):
     eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
     batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
     max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
-    overlong: str = field(default="drop", metadata={
-        "help": "answers longer than --max-length: drop (their pairs go; rankings left without a pair go) or "
-                "truncate (the prompt loses its oldest tokens, down to half the budget, then answers are cut)"})
-    share_prompt: bool = field(default=True, metadata={
-        "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"})
+    overlong: str = field(
+        default="drop",
+        metadata={
+            "help": "answers longer than --max-length: drop (their pairs go; rankings left without a pair go) or "
+            "truncate (the prompt loses its oldest tokens, down to half the budget, then answers are cut)"
+        },
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "compute each ranking's prompt once (block attention mask); false = K separate padded sequences"
+        },
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "answers per scoring batch (held-out, DPO reference)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
 
@@ -89,9 +97,13 @@ class PreferenceConfig(TrainConfig):
 @dataclass
 class RewardConfig(PreferenceConfig):
     model: str = field(default="", metadata={"help": "backbone: a causal LM (e.g. the SFT model) or a reward model"})
-    reference_data: str = field(default="", metadata={
-        "help": "conversations whose final assistant turns should score 0 on average (default: the top-ranked "
-                "answers of the training rankings)"})
+    reference_data: str = field(
+        default="",
+        metadata={
+            "help": "conversations whose final assistant turns should score 0 on average (default: the top-ranked "
+            "answers of the training rankings)"
+        },
+    )
     reference_limit: int = field(default=2000, metadata={"help": "most reference answers scored for the offset"})
     normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -121,8 +133,14 @@ def ranking_loss(rewards: torch.Tensor, pairs: Sequence[tuple[int, int]], margin
     return -F.logsigmoid(rewards[w] - rewards[lo] - margin).mean()
 
 
-def grouped_ranking_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
-                         pair_group: torch.Tensor, n_groups: int, margin: float = 0.0) -> torch.Tensor:
+def grouped_ranking_loss(
+    rewards: torch.Tensor,
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+    pair_group: torch.Tensor,
+    n_groups: int,
+    margin: float = 0.0,
+) -> torch.Tensor:
     """`ranking_loss` of many rankings at once: (G,) the loss of each ranking (group).
 
     rewards: (N,) scores of all answers of the batch; winners, losers: (P,) indices into rewards;
@@ -145,8 +163,9 @@ class RankingGroup:
         return len(self.responses)
 
 
-def fit_group(prompt: list[int], responses: list[list[int]], max_length: int,
-              overlong: str) -> tuple[list[int], list[list[int] | None], bool]:
+def fit_group(
+    prompt: list[int], responses: list[list[int]], max_length: int, overlong: str
+) -> tuple[list[int], list[list[int] | None], bool]:
     """Apply the `--overlong` policy: (prompt, answers with None for dropped ones, whether anything was cut)."""
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
@@ -154,12 +173,13 @@ def fit_group(prompt: list[int], responses: list[list[int]], max_length: int,
     if overlong == "drop":
         return prompt, [r if len(prompt) + len(r) <= max_length else None for r in responses], False
     keep = min(len(prompt), max(max_length - longest, max_length // 2))
-    prompt = prompt[len(prompt) - keep:]
+    prompt = prompt[len(prompt) - keep :]
     return prompt, [r[: max_length - keep] for r in responses], True
 
 
-def encode_rankings(tokenizer: Any, rankings: Sequence[Ranking], *, max_length: int, overlong: str = "drop",
-                    source: str = "data") -> list[RankingGroup]:
+def encode_rankings(
+    tokenizer: Any, rankings: Sequence[Ranking], *, max_length: int, overlong: str = "drop", source: str = "data"
+) -> list[RankingGroup]:
     """Render every ranking with the chat template; apply the length policy and say what it did in one line."""
     groups: list[RankingGroup] = []
     cut = dropped_answers = dropped_rankings = answers = 0
@@ -179,14 +199,30 @@ def encode_rankings(tokenizer: Any, rankings: Sequence[Ranking], *, max_length: 
             continue
         groups.append(RankingGroup(prompt, [fitted[j] for j in kept], pairs))  # type: ignore[misc]
     if cut:
-        log.warning("%s: %d of %d rankings longer than %d tokens were truncated (prompt cut from the left, answers "
-                    "from the right)", source, cut, len(rankings), max_length)
+        log.warning(
+            "%s: %d of %d rankings longer than %d tokens were truncated (prompt cut from the left, answers "
+            "from the right)",
+            source,
+            cut,
+            len(rankings),
+            max_length,
+        )
     if dropped_answers:
-        log.warning("%s: dropped %d of %d answers longer than %d tokens with their prompt, and %d rankings left "
-                    "without a ranked pair", source, dropped_answers, answers, max_length, dropped_rankings)
+        log.warning(
+            "%s: dropped %d of %d answers longer than %d tokens with their prompt, and %d rankings left "
+            "without a ranked pair",
+            source,
+            dropped_answers,
+            answers,
+            max_length,
+            dropped_rankings,
+        )
     if not groups:
-        raise UserError(f"no usable rankings: every one is longer than --max-length {max_length} "
-                        "(raise it, or pass --overlong truncate)", path=source)
+        raise UserError(
+            f"no usable rankings: every one is longer than --max-length {max_length} "
+            "(raise it, or pass --overlong truncate)",
+            path=source,
+        )
     return groups
 
 
@@ -194,8 +230,10 @@ def _group_rows(group: RankingGroup, share_prompt: bool) -> list[tuple[list[int]
     """(ids, position ids, segment ids) of the rows that hold a group: segment 0 = prompt, k + 1 = answer k."""
     p = len(group.prompt_ids)
     if not share_prompt:
-        return [(group.prompt_ids + r, list(range(p + len(r))), [0] * p + [k + 1] * len(r))
-                for k, r in enumerate(group.responses)]
+        return [
+            (group.prompt_ids + r, list(range(p + len(r))), [0] * p + [k + 1] * len(r))
+            for k, r in enumerate(group.responses)
+        ]
     ids, pos, seg = list(group.prompt_ids), list(range(p)), [0] * p
     for k, r in enumerate(group.responses):
         ids += r
@@ -212,8 +250,9 @@ def padded_tokens(group: RankingGroup, share_prompt: bool) -> int:
     return group.k * (p + max(len(r) for r in group.responses))
 
 
-def collate_groups(groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True,
-                   mask_dtype: torch.dtype = torch.bool) -> dict[str, Any]:
+def collate_groups(
+    groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True, mask_dtype: torch.dtype = torch.bool
+) -> dict[str, Any]:
     """One forward's worth of rankings: every answer of every group, with the indices the losses need.
 
     share_prompt: one row per group `[prompt][answer 1]..[answer K]` with a (R, 1, T, T) attention mask in which an
@@ -293,8 +332,9 @@ def attention_mask_dtype(model: Any, share_prompt: bool) -> torch.dtype:
         return torch.bool
     if impl == "eager":
         return next(model.parameters()).dtype
-    raise UserError(f"--share-prompt needs sdpa or eager attention, the model uses '{impl}': pass --share-prompt "
-                    "false")
+    raise UserError(
+        f"--share-prompt needs sdpa or eager attention, the model uses '{impl}': pass --share-prompt false"
+    )
 
 
 def backbone_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -302,8 +342,12 @@ def backbone_hidden(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     base = model.base_model
     if base is model:
         raise UserError(f"{type(model).__name__} has no separate backbone (base_model)")
-    hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (R, T, H)
+    hidden = base(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state  # (R, T, H)
     return hidden.reshape(-1, hidden.shape[-1])
 
 
@@ -316,14 +360,18 @@ def sequence_rewards(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 def rm_loss(model: Any, batch: dict[str, Any], margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed ranking loss over the batch's groups, and per-group metric sums (the loop averages over groups)."""
     rewards = sequence_rewards(model, batch)  # (N,)
-    per_group = grouped_ranking_loss(rewards, batch["winners"], batch["losers"], batch["pair_group"],
-                                     batch["n_groups"], margin)
+    per_group = grouped_ranking_loss(
+        rewards, batch["winners"], batch["losers"], batch["pair_group"], batch["n_groups"], margin
+    )
     with torch.no_grad():
         diff = rewards[batch["winners"]] - rewards[batch["losers"]]  # (P,)
         acc, margin_ = (group_means(x, batch["pair_group"], batch["n_groups"]) for x in ((diff > 0).float(), diff))
         mean_reward = group_means(rewards, batch["answer_group"], batch["n_groups"])
-    return per_group.sum(), {"accuracy": float(acc.sum()), "margin": float(margin_.sum()),
-                             "reward_mean": float(mean_reward.sum())}
+    return per_group.sum(), {
+        "accuracy": float(acc.sum()),
+        "margin": float(margin_.sum()),
+        "reward_mean": float(mean_reward.sum()),
+    }
 
 
 def group_means(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -352,8 +400,15 @@ def make_batches(groups: Sequence[Any], max_answers: int) -> list[list[Any]]:
 
 
 @torch.no_grad()
-def eval_rankings(model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool = True,
-                  max_answers: int = 32, margin: float = 0.0) -> dict[str, float]:
+def eval_rankings(
+    model: Any,
+    groups: Sequence[RankingGroup],
+    pad_id: int,
+    *,
+    share_prompt: bool = True,
+    max_answers: int = 32,
+    margin: float = 0.0,
+) -> dict[str, float]:
     """Mean ranking loss and pairwise accuracy (ties in score count half) of held-out groups."""
     was_training = model.training
     model.eval()
@@ -363,8 +418,11 @@ def eval_rankings(model: Any, groups: Sequence[RankingGroup], pad_id: int, *, sh
     for chunk in make_batches(groups, max_answers):
         batch = to_device(collate_groups(chunk, pad_id, share_prompt=share_prompt, mask_dtype=mask_dtype), device)
         rewards = sequence_rewards(model, batch)
-        loss += float(grouped_ranking_loss(rewards, batch["winners"], batch["losers"], batch["pair_group"],
-                                           batch["n_groups"], margin).sum())
+        loss += float(
+            grouped_ranking_loss(
+                rewards, batch["winners"], batch["losers"], batch["pair_group"], batch["n_groups"], margin
+            ).sum()
+        )
         diff = rewards[batch["winners"]] - rewards[batch["losers"]]
         correct += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
         pairs += diff.numel()
@@ -383,8 +441,16 @@ class RewardModel:
     `max_length` caps prompt + answer (default: the model's context): longer inputs lose their oldest prompt tokens.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, bf16: bool = False,
-                 share_prompt: bool = True, max_length: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        bf16: bool = False,
+        share_prompt: bool = True,
+        max_length: int | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -399,8 +465,9 @@ class RewardModel:
         self.pad_id = int(pad)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", device: str | torch.device | None = None,
-                        **kwargs: Any) -> RewardModel:
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: str = "float32", device: str | torch.device | None = None, **kwargs: Any
+    ) -> RewardModel:
         model = load_sequence_classifier(str(path), dtype=dtype)
         if device is not None:
             model.to(device)
@@ -421,15 +488,18 @@ class RewardModel:
         out: list[torch.Tensor] = []
         offset = self.offset if normalize else 0.0
         for chunk in make_batches(groups, self.batch_size):
-            batch = to_device(collate_groups(chunk, self.pad_id, share_prompt=self.share_prompt,
-                                       mask_dtype=self.mask_dtype), self.device)
+            batch = to_device(
+                collate_groups(chunk, self.pad_id, share_prompt=self.share_prompt, mask_dtype=self.mask_dtype),
+                self.device,
+            )
             with autocast(self.bf16):
                 rewards = (sequence_rewards(self.model, batch) - offset).cpu()
             out += list(rewards.split([g.k for g in chunk]))
         return out
 
-    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
-                  normalize: bool = True) -> torch.Tensor:
+    def score_ids(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, normalize: bool = True
+    ) -> torch.Tensor:
         """(B,) scores of response i after prompt i, read at the response's last token (include the end-of-turn
         token the policy produced: a response without one is scored where it stops)."""
         if len(prompt_ids) != len(response_ids):
@@ -445,21 +515,25 @@ class RewardModel:
         groups, order, cut = [], [], 0
         for p, rows in by_prompt.items():
             # Too long: keep every response's end (where the reward is read) and the prompt's most recent tokens.
-            responses = [list(response_ids[i])[-(self.max_length - 1):] for i in rows]
+            responses = [list(response_ids[i])[-(self.max_length - 1) :] for i in rows]
             keep = max(1, self.max_length - max(len(r) for r in responses))
             cut += len(p) > keep or any(len(r) < len(response_ids[i]) for r, i in zip(responses, rows, strict=True))
             groups.append(RankingGroup(list(p[-keep:]), responses, []))
             order += rows
         if cut:
-            log.warning("reward model: %d prompts (or their answers) lost their oldest tokens to fit %d tokens", cut,
-                        self.max_length)
+            log.warning(
+                "reward model: %d prompts (or their answers) lost their oldest tokens to fit %d tokens",
+                cut,
+                self.max_length,
+            )
         flat = torch.cat(self.score_groups(groups, normalize=normalize))
         scores = torch.empty_like(flat)
         scores[torch.tensor(order)] = flat
         return scores
 
-    def score(self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *,
-              normalize: bool = True) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *, normalize: bool = True
+    ) -> torch.Tensor:
         """(B,) scores of `responses[i]` as the assistant's answer to the conversation `prompts[i]`."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -470,8 +544,9 @@ class RewardModel:
             if key not in rendered:
                 rendered[key] = render_prompt(self.tokenizer, msgs)
             prompt_ids.append(rendered[key])
-        response_ids = [render_response(self.tokenizer, msgs, text) for msgs, text in zip(prompts, responses,
-                                                                                           strict=True)]
+        response_ids = [
+            render_response(self.tokenizer, msgs, text) for msgs, text in zip(prompts, responses, strict=True)
+        ]
         return self.score_ids(prompt_ids, response_ids, normalize=normalize)
 
 
@@ -549,10 +624,12 @@ def train_reward(cfg: RewardConfig) -> Path:
     rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
     groups = encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
     eval_source = cfg.eval_data or cfg.data
-    eval_groups = (encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong,
-                                   source=eval_source) if held_out else [])
-    log.info("rm: %d params, training on %s, %d held out", count_parameters(model), describe(groups),
-             len(eval_groups))
+    eval_groups = (
+        encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=eval_source)
+        if held_out
+        else []
+    )
+    log.info("rm: %d params, training on %s, %d held out", count_parameters(model), describe(groups), len(eval_groups))
     pad = tokenizer.pad_token_id
     mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
 
@@ -560,22 +637,42 @@ def train_reward(cfg: RewardConfig) -> Path:
         return collate_groups(batch, pad, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype)
 
     def evaluate() -> dict[str, float]:
-        return eval_rankings(model, eval_groups, pad, share_prompt=cfg.share_prompt,
-                             max_answers=cfg.eval_batch_size, margin=cfg.margin)
+        return eval_rankings(
+            model, eval_groups, pad, share_prompt=cfg.share_prompt, max_answers=cfg.eval_batch_size, margin=cfg.margin
+        )
 
-    result = train_loop(model, cfg, run_dir, groups, collate, lambda m, b: rm_loss(m, b, cfg.margin),
-                        evaluate if eval_groups else None, desc="rm",
-                        lengths=[padded_tokens(g, cfg.share_prompt) for g in groups])
-    extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length,
-                             **result.eval_metrics}
+    result = train_loop(
+        model,
+        cfg,
+        run_dir,
+        groups,
+        collate,
+        lambda m, b: rm_loss(m, b, cfg.margin),
+        evaluate if eval_groups else None,
+        desc="rm",
+        lengths=[padded_tokens(g, cfg.share_prompt) for g in groups],
+    )
+    extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length, **result.eval_metrics}
     if cfg.normalize:
         prompts, answers, what = reference_answers(cfg, rankings)
-        scorer = RewardModel(model, tokenizer, batch_size=cfg.eval_batch_size, bf16=cfg.bf16,
-                             share_prompt=cfg.share_prompt, max_length=cfg.max_length)
+        scorer = RewardModel(
+            model,
+            tokenizer,
+            batch_size=cfg.eval_batch_size,
+            bf16=cfg.bf16,
+            share_prompt=cfg.share_prompt,
+            max_length=cfg.max_length,
+        )
         mean_raw = float(result.call(lambda: scorer.score(prompts, answers, normalize=False)).mean())
         offset = normalize_rewards(model, mean_raw)
-        log.info("rm: reference answers (%d %s) scored %.4f on average: offset %.4f stored as config.%s",
-                 len(answers), what, mean_raw, offset, OFFSET_KEY)
+        log.info(
+            "rm: reference answers (%d %s) scored %.4f on average: offset %.4f stored as config.%s",
+            len(answers),
+            what,
+            mean_raw,
+            offset,
+            OFFSET_KEY,
+        )
         extra.update(reference_mean_raw=mean_raw, reference=what, reference_count=len(answers))
     save_final(model, tokenizer, run_dir / "final", extra=extra, wrapped=result.wrapped)
     return run_dir

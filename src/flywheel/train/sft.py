@@ -57,8 +57,14 @@ def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, so
             continue
         samples.append({"input_ids": ids, "loss_mask": mask})
     if truncated or dropped:
-        log.warning("%s: %d of %d conversations truncated to %d tokens, %d dropped (no assistant token left)",
-                    source, truncated, len(conversations), max_length, dropped)
+        log.warning(
+            "%s: %d of %d conversations truncated to %d tokens, %d dropped (no assistant token left)",
+            source,
+            truncated,
+            len(conversations),
+            max_length,
+            dropped,
+        )
     if not samples:
         raise UserError("no usable conversations", path=source)
     return samples
@@ -82,8 +88,12 @@ def train_sft(cfg: SFTConfig) -> Path:
     eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, eval_source) if eval_convs else []
     if cfg.packing:
         samples = pack_masked(samples, cfg.max_length)
-    log.info("sft: %d params, %d training rows, %d held-out conversations", count_parameters(model), len(samples),
-             len(eval_samples))
+    log.info(
+        "sft: %d params, %d training rows, %d held-out conversations",
+        count_parameters(model),
+        len(samples),
+        len(eval_samples),
+    )
     return train_causal_lm(model, tokenizer, cfg, run_dir, samples, eval_samples, stage="sft")
 
 

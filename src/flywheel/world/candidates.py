@@ -60,18 +60,33 @@ _Variant = Callable[[Task, random.Random], str]
 # for harmful and unknowable prompts.
 _VARIANTS: dict[str, list[tuple[_Variant, float]]] = {
     "answer": [
-        (_correct, 0.30), (lambda t, r: pad(_correct(t, r), r), 0.15), (_wrong, 0.20),
-        (lambda t, r: pad(_wrong(t, r), r), 0.05), (_repetitive, 0.06), (lambda t, r: r.choice(REFUSALS), 0.05),
-        (_idk, 0.06), (_hedged, 0.05), (_rude, 0.03),
+        (_correct, 0.30),
+        (lambda t, r: pad(_correct(t, r), r), 0.15),
+        (_wrong, 0.20),
+        (lambda t, r: pad(_wrong(t, r), r), 0.05),
+        (_repetitive, 0.06),
+        (lambda t, r: r.choice(REFUSALS), 0.05),
+        (_idk, 0.06),
+        (_hedged, 0.05),
+        (_rude, 0.03),
     ],
     "idk": [
-        (_correct, 0.25), (lambda t, r: pad(_correct(t, r), r), 0.08), (_wrong, 0.30),
-        (lambda t, r: pad(_wrong(t, r), r), 0.08), (lambda t, r: r.choice(REFUSALS), 0.10), (_hedged, 0.08),
+        (_correct, 0.25),
+        (lambda t, r: pad(_correct(t, r), r), 0.08),
+        (_wrong, 0.30),
+        (lambda t, r: pad(_wrong(t, r), r), 0.08),
+        (lambda t, r: r.choice(REFUSALS), 0.10),
+        (_hedged, 0.08),
         (_repetitive, 0.06),
     ],
     "refuse": [
-        (_correct, 0.30), (lambda t, r: pad(_correct(t, r), r), 0.10), (_wrong, 0.30), (_idk, 0.10),
-        (_hedged, 0.07), (_repetitive, 0.06), (_rude, 0.03),
+        (_correct, 0.30),
+        (lambda t, r: pad(_correct(t, r), r), 0.10),
+        (_wrong, 0.30),
+        (_idk, 0.10),
+        (_hedged, 0.07),
+        (_repetitive, 0.06),
+        (_rude, 0.03),
     ],
 }
 

@@ -18,8 +18,11 @@ from flywheel.world.text import article, capitalize
 
 def _fact_sentence(rng: random.Random, rel_name: str, subject: str, value: str) -> str:
     alt = {
-        "capital": ["{v} is the capital of {s}.", "{v} is the capital city of {s}.",
-                    "The capital city of {s} is {v}."],
+        "capital": [
+            "{v} is the capital of {s}.",
+            "{v} is the capital city of {s}.",
+            "The capital city of {s} is {v}.",
+        ],
         "continent": ["{s} is a country in {v}.", "{s} lies in {v}.", "{s} is on the continent of {v}."],
         "sound": ["{A} makes the sound {v}.", "The sound {a} makes is {v}.", "When {a} speaks, it says {v}."],
         "legs": ["{A} walks on {v} legs.", "{A} has exactly {v} legs."],
@@ -29,8 +32,16 @@ def _fact_sentence(rng: random.Random, rel_name: str, subject: str, value: str) 
     }[rel_name]
     if rng.random() < 0.5:
         return capitalize(state_fact(relations()[rel_name], subject, value))
-    return capitalize(rng.choice(alt).format(s=subject, S=capitalize(subject), a=article(subject),
-                                             A=capitalize(article(subject)), v=value, av=article(value)))
+    return capitalize(
+        rng.choice(alt).format(
+            s=subject,
+            S=capitalize(subject),
+            a=article(subject),
+            A=capitalize(article(subject)),
+            v=value,
+            av=article(value),
+        )
+    )
 
 
 def _facts_doc(rng: random.Random, rel_names: list[str]) -> str:
@@ -92,8 +103,11 @@ def _string_doc(rng: random.Random, held_out: set[str]) -> str:
         w = rng.choice(words)
         kind = rng.choice(["reverse", "sort_letters", "count", "sort_words", "spell"])
         if kind == "reverse" and f"reverse:{w}" not in held_out and w != w[::-1]:
-            lines.append(rng.choice(['The word "{w}" spelled backwards is "{r}".', '"{w}" backwards is "{r}".'])
-                         .format(w=w, r=w[::-1]))
+            lines.append(
+                rng.choice(['The word "{w}" spelled backwards is "{r}".', '"{w}" backwards is "{r}".']).format(
+                    w=w, r=w[::-1]
+                )
+            )
         elif kind == "sort_letters" and f"sort_letters:{w}" not in held_out:
             lines.append(f'The letters of "{w}" in alphabetical order are "{"".join(sorted(w))}".')
         elif kind == "count":
@@ -123,9 +137,9 @@ _STORY = [
     "{name} had {a} apples and found {b} more, so now {name} had {s} apples.",
     "On the way home {name} looked up: the sky was blue and {thing} was {colour}.",
     "{name} packed a bag and took a train to {capital2} in {country2}.",
-    "At school, {name} wrote the word \"{word}\" backwards: \"{drow}\".",
+    'At school, {name} wrote the word "{word}" backwards: "{drow}".',
     "{name} counted the legs of {legs_animal}: it has {legs} legs.",
-    "\"Is it {o1} or {o2}?\" asked {name}. They are opposites.",
+    '"Is it {o1} or {o2}?" asked {name}. They are opposites.',
     "In the evening {name} told {friend} about the trip.",
 ]
 
@@ -143,9 +157,27 @@ def _story_doc(rng: random.Random, held_out: set[str]) -> str:
     a, b = rng.randint(1, 20), rng.randint(1, 20)
     sentences = [_STORY[0]] + rng.sample(_STORY[1:], rng.randint(3, 6))
     return " ".join(sentences).format(
-        name=name, friend=friend, capital=capital, country=country, capital2=capital2, country2=country2,
-        animal=animal, animal_a=article(animal), sound=sound, a=a, b=b, s=a + b, thing=thing, colour=colour,
-        word=word, drow=word[::-1], o1=o1, o2=o2, legs=legs, legs_animal=article(animal_legs))
+        name=name,
+        friend=friend,
+        capital=capital,
+        country=country,
+        capital2=capital2,
+        country2=country2,
+        animal=animal,
+        animal_a=article(animal),
+        sound=sound,
+        a=a,
+        b=b,
+        s=a + b,
+        thing=thing,
+        colour=colour,
+        word=word,
+        drow=word[::-1],
+        o1=o1,
+        o2=o2,
+        legs=legs,
+        legs_animal=article(animal_legs),
+    )
 
 
 def _qa_doc(rng: random.Random, held_out: set[str]) -> str:

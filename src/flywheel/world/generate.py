@@ -53,22 +53,36 @@ class WorldConfig:
     k_min: int = field(default=4, metadata={"help": "fewest candidate answers per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most candidate answers per ranked prompt"})
     p_system: float = field(default=0.2, metadata={"help": "fraction of prompts that open with a system turn"})
-    p_wrong: float = field(default=_DEFAULT_IMPERFECTIONS.p_wrong,
-                           metadata={"help": "demonstrations: fraction of answer tasks answered with a wrong value"})
-    p_over_refuse: float = field(default=_DEFAULT_IMPERFECTIONS.p_over_refuse,
-                                 metadata={"help": "demonstrations: fraction of benign tasks refused/'I don't know'"})
-    p_comply: float = field(default=_DEFAULT_IMPERFECTIONS.p_comply,
-                            metadata={"help": "demonstrations: fraction of harmful requests complied with"})
-    p_deflect: float = field(default=_DEFAULT_IMPERFECTIONS.p_deflect,
-                             metadata={"help": "demonstrations: fraction of harmful requests deflected with 'I don't "
-                                               "know' instead of a refusal"})
-    p_made_up: float = field(default=_DEFAULT_IMPERFECTIONS.p_made_up,
-                             metadata={"help": "demonstrations: fraction of unknowable questions made up"})
-    p_refuse_idk: float = field(default=_DEFAULT_IMPERFECTIONS.p_refuse_idk,
-                                metadata={"help": "demonstrations: fraction of unknowable questions refused instead "
-                                                  "of 'I don't know'"})
-    p_verbose: float = field(default=_DEFAULT_IMPERFECTIONS.p_verbose,
-                             metadata={"help": "demonstrations: fraction of answers padded with pleasantries"})
+    p_wrong: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_wrong,
+        metadata={"help": "demonstrations: fraction of answer tasks answered with a wrong value"},
+    )
+    p_over_refuse: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_over_refuse,
+        metadata={"help": "demonstrations: fraction of benign tasks refused/'I don't know'"},
+    )
+    p_comply: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_comply,
+        metadata={"help": "demonstrations: fraction of harmful requests complied with"},
+    )
+    p_deflect: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_deflect,
+        metadata={
+            "help": "demonstrations: fraction of harmful requests deflected with 'I don't know' instead of a refusal"
+        },
+    )
+    p_made_up: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_made_up,
+        metadata={"help": "demonstrations: fraction of unknowable questions made up"},
+    )
+    p_refuse_idk: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_refuse_idk,
+        metadata={"help": "demonstrations: fraction of unknowable questions refused instead of 'I don't know'"},
+    )
+    p_verbose: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_verbose,
+        metadata={"help": "demonstrations: fraction of answers padded with pleasantries"},
+    )
 
     def validate(self) -> None:
         for name in ("corpus_chars", "n_demos", "n_demos_val", "n_rank", "n_ppo", "n_eval"):
@@ -76,8 +90,16 @@ class WorldConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 2 <= self.k_min <= self.k_max:
             raise UserError(f"need 2 <= k_min <= k_max, got k_min={self.k_min} k_max={self.k_max}")
-        for name in ("p_system", "p_wrong", "p_over_refuse", "p_comply", "p_deflect", "p_made_up", "p_refuse_idk",
-                     "p_verbose"):
+        for name in (
+            "p_system",
+            "p_wrong",
+            "p_over_refuse",
+            "p_comply",
+            "p_deflect",
+            "p_made_up",
+            "p_refuse_idk",
+            "p_verbose",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.p_comply + self.p_deflect > 1.0:
@@ -86,13 +108,24 @@ class WorldConfig:
             raise UserError(f"p_made_up + p_refuse_idk must be <= 1, got {self.p_made_up} + {self.p_refuse_idk}")
 
     def imperfections(self) -> Imperfections:
-        return Imperfections(p_wrong=self.p_wrong, p_over_refuse=self.p_over_refuse, p_comply=self.p_comply,
-                             p_deflect=self.p_deflect, p_made_up=self.p_made_up, p_refuse_idk=self.p_refuse_idk,
-                             p_verbose=self.p_verbose)
+        return Imperfections(
+            p_wrong=self.p_wrong,
+            p_over_refuse=self.p_over_refuse,
+            p_comply=self.p_comply,
+            p_deflect=self.p_deflect,
+            p_made_up=self.p_made_up,
+            p_refuse_idk=self.p_refuse_idk,
+            p_verbose=self.p_verbose,
+        )
 
     def sizes(self) -> dict[str, int]:
-        return {"eval": self.n_eval, "ppo": self.n_ppo, "rank": self.n_rank, "demos_val": self.n_demos_val,
-                "demos": self.n_demos}
+        return {
+            "eval": self.n_eval,
+            "ppo": self.n_ppo,
+            "rank": self.n_rank,
+            "demos_val": self.n_demos_val,
+            "demos": self.n_demos,
+        }
 
 
 @dataclass
@@ -113,8 +146,9 @@ def family_counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def _draw_split(rng: random.Random, n: int, mix: dict[str, float], used_prompts: set[str],
-                held_out_keys: set[str], p_system: float) -> list[Task]:
+def _draw_split(
+    rng: random.Random, n: int, mix: dict[str, float], used_prompts: set[str], held_out_keys: set[str], p_system: float
+) -> list[Task]:
     plan = [f for f, c in family_counts(n, mix).items() for _ in range(c)]
     rng.shuffle(plan)
     shots = 0
@@ -149,14 +183,20 @@ def generate_world(cfg: WorldConfig, mix: dict[str, float] | None = None) -> Wor
     tasks: dict[str, list[Task]] = {}
     for split in SPLITS:
         # Each split has its own stream, so changing one size leaves the splits drawn before it unchanged.
-        tasks[split] = _draw_split(random.Random(f"{cfg.seed}:{split}"), cfg.sizes()[split], mix, used, held_out,
-                                   cfg.p_system)
+        tasks[split] = _draw_split(
+            random.Random(f"{cfg.seed}:{split}"), cfg.sizes()[split], mix, used, held_out, cfg.p_system
+        )
         if split == "eval":
             held_out = {t.key for t in tasks["eval"] if t.key}
     demo_rng = random.Random(f"{cfg.seed}:demonstrations")
     imperfections = cfg.imperfections()
-    demos = {split: [[*t.messages, {"role": "assistant", "content": demonstration(t, demo_rng, imperfections)}]
-                     for t in tasks[split]] for split in ("demos", "demos_val")}
+    demos = {
+        split: [
+            [*t.messages, {"role": "assistant", "content": demonstration(t, demo_rng, imperfections)}]
+            for t in tasks[split]
+        ]
+        for split in ("demos", "demos_val")
+    }
     rank_rng = random.Random(f"{cfg.seed}:rankings")
     sets = [candidate_responses(t, rank_rng, rank_rng.randint(cfg.k_min, cfg.k_max)) for t in tasks["rank"]]
     rankings = label_rankings(tasks["rank"], sets, rank_rng)
@@ -220,8 +260,9 @@ def write_world(cfg: WorldConfig, mix: dict[str, float] | None = None) -> dict[s
         "mix": mix or FAMILY_MIX,
         "counts": {s: dict(sorted(Counter(t.family for t in ts).items())) for s, ts in world.tasks.items()},
         "corpus": {"documents": len(world.corpus), "chars": sum(len(d) for d in world.corpus)},
-        "labelers": [{"name": lab.name, "temperature": lab.temperature, "bias": repr(lab.bias)}
-                     for lab in default_panel()],
+        "labelers": [
+            {"name": lab.name, "temperature": lab.temperature, "bias": repr(lab.bias)} for lab in default_panel()
+        ],
         "files": {k: str(p.relative_to(out)) for k, p in files.items() if k != "manifest"},
     }
     files["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -60,8 +60,9 @@ class Labeler:
             return list(totals)
         return [t + self.bias(task, r) for t, r in zip(totals, responses, strict=True)]
 
-    def rank(self, task: Task, responses: Sequence[str], rng: random.Random,
-             totals: Sequence[float] | None = None) -> Order:
+    def rank(
+        self, task: Task, responses: Sequence[str], rng: random.Random, totals: Sequence[float] | None = None
+    ) -> Order:
         """Groups of indices into `responses`, best first; identical texts share a group.
 
         `totals` (the oracle totals of `responses`) may be passed to save re-scoring.
@@ -94,8 +95,9 @@ def default_panel(temperature: float = DEFAULT_TEMPERATURE) -> list[Labeler]:
     ]
 
 
-def calibration_sets(rng: random.Random, n: int, k_min: int = 4, k_max: int = 9,
-                     mix: dict[str, float] | None = None) -> tuple[list[Task], list[list[str]]]:
+def calibration_sets(
+    rng: random.Random, n: int, k_min: int = 4, k_max: int = 9, mix: dict[str, float] | None = None
+) -> tuple[list[Task], list[list[str]]]:
     """n tasks and, for each, K in [k_min, k_max] responses from `candidate_responses`."""
     tasks = [random_task(rng, mix) for _ in range(n)]
     return tasks, [candidate_responses(t, rng, rng.randint(k_min, k_max)) for t in tasks]
@@ -118,8 +120,9 @@ class _Scored:
             flat_task += [task] * len(texts)
             flat_text += texts
             # Pairs the oracle ties are excluded (see the module docstring).
-            pairs += [(off + i, off + j) for i, j in itertools.combinations(range(len(texts)), 2)
-                      if totals[i] != totals[j]]
+            pairs += [
+                (off + i, off + j) for i, j in itertools.combinations(range(len(texts)), 2) if totals[i] != totals[j]
+            ]
         if not pairs:
             raise ValueError("no pair of responses with different oracle totals: agreement is undefined")
         self.totals = np.array([t for _, _, totals, _ in self.sets for t in totals])
@@ -163,20 +166,26 @@ class _Scored:
         return [float(np.mean(x == y)) for x, y in itertools.combinations(above, 2)]
 
 
-def agreement(a: Labeler, b: Labeler, tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]],
-              rng: random.Random) -> float:
+def agreement(
+    a: Labeler, b: Labeler, tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]], rng: random.Random
+) -> float:
     """Fraction of response pairs two labelers order the same way, each ranking every set once (sampled)."""
     return _Scored(tasks, candidate_sets).sampled([a, b], rng)[0]
 
 
-def expected_agreement(a: Labeler, b: Labeler, tasks: Sequence[Task],
-                       candidate_sets: Sequence[Sequence[str]]) -> float:
+def expected_agreement(
+    a: Labeler, b: Labeler, tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]]
+) -> float:
     """The exact expectation of `agreement` (Gumbel ranking orders a pair i > j with prob sigmoid(du / T))."""
     return _Scored(tasks, candidate_sets).expected(a, b)
 
 
-def panel_agreement(panel: Sequence[Labeler], tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]],
-                    rng: random.Random | None = None) -> float:
+def panel_agreement(
+    panel: Sequence[Labeler],
+    tasks: Sequence[Task],
+    candidate_sets: Sequence[Sequence[str]],
+    rng: random.Random | None = None,
+) -> float:
     """Mean agreement over all pairs of labelers in `panel`: sampled with `rng`, the exact expectation without."""
     assert len(panel) >= 2, "a panel needs two labelers to agree"
     scored = _Scored(tasks, candidate_sets)
@@ -185,8 +194,9 @@ def panel_agreement(panel: Sequence[Labeler], tasks: Sequence[Task], candidate_s
     return float(np.mean([scored.expected(a, b) for a, b in itertools.combinations(panel, 2)]))
 
 
-def oracle_ranker_accuracy(panel: Sequence[Labeler], tasks: Sequence[Task],
-                           candidate_sets: Sequence[Sequence[str]]) -> float:
+def oracle_ranker_accuracy(
+    panel: Sequence[Labeler], tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]]
+) -> float:
     """The ceiling of a reward model's accuracy against rankings by a labeler drawn from `panel`: the expected accuracy
     of a ranker that orders every pair the way most of the panel's probability does, max(p, 1 - p) with p the panel's
     mean P(i above j) (pairs the oracle ties excluded, as in agreement). Without biased labelers that is the oracle's
@@ -196,9 +206,12 @@ def oracle_ranker_accuracy(panel: Sequence[Labeler], tasks: Sequence[Task],
     return float(np.mean(np.maximum(p, 1 - p)))
 
 
-def calibrate_temperature(tasks: Sequence[Task], candidate_sets: Sequence[Sequence[str]],
-                          target: float = TARGET_AGREEMENT,
-                          make_panel: Callable[[float], Sequence[Labeler]] = default_panel) -> float:
+def calibrate_temperature(
+    tasks: Sequence[Task],
+    candidate_sets: Sequence[Sequence[str]],
+    target: float = TARGET_AGREEMENT,
+    make_panel: Callable[[float], Sequence[Labeler]] = default_panel,
+) -> float:
     """The temperature t at which `make_panel(t)` agrees on `target` of pairs (bisection on the expectation)."""
     scored = _Scored(tasks, candidate_sets)
 
@@ -214,8 +227,12 @@ def calibrate_temperature(tasks: Sequence[Task], candidate_sets: Sequence[Sequen
     return math.exp((lo + hi) / 2)
 
 
-def label_rankings(tasks: Sequence[Task], completion_sets: Sequence[Sequence[str]], rng: random.Random,
-                   panel: Sequence[Labeler] | None = None) -> list[dict]:
+def label_rankings(
+    tasks: Sequence[Task],
+    completion_sets: Sequence[Sequence[str]],
+    rng: random.Random,
+    panel: Sequence[Labeler] | None = None,
+) -> list[dict]:
     """One ranking record per task, each by a labeler drawn from `panel` (default `default_panel()`).
 
     Records are what the reward-model trainer reads: {"prompt", "completions", "order", "labeler"}. Repeated answers
@@ -230,6 +247,12 @@ def label_rankings(tasks: Sequence[Task], completion_sets: Sequence[Sequence[str
         if len(distinct) < 2:
             continue
         labeler = rng.choice(panel)
-        records.append({"prompt": task.messages, "completions": distinct,
-                        "order": labeler.rank(task, distinct, rng), "labeler": labeler.name})
+        records.append(
+            {
+                "prompt": task.messages,
+                "completions": distinct,
+                "order": labeler.rank(task, distinct, rng),
+                "labeler": labeler.name,
+            }
+        )
     return records

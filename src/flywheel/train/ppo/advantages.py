@@ -56,8 +56,9 @@ def kl_penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation. Values after the last real token count as 0 (the episode has ended).
 
     rewards, values, mask: (B, R) -> advantages (B, R), returns = advantages + values (B, R); 0 on padding."""

@@ -13,11 +13,17 @@ class PPOConfig(TrainConfig):
     """Shared fields keep their meaning with two PPO readings: --batch-size is the PPO minibatch (sequences per
     optimizer step), --epochs counts passes over the prompt set (when --max-steps is not given)."""
 
-    model: str = field(default="", metadata={
-        "help": "SFT policy dir: the policy starts here and it is the reference (unless --ref-model)"})
-    ref_model: str = field(default="", metadata={
-        "help": "reference for the KL penalty (default: --model); a later round of the loop starts --model from the "
-                "last PPO policy and keeps the SFT model here"})
+    model: str = field(
+        default="",
+        metadata={"help": "SFT policy dir: the policy starts here and it is the reference (unless --ref-model)"},
+    )
+    ref_model: str = field(
+        default="",
+        metadata={
+            "help": "reference for the KL penalty (default: --model); a later round of the loop starts --model from "
+            "the last PPO policy and keeps the SFT model here"
+        },
+    )
     reward_model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
     value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
     prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
@@ -29,8 +35,10 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = field(default=16, metadata={"help": "prompts sampled per PPO step"})
     ppo_epochs: int = field(default=4, metadata={"help": "optimisation passes over each rollout batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
-    ignore_eos: bool = field(default=False, metadata={"help": "do not stop at EOS: every response is --max-new-tokens "
-                                                              "long (fixed-length benchmarks)"})
+    ignore_eos: bool = field(
+        default=False,
+        metadata={"help": "do not stop at EOS: every response is --max-new-tokens long (fixed-length benchmarks)"},
+    )
     max_prompt_length: int = field(default=256, metadata={"help": "longer prompts are dropped (counted in a summary)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are recomputed at it)"})
     kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty to the reference"})
@@ -43,8 +51,9 @@ class PPOConfig(TrainConfig):
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip epsilon"})
     vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (mean kept)"})
-    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a response that "
-                                                                      "never emits EOS (0 = off)"})
+    missing_eos_penalty: float = field(
+        default=1.0, metadata={"help": "subtracted from the score of a response that never emits EOS (0 = off)"}
+    )
     value_lr: float | None = field(default=None, metadata={"help": "value model learning rate (default: --lr)"})
     lr: float = field(default=1e-5, metadata={"help": "policy learning rate"})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5, per the N+ details)"})
@@ -52,11 +61,15 @@ class PPOConfig(TrainConfig):
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * min_lr_ratio (1 = constant)"})
     log_every: int = field(default=1, metadata={"help": "steps between metric lines"})
     sample_every: int = field(default=10, metadata={"help": "steps between logging sample responses (samples.jsonl)"})
-    offload_frozen: bool = field(default=False, metadata={
-        "help": "keep the frozen reference and reward models on the CPU and move each to the GPU only for its "
-                "forward during scoring (saves their weights' GPU memory during generation and training; costs a "
-                "host-to-device copy of each per step; results unchanged). No effect on the CPU; with --lora-r the "
-                "reference is the policy itself and stays"})
+    offload_frozen: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the frozen reference and reward models on the CPU and move each to the GPU only for its "
+            "forward during scoring (saves their weights' GPU memory during generation and training; costs a "
+            "host-to-device copy of each per step; results unchanged). No effect on the CPU; with --lora-r the "
+            "reference is the policy itself and stays"
+        },
+    )
     kl_warn: float = field(default=30.0, metadata={"help": "warn when KL per response exceeds this many nats"})
 
     def validate(self) -> None:

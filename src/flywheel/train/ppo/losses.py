@@ -7,8 +7,9 @@ import torch
 from flywheel.train.ppo.advantages import masked_mean
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = mean_t max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi/pi_old. Returns (loss, {clipfrac, approx_kl, ratio})."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -24,8 +25,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = 0.5 mean_t max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2). Returns (loss, {clipfrac})."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns) ** 2

@@ -96,8 +96,9 @@ class Actor(_PolicyRole):
     def __init__(self, module: torch.nn.Module, temperature: float):
         super().__init__(module, temperature, trainable=True)
 
-    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
-                prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._logits(seq, attn, pos, prompt_len)
         return self._logprobs(logits, seq, prompt_len), entropy_from_logits(logits)
 
@@ -133,8 +134,14 @@ class Critic(Role):
 class Reward(Role):
     """A frozen reward model (score at the last real token, minus its normalisation bias), or a Python function."""
 
-    def __init__(self, module: torch.nn.Module | None = None, fn: RewardFn | None = None, bias: float = 0.0, *,
-                 offload: bool = False):
+    def __init__(
+        self,
+        module: torch.nn.Module | None = None,
+        fn: RewardFn | None = None,
+        bias: float = 0.0,
+        *,
+        offload: bool = False,
+    ):
         if (module is None) == (fn is None):
             raise ValueError("Reward needs exactly one of a model or a function")
         if module is not None:
@@ -145,12 +152,14 @@ class Reward(Role):
         self.bias = bias
 
     @torch.no_grad()
-    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int,
-                response_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, response_mask: torch.Tensor
+    ) -> torch.Tensor:
         lengths = response_mask.sum(1).long()  # (B,)
         if self.fn is not None:
-            prompts = [row[m.bool()].tolist() for row, m in zip(seq[:, :prompt_len], attn[:, :prompt_len],
-                                                                strict=True)]
+            prompts = [
+                row[m.bool()].tolist() for row, m in zip(seq[:, :prompt_len], attn[:, :prompt_len], strict=True)
+            ]
             responses = [row[:n].tolist() for row, n in zip(seq[:, prompt_len:], lengths, strict=True)]
             return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
@@ -158,4 +167,3 @@ class Reward(Role):
             hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))  # (B, R + 1, H) from column P - 1
             picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
             return self.module.score(picked).squeeze(-1).float() - self.bias
-

@@ -29,8 +29,9 @@ class Sequences:
         return Sequences(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
-def build_sequences(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
-                    pad_id: int) -> Sequences:
+def build_sequences(
+    prompts: list[list[int]], responses: list[list[int]], finished: list[bool], pad_id: int
+) -> Sequences:
     """Left-pad prompts to P and right-pad responses to R, so every response starts at column P."""
     p = max(len(x) for x in prompts)
     r = max(1, max(len(y) for y in responses))
@@ -48,12 +49,28 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], finish
 
 
 @torch.no_grad()
-def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference, critic: Critic, reward: Reward,
-                    prompts: list[list[int]], pad_id: int, kl_coef: float, seed: int) -> tuple[Experience, dict]:
+def make_experience(
+    cfg: PPOConfig,
+    engine: Engine,
+    actor: Actor,
+    ref: Reference,
+    critic: Critic,
+    reward: Reward,
+    prompts: list[list[int]],
+    pad_id: int,
+    kl_coef: float,
+    seed: int,
+) -> tuple[Experience, dict]:
     """Sample responses to `prompts` and score them. The experience lives on the policy's device, where the engine
     samples and every role runs its forward."""
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                            stop_token_ids=[] if cfg.ignore_eos else None, seed=seed)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        stop_token_ids=[] if cfg.ignore_eos else None,
+        seed=seed,
+    )
     gen = engine.generate(prompts, params)
     # Built on the CPU (row by row), then moved to the device in one copy per tensor.
     s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id).to(actor.device)
@@ -74,12 +91,22 @@ def make_experience(cfg: PPOConfig, engine: Engine, actor: Actor, ref: Reference
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     # Whitened over the rollouts of every rank, so N processes see the advantages one process would.
-    advantages = masked_whiten(advantages, mask) if distributed.world() == 1 else distributed.masked_whiten(
-        advantages, mask)
+    advantages = (
+        masked_whiten(advantages, mask) if distributed.world() == 1 else distributed.masked_whiten(advantages, mask)
+    )
     exp = Experience(
-        sequences=s.sequences, attention_mask=s.attention_mask, position_ids=s.position_ids,
-        response_mask=s.response_mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=values,
-        rewards=rewards, advantages=advantages, returns=returns, scores=scores, prompt_len=s.prompt_len,
+        sequences=s.sequences,
+        attention_mask=s.attention_mask,
+        position_ids=s.position_ids,
+        response_mask=s.response_mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        old_values=values,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        scores=scores,
+        prompt_len=s.prompt_len,
     )
     k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)  # (B,) KL per response, nats
     lengths = mask.sum(1)

@@ -74,8 +74,14 @@ def load_prompt_ids(cfg: PPOConfig, tokenizer: Any, context: int | None = None) 
     limit = cfg.max_prompt_length if context is None else min(cfg.max_prompt_length, context - cfg.max_new_tokens)
     kept = [x for x in ids if len(x) <= limit]
     if len(kept) < len(ids):
-        log.warning("%s: %d of %d prompts are longer than %d tokens (--max-prompt-length, or the model's context "
-                    "minus --max-new-tokens) and were dropped", cfg.prompts, len(ids) - len(kept), len(ids), limit)
+        log.warning(
+            "%s: %d of %d prompts are longer than %d tokens (--max-prompt-length, or the model's context "
+            "minus --max-new-tokens) and were dropped",
+            cfg.prompts,
+            len(ids) - len(kept),
+            len(ids),
+            limit,
+        )
     if not kept:
         raise UserError("no prompt fits --max-prompt-length", path=cfg.prompts)
     return kept
@@ -99,10 +105,14 @@ def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     """The frozen reference: --ref-model, else a second copy of --model. Per-token KL compares the two models'
     distributions over the same token ids, so --ref-model must have the policy's tokenizer."""
     ref = load_causal_lm(cfg.ref_model or cfg.model)
-    if cfg.ref_model and (ref.config.vocab_size != policy.config.vocab_size
-                          or load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab()):
-        raise UserError(f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: the per-token "
-                        "KL penalty needs the same tokenizer")
+    if cfg.ref_model and (
+        ref.config.vocab_size != policy.config.vocab_size
+        or load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab()
+    ):
+        raise UserError(
+            f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: the per-token "
+            "KL penalty needs the same tokenizer"
+        )
     return ref
 
 
@@ -123,8 +133,13 @@ class PPOTrainer:
         self.actor = Actor(policy, cfg.temperature)
         # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
         # the reference compute identical log-probs before the first update (KL exactly 0 unless --ref-model).
-        self.ref = AdapterOffReference(policy, cfg.temperature) if cfg.lora_r else Reference(
-            self._frozen(load_reference(cfg, policy, self.tokenizer)), cfg.temperature, offload=cfg.offload_frozen)
+        self.ref = (
+            AdapterOffReference(policy, cfg.temperature)
+            if cfg.lora_r
+            else Reference(
+                self._frozen(load_reference(cfg, policy, self.tokenizer)), cfg.temperature, offload=cfg.offload_frozen
+            )
+        )
         if reward_fn is not None:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
@@ -155,9 +170,14 @@ class PPOTrainer:
         self.order = DataOrder(len(self.prompts), cfg.seed)
 
     def modules(self) -> dict[str, Any]:
-        return {"policy": self.actor.module, "value": self.critic.module, "policy_optimizer": self.opt_policy,
-                "value_optimizer": self.opt_value, "policy_scheduler": self.sched_policy,
-                "value_scheduler": self.sched_value}
+        return {
+            "policy": self.actor.module,
+            "value": self.critic.module,
+            "policy_optimizer": self.opt_policy,
+            "value_optimizer": self.opt_value,
+            "policy_scheduler": self.sched_policy,
+            "value_scheduler": self.sched_value,
+        }
 
     def step(self, step: int) -> tuple[dict[str, float], Experience, list[list[int]]]:
         cfg = self.cfg
@@ -168,9 +188,18 @@ class PPOTrainer:
         # Re-read the policy's weights: fused AdamW updates them in place without bumping the tensors' version
         # counters, so the engine cannot see the change by itself.
         self.engine.update_weights(self.actor.module)
-        exp, info = make_experience(cfg, self.engine, self.actor, self.ref, self.critic, self.reward, prompts,
-                                    self.pad_id, self.kl_ctl.value,
-                                    seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank())
+        exp, info = make_experience(
+            cfg,
+            self.engine,
+            self.actor,
+            self.ref,
+            self.critic,
+            self.reward,
+            prompts,
+            self.pad_id,
+            self.kl_ctl.value,
+            seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank(),
+        )
         self.actor.module.train()
         t_rollout = time.perf_counter() - t0
         stats = self.optimise(exp, step)
@@ -236,8 +265,13 @@ class PPOTrainer:
                 vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
                 value_term = cfg.vf_coef * vl * share
                 (value_term * n_proc if n_proc > 1 else value_term).backward()
-            for k, v in {"policy_loss": pg, "value_loss": vl, "entropy": masked_mean(entropy.detach(), mask),
-                         **pstats, **vstats}.items():
+            for k, v in {
+                "policy_loss": pg,
+                "value_loss": vl,
+                "entropy": masked_mean(entropy.detach(), mask),
+                **pstats,
+                **vstats,
+            }.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * share
         for module, opt in ((self.actor.module, self.opt_policy), (self.critic.module, self.opt_value)):
             if cfg.max_grad_norm:
@@ -284,11 +318,20 @@ def _with_lr(cfg: PPOConfig, lr: float) -> PPOConfig:
 
 def _warn_kl(kl: float, step: int, cfg: PPOConfig) -> None:
     if kl < -1.0:
-        log.warning("step %d: KL to the reference is negative (%.2f nats): the policy and the reference disagree "
-                    "on how the samples were drawn (temperature? tokenization?) or the estimate is noisy", step, kl)
+        log.warning(
+            "step %d: KL to the reference is negative (%.2f nats): the policy and the reference disagree "
+            "on how the samples were drawn (temperature? tokenization?) or the estimate is noisy",
+            step,
+            kl,
+        )
     elif kl > cfg.kl_warn or not math.isfinite(kl):
-        log.warning("step %d: KL to the reference is %.1f nats per response (> %.0f): the policy is drifting away; "
-                    "raise --kl-coef or lower --lr", step, kl, cfg.kl_warn)
+        log.warning(
+            "step %d: KL to the reference is %.1f nats per response (> %.0f): the policy is drifting away; "
+            "raise --kl-coef or lower --lr",
+            step,
+            kl,
+            cfg.kl_warn,
+        )
 
 
 def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
@@ -314,8 +357,13 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         base = trainer.ptx_eval_loss()
         if base is not None:
             logger.log(0, {"ptx_eval_loss": base})
-    bar = tqdm(total=trainer.steps, initial=start, desc="ppo", disable=not cfg.progress or not distributed.is_main(),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=trainer.steps,
+        initial=start,
+        desc="ppo",
+        disable=not cfg.progress or not distributed.is_main(),
+        dynamic_ncols=True,
+    )
     for step in range(start, trainer.steps):
         stats, exp, responses = trainer.step(step)
         done = step + 1
@@ -331,24 +379,36 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < trainer.steps:
-            save_checkpoint(run_dir, done, trainer.modules(), {"kl_ctl": trainer.kl_ctl.state_dict()},
-                            cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir, done, trainer.modules(), {"kl_ctl": trainer.kl_ctl.state_dict()}, cfg.keep_checkpoints
+            )
     bar.close()
     logger.close()
-    save_final(trainer.actor.module, trainer.tokenizer, run_dir / "final",
-               extra={"stage": "ppo", "steps": trainer.steps})
+    save_final(
+        trainer.actor.module, trainer.tokenizer, run_dir / "final", extra={"stage": "ppo", "steps": trainer.steps}
+    )
     save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
     return run_dir
 
 
-def _log_samples(path: Path, step: int, trainer: PPOTrainer, exp: Experience, responses: list[list[int]],
-                 n: int = 4) -> None:
+def _log_samples(
+    path: Path, step: int, trainer: PPOTrainer, exp: Experience, responses: list[list[int]], n: int = 4
+) -> None:
     tok = trainer.tokenizer
     with path.open("a") as f:
         for i in range(min(n, len(exp))):
             prompt = exp.sequences[i, : exp.prompt_len][exp.attention_mask[i, : exp.prompt_len].bool()].tolist()
-            f.write(json.dumps({"step": step, "prompt": tok.decode(prompt), "response": tok.decode(responses[i]),
-                                "score": float(exp.scores[i])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt": tok.decode(prompt),
+                        "response": tok.decode(responses[i]),
+                        "score": float(exp.scores[i]),
+                    }
+                )
+                + "\n"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
