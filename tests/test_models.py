@@ -94,3 +94,28 @@ def test_save_is_atomic(tmp_path, tiny_model, tokenizer, monkeypatch):
         save_pretrained(tiny_model, tokenizer, target)
     assert sorted(p.name for p in target.iterdir()) == before  # the old directory is intact
     assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_disable_dropout_makes_training_mode_forwards_deterministic(kind, tokenizer):
+    """Llama reads its attention dropout as a float at forward time; GPT-2 has nn.Dropout modules: both go to 0, and
+    the config says so (what a saved model records)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from flywheel.models import DROPOUT_FIELDS, disable_dropout
+
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, attention_dropout=0.5)  # fmt: skip
+        model = LlamaForCausalLM(config)
+        model.config._attn_implementation = "eager"  # the path that applies attention dropout
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.5,
+                            embd_pdrop=0.5, attn_pdrop=0.5)  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    model.train()
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is live
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert all(getattr(model.config, name, 0.0) in (0.0, None) for name in DROPOUT_FIELDS)

@@ -207,3 +207,21 @@ def fast_cpu_attention(model: Any, bf16: bool, device: torch.device | str | None
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in `model`: scores, log-probs and values must not depend on dropout noise (TRL and the
+    N+ implementation details of RLHF do the same). Covers `nn.Dropout` modules, the float rates attention modules
+    read at forward time (Llama-style `self.attention_dropout`), and the config's fields, so a saved model says so."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from flywheel import distributed
 from flywheel.data.batching import _has_plain_head, to_device
 from flywheel.errors import UserError
-from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
+from flywheel.models import count_parameters, disable_dropout, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import load_tokenizer
 from flywheel.train.loop import autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.train.reward import (
@@ -38,7 +38,6 @@ from flywheel.train.reward import (
     backbone_hidden,
     collate_groups,
     describe,
-    disable_dropout,
     encode_rankings,
     make_batches,
     padded_tokens,

@@ -43,6 +43,7 @@ from flywheel.data.formats import Ranking
 from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
+    disable_dropout,
     load_sequence_classifier,
     resize_for_tokenizer,
     reward_head,
@@ -584,16 +585,6 @@ def normalize_rewards(model: Any, mean_raw: float) -> float:
         offset = mean_raw
     setattr(model.config, OFFSET_KEY, offset)
     return offset
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Rewards must not depend on dropout noise (TRL and the N+ implementation details do the same)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, 0.0)
 
 
 def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], list[Ranking]]:

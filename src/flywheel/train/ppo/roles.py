@@ -21,16 +21,11 @@ from contextlib import contextmanager
 import torch
 
 from flywheel import fastforward
+from flywheel.models import disable_dropout
 from flywheel.train.ppo.losses import entropy_from_logits
 
 # A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
-
-
-def disable_dropout(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 class Role:
