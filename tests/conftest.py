@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -18,6 +19,14 @@ CORPUS = [
     "hello world, system, user, assistant, reverse the word, count the letters, sort the list.",
     "Émile a mangé une crêpe à Paris — naïve café, 日本語のテキスト, emoji 🙂 test.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so a test that draws without its own seed is still
+    reproducible, alone or in any order."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
