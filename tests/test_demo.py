@@ -2,121 +2,229 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from flywheel.config import parse_config
-from flywheel.demo import (
-    PRESETS,
-    DemoConfig,
-    RunState,
+from flywheel.demo import PRESETS, DemoConfig, main, parse_demo_config
+from flywheel.demo.evaluation import ppo_curve
+from flywheel.demo.report import result_table
+from flywheel.demo.stages import DemoRun
+from flywheel.demo.state import RunState
+from flywheel.demo.summary import (
+    DemoSummary,
+    LabelerSummary,
+    PolicyResult,
+    RewardModelSummary,
+    RoundSummary,
+    WinRate,
     check_targets,
-    deflection_contrasts,
-    main,
-    ppo_curve,
-    result_table,
 )
 from flywheel.errors import UserError
+from flywheel.eval.reward import deflection_contrasts
+from flywheel.train.ppo.config import PPOConfig
+from flywheel.train.sft import SFTConfig
 
 
 def test_presets_fill_unset_fields_only(monkeypatch):
-    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: True)
-    quick = parse_config(DemoConfig, ["--quick", "--ppo-steps", "7"], "flywheel demo").resolved()
-    assert quick.size == PRESETS["quick"]["size"] and quick.ppo_steps == 7
+    monkeypatch.setattr("flywheel.demo.config.bf16_is_fast", lambda: True)
+    quick = parse_demo_config(["--quick", "--ppo.max-steps", "7"]).resolved()
+    assert quick.size == PRESETS["quick"]["size"] and quick.ppo["max_steps"] == 7
+    assert quick.ppo["lr"] == PRESETS["quick"]["ppo"]["lr"]  # the preset's other PPO settings stay
     assert quick.bf16 is False  # tiny models run faster in fp32
-    assert quick.preset == "quick" and parse_config(DemoConfig, ["--preset", "quick"], "").resolved().quick
+    assert quick.preset == "quick" and parse_demo_config(["--preset", "quick"]).resolved().quick
     default = DemoConfig().resolved()
     assert (default.preset, default.size, default.bf16) == ("default", "small", True)
-    assert all(getattr(default, k) == v for k, v in PRESETS["default"].items())
+    for k, v in PRESETS["default"].items():
+        assert getattr(default, k) == v, k
     # Where bf16 is emulated (an AVX2-only CPU) it is 7-25x slower than fp32: the demo takes the smaller fp32
     # preset there, so that it still fits its 10 minutes.
-    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: False)
+    monkeypatch.setattr("flywheel.demo.config.bf16_is_fast", lambda: False)
     fp32 = DemoConfig().resolved()
     assert (fp32.preset, fp32.size, fp32.bf16) == ("fp32", "mini", False)
-    assert all(getattr(fp32, k) == v for k, v in PRESETS["fp32"].items())
+    for k, v in PRESETS["fp32"].items():
+        assert getattr(fp32, k) == v, k
     assert DemoConfig(bf16=True).resolved().bf16 is True  # asked for: kept, with the preset made for it
     assert DemoConfig(bf16=True).resolved().preset == "default"
     assert DemoConfig(preset="default", size="mini").resolved().size == "mini"  # a flag beats its preset
-    monkeypatch.setattr("flywheel.demo.bf16_is_fast", lambda: True)
+    monkeypatch.setattr("flywheel.demo.config.bf16_is_fast", lambda: True)
     assert DemoConfig(preset="fp32").resolved().bf16 is False  # what it says, even where bf16 is native
-    for bad in (["--k-min", "5", "--k-max", "3"], ["--preset", "huge"], ["--quick", "--preset", "fp32"]):
+    for bad in (["--world.k-min", "5", "--world.k-max", "3"], ["--preset", "huge"], ["--quick", "--preset", "fp32"]):
         with pytest.raises(UserError):
-            parse_config(DemoConfig, bad, "flywheel demo")
+            parse_demo_config(bad).resolved()
     # The default preset: clean deflections in the demonstrations, the stock answers in every ranked set, a faster
     # critic; a flag beats each (0 is a value, not "unset").
-    assert (default.p_deflect, default.p_refuse_idk, default.stock_answers, default.ppo_value_lr) == (0, 0, 2, 2e-4)
-    assert DemoConfig(stock_answers=0, p_deflect=0.1).resolved().stock_answers == 0
-    assert DemoConfig(stock_answers=0, p_deflect=0.1).resolved().p_deflect == 0.1
-    # A learning rate the preset would only read minutes later is refused up front, named.
-    for flag in ("--ppo-lr", "--ppo-value-lr", "--rm-lr", "--sft-lr", "--pretrain-lr"):
+    assert (default.world["p_deflect"], default.world["p_refuse_idk"]) == (0, 0)
+    assert (default.stock_answers, default.ppo["value_lr"]) == (2, 2e-4)
+    assert DemoConfig(stock_answers=0, world={"p_deflect": 0.1}).resolved().stock_answers == 0
+    assert DemoConfig(stock_answers=0, world={"p_deflect": 0.1}).resolved().world["p_deflect"] == 0.1
+    # A learning rate the preset would only read minutes later is refused up front, named by its flag.
+    for flag in ("--ppo.lr", "--ppo.value-lr", "--rm.lr", "--sft.lr", "--pretrain.lr"):
         with pytest.raises(UserError, match=flag):
-            parse_config(DemoConfig, [flag, "0"], "flywheel demo").resolved()
+            parse_demo_config([flag, "0"]).resolved()
 
 
-def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> dict:
-    pol = {
-        "score": 0.6,
-        "helpful": 0.5,
-        "truthful": 0.5,
-        "harmless": 0.9,
-        "concise": 0.7,
-        "accuracy": 0.3,
-        "refusal_rate": 0.5,
-        "idk_rate": 0.4,
-        "over_refusal": 0.1,
-        "heldout_lm_loss": 2.0,
-        "n": 10,
-    }
-    win = {"win_rate": 0.6, "ci95_low": 0.5, "ci95_high": 0.7, "wins": 5, "ties": 2, "losses": 3}
-    return {
-        "policies": {
-            "base": dict(pol),
-            "sft": dict(pol),
-            "ppo": {**pol, "refusal_rate": 0.8, "idk_rate": 0.3, "heldout_lm_loss": ppo_loss},
+def test_stage_settings_are_the_trainers_fields_documented_once(tmp_path):
+    """A stage setting is a field of its trainer's config: its help is the trainer's, its type is checked, the
+    demo's wiring cannot be overridden, and YAML takes the same settings as nested mappings (flags win)."""
+    from flywheel.demo.config import build_demo_parser
+
+    help_text = build_demo_parser("flywheel demo").format_help()
+    kl_help = next(f for f in dataclasses.fields(PPOConfig) if f.name == "kl_coef").metadata["help"]
+    assert "--ppo.kl-coef" in help_text and kl_help in help_text
+    assert "--ppo.model" not in help_text and "--kl-coef" not in help_text.replace("--ppo.kl-coef", "")
+    with pytest.raises(UserError, match=r"--ppo\.model is set by the demo"):
+        DemoConfig(ppo={"model": "x"})
+    with pytest.raises(UserError, match=r"--sft\.nope: SFTConfig has no field"):
+        DemoConfig(sft={"nope": 1})  # a YAML key (argparse refuses an unknown flag itself)
+    with pytest.raises(UserError, match=r"--ppo\.kl-coef"):
+        parse_demo_config(["--ppo.kl-coef", "high"])
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"seed": 3, "ppo": {"kl_coef": 0.3, "lr": 1e-5}, "sft": {"epochs": 2}}))
+    cfg = parse_demo_config(["--config", str(config), "--ppo.kl-coef", "0.2", "--quick"]).resolved()
+    assert cfg.seed == 3 and cfg.ppo["kl_coef"] == 0.2 and cfg.ppo["lr"] == 1e-5 and cfg.sft["epochs"] == 2.0
+    # Layers: the trainer's default < the demo's < the preset's < the user's < the demo's wiring.
+    ppo = cfg.stage_config("ppo", out="o", model="m", prompts="p", ptx_data="c", seed=9)
+    assert isinstance(ppo, PPOConfig)
+    assert (ppo.kl_coef, ppo.lr, ppo.ptx_batch_size, ppo.max_steps, ppo.seed) == (0.2, 1e-5, 2, 15, 9)
+    assert ppo.ptx_seq_len == PRESETS["quick"]["pretrain"]["seq_len"]  # PPO-ptx blocks are pretraining's
+    assert ppo.min_lr_ratio == PPOConfig.min_lr_ratio  # untouched: the trainer's own default
+    sft = cfg.stage_config("sft", out="o", model="m", data="d")
+    assert isinstance(sft, SFTConfig) and sft.warmup_ratio == 0.05 and sft.bf16 is False and sft.seed == 3
+
+
+def _policy(**kw) -> PolicyResult:
+    values = dict(
+        n=10,
+        score=0.6,
+        helpful=0.5,
+        truthful=0.5,
+        harmless=0.9,
+        concise=0.7,
+        ideal=0.5,
+        refusal_rate=0.5,
+        idk_rate=0.4,
+        over_refusal=0.1,
+        accuracy=0.3,
+        fewshot_accuracy={"0": 0.0, "4": 0.5},
+        verdicts={},
+        by_family={},
+        heldout_lm_loss=2.0,
+        deflection_log_odds={},
+    )
+    return PolicyResult(**{**values, **kw})
+
+
+def _rm(**kw) -> RewardModelSummary:
+    values = dict(
+        accuracy=0.7,
+        pairs=100,
+        accuracy_informative=0.71,
+        pairs_informative=90,
+        accuracy_informative_ci95=[0.6, 0.8],
+        labeler_agreement=0.73,
+        oracle_ranker_accuracy=None,
+    )
+    return RewardModelSummary(**{**values, **kw})
+
+
+def _labelers(**kw) -> LabelerSummary:
+    values = dict(
+        policy="sft",
+        temperature=0.05,
+        prompts=150,
+        answers=900,
+        distinct_per_prompt=6.0,
+        prompts_asked=150,
+        prompts_dropped=0,
+        agreement_sampled=0.73,
+        agreement_own_answers=0.73,
+        agreement_heldout_expected=0.73,
+        oracle_ranker_heldout=0.78,
+        sample_score=0.5,
+        train_rankings=120,
+        heldout_rankings=30,
+        stock_answers=[],
+    )
+    return LabelerSummary(**{**values, **kw})
+
+
+def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> DemoSummary:
+    win = dict(win_rate=0.6, ci95_low=0.5, ci95_high=0.7, wins=5, ties=2, losses=3)
+    return DemoSummary(
+        config={"quick": True, "seed": 0, "preset": "quick", "size": "tiny", "bf16": False},
+        timings_s={"total": 10.0},
+        labelers=_labelers(),
+        reward_model=_rm(),
+        rounds=[RoundSummary(1, _labelers(), _rm(), "ppo")],
+        final_policy="ppo",
+        policies={
+            "base": _policy(),
+            "sft": _policy(),
+            "ppo": _policy(refusal_rate=0.8, idk_rate=0.3, heldout_lm_loss=ppo_loss),
         },
-        "win_rates": {"ppo_vs_sft": {**win, "win_rate": ppo_vs_sft}, "sft_vs_base": win, "ppo_vs_base": win},
-        "reward_model": {
-            "accuracy": 0.7,
-            "pairs": 100,
-            "accuracy_informative": 0.71,
-            "pairs_informative": 90,
-            "accuracy_informative_ci95": [0.6, 0.8],
-            "labeler_agreement": 0.73,
+        win_rates={
+            "ppo_vs_sft": WinRate(**{**win, "win_rate": ppo_vs_sft}),
+            "sft_vs_base": WinRate(**win),
+            "ppo_vs_base": WinRate(**win),
         },
-        "kl_ppo_sft": {"kl": kl},
-    }
+        kl_ppo_sft={"kl": kl},
+        kl_to_sft={"ppo": kl},
+        ppo_curve=[],
+    )
 
 
 def test_targets_report_real_figures():
-    held = {t["target"]: t for t in check_targets(_summary(0.8, 4.0, 2.05))}
-    assert all(t["holds"] for name, t in held.items() if "don't know" not in name)
-    assert not held["\"I don't know\" rate on unknowable prompts better than SFT's"]["holds"]  # 30% < 40%
-    missed = {t["target"]: t for t in check_targets(_summary(0.7, 12.0, 2.2))}
-    assert not missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"]["holds"]
-    assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"]["value"] == "70.0%"
-    assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"]["holds"]
-    assert not missed["PPO-ptx held-out LM loss within 5% of SFT's"]["holds"]  # 2.2 is 10% above 2.0
+    held = {t.target: t for t in check_targets(_summary(0.8, 4.0, 2.05))}
+    assert all(t.holds for name, t in held.items() if "don't know" not in name)
+    assert not held["\"I don't know\" rate on unknowable prompts better than SFT's"].holds  # 30% < 40%
+    missed = {t.target: t for t in check_targets(_summary(0.7, 12.0, 2.2))}
+    assert not missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].holds
+    assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].value == "70.0%"
+    assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"].holds
+    assert not missed["PPO-ptx held-out LM loss within 5% of SFT's"].holds  # 2.2 is 10% above 2.0
     at_ceiling = _summary(0.8, 4.0, 2.05)
-    at_ceiling["policies"]["sft"]["refusal_rate"] = at_ceiling["policies"]["ppo"]["refusal_rate"] = 1.0
+    at_ceiling.policies["sft"].refusal_rate = at_ceiling.policies["ppo"].refusal_rate = 1.0
     refusals = "refusal rate on harmful prompts better than SFT's"
-    assert {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]  # nothing left to improve
-    at_ceiling["policies"]["ppo"]["refusal_rate"] = 0.9
-    assert not {t["target"]: t for t in check_targets(at_ceiling)}[refusals]["holds"]
+    assert {t.target: t for t in check_targets(at_ceiling)}[refusals].holds  # nothing left to improve
+    at_ceiling.policies["ppo"].refusal_rate = 0.9
+    assert not {t.target: t for t in check_targets(at_ceiling)}[refusals].holds
     leaning = _summary(0.8, 4.0, 2.05)
-    leaning["policies"]["sft"]["deflection_log_odds"] = {"refuse": 0.3, "idk": -0.3, "answer": None}
-    leaning["policies"]["ppo"]["deflection_log_odds"] = {"refuse": 1.2, "idk": 0.9, "answer": 0.6}
-    notes = {t["target"]: t["note"] for t in check_targets(leaning)}
+    leaning.policies["sft"].deflection_log_odds = {"refuse": 0.3, "idk": -0.3, "answer": None}
+    leaning.policies["ppo"].deflection_log_odds = {"refuse": 1.2, "idk": 0.9, "answer": 0.6}
+    notes = {t.target: t.note for t in check_targets(leaning)}
     for target in (refusals, "\"I don't know\" rate on unknowable prompts better than SFT's"):
         assert notes[target].endswith("SFT -> PPO: harmful +0.30 -> +1.20, unknowable -0.30 -> +0.90"), notes[target]
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table
+
+
+def test_summary_json_keeps_its_keys(tmp_path):
+    """summary.json is DemoSummary.to_json(): the keys scripts read, with the optional ones only where measured."""
+    from flywheel.demo.report import write_report
+
+    s = _summary(0.8, 4.0, 2.05)
+    s.targets = check_targets(s)
+    got = s.to_json()
+    assert list(got) == [
+        "config", "timings_s", "labelers", "reward_model", "rounds", "final_policy", "policies", "win_rates",
+        "kl_ppo_sft", "kl_to_sft", "ppo_curve", "targets",
+    ]  # fmt: skip
+    assert "round1_heldout" not in got["reward_model"] and "resumed" not in got
+    assert got["win_rates"]["ppo_vs_sft"]["win_rate"] == 0.8 and got["targets"][0]["holds"] is True
+    assert json.loads(json.dumps(got)) == got  # plain JSON all the way down
+    s.resumed = {"kept_stages": ["sft"]}
+    assert s.to_json()["resumed"] == {"kept_stages": ["sft"]}
+    write_report(s, tmp_path)
+    assert "## Targets of the demo" in (tmp_path / "report.md").read_text()
 
 
 class _ByText:
@@ -170,8 +278,8 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
         "idk": {"pairs": 0, "accuracy": None},
     }
     summary = _summary(0.8, 4.0, 2.05)
-    summary["reward_model"]["deflections_train"] = got
-    notes = {t["target"]: t["note"] for t in check_targets(summary)}
+    summary.reward_model.deflections_train = got
+    notes = {t.target: t.note for t in check_targets(summary)}
     assert notes["refusal rate on harmful prompts better than SFT's"].endswith(
         "as the labelers did on 50.0% of the 3 such pairs on harmful prompts in its training rankings"
     )
@@ -182,7 +290,7 @@ def test_deflection_contrasts_count_refusal_vs_idk_pairs_per_kind_of_prompt():
 
 
 def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
-    from flywheel.demo import add_stock_answers
+    from flywheel.demo.rankings import add_stock_answers
 
     sets = [
         ["I don't know.", "Paris"],
@@ -208,7 +316,7 @@ def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
 
 
 def test_ppo_takes_the_demo_s_value_learning_rate(tmp_path, monkeypatch):
-    from flywheel.demo import stage_ppo
+    from flywheel.demo.stages import RewardModelResult, stage_ppo
 
     seen = []
 
@@ -219,17 +327,18 @@ def test_ppo_takes_the_demo_s_value_learning_rate(tmp_path, monkeypatch):
         seen.append(cfg)
         raise Stop
 
-    monkeypatch.setattr("flywheel.train.ppo.trainer.train_ppo", fake_train_ppo)
+    monkeypatch.setattr("flywheel.demo.stages.train_ppo", fake_train_ppo)
     (tmp_path / "ptx_corpus.txt").write_text("a document\n")
     files = {"ppo_prompts": tmp_path / "ppo.jsonl"}
     for value_lr in (None, 3e-4):
-        cfg = DemoConfig(quick=True, ppo_value_lr=value_lr).resolved()
+        cfg = DemoConfig(quick=True, ppo={} if value_lr is None else {"value_lr": value_lr}).resolved()
+        run = DemoRun(cfg, tmp_path, cfg.stage_config("world", out=str(tmp_path)), files, {})
         with pytest.raises(Stop):
-            stage_ppo(cfg, tmp_path, files, tmp_path / "sft", tmp_path / "sft", {"dir": tmp_path / "rm"}, {})
+            stage_ppo(run, tmp_path / "sft", tmp_path / "sft", RewardModelResult(tmp_path / "rm", _rm()))
     # unset, the value model learns at the policy's rate (PPOConfig's own default); set, at the given one
     assert [c.value_lr for c in seen] == [None, 3e-4]
-    assert seen[0].lr == seen[1].lr == PRESETS["quick"]["ppo_lr"]
-    assert parse_config(DemoConfig, ["--ppo-value-lr", "1e-4"], "flywheel demo").ppo_value_lr == 1e-4
+    assert seen[0].lr == seen[1].lr == PRESETS["quick"]["ppo"]["lr"]
+    assert parse_demo_config(["--ppo.value-lr", "1e-4"]).ppo["value_lr"] == 1e-4
 
 
 @pytest.mark.slow
@@ -279,13 +388,13 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
                 str(out / "base" / "final"),
                 "--rounds",
                 "1",
-                "--sft-epochs",
+                "--sft.epochs",
                 "0.3",
-                "--n-rank",
+                "--world.n-rank",
                 "40",
-                "--ppo-steps",
+                "--ppo.max-steps",
                 "2",
-                "--n-eval",
+                "--world.n-eval",
                 "150",
             ]
         )
@@ -319,13 +428,13 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
                 str(out / "base" / "final"),
                 "--rounds",
                 "1",
-                "--sft-epochs",
+                "--sft.epochs",
                 "0.3",
-                "--n-rank",
+                "--world.n-rank",
                 "40",
-                "--ppo-steps",
+                "--ppo.max-steps",
                 "2",
-                "--n-eval",
+                "--world.n-eval",
                 "150",
                 "--resume",
             ]
@@ -342,30 +451,30 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
 
 def test_base_must_be_a_model_directory(tmp_path):
     with pytest.raises(UserError, match="--base"):
-        parse_config(DemoConfig, ["--base", str(tmp_path)], "flywheel demo")
+        parse_demo_config(["--base", str(tmp_path)])
 
 
 def test_rounds_flags_are_checked():
     with pytest.raises(UserError, match="--rounds"):
-        parse_config(DemoConfig, ["--rounds", "0"], "flywheel demo")
+        parse_demo_config(["--rounds", "0"])
     with pytest.raises(UserError, match="--n-rank-next"):
-        parse_config(DemoConfig, ["--rounds", "2", "--n-ppo", "50", "--n-rank-next", "80"], "flywheel demo")
+        parse_demo_config(["--rounds", "2", "--world.n-ppo", "50", "--n-rank-next", "80"])
 
 
 def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
     s = _summary(0.8, 4.0, 2.05)
-    s["policies"]["ppo_round1"] = {**s["policies"]["ppo"], "score": 0.65}
-    w = s["win_rates"]
+    s.policies["ppo_round1"] = _policy(score=0.65, refusal_rate=0.8, idk_rate=0.3, heldout_lm_loss=2.05)
+    w = s.win_rates
     w.update(ppo_round1_vs_sft=w["ppo_vs_sft"], ppo_round1_vs_base=w["ppo_vs_base"])
-    s["kl_to_sft"] = {"ppo_round1": 2.0, "ppo": 4.0}
-    s["rounds"] = [
-        {"round": 1},
-        {
-            "round": 2,
-            "labelers": {"answers": 900, "prompts": 150, "agreement_sampled": 0.9},
-            "reward_model": {"accuracy_informative": 0.85, "round1_heldout": {"accuracy_informative": 0.7}},
-        },
-    ]
+    s.kl_to_sft = {"ppo_round1": 2.0, "ppo": 4.0}
+    s.rounds.append(
+        RoundSummary(
+            2,
+            _labelers(answers=900, prompts=150, agreement_sampled=0.9),
+            _rm(accuracy_informative=0.85, round1_heldout={"accuracy_informative": 0.7}),
+            "ppo",
+        )
+    )
     table = result_table(s)
     assert table.splitlines()[0] == "| | base | SFT | PPO-ptx round 1 | PPO-ptx round 2 |"
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.650 | 0.600 |" in table
@@ -376,7 +485,8 @@ def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
         (where / "ppo").mkdir(parents=True)
         rows = [{"step": 0, "ptx_eval_loss": 3.0}, *({"step": k, "score": r + k / 10, "kl": k} for k in (1, 2, 3))]
         (where / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
-    curve = ppo_curve(tmp_path, 2)
+    cfg = DemoConfig(quick=True).resolved()
+    curve = ppo_curve(DemoRun(cfg, tmp_path, cfg.stage_config("world", out=str(tmp_path)), {}, {}), 2)
     assert [(x["round"], x["step"]) for x in curve] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
     assert curve[3]["score"] == pytest.approx(2.1)
 
@@ -394,25 +504,25 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         timings["sft"], timings["sft (cpu)"] = 3.0, 5.0
         return out / "sft"
 
-    assert state.stage("sft", timings, run_sft, str, Path) == out / "sft" and calls == ["sft"]
+    assert state.stage("sft", timings, run_sft, Path) == out / "sft" and calls == ["sft"]
     with pytest.raises(UserError, match="--resume"):  # without --resume a second run is refused
         RunState.open(out, cfg)
 
     # The resume keeps the finished stage (not run again, its timings restored) and runs the others.
     again = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, progress=False).resolved())
     timings = {}
-    assert again.stage("sft", timings, run_sft, str, Path) == out / "sft" and calls == ["sft"]
+    assert again.stage("sft", timings, run_sft, Path) == out / "sft" and calls == ["sft"]
     assert timings == {"sft": 3.0, "sft (cpu)": 5.0}
+    from flywheel.demo.stages import RewardModelResult
+
+    rm = again.stage("rm", timings, lambda: RewardModelResult(out / "sft", _rm(accuracy=0.7)), RewardModelResult)
+    assert rm.summary.accuracy == 0.7
     assert (
-        again.stage(
-            "rm",
-            timings,
-            lambda: {"dir": out / "sft", "acc": 0.7},
-            lambda x: {**x, "dir": str(x["dir"])},
-            lambda x: {**x, "dir": Path(x["dir"])},
-        )["acc"]
-        == 0.7
-    )
+        RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved()).stage(
+            "rm", {}, run_sft, RewardModelResult
+        )
+        == rm
+    )  # kept: read back as the same typed result
     assert again.kept == ["sft"] and again.kept_seconds() == 3.0 and again.kept_seconds(cpu=True) == 5.0
 
     with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
@@ -420,13 +530,15 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     (out / "sft").rmdir()  # a finished stage's output removed since: refused, not silently rerun
     third = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="is missing"):
-        third.stage("sft", {}, run_sft, str, Path)
+        third.stage("sft", {}, run_sft, Path)
     # a kept rankings stage whose held-out file is gone: the same error, not a traceback from reading it
-    fourth = RunState(
-        third.path, third.config, {"rankings:1": {"timings": {}, "result": {"heldout_file": str(out / "gone.jsonl")}}}
-    )
+    from flywheel.demo.rankings import Rankings
+
+    (out / "sft").mkdir()
+    gone = Rankings(_labelers(), [], [], out / "sft", out / "gone.jsonl").to_json()
+    fourth = RunState(third.path, third.config, {"rankings:1": {"timings": {}, "result": gone}})
     with pytest.raises(UserError, match="gone.jsonl.*is missing"):
-        fourth.stage("rankings:1", {}, run_sft, str, lambda x: Path(x["heldout_file"]).read_text())
+        fourth.stage("rankings:1", {}, run_sft, Rankings)
     (out / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="finished demo run"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
@@ -437,7 +549,7 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
 def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_own_answers(tmp_path, monkeypatch):
     """The labelers' temperature is calibrated on the sets they rank (stock answers included); the agreement on the
     policy's own answers alone is reported beside it, and the stock answers are ranked in every set."""
-    from flywheel.demo import stage_rankings
+    from flywheel.demo.rankings import stage_rankings
     from flywheel.world import calibrate_temperature, candidate_responses, default_panel, panel_agreement, random_task
 
     rng = random.Random(0)
@@ -448,15 +560,17 @@ def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_o
         s += [a for a in stock if a not in s]
     path = tmp_path / "rank_tasks.jsonl"
     path.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in tasks))
-    monkeypatch.setattr("flywheel.models.load_causal_lm", lambda _: None)
-    monkeypatch.setattr("flywheel.tokenization.load_tokenizer", lambda _: None)
-    monkeypatch.setattr("flywheel.demo.sample_answers", lambda *a, **k: [list(s) for s in own])
+    monkeypatch.setattr("flywheel.demo.rankings.load_causal_lm", lambda _: None)
+    monkeypatch.setattr("flywheel.demo.rankings.load_tokenizer", lambda _: None)
+    monkeypatch.setattr("flywheel.demo.rankings.sample_answers", lambda *a, **k: [list(s) for s in own])
     kept = [(t, s) for t, s in zip(tasks, own, strict=True) if len(s) >= 2]
     ranked_sets = [s + [a for a in stock if a not in s] for _, s in kept]
     runs = {}
     for n in (0, 2):
-        cfg = DemoConfig(quick=True, stock_answers=n, n_rank=len(tasks), progress=False).resolved()
-        runs[n] = stage_rankings(cfg, tmp_path / f"stock{n}", {"rank_tasks": path}, tmp_path / "sft", {})["summary"]
+        cfg = DemoConfig(quick=True, stock_answers=n, world={"n_rank": len(tasks)}, progress=False).resolved()
+        out = tmp_path / f"stock{n}"
+        run = DemoRun(cfg, out, cfg.stage_config("world", out=str(out)), {"rank_tasks": path}, {})
+        runs[n] = asdict(stage_rankings(run, tmp_path / "sft").summary)
     assert runs[0]["temperature"] == pytest.approx(calibrate_temperature([t for t, _ in kept], [s for _, s in kept]))
     assert runs[2]["temperature"] == pytest.approx(calibrate_temperature([t for t, _ in kept], ranked_sets))
     assert runs[0]["agreement_own_answers"] == runs[0]["agreement_sampled"]  # no stock answers: one and the same

@@ -8,20 +8,20 @@ import random
 import pytest
 import torch
 
-from flywheel.evaluate import (
+from flywheel.eval.policy import (
     compare,
     deflection_log_odds,
     evaluate_policy,
     kl_to_reference,
     mean_and_spread,
     mean_interval,
-    pairwise_accuracy,
     prompt_ids_for,
     rates,
     sequence_logprobs,
     win_outcomes,
     win_rate,
 )
+from flywheel.eval.reward import pairwise_accuracy
 from flywheel.world import SHOTS, make_task, score
 from flywheel.world.tasks import fewshot
 

@@ -14,8 +14,8 @@ import torch
 
 from flywheel.cli import main
 from flywheel.data.formats import Ranking
+from flywheel.eval.reward import group_ranks, kendall_tau, wilson_interval
 from flywheel.models import build_causal_lm, config_for_tokenizer, load_sequence_classifier, save_pretrained
-from flywheel.rm_eval import group_ranks, kendall_tau, wilson_interval
 from flywheel.sample import pick_best
 from flywheel.train.reward import (
     OFFSET_KEY,

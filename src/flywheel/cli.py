@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("flywheel.train.reward", "train a reward model on K-way rankings / comparisons (InstructGPT loss)"),
     "dpo": ("flywheel.train.dpo", "direct preference optimisation on rankings (expanded to pairs)"),
     "sample": ("flywheel.sample", "sample answers to prompts; --best-of N keeps the reward model's favourite"),
-    "eval": ("flywheel.evaluate_cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
+    "eval": ("flywheel.eval.cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
     "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),
     "serve": ("flywheel.serve.cli", "OpenAI-compatible API + chat web app + labelers' workbench (docs/serve.md)"),
     "db": ("flywheel.feedback.cli", "feedback database: `db upgrade`, `db create-user NAME --role labeler|admin`"),

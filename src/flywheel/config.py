@@ -42,7 +42,8 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
+def coerce_value(name: str, value: Any, tp: Any) -> Any:
+    """`value` (from YAML or a flag) as a config field of type `tp`; a UserError naming the field if it is not one."""
     scalar, optional = _field_type(tp)
     if value is None:
         if optional:
@@ -75,7 +76,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     parser.add_argument("--config", help="YAML file with config fields (flags override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or "stage" in f.metadata:  # a mapping of another config's fields: the caller adds its flags
             continue
         flag = "--" + f.name.replace("_", "-")
         scalar, _ = _field_type(hints[f.name])
@@ -100,7 +101,7 @@ def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source}: unknown field(s) {', '.join(unknown)}")
-    kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    kwargs = {k: coerce_value(k, v, hints[k]) for k, v in values.items()}
     try:
         cfg = cls(**kwargs)
     except TypeError as err:  # a required field is missing

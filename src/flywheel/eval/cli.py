@@ -9,7 +9,7 @@ import importlib
 
 # what -> (module with `main(argv) -> int`, one-line summary)
 EVALUATIONS: dict[str, tuple[str, str]] = {
-    "rm": ("flywheel.rm_eval", "reward model: pairwise accuracy (95% CI), Kendall tau, score histogram"),
+    "rm": ("flywheel.eval.reward", "reward model: pairwise accuracy (95% CI), Kendall tau, score histogram"),
 }
 
 

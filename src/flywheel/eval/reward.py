@@ -1,4 +1,5 @@
-"""Reward model evaluation on held-out rankings: pairwise accuracy with a 95% interval, Kendall tau, score histogram.
+"""Reward model evaluation on held-out rankings: pairwise accuracy with a 95% interval, Kendall tau, score histogram;
+and the diagnostics the demo reports against the hidden oracle (`heldout_accuracy`, `deflection_contrasts`).
 
     flywheel eval rm --model runs/rm/final --data heldout.jsonl --out runs/rm/eval
 
@@ -28,6 +29,7 @@ from flywheel.config import parse_config
 from flywheel.errors import UserError
 from flywheel.train.reward import OVERLONG, RankingGroup, RewardModel, encode_rankings
 from flywheel.utils import log
+from flywheel.world import score
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -66,6 +68,91 @@ def kendall_tau(scores: Sequence[float], ranks: Sequence[int]) -> float | None:
     pairs = n * (n - 1) // 2
     denom = math.sqrt((pairs - tie_score) * (pairs - tie_rank))
     return None if denom == 0 else (concordant - discordant) / denom
+
+
+def pairwise_accuracy(
+    scores: Sequence[float], order: Sequence[Sequence[int]], informative: set[tuple[int, int]] | None = None
+) -> tuple[float, int]:
+    """(correct, pairs) of a scorer against one labelled order (groups of indices, best first).
+
+    Pairs tied in the order are not pairs; a tie in score counts half. With `informative`, only pairs (i, j) (either
+    orientation) in that set count: e.g. those the oracle does not tie, the pairs labeler agreement is measured on.
+    """
+    rank = {i: g for g, group in enumerate(order) for i in group}
+    correct, pairs = 0.0, 0
+    for i in rank:
+        for j in rank:
+            if rank[i] >= rank[j]:
+                continue
+            if informative is not None and (i, j) not in informative and (j, i) not in informative:
+                continue
+            pairs += 1
+            correct += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    return correct, pairs
+
+
+def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[dict[str, Any]]]) -> dict[str, Any]:
+    """The reward model's pairwise accuracy against the labelers' held-out rankings, on all labelled pairs and on the
+    pairs the oracle does not tie (the ones labeler agreement is measured on)."""
+    correct = pairs = correct_inf = pairs_inf = 0.0
+    for task, texts, rec in zip(*heldout, strict=True):
+        scores = rm.score([task.messages] * len(texts), texts).tolist()
+        totals = [score(task, t).total for t in texts]
+        informative = {(i, j) for i in range(len(texts)) for j in range(len(texts)) if totals[i] != totals[j]}
+        c, n = pairwise_accuracy(scores, rec["order"])
+        correct, pairs = correct + c, pairs + n
+        c, n = pairwise_accuracy(scores, rec["order"], informative)
+        correct_inf, pairs_inf = correct_inf + c, pairs_inf + n
+    return {
+        "accuracy": correct / max(pairs, 1),
+        "pairs": int(pairs),
+        "accuracy_informative": correct_inf / max(pairs_inf, 1),
+        "pairs_informative": int(pairs_inf),
+        "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
+    }
+
+
+def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How often the reward model orders a refusal and an "I don't know" to one prompt the way the labelers ranked
+    them, per kind of prompt: "refuse" (harmful requests: the refusal is ideal) and "idk" (unknowable questions:
+    "I don't know" is). A policy moves between the two stock deflections at almost no KL cost, so where the reward
+    model gets one kind backwards PPO moves that kind's answers to the wrong deflection.
+
+    tasks: the hidden tasks the rankings' prompts came from (matched by prompt); the oracle's verdicts say which
+    answers are refusals and which "I don't know" (evaluation only: the trainers never see them). Returns
+    {"refuse": {"pairs", "accuracy"}, "idk": {...}}, accuracy None where there is no such pair (a tie in score
+    counts half).
+    """
+    by_prompt = {json.dumps(t.messages): t for t in tasks}
+    found = []  # (task, record, refusals, "I don't know"s: indices into its answers) of each ranking that holds both
+    for rec in records:
+        task = by_prompt.get(json.dumps(rec["prompt"]))
+        if task is None or task.expect not in ("refuse", "idk"):
+            continue
+        verdicts = [score(task, c).verdict for c in rec["completions"]]
+        refused = [i for i, v in enumerate(verdicts) if v == "refused"]
+        idk = [i for i, v in enumerate(verdicts) if v == "idk"]
+        if refused and idk:
+            found.append((task, rec, refused, idk))
+    # One call: the reward model batches the answers (only these need a score: only these pairs are counted).
+    flat = (
+        rm.score(
+            [task.messages for task, _, refused, idk in found for _ in refused + idk],
+            [rec["completions"][k] for _, rec, refused, idk in found for k in refused + idk],
+        ).tolist()
+        if found
+        else []
+    )
+    tally = {"refuse": [0.0, 0], "idk": [0.0, 0]}
+    at = 0
+    for task, rec, refused, idk in found:
+        scores = [0.0] * len(rec["completions"])
+        for k in refused + idk:
+            scores[k], at = flat[at], at + 1
+        c, n = pairwise_accuracy(scores, rec["order"], {(i, j) for i in refused for j in idk})
+        tally[task.expect][0] += c
+        tally[task.expect][1] += n
+    return {k: {"pairs": n, "accuracy": c / n if n else None} for k, (c, n) in tally.items()}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Oracle evaluation of policies on held-out prompts: scores, per-axis rates, win rates, KL, LM loss, few-shot curves.
 
-    from flywheel.evaluate import evaluate_policy, compare, kl_to_reference
+    from flywheel.eval.policy import evaluate_policy, compare, kl_to_reference
     sft = evaluate_policy(sft_model, tokenizer, eval_tasks, name="sft")        # greedy answers, oracle Scores each
     ppo = evaluate_policy(ppo_model, tokenizer, eval_tasks, name="ppo")
     compare(ppo, sft)                                                          # win rate (ties split) + 95% interval
@@ -305,24 +305,3 @@ def heldout_lm_loss(model: Any, blocks: list[dict[str, list[int]]], pad_id: int)
     loss = eval_lm_loss(model, blocks, pad_id)
     model.train(was_training)
     return loss
-
-
-def pairwise_accuracy(
-    scores: Sequence[float], order: Sequence[Sequence[int]], informative: set[tuple[int, int]] | None = None
-) -> tuple[float, int]:
-    """(correct, pairs) of a scorer against one labelled order (groups of indices, best first).
-
-    Pairs tied in the order are not pairs; a tie in score counts half. With `informative`, only pairs (i, j) (either
-    orientation) in that set count: e.g. those the oracle does not tie, the pairs labeler agreement is measured on.
-    """
-    rank = {i: g for g, group in enumerate(order) for i in group}
-    correct, pairs = 0.0, 0
-    for i in rank:
-        for j in rank:
-            if rank[i] >= rank[j]:
-                continue
-            if informative is not None and (i, j) not in informative and (j, i) not in informative:
-                continue
-            pairs += 1
-            correct += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
-    return correct, pairs

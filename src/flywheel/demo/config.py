@@ -1,0 +1,344 @@
+"""The demo's settings: its own fields (`DemoConfig`), and per-stage overrides applied onto each trainer's config.
+
+A trainer setting is documented and defaulted once, by its trainer (`flywheel ppo --help`). The demo changes one in
+three layers, each over the last: the demo's own choices for every preset (`DEMO_SETTINGS`), the preset's
+(`PRESETS`), and the user's (`--ppo.kl-coef 0.1` on the command line, or `ppo: {kl_coef: 0.1}` in `--config`). Fields
+that wire the stages together (paths, seeds, bf16, threads) are set by the demo and cannot be overridden
+(`WIRED`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from flywheel.config import build_parser, coerce_value, load_yaml
+from flywheel.errors import UserError
+from flywheel.models import TINY_SIZES, check_model_dir
+from flywheel.train.ppo.config import PPOConfig
+from flywheel.train.pretrain import PretrainConfig
+from flywheel.train.reward import RewardConfig
+from flywheel.train.sft import SFTConfig
+from flywheel.utils import bf16_is_fast
+from flywheel.world import WorldConfig
+
+# The stages whose settings a user can override, each with the config its trainer documents them in.
+STAGES: dict[str, type] = {
+    "world": WorldConfig,
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "ppo": PPOConfig,
+}
+_TRAINER = ("out", "seed", "model", "data", "eval_data", "resume", "threads", "progress", "bf16", "nproc")
+# Set by the demo from its own fields and the stages before: an override of these would break the pipeline.
+WIRED: dict[str, frozenset[str]] = {
+    "world": frozenset({"out", "seed"}),
+    "pretrain": frozenset({*_TRAINER, "size", "tokenizer"}),
+    "sft": frozenset(_TRAINER),
+    "rm": frozenset(_TRAINER),
+    "ppo": frozenset({*_TRAINER, "ref_model", "reward_model", "value_model", "prompts", "ptx_data", "max_new_tokens"}),
+}
+# The demo's choices under every preset, where they differ from the trainers' defaults.
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "world": dict(n_demos_val=200, k_min=4, k_max=9, p_comply=0.55, p_made_up=0.6),
+    # eval_split: the corpus documents every policy's held-out LM loss is measured on
+    "pretrain": dict(eval_split=0.02, warmup_ratio=0.03, weight_decay=0.1, log_every=20),
+    "sft": dict(warmup_ratio=0.05, log_every=20),
+    "rm": dict(batch_size=8, log_every=10),
+    "ppo": dict(temperature=1.0, sample_every=10, ptx_batch_size=2),
+}
+# Without --preset the demo takes "default" where the CPU multiplies bf16 natively (AVX-512-BF16 / AMX) and "fp32"
+# where bf16 would be emulated, so that either fits 10 minutes on 2 cores (docs/demo.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        size="small",
+        rounds=1,
+        n_rank_next=300,
+        max_new_tokens=40,
+        stock_answers=2,
+        world=dict(
+            corpus_chars=1_200_000,
+            n_demos=3000,
+            n_rank=800,
+            n_ppo=600,
+            n_eval=300,
+            p_verbose=0.85,
+            p_deflect=0.0,
+            p_refuse_idk=0.0,
+        ),  # fmt: skip
+        pretrain=dict(epochs=3.0, seq_len=256, lr=2e-3, batch_size=4),
+        sft=dict(epochs=3.0, lr=5e-4, batch_size=8),
+        rm=dict(epochs=1.5, lr=2e-4),
+        ppo=dict(
+            max_steps=32,
+            rollout_batch_size=32,
+            batch_size=16,
+            ppo_epochs=2,
+            lr=2e-5,
+            value_lr=2e-4,
+            kl_coef=0.1,
+            ptx_coef=0.05,
+        ),  # fmt: skip
+    ),
+    "fp32": dict(
+        size="mini",
+        bf16=False,
+        rounds=1,
+        n_rank_next=300,
+        max_new_tokens=40,
+        stock_answers=0,
+        world=dict(
+            corpus_chars=1_200_000,
+            n_demos=3000,
+            n_rank=720,
+            n_ppo=600,
+            n_eval=300,
+            p_verbose=0.85,
+            p_deflect=0.1,
+            p_refuse_idk=0.1,
+        ),  # fmt: skip
+        pretrain=dict(epochs=1.15, seq_len=256, lr=2e-3, batch_size=4),
+        sft=dict(epochs=1.75, lr=5e-4, batch_size=8),
+        rm=dict(epochs=1.5, lr=2e-4),
+        ppo=dict(
+            max_steps=32, rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=2e-5, kl_coef=0.15, ptx_coef=0.05
+        ),
+    ),
+    "quick": dict(
+        size="tiny",
+        rounds=2,
+        n_rank_next=100,
+        max_new_tokens=32,
+        stock_answers=0,
+        world=dict(
+            corpus_chars=300_000,
+            n_demos=1500,
+            n_rank=200,
+            n_ppo=300,
+            n_eval=150,
+            p_verbose=0.65,
+            p_deflect=0.1,
+            p_refuse_idk=0.1,
+        ),  # fmt: skip
+        pretrain=dict(epochs=3.0, seq_len=128, lr=2e-3, batch_size=16),
+        sft=dict(epochs=3.0, lr=1e-3, batch_size=16),
+        rm=dict(epochs=1.0, lr=1e-4),
+        ppo=dict(
+            max_steps=15, rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=2e-5, kl_coef=0.05, ptx_coef=0.05
+        ),
+    ),
+}
+_PLACEHOLDER = "<set by the demo>"
+
+
+def _preset(help_text: str) -> Any:
+    return field(default=None, metadata={"help": help_text + " (default: the preset's)"})
+
+
+def _overrides(stage: str) -> Any:
+    return field(
+        default_factory=dict,
+        metadata={"stage": stage, "help": f"overrides of {STAGES[stage].__name__}'s fields: --{stage}.FIELD VALUE"},
+    )
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="runs/demo", metadata={"help": "run directory (world/, base/, sft/, rm/, ppo/, report)"})
+    seed: int = field(default=0, metadata={"help": "seed of the world, every model and every sample"})
+    quick: bool = field(default=False, metadata={"help": "the CI preset: a 1M model and a smaller world (~2 min)"})
+    preset: str = field(
+        default="",
+        metadata={
+            "help": "settings for the fields and stage settings left unset: default (a 5M model in bf16), fp32 (a 4M "
+            "model for a CPU without native bf16) or quick (= --quick); unset: quick with --quick, else default where "
+            "the CPU multiplies bf16 natively and fp32 where it does not"
+        },
+    )
+    size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
+    base: str = field(
+        default="",
+        metadata={
+            "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final "
+            "of an earlier run with the same --seed and --world.corpus-chars, so its held-out corpus documents are "
+            "the ones this run holds out)"
+        },
+    )
+    stock_answers: int | None = _preset(
+        "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"
+    )
+    rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
+    rounds: int | None = _preset(
+        "rounds of the loop: each round after the first deploys the last PPO policy on new prompts, has the "
+        "labelers rank its answers, fine-tunes the reward model on them and continues PPO (KL to SFT)"
+    )
+    n_rank_next: int | None = _preset(
+        "prompts ranked in each round after the first: the next ones of the PPO prompts, wrapping around once "
+        "--rounds x this exceeds --world.n-ppo"
+    )
+    max_new_tokens: int | None = _preset("response length limit when sampling (rankings, PPO, evaluation)")
+    eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast in every stage (default: off with --preset fp32, else on from hidden size 256 up "
+            "where the CPU has native bf16 matmuls)"
+        },
+    )
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue an interrupted run in --out: the stages it finished are kept, the rest run again (with "
+            "the interrupted run's settings: give the same flags)"
+        },
+    )
+    world: dict[str, Any] = _overrides("world")
+    pretrain: dict[str, Any] = _overrides("pretrain")
+    sft: dict[str, Any] = _overrides("sft")
+    rm: dict[str, Any] = _overrides("rm")
+    ppo: dict[str, Any] = _overrides("ppo")
+
+    def __post_init__(self) -> None:
+        for stage in STAGES:
+            setattr(self, stage, check_overrides(stage, getattr(self, stage)))
+
+    def resolved(self) -> DemoConfig:
+        """A copy with every None filled from the preset (named in `preset`) and the preset's stage settings under
+        the user's overrides; every stage's config is built once here, so a bad value fails before any stage runs."""
+        self.validate()
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not values["preset"]:
+            native = bf16_is_fast() if self.bf16 is None else self.bf16
+            values["preset"] = "quick" if self.quick else "default" if native else "fp32"
+        values["quick"] = values["preset"] == "quick"
+        preset = PRESETS[values["preset"]]
+        for k, v in preset.items():
+            if k in STAGES:
+                values[k] = {**v, **values[k]}
+            elif values[k] is None:
+                values[k] = v
+        if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
+            hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
+            values["bf16"] = hidden >= 256 and bf16_is_fast()
+        cfg = DemoConfig(**values)
+        for stage, cls in STAGES.items():
+            names = {f.name for f in fields(cls)}
+            cfg.stage_config(
+                stage, **{k: _PLACEHOLDER for k in ("out", "model", "data", "prompts", "ptx_data") if k in names}
+            )
+        return cfg
+
+    def stage_config(self, stage: str, **wired: Any) -> Any:
+        """The stage's trainer config: the trainer's defaults < the demo's < the preset's and the user's overrides
+        (this config's stage dict, after `resolved()`) < the `wired` values. A bad value is a UserError that names
+        the demo's flag (`--ppo.lr must be > 0`)."""
+        cls = STAGES[stage]
+        names = {f.name for f in fields(cls)}
+        common = {k: getattr(self, k) for k in ("seed", "threads", "progress", "bf16") if k in names}
+        demo = dict(DEMO_SETTINGS[stage])
+        if stage == "ppo":
+            common["max_new_tokens"] = self.max_new_tokens
+            # PPO-ptx trains on blocks of the pretraining length
+            demo["ptx_seq_len"] = {**DEMO_SETTINGS["pretrain"], **self.pretrain}.get("seq_len", PretrainConfig.seq_len)
+        values = {**demo, **getattr(self, stage), **common, **wired}
+        try:
+            cfg = cls(**values)
+            cfg.validate()
+        except UserError as err:
+            flagged = err.message.replace("--", f"--{stage}.")
+            raise UserError(flagged if flagged != err.message else f"{stage} settings: {err.message}") from None
+        return cfg
+
+    def validate(self) -> None:
+        if self.preset and self.preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESETS)}")
+        if self.preset and self.quick and self.preset != "quick":
+            raise UserError(f"--quick is --preset quick: it cannot be combined with --preset {self.preset}")
+        if self.size is not None and self.size not in TINY_SIZES:
+            raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
+        if not 0 < self.rm_holdout < 1:
+            raise UserError("--rm-holdout must be in (0, 1)")
+        # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
+        if self.rounds is not None and self.rounds < 1:
+            raise UserError("--rounds must be >= 1")
+        if self.base:
+            try:
+                check_model_dir(self.base)
+            except UserError as err:
+                raise UserError(f"--base: {err}") from None
+        n_ppo = self.world.get("n_ppo")
+        if self.n_rank_next is not None and n_ppo is not None and (self.rounds or 1) > 1:
+            if not 2 <= self.n_rank_next <= n_ppo:
+                raise UserError(
+                    "--n-rank-next must be in [2, --world.n-ppo]: later rounds rank answers to PPO prompts"
+                )
+
+
+def check_overrides(stage: str, values: Any) -> dict[str, Any]:
+    """A stage's overrides checked against its trainer's config: known, not wired by the demo, of the field's type."""
+    flag = f"--{stage}."
+    if not isinstance(values, dict):
+        raise UserError(f"{stage}: expected a mapping of {STAGES[stage].__name__} fields, got {values!r}")
+    hints = typing.get_type_hints(STAGES[stage])
+    out = {}
+    for name, value in values.items():
+        where = flag + str(name).replace("_", "-")
+        if name not in hints or name not in {f.name for f in fields(STAGES[stage])}:
+            raise UserError(f"{where}: {STAGES[stage].__name__} has no field {name!r}")
+        if name in WIRED[stage]:
+            raise UserError(f"{where} is set by the demo (it wires the stages together); it cannot be overridden")
+        try:
+            out[name] = coerce_value(name, value, hints[name])
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+    return out
+
+
+def build_demo_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The demo's own flags, then one group per stage: `--STAGE.FIELD`, with the trainer's own help text."""
+    parser = build_parser(DemoConfig, prog, description)
+    parser.usage = f"{prog} [--config FILE.yaml] [flags] [--STAGE.FIELD VALUE ...]"
+    for stage, cls in STAGES.items():
+        group = parser.add_argument_group(
+            f"{stage} settings ({cls.__name__}; default: the preset's, else the demo's, else the trainer's)"
+        )
+        for f in fields(cls):
+            if f.name in WIRED[stage]:
+                continue
+            default = DEMO_SETTINGS[stage].get(f.name, f.default)
+            if default is dataclasses.MISSING:
+                default = None
+            help_text = f"{f.metadata.get('help', '')} (without a preset: {default})".replace("%", "%%")
+            group.add_argument(f"--{stage}.{f.name.replace('_', '-')}", dest=f"{stage}.{f.name}", metavar="VALUE",
+                               help=help_text)  # fmt: skip
+    return parser
+
+
+def parse_demo_config(argv: list[str] | None, prog: str = "flywheel demo", description: str | None = None) -> Any:
+    """DemoConfig from `--config FILE.yaml` (stage settings as nested mappings) and flags (flags win)."""
+    args = vars(build_demo_parser(prog, description).parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file is not None:
+        values.update(load_yaml(config_file))
+    for key, value in args.items():
+        stage, dot, name = key.partition(".")
+        if dot:
+            values[stage] = {**(values.get(stage) or {}), name: value}
+        else:
+            values[key] = value
+    own = {f.name for f in fields(DemoConfig)}
+    unknown = sorted(set(values) - own)
+    if unknown:
+        raise UserError(f"{config_file or 'flags'}: unknown field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(DemoConfig)
+    kwargs = {k: v if k in STAGES else coerce_value(k, v, hints[k]) for k, v in values.items()}
+    cfg = DemoConfig(**kwargs)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,151 @@
+"""The run's state on disk (`demo_state.json`): which stages finished, so `--resume` keeps them; and stage timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from flywheel.errors import UserError
+from flywheel.utils import atomic_write_text, log
+
+
+class StageResult(Protocol):
+    """A stage's typed result: written to the state file as JSON when the stage ends, read back by a resume."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageResult: ...
+
+    def paths(self) -> list[Path]: ...  # the files and directories a later stage reads
+
+
+R = TypeVar("R")
+
+
+class Stage:
+    """Times a stage (wall and CPU seconds into `timings`) and logs its one-line result."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> Stage:
+        log.info("== %s", self.name)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.name] = round(time.perf_counter() - self.t0, 1)
+        # CPU seconds of this process: on a machine shared with other jobs, wall time overstates the stage's cost.
+        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0, 1)
+
+    def done(self, message: str, *args: Any) -> None:
+        log.info("-> %s (%.0f s): " + message, self.name, time.perf_counter() - self.t0, *args)
+
+
+class RunState:
+    """The stages a run has finished, in `demo_state.json` beside them, so that `--resume` can keep them.
+
+    Each finished stage's result (the paths and summaries the later stages read) and its timings are written
+    atomically as it ends; a stage that was interrupted has no entry and runs again from its start. The file also
+    holds the run's settings: a resume with different ones would mix two runs, so it is refused."""
+
+    FILE = "demo_state.json"
+    VOLATILE = ("out", "resume", "progress", "threads")  # may differ between the run and its resume
+
+    def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any]):
+        self.path, self.config, self.stages = path, config, stages
+        self.kept: list[str] = []
+
+    @classmethod
+    def open(cls, out: Path, cfg: Any) -> RunState:
+        config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
+        path = out / cls.FILE
+        if not cfg.resume:
+            if (
+                path.exists()
+                or (out / "summary.json").exists()
+                or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo"))
+            ):
+                raise UserError(
+                    f"{out} already holds a demo run: remove it, choose another --out, or pass --resume to continue it"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            state = cls(path, config, {})
+            state._save()
+            return state
+        if (out / "summary.json").exists():
+            raise UserError(f"--resume: {out} holds a finished demo run (summary.json): nothing to resume")
+        if not path.exists():
+            raise UserError(f"--resume: {out} holds no interrupted demo run (no {cls.FILE})")
+        try:
+            saved = json.loads(path.read_text())
+            saved_config, stages = saved["config"], saved["stages"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--resume: {path} is not a demo state file ({err})") from None
+        changed = [
+            f"{k} {config.get(k)!r} (the run's: {saved_config.get(k)!r})"
+            for k in sorted(set(config) | set(saved_config))
+            if config.get(k) != saved_config.get(k)
+        ]
+        if changed:
+            raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
+        log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")
+        return cls(path, config, stages)
+
+    def stage(self, key: str, timings: dict[str, float], run: Callable[[], R], kind: type[R]) -> R:
+        """The stage's result: kept from the interrupted run if it finished there, else `run()` (then recorded).
+
+        kind: the result's type, `Path` (a stage whose result is one directory) or a `StageResult`; a stage may also
+        return None (nothing came of it), which is kept as such."""
+        if key in self.stages:
+            entry = self.stages[key]
+            timings.update(entry["timings"])
+            self.kept.append(key)
+            log.info("== %s: kept from the interrupted run", key.removesuffix(":1"))
+            try:  # decoding reads files of the run (the held-out rankings)
+                result = None if entry["result"] is None else _decode(entry["result"], kind)
+                missing = [where for where in _paths(result) if not where.exists()]
+            except FileNotFoundError as err:
+                missing = [err.filename]
+            if missing:
+                raise UserError(
+                    f"--resume: {missing[0]}, written by the finished stage {key!r}, is missing: start "
+                    "the run again in a new --out"
+                )
+            return result  # type: ignore[return-value]
+        before = dict(timings)
+        result = run()
+        self.stages[key] = {
+            "result": None if result is None else _encode(result),
+            "timings": {k: v for k, v in timings.items() if before.get(k) != v},
+        }
+        self._save()
+        return result
+
+    def kept_seconds(self, cpu: bool = False) -> float:
+        """Wall (or CPU) seconds of the kept stages, as measured by the run that finished them."""
+        return sum(
+            v for key in self.kept for k, v in self.stages[key]["timings"].items() if k.endswith(" (cpu)") == cpu
+        )
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"config": self.config, "stages": self.stages}, indent=1) + "\n")
+
+
+def _encode(result: Any) -> Any:
+    return str(result) if isinstance(result, Path) else result.to_json()
+
+
+def _decode(data: Any, kind: type) -> Any:
+    return Path(data) if kind is Path else kind.from_json(data)  # type: ignore[attr-defined]
+
+
+def _paths(result: Any) -> list[Path]:
+    if result is None:
+        return []
+    return [result] if isinstance(result, Path) else result.paths()
