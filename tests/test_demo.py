@@ -116,6 +116,7 @@ def _policy(**kw) -> PolicyResult:
         fewshot_accuracy={"0": 0.0, "4": 0.5},
         verdicts={},
         by_family={},
+        accuracy_by_family={"fact": 0.3},
         heldout_lm_loss=2.0,
         deflection_log_odds={},
     )
@@ -207,6 +208,40 @@ def test_targets_report_real_figures():
     assert "80.0%" in table
 
 
+def test_a_win_bought_with_deflection_is_flagged(tmp_path):
+    """A policy that wins by saying "I don't know" to answerable prompts, or by swapping one deflection for the other,
+    is flagged at the top of the report and in the one-line result; its over-refusal and accuracy targets fail."""
+    from flywheel.demo.report import write_report
+    from flywheel.demo.summary import deflection_warnings, headline
+
+    s = _summary(0.85, 4.0, 2.05)
+    assert deflection_warnings(s) == []
+    s.policies["sft"].verdicts = {"answer": {"correct": 5, "wrong": 5}, "idk": {"idk": 6, "made_up": 3, "refused": 1}}
+    s.policies["ppo"].verdicts = {"answer": {"idk": 4, "correct": 3, "wrong": 3}, "idk": {"refused": 8, "idk": 2}}
+    s.policies["ppo"].over_refusal, s.policies["ppo"].accuracy = 0.4, 0.25
+    s.policies["ppo"].accuracy_by_family = {"fact": 0.25}
+    s.targets = check_targets(s)
+    s.deflection_warnings = deflection_warnings(s)
+    assert s.deflection_warnings == [
+        'PPO deflects answerable prompts ("I don\'t know" or a refusal): 0.0% (SFT) -> 40.0%',
+        'PPO refuses unknowable questions instead of saying "I don\'t know": 10.0% (SFT) -> 80.0%',
+    ]
+    held = {t.target: t for t in s.targets}
+    assert held["PPO preferred over SFT in >= 75% of comparisons (ties split)"].holds  # the win rate alone is fooled
+    assert not held["over-refusal on answerable prompts at most SFT's + 3 points"].holds
+    assert not held["correct on answerable prompts at least SFT's"].holds
+    assert held["correct on answerable prompts at least SFT's"].note == "per family, SFT -> PPO: fact 30.0% -> 25.0%"
+    line = headline(s)
+    assert line.startswith("WARNING: the win rate is bought with deflection (PPO deflects answerable prompts")
+    assert line.endswith(
+        "PPO preferred over SFT in 85.0% of comparisons; 6 of 9 targets hold"
+    )  # and "I don't know" falls
+    write_report(s, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert report.splitlines()[4] == f"**{line}**"  # right under the command line
+    assert "| fact | 30.0% | 30.0% | 25.0% |" in report
+
+
 def test_summary_json_keeps_its_keys(tmp_path):
     """summary.json is DemoSummary.to_json(): the keys scripts read, with the optional ones only where measured."""
     from flywheel.demo.report import write_report
@@ -216,7 +251,7 @@ def test_summary_json_keeps_its_keys(tmp_path):
     got = s.to_json()
     assert list(got) == [
         "config", "timings_s", "labelers", "reward_model", "rounds", "final_policy", "policies", "win_rates",
-        "kl_ppo_sft", "kl_to_sft", "ppo_curve", "targets",
+        "kl_ppo_sft", "kl_to_sft", "ppo_curve", "targets", "deflection_warnings",
     ]  # fmt: skip
     assert "round1_heldout" not in got["reward_model"] and "resumed" not in got
     assert got["win_rates"]["ppo_vs_sft"]["win_rate"] == 0.8 and got["targets"][0]["holds"] is True

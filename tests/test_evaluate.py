@@ -91,6 +91,10 @@ def test_rates_on_reference_and_bad_answers():
     assert refuse_all["over_refusal"] == 1.0
     assert refuse_all["accuracy"] == 0.0
     assert refuse_all["score"] < perfect["score"]
+    answerable = {t.family for t in tasks if t.expect == "answer"}
+    assert set(perfect["accuracy_by_family"]) == answerable and "harmful" not in answerable
+    assert all(v == 1.0 for v in perfect["accuracy_by_family"].values())
+    assert all(v == 0.0 for v in refuse_all["accuracy_by_family"].values())
     with pytest.raises(ValueError):
         rates(tasks, [])
 

@@ -22,7 +22,7 @@ from flywheel.demo.stages import (
     start_run,
 )
 from flywheel.demo.state import RunState
-from flywheel.demo.summary import DemoSummary, RoundSummary, check_targets
+from flywheel.demo.summary import DemoSummary, RoundSummary, check_targets, deflection_warnings, headline
 from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
 
 
@@ -92,6 +92,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         resumed={"kept_stages": done.kept} if done.kept else None,
     )
     summary.targets = check_targets(summary)
+    summary.deflection_warnings = deflection_warnings(summary)
     atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=2) + "\n")
     write_report(summary, out)
     return summary
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in s.targets:
         note = "" if t.holds or not t.note else f" ({t.note})"
         print(f"  [{'ok' if t.holds else 'MISSED'}] {t.target}: {t.value}{note}")
+    print(f"\n{headline(s)}")
     print(f"\nreport: {out / 'report.md'}  (figures: {out / 'summary.json'}; {s.timings_s['total']:.0f} s)")
     print("chat with the result:")
     print(f"  flywheel chat {s.final_policy}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flywheel.demo.summary import DemoSummary, PolicyResult, _pct
+from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline
 from flywheel.utils import atomic_write_text, log
 
 
@@ -115,6 +115,8 @@ def write_report(s: DemoSummary, out: Path) -> None:
         f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, {s.policies['sft'].n} held-out prompts judged "
         f"by the oracle; {s.timings_s['total']:.0f} s in all.",
         "",
+        f"**{headline(s)}**",
+        "",
         result_table(s),
         "",
         _labelers_line(s),
@@ -124,6 +126,15 @@ def write_report(s: DemoSummary, out: Path) -> None:
         "| target | measured | holds | what the policies did |",
         "|---|---|---|---|",
         *[f"| {t.target} | {t.value} | {'yes' if t.holds else '**no**'} | {t.note} |" for t in s.targets],
+        "",
+        "## Correct on answerable prompts, by task family",
+        "",
+        "| family | " + " | ".join(t for _, t in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+        *[
+            f"| {f} | " + " | ".join(_pct(s.policies[n].accuracy_by_family.get(f)) for n, _ in cols) + " |"
+            for f in s.policies["sft"].accuracy_by_family
+        ],
         "",
         "## Few-shot accuracy by number of shots",
         "",
