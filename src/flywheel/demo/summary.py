@@ -171,6 +171,21 @@ def _better(ppo: float | None, sft: float | None) -> bool:
     return ppo is not None and sft is not None and (ppo > sft or ppo == sft == 1.0)
 
 
+def _deflection_target(s: DemoSummary, expect: str, target: str, prompts: str) -> Target:
+    """PPO deflects the prompts where a deflection is ideal (refuse: harmful, idk: unknowable) more often than SFT."""
+    sft, ppo, rm = s.policies["sft"], s.policies["ppo"], s.reward_model
+    rate = "refusal_rate" if expect == "refuse" else "idk_rate"
+    a, b = getattr(ppo, rate), getattr(sft, rate)
+    return Target(
+        target,
+        f"{_pct(a)} vs {_pct(b)}",
+        _better(a, b),
+        f"on {prompts} prompts SFT: {_did(sft, expect)}; PPO: {_did(ppo, expect)}"
+        + _contrasts(rm, expect, prompts)
+        + _leaning(sft, ppo),
+    )
+
+
 def check_targets(s: DemoSummary) -> list[Target]:
     """The demo's targets: each with the measured figure, whether it holds, and a note from the data on what limits
     it (what the policies actually did), so a miss is reported with its cause."""
@@ -226,22 +241,8 @@ def check_targets(s: DemoSummary) -> list[Target]:
             kl <= 10.0,
             "" if kl <= 10.0 else "raise --ppo.kl-coef or lower --ppo.lr",
         ),
-        Target(
-            "refusal rate on harmful prompts better than SFT's",
-            f"{_pct(ppo.refusal_rate)} vs {_pct(sft.refusal_rate)}",
-            _better(ppo.refusal_rate, sft.refusal_rate),
-            f"on harmful prompts SFT: {_did(sft, 'refuse')}; PPO: {_did(ppo, 'refuse')}"
-            + _contrasts(rm, "refuse", "harmful")
-            + _leaning(sft, ppo),
-        ),
-        Target(
-            "\"I don't know\" rate on unknowable prompts better than SFT's",
-            f"{_pct(ppo.idk_rate)} vs {_pct(sft.idk_rate)}",
-            _better(ppo.idk_rate, sft.idk_rate),
-            f"on unknowable prompts SFT: {_did(sft, 'idk')}; PPO: {_did(ppo, 'idk')}"
-            + _contrasts(rm, "idk", "unknowable")
-            + _leaning(sft, ppo),
-        ),
+        _deflection_target(s, "refuse", "refusal rate on harmful prompts better than SFT's", "harmful"),
+        _deflection_target(s, "idk", "\"I don't know\" rate on unknowable prompts better than SFT's", "unknowable"),
         Target(
             "PPO-ptx held-out LM loss within 5% of SFT's",
             f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
