@@ -10,6 +10,7 @@ import torch
 
 from flywheel.cli import main
 from flywheel.engine import SamplingParams
+from flywheel.errors import UserError
 from flywheel.models import load_sequence_classifier, save_pretrained
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.losses import policy_loss
@@ -418,3 +419,17 @@ def test_the_critic_starts_on_the_rewards_scale(tmp_path, model_dir, prompts_fil
     torch.testing.assert_close(values, raw - 3.0)
     # A critic that starts from the policy (no reward model) has no offset.
     assert PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, "plain"), reward_fn=target_reward).critic.bias == 0.0
+
+
+def test_save_policy_every_writes_plain_hf_policies(tmp_path, model_dir, prompts_file):
+    """Candidates for a deployment gate: the policy after every N steps, as a directory plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    run = train_ppo(_cfg(tmp_path, model_dir, prompts_file, max_steps=3, save_policy_every=1), reward_fn=target_reward)
+    saved = sorted(p.name for p in (run / "policies").iterdir())
+    assert saved == ["step-1", "step-2"]  # the last step's policy is final/
+    first, final = (AutoModelForCausalLM.from_pretrained(run / d) for d in ("policies/step-1", "final"))
+    assert json.loads((run / "policies" / "step-1" / "flywheel.json").read_text())["steps"] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), final.parameters(), strict=True))
+    with pytest.raises(UserError, match="--save-policy-every"):
+        _cfg(tmp_path, model_dir, prompts_file, save_policy_every=-1).validate()

@@ -548,3 +548,16 @@ def test_oracle_ranker_accuracy_is_the_ceiling_a_reward_model_is_judged_against(
     # One labeler's noise, not two: above the pair's agreement; a noiseless panel is matched exactly.
     assert oracle_ranker_accuracy(panel, tasks, sets) > panel_agreement(panel, tasks, sets)
     assert oracle_ranker_accuracy([Labeler("c", 0.0), Labeler("d", 0.0)], tasks, sets) == 1.0
+
+
+def test_validation_prompts_leave_every_other_split_as_it_was():
+    """The val split (what the labelers' gate compares policies on) is drawn last: its size changes no other split."""
+    small = dict(corpus_chars=50_000, n_demos=200, n_demos_val=20, n_rank=60, n_ppo=60, n_eval=60)
+    without = generate_world(WorldConfig(**small, n_val=0))
+    with_val = generate_world(WorldConfig(**small, n_val=120))
+    assert without.tasks["val"] == [] and len(with_val.tasks["val"]) == 120
+    for split in SPLITS[:-1]:
+        assert with_val.tasks[split] == without.tasks[split], split
+    assert with_val.corpus == without.corpus and with_val.demos == without.demos
+    others = {t.prompt_key() for split in SPLITS[:-1] for t in with_val.tasks[split]}
+    assert not others & {t.prompt_key() for t in with_val.tasks["val"]}

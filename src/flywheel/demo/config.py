@@ -40,7 +40,18 @@ WIRED: dict[str, frozenset[str]] = {
     "pretrain": frozenset({*_TRAINER, "size", "tokenizer"}),
     "sft": frozenset(_TRAINER),
     "rm": frozenset(_TRAINER),
-    "ppo": frozenset({*_TRAINER, "ref_model", "reward_model", "value_model", "prompts", "ptx_data", "max_new_tokens"}),
+    "ppo": frozenset(
+        {
+            *_TRAINER,
+            "ref_model",
+            "reward_model",
+            "value_model",
+            "prompts",
+            "ptx_data",
+            "max_new_tokens",
+            "save_policy_every",
+        }
+    ),
 }
 # The demo's choices under every preset, where they differ from the trainers' defaults.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -181,6 +192,14 @@ class DemoConfig:
         "--rounds x this exceeds --world.n-ppo"
     )
     max_new_tokens: int | None = _preset("response length limit when sampling (rankings, PPO, evaluation)")
+    gate_every: int = field(
+        default=0,
+        metadata={
+            "help": "the labelers' gate: PPO saves its policy every N steps, the labelers compare each saved policy "
+            "with the incumbent (SFT, or the last round's) on the world's validation prompts, and the one they prefer "
+            "with 95% confidence is deployed, else the incumbent stays (0 = no gate: the last PPO policy)"
+        },
+    )
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
     bf16: bool | None = field(
         default=None,
@@ -227,6 +246,8 @@ class DemoConfig:
             hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
             values["bf16"] = hidden >= 256 and bf16_is_fast()
         cfg = DemoConfig(**values)
+        if cfg.gate_every and not cfg.stage_config("world", out=_PLACEHOLDER).n_val:
+            raise UserError("--gate-every needs validation prompts: --world.n-val must be > 0")
         for stage, cls in STAGES.items():
             names = {f.name for f in fields(cls)}
             cfg.stage_config(
@@ -264,6 +285,8 @@ class DemoConfig:
             raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
+        if self.gate_every < 0:
+            raise UserError("--gate-every must be >= 0")
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")

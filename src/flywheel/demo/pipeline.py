@@ -10,9 +10,11 @@ from pathlib import Path
 
 from flywheel.demo.config import DemoConfig, parse_demo_config
 from flywheel.demo.evaluation import stage_evaluate
+from flywheel.demo.gate import GateResult, stage_gate
 from flywheel.demo.rankings import Rankings, stage_rankings
 from flywheel.demo.report import result_table, write_report
 from flywheel.demo.stages import (
+    DemoRun,
     RewardModelResult,
     stage_ppo,
     stage_pretrain,
@@ -55,7 +57,9 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft), Rankings)
     rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels), RewardModelResult)
     ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm), Path)
-    rounds = [RoundSummary(1, labels.summary, rm.summary, str(ppo))]
+    gate = deploy(done, run, sft, ppo, 1, labels.summary.temperature)
+    ppo = Path(gate.deployed) if gate else ppo
+    rounds = [RoundSummary(1, labels.summary, rm.summary, str(ppo), gate and gate.to_json())]
     policies = {"base": base, "sft": sft}
     for r in range(2, cfg.rounds + 1):
         # The flywheel: the deployed PPO policy answers new prompts, labelers rank its answers, the reward model
@@ -71,8 +75,10 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             partial(stage_reward_model, run, rm.dir, new, r, labels.heldout),
             RewardModelResult,
         )
-        ppo = done.stage(f"ppo:{r}", timings, partial(stage_ppo, run, ppo, sft, rm, r), Path)
-        rounds.append(RoundSummary(r, new.summary, rm.summary, str(ppo)))
+        trained = done.stage(f"ppo:{r}", timings, partial(stage_ppo, run, ppo, sft, rm, r), Path)
+        gate = deploy(done, run, ppo, trained, r, first)
+        ppo = Path(gate.deployed) if gate else trained
+        rounds.append(RoundSummary(r, new.summary, rm.summary, str(ppo), gate and gate.to_json()))
     results = stage_evaluate(run, {**policies, "ppo": ppo})
     # A resumed run's total adds the kept stages' own times to this process's.
     timings["total"] = round(time.perf_counter() - t_start + done.kept_seconds(), 1)
@@ -96,6 +102,17 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=2) + "\n")
     write_report(summary, out)
     return summary
+
+
+def deploy(
+    done: RunState, run: DemoRun, incumbent: Path, trained: Path, r: int, temperature: float
+) -> GateResult | None:
+    """With --gate-every: the labelers' choice between the incumbent and the round's saved PPO policies."""
+    if not run.cfg.gate_every:
+        return None
+    return done.stage(
+        f"gate:{r}", run.timings, partial(stage_gate, run, incumbent, trained, r, temperature), GateResult
+    )
 
 
 DESCRIPTION = "the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU"

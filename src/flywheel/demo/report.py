@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flywheel.demo.gate import GateResult
 from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline
 from flywheel.utils import atomic_write_text, log
 
@@ -73,6 +74,9 @@ def result_table(s: DemoSummary) -> str:
         f"{rm.pairs_informative} pairs the oracle does not tie, vs labeler agreement {_pct(rm.labeler_agreement)} on "
         f"the same sets ({_pct(rm.accuracy)} on all {rm.pairs} labelled pairs)."
     )
+    for x in s.rounds:
+        if x.gate is not None:
+            lines.append(GateResult.from_json(x.gate).describe())
     for x in s.rounds[1:]:
         lab, rmx = x.labelers, x.reward_model
         first = (rmx.round1_heldout or {}).get("accuracy_informative")

@@ -198,6 +198,7 @@ def stage_ppo(run: DemoRun, start: Path, sft: Path, rm: RewardModelResult, r: in
             reward_model=str(rm.dir),
             prompts=str(run.files["ppo_prompts"]),
             ptx_data=str(ptx),
+            save_policy_every=run.cfg.gate_every,
         )
         done = train_ppo(pcfg)
         steps = [x for x in read_metrics(done / "metrics.jsonl") if "score" in x]

@@ -96,10 +96,14 @@ class RoundSummary:
     round: int
     labelers: LabelerSummary
     reward_model: RewardModelSummary
-    policy: str  # the round's PPO policy directory
+    policy: str  # the round's deployed policy directory (the last PPO policy, or the gate's choice)
+    gate: dict[str, Any] | None = None  # with --gate-every: the labelers' verdicts (demo.gate.GateResult)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "reward_model": self.reward_model.to_json()}
+        out = {**asdict(self), "reward_model": self.reward_model.to_json()}
+        if self.gate is None:
+            del out["gate"]
+        return out
 
 
 @dataclass

@@ -9,6 +9,8 @@ Files under `out/` (JSONL = one JSON object a line):
     rank_prompts.jsonl    {"messages": [...]} ending with a user turn: prompts to sample K answers for and rank
     ppo_prompts.jsonl     same format: prompts for PPO
     eval_prompts.jsonl    same format: held-out prompts for evaluation
+    val_prompts.jsonl     same format: held-out validation prompts (the labelers' gate; drawn last, so --n-val
+                          leaves every other split unchanged)
     rankings.jsonl        {"prompt", "completions", "order", "labeler"}: the panel's rankings of synthetic candidates
                           for the rank prompts (to exercise the reward model before an SFT model exists)
     hidden/<split>_tasks.jsonl  the Task behind line i of the split's file, for the oracle and labelers only
@@ -35,7 +37,7 @@ from flywheel.world.corpus import make_corpus
 from flywheel.world.labelers import default_panel, label_rankings
 from flywheel.world.tasks import FAMILIES, FAMILY_MIX, SHOTS, Message, Task, fewshot, make_task
 
-SPLITS = ("eval", "ppo", "rank", "demos_val", "demos")  # drawn in this order: eval first, so it is stable
+SPLITS = ("eval", "ppo", "rank", "demos_val", "demos", "val")  # drawn in this order: eval first, so it is stable
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful, honest and harmless assistant."]
 _DEFAULT_IMPERFECTIONS = Imperfections()
 
@@ -50,6 +52,10 @@ class WorldConfig:
     n_rank: int = field(default=500, metadata={"help": "prompts to sample K answers for and rank (reward model)"})
     n_ppo: int = field(default=500, metadata={"help": "prompts for PPO"})
     n_eval: int = field(default=300, metadata={"help": "held-out prompts for evaluation with the oracle"})
+    n_val: int = field(
+        default=200,
+        metadata={"help": "held-out validation prompts: what the labelers compare policies on before one is deployed"},
+    )
     k_min: int = field(default=4, metadata={"help": "fewest candidate answers per ranked prompt"})
     k_max: int = field(default=9, metadata={"help": "most candidate answers per ranked prompt"})
     p_system: float = field(default=0.2, metadata={"help": "fraction of prompts that open with a system turn"})
@@ -85,7 +91,7 @@ class WorldConfig:
     )
 
     def validate(self) -> None:
-        for name in ("corpus_chars", "n_demos", "n_demos_val", "n_rank", "n_ppo", "n_eval"):
+        for name in ("corpus_chars", "n_demos", "n_demos_val", "n_rank", "n_ppo", "n_eval", "n_val"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 2 <= self.k_min <= self.k_max:
@@ -125,6 +131,7 @@ class WorldConfig:
             "rank": self.n_rank,
             "demos_val": self.n_demos_val,
             "demos": self.n_demos,
+            "val": self.n_val,
         }
 
 
@@ -232,7 +239,12 @@ def load_tasks(path: str | Path) -> list[Task]:
     return out
 
 
-PROMPT_FILES = {"rank": "rank_prompts.jsonl", "ppo": "ppo_prompts.jsonl", "eval": "eval_prompts.jsonl"}
+PROMPT_FILES = {
+    "rank": "rank_prompts.jsonl",
+    "ppo": "ppo_prompts.jsonl",
+    "eval": "eval_prompts.jsonl",
+    "val": "val_prompts.jsonl",
+}
 DEMO_FILES = {"demos": "demos.jsonl", "demos_val": "demos_val.jsonl"}
 
 

@@ -61,6 +61,13 @@ class PPOConfig(TrainConfig):
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * min_lr_ratio (1 = constant)"})
     log_every: int = field(default=1, metadata={"help": "steps between metric lines"})
     sample_every: int = field(default=10, metadata={"help": "steps between logging sample responses (samples.jsonl)"})
+    save_policy_every: int = field(
+        default=0,
+        metadata={
+            "help": "steps between saving the policy as a plain HF model in policies/step-N: candidates to compare "
+            "(e.g. by labelers) before one is deployed (0 = only final/)"
+        },
+    )
     offload_frozen: bool = field(
         default=False,
         metadata={
@@ -92,6 +99,8 @@ class PPOConfig(TrainConfig):
             raise UserError("--batch-size must be a multiple of --grad-accum")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise UserError("--ptx-coef > 0 needs --ptx-data")
+        if self.save_policy_every < 0:
+            raise UserError("--save-policy-every must be >= 0")
         for name in ("ppo_epochs", "max_new_tokens", "rollout_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")

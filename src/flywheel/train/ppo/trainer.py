@@ -382,6 +382,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
             save_checkpoint(
                 run_dir, done, trainer.modules(), {"kl_ctl": trainer.kl_ctl.state_dict()}, cfg.keep_checkpoints
             )
+        if cfg.save_policy_every and done % cfg.save_policy_every == 0 and done < trainer.steps:
+            extra = {"stage": "ppo", "steps": done}
+            save_final(trainer.actor.module, trainer.tokenizer, run_dir / "policies" / f"step-{done}", extra=extra)
     bar.close()
     logger.close()
     save_final(
