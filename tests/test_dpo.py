@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -131,3 +132,92 @@ def test_dpo_starts_at_ln2_caches_reference_logps_and_learns(tmp_path, model_dir
 def test_dpo_bad_flags_are_user_errors(tmp_path, model_dir, prefs, capsys):
     assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+
+
+def _dpo_args(model_dir, prefs, out, *extra):
+    return [
+        "dpo",
+        "--model",
+        str(model_dir),
+        "--data",
+        prefs,
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--log-every",
+        "1",
+        "--eval-split",
+        "0",
+        "--progress",
+        "false",
+        *extra,
+    ]
+
+
+def _first_loss(out) -> float:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_reference_cache_follows_the_weights_not_the_path(tmp_path, model_dir, prefs):
+    """A model retrained in place must not reuse the reference log-probs of its previous weights: the rerun into the
+    same --out starts at ln 2 again (it was 0.8158 with a cache keyed by the path)."""
+    out = tmp_path / "dpo"
+    assert main(_dpo_args(model_dir, prefs, out)) == 0
+    assert abs(_first_loss(out) - math.log(2)) < 1e-6
+    # "retrain" the model at the same path: the DPO result itself replaces it
+    for f in (out / "final").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    assert main(_dpo_args(model_dir, prefs, out)) == 0
+    assert abs(_first_loss(out) - math.log(2)) < 1e-6
+
+
+def test_reference_cache_key_covers_weights_data_and_lengths(tokenizer, tiny_model):
+    rankings = [
+        Ranking([Message("user", r["prompt"])], r["completions"], r["order"]) for r in preference_rows(6, seed=4)
+    ]
+    cfg = dpo.DPOConfig(model="m", data="d")
+    groups = encode_rankings(tokenizer, rankings, max_length=256)
+    key = dpo.reference_key(cfg, tiny_model, groups)
+    assert dpo.reference_key(cfg, tiny_model, groups) == key  # deterministic
+    assert dpo.reference_key(dpo.DPOConfig(model="elsewhere", data="d"), tiny_model, groups) == key  # not the path
+    short = encode_rankings(tokenizer, rankings, max_length=24, overlong="truncate")
+    assert dpo.reference_key(cfg, tiny_model, short) != key  # what is scored changed
+    assert dpo.reference_key(cfg, tiny_model, groups[1:]) != key
+    assert dpo.reference_key(dpo.DPOConfig(model="m", data="d", bf16=True), tiny_model, groups) != key
+    with torch.no_grad():
+        next(tiny_model.parameters())[0, 0] += 1e-3  # the smallest change of the weights
+    assert dpo.reference_key(cfg, tiny_model, groups) != key
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reference_pass_uses_the_policy_kernels_and_step_one_is_ln2(tmp_path, model_dir, prefs, monkeypatch, bf16):
+    """The reference log-probs are computed by the attention kernel the policy trains with (under bf16 on the CPU
+    that is eager, not SDPA), so at the first step policy == reference exactly and the loss is ln 2."""
+    seen: dict[str, list[str]] = {"reference": [], "policy": []}
+    compute, seq = dpo.compute_logps, dpo.sequence_logps
+
+    def spy_compute(model, *a, **k):
+        seen["reference"].append(model.config._attn_implementation)
+        return compute(model, *a, **k)
+
+    def spy_seq(model, batch):
+        if model.training:
+            seen["policy"].append(model.config._attn_implementation)
+        return seq(model, batch)
+
+    monkeypatch.setattr(dpo, "compute_logps", spy_compute)
+    monkeypatch.setattr(dpo, "sequence_logps", spy_seq)
+    out = tmp_path / "dpo"
+    extra = ["--bf16", "true"] if bf16 else []
+    for ref in ([], ["--ref-model", str(model_dir)]):
+        seen["reference"].clear(), seen["policy"].clear()
+        assert main(_dpo_args(model_dir, prefs, out, "--max-steps", "1", *extra, *ref)) == 0
+        assert seen["reference"] and seen["policy"]
+        assert set(seen["reference"]) == set(seen["policy"]), seen
+        assert abs(_first_loss(out) - math.log(2)) < 1e-6, _first_loss(out)
+        (out / "reference_logps.pt").unlink()

@@ -9,8 +9,12 @@ loss is the mean over pairs. Each answer's log-prob is computed once per step (K
 shared as in `flywheel rm`), however many pairs it is in.
 
 Reference log-probs are computed once, before training, with `--ref-model` (default: `--model` itself, before any
-update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training; `--resume` reuses
-the cache. With policy = reference the loss is ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
+update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training. The cache is keyed
+by a sha256 of the reference's weights (not its path: a model retrained in place is recomputed), of the token ids
+scored (so the template, tokenizer, --max-length and --overlong) and of the pass's kernels; `--resume` and reruns
+with the same key reuse it. The pass runs with the policy's kernels (`prepare_model` first: under bf16 on the CPU the
+policy trains with eager attention, and so does the reference pass), so with policy = reference the first loss is
+exactly ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
 (log pi - log pi_ref) of winners and losers), rewards/margins, rewards/accuracy (winner's implicit reward higher).
 """
 
@@ -147,30 +151,70 @@ def compute_logps(
     return out
 
 
-def _fingerprint(cfg: DPOConfig, groups: Sequence[RankingGroup]) -> str:
-    h = hashlib.sha256(repr((cfg.ref_model or cfg.model, cfg.bf16, cfg.share_prompt)).encode())
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the model's state dict (name, dtype, shape and bytes): the same digest means the
+    same function, whatever path the weights were loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def reference_key(cfg: DPOConfig, ref: Any, groups: Sequence[RankingGroup], *, weights: str | None = None) -> str:
+    """What the reference log-probs of `groups` are a function of: the reference's weights (`weights`, its digest
+    when given, else computed here), the kernels and precision of the pass (attention implementation, bf16, shared
+    prompts, device type, torch version) and the exact token ids scored, which already reflect the chat template,
+    the tokenizer, --max-length and --overlong."""
+    kernels = (
+        getattr(ref.config, "_attn_implementation", None),
+        cfg.bf16,
+        cfg.share_prompt,
+        distributed.device().type,
+        torch.__version__,
+    )
+    h = hashlib.sha256(repr((weights or weights_digest(ref), kernels)).encode())
     for g in groups:
         h.update(repr((g.prompt_ids, g.responses)).encode())
     return h.hexdigest()
 
 
+def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any) -> Any:
+    """--ref-model, ready to score like the policy: same vocabulary size, no dropout, the policy's attention kernel."""
+    ref = load_causal_lm(cfg.ref_model)
+    resize_for_tokenizer(ref, tokenizer)
+    disable_dropout(ref)
+    impl = getattr(policy.config, "_attn_implementation", None)
+    if impl and hasattr(ref, "set_attn_implementation"):
+        ref.set_attn_implementation(impl)
+    return ref
+
+
 def reference_logps(
-    cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any, splits: dict[str, list[RankingGroup]]
+    cfg: DPOConfig,
+    run_dir: Path,
+    policy: Any,
+    tokenizer: Any,
+    splits: dict[str, list[RankingGroup]],
+    *,
+    policy_weights: str | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Reference log-probs of every split's answers: from the cache when it matches, else one pass, then cached."""
+    """Reference log-probs of every split's answers: from the cache when its key matches, else one pass, then cached.
+
+    `policy` is ready to train (`prepare_model` applied), so the pass runs with its kernels; without --ref-model the
+    reference is the policy itself, whose weights before `prepare_model` have the digest `policy_weights`."""
     path = run_dir / CACHE_FILE
-    keys = {name: _fingerprint(cfg, groups) for name, groups in splits.items()}
+    ref = load_reference(cfg, policy, tokenizer) if cfg.ref_model else policy
+    weights = weights_digest(ref) if cfg.ref_model else policy_weights or weights_digest(policy)
+    keys = {name: reference_key(cfg, ref, groups, weights=weights) for name, groups in splits.items()}
     distributed.barrier()  # every rank decides on the cache before rank 0 (re)writes it
     if path.is_file():
         cached = torch.load(path, weights_only=True)
-        if cached.get("fingerprints") == keys:
+        if cached.get("keys") == keys:
             log.info("dpo: reference log-probs from %s", path)
             return cached["logps"]
-        log.warning("dpo: %s was computed for other data or another reference model: recomputing", path)
-    ref = policy if not cfg.ref_model else load_causal_lm(cfg.ref_model)
-    if ref is not policy:
-        resize_for_tokenizer(ref, tokenizer)
-        disable_dropout(ref)
+        log.warning("dpo: %s was computed for other data, weights or kernels: recomputing", path)
     ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
@@ -187,7 +231,7 @@ def reference_logps(
     }
     del ref
     if distributed.is_main():
-        torch.save({"fingerprints": keys, "logps": logps}, path)
+        torch.save({"keys": keys, "logps": logps}, path)
     distributed.barrier()
     return logps
 
@@ -238,8 +282,12 @@ def train_dpo(cfg: DPOConfig) -> Path:
         cfg.beta,
     )
     pad = tokenizer.pad_token_id
-    ref = reference_logps(cfg, run_dir, model, tokenizer, splits)
-    prepare_model(model, cfg)  # after the reference pass: with LoRA it would run the same weights anyway
+    base = None if cfg.ref_model else weights_digest(model)  # the reference's weights: the policy's, before LoRA
+    # Before the reference pass, so that it runs with the kernels the policy trains with (under bf16 on the CPU,
+    # eager attention rather than SDPA): at the first step policy == reference exactly and the loss is ln 2. With
+    # LoRA the adapters start at zero, so the reference is still the policy's initial weights.
+    prepare_model(model, cfg)
+    ref = reference_logps(cfg, run_dir, model, tokenizer, splits, policy_weights=base)
     samples = {
         name: [DPOGroup(g, r) for g, r in zip(groups, ref[name], strict=True)] for name, groups in splits.items()
     }
