@@ -8,6 +8,11 @@ the rendered prompt. A K-way ranking gives all its ranked pairs (ties dropped) a
 loss is the mean over pairs. Each answer's log-prob is computed once per step (K sequences per ranking, the prompt
 shared as in `flywheel rm`), however many pairs it is in.
 
+Variants (`--loss`, as TRL's `loss_type`): `--label-smoothing eps` is conservative DPO (cDPO: each label is taken to
+be wrong with probability eps, so the loss no longer pushes the margin to infinity); `--loss ipo` is IPO (Azar et al.
+2023), a squared loss that pulls h towards 1 / (2 beta) instead. log pi(y) is the summed log-prob, as in the IPO
+paper (TRL's `ipo` averages it over the answer's tokens).
+
 Reference log-probs are computed once, before training, with `--ref-model` (default: `--model` itself, before any
 update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training. The cache is keyed
 by a sha256 of the reference's weights (not its path: a model retrained in place is recomputed), of the token ids
@@ -51,6 +56,7 @@ from flywheel.train.reward import (
 from flywheel.utils import log
 
 CACHE_FILE = "reference_logps.pt"
+LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -59,12 +65,32 @@ class DPOConfig(PreferenceConfig):
     ref_model: str = field(default="", metadata={"help": "reference policy (default: --model before training)"})
     beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty (higher = stay closer)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    loss: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "sigmoid: DPO, -log sigmoid(beta h); ipo: IPO (Azar et al. 2023), (h - 1/(2 beta))^2, where h is "
+            "the winner's minus the loser's log-ratio to the reference"
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "conservative DPO (sigmoid loss only): the probability eps in [0, 0.5) that a pair's label is "
+            "flipped; the loss becomes -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
             raise UserError("--model is required (the policy to optimise, e.g. the SFT model)")
         if self.beta <= 0:
             raise UserError("--beta must be > 0")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError("--label-smoothing must be in [0, 0.5) (0.5 would make every label a coin flip)")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise UserError("--label-smoothing is for --loss sigmoid (conservative DPO)")
         super().validate()
 
 
@@ -74,11 +100,26 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    *,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio)."""
+    """Per-pair loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio).
+
+    With h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
+      sigmoid (DPO; cDPO with label_smoothing eps): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+      ipo (IPO): (h - 1 / (2 beta))^2, a squared loss that stops pushing once h reaches its target 1 / (2 beta)."""
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    if loss == "sigmoid":
+        z = chosen - rejected  # beta * h
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss == "ipo":
+        h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r} ({', '.join(LOSSES)})")
+    return losses, chosen.detach(), rejected.detach()
 
 
 def sequence_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -118,12 +159,14 @@ def collate_dpo(
     return batch
 
 
-def dpo_batch_loss(model: Any, batch: dict[str, Any], beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed DPO loss over the batch's pairs, and summed implicit-reward metrics (the loop averages over pairs)."""
+def dpo_batch_loss(model: Any, batch: dict[str, Any], cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed loss over the batch's pairs, and summed implicit-reward metrics (the loop averages over pairs)."""
     logps = sequence_logps(model, batch)  # (N,)
     ref = batch["ref_logps"].to(logps.device)
     w, lo = batch["winners"], batch["losers"]
-    losses, chosen, rejected = dpo_loss(logps[w], logps[lo], ref[w], ref[lo], beta)
+    losses, chosen, rejected = dpo_loss(
+        logps[w], logps[lo], ref[w], ref[lo], cfg.beta, loss=cfg.loss, label_smoothing=cfg.label_smoothing
+    )
     return losses.sum(), {
         "rewards/chosen": float(chosen.sum()),
         "rewards/rejected": float(rejected.sum()),
@@ -248,7 +291,7 @@ def eval_dpo(
     loss = pairs = 0.0
     for chunk in make_batches(samples, cfg.eval_batch_size):
         batch = to_device(collate_dpo(chunk, pad_id, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype), device)
-        batch_loss, metrics = dpo_batch_loss(model, batch, cfg.beta)
+        batch_loss, metrics = dpo_batch_loss(model, batch, cfg)
         loss += float(batch_loss)
         pairs += batch["weight"]
         for k, v in metrics.items():
@@ -275,10 +318,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
             tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.eval_data or cfg.data
         )
     log.info(
-        "dpo: %d params, training on %s, %d held out, beta %g",
+        "dpo: %d params, training on %s, %d held out, %s loss, beta %g",
         count_parameters(model),
         describe(splits["train"]),
         len(splits.get("eval", [])),
+        cfg.loss,
         cfg.beta,
     )
     pad = tokenizer.pad_token_id
@@ -305,7 +349,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         run_dir,
         samples["train"],
         collate,
-        lambda m, b: dpo_batch_loss(m, b, cfg.beta),
+        lambda m, b: dpo_batch_loss(m, b, cfg),
         evaluate if "eval" in samples else None,
         desc="dpo",
         lengths=[padded_tokens(s.group, cfg.share_prompt) for s in samples["train"]],
@@ -314,7 +358,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         model,
         tokenizer,
         run_dir / "final",
-        extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, **result.eval_metrics},
+        extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, "loss": cfg.loss, **result.eval_metrics},
         wrapped=result.wrapped,
     )
     return run_dir
