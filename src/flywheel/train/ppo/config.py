@@ -72,6 +72,11 @@ class PPOConfig(TrainConfig):
     )
     kl_warn: float = field(default=30.0, metadata={"help": "warn when KL per response exceeds this many nats"})
 
+    @property
+    def sequences_per_step(self) -> int:
+        """Responses sampled per step (one per prompt)."""
+        return self.rollout_batch_size
+
     def validate(self) -> None:
         super().validate()
         if not self.model:
@@ -86,7 +91,7 @@ class PPOConfig(TrainConfig):
             raise UserError("--temperature must be > 0 for PPO (it samples)")
         if self.value_lr is not None and self.value_lr <= 0:
             raise UserError("--value-lr must be > 0")
-        if self.rollout_batch_size % self.batch_size:
+        if self.sequences_per_step % self.batch_size:
             raise UserError("--rollout-batch-size must be a multiple of --batch-size (the minibatch)")
         if self.batch_size % self.grad_accum:
             raise UserError("--batch-size must be a multiple of --grad-accum")
