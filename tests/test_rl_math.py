@@ -210,20 +210,33 @@ def test_rl_loss_matches_trls_grpo_loss(loss_type):
     }[loss_type]
     how = {"grpo": "seq-mean", "bnpo": "token-mean", "dr_grpo": "constant"}[loss_type]
     per_token, parts = rl_token_loss(
-        lp, old, ref, adv[:, None].expand(b, r), torch.zeros(b, r), eps_low=lo, eps_high=hi, kl_loss_coef=beta
+        lp, old, ref, adv[:, None].expand(b, r), torch.zeros(b, r), mask, eps_low=lo, eps_high=hi, kl_loss_coef=beta
     )
     torch.testing.assert_close((loss_weights(mask, how, max_len=max_len) * per_token).sum(), want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(parts["kl"], torch.exp(ref - lp) - (ref - lp) - 1, rtol=0, atol=1e-12)
+    k3 = (torch.exp(ref - lp) - (ref - lp) - 1) * mask
+    torch.testing.assert_close(parts["kl"], k3, rtol=0, atol=1e-12)
+    assert torch.all(per_token[mask == 0] == 0)
 
 
 def test_kl_in_loss_has_the_gradient_of_k3_and_the_entropy_bonus_enters_with_its_sign():
     lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    ref, zero = torch.tensor([[-1.5, -1.0]]), torch.zeros(1, 2)
-    loss, _ = rl_token_loss(lp, lp.detach(), ref, zero, zero, kl_loss_coef=0.5)
+    ref, zero, ones = torch.tensor([[-1.5, -1.0]]), torch.zeros(1, 2), torch.ones(1, 2)
+    loss, _ = rl_token_loss(lp, lp.detach(), ref, zero, zero, ones, kl_loss_coef=0.5)
     (grad,) = torch.autograd.grad(loss.sum(), lp)
     # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - exp(ref - logp)
     torch.testing.assert_close(grad, 0.5 * (1 - torch.exp(ref - lp.detach())), rtol=0, atol=1e-12)
     ent = torch.tensor([[0.7, 1.9]])
-    with_bonus, _ = rl_token_loss(lp.detach(), lp.detach(), ref, zero, ent, entropy_coef=0.01)
-    without, _ = rl_token_loss(lp.detach(), lp.detach(), ref, zero, ent)
+    with_bonus, _ = rl_token_loss(lp.detach(), lp.detach(), ref, zero, ent, ones, entropy_coef=0.01)
+    without, _ = rl_token_loss(lp.detach(), lp.detach(), ref, zero, ent, ones)
     torch.testing.assert_close(with_bonus - without, -0.01 * ent, rtol=0, atol=1e-12)
+
+
+def test_padding_contributes_nothing_even_where_exp_would_overflow():
+    """A pad position can hold a log-prob of -200 (float32: exp(200) = inf); loss and gradient stay finite."""
+    lp = torch.tensor([[-1.0, -200.0]], dtype=torch.float32, requires_grad=True)
+    ref = torch.tensor([[-1.2, 0.0]], dtype=torch.float32)
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float32)
+    adv, ent = torch.ones(1, 2, dtype=torch.float32), torch.ones(1, 2, dtype=torch.float32)
+    loss, parts = rl_token_loss(lp, lp.detach(), ref, adv, ent, mask, kl_loss_coef=0.1, entropy_coef=0.1)
+    (grad,) = torch.autograd.grad((loss_weights(mask, "token-mean") * loss).sum(), lp)
+    assert torch.isfinite(grad).all() and grad[0, 1] == 0 and loss[0, 1] == 0 and parts["kl"][0, 1] == 0

@@ -93,6 +93,7 @@ def rl_token_loss(
     ref_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     entropy: torch.Tensor,
+    mask: torch.Tensor,
     *,
     eps_low: float = 0.2,
     eps_high: float | None = None,
@@ -100,13 +101,17 @@ def rl_token_loss(
     entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss of the RL trainer (B, R): clipped surrogate + kl_loss_coef * k3(pi || pi_ref) - entropy_coef *
-    H(pi). The k3 term is GRPO's KL in the loss (its gradient flows through log pi); the entropy bonus keeps
-    exploration alive. Returns (loss, per-token parts: pg, kl, clipped), to aggregate with `loss_weights`."""
+    H(pi), 0 on padding. The k3 term is GRPO's KL in the loss (its gradient flows through log pi); the entropy bonus
+    keeps exploration alive. Returns (loss, per-token parts: pg, kl, clipped), to aggregate with `loss_weights`."""
+    m = mask.bool()
     pg, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    # The log-ratio is zeroed on padding before exp: a pad token's log-prob can be -100 and exp(100) overflows.
+    log_r = torch.where(m, ref_logprobs - logprobs, 0.0)
+    kl = torch.expm1(log_r) - log_r  # k3 = r - 1 - log r, r = pi_ref / pi
     loss = pg
-    kl = torch.expm1(ref_logprobs - logprobs) - (ref_logprobs - logprobs)  # k3 = r - 1 - log r, r = pi_ref / pi
     if kl_loss_coef:
         loss = loss + kl_loss_coef * kl
     if entropy_coef:
         loss = loss - entropy_coef * entropy
-    return loss, {"pg": pg, "kl": kl, "clipped": clipped}
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    return torch.where(m, loss, zero), {"pg": torch.where(m, pg, zero), "kl": kl, "clipped": clipped & m}
