@@ -204,3 +204,17 @@ def test_critic_free_estimators_raise_the_reward(tmp_path, model_dir, prompts_fi
     rows = _rows(train_rl(cfg, reward_fn=target_reward))
     first, late = rows[0]["score"], sum(r["score"] for r in rows[-3:]) / 3
     assert late > 2 * first, (first, late)
+
+
+def test_bf16_reference_agrees_and_lora_reference_is_the_policy_without_adapters(tmp_path, model_dir, prompts_file):
+    """Policy and reference share kernels (bf16) or weights (LoRA, adapters off) before the first update: KL 0."""
+    cfg = _cfg(tmp_path, model_dir, prompts_file, bf16=True, ignore_eos=True, max_new_tokens=6)
+    stats, _, responses = RLTrainer(cfg, reward_fn=target_reward).step(0)
+    assert stats["kl"] == 0.0 and all(len(r) == 6 for r in responses)
+    pytest.importorskip("peft")
+    run = train_rl(
+        _cfg(tmp_path, model_dir, prompts_file, "lora", lora_r=4, lr=1e-2, estimator="rloo"), reward_fn=target_reward
+    )
+    rows = _rows(run)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] != 0.0
+    assert (run / "final" / "model.safetensors").is_file()
