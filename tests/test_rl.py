@@ -218,3 +218,25 @@ def test_bf16_reference_agrees_and_lora_reference_is_the_policy_without_adapters
     rows = _rows(run)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] != 0.0
     assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean", "constant"])
+def test_gradient_accumulation_does_not_change_the_gradient(tmp_path, model_dir, prompts_file, loss_agg):
+    """One minibatch of 8 in one pass == the same 8 in 4 micro-batches of 2: the aggregation's weights are computed
+    over the whole minibatch, then sliced. Compared on the gradients (Adam's first step would hide a scale error)."""
+    grads = []
+    for accum in (1, 4):
+        cfg = _cfg(tmp_path, model_dir, prompts_file, estimator="grpo", loss_agg=loss_agg, grad_accum=accum)
+        cfg.kl_loss_coef, cfg.entropy_coef = 0.05, 0.01
+        trainer = RLTrainer(cfg, reward_fn=target_reward)
+        exp, _ = trainer.experience(trainer.prompts[:2], seed=5)
+        seen = {}
+        trainer._step_optimizers = lambda t=trainer, seen=seen: seen.update(
+            {n: p.grad.clone() for n, p in t.actor.module.named_parameters() if p.grad is not None}
+        )
+        trainer.minibatch_update(exp.select(torch.arange(8)), None)
+        grads.append(seen)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
