@@ -58,6 +58,7 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
+from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_functions
 from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
 from flywheel.train.reward import reward_offset
@@ -140,13 +141,7 @@ class PPOTrainer:
                 self._frozen(load_reference(cfg, policy, self.tokenizer)), cfg.temperature, offload=cfg.offload_frozen
             )
         )
-        if reward_fn is not None:
-            self.reward = Reward(fn=reward_fn)
-        elif cfg.reward_model:
-            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            self.reward = Reward(rm, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
-        else:
-            raise UserError("--reward-model is required")
+        self.reward = self._build_reward(reward_fn)
         if cfg.offload_frozen and self.device.type != "cpu":
             kept = [name for name, role in (("reference", self.ref), ("reward model", self.reward)) if role.offload]
             log.info("ppo: --offload-frozen: %s on the CPU between forwards", " and ".join(kept) or "no frozen model")
@@ -166,6 +161,25 @@ class PPOTrainer:
         self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, sched) if self.opt_value else None
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.order = DataOrder(len(self.prompts), cfg.seed)
+
+    def _build_reward(self, reward_fn: RewardFn | None) -> Reward:
+        """`reward_fn` (tests, toy tasks) if given; else the reward model, the --reward-fn functions, or their sum."""
+        cfg = self.cfg
+        if reward_fn is not None:
+            return Reward(fn=reward_fn)
+        fns = None
+        if cfg.reward_fn:
+            from flywheel.data.io import read_prompts
+
+            fns = build_reward_functions(
+                cfg.reward_fn, cfg.reward_weights, self.tokenizer, read_prompts(cfg.prompts, skip_bad=False)
+            )
+        if cfg.reward_model:
+            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
+            return Reward(rm, fn=fns, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
+        if fns is None:
+            raise UserError("--reward-model or --reward-fn is required")
+        return Reward(fn=fns)
 
     def _build_critic(self) -> Critic | None:
         """The value model: --value-model, else the reward model, else the policy's weights with a new head."""
@@ -224,6 +238,8 @@ class PPOTrainer:
             self.sched_value.step()
         mask = exp.response_mask.float()
         stats.update(info["stats"])
+        if isinstance(self.reward.fn, RewardFunctions):
+            stats.update(self.reward.fn.last)  # each --reward-fn's mean over this rank's rollouts
         if self.critic is not None:
             stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
         if distributed.world() > 1:
