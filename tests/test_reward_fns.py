@@ -14,7 +14,7 @@ from flywheel.errors import UserError
 from flywheel.models import load_sequence_classifier, save_pretrained
 from flywheel.tokenization import render_prompt
 from flywheel.train.ppo.reward_fns import build_reward_functions, load_reward_fn
-from flywheel.train.ppo.rl import RLConfig, RLTrainer
+from flywheel.train.ppo.rl import RLConfig, RLTrainer, train_rl
 
 
 @pytest.fixture
@@ -167,3 +167,25 @@ def test_ppo_trains_on_a_reward_function(tmp_path, model_dir, prompts_file):
     run = train_ppo(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "reward/letter_e" in rows[-1] and (run / "final_value" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_grpo_on_a_reward_function_raises_it(tmp_path, model_dir, prompts_file):
+    cfg = _cfg(
+        tmp_path,
+        model_dir,
+        prompts_file,
+        max_steps=12,
+        rollout_batch_size=8,
+        num_generations=4,
+        batch_size=32,
+        max_new_tokens=8,
+        lr=1e-2,
+        kl_coef=0.0,
+        missing_eos_penalty=0.0,
+        reward_fn=["tests.reward_functions:letter_e"],
+    )
+    run = train_rl(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, late = rows[0]["reward/letter_e"], sum(r["reward/letter_e"] for r in rows[-3:]) / 3
+    assert late > 2 * first and late > 0.1, (first, late)
