@@ -97,14 +97,17 @@ def test_groups_hold_one_prompts_k_samples_and_their_advantages(tmp_path, model_
         assert float(stats["ratio"]) == pytest.approx(1.0, abs=1e-6) and float(stats["clipfrac"]) == 0.0
 
 
-def test_ppo_estimator_trains_a_critic(tmp_path, model_dir, prompts_file):
-    run = train_rl(
-        _cfg(tmp_path, model_dir, prompts_file, estimator="ppo", num_generations=2, loss_agg="seq-mean"),
-        reward_fn=target_reward,
-    )
-    rows = _rows(run)
-    assert {"value_loss", "explained_variance", "value_clipfrac"} <= set(rows[-1])
-    assert (run / "final_value" / "config.json").is_file()
+def test_ppo_estimator_trains_a_critic_and_takes_the_ptx_term(tmp_path, model_dir, prompts_file):
+    from tests.conftest import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 30))
+    cfg = _cfg(tmp_path, model_dir, prompts_file, estimator="ppo", num_generations=2, loss_agg="seq-mean")
+    cfg.ptx_data, cfg.ptx_coef, cfg.ptx_seq_len = str(corpus), 0.5, 32
+    rows = _rows(train_rl(cfg, reward_fn=target_reward))
+    assert {"value_loss", "explained_variance", "value_clipfrac", "ptx_loss", "ptx_eval_loss"} <= set(rows[-1])
+    assert rows[0]["step"] == 0 and "ptx_eval_loss" in rows[0]  # the SFT model's LM loss, before the first step
+    assert (tmp_path / "run" / "final_value" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "ppo"])
@@ -176,7 +179,8 @@ def test_rl_cli_with_reward_model_and_yaml_keys(tmp_path, model_dir, prompts_fil
         (["--cliprange-high", "0"], "--cliprange-high must be > 0"),
         (["--entropy-coef", "-1"], "--entropy-coef must be >= 0"),
         (["--value-model", "x"], "--value-model: --estimator grpo has no critic"),
-        (["--rollout-batch-size", "3", "--batch-size", "8"], "multiple of --batch-size"),
+        (["--rollout-batch-size", "3", "--batch-size", "8"], "(12 responses per step) must be a multiple of --batch"),
+        (["--nproc", "2"], "flywheel rl runs in one process"),
     ],
 )
 def test_rl_bad_flags_are_user_errors(tmp_path, model_dir, prompts_file, capsys, flags, message):

@@ -246,7 +246,8 @@ def reference_logps(
     """Reference log-probs of every split's answers: from the cache when its key matches, else one pass, then cached.
 
     `policy` is ready to train (`prepare_model` applied), so the pass runs with its kernels; without --ref-model the
-    reference is the policy itself, whose weights before `prepare_model` have the digest `policy_weights`."""
+    reference is the policy itself, whose weights before `prepare_model` have the digest `policy_weights`. A
+    --ref-model is loaded even when the cache is used: the key needs its weights."""
     path = run_dir / CACHE_FILE
     ref = load_reference(cfg, policy, tokenizer) if cfg.ref_model else policy
     weights = weights_digest(ref) if cfg.ref_model else policy_weights or weights_digest(policy)

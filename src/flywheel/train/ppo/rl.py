@@ -116,6 +116,11 @@ class RLConfig(PPOConfig):
             raise UserError("--whiten-rewards whitens per-token rewards (ppo, reinforce++), not grpo / rloo's")
         if self.nproc > 1:
             raise UserError("flywheel rl runs in one process (--nproc 1); flywheel ppo runs under --nproc N")
+        if self.batch_size >= 1 and self.sequences_per_step % self.batch_size:
+            raise UserError(
+                f"--rollout-batch-size x --num-generations ({self.sequences_per_step} responses per step) must be a "
+                f"multiple of --batch-size ({self.batch_size})"
+            )
         super().validate()
 
 
