@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -131,3 +132,171 @@ def test_dpo_starts_at_ln2_caches_reference_logps_and_learns(tmp_path, model_dir
 def test_dpo_bad_flags_are_user_errors(tmp_path, model_dir, prefs, capsys):
     assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+
+
+def _dpo_args(model_dir, prefs, out, *extra):
+    return [
+        "dpo",
+        "--model",
+        str(model_dir),
+        "--data",
+        prefs,
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--log-every",
+        "1",
+        "--eval-split",
+        "0",
+        "--progress",
+        "false",
+        *extra,
+    ]
+
+
+def _first_loss(out) -> float:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_reference_cache_follows_the_weights_not_the_path(tmp_path, model_dir, prefs):
+    """A model retrained in place must not reuse the reference log-probs of its previous weights: the rerun into the
+    same --out starts at ln 2 again (it was 0.8158 with a cache keyed by the path)."""
+    out = tmp_path / "dpo"
+    assert main(_dpo_args(model_dir, prefs, out)) == 0
+    assert abs(_first_loss(out) - math.log(2)) < 1e-6
+    # "retrain" the model at the same path: the DPO result itself replaces it
+    for f in (out / "final").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    assert main(_dpo_args(model_dir, prefs, out)) == 0
+    assert abs(_first_loss(out) - math.log(2)) < 1e-6
+
+
+def test_reference_cache_key_covers_weights_data_and_lengths(tokenizer, tiny_model):
+    rankings = [
+        Ranking([Message("user", r["prompt"])], r["completions"], r["order"]) for r in preference_rows(6, seed=4)
+    ]
+    cfg = dpo.DPOConfig(model="m", data="d")
+    groups = encode_rankings(tokenizer, rankings, max_length=256)
+    key = dpo.reference_key(cfg, tiny_model, groups)
+    assert dpo.reference_key(cfg, tiny_model, groups) == key  # deterministic
+    assert dpo.reference_key(dpo.DPOConfig(model="elsewhere", data="d"), tiny_model, groups) == key  # not the path
+    short = encode_rankings(tokenizer, rankings, max_length=24, overlong="truncate")
+    assert dpo.reference_key(cfg, tiny_model, short) != key  # what is scored changed
+    assert dpo.reference_key(cfg, tiny_model, groups[1:]) != key
+    assert dpo.reference_key(dpo.DPOConfig(model="m", data="d", bf16=True), tiny_model, groups) != key
+    with torch.no_grad():
+        next(tiny_model.parameters())[0, 0] += 1e-3  # the smallest change of the weights
+    assert dpo.reference_key(cfg, tiny_model, groups) != key
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reference_pass_uses_the_policy_kernels_and_step_one_is_ln2(tmp_path, model_dir, prefs, monkeypatch, bf16):
+    """The reference log-probs are computed by the attention kernel the policy trains with (under bf16 on the CPU
+    that is eager, not SDPA), so at the first step policy == reference exactly and the loss is ln 2."""
+    seen: dict[str, list[str]] = {"reference": [], "policy": []}
+    compute, seq = dpo.compute_logps, dpo.sequence_logps
+
+    def spy_compute(model, *a, **k):
+        seen["reference"].append(model.config._attn_implementation)
+        return compute(model, *a, **k)
+
+    def spy_seq(model, batch):
+        if model.training:
+            seen["policy"].append(model.config._attn_implementation)
+        return seq(model, batch)
+
+    monkeypatch.setattr(dpo, "compute_logps", spy_compute)
+    monkeypatch.setattr(dpo, "sequence_logps", spy_seq)
+    out = tmp_path / "dpo"
+    extra = ["--bf16", "true"] if bf16 else []
+    for ref in ([], ["--ref-model", str(model_dir)]):
+        seen["reference"].clear(), seen["policy"].clear()
+        assert main(_dpo_args(model_dir, prefs, out, "--max-steps", "1", *extra, *ref)) == 0
+        assert seen["reference"] and seen["policy"]
+        assert set(seen["reference"]) == set(seen["policy"]), seen
+        assert abs(_first_loss(out) - math.log(2)) < 1e-6, _first_loss(out)
+        (out / "reference_logps.pt").unlink()
+
+
+def _brute_force_loss(pc, pr, rc, rr, beta, loss, eps):
+    """One pair in float64 from the papers: DPO/cDPO (Rafailov et al. 2023; Mitchell 2023), IPO (Azar et al. 2023)."""
+    h = (pc - rc) - (pr - rr)
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    log_sig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    return -(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h)
+
+
+@pytest.mark.parametrize("loss,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.3), ("ipo", 0.0)])
+def test_dpo_variants_match_a_float64_brute_force(loss, eps):
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (-20 * torch.rand(32, generator=g, dtype=torch.float64) for _ in range(4))
+    for beta in (0.05, 0.5, 2.0):
+        got, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta, loss=loss, label_smoothing=eps)
+        want = [_brute_force_loss(*map(float, x), beta, loss, eps) for x in zip(pc, pr, rc, rr, strict=True)]
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(chosen - rejected, beta * ((pc - rc) - (pr - rr)), rtol=1e-12, atol=1e-12)
+
+
+def test_dpo_variants_match_trl_formulas():
+    """TRL's DPOTrainer.dpo_loss arranges the same quantities as logits = (pi_w - pi_l) - (ref_w - ref_l): sigmoid
+    -logsigmoid(beta logits)(1 - ls) - logsigmoid(-beta logits) ls, ipo (logits - 1/(2 beta))^2. Written out here,
+    on the same summed log-probs."""
+    g = torch.Generator().manual_seed(2)
+    pc, pr, rc, rr = (-30 * torch.rand(64, generator=g, dtype=torch.float64) for _ in range(4))
+    beta, ls = 0.1, 0.2
+    logits = (pc - pr) - (rc - rr)
+    trl_sigmoid = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    trl_ipo = (logits - 1 / (2 * beta)) ** 2
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta, label_smoothing=ls)[0], trl_sigmoid)
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta, loss="ipo")[0], trl_ipo)
+
+
+def test_dpo_variants_minimise_where_their_papers_say():
+    """IPO's loss is smallest at h = 1/(2 beta); cDPO's at beta h = log((1 - eps) / eps); plain DPO never stops
+    (its gradient stays negative); all three are ln 2 (DPO, cDPO) or 1/(4 beta^2) (IPO) when policy == reference."""
+    beta, eps = 0.25, 0.1
+    h = torch.linspace(-10, 30, 4001, dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    ipo = dpo_loss(h, zero, zero, zero, beta, loss="ipo")[0]
+    cdpo = dpo_loss(h, zero, zero, zero, beta, label_smoothing=eps)[0]
+    assert abs(float(h[ipo.argmin()]) - 1 / (2 * beta)) < 0.01
+    assert abs(float(h[cdpo.argmin()]) - math.log((1 - eps) / eps) / beta) < 0.01
+    plain = dpo_loss(h.requires_grad_(), zero, zero, zero, beta)[0]
+    (grad,) = torch.autograd.grad(plain.sum(), h)
+    assert torch.all(grad < 0)
+    same = torch.full((3,), -4.0, dtype=torch.float64)
+    for loss, eps_, start in (("sigmoid", 0.0, math.log(2)), ("sigmoid", 0.3, math.log(2)), ("ipo", 0.0, 4.0)):
+        got = dpo_loss(same, same - 1, same, same - 1, beta, loss=loss, label_smoothing=eps_)[0]
+        torch.testing.assert_close(got, torch.full((3,), start, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", [["--loss", "ipo"], ["--label-smoothing", "0.2"]])
+def test_dpo_cli_variants_start_where_expected_and_learn(tmp_path, model_dir, prefs, variant):
+    out = tmp_path / "dpo"
+    args = _dpo_args(model_dir, prefs, out, "--max-steps", "10", "--beta", "0.5", *variant)
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    start = 1.0 if variant[0] == "--loss" else math.log(2)  # IPO: (0 - 1/(2 * 0.5))^2
+    assert abs(rows[0]["loss"] - start) < 1e-6
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0
+    saved = json.loads((out / "final" / "flywheel.json").read_text())
+    assert saved["loss"] == ("ipo" if variant[0] == "--loss" else "sigmoid")
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--loss", "hinge"], "--loss must be one of sigmoid, ipo"),
+        (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+        (["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing is for --loss sigmoid"),
+    ],
+)
+def test_dpo_variant_flags_are_checked(tmp_path, model_dir, prefs, capsys, flags, message):
+    assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flywheel.sample", "sample answers to prompts; --best-of N keeps the reward model's favourite"),
     "eval": ("flywheel.eval.cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
     "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),
+    "rl": (
+        "flywheel.train.ppo.rl",
+        "policy gradient with K samples per prompt: --estimator ppo|grpo|rloo|reinforce++",
+    ),
     "serve": ("flywheel.serve.cli", "OpenAI-compatible API + chat web app + labelers' workbench (docs/serve.md)"),
     "db": ("flywheel.feedback.cli", "feedback database: `db upgrade`, `db create-user NAME --role labeler|admin`"),
     "export": ("flywheel.feedback.export", "feedback database -> demos, rankings, prompts for sft/rm/dpo/ppo"),

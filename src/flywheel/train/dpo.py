@@ -8,9 +8,18 @@ the rendered prompt. A K-way ranking gives all its ranked pairs (ties dropped) a
 loss is the mean over pairs. Each answer's log-prob is computed once per step (K sequences per ranking, the prompt
 shared as in `flywheel rm`), however many pairs it is in.
 
+Variants (`--loss`, as TRL's `loss_type`): `--label-smoothing eps` is conservative DPO (cDPO: each label is taken to
+be wrong with probability eps, so the loss no longer pushes the margin to infinity); `--loss ipo` is IPO (Azar et al.
+2023), a squared loss that pulls h towards 1 / (2 beta) instead. log pi(y) is the summed log-prob, as in the IPO
+paper (TRL's `ipo` averages it over the answer's tokens).
+
 Reference log-probs are computed once, before training, with `--ref-model` (default: `--model` itself, before any
-update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training; `--resume` reuses
-the cache. With policy = reference the loss is ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
+update) and cached in RUN_DIR/reference_logps.pt, so no reference model is held during training. The cache is keyed
+by a sha256 of the reference's weights (not its path: a model retrained in place is recomputed), of the token ids
+scored (so the template, tokenizer, --max-length and --overlong) and of the pass's kernels; `--resume` and reruns
+with the same key reuse it. The pass runs with the policy's kernels (`prepare_model` first: under bf16 on the CPU the
+policy trains with eager attention, and so does the reference pass), so with policy = reference the first loss is
+exactly ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
 (log pi - log pi_ref) of winners and losers), rewards/margins, rewards/accuracy (winner's implicit reward higher).
 """
 
@@ -46,6 +55,7 @@ from flywheel.train.reward import (
 from flywheel.utils import log
 
 CACHE_FILE = "reference_logps.pt"
+LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -54,12 +64,32 @@ class DPOConfig(PreferenceConfig):
     ref_model: str = field(default="", metadata={"help": "reference policy (default: --model before training)"})
     beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty (higher = stay closer)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    loss: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "sigmoid: DPO, -log sigmoid(beta h); ipo: IPO (Azar et al. 2023), (h - 1/(2 beta))^2, where h is "
+            "the winner's minus the loser's log-ratio to the reference"
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "conservative DPO (sigmoid loss only): the probability eps in [0, 0.5) that a pair's label is "
+            "flipped; the loss becomes -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
             raise UserError("--model is required (the policy to optimise, e.g. the SFT model)")
         if self.beta <= 0:
             raise UserError("--beta must be > 0")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError("--label-smoothing must be in [0, 0.5) (0.5 would make every label a coin flip)")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise UserError("--label-smoothing is for --loss sigmoid (conservative DPO)")
         super().validate()
 
 
@@ -69,11 +99,26 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    *,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio)."""
+    """Per-pair loss and implicit rewards, all (P,): (loss, beta * chosen log-ratio, beta * rejected log-ratio).
+
+    With h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)):
+      sigmoid (DPO; cDPO with label_smoothing eps): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+      ipo (IPO): (h - 1 / (2 beta))^2, a squared loss that stops pushing once h reaches its target 1 / (2 beta)."""
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    if loss == "sigmoid":
+        z = chosen - rejected  # beta * h
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss == "ipo":
+        h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r} ({', '.join(LOSSES)})")
+    return losses, chosen.detach(), rejected.detach()
 
 
 def sequence_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -113,12 +158,14 @@ def collate_dpo(
     return batch
 
 
-def dpo_batch_loss(model: Any, batch: dict[str, Any], beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed DPO loss over the batch's pairs, and summed implicit-reward metrics (the loop averages over pairs)."""
+def dpo_batch_loss(model: Any, batch: dict[str, Any], cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed loss over the batch's pairs, and summed implicit-reward metrics (the loop averages over pairs)."""
     logps = sequence_logps(model, batch)  # (N,)
     ref = batch["ref_logps"].to(logps.device)
     w, lo = batch["winners"], batch["losers"]
-    losses, chosen, rejected = dpo_loss(logps[w], logps[lo], ref[w], ref[lo], beta)
+    losses, chosen, rejected = dpo_loss(
+        logps[w], logps[lo], ref[w], ref[lo], cfg.beta, loss=cfg.loss, label_smoothing=cfg.label_smoothing
+    )
     return losses.sum(), {
         "rewards/chosen": float(chosen.sum()),
         "rewards/rejected": float(rejected.sum()),
@@ -146,30 +193,71 @@ def compute_logps(
     return out
 
 
-def _fingerprint(cfg: DPOConfig, groups: Sequence[RankingGroup]) -> str:
-    h = hashlib.sha256(repr((cfg.ref_model or cfg.model, cfg.bf16, cfg.share_prompt)).encode())
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the model's state dict (name, dtype, shape and bytes): the same digest means the
+    same function, whatever path the weights were loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def reference_key(cfg: DPOConfig, ref: Any, groups: Sequence[RankingGroup], *, weights: str | None = None) -> str:
+    """What the reference log-probs of `groups` are a function of: the reference's weights (`weights`, its digest
+    when given, else computed here), the kernels and precision of the pass (attention implementation, bf16, shared
+    prompts, device type, torch version) and the exact token ids scored, which already reflect the chat template,
+    the tokenizer, --max-length and --overlong."""
+    kernels = (
+        getattr(ref.config, "_attn_implementation", None),
+        cfg.bf16,
+        cfg.share_prompt,
+        distributed.device().type,
+        torch.__version__,
+    )
+    h = hashlib.sha256(repr((weights or weights_digest(ref), kernels)).encode())
     for g in groups:
         h.update(repr((g.prompt_ids, g.responses)).encode())
     return h.hexdigest()
 
 
+def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any) -> Any:
+    """--ref-model, ready to score like the policy: same vocabulary size, no dropout, the policy's attention kernel."""
+    ref = load_causal_lm(cfg.ref_model)
+    resize_for_tokenizer(ref, tokenizer)
+    disable_dropout(ref)
+    impl = getattr(policy.config, "_attn_implementation", None)
+    if impl and hasattr(ref, "set_attn_implementation"):
+        ref.set_attn_implementation(impl)
+    return ref
+
+
 def reference_logps(
-    cfg: DPOConfig, run_dir: Path, policy: Any, tokenizer: Any, splits: dict[str, list[RankingGroup]]
+    cfg: DPOConfig,
+    run_dir: Path,
+    policy: Any,
+    tokenizer: Any,
+    splits: dict[str, list[RankingGroup]],
+    *,
+    policy_weights: str | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Reference log-probs of every split's answers: from the cache when it matches, else one pass, then cached."""
+    """Reference log-probs of every split's answers: from the cache when its key matches, else one pass, then cached.
+
+    `policy` is ready to train (`prepare_model` applied), so the pass runs with its kernels; without --ref-model the
+    reference is the policy itself, whose weights before `prepare_model` have the digest `policy_weights`. A
+    --ref-model is loaded even when the cache is used: the key needs its weights."""
     path = run_dir / CACHE_FILE
-    keys = {name: _fingerprint(cfg, groups) for name, groups in splits.items()}
+    ref = load_reference(cfg, policy, tokenizer) if cfg.ref_model else policy
+    weights = weights_digest(ref) if cfg.ref_model else policy_weights or weights_digest(policy)
+    keys = {name: reference_key(cfg, ref, groups, weights=weights) for name, groups in splits.items()}
     distributed.barrier()  # every rank decides on the cache before rank 0 (re)writes it
     if path.is_file():
         cached = torch.load(path, weights_only=True)
-        if cached.get("fingerprints") == keys:
+        if cached.get("keys") == keys:
             log.info("dpo: reference log-probs from %s", path)
             return cached["logps"]
-        log.warning("dpo: %s was computed for other data or another reference model: recomputing", path)
-    ref = policy if not cfg.ref_model else load_causal_lm(cfg.ref_model)
-    if ref is not policy:
-        resize_for_tokenizer(ref, tokenizer)
-        disable_dropout(ref)
+        log.warning("dpo: %s was computed for other data, weights or kernels: recomputing", path)
     ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
@@ -186,7 +274,7 @@ def reference_logps(
     }
     del ref
     if distributed.is_main():
-        torch.save({"fingerprints": keys, "logps": logps}, path)
+        torch.save({"keys": keys, "logps": logps}, path)
     distributed.barrier()
     return logps
 
@@ -203,7 +291,7 @@ def eval_dpo(
     loss = pairs = 0.0
     for chunk in make_batches(samples, cfg.eval_batch_size):
         batch = to_device(collate_dpo(chunk, pad_id, share_prompt=cfg.share_prompt, mask_dtype=mask_dtype), device)
-        batch_loss, metrics = dpo_batch_loss(model, batch, cfg.beta)
+        batch_loss, metrics = dpo_batch_loss(model, batch, cfg)
         loss += float(batch_loss)
         pairs += batch["weight"]
         for k, v in metrics.items():
@@ -230,15 +318,20 @@ def train_dpo(cfg: DPOConfig) -> Path:
             tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.eval_data or cfg.data
         )
     log.info(
-        "dpo: %d params, training on %s, %d held out, beta %g",
+        "dpo: %d params, training on %s, %d held out, %s loss, beta %g",
         count_parameters(model),
         describe(splits["train"]),
         len(splits.get("eval", [])),
+        cfg.loss,
         cfg.beta,
     )
     pad = tokenizer.pad_token_id
-    ref = reference_logps(cfg, run_dir, model, tokenizer, splits)
-    prepare_model(model, cfg)  # after the reference pass: with LoRA it would run the same weights anyway
+    base = None if cfg.ref_model else weights_digest(model)  # the reference's weights: the policy's, before LoRA
+    # Before the reference pass, so that it runs with the kernels the policy trains with (under bf16 on the CPU,
+    # eager attention rather than SDPA): at the first step policy == reference exactly and the loss is ln 2. With
+    # LoRA the adapters start at zero, so the reference is still the policy's initial weights.
+    prepare_model(model, cfg)
+    ref = reference_logps(cfg, run_dir, model, tokenizer, splits, policy_weights=base)
     samples = {
         name: [DPOGroup(g, r) for g, r in zip(groups, ref[name], strict=True)] for name, groups in splits.items()
     }
@@ -256,7 +349,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         run_dir,
         samples["train"],
         collate,
-        lambda m, b: dpo_batch_loss(m, b, cfg.beta),
+        lambda m, b: dpo_batch_loss(m, b, cfg),
         evaluate if "eval" in samples else None,
         desc="dpo",
         lengths=[padded_tokens(s.group, cfg.share_prompt) for s in samples["train"]],
@@ -265,7 +358,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         model,
         tokenizer,
         run_dir / "final",
-        extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, **result.eval_metrics},
+        extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, "loss": cfg.loss, **result.eval_metrics},
         wrapped=result.wrapped,
     )
     return run_dir

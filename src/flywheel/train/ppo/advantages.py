@@ -103,3 +103,99 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if scores.ndim != 1 or group_size < 1 or len(scores) % group_size:
+        raise ValueError(f"scores {tuple(scores.shape)} must be (B,) with B a multiple of the group size {group_size}")
+    return scores.view(-1, group_size)  # (B / G, G): the G samples of one prompt are consecutive rows
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): A_i = (r_i - mean of its group) / (std of its group + eps), the std unbiased as
+    TRL's; scale=False is Dr. GRPO (Liu et al. 2025): the mean subtracted only, so groups whose rewards barely vary
+    are not blown up. scores: (B,) with each prompt's G samples consecutive -> (B,)."""
+    g = _groups(scores, group_size)
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = r_i - mean of the other G - 1 rewards of its group, an unbiased baseline
+    (it does not depend on sample i). scores: (B,) -> (B,). Needs G >= 2."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    g = _groups(scores, group_size)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = r_t + gamma G_{t+1} over real tokens (0 after the last one). rewards, mask: (B, R) -> (B, R)."""
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * m[:, t]
+        out[:, t] = running
+    return out
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the token-level returns of the KL-penalised rewards, whitened over every real token of
+    the global batch (no critic, no per-prompt baseline). rewards, mask: (B, R) -> (B, R), 0 on padding."""
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+def sequence_kl_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """One reward per response for the group estimators: score - beta * sum_t kl_t (RLOO's KL-in-reward).
+    scores: (B,), kl, mask: (B, R) -> (B,)."""
+    return scores - kl_coef * (kl * mask.to(kl.dtype)).sum(1)
+
+
+def clip_scores(scores: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Scores clamped to [-clip, clip] (None or 0 = unchanged): one outlying score cannot dominate a batch."""
+    return scores if not clip else scores.clamp(-clip, clip)
+
+
+class RunningMoments:
+    """Mean and variance of every value seen so far (Welford, merged a batch at a time as Chan et al.), in float64.
+    `normalise` updates with the batch first, then returns (x - mean) / (std + eps): a reward's scale stays steady
+    while the reward model's outputs drift."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().reshape(-1)
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def var(self) -> float:
+        """Unbiased variance (1.0 before two values have been seen)."""
+        return self.m2 / (self.count - 1) if self.count > 1 else 1.0
+
+    def normalise(self, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        self.update(x)
+        return (x - self.mean) / (self.var**0.5 + eps)
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

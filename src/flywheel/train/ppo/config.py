@@ -25,6 +25,17 @@ class PPOConfig(TrainConfig):
         },
     )
     reward_model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
+    reward_fn: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Python reward functions, module:function (several allowed), beside or instead of "
+            "--reward-model: fn(prompts, responses) -> list[float], on the last user message and the response text"
+        },
+    )
+    reward_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "weight of each --reward-fn, in order (default: 1 each); the reward model's score weighs 1"},
+    )
     value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
     prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
     ptx_data: str = field(default="", metadata={"help": "pretraining corpus for PPO-ptx (empty = plain PPO)"})
@@ -79,12 +90,25 @@ class PPOConfig(TrainConfig):
     )
     kl_warn: float = field(default=30.0, metadata={"help": "warn when KL per response exceeds this many nats"})
 
+    @property
+    def sequences_per_step(self) -> int:
+        """Responses sampled per step (one per prompt)."""
+        return self.rollout_batch_size
+
     def validate(self) -> None:
         super().validate()
         if not self.model:
             raise UserError("--model is required (the SFT policy)")
         if not self.prompts:
             raise UserError("--prompts is required")
+        try:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+        except (TypeError, ValueError):
+            raise UserError(f"--reward-weights must be numbers, got {self.reward_weights}") from None
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_fn):
+            raise UserError(
+                f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward_fn)} --reward-fn"
+            )
         if self.ref_model and self.lora_r:
             raise UserError("--ref-model cannot be used with --lora-r: the reference is the policy, adapters off")
         if self.kl_estimator not in ("k1", "k3"):
@@ -93,7 +117,7 @@ class PPOConfig(TrainConfig):
             raise UserError("--temperature must be > 0 for PPO (it samples)")
         if self.value_lr is not None and self.value_lr <= 0:
             raise UserError("--value-lr must be > 0")
-        if self.rollout_batch_size % self.batch_size:
+        if self.sequences_per_step % self.batch_size:
             raise UserError("--rollout-batch-size must be a multiple of --batch-size (the minibatch)")
         if self.batch_size % self.grad_accum:
             raise UserError("--batch-size must be a multiple of --grad-accum")

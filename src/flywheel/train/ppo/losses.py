@@ -42,3 +42,76 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (...) entropy of softmax(logits)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+
+
+def loss_weights(mask: torch.Tensor, how: str, *, max_len: int | None = None) -> torch.Tensor:
+    """Per-token weights w (B, R) with loss = sum w * per-token loss, for the minibatch whose mask is given:
+
+    token-mean  1 / (real tokens in the minibatch): every token counts the same, long responses weigh more (PPO,
+                DAPO, TRL's bnpo)
+    seq-mean    1 / (B * length_i): each response counts the same, its tokens share its weight (GRPO as published,
+                OpenRLHF with token_level_loss=False, TRL's "grpo")
+    constant    1 / (B * max_len): Dr. GRPO (Liu et al. 2025), no length normalisation at all, so no bias towards
+                long wrong or short right answers
+
+    Computed on the whole minibatch, then sliced for its micro-batches: the sum over micro-batches is the same loss."""
+    m = mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
+    if how == "token-mean":
+        return m / m.sum().clamp_min(1)
+    if how == "seq-mean":
+        return m / (m.sum(1, keepdim=True).clamp_min(1) * m.shape[0])
+    if how == "constant":
+        if not max_len:
+            raise ValueError("the constant normaliser needs max_len (the response length limit)")
+        return m / (m.shape[0] * max_len)
+    raise ValueError(f"unknown loss aggregation {how!r} ({', '.join(AGGREGATIONS)})")
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old; eps_high defaults to eps_low
+    (symmetric PPO). A larger eps_high is DAPO's clip-higher: low-probability tokens with A > 0 may grow further,
+    which keeps entropy from collapsing. All (B, R) -> (per-token loss, clipped indicator), both (B, R)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    high = eps_low if eps_high is None else eps_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+def rl_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    kl_loss_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss of the RL trainer (B, R): clipped surrogate + kl_loss_coef * k3(pi || pi_ref) - entropy_coef *
+    H(pi), 0 on padding. The k3 term is GRPO's KL in the loss (its gradient flows through log pi); the entropy bonus
+    keeps exploration alive. Returns (loss, per-token parts: pg, kl, clipped), to aggregate with `loss_weights`."""
+    m = mask.bool()
+    pg, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    # The log-ratio is zeroed on padding before exp: a pad token's log-prob can be -100 and exp(100) overflows.
+    log_r = torch.where(m, ref_logprobs - logprobs, 0.0)
+    kl = torch.expm1(log_r) - log_r  # k3 = r - 1 - log r, r = pi_ref / pi
+    loss = pg
+    if kl_loss_coef:
+        loss = loss + kl_loss_coef * kl
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    return torch.where(m, loss, zero), {"pg": torch.where(m, pg, zero), "kl": kl, "clipped": clipped & m}

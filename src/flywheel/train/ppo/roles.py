@@ -127,7 +127,8 @@ class Critic(Role):
 
 
 class Reward(Role):
-    """A frozen reward model (score at the last real token, minus its normalisation bias), or a Python function."""
+    """A frozen reward model (score at the last real token, minus its normalisation bias), a Python function of the
+    token ids, or both (their sum)."""
 
     def __init__(
         self,
@@ -137,8 +138,8 @@ class Reward(Role):
         *,
         offload: bool = False,
     ):
-        if (module is None) == (fn is None):
-            raise ValueError("Reward needs exactly one of a model or a function")
+        if module is None and fn is None:
+            raise ValueError("Reward needs a model, a function or both")
         if module is not None:
             super().__init__(module, trainable=False, offload=offload)
         else:
@@ -151,14 +152,18 @@ class Reward(Role):
         self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, response_mask: torch.Tensor
     ) -> torch.Tensor:
         lengths = response_mask.sum(1).long()  # (B,)
+        fn_scores = None
         if self.fn is not None:
             prompts = [
                 row[m.bool()].tolist() for row, m in zip(seq[:, :prompt_len], attn[:, :prompt_len], strict=True)
             ]
             responses = [row[:n].tolist() for row, n in zip(seq[:, prompt_len:], lengths, strict=True)]
-            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
+            fn_scores = torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
+            if self.module is None:
+                return fn_scores
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         with self.placed(seq.device):
             hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))  # (B, R + 1, H) from column P - 1
             picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
-            return self.module.score(picked).squeeze(-1).float() - self.bias
+            scores = self.module.score(picked).squeeze(-1).float() - self.bias
+        return scores if fn_scores is None else scores + fn_scores

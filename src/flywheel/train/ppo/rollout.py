@@ -48,21 +48,31 @@ def build_sequences(
     return Sequences(seq, attn, pos, attn[:, p:].clone(), p, torch.tensor(finished))
 
 
+@dataclass
+class Scored:
+    """A sampled batch and what the frozen roles and the policy say about it (all on the policy's device)."""
+
+    seqs: Sequences
+    old_logprobs: torch.Tensor  # (B, R) log pi_old, 0 on padding
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref, 0 on padding
+    values: torch.Tensor | None  # (B, R) V_old, 0 on padding; None without a critic
+    raw_scores: torch.Tensor  # (B,) the reward model's (or function's) scores
+    responses: list[list[int]]  # the sampled token ids of each response
+
+
 @torch.no_grad()
-def make_experience(
+def sample_and_score(
     cfg: PPOConfig,
     engine: Engine,
     actor: Actor,
     ref: Reference,
-    critic: Critic,
+    critic: Critic | None,
     reward: Reward,
     prompts: list[list[int]],
     pad_id: int,
-    kl_coef: float,
     seed: int,
-) -> tuple[Experience, dict]:
-    """Sample responses to `prompts` and score them. The experience lives on the policy's device, where the engine
-    samples and every role runs its forward."""
+) -> Scored:
+    """Sample one response per entry of `prompts` (repeat a prompt to sample it K times) and run every role."""
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -81,10 +91,54 @@ def make_experience(
         # come from a different kernel or dtype).
         old_logprobs, _ = actor.forward(*args)
         ref_logprobs = ref.forward(*args)
-        values = critic.forward(*args)
+        values = critic.forward(*args) if critic is not None else None
         raw_scores = reward.forward(*args, s.response_mask)
-    old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
-    scores = raw_scores - cfg.missing_eos_penalty * (~s.finished).float()
+    return Scored(
+        seqs=s,
+        old_logprobs=old_logprobs * mask,
+        ref_logprobs=ref_logprobs * mask,
+        values=values * mask if values is not None else None,
+        raw_scores=raw_scores,
+        responses=gen.tokens,
+    )
+
+
+def rollout_stats(sc: Scored, kl: torch.Tensor, kl_coef: float) -> dict[str, float]:
+    """The per-step metrics every estimator logs: score, KL per response (k1), response length, EOS rate."""
+    mask = sc.seqs.response_mask.float()
+    raw = sc.raw_scores
+    k1 = ((sc.old_logprobs - sc.ref_logprobs) * mask).sum(1)  # (B,) KL per response, nats
+    return {
+        "score": float(raw.mean()),
+        "score_std": float(raw.std()) if len(raw) > 1 else 0.0,
+        "kl": float(k1.mean()),
+        "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
+        "response_length": float(mask.sum(1).mean()),
+        "eos_rate": float(sc.seqs.finished.float().mean()),
+        "kl_coef": kl_coef,
+    }
+
+
+@torch.no_grad()
+def make_experience(
+    cfg: PPOConfig,
+    engine: Engine,
+    actor: Actor,
+    ref: Reference,
+    critic: Critic,
+    reward: Reward,
+    prompts: list[list[int]],
+    pad_id: int,
+    kl_coef: float,
+    seed: int,
+) -> tuple[Experience, dict]:
+    """Sample responses to `prompts` and score them. The experience lives on the policy's device, where the engine
+    samples and every role runs its forward."""
+    sc = sample_and_score(cfg, engine, actor, ref, critic, reward, prompts, pad_id, seed)
+    s, old_logprobs, ref_logprobs, values = sc.seqs, sc.old_logprobs, sc.ref_logprobs, sc.values
+    assert values is not None, "PPO needs a critic"
+    mask = s.response_mask.float()
+    scores = sc.raw_scores - cfg.missing_eos_penalty * (~s.finished).float()
     kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = kl_penalised_rewards(scores, kl, mask, kl_coef)
     if cfg.whiten_rewards:
@@ -108,15 +162,4 @@ def make_experience(
         scores=scores,
         prompt_len=s.prompt_len,
     )
-    k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)  # (B,) KL per response, nats
-    lengths = mask.sum(1)
-    stats = {
-        "score": float(raw_scores.mean()),
-        "score_std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
-        "kl": float(k1.mean()),
-        "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
-        "response_length": float(lengths.mean()),
-        "eos_rate": float(s.finished.float().mean()),
-        "kl_coef": kl_coef,
-    }
-    return exp, {"stats": stats, "responses": gen.tokens}
+    return exp, {"stats": rollout_stats(sc, kl, kl_coef), "responses": sc.responses}

@@ -58,6 +58,7 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
+from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_functions
 from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
 from flywheel.train.reward import reward_offset
@@ -126,7 +127,7 @@ class PPOTrainer:
         n_proc = distributed.world()
         if n_proc > 1 and cfg.strategy != "ddp":
             raise UserError("PPO runs with --strategy ddp (the engine samples from whole weights on every rank)")
-        if cfg.rollout_batch_size % n_proc or (cfg.rollout_batch_size // n_proc) % cfg.batch_size:
+        if cfg.sequences_per_step % n_proc or (cfg.sequences_per_step // n_proc) % cfg.batch_size:
             raise UserError(f"--rollout-batch-size / {n_proc} processes must be a multiple of --batch-size")
         self.device = distributed.device()  # where every model runs and the rollout batch lives
         policy = prepare_model(load_causal_lm(cfg.model).to(self.device), cfg)
@@ -140,44 +141,79 @@ class PPOTrainer:
                 self._frozen(load_reference(cfg, policy, self.tokenizer)), cfg.temperature, offload=cfg.offload_frozen
             )
         )
-        if reward_fn is not None:
-            self.reward = Reward(fn=reward_fn)
-        elif cfg.reward_model:
-            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            self.reward = Reward(rm, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
-        else:
-            raise UserError("--reward-model is required")
+        self.reward = self._build_reward(reward_fn)
         if cfg.offload_frozen and self.device.type != "cpu":
             kept = [name for name, role in (("reference", self.ref), ("reward model", self.reward)) if role.offload]
             log.info("ppo: --offload-frozen: %s on the CPU between forwards", " and ".join(kept) or "no frozen model")
-        value_init = cfg.value_model or cfg.reward_model or cfg.model
-        value_model = load_sequence_classifier(value_init)
-        self.critic = Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
+        self.critic = self._build_critic()
         self.wrapped_actor = distributed.wrap(policy, "ddp")
-        self.wrapped_critic = distributed.wrap(self.critic.module, "ddp")
+        self.wrapped_critic = distributed.wrap(self.critic.module, "ddp") if self.critic else None
         self.engine = Engine(policy, self.tokenizer, dtype=torch.bfloat16 if cfg.bf16 else None)
         self.prompts = load_prompt_ids(cfg, self.tokenizer, self.engine.context_length)
         self.ptx_train, self.ptx_eval = load_ptx(cfg, self.tokenizer)
         self.steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / cfg.rollout_batch_size))
         self.opt_policy = build_optimizer(policy, cfg)
         value_cfg = cfg if cfg.value_lr is None else _with_lr(cfg, cfg.value_lr)
-        self.opt_value = build_optimizer(self.critic.module, value_cfg)
+        self.opt_value = build_optimizer(self.critic.module, value_cfg) if self.critic else None
         warmup = int(cfg.warmup_ratio * self.steps)
         sched = lambda s: lr_lambda(s, self.steps, warmup, cfg.min_lr_ratio)  # noqa: E731
         self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, sched)
-        self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, sched)
+        self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, sched) if self.opt_value else None
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.order = DataOrder(len(self.prompts), cfg.seed)
 
+    def _build_reward(self, reward_fn: RewardFn | None) -> Reward:
+        """`reward_fn` (tests, toy tasks) if given; else the reward model, the --reward-fn functions, or their sum."""
+        cfg = self.cfg
+        if reward_fn is not None:
+            return Reward(fn=reward_fn)
+        fns = None
+        if cfg.reward_fn:
+            from flywheel.data.io import read_prompts
+
+            fns = build_reward_functions(
+                cfg.reward_fn, cfg.reward_weights, self.tokenizer, read_prompts(cfg.prompts, skip_bad=False)
+            )
+        if cfg.reward_model:
+            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
+            return Reward(rm, fn=fns, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
+        if fns is None:
+            raise UserError("--reward-model or --reward-fn is required")
+        return Reward(fn=fns)
+
+    def _build_critic(self) -> Critic | None:
+        """The value model: --value-model, else the reward model, else the policy's weights with a new head."""
+        cfg = self.cfg
+        value_model = load_sequence_classifier(cfg.value_model or cfg.reward_model or cfg.model)
+        return Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
+
     def modules(self) -> dict[str, Any]:
-        return {
-            "policy": self.actor.module,
-            "value": self.critic.module,
-            "policy_optimizer": self.opt_policy,
-            "value_optimizer": self.opt_value,
-            "policy_scheduler": self.sched_policy,
-            "value_scheduler": self.sched_value,
-        }
+        out = {"policy": self.actor.module, "policy_optimizer": self.opt_policy, "policy_scheduler": self.sched_policy}
+        if self.critic is not None:
+            out.update(value=self.critic.module, value_optimizer=self.opt_value, value_scheduler=self.sched_value)
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the modules (loaded back by `load_extra_state`)."""
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def experience(self, prompts: list[list[int]], seed: int) -> tuple[Experience, dict]:
+        """Sample and score this rank's prompts: the rollout batch and its statistics."""
+        return make_experience(
+            self.cfg,
+            self.engine,
+            self.actor,
+            self.ref,
+            self.critic,
+            self.reward,
+            prompts,
+            self.pad_id,
+            self.kl_ctl.value,
+            seed=seed,
+        )
 
     def step(self, step: int) -> tuple[dict[str, float], Experience, list[list[int]]]:
         cfg = self.cfg
@@ -188,29 +224,24 @@ class PPOTrainer:
         # Re-read the policy's weights: fused AdamW updates them in place without bumping the tensors' version
         # counters, so the engine cannot see the change by itself.
         self.engine.update_weights(self.actor.module)
-        exp, info = make_experience(
-            cfg,
-            self.engine,
-            self.actor,
-            self.ref,
-            self.critic,
-            self.reward,
-            prompts,
-            self.pad_id,
-            self.kl_ctl.value,
-            seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank(),
+        exp, info = self.experience(
+            prompts, seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank()
         )
         self.actor.module.train()
         t_rollout = time.perf_counter() - t0
         stats = self.optimise(exp, step)
         if distributed.world() > 1:  # means over the ranks' equal shares (score_std: the mean of the ranks' stds)
             info["stats"] = _mean_over_ranks(info["stats"])
-        self.kl_ctl.update(info["stats"]["kl"], cfg.rollout_batch_size)
+        self.kl_ctl.update(info["stats"]["kl"], cfg.sequences_per_step)
         self.sched_policy.step()
-        self.sched_value.step()
+        if self.sched_value is not None:
+            self.sched_value.step()
         mask = exp.response_mask.float()
         stats.update(info["stats"])
-        stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
+        if isinstance(self.reward.fn, RewardFunctions):
+            stats.update(self.reward.fn.last)  # each --reward-fn's mean over this rank's rollouts
+        if self.critic is not None:
+            stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
         if distributed.world() > 1:
             stats = _mean_over_ranks(stats)
         stats["lr"] = self.sched_policy.get_last_lr()[0]
@@ -289,8 +320,8 @@ class PPOTrainer:
         if not self.ptx_train or self.cfg.ptx_coef <= 0:
             return None
         k = self.cfg.ptx_batch_size
-        per_step = self.cfg.ppo_epochs * (self.cfg.rollout_batch_size // self.cfg.batch_size)
-        pos = ((step * per_step) + epoch * (self.cfg.rollout_batch_size // self.cfg.batch_size) + mb_i) * k
+        per_step = self.cfg.ppo_epochs * (self.cfg.sequences_per_step // self.cfg.batch_size)
+        pos = ((step * per_step) + epoch * (self.cfg.sequences_per_step // self.cfg.batch_size) + mb_i) * k
         pos = pos * distributed.world() + distributed.rank() * k  # each rank its own blocks
         blocks = [self.ptx_train[(pos + i) % len(self.ptx_train)] for i in range(k)]
         return to_device(collate_lm(blocks, self.pad_id), self.device)
@@ -336,18 +367,23 @@ def _warn_kl(kl: float, step: int, cfg: PPOConfig) -> None:
 
 def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     """Run PPO; `reward_fn` replaces the reward model with a programmatic score (tests, toy tasks)."""
+    return run_training(cfg, PPOTrainer, reward_fn, stage="ppo")
+
+
+def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: RewardFn | None, *, stage: str) -> Path:
+    """The outer loop of `flywheel ppo` and `flywheel rl`: resume, step, log, sample, checkpoint, save."""
     from tqdm.auto import tqdm
 
     set_threads(cfg.threads or default_threads())
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg)
-    trainer = PPOTrainer(cfg, reward_fn)
+    trainer = trainer_cls(cfg, reward_fn)
     start = 0
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
         state = load_checkpoint(ckpts[-1], trainer.modules())
         start = state["step"]
-        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.load_extra_state(state)
         trainer.engine.update_weights(trainer.actor.module)
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
     logger = MetricsLogger(run_dir, start if ckpts else None)
@@ -360,7 +396,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
     bar = tqdm(
         total=trainer.steps,
         initial=start,
-        desc="ppo",
+        desc=stage,
         disable=not cfg.progress or not distributed.is_main(),
         dynamic_ncols=True,
     )
@@ -379,18 +415,17 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < trainer.steps:
-            save_checkpoint(
-                run_dir, done, trainer.modules(), {"kl_ctl": trainer.kl_ctl.state_dict()}, cfg.keep_checkpoints
-            )
+            save_checkpoint(run_dir, done, trainer.modules(), trainer.extra_state(), cfg.keep_checkpoints)
         if cfg.save_policy_every and done % cfg.save_policy_every == 0 and done < trainer.steps:
-            extra = {"stage": "ppo", "steps": done}
+            extra = {"stage": stage, "steps": done}
             save_final(trainer.actor.module, trainer.tokenizer, run_dir / "policies" / f"step-{done}", extra=extra)
     bar.close()
     logger.close()
     save_final(
-        trainer.actor.module, trainer.tokenizer, run_dir / "final", extra={"stage": "ppo", "steps": trainer.steps}
+        trainer.actor.module, trainer.tokenizer, run_dir / "final", extra={"stage": stage, "steps": trainer.steps}
     )
-    save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
+    if trainer.critic is not None:
+        save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
     return run_dir
 
 
