@@ -377,6 +377,15 @@ def test_best_of_n_keeps_the_highest_scored_candidate(trained_rm, tmp_path):
     for r, i in done[:3]:
         again = rm.score([r["messages"][:-1]], [r["candidates"][i]])
         assert abs(float(again) - r["scores"][i]) < 1e-4
+    # Expert iteration: the kept answers are SFT data as they stand (one round: best-of-N, then fine-tune on them).
+    from flywheel.data.io import read_conversations
+
+    kept = read_conversations(str(out))
+    assert [c.messages[-1].content for c in kept] == [r["response"] for r in rows]
+    sft = tmp_path / "expert"
+    args = ["sft", "--model", str(trained_rm["root"] / "base"), "--data", str(out), "--out", str(sft)]
+    assert main([*args, "--max-steps", "2", "--batch-size", "3", "--progress", "false"]) == 0
+    assert (sft / "final" / "config.json").is_file()
     assert (
         main(
             [
