@@ -202,6 +202,36 @@ def test_dropping_finished_rows_does_not_change_any_row(family):
             assert x == pytest.approx(y, abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-hf", "gpt2"])
+def test_k_samples_from_one_prefill_equal_k_separate_generations(family, monkeypatch):
+    """Group rollouts: K samples of each prompt share its prefill (the KV cache is copied to K rows, not recomputed)
+    and equal generating the prompt K times over; rows still stop on their own."""
+    model = _model(family)
+    engine = _engine(model, family)
+    k, stops = 4, list(range(3, VOCAB, 9))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop_token_ids=stops)
+    repeated = [p for p in PROMPTS for _ in range(k)]
+    separate = engine.generate(repeated, params)
+    prefilled = []
+    start = type(engine._forward).start
+
+    def counting_start(self, ids, valid, capacity):
+        prefilled.append(ids.shape[0])
+        return start(self, ids, valid, capacity)
+
+    monkeypatch.setattr(type(engine._forward), "start", counting_start)
+    grouped = engine.generate(PROMPTS, params, samples_per_prompt=k)
+    assert prefilled == [len(PROMPTS)]  # one prefill row per prompt, not K
+    assert grouped.tokens == separate.tokens and grouped.finish_reasons == separate.finish_reasons
+    assert len({tuple(t) for t in grouped.tokens[:k]}) > 1  # the K samples of a prompt differ
+    for x, y in zip(grouped.logprobs, separate.logprobs, strict=True):
+        assert x == pytest.approx(y, abs=1e-5)
+    budgets = list(engine.steps(PROMPTS, params, max_new_tokens=[2] * len(PROMPTS), samples_per_prompt=k))
+    assert len(budgets) <= 2 and max(budgets[0].rows) == len(PROMPTS) * k - 1
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        engine.generate(PROMPTS, params, samples_per_prompt=0)
+
+
 def test_row_stops_at_the_end_of_the_context():
     from transformers import AutoModelForCausalLM
 

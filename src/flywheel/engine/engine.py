@@ -129,14 +129,18 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.stop_ids = default_stop_ids(model, self.tokenizer)
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams | None = None) -> Generation:
-        """Generate for each prompt (token ids, any lengths). Rows stop on their own; results are in prompt order."""
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams | None = None, *, samples_per_prompt: int = 1
+    ) -> Generation:
+        """Generate for each prompt (token ids, any lengths). Rows stop on their own; results are in prompt order.
+
+        samples_per_prompt: K samples of each prompt (result i * K + j is prompt i's j-th), from one prefill of it."""
         params = params or SamplingParams()
-        n = len(prompt_ids) if isinstance(prompt_ids, list | tuple) else 0
+        n = len(prompt_ids) * samples_per_prompt if isinstance(prompt_ids, list | tuple) else 0
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         stop = set(self.stop_ids_for(params))
-        for step in self.steps(prompt_ids, params):
+        for step in self.steps(prompt_ids, params, samples_per_prompt=samples_per_prompt):
             for row, token, logprob in zip(step.rows, step.tokens, step.logprobs, strict=True):
                 tokens[row].append(token)
                 logprobs[row].append(logprob)
@@ -162,29 +166,40 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         max_new_tokens: list[int] | None = None,
+        samples_per_prompt: int = 1,
     ) -> Iterator[Step]:
         """The decoding loop, one `Step` per position (the live rows, their tokens, log-probs and done flags), for
         callers that act between steps (the server streams and cancels rows; closing the iterator stops it).
-        `max_new_tokens` caps each row's budget below params.max_new_tokens. Prompts and params are validated when
-        this is called, before the first step."""
+        `max_new_tokens` caps each prompt's budget below params.max_new_tokens; with `samples_per_prompt` K, row
+        i * K + j is prompt i's j-th sample, all K from one prefill. Prompts and params are validated when this is
+        called, before the first step."""
         params = params or SamplingParams()
         params.validate()
+        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+            raise UserError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
         ids, valid, budgets = self._batch(prompt_ids, params)
         if max_new_tokens is not None:
             if len(max_new_tokens) != len(prompt_ids):
                 raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
             budgets = torch.minimum(budgets, torch.tensor(max_new_tokens, dtype=budgets.dtype))
-        return self._run(ids, valid, budgets, params)
+        return self._run(ids, valid, budgets, params, samples_per_prompt)
 
     def _run(
-        self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, params: SamplingParams
+        self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, params: SamplingParams, samples: int
     ) -> Iterator[Step]:
         model, was_training = self.model, self.model.training
         if self.backend == "hf" and was_training:
             model.eval()  # no dropout while sampling (the compact forward has none)
         try:
             yield from decode(
-                self._forward, ids, valid, budgets, params, self.stop_ids_for(params), compact_at=self.compact_at
+                self._forward,
+                ids,
+                valid,
+                budgets,
+                params,
+                self.stop_ids_for(params),
+                compact_at=self.compact_at,
+                samples=samples,
             )
         finally:
             if self.backend == "hf" and was_training:

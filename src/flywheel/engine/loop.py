@@ -37,9 +37,12 @@ def decode(
     stop_ids: list[int],
     *,
     compact_at: float = 0.25,
+    samples: int = 1,
 ) -> Iterator[Step]:
     """Generate for left-padded prompts ids, valid: (B, P), with per-row token budgets (B,) >= 1.
 
+    samples: K rows per prompt (row i * K + j is prompt i's j-th sample). The prompts are prefilled once and each one's
+    KV cache is copied to its K rows, so a group costs one prefill, not K; every row then samples on its own.
     No grad mode is held across a `yield` (it is thread-global state and would leak into the consumer's code).
     """
     device = ids.device
@@ -48,14 +51,19 @@ def decode(
         generator.seed()
     else:
         generator.manual_seed(params.seed)
-    batch, steps = ids.shape[0], int(budgets.max())
+    steps = int(budgets.max())
+    with torch.inference_mode():
+        logits, state = forward.start(ids, valid, ids.shape[1] + steps)  # (B, V)
+        if samples > 1:
+            copies = torch.arange(ids.shape[0], device=device).repeat_interleave(samples)
+            forward.keep(state, copies)
+            logits, budgets = logits[copies], budgets.repeat_interleave(samples)
+    batch = logits.shape[0]
     # Per-row bookkeeping in Python lists: at 1-64 rows that is cheaper than a handful of tensor ops per step.
     stop, budget = set(stop_ids), budgets.tolist()
     rows = list(range(batch))  # prompt index of each batch slot
     picks: torch.Tensor | None = None  # the same as a tensor, once the batch has been compacted
     alive = [True] * batch  # slot still generating
-    with torch.inference_mode():
-        logits, state = forward.start(ids, valid, ids.shape[1] + steps)  # (B, V)
     for t in range(steps):
         with torch.inference_mode():
             # One draw per prompt and step, picked by row: compacting the batch does not change any row's sample.

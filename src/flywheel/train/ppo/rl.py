@@ -183,9 +183,17 @@ class RLTrainer(PPOTrainer):
     @torch.no_grad()
     def experience(self, prompts: list[list[int]], seed: int) -> tuple[Experience, dict]:
         cfg = self.cfg
-        repeated = [p for p in prompts for _ in range(cfg.num_generations)]  # a prompt's K samples consecutive
         sc = sample_and_score(
-            cfg, self.engine, self.actor, self.ref, self.critic, self.reward, repeated, self.pad_id, seed
+            cfg,
+            self.engine,
+            self.actor,
+            self.ref,
+            self.critic,
+            self.reward,
+            prompts,
+            self.pad_id,
+            seed,
+            samples_per_prompt=cfg.num_generations,
         )
         return self._advantages(sc)
 

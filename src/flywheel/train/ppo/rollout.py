@@ -71,8 +71,10 @@ def sample_and_score(
     prompts: list[list[int]],
     pad_id: int,
     seed: int,
+    samples_per_prompt: int = 1,
 ) -> Scored:
-    """Sample one response per entry of `prompts` (repeat a prompt to sample it K times) and run every role."""
+    """Sample `samples_per_prompt` (K) responses to each prompt, a prompt's K consecutive and sharing one prefill in
+    the engine, and run every role on them."""
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -81,7 +83,8 @@ def sample_and_score(
         stop_token_ids=[] if cfg.ignore_eos else None,
         seed=seed,
     )
-    gen = engine.generate(prompts, params)
+    gen = engine.generate(prompts, params, samples_per_prompt=samples_per_prompt)
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     # Built on the CPU (row by row), then moved to the device in one copy per tensor.
     s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id).to(actor.device)
     args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
