@@ -36,10 +36,11 @@ import torch
 from flywheel import distributed
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, to_device
 from flywheel.engine import Engine
+from flywheel.engine.engine import default_stop_ids
 from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
 from flywheel.models import fast_cpu_attention, load_causal_lm, load_sequence_classifier
-from flywheel.tokenization import load_tokenizer, render_prompt
+from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.loop import (
     DataOrder,
     MetricsLogger,
@@ -116,6 +117,24 @@ def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     return ref
 
 
+def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any) -> TurnEnd:
+    """How the reward model's template closes an answer (`TurnEnd`), checked against where the engine stops: a policy
+    that does not stop at that end-of-turn token would have its rewards read elsewhere than in training. A reward
+    model directory without a tokenizer shares the policy's."""
+    has_tokenizer = (Path(reward_model) / "tokenizer_config.json").is_file()
+    end = turn_end(load_tokenizer(reward_model) if has_tokenizer else tokenizer)
+    stops = default_stop_ids(policy, tokenizer)
+    if end.token_id is not None and end.token_id not in stops:
+        log.warning(
+            "ppo: the reward model's chat template ends answers with token %d (%r), which is not one of the "
+            "policy's stop tokens %s: responses will not end there",
+            end.token_id,
+            tokenizer.decode([end.token_id], skip_special_tokens=False),
+            stops,
+        )
+    return end
+
+
 class PPOTrainer:
     """Holds the four roles, their optimizers and the KL controller; `step()` runs one rollout + PPO update."""
 
@@ -144,7 +163,8 @@ class PPOTrainer:
             self.reward = Reward(fn=reward_fn)
         elif cfg.reward_model:
             rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            self.reward = Reward(rm, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
+            end = reward_turn_end(cfg.reward_model, self.tokenizer, policy)
+            self.reward = Reward(rm, bias=reward_offset(rm.config), offload=cfg.offload_frozen, turn_end=end)
         else:
             raise UserError("--reward-model is required")
         if cfg.offload_frozen and self.device.type != "cpu":

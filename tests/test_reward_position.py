@@ -1,0 +1,221 @@
+"""One reading position: the reward is read at the last token of the chat template's full rendering, in reward-model
+training, `RewardModel.score`, best-of-n (`score_ids`), PPO's Reward role and plain transformers, for templates whose
+end-of-turn token is not EOS (Gemma-style, Phi-3-style) and a ChatML/Qwen-style one. The templates are written here to
+follow each family's rendering rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tests.conftest import CORPUS
+
+from flywheel.cli import main
+from flywheel.models import build_causal_lm, config_for_tokenizer, load_sequence_classifier, save_pretrained
+from flywheel.tokenization import (
+    load_tokenizer,
+    render_conversation,
+    render_prompt,
+    render_scored_response,
+    set_generation_stops,
+    train_tokenizer,
+    turn_end,
+)
+
+# Gemma-2/3 rules: "model" for the assistant role, <end_of_turn> then "\n" after every turn, BOS first; EOS is <eos>.
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# Phi-3/3.5 rules: <|role|>\n ... <|end|>\n per turn; without a generation prompt eos_token (<|endoftext|>) is appended
+# once, at the very end of the conversation.
+PHI3 = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Qwen2.5 rules: ChatML with a default system prompt when the conversation has none.
+QWEN = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# name -> (template, extra special tokens, eos, bos, the generation config's eos ids, end-of-turn, tail text)
+FAMILIES = {
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<eos>", "<bos>",
+              ["<eos>", "<end_of_turn>"], "<end_of_turn>", "\n"),
+    "phi3": (PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>", None,
+             ["<|endoftext|>", "<|assistant|>", "<|end|>"], "<|end|>", "\n<|endoftext|>"),
+    "qwen": (QWEN, [], "<|im_end|>", None, ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "\n"),
+}  # fmt: skip
+
+CONV = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+def family_tokenizer(name: str):
+    template, specials, eos, bos, stops, _, _ = FAMILIES[name]
+    tok = train_tokenizer(CORPUS * 10, vocab_size=350, chat_template=template)
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.eos_token = eos
+    if bos is not None:
+        tok.bos_token = bos
+    set_generation_stops(tok, tok.convert_tokens_to_ids(stops))
+    return tok
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_answers_end_at_the_end_of_turn_token_and_the_tail_completes_the_rendering(name):
+    tok = family_tokenizer(name)
+    eot, tail_text = FAMILIES[name][5], FAMILIES[name][6]
+    ids, mask = render_conversation(tok, CONV)  # two assistant turns: Phi-3's final eos is not a prefix problem
+    assert ids == tok.apply_chat_template(CONV, return_dict=True)["input_ids"]
+    masked = tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+    assert masked == f"It is 4.{eot}Paris.{eot}"  # never the "\n" or the final <|endoftext|> after it
+    answer, tail = render_scored_response(tok, CONV[:1], "It is 4.")
+    assert answer[-1] == tok.convert_tokens_to_ids(eot) and tok.decode(tail, skip_special_tokens=False) == tail_text
+    full = tok.apply_chat_template(CONV[:2], return_dict=True)["input_ids"]
+    assert render_prompt(tok, CONV[:1]) + answer + tail == full
+    end = turn_end(tok)
+    assert end.token_id == tok.convert_tokens_to_ids(eot) and list(end.tail) == tail
+    assert end.complete(answer) == answer + tail and end.complete(answer[:-1]) == answer[:-1]
+
+
+PROMPTS = ["Say something about the cat", "Say something about Paris", "What is 12 + 30?"]
+ANSWERS = ["the cat says please", "hello world", "It is 42.", "Paris is the capital of France please"]
+
+
+def rm_for(name: str, root) -> tuple:
+    """A reward model trained by `flywheel rm` (a few steps, normalised) from a tiny policy with this template."""
+    tok = family_tokenizer(name)
+    policy = build_causal_lm(config_for_tokenizer(tok, "nano", max_position_embeddings=256), seed=0)
+    policy.generation_config.eos_token_id = tok.convert_tokens_to_ids(FAMILIES[name][4])
+    save_pretrained(policy, tok, root / "policy")
+    rows = [
+        {"prompt": p, "completions": [ANSWERS[i % 4], ANSWERS[(i + 1) % 4]], "order": [[i % 2], [1 - i % 2]]}
+        for i, p in enumerate(PROMPTS * 3)
+    ]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--lr", "1e-2", "--batch-size", "4", "--max-steps", "3", "--eval-split", "0", "--progress", "false"]
+    out = str(root / "rm")
+    assert (
+        main(["rm", "--model", str(root / "policy"), "--data", str(root / "prefs.jsonl"), "--out", out, *flags]) == 0
+    )
+    return root / "policy", root / "rm" / "final"
+
+
+PLAIN = """
+import json, sys
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path, conversations = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+scores = []
+with torch.no_grad():
+    for conversation in conversations:
+        batch = tokenizer.apply_chat_template(conversation, return_dict=True, return_tensors="pt")
+        scores.append(model(**batch).logits[0, 0].item() - getattr(model.config, "flywheel_reward_offset", 0.0))
+assert not any(name.split(".")[0] == "flywheel" for name in sys.modules)
+print(json.dumps(scores))
+"""
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_plain_transformers_in_a_process_without_flywheel_gives_flywheels_scores(name, tmp_path):
+    from flywheel.train.reward import RewardModel
+
+    policy_dir, rm_dir = rm_for(name, tmp_path)
+    rm = RewardModel.from_pretrained(rm_dir)
+    assert abs(rm.offset) > 1e-4  # the normalisation offset is part of what must be reproduced
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS] + [CONV[:3]]
+    answers = ANSWERS
+    conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+    plain = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(rm_dir), json.dumps(conversations)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    expected = torch.tensor(json.loads(plain.stdout.splitlines()[-1]))
+    torch.testing.assert_close(rm.score(prompts, answers), expected, atol=1e-5, rtol=0)
+    # `flywheel score` writes the same numbers, one line per conversation
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    assert main(["score", "--model", str(rm_dir), "--data", str(data), "--out", str(tmp_path / "scores.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [line["messages"] for line in lines] == conversations
+    torch.testing.assert_close(torch.tensor([line["score"] for line in lines]), expected, atol=1e-5, rtol=0)
+    # best-of-n scores what the engine returns: the prompt ids and the answer up to its end-of-turn token
+    tok = load_tokenizer(str(policy_dir))
+    generated = [render_scored_response(tok, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    stops = tok.convert_tokens_to_ids(FAMILIES[name][4])
+    assert all(g[-1] in stops for g in generated)
+    by_ids = rm.score_ids([render_prompt(tok, p) for p in prompts], generated)
+    torch.testing.assert_close(by_ids, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_training_and_generation_time_scores_are_equal(name, tmp_path):
+    from flywheel.data.formats import Message, Ranking
+    from flywheel.engine.engine import default_stop_ids
+    from flywheel.models import load_causal_lm
+    from flywheel.train.ppo.roles import Reward
+    from flywheel.train.ppo.rollout import build_sequences
+    from flywheel.train.reward import collate_groups, encode_rankings, reward_offset, sequence_rewards
+
+    policy_dir, rm_dir = rm_for(name, tmp_path)
+    tok = load_tokenizer(str(rm_dir))  # the RM's directory says which tokens end a turn, as the policy's does
+    assert tok.flywheel_generation_stops == load_tokenizer(str(policy_dir)).flywheel_generation_stops
+    model = load_sequence_classifier(str(rm_dir)).eval()
+    offset = reward_offset(model.config)
+    rankings = [Ranking([Message("user", p)], ANSWERS[:2], [[0], [1]]) for p in PROMPTS]
+    groups = encode_rankings(tok, rankings, max_length=256)
+    with torch.no_grad():  # what rm_loss reads during training
+        training = sequence_rewards(model, collate_groups(groups, tok.pad_token_id)) - offset
+    # generation time: the engine's rollout rows (left-padded prompt, answer up to the stop token, right padding)
+    prompts = [g.prompt_ids for g in groups for _ in range(g.k)]
+    responses = [r for g in groups for r in g.responses]
+    stops = default_stop_ids(load_causal_lm(str(policy_dir)), load_tokenizer(str(policy_dir)))
+    assert all(r[-1] in stops for r in responses)
+    s = build_sequences(prompts, responses, [True] * len(responses), tok.pad_token_id)
+    reward = Reward(model, bias=offset, turn_end=turn_end(tok))
+    ppo = reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
+    torch.testing.assert_close(ppo, training, atol=1e-5, rtol=0)
+    from flywheel.train.reward import RewardModel
+
+    best_of_n = RewardModel(model, tok).score_ids(prompts, responses)
+    torch.testing.assert_close(best_of_n, training, atol=1e-5, rtol=0)
+    # a response cut at the length limit (no end-of-turn token) is read where it stops, in both places
+    cut = [r[:-1] for r in responses]
+    s = build_sequences(prompts, cut, [False] * len(cut), tok.pad_token_id)
+    ppo_cut = reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
+    torch.testing.assert_close(ppo_cut, RewardModel(model, tok).score_ids(prompts, cut), atol=1e-5, rtol=0)
+    assert not torch.allclose(ppo_cut, ppo, atol=1e-4)
+
+
+def test_score_cli_writes_json_lines_to_stdout_and_rejects_bad_records(tmp_path, capsys):
+    _, rm_dir = rm_for("qwen", tmp_path)
+    data = tmp_path / "convs.jsonl"
+    good = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert main(["score", "--model", str(rm_dir), "--data", str(data)]) == 2
+    assert f"{data}:2:" in capsys.readouterr().err
+    assert main(["score", "--model", str(rm_dir), "--data", str(data), "--skip-bad", "--normalize", "false"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    from flywheel.train.reward import RewardModel
+
+    raw = RewardModel.from_pretrained(rm_dir).score([good["messages"][:1]], ["world"], normalize=False)
+    assert len(out) == 1 and abs(out[0]["score"] - float(raw[0])) < 1e-5
+    assert main(["score", "--data", str(data)]) == 2 and "--model is required" in capsys.readouterr().err
