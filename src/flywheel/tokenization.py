@@ -80,11 +80,11 @@ def _answer_end(answer: str, stops: Sequence[str]) -> int:
     return min(hits) if hits else len(answer)
 
 
-def _divergence(short: str, long: str) -> str:
-    """Where two renderings that should share a prefix part: `... 'abc' where the longer one has 'abd'`."""
+def _divergence(short: str, long: str, short_name: str, long_name: str) -> str:
+    """Where two renderings that should share a prefix part, with 20 characters of context on each side."""
     i = next((k for k, (a, b) in enumerate(zip(short, long, strict=False)) if a != b), min(len(short), len(long)))
     lo = max(0, i - 20)
-    return f"at character {i}: {short[lo : i + 20]!r} vs {long[lo : i + 20]!r}"
+    return f"at character {i}, {short_name} gives {short[lo : i + 20]!r} but {long_name} {long[lo : i + 20]!r}"
 
 
 def _final_suffix(through: str, full: str, markup: Sequence[str]) -> int | None:
@@ -96,6 +96,16 @@ def _final_suffix(through: str, full: str, markup: Sequence[str]) -> int | None:
         if full.startswith(head) and full.endswith(tail) and _only_markup(tail, markup):
             return k
     return None
+
+
+def _conversation_end(tokenizer: Any, messages: Messages, full: str, markup: Sequence[str]) -> int:
+    """Length of the markup `full` ends with only because the conversation ends there (Phi-3's eos_token), found by
+    rendering one more user turn; 0 when there is none or the template refuses the longer conversation."""
+    try:
+        longer = _render_text(tokenizer, [*messages, {"role": "user", "content": "?"}], add_generation_prompt=False)
+    except UserError:
+        return 0
+    return _final_suffix(full, longer, markup) or 0
 
 
 def _only_markup(text: str, markup: Sequence[str]) -> bool:
@@ -118,6 +128,7 @@ def conversation_segments(tokenizer: Any, messages: Messages) -> list[tuple[str,
         raise UserError("empty conversation")
     full = _render_text(tokenizer, messages, add_generation_prompt=False)
     stops, markup = end_of_turn_texts(tokenizer), _markup(tokenizer)
+    end = _conversation_end(tokenizer, messages, full, markup) if messages[-1]["role"] == "assistant" else 0
     segments: list[tuple[str, bool]] = []
     pos = 0
     for i, msg in enumerate(messages):
@@ -126,7 +137,7 @@ def conversation_segments(tokenizer: Any, messages: Messages) -> list[tuple[str,
         prompt = _render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
         suffix = _check_prefixes(full[:pos], prompt, through, full, i, markup)
-        through = through[: len(through) - suffix]
+        through = through[: len(through) - (end if i == len(messages) - 1 else suffix)]
         if len(through) <= len(prompt):
             raise UserError(f"the chat template renders assistant turn {i} as nothing")
         answer = through[len(prompt) :]
@@ -142,25 +153,28 @@ def conversation_segments(tokenizer: Any, messages: Messages) -> list[tuple[str,
 def _check_prefixes(before: str, prompt: str, through: str, full: str, i: int, markup: Sequence[str]) -> int:
     """Masks need each rendering to extend the previous one; say which one does not, and where. Returns the length
     of the final suffix of `through` (`_final_suffix`)."""
-    where = f"at message {i} (an assistant turn)"
+    where = f"the chat template is not prefix-stable at message {i} (an assistant turn)"
     if not prompt.startswith(before):
+        diff = _divergence(before, prompt, "the earlier turns alone", "with this prompt")
         raise UserError(
-            f"the chat template is not prefix-stable {where}: rendering the conversation up to this turn changes "
-            f"how its earlier turns render ({_divergence(before, prompt)}); loss masks cannot be derived from it "
-            "(pass --chat-template with a template that renders earlier turns the same way)"
+            f"{where}: rendering the conversation up to this turn changes how its earlier turns render ({diff}); "
+            "loss masks cannot be derived from it (pass --chat-template with a template that renders earlier turns "
+            "the same way)"
         )
     if not through.startswith(prompt):
+        diff = _divergence(prompt, through, "the generation prompt", "the rendered turn")
         raise UserError(
-            f"the chat template is not prefix-stable {where}: its generation prompt is not how it renders the start "
-            f"of an assistant turn ({_divergence(prompt, through)}), so the model would be trained on another "
-            "prompt than it is sampled from (pass --chat-template with a template whose generation prompt matches)"
+            f"{where}: its generation prompt is not how it renders the start of an assistant turn ({diff}), so the "
+            "model would be trained on another prompt than it is sampled from (pass --chat-template with a template "
+            "whose generation prompt matches)"
         )
     suffix = _final_suffix(through, full, markup)
     if suffix is None or len(through) - suffix < len(prompt):
+        diff = _divergence(through, full, "the conversation up to this turn", "the whole one")
         raise UserError(
-            f"the chat template is not prefix-stable {where}: later messages change how this turn and the ones "
-            f"before it render ({_divergence(through, full)}), e.g. a template that drops earlier reasoning or moves "
-            "the system prompt (pass --chat-template with a template that renders earlier turns the same way)"
+            f"{where}: later messages change how this turn and the ones before it render ({diff}), e.g. a template "
+            "that drops earlier reasoning or moves the system prompt (pass --chat-template with a template that "
+            "renders earlier turns the same way)"
         )
     return suffix
 
@@ -256,9 +270,15 @@ def train_tokenizer(
     )
 
 
-def load_tokenizer(path: str) -> Any:
+CHAT_TEMPLATE_HELP = (
+    "a Jinja chat template file that replaces the model's own (saved with the model it trains; docs/chat-templates.md)"
+)
+
+
+def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
     """A tokenizer directory or a model's; a real pad token is added where there is none (or it is EOS), and the
-    directory's generation_config.json says which ids end an assistant turn (`set_generation_stops`)."""
+    directory's generation_config.json says which ids end an assistant turn (`set_generation_stops`).
+    chat_template: a Jinja file that replaces the tokenizer's template (`--chat-template`)."""
     from transformers import AutoTokenizer
 
     from flywheel.models import resolve_model_path
@@ -278,7 +298,31 @@ def load_tokenizer(path: str) -> Any:
             set_generation_stops(tok, json.loads(gen_file.read_text()).get("eos_token_id"))
         except (ValueError, TypeError, AttributeError):
             raise UserError("not a generation config (JSON with eos_token_id)", path=str(gen_file)) from None
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
     return tok
+
+
+def read_chat_template(path: str | Path) -> str:
+    """The text of a Jinja chat template file, its syntax checked."""
+    from jinja2 import TemplateError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("chat template file does not exist", path=str(p))
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError("the chat template file is empty", path=str(p))
+    try:  # transformers' own compiler (its extensions and tags); rendering errors are reported per conversation
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return text
+    try:
+        _compile_jinja_template(text)
+    except TemplateError as err:
+        line = getattr(err, "lineno", None)
+        raise UserError(f"not a Jinja template: {getattr(err, 'message', err)}", path=str(p), line=line) from None
+    return text
 
 
 def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:

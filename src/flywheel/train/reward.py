@@ -52,7 +52,14 @@ from flywheel.models import (
     resize_for_tokenizer,
     reward_head,
 )
-from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, render_scored_response, turn_end
+from flywheel.tokenization import (
+    CHAT_TEMPLATE_HELP,
+    TurnEnd,
+    load_tokenizer,
+    render_prompt,
+    render_scored_response,
+    turn_end,
+)
 from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log, seed_everything
 
@@ -113,6 +120,7 @@ class RewardConfig(PreferenceConfig):
     normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
 
     def validate(self) -> None:
         if not self.model:
@@ -650,7 +658,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     seed_everything(cfg.seed)  # the new head's init: the same on every rank and in every run with this seed
     model = load_sequence_classifier(cfg.model)
     resize_for_tokenizer(model, tokenizer)

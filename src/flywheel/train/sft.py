@@ -16,7 +16,7 @@ from typing import Any
 from flywheel.data.batching import LMSample, pack_masked, split_heldout
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
-from flywheel.tokenization import load_tokenizer, render_conversation
+from flywheel.tokenization import CHAT_TEMPLATE_HELP, load_tokenizer, render_conversation
 from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir
 from flywheel.train.pretrain import train_causal_lm
 from flywheel.utils import log
@@ -32,6 +32,7 @@ class SFTConfig(TrainConfig):
     max_length: int = field(default=512, metadata={"help": "tokens per conversation (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack conversations into rows of --max-length"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
 
     def validate(self) -> None:
         super().validate()
@@ -74,7 +75,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from flywheel.data.io import read_conversations
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     model = load_causal_lm(cfg.model)
     resize_for_tokenizer(model, tokenizer)
     prepare_model(model, cfg)

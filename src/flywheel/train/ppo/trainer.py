@@ -140,7 +140,7 @@ class PPOTrainer:
 
     def __init__(self, cfg: PPOConfig, reward_fn: RewardFn | None = None):
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
         self.pad_id = self.tokenizer.pad_token_id
         n_proc = distributed.world()
         if n_proc > 1 and cfg.strategy != "ddp":
