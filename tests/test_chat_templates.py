@@ -160,3 +160,46 @@ def test_rm_and_ppo_take_chat_template_and_bad_template_files_are_one_line_error
     assert main([*rm, "--out", str(tmp_path / "rm3"), "--chat-template", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"flywheel rm: {broken}:") and "not a Jinja template" in err and len(err.splitlines()) == 1
+
+
+# Mistral's older rule: roles must alternate user/assistant from the first message (a system message is refused).
+MISTRAL_STRICT = (
+    "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_skip_bad_skips_records_the_chat_template_rejects_and_errors_name_file_and_line(
+    stage, tmp_path, capsys, caplog
+):
+    tok = tok_with(MISTRAL_STRICT, ["<s>", "</s>", "[INST]", "[/INST]"], eos="</s>", bos="<s>")
+    save_pretrained(build_causal_lm(config_for_tokenizer(tok, "nano"), seed=0), tok, tmp_path / "base")
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    system = {"role": "system", "content": "Be brief."}
+    if stage == "sft":
+        good = {"messages": [user, {"role": "assistant", "content": "It is 4."}]}
+        bad = {"messages": [system, *good["messages"]]}
+    else:
+        good = {"prompt": [user], "chosen": "It is 4.", "rejected": "It is 5."}
+        bad = {**good, "prompt": [system, user]}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, good, bad, good]))
+    flags = [stage, "--model", str(tmp_path / "base"), "--data", str(data), "--max-steps", "1", "--eval-split", "0"]
+    flags += ["--progress", "false"]
+    assert main([*flags, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"flywheel {stage}: {data}:3: the chat template rejected the conversation: "
+        "Conversation roles must alternate user/assistant/user/assistant/..."
+    )
+    with caplog.at_level("WARNING", logger="flywheel"):
+        assert main([*flags, "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
+    assert (
+        f"skipped 1 of 4 records in {data}: 1 rejected by the chat template (first: {data}:3: the chat" in caplog.text
+    )
+    data.write_text(json.dumps(bad) + "\n")
+    assert main([*flags, "--out", str(tmp_path / "c"), "--skip-bad"]) == 2
+    assert "all 1 records are bad: 1 rejected by the chat template" in capsys.readouterr().err

@@ -20,12 +20,13 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from flywheel.data.formats import (
+    TEMPLATE_REJECTED,
     Comparison,
     Conversation,
     Message,
@@ -40,6 +41,8 @@ from flywheel.errors import UserError
 
 log = logging.getLogger("flywheel")
 
+T = TypeVar("T")
+R = TypeVar("R")
 Kind = Literal["conversations", "preferences", "prompts", "texts"]
 
 # Anthropic HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." (the very first marker may lack the blank line).
@@ -74,6 +77,41 @@ class ReadReport:
             f"skipped {self.n_skipped} of {self.total} records in {self.path}: {self.reasons()} "
             f"(first: {self.first_error})"
         )
+
+
+def render_records(
+    records: Sequence[T],
+    render: Callable[[T], R],
+    *,
+    skip_bad: bool = False,
+    source: str = "data",
+    skipped: list[T] | None = None,
+) -> list[tuple[T, R]]:
+    """(record, render(record)) for each record. A UserError from `render` (a chat template that rejects the
+    conversation) becomes a RecordError at the record's FILE:LINE (`source` without a line for records built in
+    code); with skip_bad such records are dropped (and appended to `skipped`) and summarised in one warning line,
+    as the readers do."""
+    report = ReadReport(source, total=len(records))
+    out: list[tuple[T, R]] = []
+    for record in records:
+        try:
+            out.append((record, render(record)))
+        except UserError as err:
+            path, line = getattr(record, "source", None) or (source, None)
+            located = RecordError(err.message, reason=TEMPLATE_REJECTED, path=path, line=line)
+            if not skip_bad:
+                raise located from None
+            report.skipped[TEMPLATE_REJECTED] += 1
+            if skipped is not None:
+                skipped.append(record)
+            report.first_error = report.first_error or str(located)
+    if report.skipped and not out:
+        raise UserError(
+            f"all {report.total} records are bad: {report.reasons()} (first: {report.first_error})", path=source
+        )
+    if report.skipped:
+        log.warning(report.summary())
+    return out
 
 
 def read_conversations(path: str | Path, *, skip_bad: bool = False) -> list[Conversation]:
@@ -119,7 +157,10 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
                     + (" (JSON Lines needs one object per line)" if isinstance(obj, list) else ""),
                     reason="not an object",
                 )
-            records.append(parse(obj))
+            record = parse(obj)
+            if hasattr(record, "source"):  # so that later stages (the chat template) can name the line too
+                record.source = (name, line)
+            records.append(record)
         except RecordError as err:
             located = err if err.path is not None else err.at(name, line)
             if not skip_bad:

@@ -206,20 +206,39 @@ def check_tail(tokenizer: Any, tail: Sequence[int], expected: TurnEnd) -> None:
         )
 
 
+def render_ranking(tokenizer: Any, ranking: Ranking, usual: TurnEnd) -> tuple[list[int], list[tuple[list[int], ...]]]:
+    """(prompt ids, [(answer ids, tail ids) for each completion]) of one ranking."""
+    messages = ranking.prompt_dicts()
+    prompt = render_prompt(tokenizer, messages)
+    rendered = [render_scored_response(tokenizer, messages, text) for text in ranking.completions]
+    for _, tail in rendered:
+        check_tail(tokenizer, tail, usual)
+    return prompt, rendered
+
+
 def encode_rankings(
-    tokenizer: Any, rankings: Sequence[Ranking], *, max_length: int, overlong: str = "drop", source: str = "data"
+    tokenizer: Any,
+    rankings: Sequence[Ranking],
+    *,
+    max_length: int,
+    overlong: str = "drop",
+    source: str = "data",
+    skip_bad: bool = False,
+    skipped: list[Ranking] | None = None,
 ) -> list[RankingGroup]:
     """Render every ranking with the chat template; apply the length policy and say what it did in one line.
-    Each answer carries the template's tail (`RankingGroup.tails`): its reward is read at the rendering's end."""
+    Each answer carries the template's tail (`RankingGroup.tails`): its reward is read at the rendering's end.
+    A ranking the chat template rejects is a FILE:LINE error, or skipped with `skip_bad` (and appended to
+    `skipped`)."""
+    from flywheel.data.io import render_records
+
     groups: list[RankingGroup] = []
     cut = dropped_answers = dropped_rankings = answers = 0
     usual = turn_end(tokenizer)
-    for r in rankings:
-        messages = r.prompt_dicts()
-        prompt = render_prompt(tokenizer, messages)
-        rendered = [render_scored_response(tokenizer, messages, text) for text in r.completions]
-        for _, tail in rendered:
-            check_tail(tokenizer, tail, usual)
+    renderings = render_records(
+        rankings, lambda r: render_ranking(tokenizer, r, usual), skip_bad=skip_bad, source=source, skipped=skipped
+    )
+    for r, (prompt, rendered) in renderings:
         answers += len(rendered)
         prompt, fitted, was_cut = fit_group(prompt, [a + t for a, t in rendered], max_length, overlong)
         cut += was_cut
@@ -665,13 +684,13 @@ def train_reward(cfg: RewardConfig) -> Path:
     disable_dropout(model)
     prepare_model(model, cfg)
     rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
-    groups = encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
+    fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
+    rejected: list[Ranking] = []
+    groups = encode_rankings(tokenizer, rankings, source=cfg.data, skipped=rejected, **fit)
+    rejected_ids = {id(r) for r in rejected}
+    rankings = [r for r in rankings if id(r) not in rejected_ids]  # their answers are no reference either
     eval_source = cfg.eval_data or cfg.data
-    eval_groups = (
-        encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=eval_source)
-        if held_out
-        else []
-    )
+    eval_groups = encode_rankings(tokenizer, held_out, source=eval_source, **fit) if held_out else []
     log.info("rm: %d params, training on %s, %d held out", count_parameters(model), describe(groups), len(eval_groups))
     pad = tokenizer.pad_token_id
     mask_dtype = attention_mask_dtype(model, cfg.share_prompt)

@@ -44,12 +44,19 @@ class SFTConfig(TrainConfig):
             raise UserError("--max-length must be >= 2")
 
 
-def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, source: str) -> list[LMSample]:
-    """Render and truncate; conversations left with no assistant token are dropped, counted in one summary line."""
+def render_samples(
+    tokenizer: Any, conversations: list[Any], max_length: int, source: str, *, skip_bad: bool = False
+) -> list[LMSample]:
+    """Render and truncate; conversations left with no assistant token are dropped, counted in one summary line.
+    A conversation the chat template rejects is a FILE:LINE error, or skipped with `skip_bad`."""
+    from flywheel.data.io import render_records
+
     samples: list[LMSample] = []
     truncated = dropped = 0
-    for conv in conversations:
-        ids, mask = render_conversation(tokenizer, conv.as_dicts())
+    rendered = render_records(
+        conversations, lambda c: render_conversation(tokenizer, c.as_dicts()), skip_bad=skip_bad, source=source
+    )
+    for _, (ids, mask) in rendered:
         if len(ids) > max_length:
             truncated += 1
             ids, mask = ids[:max_length], mask[:max_length]
@@ -62,7 +69,7 @@ def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, so
             "%s: %d of %d conversations truncated to %d tokens, %d dropped (no assistant token left)",
             source,
             truncated,
-            len(conversations),
+            len(rendered),
             max_length,
             dropped,
         )
@@ -84,9 +91,11 @@ def train_sft(cfg: SFTConfig) -> Path:
         eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
     else:
         convs, eval_convs = split_heldout(convs, cfg.eval_split, cfg.seed)
-    samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data)
+    samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data, skip_bad=cfg.skip_bad)
     eval_source = cfg.eval_data or cfg.data
-    eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, eval_source) if eval_convs else []
+    eval_samples = (
+        render_samples(tokenizer, eval_convs, cfg.max_length, eval_source, skip_bad=cfg.skip_bad) if eval_convs else []
+    )
     if cfg.packing:
         samples = pack_masked(samples, cfg.max_length)
     log.info(
