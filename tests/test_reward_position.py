@@ -219,3 +219,61 @@ def test_score_cli_writes_json_lines_to_stdout_and_rejects_bad_records(tmp_path,
     raw = RewardModel.from_pretrained(rm_dir).score([good["messages"][:1]], ["world"], normalize=False)
     assert len(out) == 1 and abs(out[0]["score"] - float(raw[0])) < 1e-5
     assert main(["score", "--data", str(data)]) == 2 and "--model is required" in capsys.readouterr().err
+
+
+_BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+_GQA = dict(_BASE, num_key_value_heads=2)
+ARCHITECTURES = {  # tiny configs of ten architectures' sequence classifiers (GQA where the architecture has it)
+    "llama": _GQA,
+    "qwen2": _GQA,
+    "qwen3": dict(_GQA, head_dim=8),
+    "mistral": _GQA,
+    "gemma2": dict(_GQA, head_dim=8),
+    "gemma3_text": dict(_GQA, head_dim=8),
+    "phi3": _GQA,
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+    "gpt_neox": _BASE,
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_reads_the_reward_at_the_same_token(arch, tmp_path):
+    """Gemma-style template on ten architectures: RewardModel.score (prompt shared or not), best-of-n's score_ids,
+    PPO's reward role and plain transformers agree, the offset included; no head has a bias to absorb it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from flywheel.train.ppo.roles import Reward
+    from flywheel.train.ppo.rollout import build_sequences
+    from flywheel.train.reward import RewardModel, normalize_rewards
+
+    tok = family_tokenizer("gemma")
+    ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), num_labels=1, **ids, **ARCHITECTURES[arch])
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    assert model.score.bias is None  # so the offset cannot hide in the weights
+    assert normalize_rewards(model, 0.25) == 0.25  # stored in the config, for plain transformers to subtract
+    save_pretrained(model, tok, tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")  # as a user loads it (its class may follow the model type)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    answers = ANSWERS[:3]
+    with torch.no_grad():
+        plain = torch.tensor(
+            [
+                model(**tok.apply_chat_template(p + [{"role": "assistant", "content": a}], return_dict=True,
+                                                return_tensors="pt")).logits[0, 0].item() - 0.25
+                for p, a in zip(prompts, answers, strict=True)
+            ]
+        )  # fmt: skip
+    rm = RewardModel.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(rm.score(prompts, answers), plain, atol=1e-5, rtol=0)
+    separate = RewardModel.from_pretrained(tmp_path / "rm", share_prompt=False).score(prompts, answers)
+    torch.testing.assert_close(separate, plain, atol=1e-5, rtol=0)
+    prompt_ids = [render_prompt(rm.tokenizer, p) for p in prompts]
+    generated = [render_scored_response(rm.tokenizer, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    torch.testing.assert_close(rm.score_ids(prompt_ids, generated), plain, atol=1e-5, rtol=0)
+    s = build_sequences(prompt_ids, generated, [True] * len(generated), rm.pad_id)
+    reward = Reward(rm.model, bias=rm.offset, turn_end=turn_end(rm.tokenizer))
+    ppo = reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
+    torch.testing.assert_close(ppo, plain, atol=1e-5, rtol=0)
