@@ -177,6 +177,7 @@ def test_skip_bad_skips_records_the_chat_template_rejects_and_errors_name_file_a
 ):
     tok = tok_with(MISTRAL_STRICT, ["<s>", "</s>", "[INST]", "[/INST]"], eos="</s>", bos="<s>")
     save_pretrained(build_causal_lm(config_for_tokenizer(tok, "nano"), seed=0), tok, tmp_path / "base")
+    capsys.readouterr()  # transformers' progress bars
     user = {"role": "user", "content": "What is 2 + 2?"}
     system = {"role": "system", "content": "Be brief."}
     if stage == "sft":
@@ -190,7 +191,7 @@ def test_skip_bad_skips_records_the_chat_template_rejects_and_errors_name_file_a
     flags = [stage, "--model", str(tmp_path / "base"), "--data", str(data), "--max-steps", "1", "--eval-split", "0"]
     flags += ["--progress", "false"]
     assert main([*flags, "--out", str(tmp_path / "a")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
         f"flywheel {stage}: {data}:3: the chat template rejected the conversation: "
         "Conversation roles must alternate user/assistant/user/assistant/..."
@@ -200,6 +201,18 @@ def test_skip_bad_skips_records_the_chat_template_rejects_and_errors_name_file_a
     assert (
         f"skipped 1 of 4 records in {data}: 1 rejected by the chat template (first: {data}:3: the chat" in caplog.text
     )
+    if stage == "rm":  # the reward model's other inputs: reference conversations, and `flywheel score`
+        convs = tmp_path / "convs.jsonl"
+        answer = {"role": "assistant", "content": "It is 4."}
+        convs.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [[user, answer], [system, user, answer]]))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="flywheel"):
+            assert main([*flags, "--out", str(tmp_path / "r"), "--skip-bad", "--reference-data", str(convs)]) == 0
+        assert f"skipped 1 of 2 records in {convs}: 1 rejected by the chat template (first: {convs}:2:" in caplog.text
+        score = ["score", "--model", str(tmp_path / "b" / "final"), "--data", str(convs)]
+        capsys.readouterr()
+        assert main(score) == 2 and f"{convs}:2: the chat template rejected" in capsys.readouterr().err
+        assert main([*score, "--skip-bad"]) == 0 and len(capsys.readouterr().out.splitlines()) == 1
     data.write_text(json.dumps(bad) + "\n")
     assert main([*flags, "--out", str(tmp_path / "c"), "--skip-bad"]) == 2
     assert "all 1 records are bad: 1 rejected by the chat template" in capsys.readouterr().err

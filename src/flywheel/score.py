@@ -47,10 +47,11 @@ class ScoreConfig:
 def score_conversations(cfg: ScoreConfig) -> list[dict[str, Any]]:
     """`{"messages", "score"}` for every conversation of --data, in order."""
     from flywheel.data.io import read_conversations
-    from flywheel.train.reward import RewardModel
+    from flywheel.train.reward import RewardModel, scorable_conversations
 
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
     rm = RewardModel.from_pretrained(cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16, max_length=cfg.max_length)
+    convs = scorable_conversations(rm.tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.data)
     messages = [c.as_dicts() for c in convs]
     scores = rm.score([m[:-1] for m in messages], [m[-1]["content"] for m in messages], normalize=cfg.normalize)
     return [{"messages": m, "score": float(s)} for m, s in zip(messages, scores, strict=True)]

@@ -612,12 +612,29 @@ class RewardModel:
         return self._score_rows(prompt_ids, [answer + tail for answer, tail in rendered], normalize)
 
 
-def reference_answers(cfg: RewardConfig, rankings: Sequence[Ranking]) -> tuple[list[Any], list[str], str]:
-    """(prompts, answers, description) whose mean score becomes 0: --reference-data, or the top-ranked answers."""
+def scorable_conversations(tokenizer: Any, convs: Sequence[Any], *, skip_bad: bool, source: str) -> list[Any]:
+    """The conversations whose final assistant turn the chat template renders for scoring; one it rejects is a
+    FILE:LINE error, or skipped and summarised with `skip_bad` (`flywheel.data.render_records`)."""
+    from flywheel.data.io import render_records
+
+    def render(conv: Any) -> Any:
+        messages = conv.as_dicts()
+        return render_scored_response(tokenizer, messages[:-1], messages[-1]["content"])
+
+    return [conv for conv, _ in render_records(convs, render, skip_bad=skip_bad, source=source)]
+
+
+def reference_answers(
+    cfg: RewardConfig, rankings: Sequence[Ranking], tokenizer: Any = None
+) -> tuple[list[Any], list[str], str]:
+    """(prompts, answers, description) whose mean score becomes 0: --reference-data (checked against `tokenizer`'s
+    chat template when given), or the top-ranked answers."""
     if cfg.reference_data:
         from flywheel.data.io import read_conversations
 
         convs = read_conversations(cfg.reference_data, skip_bad=cfg.skip_bad)
+        if tokenizer is not None:
+            convs = scorable_conversations(tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.reference_data)
         prompts = [c.as_dicts()[:-1] for c in convs]
         answers = [c.messages[-1].content for c in convs]
         what = f"final assistant turns of {cfg.reference_data}"
@@ -716,7 +733,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     )
     extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length, **result.eval_metrics}
     if cfg.normalize:
-        prompts, answers, what = reference_answers(cfg, rankings)
+        prompts, answers, what = reference_answers(cfg, rankings, tokenizer)
         scorer = RewardModel(
             model,
             tokenizer,
