@@ -6,12 +6,18 @@ to turn i with `add_generation_prompt=True` (the prompt the model sees at infere
 (the prompt + the answer + the end-of-turn markup), and checks that each rendering is a prefix of the next. The pieces
 between those boundaries are tokenized one by one, so a response is tokenized exactly as it is when the engine
 generates it after a separately tokenized prompt.
+
+An answer (what SFT and DPO train on) ends at its first end-of-turn token: the tokenizer's EOS or an EOS id of the
+model's generation config (Gemma's <end_of_turn>, Phi-3's <|end|>), which is where the engine stops. A reward model
+reads its score at the last token of the full rendering, after the markup the template writes past that token
+(`render_scored_response`); `TurnEnd` appends that markup to generated answers so that PPO and best-of-n read at the
+same token. docs/chat-templates.md has the details.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,11 +97,26 @@ def _final_suffix(through: str, full: str, markup: Sequence[str]) -> int | None:
     """Length of the suffix `through` has only because it is a whole conversation (Phi-3 appends eos_token after the
     last turn): the smallest k with through[:-k] a prefix of `full`, `full` ending with the same k characters, and
     those characters only special tokens and whitespace. None when there is no such k."""
-    for k in range(len(through) + 1):
-        head, tail = through[: len(through) - k], through[len(through) - k :]
-        if full.startswith(head) and full.endswith(tail) and _only_markup(tail, markup):
+    for k in _markup_suffixes(through, markup):
+        if full.startswith(through[: len(through) - k]) and full.endswith(through[len(through) - k :]):
             return k
     return None
+
+
+def _markup_suffixes(text: str, markup: Sequence[str]) -> Iterator[int]:
+    """0, then the lengths of ever longer suffixes of `text` made of whole special tokens and whitespace."""
+    tokens = sorted(markup, key=len, reverse=True)
+    end = len(text)
+    yield 0
+    while end > 0:
+        if text[end - 1].isspace():
+            end -= 1
+        else:
+            token = next((t for t in tokens if text.endswith(t, 0, end)), None)
+            if token is None:
+                return
+            end -= len(token)
+        yield len(text) - end
 
 
 def _conversation_end(tokenizer: Any, messages: Messages, full: str, markup: Sequence[str]) -> int:
@@ -106,12 +127,6 @@ def _conversation_end(tokenizer: Any, messages: Messages, full: str, markup: Seq
     except UserError:
         return 0
     return _final_suffix(full, longer, markup) or 0
-
-
-def _only_markup(text: str, markup: Sequence[str]) -> bool:
-    for token in sorted(markup, key=len, reverse=True):
-        text = text.replace(token, "")
-    return not text.strip()
 
 
 def _markup(tokenizer: Any) -> list[str]:
