@@ -1,7 +1,7 @@
 """One reading position: the reward is read at the last token of the chat template's full rendering, in reward-model
 training, `RewardModel.score`, best-of-n (`score_ids`), PPO's Reward role and plain transformers, for templates whose
-end-of-turn token is not EOS (Gemma-style, Phi-3-style) and a ChatML/Qwen-style one. The templates are written here to
-follow each family's rendering rules."""
+end-of-turn token is not EOS (Gemma-, Phi-3- and Llama-3-style), a ChatML/Qwen-style one and one that writes nothing
+after the end-of-turn token (Phi-4-style). The templates are written here to follow each family's rendering rules."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ QWEN = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama-3 rules: header tokens, content trimmed, <|eot_id|> ends a turn with nothing after it; a base model's EOS is
+# <|end_of_text|>, the generation config adds <|eot_id|>.
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Phi-4 rules: ChatML with <|im_sep|> after the role and nothing after <|im_end|>.
+PHI4 = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
 # name -> (template, extra special tokens, eos, bos, the generation config's eos ids, end-of-turn, tail text)
 FAMILIES = {
     "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<eos>", "<bos>",
@@ -51,6 +64,10 @@ FAMILIES = {
     "phi3": (PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>", None,
              ["<|endoftext|>", "<|assistant|>", "<|end|>"], "<|end|>", "\n<|endoftext|>"),
     "qwen": (QWEN, [], "<|im_end|>", None, ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "\n"),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                        "<|eot_id|>"], "<|end_of_text|>", "<|begin_of_text|>", ["<|end_of_text|>", "<|eot_id|>"],
+               "<|eot_id|>", ""),
+    "phi4": (PHI4, ["<|im_sep|>"], "<|im_end|>", None, ["<|im_end|>"], "<|im_end|>", ""),
 }  # fmt: skip
 
 CONV = [
