@@ -294,3 +294,29 @@ def test_every_architecture_reads_the_reward_at_the_same_token(arch, tmp_path):
     reward = Reward(rm.model, bias=rm.offset, turn_end=turn_end(rm.tokenizer))
     ppo = reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
     torch.testing.assert_close(ppo, plain, atol=1e-5, rtol=0)
+
+
+def test_complete_turns_appends_the_tail_to_rows_that_end_with_the_end_of_turn_token_only():
+    from flywheel.tokenization import TurnEnd
+    from flywheel.train.ppo.roles import complete_turns
+    from flywheel.train.ppo.rollout import build_sequences
+
+    eot, pad = 9, 0
+    s = build_sequences([[5, 6], [4, 5, 6], [3]], [[7, eot], [7, 8, 8], [eot]], [True, False, True], pad)
+    seq, attn, pos, lengths = complete_turns(
+        s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask.sum(1), TurnEnd(eot, (10, 11))
+    )
+    assert seq.tolist() == [
+        [0, 5, 6, 7, eot, 10, 11, 0],
+        [4, 5, 6, 7, 8, 8, 0, 0],
+        [0, 0, 3, eot, 10, 11, 0, 0],
+    ]
+    assert attn.tolist() == [[0, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]]
+    assert [p[m.bool()].tolist() for p, m in zip(pos, attn, strict=True)] == [
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3],
+    ]
+    assert lengths.tolist() == [4, 3, 3]
+    assert TurnEnd(eot, (10, 11)).complete([7, eot]) == [7, eot, 10, 11]
+    assert TurnEnd(None, ()).complete([7, eot]) == [7, eot]
