@@ -24,7 +24,7 @@ After training, the mean raw score of reference answers is subtracted so that th
 last assistant turn after the messages before it) or, when none are given, the top-ranked answers of the training
 rankings. The offset is stored in the model's config as `flywheel_reward_offset` and subtracted by
 `RewardModel.score`. The `*ForSequenceClassification` heads of transformers have no bias, so plain transformers
-gives raw scores: subtract `config.flywheel_reward_offset` (docs/data-formats.md has the snippet). Only a head that
+gives raw scores: subtract `config.flywheel_reward_offset` (docs/chat-templates.md has the snippet). Only a head that
 has a bias absorbs the offset there, and then the stored offset is 0.
 
     rm = RewardModel.from_pretrained("runs/rm/final")
