@@ -722,3 +722,23 @@ def test_real_saved_dataset_and_parquet(tmp_path):
     )
     convs = read_conversations(tmp_path / "sft.parquet", skip_bad=True)
     assert [c.as_dicts() for c in convs] == [M_OK, [msg(U, "q"), msg(A, "a")]]
+
+
+def test_a_folder_of_parquet_shards_is_read_in_name_order_and_errors_name_the_shard(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows[3:]), folder / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:3]), folder / "train-00000-of-00002.parquet")
+    convs = read_conversations(folder)
+    assert [c.messages[0].content for c in convs] == ["q0", "q1", "q2", "q3", "q4"]
+    assert convs[3].source == (str(folder / "train-00001-of-00002.parquet"), 1)  # where later errors point
+    bad = rows[3:] + [{"prompt": "q5", "completion": ""}]
+    pq.write_table(pa.Table.from_pylist(bad), folder / "train-00001-of-00002.parquet")
+    assert_error_at(read_conversations, folder / "train-00001-of-00002.parquet", 3, "empty", "empty content")
+    message = str(error_of(read_conversations, folder))
+    assert message.startswith(f"{folder / 'train-00001-of-00002.parquet'}:3: "), message
+    assert len(read_conversations(folder, skip_bad=True)) == 5

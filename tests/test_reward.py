@@ -119,6 +119,12 @@ def _groups(tokenizer, rows):
     )
 
 
+def _scored_tokens(group):
+    """Tokens of a group's answers with the template's tail after each (ChatML: "\n"), where rewards are read."""
+    assert group.tails and all(len(t) == 1 for t in group.tails)
+    return sum(len(group.scored(k)) for k in range(group.k))
+
+
 def test_exactly_k_forwards_per_ranking_in_one_call(tokenizer, rm_model):
     groups = _groups(tokenizer, preference_rows(3, seed=1, k_max=4))
     ks = [g.k for g in groups]
@@ -141,14 +147,14 @@ def test_exactly_k_forwards_per_ranking_in_one_call(tokenizer, rm_model):
         "backbone_calls": 1,
         "backbone_rows": sum(ks),
         "scored": sum(ks),
-        "backbone_tokens": sum(g.k * len(g.prompt_ids) + sum(map(len, g.responses)) for g in groups),
+        "backbone_tokens": sum(g.k * len(g.prompt_ids) + _scored_tokens(g) for g in groups),
     }
     # shared prompt: one row per ranking; K answers scored; the prompt's tokens computed once
     seen.update(backbone_calls=0, backbone_rows=0, backbone_tokens=0, scored=0)
     batch = collate_groups(groups, tokenizer.pad_token_id)
     rm_loss(rm_model, batch)
     assert seen["backbone_calls"] == 1 and seen["backbone_rows"] == len(groups) and seen["scored"] == sum(ks)
-    assert batch["tokens"] == sum(len(g.prompt_ids) + sum(map(len, g.responses)) for g in groups)
+    assert batch["tokens"] == sum(len(g.prompt_ids) + _scored_tokens(g) for g in groups)
     assert sum(ks) > len(groups) * 2 and batch["weight"] == len(groups)
 
 
@@ -161,9 +167,9 @@ def test_reward_does_not_depend_on_padding_batch_or_layout(tokenizer, rm_model):
     separate = sequence_rewards(rm_model, collate_groups(groups, pad, share_prompt=False))
     alone = torch.cat(
         [
-            sequence_rewards(rm_model, collate_groups([RankingGroup(g.prompt_ids, [r], [])], pad))
+            sequence_rewards(rm_model, collate_groups([RankingGroup(g.prompt_ids, [r], [], [t])], pad))
             for g in groups
-            for r in g.responses
+            for r, t in zip(g.responses, g.tails, strict=True)
         ]
     )
     shuffled = sequence_rewards(rm_model, collate_groups(groups[::-1], pad))
@@ -174,7 +180,7 @@ def test_reward_does_not_depend_on_padding_batch_or_layout(tokenizer, rm_model):
     # plain transformers (its own last-non-pad pooling, right padding) gives the same numbers
     plain = AutoModelForSequenceClassification.from_config(rm_model.config)
     plain.load_state_dict(rm_model.state_dict())
-    seqs = [g.prompt_ids + r for g in groups for r in g.responses]
+    seqs = [g.prompt_ids + g.scored(k) for g in groups for k in range(g.k)]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     with torch.no_grad():
@@ -268,7 +274,7 @@ def test_rm_learns_a_synthetic_preference_and_saves_a_plain_classifier(trained_r
     offset = getattr(plain.config, OFFSET_KEY)
     g = groups[0]
     with torch.no_grad():
-        raw = plain(input_ids=torch.tensor([g.prompt_ids + g.responses[0]])).logits.item()
+        raw = plain(input_ids=torch.tensor([g.prompt_ids + g.scored(0)])).logits.item()
     assert abs(raw - offset - float(scores[0][0])) < 1e-4
 
 

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("flywheel.chat", "chat with a model in the terminal (streaming), or answer --prompt / stdin"),
     "rm": ("flywheel.train.reward", "train a reward model on K-way rankings / comparisons (InstructGPT loss)"),
     "dpo": ("flywheel.train.dpo", "direct preference optimisation on rankings (expanded to pairs)"),
+    "score": ("flywheel.score", "reward-model scores of conversations' final assistant turns (JSONL in, JSONL out)"),
     "sample": ("flywheel.sample", "sample answers to prompts; --best-of N keeps the reward model's favourite"),
     "eval": ("flywheel.eval.cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
     "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),

@@ -2,6 +2,10 @@
 
 Each stage has one dataclass; a field is documented once in `metadata={"help": ...}`. The field name is the YAML key
 and, in kebab case, the CLI flag (`max_steps` <-> `--max-steps`). Precedence: defaults < `--config FILE.yaml` < flags.
+
+Coming from TRL: every flag is also accepted in snake case (`--max_steps`), and TRL's names for the same settings
+(`TRL_ALIASES`: `--learning_rate` for `--lr`, ...) work as flags and as YAML keys wherever the config has the field
+they stand for. They are not listed in `--help`; docs/trl.md has the table.
 """
 
 from __future__ import annotations
@@ -18,6 +22,37 @@ import yaml
 from flywheel.errors import UserError
 
 T = TypeVar("T")
+
+# TRL / transformers.TrainingArguments name -> flywheel field (the same setting under another name).
+TRL_ALIASES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "sft_model_path": "model",
+    "reward_model_path": "reward_model",
+    "dataset_name": "data",
+    "output_dir": "out",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "adam_epsilon": "adam_eps",
+    "max_seq_length": "max_length",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "num_ppo_epochs": "ppo_epochs",
+    "response_length": "max_new_tokens",
+    "chat_template_path": "chat_template",
+    "torch_dtype": "dtype",
+}
+
+
+def flag_aliases(name: str, fields: set[str]) -> list[str]:
+    """The hidden spellings of the flag of field `name`: snake case, and the TRL names of the same setting (unless
+    one is itself a field of the config)."""
+    out = ["--" + name] if "_" in name else []
+    return out + ["--" + a for a, target in TRL_ALIASES.items() if target == name and a not in fields]
 
 
 def _field_type(tp: Any) -> tuple[type, bool]:
@@ -72,13 +107,21 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
 
 
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        epilog="Flags are also accepted in snake case and under their TRL names (--learning_rate, --output_dir, ...: "
+        "docs/trl.md).",
+    )
     parser.add_argument("--config", help="YAML file with config fields (flags override it)")
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for f in dataclasses.fields(cls):
         if not f.init or "stage" in f.metadata:  # a mapping of another config's fields: the caller adds its flags
             continue
         flag = "--" + f.name.replace("_", "-")
+        hidden = flag_aliases(f.name, names)
         scalar, _ = _field_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -87,17 +130,32 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if scalar is bool:
-            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text, dest=f.name)
+            kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}
         elif scalar is list or typing.get_origin(scalar) is list:
-            parser.add_argument(flag, nargs="*", help=help_text, dest=f.name)
+            kind = {"nargs": "*"}
         else:
-            parser.add_argument(flag, metavar=scalar.__name__.upper(), help=help_text, dest=f.name)
+            kind = {"metavar": scalar.__name__.upper()}
+        parser.add_argument(flag, help=help_text, dest=f.name, **kind)
+        if hidden:
+            parser.add_argument(*hidden, help=argparse.SUPPRESS, dest=f.name, **kind)
     return parser
+
+
+def resolve_aliases(values: dict[str, Any], names: set[str], source: str) -> dict[str, Any]:
+    """`values` with TRL names (`learning_rate`) renamed to the fields they stand for (`lr`)."""
+    out = dict(values)
+    for alias, target in TRL_ALIASES.items():
+        if alias in out and alias not in names and target in names:
+            if target in out:
+                raise UserError(f"{source}: both '{target}' and its TRL name '{alias}' are given")
+            out[target] = out.pop(alias)
+    return out
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = resolve_aliases(values, names, source)
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -117,8 +175,9 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     args = vars(build_parser(cls, prog, description).parse_args(argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
-    if config_file is not None:
-        values.update(load_yaml(config_file))
+    if config_file is not None:  # TRL names in the file first, so that a flag overrides the key under either name
+        names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        values.update(resolve_aliases(load_yaml(config_file), names, config_file))
     values.update(args)
     return config_from_dict(cls, values, source=config_file or "flags")
 

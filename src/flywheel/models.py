@@ -184,11 +184,13 @@ def save_pretrained(
     model: Any, tokenizer: Any | None, out_dir: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Atomically write a plain HF directory (safetensors + config + tokenizer); `extra` goes to flywheel.json."""
+    from flywheel.tokenization import save_tokenizer
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         if extra:
             (tmp / "flywheel.json").write_text(json.dumps(extra, indent=2))
     return out_dir

@@ -10,8 +10,9 @@ with the policy's chat template, and sampled by `flywheel.engine` N times each. 
 "finish_reasons"}` (scores are the reward model's normalised scores; null without `--reward-model`). The file reads
 back as SFT conversations (`flywheel sft --data best_of_8.jsonl`: rejection-sampling fine-tuning).
 
-The reward model scores the policy's own token ids (incl. the end-of-turn token it produced) when both models share
-a tokenizer and chat template; otherwise the decoded text is re-rendered with the reward model's template.
+The reward model scores the policy's own token ids (incl. the end-of-turn token it produced, followed by the markup
+the chat template writes after it, where training reads the reward) when both models share a tokenizer and chat
+template; otherwise the decoded text is re-rendered with the reward model's template.
 """
 
 from __future__ import annotations

@@ -6,11 +6,21 @@ to turn i with `add_generation_prompt=True` (the prompt the model sees at infere
 (the prompt + the answer + the end-of-turn markup), and checks that each rendering is a prefix of the next. The pieces
 between those boundaries are tokenized one by one, so a response is tokenized exactly as it is when the engine
 generates it after a separately tokenized prompt.
+
+An answer (what SFT and DPO train on) ends at its first end-of-turn token: the tokenizer's EOS or an EOS id of the
+model's generation config (Gemma's <end_of_turn>, Phi-3's <|end|>), which is where the engine stops. A reward model
+reads its score at the last token of the full rendering, after the markup the template writes past that token
+(`render_scored_response`); `TurnEnd` appends that markup to generated answers so that PPO and best-of-n read at the
+same token. docs/chat-templates.md has the details.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from flywheel.errors import UserError
@@ -29,6 +39,8 @@ CHATML_TEMPLATE = (
 )
 
 Messages = Sequence[dict[str, str]]
+GENERATION_CONFIG = "generation_config.json"
+GENERATION_STOPS_ATTR = "flywheel_generation_stops"  # the eos ids of the generation config, set by load_tokenizer
 
 
 def _render_text(tokenizer: Any, messages: Messages, *, add_generation_prompt: bool) -> str:
@@ -49,11 +61,89 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
+def set_generation_stops(tokenizer: Any, eos_token_id: int | list[int] | None) -> None:
+    """Tell the renderer which ids the model's generation config stops at (`load_tokenizer` does this from the
+    directory's generation_config.json): an assistant answer ends at the first of them, as the engine's output does."""
+    ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    setattr(tokenizer, GENERATION_STOPS_ATTR, [int(i) for i in ids if i is not None])
+
+
+def turn_stop_ids(tokenizer: Any) -> list[int]:
+    """The ids that end an assistant turn for this tokenizer: its EOS plus its generation config's EOS ids."""
+    return stop_token_ids(tokenizer, SimpleNamespace(eos_token_id=getattr(tokenizer, GENERATION_STOPS_ATTR, None)))
+
+
+def end_of_turn_texts(tokenizer: Any) -> list[str]:
+    """The texts of `turn_stop_ids` that are added (special) tokens, as the chat template writes them."""
+    added = tokenizer.added_tokens_decoder
+    return [added[i].content for i in turn_stop_ids(tokenizer) if i in added and added[i].content]
+
+
+def _answer_end(answer: str, stops: Sequence[str]) -> int:
+    """Where the policy's part of a rendered assistant turn ends: after the first end-of-turn token in it (what the
+    engine stops at); markup after it (ChatML's and Gemma's "\n") is never generated. No end-of-turn: all of it."""
+    hits = [answer.find(s) + len(s) for s in stops if s in answer]
+    return min(hits) if hits else len(answer)
+
+
+def _divergence(short: str, long: str, short_name: str, long_name: str) -> str:
+    """Where two renderings that should share a prefix part, with 20 characters of context on each side."""
+    i = next((k for k, (a, b) in enumerate(zip(short, long, strict=False)) if a != b), min(len(short), len(long)))
+    lo = max(0, i - 20)
+    return f"at character {i}, {short_name} gives {short[lo : i + 20]!r} but {long_name} {long[lo : i + 20]!r}"
+
+
+def _final_suffix(through: str, full: str, markup: Sequence[str]) -> int | None:
+    """Length of the suffix `through` has only because it is a whole conversation (Phi-3 appends eos_token after the
+    last turn): the smallest k with through[:-k] a prefix of `full`, `full` ending with the same k characters, and
+    those characters only special tokens and whitespace. None when there is no such k."""
+    for k in _markup_suffixes(through, markup):
+        if full.startswith(through[: len(through) - k]) and full.endswith(through[len(through) - k :]):
+            return k
+    return None
+
+
+def _markup_suffixes(text: str, markup: Sequence[str]) -> Iterator[int]:
+    """0, then the lengths of ever longer suffixes of `text` made of whole special tokens and whitespace."""
+    tokens = sorted(markup, key=len, reverse=True)
+    end = len(text)
+    yield 0
+    while end > 0:
+        if text[end - 1].isspace():
+            end -= 1
+        else:
+            token = next((t for t in tokens if text.endswith(t, 0, end)), None)
+            if token is None:
+                return
+            end -= len(token)
+        yield len(text) - end
+
+
+def _conversation_end(tokenizer: Any, messages: Messages, full: str, markup: Sequence[str]) -> int:
+    """Length of the markup `full` ends with only because the conversation ends there (Phi-3's eos_token), found by
+    rendering one more user turn; 0 when there is none or the template refuses the longer conversation."""
+    try:
+        longer = _render_text(tokenizer, [*messages, {"role": "user", "content": "?"}], add_generation_prompt=False)
+    except UserError:
+        return 0
+    return _final_suffix(full, longer, markup) or 0
+
+
+def _markup(tokenizer: Any) -> list[str]:
+    """The texts of the tokenizer's added (special) tokens."""
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.content]
+
+
 def conversation_segments(tokenizer: Any, messages: Messages) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_assistant_answer) pieces whose concatenation is the full text."""
+    """Split the rendered conversation into (text, is_assistant_answer) pieces whose concatenation is the full text.
+
+    An answer ends at its first end-of-turn token (`end_of_turn_texts`); a suffix the template writes only at the
+    very end of a conversation (Phi-3's eos_token) is allowed and belongs to no answer."""
     if not messages:
         raise UserError("empty conversation")
     full = _render_text(tokenizer, messages, add_generation_prompt=False)
+    stops, markup = end_of_turn_texts(tokenizer), _markup(tokenizer)
+    end = _conversation_end(tokenizer, messages, full, markup) if messages[-1]["role"] == "assistant" else 0
     segments: list[tuple[str, bool]] = []
     pos = 0
     for i, msg in enumerate(messages):
@@ -61,24 +151,47 @@ def conversation_segments(tokenizer: Any, messages: Messages) -> list[tuple[str,
             continue
         prompt = _render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not (prompt.startswith(full[:pos]) and through.startswith(prompt) and full.startswith(through)):
-            raise UserError(
-                "the chat template is not prefix-stable (rendering a conversation changes how its earlier turns "
-                f"render, at assistant turn {i}); loss masks cannot be derived from it: use a template whose "
-                "rendering of turns 1..i is a prefix of the rendering of turns 1..i+1"
-            )
-        if len(through) == len(prompt):
+        suffix = _check_prefixes(full[:pos], prompt, through, full, i, markup)
+        through = through[: len(through) - (end if i == len(messages) - 1 else suffix)]
+        if len(through) <= len(prompt):
             raise UserError(f"the chat template renders assistant turn {i} as nothing")
         answer = through[len(prompt) :]
-        # Markup after the end-of-turn token (ChatML's "\n") is never generated by the policy: keep it out of the mask.
-        eos = getattr(tokenizer, "eos_token", None)
-        cut = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+        cut = _answer_end(answer, stops)
         segments.append((prompt[pos:], False))
         segments.append((answer[:cut], True))
         segments.append((answer[cut:], False))
         pos = len(through)
     segments.append((full[pos:], False))
     return [(text, is_answer) for text, is_answer in segments if text]
+
+
+def _check_prefixes(before: str, prompt: str, through: str, full: str, i: int, markup: Sequence[str]) -> int:
+    """Masks need each rendering to extend the previous one; say which one does not, and where. Returns the length
+    of the final suffix of `through` (`_final_suffix`)."""
+    where = f"the chat template is not prefix-stable at message {i} (an assistant turn)"
+    if not prompt.startswith(before):
+        diff = _divergence(before, prompt, "the earlier turns alone", "with this prompt")
+        raise UserError(
+            f"{where}: rendering the conversation up to this turn changes how its earlier turns render ({diff}); "
+            "loss masks cannot be derived from it (pass --chat-template with a template that renders earlier turns "
+            "the same way)"
+        )
+    if not through.startswith(prompt):
+        diff = _divergence(prompt, through, "the generation prompt", "the rendered turn")
+        raise UserError(
+            f"{where}: its generation prompt is not how it renders the start of an assistant turn ({diff}), so the "
+            "model would be trained on another prompt than it is sampled from (pass --chat-template with a template "
+            "whose generation prompt matches)"
+        )
+    suffix = _final_suffix(through, full, markup)
+    if suffix is None or len(through) - suffix < len(prompt):
+        diff = _divergence(through, full, "the conversation up to this turn", "the whole one")
+        raise UserError(
+            f"{where}: later messages change how this turn and the ones before it render ({diff}), e.g. a template "
+            "that drops earlier reasoning or moves the system prompt (pass --chat-template with a template that "
+            "renders earlier turns the same way)"
+        )
+    return suffix
 
 
 def render_conversation(tokenizer: Any, messages: Messages) -> tuple[list[int], list[int]]:
@@ -101,12 +214,45 @@ def render_prompt(tokenizer: Any, messages: Messages) -> list[int]:
     return _encode(tokenizer, _render_text(tokenizer, messages, add_generation_prompt=True))
 
 
-def render_response(tokenizer: Any, prompt: Messages, response: str) -> list[int]:
-    """Ids of `response` as the model's next turn after `prompt`, including the end-of-turn markup."""
+def render_scored_response(tokenizer: Any, prompt: Messages, response: str) -> tuple[list[int], list[int]]:
+    """(answer, tail) ids of `response` as the model's next turn after `prompt`: the answer as the policy writes it
+    (up to its end-of-turn token), and the markup the template writes after it when the conversation ends there
+    (ChatML's "\n", Phi-3's "\n<|endoftext|>"). prompt + answer + tail is the template's full rendering; a reward is
+    read at its last token."""
     conv = list(prompt) + [{"role": "assistant", "content": response}]
     segments = conversation_segments(tokenizer, conv)
-    answer = [text for text, is_answer in segments if is_answer][-1]
-    return _encode(tokenizer, answer)
+    last = max(j for j, (_, is_answer) in enumerate(segments) if is_answer)
+    tail = "".join(text for text, _ in segments[last + 1 :])
+    return _encode(tokenizer, segments[last][0]), _encode(tokenizer, tail)
+
+
+def render_response(tokenizer: Any, prompt: Messages, response: str) -> list[int]:
+    """Ids of `response` as the model's next turn after `prompt`, including its end-of-turn token."""
+    return render_scored_response(tokenizer, prompt, response)[0]
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """How the chat template closes a conversation's last assistant turn, for reading rewards after generation."""
+
+    token_id: int | None  # the end-of-turn token that ends the policy's answer (None: the template has none)
+    tail: tuple[int, ...]  # what the template writes after it: ChatML and Gemma "\n", Phi-3 "\n<|endoftext|>"
+
+    def complete(self, response: Sequence[int]) -> list[int]:
+        """`response` (ids as generated) followed by the tail when it ends with the end-of-turn token, so that the
+        reward is read where it is read in training: at the last token of the template's rendering."""
+        ended = len(response) > 0 and self.token_id is not None and response[-1] == self.token_id
+        return list(response) + list(self.tail) if ended else list(response)
+
+
+def turn_end(tokenizer: Any) -> TurnEnd:
+    """The template's `TurnEnd`, from the rendering of a one-question conversation."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    answer, tail = render_scored_response(tokenizer, prompt, "Hello")
+    stops = end_of_turn_texts(tokenizer)
+    text = tokenizer.decode(answer, skip_special_tokens=False)
+    ended = any(text.endswith(s) for s in stops)
+    return TurnEnd(answer[-1] if ended else None, tuple(tail))
 
 
 def train_tokenizer(
@@ -139,9 +285,15 @@ def train_tokenizer(
     )
 
 
-def load_tokenizer(path: str) -> Any:
-    from pathlib import Path
+CHAT_TEMPLATE_HELP = (
+    "a Jinja chat template file that replaces the model's own (saved with the model it trains; docs/chat-templates.md)"
+)
 
+
+def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
+    """A tokenizer directory or a model's; a real pad token is added where there is none (or it is EOS), and the
+    directory's generation_config.json says which ids end an assistant turn (`set_generation_stops`).
+    chat_template: a Jinja file that replaces the tokenizer's template (`--chat-template`)."""
     from transformers import AutoTokenizer
 
     from flywheel.models import resolve_model_path
@@ -155,7 +307,48 @@ def load_tokenizer(path: str) -> Any:
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # Reusing EOS as padding makes padded EOS tokens invisible to losses that mask padding; add a real pad.
         tok.add_special_tokens({"pad_token": PAD})
+    gen_file = Path(source) / GENERATION_CONFIG
+    if gen_file.is_file():
+        try:
+            set_generation_stops(tok, json.loads(gen_file.read_text()).get("eos_token_id"))
+        except (ValueError, TypeError, AttributeError):
+            raise UserError("not a generation config (JSON with eos_token_id)", path=str(gen_file)) from None
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
     return tok
+
+
+def read_chat_template(path: str | Path) -> str:
+    """The text of a Jinja chat template file, its syntax checked."""
+    from jinja2 import TemplateError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("chat template file does not exist", path=str(p))
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError("the chat template file is empty", path=str(p))
+    try:  # transformers' own compiler (its extensions and tags); rendering errors are reported per conversation
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return text
+    try:
+        _compile_jinja_template(text)
+    except TemplateError as err:
+        line = getattr(err, "lineno", None)
+        raise UserError(f"not a Jinja template: {getattr(err, 'message', err)}", path=str(p), line=line) from None
+    return text
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
+    """Write the tokenizer, and the ids that end an assistant turn as a generation_config.json where the model wrote
+    none (a reward model's directory), so that every directory flywheel writes renders answers the same way."""
+    tokenizer.save_pretrained(out_dir)
+    gen_file = Path(out_dir) / GENERATION_CONFIG
+    if not gen_file.exists() and getattr(tokenizer, GENERATION_STOPS_ATTR, None):
+        stops = turn_stop_ids(tokenizer)
+        gen = {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tokenizer.pad_token_id}
+        gen_file.write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:

@@ -22,6 +22,7 @@ from flywheel.data.io import (
     read_prompts,
     read_texts,
     read_with_report,
+    render_records,
 )
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "read_prompts",
     "read_texts",
     "read_with_report",
+    "render_records",
     "validate_prompt",
 ]

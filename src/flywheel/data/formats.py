@@ -16,7 +16,7 @@ readers in `flywheel.data.io` count when they skip bad records. This module impo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.errors import UserError
@@ -57,7 +57,9 @@ REASONS = (
     "candidate not ranked",
     "candidate ranked twice",
     "all tied",
+    "rejected by the chat template",
 )
+TEMPLATE_REJECTED = "rejected by the chat template"  # the reason of a record that reads well but does not render
 
 
 def type_name(value: Any) -> str:
@@ -197,6 +199,7 @@ def _check_answer(text: Any, where: str) -> None:
 @dataclass
 class Conversation:
     messages: list[Message]
+    source: tuple[str, int] | None = field(default=None, compare=False, repr=False)  # (file, line) it was read from
 
     def __post_init__(self) -> None:
         check_messages(self.messages)
@@ -222,6 +225,7 @@ class Ranking:
     completions: list[str]  # K distinct non-empty answers
     order: list[list[int]]  # e.g. [[2], [0, 1], [3]]: 2 is best, 0 and 1 tie, 3 is worst
     labeler: str | None = None
+    source: tuple[str, int] | None = field(default=None, compare=False, repr=False)  # (file, line) it was read from
 
     def __post_init__(self) -> None:
         check_messages(self.prompt, field="prompt", end="user")

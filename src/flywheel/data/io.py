@@ -20,12 +20,13 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from flywheel.data.formats import (
+    TEMPLATE_REJECTED,
     Comparison,
     Conversation,
     Message,
@@ -40,6 +41,8 @@ from flywheel.errors import UserError
 
 log = logging.getLogger("flywheel")
 
+T = TypeVar("T")
+R = TypeVar("R")
 Kind = Literal["conversations", "preferences", "prompts", "texts"]
 
 # Anthropic HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." (the very first marker may lack the blank line).
@@ -76,6 +79,41 @@ class ReadReport:
         )
 
 
+def render_records(
+    records: Sequence[T],
+    render: Callable[[T], R],
+    *,
+    skip_bad: bool = False,
+    source: str = "data",
+    skipped: list[T] | None = None,
+) -> list[tuple[T, R]]:
+    """(record, render(record)) for each record. A UserError from `render` (a chat template that rejects the
+    conversation) becomes a RecordError at the record's FILE:LINE (`source` without a line for records built in
+    code); with skip_bad such records are dropped (and appended to `skipped`) and summarised in one warning line,
+    as the readers do."""
+    report = ReadReport(source, total=len(records))
+    out: list[tuple[T, R]] = []
+    for record in records:
+        try:
+            out.append((record, render(record)))
+        except UserError as err:
+            path, line = getattr(record, "source", None) or (source, None)
+            located = RecordError(err.message, reason=TEMPLATE_REJECTED, path=path, line=line)
+            if not skip_bad:
+                raise located from None
+            report.skipped[TEMPLATE_REJECTED] += 1
+            if skipped is not None:
+                skipped.append(record)
+            report.first_error = report.first_error or str(located)
+    if report.skipped and not out:
+        raise UserError(
+            f"all {report.total} records are bad: {report.reasons()} (first: {report.first_error})", path=source
+        )
+    if report.skipped:
+        log.warning(report.summary())
+    return out
+
+
 def read_conversations(path: str | Path, *, skip_bad: bool = False) -> list[Conversation]:
     """SFT demonstrations: `{"messages": [...]}` or TRL `{"prompt", "completion"}` (strings or message lists).
     Every conversation ends with an assistant message."""
@@ -108,7 +146,7 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
     path = Path(path)
     report = ReadReport(name)
     records: list[Any] = []
-    for line, obj in _rows(path, kind):
+    for where, line, obj in _rows(path, kind):
         report.total += 1
         try:
             if isinstance(obj, RecordError):
@@ -119,9 +157,12 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
                     + (" (JSON Lines needs one object per line)" if isinstance(obj, list) else ""),
                     reason="not an object",
                 )
-            records.append(parse(obj))
+            record = parse(obj)
+            if hasattr(record, "source"):  # so that later stages (the chat template) can name the line too
+                record.source = (where, line)
+            records.append(record)
         except RecordError as err:
-            located = err if err.path is not None else err.at(name, line)
+            located = err if err.path is not None else err.at(where, line)
             if not skip_bad:
                 raise located from None
             report.skipped[err.reason] += 1
@@ -347,36 +388,48 @@ def _split_pair(chosen: list[Message], rejected: list[Message], labeler: Any) ->
     return Comparison(head_c, chosen[-1].content, rejected[-1].content, labeler=labeler)
 
 
-def _rows(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded record or the RecordError that decoding raised) for every record of a file or dataset."""
+def _rows(path: Path, kind: str) -> Iterator[tuple[str, int, Any]]:
+    """(file, line number, decoded record or the RecordError that decoding raised) for every record of a file, a
+    folder of files or a dataset. The file is the one to name in an error: a folder's shard, or `path` itself."""
     name = str(path)
     if not path.exists():
         raise UserError("no such file or directory", path=name)
     if path.is_dir():
         if any((path / m).exists() for m in _DATASET_MARKERS):
-            return _dataset_rows(path)
+            return _at(name, _dataset_rows(path))
+        shards = sorted(path.glob("*.parquet"))
+        if shards:
+            return (row for f in shards for row in _at(str(f), _parquet_rows(f)))
         if kind == "texts":
             files = sorted(path.glob("*.txt"))
             if not files:
                 raise UserError(
-                    "the directory holds no .txt files and no dataset saved with `save_to_disk`", path=name
+                    "the directory holds no .txt files, no .parquet files and no dataset saved with `save_to_disk`",
+                    path=name,
                 )
-            return (row for f in files for row in _text_rows(f, documents=True, locate=True))
+            return (row for f in files for row in _at(str(f), _text_rows(f, documents=True)))
         raise UserError(
-            f"a directory of {kind} must be a dataset saved with `datasets.Dataset.save_to_disk`", path=name
+            f"a directory of {kind} must be a dataset saved with `datasets.Dataset.save_to_disk` or hold .parquet "
+            "files",
+            path=name,
         )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _parquet_rows(path)
+        return _at(name, _parquet_rows(path))
     if suffix == ".txt":
         if kind == "texts":
-            return _text_rows(path, documents=True)
+            return _at(name, _text_rows(path, documents=True))
         if kind == "prompts":
-            return _text_rows(path, documents=False)
+            return _at(name, _text_rows(path, documents=False))
         raise UserError(
             f"{kind} cannot be read from a .txt file: use JSON Lines (see docs/data-formats.md)", path=name
         )
-    return _jsonl_rows(path)
+    return _at(name, _jsonl_rows(path))
+
+
+def _at(name: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[str, int, Any]]:
+    for line, obj in rows:
+        yield name, line, obj
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | RecordError]]:
@@ -410,15 +463,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, RecordError(f"bad JSON: {err.msg} at column {err.colno}{hint}", reason="bad JSON")
 
 
-def _text_rows(path: Path, *, documents: bool, locate: bool = False) -> Iterator[tuple[int, Any]]:
+def _text_rows(path: Path, *, documents: bool) -> Iterator[tuple[int, Any]]:
     """A .txt file as records: one prompt per non-blank line (stripped), or documents separated by blank lines
-    (numbered by their first line). `locate`: errors name this file (it is one of a folder's)."""
+    (numbered by their first line)."""
     key = "text" if documents else "prompt"
     doc: list[str] = []
     start = 0
     for lineno, text in _lines(path):
         if isinstance(text, RecordError):
-            yield lineno, text.at(str(path), lineno) if locate else text
+            yield lineno, text
             continue
         text = text.rstrip("\r\n")
         if not documents:

@@ -38,7 +38,7 @@ from flywheel import distributed
 from flywheel.data.batching import _has_plain_head, to_device
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, disable_dropout, load_causal_lm, resize_for_tokenizer
-from flywheel.tokenization import load_tokenizer
+from flywheel.tokenization import CHAT_TEMPLATE_HELP, load_tokenizer
 from flywheel.train.loop import autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.train.reward import (
     PreferenceConfig,
@@ -63,6 +63,7 @@ class DPOConfig(PreferenceConfig):
     model: str = field(default="", metadata={"help": "policy to optimise (usually the SFT model)"})
     ref_model: str = field(default="", metadata={"help": "reference policy (default: --model before training)"})
     beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty (higher = stay closer)"})
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     loss: str = field(
         default="sigmoid",
@@ -303,19 +304,29 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     model = load_causal_lm(cfg.model)
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
     splits = {
         "train": encode_rankings(
-            tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data
+            tokenizer,
+            rankings,
+            max_length=cfg.max_length,
+            overlong=cfg.overlong,
+            source=cfg.data,
+            skip_bad=cfg.skip_bad,
         )
     }
     if held_out:
         splits["eval"] = encode_rankings(
-            tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.eval_data or cfg.data
+            tokenizer,
+            held_out,
+            max_length=cfg.max_length,
+            overlong=cfg.overlong,
+            source=cfg.eval_data or cfg.data,
+            skip_bad=cfg.skip_bad,
         )
     log.info(
         "dpo: %d params, training on %s, %d held out, %s loss, beta %g",

@@ -569,6 +569,7 @@ def save_final(
     merged into the weights; FSDP shards are gathered first (every rank must call this)."""
     from flywheel.lora import has_lora, merged_state_dict
     from flywheel.models import save_pretrained
+    from flywheel.tokenization import save_tokenizer
 
     lora = has_lora(model)
     if not lora and (wrapped is None or wrapped.strategy == "ddp"):
@@ -584,7 +585,7 @@ def save_final(
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                save_tokenizer(tokenizer, tmp)
             if extra:
                 (tmp / "flywheel.json").write_text(json.dumps(extra, indent=2))
     distributed.barrier()

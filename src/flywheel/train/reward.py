@@ -5,7 +5,11 @@
 
 The model is the backbone of `--model` (a causal LM, e.g. the SFT checkpoint, or an existing reward model) with a
 scalar head, saved as `*ForSequenceClassification(num_labels=1)`. The reward of a response is the head applied to the
-hidden state of its last token (the end-of-turn token: pad != eos, so it is a real token).
+hidden state of the last token of the chat template's full rendering of prompt + response (as TRL's RewardTrainer and
+OpenRLHF read it): after the answer's end-of-turn token and whatever the template writes after it (ChatML's and
+Gemma's "\n", Phi-3's "\n<|endoftext|>"). Generated responses stop at the end-of-turn token; PPO and best-of-n append
+the same markup (`flywheel.tokenization.TurnEnd`) before reading, so training, scoring, PPO and plain transformers
+(`apply_chat_template` + `AutoModelForSequenceClassification`) read the reward at the same token.
 
 Loss (InstructGPT Eq. 1): for a ranking of K answers, -1/C(K,2) * sum over (winner, loser) pairs of
 log sigmoid(r_w - r_l - margin); tied pairs are dropped, so the mean is over the ranked pairs. One ranking is one batch
@@ -19,8 +23,9 @@ After training, the mean raw score of reference answers is subtracted so that th
 "so that the labeler demonstrations achieve a mean score of 0"). References are `--reference-data` conversations (the
 last assistant turn after the messages before it) or, when none are given, the top-ranked answers of the training
 rankings. The offset is stored in the model's config as `flywheel_reward_offset` and subtracted by
-`RewardModel.score`; a head with a bias (GPT-2 style) absorbs it instead and the stored offset is 0. Plain
-transformers users of a bias-free head (Llama) therefore see raw scores: subtract `config.flywheel_reward_offset`.
+`RewardModel.score`. The `*ForSequenceClassification` heads of transformers have no bias, so plain transformers
+gives raw scores: subtract `config.flywheel_reward_offset` (docs/chat-templates.md has the snippet). Only a head that
+has a bias absorbs the offset there, and then the stored offset is 0.
 
     rm = RewardModel.from_pretrained("runs/rm/final")
     rm.score([[{"role": "user", "content": "2+2?"}]], ["4"])  # tensor([...]) normalised scores, shape (B,)
@@ -48,7 +53,14 @@ from flywheel.models import (
     resize_for_tokenizer,
     reward_head,
 )
-from flywheel.tokenization import load_tokenizer, render_prompt, render_response
+from flywheel.tokenization import (
+    CHAT_TEMPLATE_HELP,
+    TurnEnd,
+    load_tokenizer,
+    render_prompt,
+    render_scored_response,
+    turn_end,
+)
 from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log, seed_everything
 
@@ -109,6 +121,7 @@ class RewardConfig(PreferenceConfig):
     normalize: bool = field(default=True, metadata={"help": "after training, make reference answers score mean 0"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
 
     def validate(self) -> None:
         if not self.model:
@@ -158,10 +171,15 @@ class RankingGroup:
     prompt_ids: list[int]  # the rendered prompt incl. the generation prompt (what the policy sees)
     responses: list[list[int]]  # K answers, each as the policy writes it (incl. its end-of-turn token)
     pairs: list[tuple[int, int]]  # indices into responses; empty for scoring-only groups
+    tails: list[list[int]] | None = None  # per answer: the template's markup after it; rewards are read at its end
 
     @property
     def k(self) -> int:
         return len(self.responses)
+
+    def scored(self, k: int) -> list[int]:
+        """Answer k followed by its tail: the tokens after the prompt that the reward model reads."""
+        return self.responses[k] + self.tails[k] if self.tails else list(self.responses[k])
 
 
 def fit_group(
@@ -178,18 +196,52 @@ def fit_group(
     return prompt, [r[: max_length - keep] for r in responses], True
 
 
+def check_tail(tokenizer: Any, tail: Sequence[int], expected: TurnEnd) -> None:
+    """Generated answers are completed with the template's usual tail (`TurnEnd`); a conversation whose rendering
+    ends otherwise would be read at another token in training than after generation."""
+    if tuple(tail) != expected.tail:
+        found, usual = (repr(tokenizer.decode(list(t), skip_special_tokens=False)) for t in (tail, expected.tail))
+        raise UserError(
+            f"the chat template ends this conversation with {found} after the answer, not with its usual {usual}: "
+            "rewards read after generation would be read elsewhere (use a template that closes every answer alike)"
+        )
+
+
+def render_ranking(tokenizer: Any, ranking: Ranking, usual: TurnEnd) -> tuple[list[int], list[tuple[list[int], ...]]]:
+    """(prompt ids, [(answer ids, tail ids) for each completion]) of one ranking."""
+    messages = ranking.prompt_dicts()
+    prompt = render_prompt(tokenizer, messages)
+    rendered = [render_scored_response(tokenizer, messages, text) for text in ranking.completions]
+    for _, tail in rendered:
+        check_tail(tokenizer, tail, usual)
+    return prompt, rendered
+
+
 def encode_rankings(
-    tokenizer: Any, rankings: Sequence[Ranking], *, max_length: int, overlong: str = "drop", source: str = "data"
+    tokenizer: Any,
+    rankings: Sequence[Ranking],
+    *,
+    max_length: int,
+    overlong: str = "drop",
+    source: str = "data",
+    skip_bad: bool = False,
+    skipped: list[Ranking] | None = None,
 ) -> list[RankingGroup]:
-    """Render every ranking with the chat template; apply the length policy and say what it did in one line."""
+    """Render every ranking with the chat template; apply the length policy and say what it did in one line.
+    Each answer carries the template's tail (`RankingGroup.tails`): its reward is read at the rendering's end.
+    A ranking the chat template rejects is a FILE:LINE error, or skipped with `skip_bad` (and appended to
+    `skipped`)."""
+    from flywheel.data.io import render_records
+
     groups: list[RankingGroup] = []
     cut = dropped_answers = dropped_rankings = answers = 0
-    for r in rankings:
-        messages = r.prompt_dicts()
-        prompt = render_prompt(tokenizer, messages)
-        responses = [render_response(tokenizer, messages, text) for text in r.completions]
-        answers += len(responses)
-        prompt, fitted, was_cut = fit_group(prompt, responses, max_length, overlong)
+    usual = turn_end(tokenizer)
+    renderings = render_records(
+        rankings, lambda r: render_ranking(tokenizer, r, usual), skip_bad=skip_bad, source=source, skipped=skipped
+    )
+    for r, (prompt, rendered) in renderings:
+        answers += len(rendered)
+        prompt, fitted, was_cut = fit_group(prompt, [a + t for a, t in rendered], max_length, overlong)
         cut += was_cut
         kept = [j for j, ids in enumerate(fitted) if ids is not None]
         dropped_answers += len(fitted) - len(kept)
@@ -198,7 +250,8 @@ def encode_rankings(
         if not pairs:
             dropped_rankings += 1
             continue
-        groups.append(RankingGroup(prompt, [fitted[j] for j in kept], pairs))  # type: ignore[misc]
+        split = [(fitted[j][: len(rendered[j][0])], fitted[j][len(rendered[j][0]) :]) for j in kept]  # type: ignore[index]
+        groups.append(RankingGroup(prompt, [a for a, _ in split], pairs, [t for _, t in split]))
     if cut:
         log.warning(
             "%s: %d of %d rankings longer than %d tokens were truncated (prompt cut from the left, answers "
@@ -230,13 +283,13 @@ def encode_rankings(
 def _group_rows(group: RankingGroup, share_prompt: bool) -> list[tuple[list[int], list[int], list[int]]]:
     """(ids, position ids, segment ids) of the rows that hold a group: segment 0 = prompt, k + 1 = answer k."""
     p = len(group.prompt_ids)
+    scored = [group.scored(k) for k in range(group.k)]
     if not share_prompt:
         return [
-            (group.prompt_ids + r, list(range(p + len(r))), [0] * p + [k + 1] * len(r))
-            for k, r in enumerate(group.responses)
+            (group.prompt_ids + r, list(range(p + len(r))), [0] * p + [k + 1] * len(r)) for k, r in enumerate(scored)
         ]
     ids, pos, seg = list(group.prompt_ids), list(range(p)), [0] * p
-    for k, r in enumerate(group.responses):
+    for k, r in enumerate(scored):
         ids += r
         pos += range(p, p + len(r))
         seg += [k + 1] * len(r)
@@ -246,9 +299,8 @@ def _group_rows(group: RankingGroup, share_prompt: bool) -> list[tuple[list[int]
 def padded_tokens(group: RankingGroup, share_prompt: bool) -> int:
     """The tokens `group` occupies in a batch (its row, or its K rows padded to the longest answer)."""
     p = len(group.prompt_ids)
-    if share_prompt:
-        return p + sum(len(r) for r in group.responses)
-    return group.k * (p + max(len(r) for r in group.responses))
+    scored = [len(group.scored(k)) for k in range(group.k)]
+    return p + sum(scored) if share_prompt else group.k * (p + max(scored))
 
 
 def collate_groups(
@@ -285,11 +337,12 @@ def collate_groups(
             if not share_prompt and k > 0:
                 row, start = row + 1, p
             base = row * length
-            ends.append(base + start + len(resp) - 1)
+            scored = len(group.scored(k))
+            ends.append(base + start + scored - 1)  # the reward is read after the answer's tail
             pred += [base + p - 1] + [base + start + j for j in range(len(resp) - 1)]
             targets += resp
             target_seq += [n + k] * len(resp)
-            start += len(resp)
+            start += scored
         winners += [n + w for w, _ in group.pairs]
         losers += [n + lo for _, lo in group.pairs]
         pair_group += [g] * len(group.pairs)
@@ -464,6 +517,7 @@ class RewardModel:
         if pad is None:
             raise UserError("the reward model has no pad token id")
         self.pad_id = int(pad)
+        self.turn_end = turn_end(tokenizer)  # what generated answers get appended before their reward is read
 
     @classmethod
     def from_pretrained(
@@ -501,15 +555,23 @@ class RewardModel:
     def score_ids(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, normalize: bool = True
     ) -> torch.Tensor:
-        """(B,) scores of response i after prompt i, read at the response's last token (include the end-of-turn
-        token the policy produced: a response without one is scored where it stops)."""
+        """(B,) scores of response i after prompt i, as the engine returns them. A response that ends with the
+        template's end-of-turn token gets the markup the template writes after it (`TurnEnd`), so it is read where
+        training and plain transformers read it; a response without one (cut at a length limit) is read where it
+        stops."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-        if not prompt_ids:
-            return torch.zeros(0)
         for i, r in enumerate(response_ids):
             if len(r) == 0:
                 raise UserError(f"response {i} is empty: there is no token to read its reward at")
+        return self._score_rows(prompt_ids, [self.turn_end.complete(r) for r in response_ids], normalize)
+
+    def _score_rows(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], normalize: bool
+    ) -> torch.Tensor:
+        """(B,) scores read at the last token of prompt i + response i (the response already completed)."""
+        if not prompt_ids:
+            return torch.zeros(0)
         by_prompt: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompt_ids):
             by_prompt.setdefault(tuple(p), []).append(i)
@@ -545,18 +607,35 @@ class RewardModel:
             if key not in rendered:
                 rendered[key] = render_prompt(self.tokenizer, msgs)
             prompt_ids.append(rendered[key])
-        response_ids = [
-            render_response(self.tokenizer, msgs, text) for msgs, text in zip(prompts, responses, strict=True)
+        rendered = [
+            render_scored_response(self.tokenizer, msgs, text) for msgs, text in zip(prompts, responses, strict=True)
         ]
-        return self.score_ids(prompt_ids, response_ids, normalize=normalize)
+        return self._score_rows(prompt_ids, [answer + tail for answer, tail in rendered], normalize)
 
 
-def reference_answers(cfg: RewardConfig, rankings: Sequence[Ranking]) -> tuple[list[Any], list[str], str]:
-    """(prompts, answers, description) whose mean score becomes 0: --reference-data, or the top-ranked answers."""
+def scorable_conversations(tokenizer: Any, convs: Sequence[Any], *, skip_bad: bool, source: str) -> list[Any]:
+    """The conversations whose final assistant turn the chat template renders for scoring; one it rejects is a
+    FILE:LINE error, or skipped and summarised with `skip_bad` (`flywheel.data.render_records`)."""
+    from flywheel.data.io import render_records
+
+    def render(conv: Any) -> Any:
+        messages = conv.as_dicts()
+        return render_scored_response(tokenizer, messages[:-1], messages[-1]["content"])
+
+    return [conv for conv, _ in render_records(convs, render, skip_bad=skip_bad, source=source)]
+
+
+def reference_answers(
+    cfg: RewardConfig, rankings: Sequence[Ranking], tokenizer: Any = None
+) -> tuple[list[Any], list[str], str]:
+    """(prompts, answers, description) whose mean score becomes 0: --reference-data (checked against `tokenizer`'s
+    chat template when given), or the top-ranked answers."""
     if cfg.reference_data:
         from flywheel.data.io import read_conversations
 
         convs = read_conversations(cfg.reference_data, skip_bad=cfg.skip_bad)
+        if tokenizer is not None:
+            convs = scorable_conversations(tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.reference_data)
         prompts = [c.as_dicts()[:-1] for c in convs]
         answers = [c.messages[-1].content for c in convs]
         what = f"final assistant turns of {cfg.reference_data}"
@@ -606,20 +685,20 @@ def train_reward(cfg: RewardConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     seed_everything(cfg.seed)  # the new head's init: the same on every rank and in every run with this seed
     model = load_sequence_classifier(cfg.model)
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     prepare_model(model, cfg)
     rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
-    groups = encode_rankings(tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
+    fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
+    rejected: list[Ranking] = []
+    groups = encode_rankings(tokenizer, rankings, source=cfg.data, skipped=rejected, **fit)
+    rejected_ids = {id(r) for r in rejected}
+    rankings = [r for r in rankings if id(r) not in rejected_ids]  # their answers are no reference either
     eval_source = cfg.eval_data or cfg.data
-    eval_groups = (
-        encode_rankings(tokenizer, held_out, max_length=cfg.max_length, overlong=cfg.overlong, source=eval_source)
-        if held_out
-        else []
-    )
+    eval_groups = encode_rankings(tokenizer, held_out, source=eval_source, **fit) if held_out else []
     log.info("rm: %d params, training on %s, %d held out", count_parameters(model), describe(groups), len(eval_groups))
     pad = tokenizer.pad_token_id
     mask_dtype = attention_mask_dtype(model, cfg.share_prompt)
@@ -645,7 +724,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     )
     extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length, **result.eval_metrics}
     if cfg.normalize:
-        prompts, answers, what = reference_answers(cfg, rankings)
+        prompts, answers, what = reference_answers(cfg, rankings, tokenizer)
         scorer = RewardModel(
             model,
             tokenizer,

@@ -16,7 +16,7 @@ from typing import Any
 from flywheel.data.batching import LMSample, pack_masked, split_heldout
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
-from flywheel.tokenization import load_tokenizer, render_conversation
+from flywheel.tokenization import CHAT_TEMPLATE_HELP, load_tokenizer, render_conversation
 from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir
 from flywheel.train.pretrain import train_causal_lm
 from flywheel.utils import log
@@ -32,6 +32,7 @@ class SFTConfig(TrainConfig):
     max_length: int = field(default=512, metadata={"help": "tokens per conversation (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack conversations into rows of --max-length"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
 
     def validate(self) -> None:
         super().validate()
@@ -43,12 +44,19 @@ class SFTConfig(TrainConfig):
             raise UserError("--max-length must be >= 2")
 
 
-def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, source: str) -> list[LMSample]:
-    """Render and truncate; conversations left with no assistant token are dropped, counted in one summary line."""
+def render_samples(
+    tokenizer: Any, conversations: list[Any], max_length: int, source: str, *, skip_bad: bool = False
+) -> list[LMSample]:
+    """Render and truncate; conversations left with no assistant token are dropped, counted in one summary line.
+    A conversation the chat template rejects is a FILE:LINE error, or skipped with `skip_bad`."""
+    from flywheel.data.io import render_records
+
     samples: list[LMSample] = []
     truncated = dropped = 0
-    for conv in conversations:
-        ids, mask = render_conversation(tokenizer, conv.as_dicts())
+    rendered = render_records(
+        conversations, lambda c: render_conversation(tokenizer, c.as_dicts()), skip_bad=skip_bad, source=source
+    )
+    for _, (ids, mask) in rendered:
         if len(ids) > max_length:
             truncated += 1
             ids, mask = ids[:max_length], mask[:max_length]
@@ -61,7 +69,7 @@ def render_samples(tokenizer: Any, conversations: list[Any], max_length: int, so
             "%s: %d of %d conversations truncated to %d tokens, %d dropped (no assistant token left)",
             source,
             truncated,
-            len(conversations),
+            len(rendered),
             max_length,
             dropped,
         )
@@ -74,7 +82,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from flywheel.data.io import read_conversations
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     model = load_causal_lm(cfg.model)
     resize_for_tokenizer(model, tokenizer)
     prepare_model(model, cfg)
@@ -83,9 +91,11 @@ def train_sft(cfg: SFTConfig) -> Path:
         eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
     else:
         convs, eval_convs = split_heldout(convs, cfg.eval_split, cfg.seed)
-    samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data)
+    samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data, skip_bad=cfg.skip_bad)
     eval_source = cfg.eval_data or cfg.data
-    eval_samples = render_samples(tokenizer, eval_convs, cfg.max_length, eval_source) if eval_convs else []
+    eval_samples = (
+        render_samples(tokenizer, eval_convs, cfg.max_length, eval_source, skip_bad=cfg.skip_bad) if eval_convs else []
+    )
     if cfg.packing:
         samples = pack_masked(samples, cfg.max_length)
     log.info(

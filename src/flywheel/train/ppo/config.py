@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flywheel.errors import UserError
+from flywheel.tokenization import CHAT_TEMPLATE_HELP
 from flywheel.train.loop import TrainConfig
 
 
@@ -36,6 +37,7 @@ class PPOConfig(TrainConfig):
         default_factory=list,
         metadata={"help": "weight of each --reward-fn, in order (default: 1 each); the reward model's score weighs 1"},
     )
+    chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
     value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
     prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
     ptx_data: str = field(default="", metadata={"help": "pretraining corpus for PPO-ptx (empty = plain PPO)"})

@@ -22,6 +22,7 @@ import torch
 
 from flywheel import fastforward
 from flywheel.models import disable_dropout
+from flywheel.tokenization import TurnEnd
 from flywheel.train.ppo.losses import entropy_from_logits
 
 # A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
@@ -126,9 +127,34 @@ class Critic(Role):
         return self.module.score(hidden).squeeze(-1).float() - self.bias  # (B, R)
 
 
+def complete_turns(
+    seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, lengths: torch.Tensor, end: TurnEnd
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the template's tail to every response that ends with its end-of-turn token (`TurnEnd.complete` on a
+    batch): (seq, attn, pos) widened by len(tail) columns, and the new response lengths (B,). Rows: a left-padded
+    prompt in columns [0, P), then the response, right-padded."""
+    t = len(end.tail)
+    b = seq.shape[0]
+    rows = torch.arange(b, device=seq.device)
+    last = seq[rows, prompt_len + lengths - 1]  # (B,) each response's last token
+    ended = (lengths > 0) & (last == (-1 if end.token_id is None else end.token_id))
+    if t == 0 or not bool(ended.any()):
+        return seq, attn, pos, lengths
+    pad = seq.new_zeros((b, t))
+    seq, attn, pos = torch.cat([seq, pad], 1), torch.cat([attn, pad], 1), torch.cat([pos, pad], 1)
+    tail = torch.tensor(end.tail, dtype=seq.dtype, device=seq.device)
+    for i in ended.nonzero().flatten().tolist():
+        start = prompt_len + int(lengths[i])
+        seq[i, start : start + t] = tail
+        attn[i, start : start + t] = 1
+        pos[i, start : start + t] = pos[i, start - 1] + 1 + torch.arange(t, device=seq.device)
+    return seq, attn, pos, lengths + t * ended.long()
+
+
 class Reward(Role):
-    """A frozen reward model (score at the last real token, minus its normalisation bias), a Python function of the
-    token ids, or both (their sum)."""
+    """A frozen reward model, a Python function of the token ids, or both (their sum). The model's score is read at
+    the last token of each response completed with the chat template's tail (`complete_turns`: where `flywheel rm`
+    trained it to read), minus its normalisation bias."""
 
     def __init__(
         self,
@@ -137,6 +163,7 @@ class Reward(Role):
         bias: float = 0.0,
         *,
         offload: bool = False,
+        turn_end: TurnEnd | None = None,
     ):
         if module is None and fn is None:
             raise ValueError("Reward needs a model, a function or both")
@@ -146,6 +173,7 @@ class Reward(Role):
             self.module = None  # type: ignore[assignment]
         self.fn = fn
         self.bias = bias
+        self.turn_end = turn_end
 
     @torch.no_grad()
     def forward(
@@ -161,6 +189,8 @@ class Reward(Role):
             fn_scores = torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
             if self.module is None:
                 return fn_scores
+        if self.turn_end is not None:
+            seq, attn, pos, lengths = complete_turns(seq, attn, pos, prompt_len, lengths, self.turn_end)
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         with self.placed(seq.device):
             hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))  # (B, R + 1, H) from column P - 1

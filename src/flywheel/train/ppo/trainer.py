@@ -36,10 +36,11 @@ import torch
 from flywheel import distributed
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, to_device
 from flywheel.engine import Engine
+from flywheel.engine.engine import default_stop_ids
 from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
 from flywheel.models import fast_cpu_attention, load_causal_lm, load_sequence_classifier
-from flywheel.tokenization import load_tokenizer, render_prompt
+from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.loop import (
     DataOrder,
     MetricsLogger,
@@ -117,12 +118,30 @@ def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     return ref
 
 
+def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any) -> TurnEnd:
+    """How the reward model's template closes an answer (`TurnEnd`), checked against where the engine stops: a policy
+    that does not stop at that end-of-turn token would have its rewards read elsewhere than in training. A reward
+    model directory without a tokenizer shares the policy's."""
+    has_tokenizer = (Path(reward_model) / "tokenizer_config.json").is_file()
+    end = turn_end(load_tokenizer(reward_model) if has_tokenizer else tokenizer)
+    stops = default_stop_ids(policy, tokenizer)
+    if end.token_id is not None and end.token_id not in stops:
+        log.warning(
+            "ppo: the reward model's chat template ends answers with token %d (%r), which is not one of the "
+            "policy's stop tokens %s: responses will not end there",
+            end.token_id,
+            tokenizer.decode([end.token_id], skip_special_tokens=False),
+            stops,
+        )
+    return end
+
+
 class PPOTrainer:
     """Holds the four roles, their optimizers and the KL controller; `step()` runs one rollout + PPO update."""
 
     def __init__(self, cfg: PPOConfig, reward_fn: RewardFn | None = None):
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
         self.pad_id = self.tokenizer.pad_token_id
         n_proc = distributed.world()
         if n_proc > 1 and cfg.strategy != "ddp":
@@ -176,7 +195,9 @@ class PPOTrainer:
             )
         if cfg.reward_model:
             rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            return Reward(rm, fn=fns, bias=reward_offset(rm.config), offload=cfg.offload_frozen)
+            end = reward_turn_end(cfg.reward_model, self.tokenizer, self.actor.module)
+            bias = reward_offset(rm.config)
+            return Reward(rm, fn=fns, bias=bias, offload=cfg.offload_frozen, turn_end=end)
         if fns is None:
             raise UserError("--reward-model or --reward-fn is required")
         return Reward(fn=fns)
