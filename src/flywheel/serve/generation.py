@@ -10,6 +10,13 @@ from flywheel.engine import SamplingParams
 from flywheel.serve.errors import ApiError
 from flywheel.serve.worker import BatchWorker, Event, GenRequest
 
+WATCHDOG_S = 1.0
+
+
+def _error(event: Event) -> ApiError:
+    status, message = event[1], event[2]
+    return ApiError(status, message, code="generation_failed" if status >= 500 else None)
+
 
 @dataclass
 class Result:
@@ -43,22 +50,32 @@ class Run:
         )
         self.version = ""
         self.prompt_tokens = 0
+        self.worker = worker
         worker.submit(self.req)
 
+    async def _next(self) -> Event:
+        """The next event; while waiting, check every second that the worker thread is alive (restart it if not:
+        a dead worker fails the requests it held, so no request waits forever)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=WATCHDOG_S)
+            except asyncio.TimeoutError:
+                await asyncio.to_thread(self.worker.ensure_running)
+
     async def started(self) -> None:
-        event = await self.queue.get()
+        event = await self._next()
         if event[0] == "error":
-            raise ApiError(event[1], event[2], code="generation_failed" if event[1] >= 500 else None)
+            raise _error(event)
         _, self.version, self.prompt_tokens = event
 
     async def events(self) -> AsyncIterator[Event]:
         """("delta", choice, text) and ("done", choice, finish_reason, tokens) until the request ends."""
         while True:
-            event = await self.queue.get()
+            event = await self._next()
             if event[0] == "end":
                 return
             if event[0] == "error":
-                raise ApiError(event[1], event[2])
+                raise _error(event)
             yield event
 
     def cancel(self) -> None:

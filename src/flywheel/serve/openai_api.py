@@ -12,11 +12,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 
 from flywheel.engine import SamplingParams
 from flywheel.errors import UserError
@@ -24,20 +24,24 @@ from flywheel.feedback.store import check_messages_dicts
 from flywheel.serve.app import AppContext, chat_owner, ctx, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
+from flywheel.serve.worker import check_seed
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 
+Number = Annotated[float, Strict()]  # an int or a float; not a string, not a boolean
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: StrictStr | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -45,22 +49,24 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatRequest(BaseModel):
+    """Types are strict: `"stream": "yes"` or `"max_tokens": true` are errors, not coerced."""
+
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: StrictInt | None = 1
+    temperature: Number | None = None
+    top_p: Number | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
 
 
 def check_model(c: AppContext, name: str) -> None:
@@ -84,8 +90,9 @@ def sampling(c: AppContext, req: ChatRequest) -> tuple[SamplingParams, list[str]
         raise ApiError(
             400, f"max_tokens must be between 1 and {s.max_tokens_limit}, got {max_tokens}", param="max_tokens"
         )
-    if not 1 <= req.n <= s.max_n:
-        raise ApiError(400, f"n must be between 1 and {s.max_n}, got {req.n}", param="n")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= s.max_n:
+        raise ApiError(400, f"n must be between 1 and {s.max_n}, got {n}", param="n")
     temperature = 1.0 if req.temperature is None else req.temperature
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}", param="temperature")
@@ -95,6 +102,10 @@ def sampling(c: AppContext, req: ChatRequest) -> tuple[SamplingParams, list[str]
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not x for x in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    try:
+        check_seed(req.seed)
+    except UserError as err:
+        raise ApiError(400, str(err), param="seed") from None
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed), stop
 
 
@@ -126,7 +137,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     check_model(c, body.model)
     params, stop = sampling(c, body)
     messages = messages_of(body)
-    run = Run(c.worker, messages, params, n=body.n, stop=stop)
+    run = Run(c.worker, messages, params, n=body.n or 1, stop=stop)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
