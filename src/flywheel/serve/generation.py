@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flywheel.engine import SamplingParams
 from flywheel.serve.errors import ApiError
@@ -25,6 +26,7 @@ class Result:
     texts: list[str]
     finish_reasons: list[str | None]
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[list[dict[str, Any]]] | None = None  # per choice, when asked for
 
 
 class Run:
@@ -38,6 +40,8 @@ class Run:
         *,
         n: int = 1,
         stop: Sequence[str] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -47,6 +51,8 @@ class Run:
             emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
             n=n,
             stop=list(stop),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         self.version = ""
         self.prompt_tokens = 0
@@ -69,7 +75,7 @@ class Run:
         _, self.version, self.prompt_tokens = event
 
     async def events(self) -> AsyncIterator[Event]:
-        """("delta", choice, text) and ("done", choice, finish_reason, tokens) until the request ends."""
+        """("delta", choice, text, logprobs) and ("done", choice, finish_reason, tokens) until the request ends."""
         while True:
             event = await self._next()
             if event[0] == "end":
@@ -85,9 +91,13 @@ class Run:
         await self.started()
         n = self.req.n
         result = Result(self.version, self.prompt_tokens, [""] * n, [None] * n, [0] * n)
+        if self.req.logprobs:
+            result.logprobs = [[] for _ in range(n)]
         async for event in self.events():
             if event[0] == "delta":
                 result.texts[event[1]] += event[2]
+                if result.logprobs is not None:
+                    result.logprobs[event[1]].extend(event[3])
             elif event[0] == "done":
                 result.finish_reasons[event[1]], result.tokens[event[1]] = event[2], event[3]
         return result

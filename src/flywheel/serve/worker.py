@@ -9,8 +9,12 @@ rows), groups them by sampling settings (the engine samples a batch with one tem
 group in one batch, each row with its own token budget. A request with a seed runs in a group of its own so that its
 result does not depend on what else was waiting. Events go to each request's `emit` as tokens are produced:
 
-    ("start", model_version, prompt_tokens)   ("delta", choice, text)   ("done", choice, finish_reason, tokens)
-    ("end",)   ("error", http_status, message)
+    ("start", model_version, prompt_tokens)   ("delta", choice, text, logprobs)
+    ("done", choice, finish_reason, tokens)   ("end",)   ("error", http_status, message)
+
+`logprobs` is None unless the request asked for them (`GenRequest.logprobs`): then it lists the entries
+(`flywheel.serve.logprobs.TokenPieces.entry`) of the tokens whose text the delta completes, with the
+`top_logprobs` most likely alternatives of each.
 
 Faults stay with the request that caused them: a prompt that cannot be rendered or tokenized fails that request alone
 (400 for bad input, 500 for anything else, logged with its traceback); a batch whose decoding fails before any output
@@ -41,6 +45,7 @@ import torch
 from flywheel.engine import Detokenizer, Engine, SamplingParams
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
 from flywheel.errors import UserError
+from flywheel.serve.logprobs import TokenPieces, TopLogprobs
 from flywheel.tokenization import render_prompt
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,11 @@ class ServedModel:
     tokenizer: Any
     version: str
     path: str
+    pieces: TokenPieces | None = field(default=None, repr=False)  # token texts for log-probs
+
+    def __post_init__(self) -> None:
+        if self.pieces is None:
+            self.pieces = TokenPieces(self.tokenizer)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32", backend: str = "auto") -> ServedModel:
@@ -90,6 +100,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)  # strings that end a choice (not included in its text)
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: bool = False  # its last event ("end" or "error") has been sent
+    logprobs: bool = False  # send each token's log-prob with the text
+    top_logprobs: int = 0  # and this many most likely alternatives at each position
 
 
 @dataclass
@@ -104,6 +116,8 @@ class _Row:
     finished: bool = False
     emitted: bool = False  # something was sent for this row (a retry would repeat it)
     nul: int = 0  # NUL characters removed from the text
+    pending: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (start, end, entry) unsent
+    top: TopLogprobs | None = None
 
 
 class BatchWorker:
@@ -283,14 +297,19 @@ class BatchWorker:
         for req, ids in ready:
             for choice in range(req.n):
                 prompts.append(ids)
-                rows.append(_Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens))
+                row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens)
+                if req.logprobs and req.top_logprobs > 0:
+                    row.top = TopLogprobs(
+                        model.engine.model, ids, k=req.top_logprobs, temperature=req.params.temperature
+                    )
+                rows.append(row)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["requests"] += len(ready)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         params = replace(ready[0][0].params, max_new_tokens=max(r.budget for r in rows))
         try:
-            self._decode(model.engine, prompts, rows, params)
+            self._decode(model, prompts, rows, params)
         except Exception as err:  # noqa: BLE001 (one bad batch must not stop the server)
             if len(ready) > 1 and not any(r.emitted for r in rows):
                 log.warning("a batch of %d requests failed (%r); retrying them one at a time", len(ready), err)
@@ -309,12 +328,13 @@ class BatchWorker:
             if not req.ended:
                 _emit(req, ("end",))
 
-    def _decode(self, engine: Engine, prompts: list[list[int]], rows: list[_Row], params: SamplingParams) -> None:
+    def _decode(self, model: ServedModel, prompts: list[list[int]], rows: list[_Row], params: SamplingParams) -> None:
+        engine: Engine = model.engine
         stop_ids = set(engine.stop_ids_for(params))
         steps = engine.steps(prompts, params, max_new_tokens=[r.budget for r in rows])
         try:
             for step in steps:
-                for i, token, done in zip(step.rows, step.tokens, step.done, strict=True):
+                for i, token, logprob, done in zip(step.rows, step.tokens, step.logprobs, step.done, strict=True):
                     row = rows[i]
                     if row.finished:
                         continue
@@ -322,7 +342,7 @@ class BatchWorker:
                         row.finished = True
                         continue
                     try:
-                        self._advance(row, token, done, stop_ids)
+                        self._advance(model, row, token, logprob, done, stop_ids)
                     except Exception as err:  # noqa: BLE001 (fails this row's request only)
                         self._fail_request(rows, row.req, err)
                 if all(r.finished for r in rows):
@@ -336,12 +356,20 @@ class BatchWorker:
                 except Exception as err:  # noqa: BLE001
                     self._fail_request(rows, row.req, err)
 
-    def _advance(self, row: _Row, token: int, done: bool, stop_ids: set[int]) -> None:
+    def _advance(
+        self, model: ServedModel, row: _Row, token: int, logprob: float, done: bool, stop_ids: set[int]
+    ) -> None:
         row.tokens += 1
         if token in stop_ids:
             self._finish(row, FINISH_STOP)
             return
+        start = len(row.text)
         self._append(row, row.detok.push(token))
+        if row.req.logprobs:
+            top = row.top.top() if row.top is not None else None
+            row.pending.append((start, len(row.text), model.pieces.entry(token, logprob, top)))
+            if row.top is not None and not done:
+                row.top.push(token)
         if _cut_at_stop(row):
             self._finish(row, FINISH_STOP, flush=False)
         elif done:
@@ -370,9 +398,16 @@ class BatchWorker:
     def _send(self, row: _Row, *, final: bool) -> None:
         hold = 0 if final or not row.req.stop else max(len(s) for s in row.req.stop) - 1
         end = max(row.sent, len(row.text) - hold)
-        if end > row.sent:
+        entries = None
+        if row.req.logprobs:
+            # Tokens whose text is all sent go with it; at the end also those cut by a stop string (partly sent);
+            # tokens wholly after the cut (the stop string's own) are dropped.
+            sent = [e for s, t, e in row.pending if t <= end or (final and s < end)]
+            row.pending = [] if final else [p for p in row.pending if p[1] > end]
+            entries = sent
+        if end > row.sent or entries:
             row.emitted = True
-            _emit(row.req, ("delta", row.choice, row.text[row.sent : end]))
+            _emit(row.req, ("delta", row.choice, row.text[row.sent : end], entries))
             row.sent = end
 
     def _finish(self, row: _Row, reason: str, *, flush: bool = True) -> None:
