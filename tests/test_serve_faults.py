@@ -361,3 +361,93 @@ def test_fuzzed_chat_completion_requests(served):
     assert sum(seen.values()) >= 500 and seen.get(200, 0) >= 20 and seen.get(400, 0) >= 100, seen
     assert time.monotonic() - t0 < 300
     assert_healthy(served)
+
+
+class Collector:
+    """A request's events, as the worker emits them."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.finished = threading.Event()
+
+    def __call__(self, event: tuple) -> None:
+        self.events.append(event)
+        if event[0] in ("end", "error"):
+            self.finished.set()
+
+    @property
+    def last(self) -> tuple:
+        assert self.finished.wait(60), self.events
+        return self.events[-1]
+
+
+def batched(tiny_model, tokenizer, specs, patch=None):
+    """Queue requests (content, extra GenRequest fields) before the worker starts, so they form one batch."""
+    from flywheel.engine import Engine, SamplingParams
+    from flywheel.serve.worker import BatchWorker, GenRequest, ServedModel
+
+    model = ServedModel(Engine(tiny_model.eval(), tokenizer), tokenizer, "v-test", "/nowhere")
+    if patch is not None:
+        patch(model)
+    worker = BatchWorker(model, max_batch=16)
+    collectors = []
+    for content, extra in specs:
+        c = Collector()
+        extra = dict(extra)
+        params = extra.pop("params", SamplingParams(max_new_tokens=4, temperature=0))
+        worker.submit(GenRequest([{"role": "user", "content": content}], params, emit=c, **extra))
+        collectors.append(c)
+    worker.start()
+    try:
+        results = [c.last for c in collectors]
+    finally:
+        worker.stop()
+    return worker, collectors, results
+
+
+def test_a_failing_batch_is_retried_one_request_at_a_time(tiny_model, tokenizer):
+    from flywheel.tokenization import render_prompt
+
+    poison = render_prompt(tokenizer, [{"role": "user", "content": "poison"}])
+
+    def patch(model):
+        real = model.engine.steps
+
+        def steps(prompts, params, **kw):
+            if poison in prompts:
+                raise RuntimeError("this prompt breaks the forward")
+            return real(prompts, params, **kw)
+
+        model.engine.steps = steps
+
+    worker, _, results = batched(tiny_model, tokenizer, [(t, {}) for t in ("one", "poison", "two")], patch)
+    assert [r[0] for r in results] == ["end", "error", "end"]
+    assert results[1][1] == 500
+    assert worker.stats["batches"] == 4  # the batch of three, then each request alone
+
+
+def test_a_bug_while_detokenizing_one_row_fails_only_its_request(tiny_model, tokenizer):
+    def patch(model):
+        def broken(*args, **kwargs):
+            raise ValueError("a bug in the token text")
+
+        model.pieces.entry = broken
+
+    specs = [("one", {}), ("two", {"logprobs": True}), ("three", {"n": 2})]
+    worker, collectors, results = batched(tiny_model, tokenizer, specs, patch)
+    assert [r[0] for r in results] == ["end", "error", "end"]
+    assert results[1][1] == 500 and worker.stats["failed_requests"] == 1
+    assert worker.stats["batches"] == 1  # decoded together: the failure stayed with its row
+    done = [e for e in collectors[2].events if e[0] == "done"]
+    assert sorted(e[1] for e in done) == [0, 1]
+
+
+def test_bad_input_reaching_the_worker_is_a_400(tiny_model, tokenizer):
+    """Whatever route a request came by, the worker checks its text and seed itself."""
+    from flywheel.engine import SamplingParams
+
+    seeded = {"params": SamplingParams(max_new_tokens=2, temperature=1.0, seed=2**64)}
+    specs = [("a\ud800b", {}), ("nul\x00", {}), ("x", seeded), ("fine", {})]
+    _, _, results = batched(tiny_model, tokenizer, specs)
+    assert [r[:2] for r in results] == [("error", 400), ("error", 400), ("error", 400), ("end",)]
+    assert "lone surrogate" in results[0][2] and "NUL" in results[1][2] and "seed" in results[2][2]

@@ -62,6 +62,8 @@ class Run:
     async def _next(self) -> Event:
         """The next event; while waiting, check every second that the worker thread is alive (restart it if not:
         a dead worker fails the requests it held, so no request waits forever)."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=WATCHDOG_S)

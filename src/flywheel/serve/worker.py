@@ -293,22 +293,23 @@ class BatchWorker:
         alone, so that one request's failure is its own; otherwise every request of the batch gets the error."""
         if not ready:
             return
-        prompts, rows = [], []
-        for req, ids in ready:
-            for choice in range(req.n):
-                prompts.append(ids)
-                row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens)
-                if req.logprobs and req.top_logprobs > 0:
-                    row.top = TopLogprobs(
-                        model.engine.model, ids, k=req.top_logprobs, temperature=req.params.temperature
-                    )
-                rows.append(row)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["requests"] += len(ready)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        params = replace(ready[0][0].params, max_new_tokens=max(r.budget for r in rows))
+        prompts: list[list[int]] = []
+        rows: list[_Row] = []
         try:
+            for req, ids in ready:
+                for choice in range(req.n):
+                    prompts.append(ids)
+                    row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens)
+                    if req.logprobs and req.top_logprobs > 0:
+                        row.top = TopLogprobs(
+                            model.engine.model, ids, k=req.top_logprobs, temperature=req.params.temperature
+                        )
+                    rows.append(row)
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(rows)
+            self.stats["requests"] += len(ready)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+            params = replace(ready[0][0].params, max_new_tokens=max(r.budget for r in rows))
             self._decode(model, prompts, rows, params)
         except Exception as err:  # noqa: BLE001 (one bad batch must not stop the server)
             if len(ready) > 1 and not any(r.emitted for r in rows):
