@@ -42,6 +42,7 @@ class Run:
         stop: Sequence[str] = (),
         logprobs: bool = False,
         top_logprobs: int = 0,
+        incremental: bool = True,
     ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -53,6 +54,7 @@ class Run:
             stop=list(stop),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            incremental=incremental,
         )
         self.version = ""
         self.prompt_tokens = 0
@@ -98,7 +100,7 @@ class Run:
         async for event in self.events():
             if event[0] == "delta":
                 result.texts[event[1]] += event[2]
-                if result.logprobs is not None:
+                if result.logprobs is not None and event[3]:
                     result.logprobs[event[1]].extend(event[3])
             elif event[0] == "done":
                 result.finish_reasons[event[1]], result.tokens[event[1]] = event[2], event[3]

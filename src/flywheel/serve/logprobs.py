@@ -7,12 +7,14 @@ alternatives at its position (`top_logprobs`).
 
 The log-prob of a sampled token is the engine's: log softmax(logits / T) of that token (before top-p; for T = 0,
 log softmax(logits)), the distribution it was drawn from. The engine reports only that one value per token, so the
-alternatives come from `TopLogprobs`, which runs the model's own Hugging Face forward along the row (one cached
-forward per token, only for requests that ask for `top_logprobs`) and applies the same temperature.
+alternatives come from the model's own Hugging Face forward, under the same temperature, only for requests that ask
+for `top_logprobs`: along the row as it is generated for streamed answers (`TopLogprobs`, one cached forward per
+token), in one forward over the finished answer otherwise (`top_logprobs_after`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -74,10 +76,13 @@ class TokenPieces:
 
     def entry(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None) -> dict[str, Any]:
         text, raw = self.piece(token_id)
-        out: dict[str, Any] = {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": []}
-        for alt, alt_logprob in top or []:
-            alt_text, alt_raw = self.piece(alt)
-            out["top_logprobs"].append({"token": alt_text, "logprob": alt_logprob, "bytes": alt_raw})
+        return {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": self.alternatives(top or [])}
+
+    def alternatives(self, top: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        out = []
+        for token_id, logprob in top:
+            text, raw = self.piece(token_id)
+            out.append({"token": text, "logprob": logprob, "bytes": raw})
         return out
 
 
@@ -110,3 +115,19 @@ class TopLogprobs:
         device = self.logits.device
         with torch.inference_mode():
             self.logits = self.forward.step(self.state, torch.tensor([token], dtype=torch.long, device=device))
+
+
+def top_logprobs_after(
+    model: Any, prompt: list[int], tokens: list[int], *, k: int, temperature: float
+) -> list[list[tuple[int, float]]]:
+    """The k most likely tokens at each position of `tokens`, generated after `prompt`: one forward over both."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + tokens[:-1]], dtype=torch.long, device=device)
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = len(tokens)  # no logits over the prompt
+    with torch.inference_mode():
+        logits = model(**kwargs).logits[0, -len(tokens) :]  # (len(tokens), V): the positions that predicted them
+        logp = scaled_logprobs(logits, temperature)
+        values, top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(top.tolist(), values.tolist(), strict=True)]

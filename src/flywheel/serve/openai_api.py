@@ -225,7 +225,16 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     params, stop = sampling(c, body)
     messages = messages_of(body)
     top = body.top_logprobs or 0
-    run = Run(c.worker, messages, params, n=body.n or 1, stop=stop, logprobs=bool(body.logprobs), top_logprobs=top)
+    run = Run(
+        c.worker,
+        messages,
+        params,
+        n=body.n or 1,
+        stop=stop,
+        logprobs=bool(body.logprobs),
+        top_logprobs=top,
+        incremental=bool(body.stream),
+    )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:

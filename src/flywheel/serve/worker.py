@@ -45,7 +45,7 @@ import torch
 from flywheel.engine import Detokenizer, Engine, SamplingParams
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
 from flywheel.errors import UserError
-from flywheel.serve.logprobs import TokenPieces, TopLogprobs
+from flywheel.serve.logprobs import TokenPieces, TopLogprobs, top_logprobs_after
 from flywheel.tokenization import render_prompt
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class GenRequest:
     ended: bool = False  # its last event ("end" or "error") has been sent
     logprobs: bool = False  # send each token's log-prob with the text
     top_logprobs: int = 0  # and this many most likely alternatives at each position
+    incremental: bool = True  # False: the caller only wants the whole answer (alternatives are then found at the end)
 
 
 @dataclass
@@ -116,8 +117,9 @@ class _Row:
     finished: bool = False
     emitted: bool = False  # something was sent for this row (a retry would repeat it)
     nul: int = 0  # NUL characters removed from the text
-    pending: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (start, end, entry) unsent
-    top: TopLogprobs | None = None
+    pending: list[tuple[int, int, dict[str, Any], int]] = field(default_factory=list)  # (start, end, entry, id)
+    top: TopLogprobs | None = None  # alternatives token by token (streamed requests)
+    prompt: list[int] = field(default_factory=list)
 
 
 class BatchWorker:
@@ -299,8 +301,8 @@ class BatchWorker:
             for req, ids in ready:
                 for choice in range(req.n):
                     prompts.append(ids)
-                    row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens)
-                    if req.logprobs and req.top_logprobs > 0:
+                    row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens, prompt=ids)
+                    if req.logprobs and req.top_logprobs > 0 and req.incremental:
                         row.top = TopLogprobs(
                             model.engine.model, ids, k=req.top_logprobs, temperature=req.params.temperature
                         )
@@ -368,7 +370,7 @@ class BatchWorker:
         self._append(row, row.detok.push(token))
         if row.req.logprobs:
             top = row.top.top() if row.top is not None else None
-            row.pending.append((start, len(row.text), model.pieces.entry(token, logprob, top)))
+            row.pending.append((start, len(row.text), model.pieces.entry(token, logprob, top), token))
             if row.top is not None and not done:
                 row.top.push(token)
         if _cut_at_stop(row):
@@ -400,16 +402,29 @@ class BatchWorker:
         hold = 0 if final or not row.req.stop else max(len(s) for s in row.req.stop) - 1
         end = max(row.sent, len(row.text) - hold)
         entries = None
-        if row.req.logprobs:
+        req = row.req
+        if req.logprobs and (final or req.incremental or not req.top_logprobs):
+            if final and req.top_logprobs and not req.incremental:
+                self._fill_top(row)
             # Tokens whose text is all sent go with it; at the end also those cut by a stop string (partly sent);
             # tokens wholly after the cut (the stop string's own) are dropped.
-            sent = [e for s, t, e in row.pending if t <= end or (final and s < end)]
+            entries = [e for s, t, e, _ in row.pending if t <= end or (final and s < end)]
             row.pending = [] if final else [p for p in row.pending if p[1] > end]
-            entries = sent
         if end > row.sent or entries:
             row.emitted = True
             _emit(row.req, ("delta", row.choice, row.text[row.sent : end], entries))
             row.sent = end
+
+    def _fill_top(self, row: _Row) -> None:
+        """The alternatives of a whole answer from one forward over it (cheaper than one forward per token)."""
+        if not row.pending:
+            return
+        tokens = [p[3] for p in row.pending]
+        tops = top_logprobs_after(
+            self.model.engine.model, row.prompt, tokens, k=row.req.top_logprobs, temperature=row.req.params.temperature
+        )
+        for (_, _, entry, _), top in zip(row.pending, tops, strict=True):
+            entry["top_logprobs"] = self.model.pieces.alternatives(top)
 
     def _finish(self, row: _Row, reason: str, *, flush: bool = True) -> None:
         if flush:
