@@ -101,6 +101,8 @@ def test_lone_surrogates_are_400_and_the_worker_lives(served):
     assert_error(post_raw(served, "/api/label/suggest", suggest, served.labeler), 400, "messages.0.content")
     r = post_raw(served, "/api/conversations", '{"title": "\\ud83d"}')  # half an emoji
     assert_error(r, 400, "title")
+    r = post_raw(served, "/v1/chat/completions", '{"model": "flywheel", "logit_bias": {"\\udc80": 1}}')  # in a key
+    assert_error(r, 400, "logit_bias.\\udc80 (a key)")
     assert_healthy(served)
     r = served.http.post(
         "/api/label/suggest",
@@ -158,6 +160,9 @@ def test_every_bad_input_of_the_report(served):
     # Bodies that are not JSON, not UTF-8, or nested beyond any parser's depth.
     for raw in (b"{not json", b'{"model": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000, b"\x00"):
         assert_error(post_raw(served, "/v1/chat/completions", raw), 400)
+    # Unstorable characters in a path (percent-encoded): the model does not exist.
+    for path in ("/v1/models/%ED%A0%80", "/v1/models/a%00b", "/v1/models/%FF"):
+        assert_error(served.http.get(path), 404)
     # 405s are the client's error, typed as such, with the methods that are allowed.
     r = served.http.get("/v1/chat/completions")
     assert_error(r, 405)

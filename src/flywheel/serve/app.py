@@ -231,8 +231,8 @@ class TextCheck:
         except (ValueError, RecursionError):  # not JSON (also not UTF-8): FastAPI's 400
             found = None
         if found is not None:
-            where, reason = found
-            err = ApiError(400, f"{where}: {reason}", param=where, code="invalid_text")
+            where = found[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key is part of the path
+            err = ApiError(400, f"{where}: {found[1]}", param=where, code="invalid_text")
             return await err.response()(scope, receive, send)
         sent = False
 
