@@ -456,3 +456,83 @@ def test_bad_input_reaching_the_worker_is_a_400(tiny_model, tokenizer):
     _, _, results = batched(tiny_model, tokenizer, specs)
     assert [r[:2] for r in results] == [("error", 400), ("error", 400), ("error", 400), ("end",)]
     assert "lone surrogate" in results[0][2] and "NUL" in results[1][2] and "seed" in results[2][2]
+
+
+def test_fuzzed_web_api_requests(served):
+    """The web app's JSON routes get junk in every field (huge and negative numbers, NaN, NUL, surrogates, wrong
+    types): never a 5xx, never an error after a 200, and a normal request completes afterwards."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    admin = served.store.create_user(f"fuzz-admin-{served.worker.model.version[-8:]}", "admin")
+    auth = {"authorization": f"Bearer {admin}", "content-type": "application/json"}
+    conv = served.http.post("/api/conversations", json={}, headers=auth).json()["id"]
+    first = served.http.post(f"/api/conversations/{conv}/messages", json={"content": "hi"}, headers=auth)
+    assert first.status_code == 200
+    big = st.integers(-(2**70), 2**70)
+    text = st.text(st.characters(exclude_categories=()), max_size=8)
+    junk = st.one_of(
+        st.none(),
+        st.booleans(),
+        big,
+        st.floats(allow_nan=True),
+        text,
+        st.lists(big, max_size=3),
+        st.lists(st.lists(big, max_size=2), max_size=3),
+    )
+    turn = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": st.one_of(text, junk)}
+    )
+    keys = [
+        "content",
+        "parent_id",
+        "temperature",
+        "max_tokens",
+        "value",
+        "comment",
+        "idempotency_key",
+        "messages",
+        "task_id",
+        "order",
+        "unsafe",
+        "suggestions",
+        "title",
+        "kind",
+        "prompts",
+        "instructions",
+        "k",
+        "labels_needed",
+    ]
+    body = st.dictionaries(st.sampled_from(keys), st.one_of(junk, st.lists(turn, max_size=3)), max_size=6)
+    paths = [
+        f"/api/conversations/{conv}/messages",
+        "/api/conversations",
+        "/api/messages/2/votes",
+        "/api/messages/2/regenerate",
+        "/api/label/suggest",
+        "/api/label/rankings",
+        "/api/label/demonstrations",
+        "/api/admin/tasks",
+    ]
+    seen: dict[int, int] = {}
+
+    @hypothesis.settings(
+        max_examples=300,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(st.sampled_from(paths), body)
+    def check(path, payload):
+        r = served.http.post(path, content=json.dumps(payload), headers=auth)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (path, payload, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["type"] == "invalid_request_error", r.text
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            assert '"type": "error"' not in r.text, (path, payload, r.text)
+
+    check()
+    assert sum(seen.values()) == 300 and len(seen) >= 3, seen
+    assert_healthy(served)
