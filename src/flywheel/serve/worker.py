@@ -212,9 +212,14 @@ class BatchWorker:
                 self._loop()
             except Exception as err:  # noqa: BLE001 (the worker must outlive any bug)
                 log.exception("the batch worker failed; restarting its loop")
-                self.last_error = f"{type(err).__name__}: {err}"
+                self._record(err)
                 self._fail_active("internal error in the generation worker")
                 self.stats["restarts"] += 1
+
+    def _record(self, err: BaseException) -> None:
+        """Keep the latest internal error for /health: its type and time only (its message may quote user text;
+        the log has the traceback)."""
+        self.last_error = f"{type(err).__name__} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
 
     def _fail_active(self, message: str) -> None:
         for req in self._active:
@@ -285,7 +290,7 @@ class BatchWorker:
             _emit(req, ("error", 400, str(err)))
         except Exception as err:  # noqa: BLE001 (one request's bug fails that request only)
             log.exception("rendering a prompt failed")
-            self.last_error = f"{type(err).__name__}: {err}"
+            self._record(err)
             self.stats["failed_requests"] += 1
             _emit(req, ("error", 500, "internal error while rendering the prompt"))
         return None
@@ -320,7 +325,7 @@ class BatchWorker:
                     self._generate(model, [item])
                 return
             log.error("generation failed", exc_info=err)
-            self.last_error = f"{type(err).__name__}: {err}"
+            self._record(err)
             status, message = (400, str(err)) if isinstance(err, UserError) else (500, "internal error in generation")
             for req, _ in ready:
                 if not req.ended:
@@ -382,7 +387,7 @@ class BatchWorker:
 
     def _fail_request(self, rows: list[_Row], req: GenRequest, err: Exception) -> None:
         log.error("generation failed for one request", exc_info=err)
-        self.last_error = f"{type(err).__name__}: {err}"
+        self._record(err)
         for row in rows:
             if row.req is req:
                 row.finished = True
