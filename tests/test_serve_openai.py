@@ -203,3 +203,180 @@ def test_chat_auth_flag_and_cors_off(tmp_path, model_dir):
             )["error"]["code"]
             == "insufficient_role"
         )
+
+
+def _fresh_logprobs(served, tokenizer, messages, tokens, temperature):
+    """log softmax(logits / T) at each generated position, from one plain forward of the served module."""
+    import torch
+
+    from flywheel.serve.logprobs import scaled_logprobs
+    from flywheel.tokenization import render_prompt
+
+    prompt = render_prompt(tokenizer, messages)
+    module = served.app.state.ctx.worker.model.engine.model
+    with torch.no_grad():
+        logits = module(torch.tensor([prompt + tokens])).logits[0].double()
+    return scaled_logprobs(logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)], temperature)
+
+
+def _token_ids(tokenizer, entries):
+    """Token ids back from the entries' bytes (a byte-level BPE vocabulary has one token per byte string)."""
+    from flywheel.serve.logprobs import TokenPieces
+
+    pieces = TokenPieces(tokenizer)
+    by_bytes = {bytes(pieces.piece(i)[1]): i for i in range(len(tokenizer)) if i not in pieces.special}
+    return [by_bytes[bytes(e.bytes)] for e in entries]
+
+
+def test_logprobs_match_a_fresh_forward(served, tokenizer):
+    from flywheel.engine import SamplingParams
+    from flywheel.tokenization import render_prompt
+
+    r = served.client.chat.completions.create(
+        model="flywheel", messages=MSGS, max_tokens=10, temperature=0, logprobs=True, top_logprobs=5
+    )
+    choice = r.choices[0]
+    engine = served.app.state.ctx.worker.model.engine
+    gen = engine.generate([render_prompt(tokenizer, MSGS)], SamplingParams(max_new_tokens=10, temperature=0))
+    tokens = [t for t in gen.tokens[0] if t not in engine.stop_ids]
+    entries = choice.logprobs.content
+    assert len(entries) == len(tokens) and _token_ids(tokenizer, entries) == tokens
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == choice.message.content
+    ref = _fresh_logprobs(served, tokenizer, MSGS, tokens, 0.0)
+    for j, e in enumerate(entries):
+        assert e.logprob == pytest.approx(float(ref[j, tokens[j]]), abs=1e-4)
+        values, ids = ref[j].topk(5)
+        assert len(e.top_logprobs) == 5
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert _token_ids(tokenizer, e.top_logprobs)[0] == int(ids[0]) == tokens[j]  # greedy: the argmax
+
+
+def test_sampled_logprobs_streaming_and_not(served, tokenizer):
+    """At T = 0.7 the log-probs are those of the distribution the tokens were drawn from, softmax(logits / T);
+    the stream carries the same entries as the plain answer."""
+    kw = dict(model="flywheel", messages=MSGS, max_tokens=12, temperature=0.7, seed=11, logprobs=True, top_logprobs=2)
+    plain = served.client.chat.completions.create(**kw).choices[0]
+    streamed, text = [], ""
+    for chunk in served.client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs is not None:
+                streamed.extend(c.logprobs.content)
+    assert text == plain.message.content
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in plain.logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in plain.logprobs.content], abs=1e-6)
+    tokens = _token_ids(tokenizer, plain.logprobs.content)
+    ref = _fresh_logprobs(served, tokenizer, MSGS, tokens, 0.7)
+    for j, e in enumerate(plain.logprobs.content):
+        assert e.logprob == pytest.approx(float(ref[j, tokens[j]]), abs=1e-4)
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(ref[j].topk(2).values.tolist(), abs=1e-4)
+    no_lp = served.client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert no_lp.choices[0].logprobs is None and no_lp.choices[0].message.content == plain.message.content
+
+
+def test_logprobs_with_n_and_stop(served, tokenizer):
+    kw = dict(model="flywheel", messages=MSGS, max_tokens=16, temperature=1.0, seed=3)
+    full = served.client.chat.completions.create(**kw).choices[0].message.content
+    stop = next(ch for ch in full[3:] if ch != "\ufffd" and ch.strip())
+    r = served.client.chat.completions.create(n=2, stop=[stop], logprobs=True, **kw)
+    for choice in r.choices:
+        joined = b"".join(bytes(e.bytes) for e in choice.logprobs.content)
+        # The entries cover the answer; only the token that holds the stop string may reach beyond it.
+        assert joined.decode(errors="replace").startswith(choice.message.content)
+        assert all(e.top_logprobs == [] for e in choice.logprobs.content)
+
+
+def test_unsupported_fields_are_rejected(served):
+    c = served.client
+    cases = {
+        "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "tool_choice": dict(tool_choice="required"),
+        "response_format": dict(response_format={"type": "json_object"}),
+        "frequency_penalty": dict(frequency_penalty=0.5),
+        "presence_penalty": dict(presence_penalty=-1.0),
+        "logit_bias": dict(logit_bias={"5": 10}),
+    }
+    cases["response_format_schema"] = dict(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    )
+    for name, kw in cases.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2, **kw)
+        body = err.value.body
+        assert body["code"] == "unsupported_parameter" and "not supported" in body["message"], name
+        assert body["param"] == name.replace("_schema", "")
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2, extra_body={"best_of": 3})
+    assert err.value.body["param"] == "best_of" and "Unrecognized" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2, top_logprobs=3)
+    assert err.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model="flywheel",
+            max_tokens=2,
+            messages=[{"role": "assistant", "content": "hi", "tool_calls": [{"id": "1"}]}, *MSGS[1:]],
+        )
+    assert err.value.body["param"] == "messages.0.tool_calls"
+    # Neutral values and bookkeeping fields are fine.
+    r = c.chat.completions.create(
+        model="flywheel",
+        messages=[*MSGS[:1], {"role": "user", "content": "hi", "name": "ann"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        frequency_penalty=0,
+        presence_penalty=0.0,
+        logit_bias={},
+        user="ann",
+        metadata={"k": "v"},
+        store=False,
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_model_card_endpoint(served):
+    version = served.app.state.ctx.worker.model.version
+    for name in ("flywheel", version):
+        card = served.client.models.retrieve(name)
+        assert card.id == name and card.object == "model" and card.owned_by == "flywheel"
+    with pytest.raises(openai.NotFoundError) as err:
+        served.client.models.retrieve("gpt-4o")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_api_log_is_committed_before_done(served, monkeypatch):
+    """A client that has seen [DONE] finds the exchange in the database, even when the database is slow."""
+    import time
+
+    from sqlalchemy import func, select
+
+    from flywheel.feedback.models import Conversation
+
+    store = served.app.state.ctx.store
+    real = store.log_exchange
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "log_exchange", slow)
+
+    def count() -> int:
+        with served.store.session() as s:
+            return s.scalar(select(func.count()).select_from(Conversation).where(Conversation.source == "api"))
+
+    before = count()
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/chat/completions",
+        json={"model": "flywheel", "messages": MSGS, "max_tokens": 4, "stream": True},
+        timeout=30,
+    ) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                assert count() == before + 1  # already committed, while the stream is still open
+                break
+        else:
+            raise AssertionError("no [DONE]")

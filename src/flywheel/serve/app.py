@@ -5,11 +5,18 @@
 
 One process, one engine: the `BatchWorker` thread owns the model; request handlers only await its events, and database
 calls run in threads, so the event loop never blocks. Every answer is logged with the model version that wrote it.
+
+Bad input never reaches the database or the tokenizer: JSON bodies with a NUL character or a lone surrogate in any
+string are answered 400 (`TextCheck`), ids beyond what the id columns hold 404 (`check_id`). Any other exception
+is a 500 `server_error`, logged with its traceback, and the connection stays open for the client's next request
+(`CatchAll`). `GET /health` reports the worker's liveness, the model version and the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.message
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,15 +27,16 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.errors import UserError
 from flywheel.feedback.store import Store, UserInfo
 from flywheel.serve.errors import ApiError
-from flywheel.serve.worker import BatchWorker, ServedModel
+from flywheel.serve.worker import BatchWorker, ServedModel, unstorable
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -71,6 +79,7 @@ class AppContext:
     store: Store
     worker: BatchWorker
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    max_id: int = 2**63 - 1  # the largest value the database's id columns hold
 
 
 def ctx(request: Request) -> AppContext:
@@ -116,6 +125,25 @@ async def chat_owner(request: Request) -> str:
     return f"anon:{client}" if _CLIENT_ID.match(client) else "anonymous"
 
 
+def id_limit(store: Store) -> int:
+    """The largest id the store's integer id columns hold: SQLite's INTEGER is 64-bit; elsewhere the column type
+    decides (INTEGER: 32-bit, BIGINT: 64-bit)."""
+    from sqlalchemy import BigInteger
+
+    from flywheel.feedback.models import Message
+
+    if store.engine.dialect.name == "sqlite" or isinstance(Message.__table__.c.id.type, BigInteger):
+        return 2**63 - 1
+    return 2**31 - 1
+
+
+def check_id(request: Request, value: int | None, what: str, *, param: str | None = None) -> None:
+    """404 for an id no row can have (< 1, or beyond what the id column holds: 2**31 - 1 for PostgreSQL's INTEGER,
+    2**63 - 1 for SQLite's), as for any id that does not exist, on every database alike. `param`: the body field."""
+    if value is not None and not 1 <= value <= ctx(request).max_id:
+        raise ApiError(404, f"no {what} {value}", param=param)
+
+
 class BodyLimit:
     """Reject request bodies over `limit` bytes with 413, by Content-Length or while streaming the body in."""
 
@@ -146,6 +174,109 @@ class BodyLimit:
         await err.response()(scope, receive, send)
 
 
+def _is_json(scope: Scope) -> bool:
+    """Whether FastAPI parses this request's body as JSON (no content type, or application/json or */*+json)."""
+    value = dict(scope["headers"]).get(b"content-type")
+    if value is None:
+        return True
+    message = email.message.Message()
+    message["content-type"] = value.decode("latin-1")
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def find_unstorable(value: Any) -> tuple[str, str] | None:
+    """The first string (key or value) of a parsed JSON document that cannot be stored -> (where, why)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            reason = unstorable(item)
+            if reason is not None:
+                return where or "body", reason
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                path = f"{where}.{key}" if where else str(key)
+                reason = unstorable(key)
+                if reason is not None:
+                    return f"{path} (a key)", reason
+                stack.append((path, sub))
+        elif isinstance(item, list):
+            stack.extend((f"{where}.{i}" if where else str(i), sub) for i, sub in reversed(list(enumerate(item))))
+    return None
+
+
+class TextCheck:
+    """Answer 400 to a JSON body with a NUL character or a lone surrogate in any string: no database stores them
+    (PostgreSQL refuses NUL, UTF-8 has no surrogates) and tokenizers reject surrogates. Bodies that are not valid
+    JSON go on to FastAPI, which answers 400 itself."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or not _is_json(scope):
+            return await self.app(scope, receive, send)
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            found = find_unstorable(json.loads(body)) if body else None
+        except (ValueError, RecursionError):  # not JSON (also not UTF-8): FastAPI's 400
+            found = None
+        if found is not None:
+            where = found[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key is part of the path
+            err = ApiError(400, f"{where}: {found[1]}", param=where, code="invalid_text")
+            return await err.response()(scope, receive, send)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class CatchAll:
+    """The last resort: an exception no handler took becomes a 500 `server_error` (logged with its traceback), or
+    an `ApiError` raised outside the routes its own answer. Unlike Starlette's handler for `Exception`, which
+    re-raises after answering (and uvicorn then closes the connection), this keeps the connection open."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as err:  # noqa: BLE001
+            if isinstance(err, ApiError):
+                response = err.response()
+            else:
+                log.error("internal error on %s %s: %r", scope["method"], scope["path"], err, exc_info=err)
+                response = ApiError(500, "internal server error").response()
+            if started:  # a streamed answer broke off: nothing more can be sent on it
+                return
+            await response(scope, receive, send)
+
+
 async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     response = await call_next(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -168,6 +299,7 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
     model = model or ServedModel.load(settings.model, dtype=settings.dtype, backend=settings.backend)
     store.register_model_version(model.version, model.path)
     worker = BatchWorker(model, max_batch=settings.max_batch, threads=settings.threads or None)
+    max_id = id_limit(store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -179,7 +311,7 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
             worker.stop()
 
     app = FastAPI(title="flywheel", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.ctx = AppContext(settings, store, worker)
+    app.state.ctx = AppContext(settings, store, worker, max_id=max_id)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> Response:
@@ -199,12 +331,27 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> Response:
         message = "not found" if err.status_code == 404 else str(err.detail)
-        return ApiError(err.status_code, message).response()
+        api_error = ApiError(err.status_code, message)
+        api_error.headers.update(err.headers or {})  # e.g. Allow on a 405
+        return api_error.response()
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> Response:
-        log.error("internal error on %s %s: %r", request.method, request.url.path, err, exc_info=err)
-        return ApiError(500, "internal server error").response()
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, err: DataError) -> Response:
+        # The database refused a value (out of range, unstorable): the request's fault. Checks in the routes catch
+        # the known cases first; this keeps any other one a 400 instead of a 500.
+        log.warning("the database refused a value on %s %s: %s", request.method, request.url.path, err.orig)
+        return ApiError(400, "a value in the request cannot be stored (out of range or invalid)").response()
+
+    @app.get("/health", include_in_schema=False)
+    async def health(request: Request) -> Response:
+        c = ctx(request)
+        engine = await asyncio.to_thread(c.worker.health)
+        body = {
+            "status": "ok" if engine["alive"] else "unavailable",
+            "model": {"name": settings.model_name, "version": c.worker.model.version},
+            "engine": engine,
+        }
+        return JSONResponse(body, status_code=200 if engine["alive"] else 503)
 
     app.middleware("http")(security_headers)
     app.include_router(openai_api.router)
@@ -222,7 +369,9 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Client-Id"],
         )
+    app.add_middleware(TextCheck)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CatchAll)
     return app
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flywheel.engine import SamplingParams
 from flywheel.serve.errors import ApiError
 from flywheel.serve.worker import BatchWorker, Event, GenRequest
+
+WATCHDOG_S = 1.0
+
+
+def _error(event: Event) -> ApiError:
+    status, message = event[1], event[2]
+    return ApiError(status, message, code="generation_failed" if status >= 500 else None)
 
 
 @dataclass
@@ -18,6 +26,7 @@ class Result:
     texts: list[str]
     finish_reasons: list[str | None]
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[list[dict[str, Any]]] | None = None  # per choice, when asked for
 
 
 class Run:
@@ -31,6 +40,9 @@ class Run:
         *,
         n: int = 1,
         stop: Sequence[str] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        incremental: bool = True,
     ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -40,25 +52,40 @@ class Run:
             emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
             n=n,
             stop=list(stop),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            incremental=incremental,
         )
         self.version = ""
         self.prompt_tokens = 0
+        self.worker = worker
         worker.submit(self.req)
 
+    async def _next(self) -> Event:
+        """The next event; while waiting, check every second that the worker thread is alive (restart it if not:
+        a dead worker fails the requests it held, so no request waits forever)."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=WATCHDOG_S)
+            except asyncio.TimeoutError:
+                await asyncio.to_thread(self.worker.ensure_running)
+
     async def started(self) -> None:
-        event = await self.queue.get()
+        event = await self._next()
         if event[0] == "error":
-            raise ApiError(event[1], event[2], code="generation_failed" if event[1] >= 500 else None)
+            raise _error(event)
         _, self.version, self.prompt_tokens = event
 
     async def events(self) -> AsyncIterator[Event]:
-        """("delta", choice, text) and ("done", choice, finish_reason, tokens) until the request ends."""
+        """("delta", choice, text, logprobs) and ("done", choice, finish_reason, tokens) until the request ends."""
         while True:
-            event = await self.queue.get()
+            event = await self._next()
             if event[0] == "end":
                 return
             if event[0] == "error":
-                raise ApiError(event[1], event[2])
+                raise _error(event)
             yield event
 
     def cancel(self) -> None:
@@ -68,9 +95,13 @@ class Run:
         await self.started()
         n = self.req.n
         result = Result(self.version, self.prompt_tokens, [""] * n, [None] * n, [0] * n)
+        if self.req.logprobs:
+            result.logprobs = [[] for _ in range(n)]
         async for event in self.events():
             if event[0] == "delta":
                 result.texts[event[1]] += event[2]
+                if result.logprobs is not None and event[3]:
+                    result.logprobs[event[1]].extend(event[3])
             elif event[0] == "done":
                 result.finish_reasons[event[1]], result.tokens[event[1]] = event[2], event[3]
         return result

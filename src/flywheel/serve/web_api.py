@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
-from flywheel.serve.app import AppContext, chat_owner, ctx, current_user, db
+from flywheel.serve.app import AppContext, chat_owner, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
 from flywheel.serve.worker import ServedModel
@@ -136,6 +136,7 @@ async def new_conversation(request: Request, body: NewConversation) -> dict[str,
 @router.get("/conversations/{conv_id}")
 async def get_conversation(request: Request, conv_id: int) -> dict[str, Any]:
     owner = await chat_owner(request)
+    check_id(request, conv_id, "conversation")
     return await db(ctx(request).store.conversation, conv_id, owner)
 
 
@@ -143,6 +144,8 @@ async def get_conversation(request: Request, conv_id: int) -> dict[str, Any]:
 async def send_message(request: Request, conv_id: int, body: ChatTurn) -> StreamingResponse:
     c = ctx(request)
     owner = await chat_owner(request)
+    check_id(request, conv_id, "conversation")
+    check_id(request, body.parent_id, "message", param="parent_id")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     user_msg = await db(c.store.add_message, conv_id, owner, body.parent_id, "user", body.content)
     return await _reply(c, conv_id, owner, user_msg, params, announce=True)
@@ -153,6 +156,7 @@ async def regenerate(request: Request, message_id: int, body: RegenerateBody) ->
     """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree)."""
     c = ctx(request)
     owner = await chat_owner(request)
+    check_id(request, message_id, "message")
     branch = await db(c.store.branch, message_id, owner)
     if branch[-1]["role"] != "assistant" or branch[-1]["parent_id"] is None:
         raise ApiError(400, "only an assistant answer can be regenerated")
@@ -198,6 +202,7 @@ async def _reply(
 async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, Any]:
     c = ctx(request)
     owner = await chat_owner(request)
+    check_id(request, message_id, "message")
     row, created = await db(
         c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key, owner=owner
     )
@@ -233,6 +238,7 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
 @router.post("/label/rankings")
 async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
     user = await current_user(request)
+    check_id(request, body.task_id, "ranking task", param="task_id")
     row, created = await db(
         ctx(request).store.submit_ranking,
         user.id,
@@ -248,6 +254,7 @@ async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
 @router.post("/label/demonstrations")
 async def submit_demonstration(request: Request, body: DemonstrationBody) -> dict[str, Any]:
     user = await current_user(request)
+    check_id(request, body.task_id, "role-play task", param="task_id")
     row, created = await db(
         ctx(request).store.submit_demonstration,
         user.id,
