@@ -79,6 +79,7 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_p
                 "false",
                 "--eval-split",
                 "0",
+                "--save-adapter",
             ]
         )
         == 0
@@ -90,7 +91,17 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_p
     assert not torch.equal(
         before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
     )  # the adapter merged in
-    AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers loads it
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers loads it
+    # --save-adapter: the adapter alone, as PEFT writes it, on the base model gives the merged model's logits
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "final_adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    assert json.loads((out / "final_adapter" / "adapter_config.json").read_text())["r"] == 4
+    bad = ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "x"), "--save-adapter"]
+    assert main(bad) == 2  # no adapter to save without --lora-r
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
 
@@ -118,7 +129,8 @@ def test_lora_rm_trains_the_head_in_full_and_dpo_runs(tmp_path, model_dir):
     assert main(["rm", *common, "--out", str(tmp_path / "rm"), "--lr", "1e-2"]) == 0
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
     assert rm.score.weight.shape[0] == 1
-    assert main(["dpo", *common, "--out", str(tmp_path / "dpo"), "--lr", "1e-2"]) == 0
+    assert main(["dpo", *common, "--out", str(tmp_path / "dpo"), "--lr", "1e-2", "--save-adapter"]) == 0
+    assert (tmp_path / "dpo" / "final_adapter" / "adapter_model.safetensors").is_file()
     before = load_file(str(model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "dpo" / "final" / "model.safetensors"))
     assert before.keys() == after.keys()

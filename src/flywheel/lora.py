@@ -7,13 +7,16 @@ Adapters are injected with `peft.inject_adapter_in_model`, which keeps the model
 stays one): the trainers' code paths (`model.base_model`, the `score` head, the engine) work unchanged, and nothing
 wraps the model in a `PeftModel`. `disable_adapters(model)` is what `PeftModel.disable_adapter()` does (peft's
 `enable_adapters(False)` on every LoRA layer). A scalar head (`score`, new in a reward or value model) is trained in
-full. `final/` is always merged: W + (alpha / r) * B @ A, written as a plain HF checkpoint.
+full. `final/` is always merged: W + (alpha / r) * B @ A, written as a plain HF checkpoint; with `--save-adapter` the
+adapter alone is written beside it (`final_adapter/`, a PEFT directory).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +84,25 @@ def disable_adapters(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def save_adapter(model: torch.nn.Module, out_dir: Path, base_model: str) -> Path:
+    """The adapter alone as a PEFT directory (adapter_config.json + adapter_model.safetensors), loadable with
+    `PeftModel.from_pretrained(AutoModelFor...(base_model), out_dir)`; written atomically."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from flywheel.utils import atomic_dir
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.base_model_name_or_path = base_model
+    state = {
+        f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+    }
+    with atomic_dir(out_dir) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"))
+    return out_dir
 
 
 def merged_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

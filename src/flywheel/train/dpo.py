@@ -371,6 +371,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         run_dir / "final",
         extra={"stage": "dpo", "steps": result.steps, "beta": cfg.beta, "loss": cfg.loss, **result.eval_metrics},
         wrapped=result.wrapped,
+        adapter_of=cfg.model if cfg.save_adapter else None,
     )
     return run_dir
 

@@ -98,6 +98,13 @@ class TrainConfig:
         default="all-linear",
         metadata={"help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"},
     )
+    save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "with --lora-r: also write the adapter alone in final_adapter/, a PEFT directory "
+            "(PeftModel.from_pretrained(base, DIR)); final/ stays the merged model"
+        },
+    )
 
     def validate(self) -> None:
         if not self.out:
@@ -117,6 +124,10 @@ class TrainConfig:
             raise UserError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got '{self.strategy}'")
         if self.lora_r < 0:
             raise UserError("--lora-r must be >= 0")
+        if self.save_adapter and not self.lora_r:
+            raise UserError("--save-adapter needs --lora-r > 0 (there is no adapter to save)")
+        if self.save_adapter and self.strategy == "fsdp":
+            raise UserError("--save-adapter is not supported with --strategy fsdp (use ddp)")
 
 
 def autocast(enabled: bool) -> Any:
@@ -564,14 +575,18 @@ def save_final(
     out_dir: Path,
     extra: dict[str, Any] | None = None,
     wrapped: Wrapped | None = None,
+    adapter_of: str | None = None,
 ) -> Path:
     """final/: a plain HF directory that transformers loads without flywheel, written by rank 0. LoRA adapters are
-    merged into the weights; FSDP shards are gathered first (every rank must call this)."""
-    from flywheel.lora import has_lora, merged_state_dict
+    merged into the weights; FSDP shards are gathered first (every rank must call this). With `adapter_of` (the base
+    model's path or id) the adapter alone is also written, as a PEFT directory, to `<out_dir>_adapter/`."""
+    from flywheel.lora import has_lora, merged_state_dict, save_adapter
     from flywheel.models import save_pretrained
     from flywheel.tokenization import save_tokenizer
 
     lora = has_lora(model)
+    if lora and adapter_of is not None and distributed.is_main():
+        save_adapter(model, out_dir.with_name(out_dir.name + "_adapter"), adapter_of)
     if not lora and (wrapped is None or wrapped.strategy == "ddp"):
         if distributed.is_main():
             save_pretrained(model, tokenizer, out_dir, extra=extra)

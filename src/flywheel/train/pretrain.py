@@ -116,6 +116,7 @@ def train_causal_lm(
         run_dir / "final",
         extra={"stage": stage, "steps": result.steps, **result.eval_metrics},
         wrapped=result.wrapped,
+        adapter_of=getattr(cfg, "model", "") if cfg.save_adapter else None,  # sft's and pretrain's base model
     )
     return run_dir
 

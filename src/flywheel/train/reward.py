@@ -744,7 +744,8 @@ def train_reward(cfg: RewardConfig) -> Path:
             OFFSET_KEY,
         )
         extra.update(reference_mean_raw=mean_raw, reference=what, reference_count=len(answers))
-    save_final(model, tokenizer, run_dir / "final", extra=extra, wrapped=result.wrapped)
+    adapter_of = cfg.model if cfg.save_adapter else None
+    save_final(model, tokenizer, run_dir / "final", extra=extra, wrapped=result.wrapped, adapter_of=adapter_of)
     return run_dir
 
 

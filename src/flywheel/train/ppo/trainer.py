@@ -443,7 +443,11 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
     bar.close()
     logger.close()
     save_final(
-        trainer.actor.module, trainer.tokenizer, run_dir / "final", extra={"stage": stage, "steps": trainer.steps}
+        trainer.actor.module,
+        trainer.tokenizer,
+        run_dir / "final",
+        extra={"stage": stage, "steps": trainer.steps},
+        adapter_of=cfg.model if cfg.save_adapter else None,
     )
     if trainer.critic is not None:
         save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
