@@ -61,7 +61,7 @@ def ranking_task(store, labels_needed=2, texts=("4", "5", "four")):
 def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
     from sqlalchemy import inspect, text
 
-    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.db import connect, head_revision, upgrade
 
     upgrade(db_url)
     upgrade(db_url)  # already at head: nothing to do
@@ -80,15 +80,49 @@ def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision() != "0001"
         if db_url.startswith("sqlite"):
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
 
 
+def test_upgrade_from_0001_rekeys_conversation_owners(db_url):
+    """A database made by revision 0001 (browsers stored as `anon:<id>`, API calls as `anonymous`) upgrades in place:
+    each client's conversations stay together under a hash of its id; the shared `anonymous` bucket and ids too short
+    to be unguessable go to the admins-only owner."""
+    from sqlalchemy import text
+
+    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.store import UNIDENTIFIED, Store, client_owner
+
+    upgrade(db_url, "0001")
+    long_id = "A" * 10 + "b-_" * 5  # 25 characters
+    engine = connect(db_url)
+    with engine.begin() as conn:
+        for owner in (f"anon:{long_id}", f"anon:{long_id}", "anon:short123", "anonymous", "alice"):
+            conn.execute(
+                text(
+                    "INSERT INTO conversations (source, owner, title, created_at, updated_at) "
+                    "VALUES ('web', :owner, 't', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"owner": owner},
+            )
+    engine.dispose()
+    upgrade(db_url)
+    store = Store(db_url)
+    try:
+        owners = [c["owner"] for c in sorted(store.all_conversations(), key=lambda c: c["id"])]
+        assert owners == [client_owner(long_id)] * 2 + [UNIDENTIFIED, UNIDENTIFIED, "alice"]
+        assert len(store.list_conversations(client_owner(long_id))) == 2
+        assert store.list_conversations(UNIDENTIFIED) == []  # nobody chats as the unidentified owner
+    finally:
+        store.close()
+
+
 def test_tokens_are_stored_hashed(store):
     from sqlalchemy import select
 
+    from flywheel.errors import UserError
     from flywheel.feedback.models import User
     from flywheel.feedback.store import Conflict, hash_token
 
@@ -99,6 +133,9 @@ def test_tokens_are_stored_hashed(store):
         assert row.token_hash == hash_token(token) and token not in row.token_hash
     with pytest.raises(Conflict):
         store.create_user("alice", "admin")
+    for bad in ("client:x", "api:unidentified", " alice", ""):  # could collide with the owners of anonymous chats
+        with pytest.raises(UserError, match="user name"):
+            store.create_user(bad, "labeler")
 
 
 def test_conversation_tree_keeps_every_answer_with_its_version(store):

@@ -46,6 +46,11 @@ from flywheel.feedback.models import (
 )
 
 MAX_KEY_LENGTH = 100
+# Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
+# with no identity: logged for training, readable by admins only). User names cannot contain ":", so the three never
+# meet.
+UNIDENTIFIED = "api:unidentified"
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_-]{22,128}$"  # at least 22 base64url characters: 128 bits when random
 
 
 class NotFound(UserError):
@@ -65,6 +70,11 @@ class UserInfo:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def client_owner(client_id: str) -> str:
+    """The owner string of an anonymous client: its id is a secret, so only a hash of it is stored."""
+    return "client:" + hashlib.sha256(client_id.encode()).hexdigest()[:40]
 
 
 def check_messages_dicts(messages: Any, *, end: str | None, field: str = "messages") -> list[dict[str, str]]:
@@ -116,8 +126,8 @@ class Store:
         """Add a user and return their new API token (not stored: only its hash is)."""
         if role not in ROLES:
             raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not name or len(name) > 100:
-            raise UserError("a user name must have 1 to 100 characters")
+        if not name or len(name) > 100 or ":" in name or name != name.strip():
+            raise UserError("a user name must have 1 to 100 characters, no ':' and no surrounding spaces")
         token = "fw-" + secrets.token_urlsafe(32)
         with self.session(write=True) as s:
             s.add(User(name=name, role=role, token_hash=hash_token(token)))
@@ -157,23 +167,52 @@ class Store:
             return conv.id
 
     def list_conversations(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        """`owner`'s conversations, newest first."""
         with self.session() as s:
             rows = s.scalars(
                 select(Conversation)
-                .where(Conversation.owner == owner)
+                .where(Conversation.owner == owner, Conversation.owner != UNIDENTIFIED)
                 .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
                 .limit(limit)
             )
-            return [{"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()} for c in rows]
+            return [
+                {"id": c.id, "title": c.title, "source": c.source, "updated_at": c.updated_at.isoformat()}
+                for c in rows
+            ]
 
-    def conversation(self, conv_id: int, owner: str) -> dict[str, Any]:
+    def all_conversations(self, limit: int = 100, source: str | None = None) -> list[dict[str, Any]]:
+        """Everyone's conversations with their owners, newest first (admins)."""
         with self.session() as s:
-            conv = self._owned(s, conv_id, owner)
-            return {"id": conv.id, "title": conv.title, "messages": [_message_dict(m) for m in conv.messages]}
+            query = (
+                select(Conversation) if source is None else select(Conversation).where(Conversation.source == source)
+            )
+            rows = s.scalars(query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+            return [
+                {
+                    "id": c.id,
+                    "title": c.title,
+                    "source": c.source,
+                    "owner": c.owner,
+                    "updated_at": c.updated_at.isoformat(),
+                }
+                for c in rows
+            ]
+
+    def conversation(self, conv_id: int, owner: str, *, any_owner: bool = False) -> dict[str, Any]:
+        """A conversation tree if `owner` owns it (`any_owner`: whoever does, for admins), else NotFound."""
+        with self.session() as s:
+            conv = s.get(Conversation, conv_id) if any_owner else self._owned(s, conv_id, owner)
+            if conv is None:
+                raise NotFound(f"no conversation {conv_id}")
+            out = {"id": conv.id, "title": conv.title, "source": conv.source}
+            if any_owner:
+                out["owner"] = conv.owner
+            return out | {"messages": [_message_dict(m) for m in conv.messages]}
 
     def _owned(self, s: Session, conv_id: int, owner: str) -> Conversation:
+        # Someone else's conversation is "not found", exactly like a missing one: ids cannot be probed.
         conv = s.get(Conversation, conv_id)
-        if conv is None or conv.owner != owner:
+        if conv is None or conv.owner != owner or owner == UNIDENTIFIED:
             raise NotFound(f"no conversation {conv_id}")
         return conv
 
@@ -213,7 +252,7 @@ class Store:
         """The messages from the root down to `message_id` (its context)."""
         with self.session() as s:
             branch = self._branch(s, message_id)
-            if owner is not None and s.get(Conversation, branch[0].conversation_id).owner != owner:
+            if owner is not None and not _owns(s.get(Conversation, branch[0].conversation_id), owner):
                 raise NotFound(f"no message {message_id}")
             return [_message_dict(m) for m in branch]
 
@@ -281,7 +320,7 @@ class Store:
             if found is not None:
                 return _vote_dict(found), False
             msg = s.get(Message, message_id)
-            if msg is None or (owner is not None and s.get(Conversation, msg.conversation_id).owner != owner):
+            if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
                 raise NotFound(f"no message {message_id}")
             if msg.role != "assistant":
                 raise UserError("only assistant messages can be voted on")
@@ -552,6 +591,10 @@ def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
     if len(order) < 2:
         raise UserError("all candidates tied: a ranking must prefer something (or skip the task)")
     return [sorted(position[c] for c in g) for g in order]
+
+
+def _owns(conv: Conversation, owner: str) -> bool:
+    return conv.owner == owner and owner != UNIDENTIFIED
 
 
 def _turn(m: Message) -> dict[str, str]:

@@ -26,14 +26,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.errors import UserError
-from flywheel.feedback.store import Store, UserInfo
+from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, UserInfo, client_owner
 from flywheel.serve.errors import ApiError
 from flywheel.serve.worker import BatchWorker, ServedModel
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
 @dataclass
@@ -104,16 +104,47 @@ async def current_user(
     return user
 
 
-async def chat_owner(request: Request) -> str:
-    """Who owns chat conversations: the user (token), or the browser's anonymous client id when chat is open."""
+@dataclass(frozen=True)
+class Principal:
+    """Who is chatting: `owner` of what they create (a user's name, `client:<hash>`, or UNIDENTIFIED), and the user."""
+
+    owner: str
+    user: UserInfo | None = None
+
+    @property
+    def identified(self) -> bool:
+        return self.owner != UNIDENTIFIED
+
+
+async def chat_principal(request: Request) -> Principal:
+    """The chat caller: the user of the bearer token; with open chat, else the anonymous client of `X-Client-Id`
+    (a secret the client made: 22-128 characters of [A-Za-z0-9_-]), else nobody (UNIDENTIFIED)."""
     if ctx(request).settings.chat_auth:
         user = await current_user(request)
-    else:  # open chat: a token that is not a user's (OpenAI clients always send one) just means anonymous
+    else:  # open chat: a token that is not a user's (OpenAI clients always send one) identifies nobody
         user = await db(ctx(request).store.authenticate, bearer(request))
     if user is not None:
-        return user.name
+        return Principal(user.name, user)
     client = request.headers.get("x-client-id", "")
-    return f"anon:{client}" if _CLIENT_ID.match(client) else "anonymous"
+    return Principal(client_owner(client) if _CLIENT_ID.match(client) else UNIDENTIFIED)
+
+
+async def chat_owner(request: Request) -> str:
+    """The owner of what this caller creates; UNIDENTIFIED (readable by admins only) when it has no identity."""
+    return (await chat_principal(request)).owner
+
+
+async def chat_identity(request: Request) -> Principal:
+    """The chat caller, who must have an identity (the web chat's endpoints)."""
+    principal = await chat_principal(request)
+    if not principal.identified:
+        raise ApiError(
+            401,
+            "send a user token (Authorization: Bearer <token>) or an anonymous client id "
+            "(X-Client-Id: 22-128 random characters of A-Z a-z 0-9 _ -)",
+            code="missing_identity",
+        )
+    return principal
 
 
 class BodyLimit:

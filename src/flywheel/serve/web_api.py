@@ -1,6 +1,8 @@
 """The web app's JSON API: chat conversations (streamed as SSE), votes, the labelers' workbench, and admin.
 
-Chat (open, or token-protected with `--chat-auth`):
+Chat (open, or token-protected with `--chat-auth`). Every conversation belongs to its maker: a user (token), or with
+open chat an anonymous client (`X-Client-Id`); others' conversations and messages answer 404. Admins may read any
+conversation (GET only).
     GET  /api/conversations                      POST /api/conversations
     GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
     POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
@@ -8,7 +10,8 @@ Labelers (labeler or admin token):
     GET  /api/me    GET /api/label/next?kind=ranking|roleplay    POST /api/label/suggest
     POST /api/label/rankings                     POST /api/label/demonstrations
 Admins:
-    GET  /api/admin/overview    POST /api/admin/tasks    GET|POST /api/admin/model
+    GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
+    GET|POST /api/admin/model
 
 SSE events of the chat streams are JSON objects: {"type": "user", "message"}, {"type": "delta", "text"},
 {"type": "done", "message"} (the stored assistant message, with its model version), {"type": "error", "message"}.
@@ -23,12 +26,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
-from flywheel.serve.app import AppContext, chat_owner, ctx, current_user, db
+from flywheel.serve.app import AppContext, chat_identity, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
 from flywheel.serve.worker import ServedModel
@@ -123,26 +126,28 @@ def _sse(obj: dict[str, Any]) -> str:
 
 @router.get("/conversations")
 async def list_conversations(request: Request) -> dict[str, Any]:
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     return {"conversations": await db(ctx(request).store.list_conversations, owner)}
 
 
 @router.post("/conversations", status_code=201)
 async def new_conversation(request: Request, body: NewConversation) -> dict[str, Any]:
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     return {"id": await db(ctx(request).store.create_conversation, owner, "web", body.title)}
 
 
 @router.get("/conversations/{conv_id}")
 async def get_conversation(request: Request, conv_id: int) -> dict[str, Any]:
-    owner = await chat_owner(request)
-    return await db(ctx(request).store.conversation, conv_id, owner)
+    """The caller's own conversation; an admin may read anyone's (with its owner). Others' ids answer 404."""
+    principal = await chat_identity(request)
+    admin = principal.user is not None and principal.user.role == "admin"
+    return await db(ctx(request).store.conversation, conv_id, principal.owner, any_owner=admin)
 
 
 @router.post("/conversations/{conv_id}/messages")
 async def send_message(request: Request, conv_id: int, body: ChatTurn) -> StreamingResponse:
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     user_msg = await db(c.store.add_message, conv_id, owner, body.parent_id, "user", body.content)
     return await _reply(c, conv_id, owner, user_msg, params, announce=True)
@@ -152,7 +157,7 @@ async def send_message(request: Request, conv_id: int, body: ChatTurn) -> Stream
 async def regenerate(request: Request, message_id: int, body: RegenerateBody) -> StreamingResponse:
     """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree)."""
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     branch = await db(c.store.branch, message_id, owner)
     if branch[-1]["role"] != "assistant" or branch[-1]["parent_id"] is None:
         raise ApiError(400, "only an assistant answer can be regenerated")
@@ -197,7 +202,7 @@ async def _reply(
 @router.post("/messages/{message_id}/votes")
 async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, Any]:
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     row, created = await db(
         c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key, owner=owner
     )
@@ -270,6 +275,15 @@ async def overview(request: Request) -> dict[str, Any]:
     out["model"] = {"version": c.worker.model.version, "path": c.worker.model.path}
     out["batching"] = dict(c.worker.stats)
     return out
+
+
+@router.get("/admin/conversations")
+async def all_conversations(
+    request: Request, source: Literal["web", "api"] | None = None, limit: int = Query(default=100, ge=1, le=1000)
+) -> dict[str, Any]:
+    """Everyone's conversations with their owners (API calls with no identity are only readable here and by id)."""
+    await current_user(request, roles=("admin",))
+    return {"conversations": await db(ctx(request).store.all_conversations, limit, source)}
 
 
 @router.post("/admin/tasks", status_code=201)
