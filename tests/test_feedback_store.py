@@ -133,6 +133,16 @@ def test_tokens_are_stored_hashed(store):
         assert row.token_hash == hash_token(token) and token not in row.token_hash
     with pytest.raises(Conflict):
         store.create_user("alice", "admin")
+    assert store.create_user("uma", "user") and store.users()[-1].role == "user"
+    store.revoke_token("alice")
+    assert store.authenticate(token) is None and [u.active for u in store.users()] == [False, True]
+    new = store.rotate_token("alice")
+    assert store.authenticate(new).name == "alice" and store.authenticate(token) is None
+    assert store.rotate_token("alice") != new and store.authenticate(new) is None
+    with pytest.raises(UserError, match="no user"):
+        store.revoke_token("nobody")
+    with pytest.raises(UserError, match="role must be"):
+        store.create_user("x", "root")
     for bad in ("client:x", "api:unidentified", " alice", ""):  # could collide with the owners of anonymous chats
         with pytest.raises(UserError, match="user name"):
             store.create_user(bad, "labeler")

@@ -31,7 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("flywheel.eval.cli", "evaluations: `flywheel eval rm` (reward model accuracy, Kendall tau)"),
     "ppo": ("flywheel.train.ppo.trainer", "PPO / PPO-ptx against a reward model with a per-token KL penalty"),
     "serve": ("flywheel.serve.cli", "OpenAI-compatible API + chat web app + labelers' workbench (docs/serve.md)"),
-    "db": ("flywheel.feedback.cli", "feedback database: `db upgrade`, `db create-user NAME --role labeler|admin`"),
+    "db": (
+        "flywheel.feedback.cli",
+        "feedback database: `db upgrade`, `db create-user NAME --role user|labeler|admin`, `db users`, "
+        "`db revoke-token NAME`, `db rotate-token NAME`",
+    ),
     "export": ("flywheel.feedback.export", "feedback database -> demos, rankings, prompts for sft/rm/dpo/ppo"),
     "round": ("flywheel.round", "the next round from an export: SFT -> RM -> PPO, then switch the live server"),
 }

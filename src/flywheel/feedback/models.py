@@ -1,6 +1,7 @@
 """The feedback database's tables (SQLAlchemy 2 declarative models).
 
-- `users`: labelers and admins; `token_hash` is the SHA-256 of the API token (the token itself is shown once).
+- `users`: chat users, labelers and admins; `token_hash` is the SHA-256 of the API token (the token itself is shown
+  once), NULL once the token is revoked.
 - `model_versions`: every model the server has served (`id` = directory name + a content hash).
 - `conversations` / `messages`: chat trees. A message points at its `parent`; a regenerated answer is a sibling (same
   parent), so every answer ever shown is kept with the `model_version` that produced it.
@@ -21,7 +22,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ROLES = ("labeler", "admin")
+ROLES = ("user", "labeler", "admin")  # user: chat only; labeler: chat and labeling; admin: everything
 TASK_KINDS = ("ranking", "roleplay")
 
 
@@ -38,8 +39,8 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    role: Mapped[str] = mapped_column(String(20))  # "labeler" | "admin"
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the bearer token
+    role: Mapped[str] = mapped_column(String(20))  # "user" | "labeler" | "admin"
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # sha256 hex of the token; None: revoked
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -65,7 +65,8 @@ class Conflict(UserError):
 class UserInfo:
     id: int
     name: str
-    role: str  # "labeler" | "admin"
+    role: str  # "user" | "labeler" | "admin"
+    active: bool = True  # False: the token was revoked
 
 
 def hash_token(token: str) -> str:
@@ -146,7 +147,28 @@ class Store:
 
     def users(self) -> list[UserInfo]:
         with self.session() as s:
-            return [UserInfo(u.id, u.name, u.role) for u in s.scalars(select(User).order_by(User.id))]
+            return [
+                UserInfo(u.id, u.name, u.role, active=u.token_hash is not None)
+                for u in s.scalars(select(User).order_by(User.id))
+            ]
+
+    def revoke_token(self, name: str) -> None:
+        """The user's token stops working at once; their data stays. `rotate_token` gives them a new one."""
+        self._set_token(name, None)
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for the user (returned, shown once); the old one stops working at once."""
+        token = "fw-" + secrets.token_urlsafe(32)
+        self._set_token(name, hash_token(token))
+        return token
+
+    def _set_token(self, name: str, token_hash: str | None) -> None:
+        with self.session(write=True) as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise NotFound(f"no user {name!r} (see: flywheel db users)")
+            user.token_hash = token_hash
+            s.commit()
 
     def register_model_version(self, version: str, path: str) -> None:
         with self.session(write=True) as s:

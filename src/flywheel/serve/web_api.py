@@ -6,8 +6,9 @@ conversation (GET only).
     GET  /api/conversations                      POST /api/conversations
     GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
     POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
+Any user's token: GET /api/me
 Labelers (labeler or admin token):
-    GET  /api/me    GET /api/label/next?kind=ranking|roleplay    POST /api/label/suggest
+    GET  /api/label/next?kind=ranking|roleplay   POST /api/label/suggest
     POST /api/label/rankings                     POST /api/label/demonstrations
 Admins:
     GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
@@ -31,6 +32,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
+from flywheel.feedback.models import ROLES
 from flywheel.serve.app import AppContext, chat_identity, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
@@ -214,7 +216,7 @@ async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, A
 
 @router.get("/me")
 async def me(request: Request) -> dict[str, Any]:
-    user = await current_user(request)
+    user = await current_user(request, roles=ROLES)
     return {"name": user.name, "role": user.role}
 
 

@@ -1,6 +1,8 @@
 """Who may see and change what, against a live server: every conversation belongs to its maker (a user's token, or
 an anonymous client's secret id); others get 404 for it (ids cannot be probed); API calls with no identity are
-logged but readable by admins only; a labeler's submissions are theirs alone."""
+logged but readable by admins only; a labeler's submissions are theirs alone. Roles (`user` chats only), revoked and
+rotated tokens, and rate limits (per user, per address without a token, rejected tokens per address) with 429 and
+`Retry-After`."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ def site(tmp_path_factory, tokenizer):
     model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=0)
     save_pretrained(model, tokenizer, root / "model")
     settings = ServeSettings(model=str(root / "model"), db=str(root / "fb.db"), default_max_tokens=4)
-    with LiveServer(create_app(settings)) as server:
+    app = create_app(settings)
+    with LiveServer(app) as server:
+        server.ctx = app.state.ctx
         server.store = Store(settings.db)
         server.admin = {"Authorization": "Bearer " + server.store.create_user("root", "admin")}
         server.lena = {"Authorization": "Bearer " + server.store.create_user("lena", "labeler")}
@@ -162,3 +166,108 @@ def _demos(site) -> list[dict]:
 
     with site.store.session() as s:
         return [{"id": d.id, "messages": d.messages} for d in s.scalars(select(Demonstration))]
+
+
+@pytest.fixture
+def limited(site):
+    """The site with --chat-auth and the given limits for one test (restored after)."""
+    from flywheel.serve.limits import Limits
+
+    ctx = site.ctx
+    saved = ctx.limits, ctx.settings.chat_auth
+
+    def configure(*, chat_auth: bool = True, per_user: int = 0, per_address: int = 0, auth_failures: int = 0):
+        ctx.settings.chat_auth = chat_auth
+        ctx.limits = Limits.of(per_user, per_address, auth_failures)
+
+    yield configure
+    ctx.limits, ctx.settings.chat_auth = saved
+
+
+def test_user_role_chats_but_does_not_label(site, limited):
+    limited(chat_auth=True)
+    user = {"Authorization": "Bearer " + site.store.create_user("uma", "user")}
+    assert httpx.get(site.url + "/api/me", headers=user).json() == {"name": "uma", "role": "user"}
+    conv, answer = chat(site, user)
+    assert [c["id"] for c in httpx.get(site.url + "/api/conversations", headers=user).json()["conversations"]] == [
+        conv
+    ]
+    body = {"model": "flywheel", "messages": MSGS, "max_tokens": 3}
+    assert httpx.post(site.url + "/v1/chat/completions", json=body, headers=user).status_code == 200
+    for path in ("/api/label/next", "/api/admin/overview", "/api/admin/conversations"):
+        r = httpx.get(site.url + path, headers=user)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_role", path
+    # with --chat-auth, a client id alone is no identity
+    r = httpx.get(site.url + "/api/conversations", headers=CLIENT_A)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_revoked_and_rotated_tokens(site, limited, capsys):
+    from flywheel.cli import main
+
+    limited(chat_auth=True)
+    old = {"Authorization": "Bearer " + site.store.create_user("rita", "labeler")}
+    assert httpx.get(site.url + "/api/me", headers=old).status_code == 200
+    assert main(["db", "rotate-token", "rita", "--db", str(site.store.url)]) == 0
+    new = {"Authorization": "Bearer " + capsys.readouterr().out.strip()}
+    assert httpx.get(site.url + "/api/me", headers=old).status_code == 401  # the old token stops at once
+    assert httpx.get(site.url + "/api/me", headers=new).json()["name"] == "rita"
+    conv, _ = chat(site, new)
+    assert main(["db", "revoke-token", "rita", "--db", str(site.store.url)]) == 0
+    for path in ("/api/me", "/api/conversations", f"/api/conversations/{conv}", "/api/label/next"):
+        r = httpx.get(site.url + path, headers=new)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    assert main(["db", "users", "--db", str(site.store.url)]) == 0
+    assert "rita\tlabeler\trevoked" in capsys.readouterr().out.splitlines()
+    assert main(["db", "revoke-token", "nobody", "--db", str(site.store.url)]) == 2  # one-line error
+    rotated = {"Authorization": "Bearer " + site.store.rotate_token("rita")}  # rotating a revoked user re-enables
+    assert [c["id"] for c in httpx.get(site.url + "/api/conversations", headers=rotated).json()["conversations"]] == [
+        conv
+    ]
+
+
+def test_rate_limit_per_token_answers_429_with_retry_after(site, limited):
+    openai = pytest.importorskip("openai")
+    limited(chat_auth=True, per_user=3)
+    for _ in range(3):
+        assert httpx.get(site.url + "/api/me", headers=site.lena).status_code == 200
+    r = httpx.get(site.url + "/api/me", headers=site.lena)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.json()["error"]["type"] == "rate_limit_error" and 1 <= int(r.headers["Retry-After"]) <= 20
+    assert httpx.get(site.url + "/api/me", headers=site.lars).status_code == 200  # another token: its own budget
+    client = openai.OpenAI(base_url=site.url + "/v1", api_key=site.lena["Authorization"][7:], max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2)
+
+
+def test_rate_limit_per_address_without_a_token(site, limited):
+    limited(chat_auth=False, per_address=2)
+    assert httpx.get(site.url + "/api/conversations", headers=CLIENT_A).status_code == 200
+    assert httpx.get(site.url + "/api/conversations", headers=CLIENT_B).status_code == 200
+    r = httpx.get(site.url + "/api/conversations", headers={"X-Client-Id": "c" * 30})  # a new client id: same address
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert httpx.get(site.url + "/api/conversations", headers=site.lena).status_code == 200  # users: per token
+
+
+def test_rejected_tokens_are_limited_per_address(site, limited):
+    limited(chat_auth=True, auth_failures=3)
+    for i in range(3):
+        r = httpx.get(site.url + "/api/me", headers={"Authorization": f"Bearer fw-guess-{i}"})
+        assert r.status_code == 401
+    r = httpx.get(site.url + "/api/me", headers={"Authorization": "Bearer fw-guess-4"})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    r = httpx.get(site.url + "/api/me", headers=site.lena)  # even a valid token: the answer must not tell
+    assert r.status_code == 429
+
+
+def test_flags_configure_the_limits(tmp_path, model_dir):
+    from flywheel.config import parse_config
+    from flywheel.errors import UserError
+    from flywheel.serve.app import ServeSettings, create_app
+
+    argv = ["--model", str(model_dir), "--db", str(tmp_path / "fb.db"), "--rate-limit", "7"]
+    settings = parse_config(ServeSettings, [*argv, "--rate-limit-anonymous", "5", "--auth-failure-limit", "2"], "t")
+    limits = create_app(settings).state.ctx.limits
+    assert (limits.per_user.capacity, limits.per_address.capacity, limits.auth_failures.capacity) == (7, 5, 2)
+    with pytest.raises(UserError, match="rate-limit"):
+        parse_config(ServeSettings, [*argv, "--rate-limit", "-1"], "t")
