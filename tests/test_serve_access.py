@@ -271,3 +271,40 @@ def test_flags_configure_the_limits(tmp_path, model_dir):
     assert (limits.per_user.capacity, limits.per_address.capacity, limits.auth_failures.capacity) == (7, 5, 2)
     with pytest.raises(UserError, match="rate-limit"):
         parse_config(ServeSettings, [*argv, "--rate-limit", "-1"], "t")
+
+
+def test_label_rules_over_http(site):
+    """labels_needed holds for a task ranked by id (409), one demonstration per labeler and task (409), and a second
+    vote on a message replaces the first."""
+    site.store.register_model_version("v0", "/m")
+    tid = site.store.create_ranking_task(
+        [{"role": "user", "content": "2+2?"}], [("4", "v0", "stop"), ("5", "v0", "stop")], labels_needed=1
+    )
+    cands = [c["id"] for c in site.store.task(tid, 0)["candidates"]]
+    body = {"task_id": tid, "order": [[cands[0]], [cands[1]]], "idempotency_key": "r1"}
+    assert httpx.post(site.url + "/api/label/rankings", json=body, headers=site.lena).json()["created"]
+    r = httpx.post(site.url + "/api/label/rankings", json=body, headers=site.lars)
+    assert r.status_code == 409 and "already has the 1 label" in r.json()["error"]["message"]
+    play = site.store.create_roleplay_task("Say hi.", labels_needed=5)
+    demo = {"task_id": play, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}
+    assert httpx.post(
+        site.url + "/api/label/demonstrations", json={**demo, "idempotency_key": "d1"}, headers=site.lena
+    )
+    r = httpx.post(site.url + "/api/label/demonstrations", json={**demo, "idempotency_key": "d2"}, headers=site.lena)
+    assert r.status_code == 409
+    conv, answer = chat(site, CLIENT_A)
+    url = f"{site.url}/api/messages/{answer}/votes"
+    first = httpx.post(url, json={"value": 1, "idempotency_key": "up"}, headers=CLIENT_A).json()
+    second = httpx.post(url, json={"value": -1, "comment": "no", "idempotency_key": "down"}, headers=CLIENT_A).json()
+    assert second["created"] and second["vote"]["id"] == first["vote"]["id"] and second["vote"]["value"] == -1
+    mine = [v for v in _votes(site) if v[0] == answer]
+    assert mine == [(answer, -1, "no")]
+
+
+def _votes(site) -> list[tuple]:
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Vote
+
+    with site.store.session() as s:
+        return [(v.message_id, v.value, v.comment) for v in s.scalars(select(Vote))]

@@ -46,6 +46,7 @@ from flywheel.feedback.models import (
 )
 
 MAX_KEY_LENGTH = 100
+_RACE_ATTEMPTS = 200  # a write that loses a race on a unique constraint looks again (each loss is another's win)
 # Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
 # with no identity: logged for training, readable by admins only). User names cannot contain ":", so the three never
 # meet.
@@ -334,26 +335,38 @@ class Store:
     def vote(
         self, message_id: int, voter: str, value: int, comment: str, key: str, owner: str | None = None
     ) -> tuple[dict[str, Any], bool]:
+        """A thumbs up (+1) or down (-1) on an assistant message. One vote per voter and message (the schema holds
+        it): a vote with a new key replaces the voter's earlier one (the same row, `created=True`); the same key again
+        is a replay (`created=False`)."""
         key = _check_key(key)
         if value not in (1, -1):
             raise UserError("value must be 1 (thumbs up) or -1 (thumbs down)")
-        with self.session(write=True) as s:
-            found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
-            if found is not None:
-                return _vote_dict(found), False
-            msg = s.get(Message, message_id)
-            if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
-                raise NotFound(f"no message {message_id}")
-            if msg.role != "assistant":
-                raise UserError("only assistant messages can be voted on")
-            vote = Vote(message_id=message_id, voter=voter, value=value, comment=comment, idempotency_key=key)
-            s.add(vote)
-            return self._commit_idempotent(
-                s,
-                vote,
-                _vote_dict,
-                lambda: s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key)),
-            )
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
+                if found is not None:
+                    return _vote_dict(found), False
+                msg = s.get(Message, message_id)
+                if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
+                    raise NotFound(f"no message {message_id}")
+                if msg.role != "assistant":
+                    raise UserError("only assistant messages can be voted on")
+                vote = s.scalar(select(Vote).where(Vote.message_id == message_id, Vote.voter == voter))
+                had_vote = vote is not None
+                if vote is None:
+                    vote = Vote(message_id=message_id, voter=voter)
+                    s.add(vote)
+                vote.value, vote.comment, vote.idempotency_key, vote.created_at = value, comment, key, utcnow()
+                try:
+                    s.commit()
+                    return _vote_dict(vote), True
+                except IntegrityError:
+                    s.rollback()
+                    mine = select(Vote.id).where(Vote.message_id == message_id, Vote.voter == voter)
+                    raced = s.scalar(select(Vote.id).where(Vote.voter == voter, Vote.idempotency_key == key))
+                    if raced is None and (had_vote or s.scalar(mine) is None):
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"message {message_id} was voted on concurrently; retry")
 
     def _commit_idempotent(self, s: Session, row: Any, as_dict: Any, lookup: Any) -> tuple[dict[str, Any], bool]:
         try:
@@ -463,44 +476,53 @@ class Store:
     def submit_ranking(
         self, user_id: int, task_id: int, order: Any, *, unsafe: Sequence[int] = (), comment: str = "", key: str
     ) -> tuple[dict[str, Any], bool]:
-        """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids."""
+        """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids.
+        Conflict when this labeler ranked the task already or the task has all the labels it needs."""
         key = _check_key(key)
-        with self.session(write=True) as s:
 
-            def lookup() -> RankingLabel | None:
-                return s.scalar(
-                    select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
-                )
-
-            found = lookup()
-            if found is not None:
-                return _ranking_dict(found), False
-            task = s.get(Task, task_id)
-            if task is None or task.kind != "ranking":
-                raise NotFound(f"no ranking task {task_id}")
-            position = {c.id: c.position for c in task.candidates}
-            groups = _order_positions(order, position)
-            if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
-                raise UserError("unsafe must list candidate ids of this task")
-            row = RankingLabel(
-                task_id=task_id,
-                labeler_id=user_id,
-                order=groups,
-                unsafe=sorted({position[u] for u in unsafe}),
-                comment=str(comment or ""),
-                idempotency_key=key,
+        def lookup(s: Session) -> RankingLabel | None:
+            return s.scalar(
+                select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
             )
-            s.add(row)
-            try:
-                return self._commit_idempotent(s, row, _ranking_dict, lookup)
-            except IntegrityError:
-                raise Conflict(f"task {task_id} was already ranked by this labeler") from None
+
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = lookup(s)
+                if found is not None:
+                    return _ranking_dict(found), False
+                task = s.get(Task, task_id)
+                if task is None or task.kind != "ranking":
+                    raise NotFound(f"no ranking task {task_id}")
+                position = {c.id: c.position for c in task.candidates}
+                groups = _order_positions(order, position)
+                if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
+                    raise UserError("unsafe must list candidate ids of this task")
+                slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
+                row = RankingLabel(
+                    task_id=task_id,
+                    labeler_id=user_id,
+                    slot=slot,
+                    order=groups,
+                    unsafe=sorted({position[u] for u in unsafe}),
+                    comment=str(comment or ""),
+                    idempotency_key=key,
+                )
+                s.add(row)
+                try:
+                    s.commit()
+                    return _ranking_dict(row), True
+                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
+                    s.rollback()
+                    if lookup(s) is None and _labels(s, RankingLabel, task_id) <= slot:
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
     def submit_demonstration(
         self, user_id: int, task_id: int | None, messages: Any, *, suggestions: Sequence[dict[str, Any]] = (), key: str
     ) -> tuple[dict[str, Any], bool]:
         """A role-play conversation (ends with an assistant turn). `suggestions`: the model's drafts,
-        `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one."""
+        `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one.
+        With a task: Conflict when this labeler wrote one for it already or it has all the labels it needs."""
         key = _check_key(key)
         messages = check_messages_dicts(messages, end="assistant")
         drafts = [
@@ -511,32 +533,41 @@ class Store:
         if any(not 0 <= d["turn"] < len(messages) for d in drafts):
             raise UserError("a suggestion's turn is outside the conversation")
         edited = any(messages[d["turn"]]["content"] != d["text"] for d in drafts) or not drafts
-        with self.session(write=True) as s:
 
-            def lookup() -> Demonstration | None:
-                return s.scalar(
-                    select(Demonstration).where(
-                        Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key
-                    )
-                )
-
-            found = lookup()
-            if found is not None:
-                return _demo_dict(found), False
-            if task_id is not None:
-                task = s.get(Task, task_id)
-                if task is None or task.kind != "roleplay":
-                    raise NotFound(f"no role-play task {task_id}")
-            row = Demonstration(
-                task_id=task_id,
-                labeler_id=user_id,
-                messages=messages,
-                suggestions=drafts,
-                edited=edited,
-                idempotency_key=key,
+        def lookup(s: Session) -> Demonstration | None:
+            return s.scalar(
+                select(Demonstration).where(Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key)
             )
-            s.add(row)
-            return self._commit_idempotent(s, row, _demo_dict, lookup)
+
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = lookup(s)
+                if found is not None:
+                    return _demo_dict(found), False
+                slot = None
+                if task_id is not None:
+                    task = s.get(Task, task_id)
+                    if task is None or task.kind != "roleplay":
+                        raise NotFound(f"no role-play task {task_id}")
+                    slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
+                row = Demonstration(
+                    task_id=task_id,
+                    labeler_id=user_id,
+                    slot=slot,
+                    messages=messages,
+                    suggestions=drafts,
+                    edited=edited,
+                    idempotency_key=key,
+                )
+                s.add(row)
+                try:
+                    s.commit()
+                    return _demo_dict(row), True
+                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
+                    s.rollback()
+                    if lookup(s) is None and (slot is None or _labels(s, Demonstration, task_id) <= slot):
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
     # admin
 
@@ -617,6 +648,21 @@ def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
 
 def _owns(conv: Conversation, owner: str) -> bool:
     return conv.owner == owner and owner != UNIDENTIFIED
+
+
+def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:
+    """The next of the task's `labels_needed` label slots; Conflict if this labeler has one or none is left. Two
+    submissions that pick the same slot concurrently cannot both commit: (task, slot) is unique in the schema."""
+    if s.scalar(select(table.id).where(table.task_id == task.id, table.labeler_id == user_id)) is not None:
+        raise Conflict(f"task {task.id} was already {did} by this labeler")
+    given = _labels(s, table, task.id)
+    if given >= task.labels_needed:
+        raise Conflict(f"task {task.id} already has the {task.labels_needed} label(s) it needs")
+    return given
+
+
+def _labels(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int | None) -> int:
+    return s.scalar(select(func.count()).select_from(table).where(table.task_id == task_id)) or 0
 
 
 def _turn(m: Message) -> dict[str, str]:
