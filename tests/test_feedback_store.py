@@ -331,6 +331,27 @@ def test_concurrent_labels_never_exceed_labels_needed(store):
         assert s.scalar(select(func.count()).select_from(RankingLabel)) == 3
 
 
+def test_concurrent_votes_of_one_voter_leave_one_vote(store):
+    """16 different votes of one voter on one message at once: one row, holding one of them; each was answered."""
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Vote
+
+    conv = store.create_conversation("client:x")
+    q = store.add_message(conv, "client:x", None, "user", "hi")
+    a = store.add_message(conv, "client:x", q["id"], "assistant", "hello", "v1", "stop")
+
+    def vote(i):
+        return store.vote(a["id"], "client:x", 1 if i % 2 else -1, f"c{i}", f"k{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(vote, range(16)))
+    assert all(created for _, created in results) and len({row["id"] for row, _ in results}) == 1
+    with store.session() as s:
+        rows = s.scalars(select(Vote)).all()
+        assert len(rows) == 1 and rows[0].comment in {f"c{i}" for i in range(16)}
+
+
 def test_the_schema_holds_the_rules_without_the_store(store):
     """Rows written around the Store's checks are refused by the database itself."""
     from sqlalchemy.exc import IntegrityError

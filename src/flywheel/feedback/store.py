@@ -497,7 +497,12 @@ class Store:
                 groups = _order_positions(order, position)
                 if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
                     raise UserError("unsafe must list candidate ids of this task")
-                slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
+                try:
+                    slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
+                except Conflict:
+                    if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
+                        return _ranking_dict(found), False
+                    raise
                 row = RankingLabel(
                     task_id=task_id,
                     labeler_id=user_id,
@@ -513,7 +518,7 @@ class Store:
                     return _ranking_dict(row), True
                 except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
                     s.rollback()
-                    if lookup(s) is None and _labels(s, RankingLabel, task_id) <= slot:
+                    if lookup(s) is None and not _raced(s, RankingLabel, task_id, slot, user_id):
                         raise  # not a lost race: a real integrity error
         raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
@@ -549,7 +554,12 @@ class Store:
                     task = s.get(Task, task_id)
                     if task is None or task.kind != "roleplay":
                         raise NotFound(f"no role-play task {task_id}")
-                    slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
+                    try:
+                        slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
+                    except Conflict:
+                        if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
+                            return _demo_dict(found), False
+                        raise
                 row = Demonstration(
                     task_id=task_id,
                     labeler_id=user_id,
@@ -565,7 +575,7 @@ class Store:
                     return _demo_dict(row), True
                 except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
                     s.rollback()
-                    if lookup(s) is None and (slot is None or _labels(s, Demonstration, task_id) <= slot):
+                    if lookup(s) is None and (slot is None or not _raced(s, Demonstration, task_id, slot, user_id)):
                         raise  # not a lost race: a real integrity error
         raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
@@ -651,18 +661,25 @@ def _owns(conv: Conversation, owner: str) -> bool:
 
 
 def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:
-    """The next of the task's `labels_needed` label slots; Conflict if this labeler has one or none is left. Two
-    submissions that pick the same slot concurrently cannot both commit: (task, slot) is unique in the schema."""
+    """The lowest free one of the task's `labels_needed` label slots; Conflict if this labeler has one or the task has
+    all its labels. Two submissions that pick the same slot concurrently cannot both commit: (task, slot) is unique."""
     if s.scalar(select(table.id).where(table.task_id == task.id, table.labeler_id == user_id)) is not None:
         raise Conflict(f"task {task.id} was already {did} by this labeler")
-    given = _labels(s, table, task.id)
-    if given >= task.labels_needed:
+    used = _slots(s, table, task.id)
+    free = sorted(set(range(task.labels_needed)) - used)
+    if len(used) >= task.labels_needed or not free:
         raise Conflict(f"task {task.id} already has the {task.labels_needed} label(s) it needs")
-    return given
+    return free[0]
 
 
-def _labels(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int | None) -> int:
-    return s.scalar(select(func.count()).select_from(table).where(table.task_id == task_id)) or 0
+def _raced(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int, slot: int, user_id: int) -> bool:
+    """After a failed insert: did a concurrent submission take the slot, or give this labeler a label of the task?"""
+    mine = select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)
+    return slot in _slots(s, table, task_id) or s.scalar(mine) is not None
+
+
+def _slots(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int | None) -> set[int]:
+    return set(s.scalars(select(table.slot).where(table.task_id == task_id)))
 
 
 def _turn(m: Message) -> dict[str, str]:
