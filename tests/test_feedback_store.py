@@ -61,7 +61,7 @@ def ranking_task(store, labels_needed=2, texts=("4", "5", "four")):
 def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
     from sqlalchemy import inspect, text
 
-    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.db import connect, head_revision, upgrade
 
     upgrade(db_url)
     upgrade(db_url)  # already at head: nothing to do
@@ -80,15 +80,64 @@ def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision() != "0001"
         if db_url.startswith("sqlite"):
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
 
 
+def test_the_migrations_build_what_the_models_declare(db_url):
+    """`alembic upgrade head` and the SQLAlchemy models agree (an autogenerate diff would be empty)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.models import Base
+
+    upgrade(db_url)
+    engine = connect(db_url)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    engine.dispose()
+
+
+def test_upgrade_from_0001_rekeys_conversation_owners(db_url):
+    """A database made by revision 0001 (browsers stored as `anon:<id>`, API calls as `anonymous`) upgrades in place:
+    each client's conversations stay together under a hash of its id; the shared `anonymous` bucket and ids too short
+    to be unguessable go to the admins-only owner."""
+    from sqlalchemy import text
+
+    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.store import UNIDENTIFIED, Store, client_owner
+
+    upgrade(db_url, "0001")
+    long_id = "A" * 10 + "b-_" * 5  # 25 characters
+    engine = connect(db_url)
+    with engine.begin() as conn:
+        for owner in (f"anon:{long_id}", f"anon:{long_id}", "anon:short123", "anonymous", "alice"):
+            conn.execute(
+                text(
+                    "INSERT INTO conversations (source, owner, title, created_at, updated_at) "
+                    "VALUES ('web', :owner, 't', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"owner": owner},
+            )
+    engine.dispose()
+    upgrade(db_url)
+    store = Store(db_url)
+    try:
+        owners = [c["owner"] for c in sorted(store.all_conversations(), key=lambda c: c["id"])]
+        assert owners == [client_owner(long_id)] * 2 + [UNIDENTIFIED, UNIDENTIFIED, "alice"]
+        assert len(store.list_conversations(client_owner(long_id))) == 2
+        assert store.list_conversations(UNIDENTIFIED) == []  # nobody chats as the unidentified owner
+    finally:
+        store.close()
+
+
 def test_tokens_are_stored_hashed(store):
     from sqlalchemy import select
 
+    from flywheel.errors import UserError
     from flywheel.feedback.models import User
     from flywheel.feedback.store import Conflict, hash_token
 
@@ -99,6 +148,19 @@ def test_tokens_are_stored_hashed(store):
         assert row.token_hash == hash_token(token) and token not in row.token_hash
     with pytest.raises(Conflict):
         store.create_user("alice", "admin")
+    assert store.create_user("uma", "user") and store.users()[-1].role == "user"
+    store.revoke_token("alice")
+    assert store.authenticate(token) is None and [u.active for u in store.users()] == [False, True]
+    new = store.rotate_token("alice")
+    assert store.authenticate(new).name == "alice" and store.authenticate(token) is None
+    assert store.rotate_token("alice") != new and store.authenticate(new) is None
+    with pytest.raises(UserError, match="no user"):
+        store.revoke_token("nobody")
+    with pytest.raises(UserError, match="role must be"):
+        store.create_user("x", "root")
+    for bad in ("client:x", "api:unidentified", " alice", ""):  # could collide with the owners of anonymous chats
+        with pytest.raises(UserError, match="user name"):
+            store.create_user(bad, "labeler")
 
 
 def test_conversation_tree_keeps_every_answer_with_its_version(store):
@@ -198,6 +260,217 @@ def test_queue_progress_and_agreement(store):
     # Ties are not compared; pairs only count when both labelers ordered them.
     tied = pairwise_agreement([(1, "a", [[0, 1], [2]]), (1, "b", [[1], [0], [2]])])
     assert tied["pairs"] == 2 and tied["rate"] == 1.0
+
+
+def _rank_all(store, uid, task_id, key):
+    ids = [c["id"] for c in store.task(task_id, uid)["candidates"]]
+    return store.submit_ranking(uid, task_id, [[ids[0]], ids[1:]], key=key)
+
+
+DEMO = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+
+
+def test_labels_needed_one_label_per_labeler_and_one_vote_per_message(store):
+    from flywheel.feedback.store import Conflict
+
+    for name in ("ann", "ben", "cat"):
+        store.create_user(name, "labeler")
+    uid = {u.name: u.id for u in store.users()}
+    task = ranking_task(store, labels_needed=2)
+    assert _rank_all(store, uid["ann"], task, "a")[1] and _rank_all(store, uid["ben"], task, "b")[1]
+    with pytest.raises(Conflict, match="already has the 2 label"):  # by id, past the queue
+        _rank_all(store, uid["cat"], task, "c")
+    assert _rank_all(store, uid["ann"], task, "a")[1] is False  # a retry is still a replay, not a conflict
+    with pytest.raises(Conflict, match="already ranked by this labeler"):
+        _rank_all(store, uid["ann"], task, "a-again")
+    play = store.create_roleplay_task("Ask about capitals.", labels_needed=2)
+    assert store.submit_demonstration(uid["ann"], play, DEMO, key="d-a")[1]
+    with pytest.raises(Conflict, match="already written a demonstration for by this labeler"):
+        store.submit_demonstration(uid["ann"], play, DEMO, key="d-a2")
+    assert store.submit_demonstration(uid["ben"], play, DEMO, key="d-b")[1]
+    with pytest.raises(Conflict, match="already has the 2 label"):
+        store.submit_demonstration(uid["cat"], play, DEMO, key="d-c")
+    assert store.submit_demonstration(uid["ann"], None, DEMO, key="free-1")[1]  # free-form ones: no task, no cap
+    assert store.submit_demonstration(uid["ann"], None, DEMO, key="free-2")[1]
+    # votes: a second vote of the same voter replaces the first; the same key again is a replay
+    conv = store.create_conversation("client:x")
+    q = store.add_message(conv, "client:x", None, "user", "hi")
+    a = store.add_message(conv, "client:x", q["id"], "assistant", "hello", "v1", "stop")
+    up, created = store.vote(a["id"], "client:x", 1, "", "k1")
+    down, replaced = store.vote(a["id"], "client:x", -1, "wrong", "k2")
+    assert created and replaced and down["id"] == up["id"] and down["value"] == -1 and down["comment"] == "wrong"
+    assert store.vote(a["id"], "client:x", -1, "wrong", "k2") == (down, False)
+    assert store.vote(a["id"], "client:y", 1, "", "k1")[0]["id"] != up["id"]  # another voter: their own vote
+    assert store.overview()["votes"] == {"up": 1, "down": 1}
+
+
+def test_concurrent_labels_never_exceed_labels_needed(store):
+    """16 labelers rank one task that needs 3 labels, at once: 3 stored, 13 told it is complete."""
+    from sqlalchemy import func, select
+
+    from flywheel.feedback.models import RankingLabel
+    from flywheel.feedback.store import Conflict
+
+    for i in range(16):
+        store.create_user(f"l{i}", "labeler")
+    uids = [u.id for u in store.users()]
+    task = ranking_task(store, labels_needed=3)
+
+    def submit(uid):
+        try:
+            return _rank_all(store, uid, task, f"k{uid}")[1]
+        except Conflict:
+            return "full"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(submit, uids))
+    assert results.count(True) == 3 and results.count("full") == 13
+    with store.session() as s:
+        slots = s.scalars(select(RankingLabel.slot).where(RankingLabel.task_id == task)).all()
+        assert sorted(slots) == [0, 1, 2]
+        assert s.scalar(select(func.count()).select_from(RankingLabel)) == 3
+
+
+def test_concurrent_votes_of_one_voter_leave_one_vote(store):
+    """16 different votes of one voter on one message at once: one row, holding one of them; each was answered."""
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Vote
+
+    conv = store.create_conversation("client:x")
+    q = store.add_message(conv, "client:x", None, "user", "hi")
+    a = store.add_message(conv, "client:x", q["id"], "assistant", "hello", "v1", "stop")
+
+    def vote(i):
+        return store.vote(a["id"], "client:x", 1 if i % 2 else -1, f"c{i}", f"k{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(vote, range(16)))
+    assert all(created for _, created in results) and len({row["id"] for row, _ in results}) == 1
+    with store.session() as s:
+        rows = s.scalars(select(Vote)).all()
+        assert len(rows) == 1 and rows[0].comment in {f"c{i}" for i in range(16)}
+
+
+def test_the_schema_holds_the_rules_without_the_store(store):
+    """Rows written around the Store's checks are refused by the database itself."""
+    from sqlalchemy.exc import IntegrityError
+
+    from flywheel.feedback.models import Demonstration, RankingLabel, Vote
+
+    store.create_user("ann", "labeler")
+    store.create_user("ben", "labeler")
+    ann, ben = (u.id for u in store.users())
+    task = ranking_task(store, labels_needed=1)
+    play = store.create_roleplay_task("Ask.", labels_needed=3)
+    _rank_all(store, ann, task, "a")
+    store.submit_demonstration(ann, play, DEMO, key="d")
+    conv = store.create_conversation("client:x")
+    q = store.add_message(conv, "client:x", None, "user", "hi")
+    a = store.add_message(conv, "client:x", q["id"], "assistant", "hello", "v1", "stop")
+    store.vote(a["id"], "client:x", 1, "", "k1")
+    ranking = dict(order=[[0], [1, 2]], unsafe=[], comment="", idempotency_key="x")
+    bad_rows = {
+        "a second label in a taken slot": RankingLabel(task_id=task, labeler_id=ben, slot=0, **ranking),
+        "a negative slot": RankingLabel(task_id=task, labeler_id=ben, slot=-1, **ranking),
+        "a second demonstration of one task by one labeler": Demonstration(
+            task_id=play, labeler_id=ann, slot=1, messages=DEMO, suggestions=[], edited=True, idempotency_key="y"
+        ),
+        "a task's demonstration without a slot": Demonstration(
+            task_id=play, labeler_id=ben, slot=None, messages=DEMO, suggestions=[], edited=True, idempotency_key="z"
+        ),
+        "a second vote of one voter on one message": Vote(
+            message_id=a["id"], voter="client:x", value=-1, comment="", idempotency_key="k2"
+        ),
+    }
+    for what, row in bad_rows.items():
+        with store.session() as s:
+            s.add(row)
+            with pytest.raises(IntegrityError):
+                s.commit()
+                pytest.fail(f"the database accepted {what}")
+
+
+def test_upgrade_from_0003_keeps_the_data_and_adds_the_rules(db_url):
+    """A database with data the new rules forbid (two demonstrations of one task by one labeler, two votes of one
+    voter on one message) upgrades: labels are numbered into slots, the extra demonstration becomes free-form, the
+    latest vote stays; then the rules hold."""
+    from sqlalchemy import text
+
+    from flywheel.feedback.db import connect, upgrade
+    from flywheel.feedback.store import Conflict, Store
+
+    upgrade(db_url, "0003")
+    engine = connect(db_url)
+    now = "CURRENT_TIMESTAMP"
+    with engine.begin() as conn:
+        run = lambda sql, **kw: conn.execute(text(sql), kw)  # noqa: E731
+        run(f"INSERT INTO users (name, role, token_hash, created_at) VALUES ('ann', 'labeler', 'h1', {now})")
+        run(f"INSERT INTO users (name, role, token_hash, created_at) VALUES ('ben', 'labeler', 'h2', {now})")
+        run(f"INSERT INTO users (name, role, token_hash, created_at) VALUES ('cat', 'labeler', 'h3', {now})")
+        run(f"INSERT INTO model_versions (id, path, created_at) VALUES ('v1', '/m', {now})")
+        for kind in ("ranking", "roleplay"):
+            run(
+                "INSERT INTO tasks (kind, prompt, instruction, source, labels_needed, created_at) "
+                f"VALUES (:kind, NULL, 'x', 'admin', 2, {now})",
+                kind=kind,
+            )
+        for labeler in (1, 2):
+            run(
+                'INSERT INTO rankings (task_id, labeler_id, "order", unsafe, comment, idempotency_key, created_at) '
+                f"VALUES (1, :l, '[[0], [1]]', '[]', '', :k, {now})",
+                l=labeler,
+                k=f"r{labeler}",
+            )
+        for key in ("d1", "d2"):  # ann wrote task 2 twice
+            run(
+                "INSERT INTO demonstrations (task_id, labeler_id, messages, suggestions, edited, idempotency_key, "
+                f"created_at) VALUES (2, 1, :m, '[]', TRUE, :k, {now})",
+                m=json.dumps(DEMO),
+                k=key,
+            )
+        for pos in (0, 1):
+            run(
+                "INSERT INTO candidates (task_id, position, text, model_version, created_at) "
+                f"VALUES (1, :p, :t, 'v1', {now})",
+                p=pos,
+                t=f"answer {pos}",
+            )
+        run(
+            "INSERT INTO conversations (source, owner, title, created_at, updated_at) "
+            f"VALUES ('web', 'o', '', {now}, {now})"
+        )
+        run(f"INSERT INTO messages (conversation_id, role, content, created_at) VALUES (1, 'user', 'hi', {now})")
+        run(
+            "INSERT INTO messages (conversation_id, parent_id, role, content, model_version, created_at) "
+            f"VALUES (1, 1, 'assistant', 'yo', 'v1', {now})"
+        )
+        for value, key in ((1, "v1"), (-1, "v2")):
+            run(
+                "INSERT INTO votes (message_id, voter, value, comment, idempotency_key, created_at) "
+                f"VALUES (2, 'o', :v, '', :k, {now})",
+                v=value,
+                k=key,
+            )
+    upgrade(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT slot FROM rankings ORDER BY id")).scalars().all() == [0, 1]
+        demos = conn.execute(text("SELECT task_id, slot FROM demonstrations ORDER BY id")).all()
+        assert [tuple(d) for d in demos] == [(2, 0), (None, None)]
+        assert [tuple(v) for v in conn.execute(text("SELECT value, idempotency_key FROM votes")).all()] == [(-1, "v2")]
+    engine.dispose()
+    store = Store(db_url)
+    try:
+        with pytest.raises(Conflict, match="already has the 2 label"):
+            store.submit_ranking(3, 1, [[1], [2]], key="late")
+        with pytest.raises(Conflict, match="already written"):
+            store.submit_demonstration(1, 2, DEMO, key="d3")
+        assert store.submit_demonstration(2, 2, DEMO, key="d-ben")[0]["id"] == 3
+        with pytest.raises(Conflict, match="already has the 2 label"):
+            store.submit_demonstration(3, 2, DEMO, key="d-cat")
+        assert store.vote(2, "o", 1, "", "v3")[0]["value"] == 1
+    finally:
+        store.close()
 
 
 def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):

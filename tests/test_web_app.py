@@ -98,6 +98,28 @@ def test_chat_turn_vote_regenerate(site):
         assert (vote.value, vote.comment) == (1, "short and right")
 
 
+def test_each_browser_sees_only_its_own_conversations(site):
+    """A browser keeps a 256-bit client id (an older, shorter one is replaced) and lists only its own chats."""
+    import re
+
+    from flywheel.feedback.store import client_owner
+
+    page = page_with_token(site, "/")
+    page.evaluate("() => localStorage.setItem('flywheel.client', 'k-old-short')")
+    page.reload()
+    page.fill("#input", "Only mine?")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .vote-up", timeout=30_000)
+    client = page.evaluate("() => localStorage.getItem('flywheel.client')")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", client)
+    mine = site.store.list_conversations(client_owner(client))
+    assert [c["title"] for c in mine] == ["Only mine?"]
+    other = page_with_token(site, "/")  # another browser (a fresh context)
+    other.wait_for_load_state("networkidle")
+    assert "Only mine?" not in other.inner_text("body")
+    assert page.errors == [] and other.errors == []
+
+
 def test_ranking_task_in_the_browser(site):
     from sqlalchemy import select
 

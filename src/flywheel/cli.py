@@ -36,7 +36,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "policy gradient with K samples per prompt: --estimator ppo|grpo|rloo|reinforce++",
     ),
     "serve": ("flywheel.serve.cli", "OpenAI-compatible API + chat web app + labelers' workbench (docs/serve.md)"),
-    "db": ("flywheel.feedback.cli", "feedback database: `db upgrade`, `db create-user NAME --role labeler|admin`"),
+    "db": (
+        "flywheel.feedback.cli",
+        "feedback database: `db upgrade`, `db create-user NAME --role user|labeler|admin`, `db users`, "
+        "`db revoke-token NAME`, `db rotate-token NAME`",
+    ),
     "export": ("flywheel.feedback.export", "feedback database -> demos, rankings, prompts for sft/rm/dpo/ppo"),
     "round": ("flywheel.round", "the next round from an export: SFT -> RM -> PPO, then switch the live server"),
 }

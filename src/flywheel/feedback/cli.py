@@ -1,31 +1,40 @@
-"""`flywheel db`: the feedback database's schema and users.
+"""`flywheel db`: the feedback database's schema, users and their tokens.
 
-flywheel db upgrade --db feedback.db                         # create / migrate the schema (alembic upgrade head)
-flywheel db create-user alice --role labeler --db feedback.db   # prints alice's API token (shown only once)
-flywheel db users --db feedback.db                           # list users and roles
+flywheel db upgrade --db feedback.db                          # create / migrate the schema (alembic upgrade head)
+flywheel db create-user alice --role labeler --db feedback.db # prints alice's API token (shown only once)
+flywheel db users --db feedback.db                            # list users, roles and whether their token works
+flywheel db revoke-token alice --db feedback.db               # alice's token stops working at once
+flywheel db rotate-token alice --db feedback.db               # prints a new token; the old one stops working
+
+Roles: `user` (chat, for `flywheel serve --chat-auth true`), `labeler` (chat and the workbench), `admin` (everything).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from flywheel.errors import UserError
+from flywheel.feedback.models import ROLES
 
 
 def main(argv: list[str] | None = None) -> int:
     from flywheel.feedback.db import upgrade
     from flywheel.feedback.store import Store
 
-    parser = argparse.ArgumentParser(prog="flywheel db", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flywheel db", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("upgrade", help="create or migrate the schema to the latest revision")
-    up.add_argument("--db", default="feedback.db", help="database URL or SQLite file (default: feedback.db)")
     create = sub.add_parser("create-user", help="add a user and print their API token")
     create.add_argument("name")
-    create.add_argument("--role", choices=["labeler", "admin"], default="labeler")
-    create.add_argument("--db", default="feedback.db", help="database URL or SQLite file (default: feedback.db)")
+    create.add_argument("--role", choices=ROLES, default="labeler")
     users = sub.add_parser("users", help="list users")
-    users.add_argument("--db", default="feedback.db", help="database URL or SQLite file (default: feedback.db)")
+    revoke = sub.add_parser("revoke-token", help="revoke a user's token (their data stays)")
+    revoke.add_argument("name")
+    rotate = sub.add_parser("rotate-token", help="give a user a new token and print it (the old one stops working)")
+    rotate.add_argument("name")
+    for p in (up, create, users, revoke, rotate):
+        p.add_argument("--db", default="feedback.db", help="database URL or SQLite file (default: feedback.db)")
     args = parser.parse_args(argv)
     upgrade(args.db)
     if args.action == "upgrade":
@@ -33,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.db)
     try:
         if args.action == "create-user":
-            token = store.create_user(args.name, args.role)
-            print(token)
+            print(store.create_user(args.name, args.role))
+        elif args.action == "rotate-token":
+            print(store.rotate_token(args.name))
+        elif args.action == "revoke-token":
+            store.revoke_token(args.name)
         else:
             for user in store.users():
-                print(f"{user.name}\t{user.role}")
-    except UserError:
-        raise
+                print(f"{user.name}\t{user.role}\t{'active' if user.active else 'revoked'}")
     finally:
         store.close()
     return 0

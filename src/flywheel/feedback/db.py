@@ -79,6 +79,13 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+def head_revision() -> str:
+    """The newest migration's revision id (what `upgrade(url)` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database schema to `revision` (creates the tables on a new database)."""
     from alembic import command

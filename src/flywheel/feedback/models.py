@@ -1,16 +1,19 @@
 """The feedback database's tables (SQLAlchemy 2 declarative models).
 
-- `users`: labelers and admins; `token_hash` is the SHA-256 of the API token (the token itself is shown once).
+- `users`: chat users, labelers and admins; `token_hash` is the SHA-256 of the API token (the token itself is shown
+  once), NULL once the token is revoked.
 - `model_versions`: every model the server has served (`id` = directory name + a content hash).
 - `conversations` / `messages`: chat trees. A message points at its `parent`; a regenerated answer is a sibling (same
   parent), so every answer ever shown is kept with the `model_version` that produced it.
-- `votes`: thumbs up (+1) / down (-1) on an assistant message, with an optional comment.
+- `votes`: thumbs up (+1) / down (-1) on an assistant message, with an optional comment; one per voter and message.
 - `tasks`: the labelers' queue. A ranking task holds a prompt (messages) and its sampled `candidates`; a role-play task
   holds an instruction. `labels_needed` labelers answer each task (>= 2 gives inter-labeler agreement).
 - `rankings`: one labeler's order of a task's candidates (groups of candidate positions, best first; ties grouped) and
   the candidates flagged unsafe. `demonstrations`: a role-play conversation written by a labeler.
 
-Every submission carries an idempotency key, unique per user: a retried request returns the stored row.
+Every submission carries an idempotency key, unique per user: a retried request returns the stored row. The schema
+holds the data rules: a task gets at most `labels_needed` labels (each takes a `slot` 0..labels_needed-1, unique per
+task), one ranking and one demonstration per labeler and task, one vote per voter and message.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ROLES = ("labeler", "admin")
+ROLES = ("user", "labeler", "admin")  # user: chat only; labeler: chat and labeling; admin: everything
 TASK_KINDS = ("ranking", "roleplay")
 
 
@@ -38,8 +41,8 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    role: Mapped[str] = mapped_column(String(20))  # "labeler" | "admin"
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the bearer token
+    role: Mapped[str] = mapped_column(String(20))  # "user" | "labeler" | "admin"
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # sha256 hex of the token; None: revoked
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -81,7 +84,10 @@ class Message(Base):
 
 class Vote(Base):
     __tablename__ = "votes"
-    __table_args__ = (UniqueConstraint("voter", "idempotency_key", name="uq_votes_key"),)
+    __table_args__ = (
+        UniqueConstraint("voter", "idempotency_key", name="uq_votes_key"),
+        UniqueConstraint("message_id", "voter", name="uq_votes_message_voter"),  # a second vote replaces the first
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), index=True)
@@ -125,11 +131,14 @@ class RankingLabel(Base):
     __table_args__ = (
         UniqueConstraint("labeler_id", "idempotency_key", name="uq_rankings_key"),
         UniqueConstraint("task_id", "labeler_id", name="uq_rankings_task_labeler"),
+        UniqueConstraint("task_id", "slot", name="uq_rankings_task_slot"),
+        CheckConstraint("slot >= 0", name="ck_rankings_slot"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    slot: Mapped[int]  # 0..labels_needed-1: which of the task's labels this is (unique per task: never more)
     order: Mapped[list[list[int]]] = mapped_column(JSON)  # groups of candidate positions, best first
     unsafe: Mapped[list[int]] = mapped_column(JSON, default=list)  # candidate positions flagged unsafe
     comment: Mapped[str] = mapped_column(Text, default="")
@@ -141,12 +150,18 @@ class Demonstration(Base):
     __tablename__ = "demonstrations"
     __table_args__ = (
         UniqueConstraint("labeler_id", "idempotency_key", name="uq_demonstrations_key"),
+        UniqueConstraint("task_id", "labeler_id", name="uq_demonstrations_task_labeler"),
+        UniqueConstraint("task_id", "slot", name="uq_demonstrations_task_slot"),
+        CheckConstraint(
+            "(task_id IS NULL) = (slot IS NULL) AND (slot IS NULL OR slot >= 0)", name="ck_demonstrations_slot"
+        ),
         Index("ix_demonstrations_task", "task_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"))
     labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    slot: Mapped[int | None]  # like rankings.slot for a task's demonstrations; None for free-form ones (no task)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # the whole conversation, ends with assistant
     suggestions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # model drafts: turn, text, version
     edited: Mapped[bool] = mapped_column(default=False)  # some assistant turn differs from the model's draft

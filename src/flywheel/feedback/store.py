@@ -46,6 +46,12 @@ from flywheel.feedback.models import (
 )
 
 MAX_KEY_LENGTH = 100
+_RACE_ATTEMPTS = 200  # a write that loses a race on a unique constraint looks again (each loss is another's win)
+# Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
+# with no identity: logged for training, readable by admins only). User names cannot contain ":", so the three never
+# meet.
+UNIDENTIFIED = "api:unidentified"
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_-]{22,128}$"  # at least 22 base64url characters: 128 bits when random
 
 
 class NotFound(UserError):
@@ -60,11 +66,17 @@ class Conflict(UserError):
 class UserInfo:
     id: int
     name: str
-    role: str  # "labeler" | "admin"
+    role: str  # "user" | "labeler" | "admin"
+    active: bool = True  # False: the token was revoked
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def client_owner(client_id: str) -> str:
+    """The owner string of an anonymous client: its id is a secret, so only a hash of it is stored."""
+    return "client:" + hashlib.sha256(client_id.encode()).hexdigest()[:40]
 
 
 def check_messages_dicts(messages: Any, *, end: str | None, field: str = "messages") -> list[dict[str, str]]:
@@ -116,8 +128,8 @@ class Store:
         """Add a user and return their new API token (not stored: only its hash is)."""
         if role not in ROLES:
             raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not name or len(name) > 100:
-            raise UserError("a user name must have 1 to 100 characters")
+        if not name or len(name) > 100 or ":" in name or name != name.strip():
+            raise UserError("a user name must have 1 to 100 characters, no ':' and no surrounding spaces")
         token = "fw-" + secrets.token_urlsafe(32)
         with self.session(write=True) as s:
             s.add(User(name=name, role=role, token_hash=hash_token(token)))
@@ -136,7 +148,28 @@ class Store:
 
     def users(self) -> list[UserInfo]:
         with self.session() as s:
-            return [UserInfo(u.id, u.name, u.role) for u in s.scalars(select(User).order_by(User.id))]
+            return [
+                UserInfo(u.id, u.name, u.role, active=u.token_hash is not None)
+                for u in s.scalars(select(User).order_by(User.id))
+            ]
+
+    def revoke_token(self, name: str) -> None:
+        """The user's token stops working at once; their data stays. `rotate_token` gives them a new one."""
+        self._set_token(name, None)
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for the user (returned, shown once); the old one stops working at once."""
+        token = "fw-" + secrets.token_urlsafe(32)
+        self._set_token(name, hash_token(token))
+        return token
+
+    def _set_token(self, name: str, token_hash: str | None) -> None:
+        with self.session(write=True) as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise NotFound(f"no user {name!r} (see: flywheel db users)")
+            user.token_hash = token_hash
+            s.commit()
 
     def register_model_version(self, version: str, path: str) -> None:
         with self.session(write=True) as s:
@@ -157,23 +190,52 @@ class Store:
             return conv.id
 
     def list_conversations(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        """`owner`'s conversations, newest first."""
         with self.session() as s:
             rows = s.scalars(
                 select(Conversation)
-                .where(Conversation.owner == owner)
+                .where(Conversation.owner == owner, Conversation.owner != UNIDENTIFIED)
                 .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
                 .limit(limit)
             )
-            return [{"id": c.id, "title": c.title, "updated_at": c.updated_at.isoformat()} for c in rows]
+            return [
+                {"id": c.id, "title": c.title, "source": c.source, "updated_at": c.updated_at.isoformat()}
+                for c in rows
+            ]
 
-    def conversation(self, conv_id: int, owner: str) -> dict[str, Any]:
+    def all_conversations(self, limit: int = 100, source: str | None = None) -> list[dict[str, Any]]:
+        """Everyone's conversations with their owners, newest first (admins)."""
         with self.session() as s:
-            conv = self._owned(s, conv_id, owner)
-            return {"id": conv.id, "title": conv.title, "messages": [_message_dict(m) for m in conv.messages]}
+            query = (
+                select(Conversation) if source is None else select(Conversation).where(Conversation.source == source)
+            )
+            rows = s.scalars(query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit))
+            return [
+                {
+                    "id": c.id,
+                    "title": c.title,
+                    "source": c.source,
+                    "owner": c.owner,
+                    "updated_at": c.updated_at.isoformat(),
+                }
+                for c in rows
+            ]
+
+    def conversation(self, conv_id: int, owner: str, *, any_owner: bool = False) -> dict[str, Any]:
+        """A conversation tree if `owner` owns it (`any_owner`: whoever does, for admins), else NotFound."""
+        with self.session() as s:
+            conv = s.get(Conversation, conv_id) if any_owner else self._owned(s, conv_id, owner)
+            if conv is None:
+                raise NotFound(f"no conversation {conv_id}")
+            out = {"id": conv.id, "title": conv.title, "source": conv.source}
+            if any_owner:
+                out["owner"] = conv.owner
+            return out | {"messages": [_message_dict(m) for m in conv.messages]}
 
     def _owned(self, s: Session, conv_id: int, owner: str) -> Conversation:
+        # Someone else's conversation is "not found", exactly like a missing one: ids cannot be probed.
         conv = s.get(Conversation, conv_id)
-        if conv is None or conv.owner != owner:
+        if conv is None or conv.owner != owner or owner == UNIDENTIFIED:
             raise NotFound(f"no conversation {conv_id}")
         return conv
 
@@ -213,7 +275,7 @@ class Store:
         """The messages from the root down to `message_id` (its context)."""
         with self.session() as s:
             branch = self._branch(s, message_id)
-            if owner is not None and s.get(Conversation, branch[0].conversation_id).owner != owner:
+            if owner is not None and not _owns(s.get(Conversation, branch[0].conversation_id), owner):
                 raise NotFound(f"no message {message_id}")
             return [_message_dict(m) for m in branch]
 
@@ -273,26 +335,38 @@ class Store:
     def vote(
         self, message_id: int, voter: str, value: int, comment: str, key: str, owner: str | None = None
     ) -> tuple[dict[str, Any], bool]:
+        """A thumbs up (+1) or down (-1) on an assistant message. One vote per voter and message (the schema holds
+        it): a vote with a new key replaces the voter's earlier one (the same row, `created=True`); the same key again
+        is a replay (`created=False`)."""
         key = _check_key(key)
         if value not in (1, -1):
             raise UserError("value must be 1 (thumbs up) or -1 (thumbs down)")
-        with self.session(write=True) as s:
-            found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
-            if found is not None:
-                return _vote_dict(found), False
-            msg = s.get(Message, message_id)
-            if msg is None or (owner is not None and s.get(Conversation, msg.conversation_id).owner != owner):
-                raise NotFound(f"no message {message_id}")
-            if msg.role != "assistant":
-                raise UserError("only assistant messages can be voted on")
-            vote = Vote(message_id=message_id, voter=voter, value=value, comment=comment, idempotency_key=key)
-            s.add(vote)
-            return self._commit_idempotent(
-                s,
-                vote,
-                _vote_dict,
-                lambda: s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key)),
-            )
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
+                if found is not None:
+                    return _vote_dict(found), False
+                msg = s.get(Message, message_id)
+                if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
+                    raise NotFound(f"no message {message_id}")
+                if msg.role != "assistant":
+                    raise UserError("only assistant messages can be voted on")
+                vote = s.scalar(select(Vote).where(Vote.message_id == message_id, Vote.voter == voter))
+                had_vote = vote is not None
+                if vote is None:
+                    vote = Vote(message_id=message_id, voter=voter)
+                    s.add(vote)
+                vote.value, vote.comment, vote.idempotency_key, vote.created_at = value, comment, key, utcnow()
+                try:
+                    s.commit()
+                    return _vote_dict(vote), True
+                except IntegrityError:
+                    s.rollback()
+                    mine = select(Vote.id).where(Vote.message_id == message_id, Vote.voter == voter)
+                    raced = s.scalar(select(Vote.id).where(Vote.voter == voter, Vote.idempotency_key == key))
+                    if raced is None and (had_vote or s.scalar(mine) is None):
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"message {message_id} was voted on concurrently; retry")
 
     def _commit_idempotent(self, s: Session, row: Any, as_dict: Any, lookup: Any) -> tuple[dict[str, Any], bool]:
         try:
@@ -402,44 +476,58 @@ class Store:
     def submit_ranking(
         self, user_id: int, task_id: int, order: Any, *, unsafe: Sequence[int] = (), comment: str = "", key: str
     ) -> tuple[dict[str, Any], bool]:
-        """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids."""
+        """`order`: groups of candidate ids, best first (a group of several = a tie); `unsafe`: candidate ids.
+        Conflict when this labeler ranked the task already or the task has all the labels it needs."""
         key = _check_key(key)
-        with self.session(write=True) as s:
 
-            def lookup() -> RankingLabel | None:
-                return s.scalar(
-                    select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
-                )
-
-            found = lookup()
-            if found is not None:
-                return _ranking_dict(found), False
-            task = s.get(Task, task_id)
-            if task is None or task.kind != "ranking":
-                raise NotFound(f"no ranking task {task_id}")
-            position = {c.id: c.position for c in task.candidates}
-            groups = _order_positions(order, position)
-            if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
-                raise UserError("unsafe must list candidate ids of this task")
-            row = RankingLabel(
-                task_id=task_id,
-                labeler_id=user_id,
-                order=groups,
-                unsafe=sorted({position[u] for u in unsafe}),
-                comment=str(comment or ""),
-                idempotency_key=key,
+        def lookup(s: Session) -> RankingLabel | None:
+            return s.scalar(
+                select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
             )
-            s.add(row)
-            try:
-                return self._commit_idempotent(s, row, _ranking_dict, lookup)
-            except IntegrityError:
-                raise Conflict(f"task {task_id} was already ranked by this labeler") from None
+
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = lookup(s)
+                if found is not None:
+                    return _ranking_dict(found), False
+                task = s.get(Task, task_id)
+                if task is None or task.kind != "ranking":
+                    raise NotFound(f"no ranking task {task_id}")
+                position = {c.id: c.position for c in task.candidates}
+                groups = _order_positions(order, position)
+                if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
+                    raise UserError("unsafe must list candidate ids of this task")
+                try:
+                    slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
+                except Conflict:
+                    if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
+                        return _ranking_dict(found), False
+                    raise
+                row = RankingLabel(
+                    task_id=task_id,
+                    labeler_id=user_id,
+                    slot=slot,
+                    order=groups,
+                    unsafe=sorted({position[u] for u in unsafe}),
+                    comment=str(comment or ""),
+                    idempotency_key=key,
+                )
+                s.add(row)
+                try:
+                    s.commit()
+                    return _ranking_dict(row), True
+                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
+                    s.rollback()
+                    if lookup(s) is None and not _raced(s, RankingLabel, task_id, slot, user_id):
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
     def submit_demonstration(
         self, user_id: int, task_id: int | None, messages: Any, *, suggestions: Sequence[dict[str, Any]] = (), key: str
     ) -> tuple[dict[str, Any], bool]:
         """A role-play conversation (ends with an assistant turn). `suggestions`: the model's drafts,
-        `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one."""
+        `{"turn": index in messages, "text", "model_version"}`; `edited` records whether the labeler changed one.
+        With a task: Conflict when this labeler wrote one for it already or it has all the labels it needs."""
         key = _check_key(key)
         messages = check_messages_dicts(messages, end="assistant")
         drafts = [
@@ -450,32 +538,46 @@ class Store:
         if any(not 0 <= d["turn"] < len(messages) for d in drafts):
             raise UserError("a suggestion's turn is outside the conversation")
         edited = any(messages[d["turn"]]["content"] != d["text"] for d in drafts) or not drafts
-        with self.session(write=True) as s:
 
-            def lookup() -> Demonstration | None:
-                return s.scalar(
-                    select(Demonstration).where(
-                        Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key
-                    )
-                )
-
-            found = lookup()
-            if found is not None:
-                return _demo_dict(found), False
-            if task_id is not None:
-                task = s.get(Task, task_id)
-                if task is None or task.kind != "roleplay":
-                    raise NotFound(f"no role-play task {task_id}")
-            row = Demonstration(
-                task_id=task_id,
-                labeler_id=user_id,
-                messages=messages,
-                suggestions=drafts,
-                edited=edited,
-                idempotency_key=key,
+        def lookup(s: Session) -> Demonstration | None:
+            return s.scalar(
+                select(Demonstration).where(Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key)
             )
-            s.add(row)
-            return self._commit_idempotent(s, row, _demo_dict, lookup)
+
+        for _ in range(_RACE_ATTEMPTS):
+            with self.session(write=True) as s:
+                found = lookup(s)
+                if found is not None:
+                    return _demo_dict(found), False
+                slot = None
+                if task_id is not None:
+                    task = s.get(Task, task_id)
+                    if task is None or task.kind != "roleplay":
+                        raise NotFound(f"no role-play task {task_id}")
+                    try:
+                        slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
+                    except Conflict:
+                        if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
+                            return _demo_dict(found), False
+                        raise
+                row = Demonstration(
+                    task_id=task_id,
+                    labeler_id=user_id,
+                    slot=slot,
+                    messages=messages,
+                    suggestions=drafts,
+                    edited=edited,
+                    idempotency_key=key,
+                )
+                s.add(row)
+                try:
+                    s.commit()
+                    return _demo_dict(row), True
+                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
+                    s.rollback()
+                    if lookup(s) is None and (slot is None or not _raced(s, Demonstration, task_id, slot, user_id)):
+                        raise  # not a lost race: a real integrity error
+        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
 
     # admin
 
@@ -552,6 +654,32 @@ def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
     if len(order) < 2:
         raise UserError("all candidates tied: a ranking must prefer something (or skip the task)")
     return [sorted(position[c] for c in g) for g in order]
+
+
+def _owns(conv: Conversation, owner: str) -> bool:
+    return conv.owner == owner and owner != UNIDENTIFIED
+
+
+def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:
+    """The lowest free one of the task's `labels_needed` label slots; Conflict if this labeler has one or the task has
+    all its labels. Two submissions that pick the same slot concurrently cannot both commit: (task, slot) is unique."""
+    if s.scalar(select(table.id).where(table.task_id == task.id, table.labeler_id == user_id)) is not None:
+        raise Conflict(f"task {task.id} was already {did} by this labeler")
+    used = _slots(s, table, task.id)
+    free = sorted(set(range(task.labels_needed)) - used)
+    if len(used) >= task.labels_needed or not free:
+        raise Conflict(f"task {task.id} already has the {task.labels_needed} label(s) it needs")
+    return free[0]
+
+
+def _raced(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int, slot: int, user_id: int) -> bool:
+    """After a failed insert: did a concurrent submission take the slot, or give this labeler a label of the task?"""
+    mine = select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)
+    return slot in _slots(s, table, task_id) or s.scalar(mine) is not None
+
+
+def _slots(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int | None) -> set[int]:
+    return set(s.scalars(select(table.slot).where(table.task_id == task_id)))
 
 
 def _turn(m: Message) -> dict[str, str]:

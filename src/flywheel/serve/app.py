@@ -34,14 +34,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.errors import UserError
-from flywheel.feedback.store import Store, UserInfo
+from flywheel.feedback.models import ROLES
+from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, UserInfo, client_owner
 from flywheel.serve.errors import ApiError
+from flywheel.serve.limits import Limits, RateLimited
 from flywheel.serve.worker import BatchWorker, ServedModel, unstorable
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
 @dataclass
@@ -63,6 +65,15 @@ class ServeSettings:
     backend: str = field(default="auto", metadata={"help": "engine forward: auto, compact (Llama family) or hf"})
     threads: int = field(default=0, metadata={"help": "torch threads of the worker (0 = all cores)"})
     migrate: bool = field(default=True, metadata={"help": "run the database migrations at start"})
+    rate_limit: int = field(
+        default=600, metadata={"help": "requests per minute per user (token); 429 + Retry-After beyond (0 = off)"}
+    )
+    rate_limit_anonymous: int = field(
+        default=0, metadata={"help": "requests per minute per client address without a user token (0 = off)"}
+    )
+    auth_failure_limit: int = field(
+        default=10, metadata={"help": "rejected tokens per minute per client address; beyond, 429 (0 = off)"}
+    )
 
     def validate(self) -> None:
         if not self.model:
@@ -71,6 +82,8 @@ class ServeSettings:
             raise UserError("--port must be in 1..65535")
         if self.max_batch < 1 or self.max_n < 1 or self.max_tokens_limit < 1:
             raise UserError("--max-batch, --max-n and --max-tokens-limit must be >= 1")
+        if min(self.rate_limit, self.rate_limit_anonymous, self.auth_failure_limit) < 0:
+            raise UserError("--rate-limit, --rate-limit-anonymous and --auth-failure-limit must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -80,6 +93,7 @@ class AppContext:
     worker: BatchWorker
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     max_id: int = 2**63 - 1  # the largest value the database's id columns hold
+    limits: Limits = field(default_factory=lambda: Limits.of(0, 0, 0))
 
 
 def ctx(request: Request) -> AppContext:
@@ -97,32 +111,93 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _authenticate(request: Request, *, count_failure: bool) -> UserInfo | None:
+    """The user of the bearer token (None: no token, or not a user's). While the client's address is over its budget
+    of rejected tokens, any request with a token gets 429: guessing tokens is slow from every address."""
+    token = bearer(request)
+    if not token:
+        return None
+    limits = ctx(request).limits
+    if wait := limits.auth_failures.check(_address(request)):
+        raise RateLimited(wait, "too many rejected tokens from this address")
+    user = await db(ctx(request).store.authenticate, token)
+    if user is None and count_failure:
+        limits.auth_failures.take(_address(request))
+    return user
+
+
+def _rate_limit(request: Request, user: UserInfo | None) -> None:
+    limits = ctx(request).limits
+    if user is not None:
+        if wait := limits.per_user.take(f"user:{user.id}"):
+            raise RateLimited(wait, f"rate limit of {limits.per_user.capacity:.0f} requests per minute per token")
+    elif wait := limits.per_address.take(_address(request)):
+        raise RateLimited(wait, f"rate limit of {limits.per_address.capacity:.0f} requests per minute per address")
+
+
 async def current_user(
     request: Request, *, roles: tuple[str, ...] = ("labeler", "admin"), required: bool = True
 ) -> UserInfo | None:
-    token = bearer(request)
-    user = await db(ctx(request).store.authenticate, token) if token else None
-    if token and user is None:
+    user = await _authenticate(request, count_failure=True)
+    if bearer(request) and user is None:
         raise ApiError(401, "invalid API token", code="invalid_api_key")
     if user is None:
         if required:
             raise ApiError(401, "this endpoint needs a token: Authorization: Bearer <token>", code="invalid_api_key")
+        _rate_limit(request, None)
         return None
+    _rate_limit(request, user)
     if user.role not in roles:
         raise ApiError(403, f"this endpoint needs the role {' or '.join(roles)}", code="insufficient_role")
     return user
 
 
-async def chat_owner(request: Request) -> str:
-    """Who owns chat conversations: the user (token), or the browser's anonymous client id when chat is open."""
+@dataclass(frozen=True)
+class Principal:
+    """Who is chatting: `owner` of what they create (a user's name, `client:<hash>`, or UNIDENTIFIED), and the user."""
+
+    owner: str
+    user: UserInfo | None = None
+
+    @property
+    def identified(self) -> bool:
+        return self.owner != UNIDENTIFIED
+
+
+async def chat_principal(request: Request) -> Principal:
+    """The chat caller: the user of the bearer token; with open chat, else the anonymous client of `X-Client-Id`
+    (a secret the client made: 22-128 characters of [A-Za-z0-9_-]), else nobody (UNIDENTIFIED)."""
     if ctx(request).settings.chat_auth:
-        user = await current_user(request)
-    else:  # open chat: a token that is not a user's (OpenAI clients always send one) just means anonymous
-        user = await db(ctx(request).store.authenticate, bearer(request))
+        user = await current_user(request, roles=ROLES)
+    else:  # open chat: a token that is not a user's (OpenAI clients always send one) identifies nobody
+        user = await _authenticate(request, count_failure=False)
+        _rate_limit(request, user)
     if user is not None:
-        return user.name
+        return Principal(user.name, user)
     client = request.headers.get("x-client-id", "")
-    return f"anon:{client}" if _CLIENT_ID.match(client) else "anonymous"
+    return Principal(client_owner(client) if _CLIENT_ID.match(client) else UNIDENTIFIED)
+
+
+async def chat_owner(request: Request) -> str:
+    """The owner of what this caller creates; UNIDENTIFIED (readable by admins only) when it has no identity."""
+    return (await chat_principal(request)).owner
+
+
+async def chat_identity(request: Request) -> Principal:
+    """The chat caller, who must have an identity (the web chat's endpoints)."""
+    principal = await chat_principal(request)
+    if not principal.identified:
+        raise ApiError(
+            401,
+            "send a user token (Authorization: Bearer <token>) or an anonymous client id "
+            "(X-Client-Id: 22-128 random characters of A-Z a-z 0-9 _ -)",
+            code="missing_identity",
+        )
+    return principal
 
 
 def id_limit(store: Store) -> int:
@@ -311,7 +386,8 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
             worker.stop()
 
     app = FastAPI(title="flywheel", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.ctx = AppContext(settings, store, worker, max_id=max_id)
+    limits = Limits.of(settings.rate_limit, settings.rate_limit_anonymous, settings.auth_failure_limit)
+    app.state.ctx = AppContext(settings, store, worker, max_id=max_id, limits=limits)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> Response:

@@ -3,7 +3,8 @@
     flywheel serve runs/sft/final                                  # http://127.0.0.1:8000, SQLite feedback.db
     flywheel serve runs/sft/final --db postgresql+psycopg://u@localhost/flywheel --port 8080 --chat-auth
 
-See docs/serve.md. Users and tokens: `flywheel db create-user NAME --role labeler|admin`.
+See docs/serve.md. Users and tokens: `flywheel db create-user NAME --role user|labeler|admin`, `flywheel db
+rotate-token NAME`, `flywheel db revoke-token NAME`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """The web app's JSON API: chat conversations (streamed as SSE), votes, the labelers' workbench, and admin.
 
-Chat (open, or token-protected with `--chat-auth`):
+Chat (open, or token-protected with `--chat-auth`). Every conversation belongs to its maker: a user (token), or with
+open chat an anonymous client (`X-Client-Id`); others' conversations and messages answer 404. Admins may read any
+conversation (GET only).
     GET  /api/conversations                      POST /api/conversations
     GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
     POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
+Any user's token: GET /api/me
 Labelers (labeler or admin token):
-    GET  /api/me    GET /api/label/next?kind=ranking|roleplay    POST /api/label/suggest
+    GET  /api/label/next?kind=ranking|roleplay   POST /api/label/suggest
     POST /api/label/rankings                     POST /api/label/demonstrations
 Admins:
-    GET  /api/admin/overview    POST /api/admin/tasks    GET|POST /api/admin/model
+    GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
+    GET|POST /api/admin/model
 
 SSE events of the chat streams are JSON objects: {"type": "user", "message"}, {"type": "delta", "text"},
 {"type": "done", "message"} (the stored assistant message, with its model version), {"type": "error", "message"}.
@@ -23,12 +27,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
-from flywheel.serve.app import AppContext, chat_owner, check_id, ctx, current_user, db
+from flywheel.feedback.models import ROLES
+from flywheel.serve.app import AppContext, chat_identity, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
 from flywheel.serve.worker import ServedModel
@@ -123,27 +128,29 @@ def _sse(obj: dict[str, Any]) -> str:
 
 @router.get("/conversations")
 async def list_conversations(request: Request) -> dict[str, Any]:
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     return {"conversations": await db(ctx(request).store.list_conversations, owner)}
 
 
 @router.post("/conversations", status_code=201)
 async def new_conversation(request: Request, body: NewConversation) -> dict[str, Any]:
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     return {"id": await db(ctx(request).store.create_conversation, owner, "web", body.title)}
 
 
 @router.get("/conversations/{conv_id}")
 async def get_conversation(request: Request, conv_id: int) -> dict[str, Any]:
-    owner = await chat_owner(request)
+    """The caller's own conversation; an admin may read anyone's (with its owner). Others' ids answer 404."""
+    principal = await chat_identity(request)
     check_id(request, conv_id, "conversation")
-    return await db(ctx(request).store.conversation, conv_id, owner)
+    admin = principal.user is not None and principal.user.role == "admin"
+    return await db(ctx(request).store.conversation, conv_id, principal.owner, any_owner=admin)
 
 
 @router.post("/conversations/{conv_id}/messages")
 async def send_message(request: Request, conv_id: int, body: ChatTurn) -> StreamingResponse:
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     check_id(request, conv_id, "conversation")
     check_id(request, body.parent_id, "message", param="parent_id")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
@@ -155,7 +162,7 @@ async def send_message(request: Request, conv_id: int, body: ChatTurn) -> Stream
 async def regenerate(request: Request, message_id: int, body: RegenerateBody) -> StreamingResponse:
     """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree)."""
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     check_id(request, message_id, "message")
     branch = await db(c.store.branch, message_id, owner)
     if branch[-1]["role"] != "assistant" or branch[-1]["parent_id"] is None:
@@ -201,7 +208,7 @@ async def _reply(
 @router.post("/messages/{message_id}/votes")
 async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, Any]:
     c = ctx(request)
-    owner = await chat_owner(request)
+    owner = (await chat_identity(request)).owner
     check_id(request, message_id, "message")
     row, created = await db(
         c.store.vote, message_id, owner, body.value, body.comment, body.idempotency_key, owner=owner
@@ -214,7 +221,7 @@ async def vote(request: Request, message_id: int, body: VoteBody) -> dict[str, A
 
 @router.get("/me")
 async def me(request: Request) -> dict[str, Any]:
-    user = await current_user(request)
+    user = await current_user(request, roles=ROLES)
     return {"name": user.name, "role": user.role}
 
 
@@ -277,6 +284,15 @@ async def overview(request: Request) -> dict[str, Any]:
     out["model"] = {"version": c.worker.model.version, "path": c.worker.model.path}
     out["batching"] = dict(c.worker.stats)
     return out
+
+
+@router.get("/admin/conversations")
+async def all_conversations(
+    request: Request, source: Literal["web", "api"] | None = None, limit: int = Query(default=100, ge=1, le=1000)
+) -> dict[str, Any]:
+    """Everyone's conversations with their owners (API calls with no identity are only readable here and by id)."""
+    await current_user(request, roles=("admin",))
+    return {"conversations": await db(ctx(request).store.all_conversations, limit, source)}
 
 
 @router.post("/admin/tasks", status_code=201)

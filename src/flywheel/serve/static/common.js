@@ -5,9 +5,15 @@
 const fw = {
   token() { return localStorage.getItem("flywheel.token") || ""; },
   setToken(t) { if (t) localStorage.setItem("flywheel.token", t); else localStorage.removeItem("flywheel.token"); },
+  // The anonymous chat identity: 32 random bytes (base64url) from the browser's CSPRNG, a secret kept in
+  // localStorage. The server owns conversations by it, so it must not be guessable; older, shorter ids are replaced.
   clientId() {
     let id = localStorage.getItem("flywheel.client");
-    if (!id) { id = fw.uuid(); localStorage.setItem("flywheel.client", id); }
+    if (!id || !/^[A-Za-z0-9_-]{22,128}$/.test(id)) {
+      const bytes = crypto.getRandomValues(new Uint8Array(32));
+      id = btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+      localStorage.setItem("flywheel.client", id);
+    }
     return id;
   },
   uuid() {
