@@ -57,7 +57,10 @@ def served(request, tmp_path_factory, tokenizer):
         server.worker = app.state.ctx.worker
         server.store = Store(settings.db)
         server.labeler = server.store.create_user("lab", "labeler")
-        server.http = httpx.Client(base_url=server.url, timeout=30)
+        # a browser-like anonymous client: the web chat needs an identity (its conversations are its own)
+        server.http = httpx.Client(
+            base_url=server.url, timeout=30, headers={"x-client-id": "faults-test-client-0123456789"}
+        )
         yield server
         server.http.close()
         server.store.close()
@@ -189,7 +192,8 @@ def test_errors_keep_the_connection_open(served, monkeypatch):
             ("GET", "/api/conversations", None, 500),
             ("POST", "/v1/chat/completions", json.dumps(OK).encode(), 200),
         ):
-            conn.request(method, path, body=body, headers={"content-type": "application/json"})
+            headers = {"content-type": "application/json", "x-client-id": "faults-test-client-0123456789"}
+            conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
             payload = r.read()
             assert r.status == status, payload
