@@ -540,3 +540,20 @@ def test_fuzzed_web_api_requests(served):
     check()
     assert sum(seen.values()) == 300 and len(seen) >= 3, seen
     assert_healthy(served)
+
+
+def test_suggest_applies_the_same_message_rules_as_v1(served):
+    """/api/label/suggest checks turn order and empty content as /v1 does: 400s, and the worker keeps going."""
+    auth = {"authorization": f"Bearer {served.labeler}"}
+    bad = [
+        [{"role": "assistant", "content": "hi"}],  # not the user's turn to be answered
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],  # two user turns in a row
+        [{"role": "user", "content": ""}],  # empty
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],  # ends with the assistant
+    ]
+    for messages in bad:
+        r = served.http.post("/api/label/suggest", json={"messages": messages}, headers=auth)
+        assert r.status_code == 400, (messages, r.text)
+    r = served.http.post("/api/label/suggest", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+    assert r.status_code == 200 and "text" in r.json()
+    assert_healthy(served)

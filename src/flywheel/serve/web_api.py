@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
 from flywheel.feedback.models import ROLES
+from flywheel.feedback.store import check_messages_dicts
 from flywheel.serve.app import AppContext, chat_identity, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
@@ -236,7 +237,8 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
     """The model's draft of the next assistant turn (role-play starts from it; the labeler may edit it)."""
     await current_user(request)
     c = ctx(request)
-    messages = [t.model_dump() for t in body.messages]
+    # the trainers' rules, as on /v1: turns in order, nothing empty, ending with the user's turn to answer
+    messages = check_messages_dicts([t.model_dump() for t in body.messages], end="user")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     result = await Run(c.worker, messages, params).collect()
     return {"text": result.texts[0], "model_version": result.version, "finish_reason": result.finish_reasons[0]}
