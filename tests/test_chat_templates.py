@@ -160,7 +160,7 @@ def test_rm_dpo_and_ppo_take_chat_template_and_bad_template_files_are_one_line_e
     capsys.readouterr()
     missing = tmp_path / "missing.jinja"
     assert main([*rm, "--out", str(tmp_path / "rm2"), "--chat-template", str(missing)]) == 2
-    assert capsys.readouterr().err.strip() == f"flywheel rm: {missing}: chat template file does not exist"
+    assert capsys.readouterr().err.strip().startswith(f"flywheel rm: {missing}: chat template file does not exist")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}\n{{ m['content'] }\n")
     assert main([*rm, "--out", str(tmp_path / "rm3"), "--chat-template", str(broken)]) == 2
@@ -222,3 +222,35 @@ def test_skip_bad_skips_records_the_chat_template_rejects_and_errors_name_file_a
     data.write_text(json.dumps(bad) + "\n")
     assert main([*flags, "--out", str(tmp_path / "c"), "--skip-bad"]) == 2
     assert "all 1 records are bad: 1 rejected by the chat template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "specials", "eos", "bos"),
+    [
+        ("qwen3-training", QWEN3, ["<|im_start|>"], "<|im_end|>", None),
+        ("phi3-training", PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>", None),
+        ("r1-distill-training", R1, ["<|User|>", "<|Assistant|>"], "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>"),
+    ],
+)
+def test_shipped_training_templates_render_every_prefix_alike_and_the_family_s_turns(name, family, specials, eos, bos):
+    """The shipped training templates (`--chat-template NAME`) render multi-turn conversations with reasoning and a
+    system message prefix-stably, and a conversation's final turn as the family's own template does."""
+    from flywheel.tokenization import SHIPPED_TEMPLATES, read_chat_template
+
+    assert name in SHIPPED_TEMPLATES
+    shipped = tok_with(read_chat_template(name), specials, eos=eos, bos=bos)
+    own = tok_with(family, specials, eos=eos, bos=bos)
+    for conv in (THINK, SYSTEM if name != "qwen3-training" else THINK[:2], THINK[:2]):
+        ids, mask = render_conversation(shipped, conv)
+        assert len(ids) == len(mask) and any(mask)
+    # the last answer reads as in the family's rendering (what the model sees at inference is its own format)
+    last = shipped.apply_chat_template(THINK[:2], tokenize=False)
+    theirs = own.apply_chat_template(THINK[:2], tokenize=False)
+    if name == "r1-distill-training":  # R1 strips the reasoning from rendered turns; the training template keeps it
+        theirs = theirs.replace("It is 4.", "<think>two and two</think>It is 4.")
+    if name == "phi3-training":  # Phi-3 writes eos_token once after the whole conversation
+        theirs = theirs.removesuffix(eos)
+    assert last == theirs
+    if name != "phi3-training":  # the family's own template is rejected on a second turn with reasoning
+        with pytest.raises(UserError):
+            render_conversation(own, THINK)

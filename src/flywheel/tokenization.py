@@ -286,8 +286,11 @@ def train_tokenizer(
 
 
 CHAT_TEMPLATE_HELP = (
-    "a Jinja chat template file that replaces the model's own (saved with the model it trains; docs/chat-templates.md)"
+    "a Jinja chat template file that replaces the model's own (saved with the model it trains), or a shipped training "
+    "template: qwen3-training, phi3-training, r1-distill-training (docs/chat-templates.md)"
 )
+# Training-friendly templates for families whose own template renders earlier turns differently in later prefixes.
+SHIPPED_TEMPLATES = {p.stem: p for p in sorted((Path(__file__).parent / "templates").glob("*.jinja"))}
 
 
 def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
@@ -319,12 +322,16 @@ def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
 
 
 def read_chat_template(path: str | Path) -> str:
-    """The text of a Jinja chat template file, its syntax checked."""
+    """The text of a Jinja chat template file (or of a shipped one, by name: SHIPPED_TEMPLATES), its syntax checked."""
     from jinja2 import TemplateError
 
     p = Path(path)
+    if not p.is_file() and str(path) in SHIPPED_TEMPLATES:
+        p = SHIPPED_TEMPLATES[str(path)]
     if not p.is_file():
-        raise UserError("chat template file does not exist", path=str(p))
+        raise UserError(
+            f"chat template file does not exist (shipped templates: {', '.join(SHIPPED_TEMPLATES)})", path=str(p)
+        )
     text = p.read_text(encoding="utf-8")
     if not text.strip():
         raise UserError("the chat template file is empty", path=str(p))
