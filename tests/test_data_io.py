@@ -560,10 +560,27 @@ def test_bad_utf8_line(tmp_path):
     assert_error_at(read_texts, path, 2, "not valid UTF-8 (byte 14 of the line)", "bad encoding")
 
 
-def test_pretty_printed_json_gets_a_hint(tmp_path):
-    path = tmp_path / "data.json"
+def test_pretty_printed_json_lines_gets_a_hint(tmp_path):
+    path = tmp_path / "data.jsonl"
     path.write_text(json.dumps([{"messages": M_OK}], indent=2), encoding="utf-8")
     assert_error_at(read_conversations, path, 1, "JSON Lines needs one record per line", "bad JSON")
+
+
+def test_a_json_file_holding_an_array_of_records_is_read_and_errors_name_the_element_s_line(tmp_path):
+    path = tmp_path / "data.json"
+    records = [{"messages": M_OK}, {"prompt": "Capital of France?", "completion": "Paris."}]
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    got = read_conversations(path)
+    assert [c.messages[-1].content for c in got] == ["a", "Paris."]
+    path.write_text(json.dumps(records), encoding="utf-8")  # one line, as json.dump writes it
+    assert len(read_conversations(path)) == 2
+    bad = [{"messages": M_OK}, {"messages": [msg(A, "a")]}]  # the second starts with the assistant
+    path.write_text(json.dumps(bad, indent=2), encoding="utf-8")
+    start = json.dumps(bad, indent=2).splitlines().index("  {", 2) + 1  # the line the second element opens on
+    assert_error_at(read_conversations, path, start, "messages")
+    assert len(read_conversations(path, skip_bad=True)) == 1
+    path.write_text("[\n  " + json.dumps({"messages": M_OK}) + ',\n  {"messages": ]\n]', encoding="utf-8")
+    assert_error_at(read_conversations, path, 3, "bad JSON", "bad JSON")
 
 
 @pytest.mark.parametrize("reader", [read_conversations, read_preferences, read_prompts, read_texts])

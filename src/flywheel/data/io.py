@@ -424,7 +424,48 @@ def _rows(path: Path, kind: str) -> Iterator[tuple[str, int, Any]]:
         raise UserError(
             f"{kind} cannot be read from a .txt file: use JSON Lines (see docs/data-formats.md)", path=name
         )
+    if suffix == ".json" and _starts_with(path, "["):
+        return _at(name, _json_array_rows(path))
     return _at(name, _jsonl_rows(path))
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first non-blank character is `char` (a JSON array: `[`)."""
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith(char)
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """A .json file holding one array of records (what `json.dump(records, f)` and pandas' `to_json(orient="records")`
+    write): each element, numbered by the line it starts on. A syntax error is one error at its line."""
+    try:
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not valid UTF-8 (byte {err.start + 1})", path=str(path)) from None
+    decoder = json.JSONDecoder()
+
+    def blank(pos: int) -> int:  # the first non-blank position from pos
+        return len(text) - len(text[pos:].lstrip())
+
+    def line_of(pos: int) -> int:
+        return 1 + text.count("\n", 0, pos)
+
+    pos = blank(text.index("[") + 1)
+    while not text.startswith("]", pos):
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            yield err.lineno, RecordError(f"bad JSON: {err.msg} at column {err.colno}", reason="bad JSON")
+            return
+        yield line_of(pos), obj
+        pos = blank(end)
+        if text.startswith(",", pos):
+            pos = blank(pos + 1)
+        elif not text.startswith("]", pos):
+            col = pos - text.rfind("\n", 0, pos)
+            yield line_of(pos), RecordError(f"bad JSON: expected ',' or ']' at column {col}", reason="bad JSON")
+            return
 
 
 def _at(name: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[str, int, Any]]:
