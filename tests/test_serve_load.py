@@ -1,6 +1,7 @@
-"""Load: 50 concurrent labelers x 100 ranking submissions through the real server (a subprocess), which is killed
-with SIGKILL mid-run and restarted. Clients retry with their idempotency keys until answered: afterwards every
-submission is in the database exactly once, and every client saw the id that was stored."""
+"""Load: 50 concurrent labelers x 100 ranking submissions, and API clients streaming chat completions, through the
+real server (a subprocess), which is killed with SIGKILL mid-run and restarted. Clients retry until answered:
+afterwards every submission is in the database exactly once, every client saw the id that was stored, and every
+completion whose stream reached `[DONE]` is in the API log, none twice."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 LABELERS, SUBMISSIONS = 50, 100
+API_CLIENTS, API_CALLS = 8, 12
 
 
 def start_server(model_dir, db, port, log_path):
@@ -96,6 +98,33 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
             seen.setdefault((name, key), set()).add(data["ranking"]["id"])
             done["n"] += 1
 
+    attempts: dict[str, int] = {}  # API request content -> times sent
+    streamed: set[str] = set()  # API request contents whose stream reached [DONE]
+
+    async def api_client(client, c):
+        headers = {"X-Client-Id": f"load-test-api-client-{c:04d}"}
+        for j in range(API_CALLS):
+            content = f"api call {c}-{j}"
+            while done["n"] < j * LABELERS * SUBMISSIONS // API_CALLS:  # spread over the run, across the kill
+                await asyncio.sleep(0.02)
+            body = {"model": "flywheel", "messages": [{"role": "user", "content": content}], "stream": True}
+            while content not in streamed:
+                attempts[content] = attempts.get(content, 0) + 1
+                try:
+                    async with client.stream(
+                        "POST",
+                        url + "/v1/chat/completions",
+                        json={**body, "max_tokens": 4},
+                        headers=headers,
+                        timeout=30,
+                    ) as r:
+                        lines = [line async for line in r.aiter_lines()] if r.status_code == 200 else []
+                    if "data: [DONE]" in lines:
+                        streamed.add(content)
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+
     async def killer():
         nonlocal proc
         while done["n"] < LABELERS * SUBMISSIONS // 3:
@@ -108,7 +137,8 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
     async def main():
         limits = httpx.Limits(max_connections=LABELERS, max_keepalive_connections=LABELERS)
         async with httpx.AsyncClient(limits=limits) as client:
-            await asyncio.gather(killer(), *(labeler(client, n, t) for n, t in tokens.items()))
+            api = (api_client(client, c) for c in range(API_CLIENTS))
+            await asyncio.gather(killer(), *(labeler(client, n, t) for n, t in tokens.items()), *api)
 
     try:
         started = time.monotonic()
@@ -127,8 +157,25 @@ def test_no_submission_lost_or_duplicated_across_kill_9(tmp_path, model_dir):
     assert len(stored) == LABELERS * SUBMISSIONS  # none duplicated
     assert set(stored) == set(seen)  # none lost
     assert all(ids == {stored[k]} for k, ids in seen.items())  # every answer named the stored row
+    # The API log: every completion a client saw finish is stored (committed before [DONE]), none twice over.
+    from flywheel.feedback.models import Conversation, Message
+
+    with store.session() as s:
+        logged = s.execute(
+            select(Message.content, func.count())
+            .join(Conversation, Message.conversation_id == Conversation.id)
+            .where(Conversation.source == "api", Message.role == "user")
+            .group_by(Message.content)
+        ).all()
+    counts = dict(logged)
+    assert len(streamed) == API_CLIENTS * API_CALLS
+    assert all(counts.get(c, 0) >= 1 for c in streamed)  # none lost
+    assert all(counts[c] <= attempts[c] for c in counts)  # none logged twice: at most once per request sent
+    assert all(counts[c] == 1 for c in streamed if attempts[c] == 1)  # sent once, logged once
+    assert sum(attempts.values()) > len(streamed)  # some streams were cut by the kill and sent again
     store.close()
     print(
         f"{LABELERS * SUBMISSIONS} submissions in {elapsed:.1f} s with a kill -9; {done['retries']} retries, "
-        f"{done['replays']} answered from the stored row"
+        f"{done['replays']} answered from the stored row; {len(streamed)} API streams logged "
+        f"({sum(attempts.values()) - len(streamed)} resent after the outage)"
     )
