@@ -207,20 +207,7 @@ class RLTrainer(PPOTrainer):
         kl = kl_estimate(sc.old_logprobs, sc.ref_logprobs, cfg.kl_estimator) * mask
         values = sc.values if sc.values is not None else torch.zeros_like(mask)
         rewards, advantages, returns = rl_advantages(cfg, scores, kl, mask, self.kl_ctl.value, values)
-        exp = Experience(
-            sequences=s.sequences,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            response_mask=s.response_mask,
-            old_logprobs=sc.old_logprobs,
-            ref_logprobs=sc.ref_logprobs,
-            old_values=values,
-            rewards=rewards,
-            advantages=advantages,
-            returns=returns,
-            scores=scores,
-            prompt_len=s.prompt_len,
-        )
+        exp = sc.experience(values, rewards, advantages, returns, scores)
         stats = rollout_stats(sc, kl, self.kl_ctl.value)
         stats.update(group_stats(sc.raw_scores, cfg.num_generations))
         stats["advantage_abs"] = float(masked_mean(advantages.abs(), mask))

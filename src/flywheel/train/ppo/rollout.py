@@ -59,6 +59,32 @@ class Scored:
     raw_scores: torch.Tensor  # (B,) the reward model's (or function's) scores
     responses: list[list[int]]  # the sampled token ids of each response
 
+    def experience(
+        self,
+        values: torch.Tensor,
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> Experience:
+        """The rollout batch the update reads: these sequences and log-probs with an estimator's values (B, R),
+        rewards (B, R), advantages (B, R), returns (B, R) and final scores (B,)."""
+        s = self.seqs
+        return Experience(
+            sequences=s.sequences,
+            attention_mask=s.attention_mask,
+            position_ids=s.position_ids,
+            response_mask=s.response_mask,
+            old_logprobs=self.old_logprobs,
+            ref_logprobs=self.ref_logprobs,
+            old_values=values,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            scores=scores,
+            prompt_len=s.prompt_len,
+        )
+
 
 @torch.no_grad()
 def sample_and_score(
@@ -151,18 +177,5 @@ def make_experience(
     advantages = (
         masked_whiten(advantages, mask) if distributed.world() == 1 else distributed.masked_whiten(advantages, mask)
     )
-    exp = Experience(
-        sequences=s.sequences,
-        attention_mask=s.attention_mask,
-        position_ids=s.position_ids,
-        response_mask=s.response_mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        old_values=values,
-        rewards=rewards,
-        advantages=advantages,
-        returns=returns,
-        scores=scores,
-        prompt_len=s.prompt_len,
-    )
+    exp = sc.experience(values, rewards, advantages, returns, scores)
     return exp, {"stats": rollout_stats(sc, kl, kl_coef), "responses": sc.responses}
