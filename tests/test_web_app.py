@@ -55,8 +55,9 @@ def page_with_token(site, path, token=None):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(site.url + "/")
-    if token:
-        page.evaluate("t => localStorage.setItem('flywheel.token', t)", token)
+    if token:  # the labeling and admin pages keep a staff token, the chat page its own
+        kind = "staff" if path in ("/label", "/admin") else "chat"
+        page.evaluate("([k, t]) => localStorage.setItem('flywheel.token.' + k, t)", [kind, token])
     page.goto(site.url + path)
     page.errors = errors
     return page
@@ -76,6 +77,11 @@ def test_chat_turn_vote_regenerate(site):
     assert page.inner_text(".msg.user .content") == evil
     assert page.query_selector(".messages img") is None and page.evaluate("window.pwned") is None
     answer_id = int(page.get_attribute(".msg.assistant", "data-id"))
+    # The vote buttons are drawn (inline SVG, no font needed) and named for assistive technology.
+    for button, name in ((".vote-up", "good answer"), (".vote-down", "bad answer")):
+        assert page.get_attribute(button, "aria-label") == name
+        box = page.query_selector(f"{button} svg path").bounding_box()
+        assert box is not None and box["width"] > 8 and box["height"] > 8
     page.fill(".vote-comment", "short and right")
     page.click(".vote-up")
     page.wait_for_selector(".vote-up.voted")
@@ -201,3 +207,25 @@ def test_admin_page_shows_progress(site):
     assert "default-src 'self'" in httpx.get(site.url + "/label").headers["content-security-policy"]
     # Labeling needs a token.
     assert httpx.get(site.url + "/api/label/next").status_code == 401
+
+
+def test_a_staff_token_does_not_change_who_the_chat_page_chats_as(site):
+    """Entering the admin token on the admin page leaves the chat page's identity alone: it still sends only its
+    anonymous client id, and lists that client's conversations."""
+    page = page_with_token(site, "/")
+    page.fill("#input", "Hello there.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .vote-up", timeout=30_000)
+    page.wait_for_selector("#conversations li")
+    mine = page.inner_text("#conversations")
+    page.goto(site.url + "/admin")
+    page.fill("#token", site.admin)
+    with page.expect_navigation():  # the page reloads with the token
+        page.dispatch_event("#token", "change")
+    assert page.evaluate("fw.token()") == site.admin  # the admin page kept it
+    page.goto(site.url + "/")
+    headers = page.evaluate("fw.headers()")
+    assert "Authorization" not in headers and headers["X-Client-Id"]
+    page.wait_for_selector("#conversations li")
+    assert page.inner_text("#conversations") == mine
+    assert page.errors == []

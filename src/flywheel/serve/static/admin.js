@@ -1,5 +1,6 @@
 // The admin page: the task queue, progress and agreement per labeler, new tasks, and the model switch.
 "use strict";
+fw.tokenKind = "staff"; // a labeler's or admin's token, kept apart from the chat page's
 
 function table(id, head, rows) {
   document.getElementById(id).replaceChildren(

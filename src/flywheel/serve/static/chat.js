@@ -22,6 +22,10 @@ function branch() {
   return out;
 }
 
+// Thumbs drawn as SVG paths: emoji need a font that Debian's Chromium, for one, does not have.
+const THUMB_UP = "M2 21h4V9H2v12zm20-11a2 2 0 0 0-2-2h-6.3l1-4.6v-.3c0-.4-.2-.8-.4-1.1L13.2 1 6.6 7.6C6.2 8 6 8.5 6 9v10a2 2 0 0 0 2 2h9c.8 0 1.5-.5 1.8-1.2l3-7.1c.1-.2.2-.5.2-.7v-2z";
+const THUMB_DOWN = "M15 3H6c-.8 0-1.5.5-1.8 1.2l-3 7.1c-.1.2-.2.5-.2.7v2a2 2 0 0 0 2 2h6.3l-1 4.6v.3c0 .4.2.8.4 1.1l1.1 1 6.6-6.6c.4-.4.6-.9.6-1.4V5a2 2 0 0 0-2-2zm4 0v12h4V3h-4z";
+
 function voteBox(m) {
   const comment = fw.el("input", { type: "text", placeholder: "comment (optional)", class: "vote-comment" });
   const send = (value, button) => async () => {
@@ -31,8 +35,8 @@ function voteBox(m) {
       fw.status(value > 0 ? "Thanks: thumbs up recorded." : "Thanks: thumbs down recorded.");
     } catch (e) { fw.status(e.message, true); }
   };
-  const up = fw.el("button", { class: "secondary vote-up", title: "good answer" }, "👍");
-  const down = fw.el("button", { class: "secondary vote-down", title: "bad answer" }, "👎");
+  const up = fw.el("button", { class: "secondary vote-up", title: "good answer", "aria-label": "good answer" }, fw.icon(THUMB_UP));
+  const down = fw.el("button", { class: "secondary vote-down", title: "bad answer", "aria-label": "bad answer" }, fw.icon(THUMB_DOWN));
   up.addEventListener("click", send(1, up));
   down.addEventListener("click", send(-1, down));
   return [up, down, comment];

@@ -3,8 +3,14 @@
 "use strict";
 
 const fw = {
-  token() { return localStorage.getItem("flywheel.token") || ""; },
-  setToken(t) { if (t) localStorage.setItem("flywheel.token", t); else localStorage.removeItem("flywheel.token"); },
+  // Where this page keeps its token: the chat page its user token ("chat"); the labeling and admin pages a labeler's
+  // or admin's ("staff"). Kept apart, so that entering a staff token never changes who the chat page chats as.
+  tokenKind: "chat",
+  token() { return localStorage.getItem("flywheel.token." + fw.tokenKind) || ""; },
+  setToken(t) {
+    const key = "flywheel.token." + fw.tokenKind;
+    if (t) localStorage.setItem(key, t); else localStorage.removeItem(key);
+  },
   // The anonymous chat identity: 32 random bytes (base64url) from the browser's CSPRNG, a secret kept in
   // localStorage. The server owns conversations by it, so it must not be guessable; older, shorter ids are replaced.
   clientId() {
@@ -69,6 +75,20 @@ const fw = {
       node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
     }
     return node;
+  },
+  // An icon drawn as inline SVG (no font needed to show it), with its accessible name on the element around it.
+  icon(path) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("width", "16");
+    svg.setAttribute("height", "16");
+    svg.setAttribute("aria-hidden", "true");
+    const shape = document.createElementNS(ns, "path");
+    shape.setAttribute("d", path);
+    shape.setAttribute("fill", "currentColor");
+    svg.appendChild(shape);
+    return svg;
   },
   status(text, isError) {
     const box = document.getElementById("status");

@@ -1,5 +1,6 @@
 // The labelers' workbench: ranking tasks (K answers, ties allowed, unsafe flags) and role-play demonstrations.
 "use strict";
+fw.tokenKind = "staff"; // a labeler's or admin's token, kept apart from the chat page's
 
 const lab = { task: null, key: null, rp: { task: null, key: null, messages: [], suggestions: [], draft: null } };
 
