@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -48,3 +49,12 @@ def model_dir(tmp_path, tiny_model, tokenizer):
     from flywheel.models import save_pretrained
 
     return save_pretrained(tiny_model, tokenizer, tmp_path / "model")
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    """48 one-turn prompts for the RL trainers (PPO, `flywheel rl`, LoRA, distributed), in their JSONL format."""
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

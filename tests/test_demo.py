@@ -411,30 +411,10 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
         main(["--quick", "--out", str(out)])
     # --base: a run that starts from this run's base model (a short one: the point is the plumbing)
     again = tmp_path / "again"
-    assert (
-        main(
-            [
-                "--quick",
-                "--out",
-                str(again),
-                "--progress",
-                "false",
-                "--base",
-                str(out / "base" / "final"),
-                "--rounds",
-                "1",
-                "--sft.epochs",
-                "0.3",
-                "--world.n-rank",
-                "40",
-                "--ppo.max-steps",
-                "2",
-                "--world.n-eval",
-                "150",
-            ]
-        )
-        == 0
-    )
+    short = ["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final")]
+    short += ["--rounds", "1", "--sft.epochs", "0.3", "--world.n-rank", "40", "--ppo.max-steps", "2"]
+    short += ["--world.n-eval", "150"]
+    assert main(short) == 0
     reused = json.loads((again / "summary.json").read_text())
     assert not (again / "base").exists() and not (again / "init").exists()  # no tokenizer, no pretraining
     assert "pretrain" not in reused["timings_s"]
@@ -451,31 +431,7 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     (again / "summary.json").unlink()
     shutil.rmtree(again / "ppo" / "final")
     sft_written = (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
-    assert (
-        main(
-            [
-                "--quick",
-                "--out",
-                str(again),
-                "--progress",
-                "false",
-                "--base",
-                str(out / "base" / "final"),
-                "--rounds",
-                "1",
-                "--sft.epochs",
-                "0.3",
-                "--world.n-rank",
-                "40",
-                "--ppo.max-steps",
-                "2",
-                "--world.n-eval",
-                "150",
-                "--resume",
-            ]
-        )
-        == 0
-    )
+    assert main([*short, "--resume"]) == 0
     resumed = json.loads((again / "summary.json").read_text())
     assert resumed["resumed"] == {"kept_stages": ["sft", "rankings:1", "reward model:1"]}
     assert (again / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_written  # not retrained

@@ -262,14 +262,6 @@ def _ppo_main(argv: list[str]) -> None:
     train_ppo(parse_config(PPOConfig, argv, "ppo-test"), reward_fn=target_reward)
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_ppo_with_two_processes_shards_rollouts_and_learns(tmp_path, model_dir, prompts_file):
     out = tmp_path / "ppo"
@@ -285,7 +277,7 @@ def test_ppo_with_two_processes_shards_rollouts_and_learns(tmp_path, model_dir, 
         "--model",
         str(model_dir),
         "--prompts",
-        prompts_file,
+        str(prompts_file),
         "--out",
         str(out),
         "--max-steps",

@@ -205,11 +205,3 @@ def test_gradient_checkpointing_computes_the_same_update(tmp_path, model_dir, ti
         runs.append(load_file(str(tmp_path / name / "final" / "model.safetensors")))
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-5, msg=k)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

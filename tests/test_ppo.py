@@ -24,14 +24,6 @@ def target_reward(prompts, responses):
     return torch.tensor([sum(t in TARGETS for t in r) / max(len(r), 1) for r in responses])
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
     base = dict(
         model=str(model_dir),

@@ -19,14 +19,6 @@ from flywheel.train.ppo.losses import policy_loss
 from flywheel.train.ppo.rl import RLConfig, RLTrainer, train_rl
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say something about {i} cats."}]} for i in range(48)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
     base = dict(
         model=str(model_dir),
