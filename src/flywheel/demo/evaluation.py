@@ -44,8 +44,7 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
         tasks = load_tasks(run.files["eval_tasks"])
         tok = load_tokenizer(str(models["sft"]))
         _, held_docs = run.corpus_split()  # no model was trained on these
-        seq_len = run.cfg.stage_config("pretrain", out=str(run.out / "base"), data=str(run.files["corpus"])).seq_len
-        blocks = lm_blocks(tok, held_docs, seq_len)
+        blocks = lm_blocks(tok, held_docs, run.pretrain_config().seq_len)
         loaded = {name: load_causal_lm(str(path)) for name, path in models.items()}
         evals, policies = {}, {}
         for name in tqdm(list(models), desc="evaluate", disable=not cfg.progress, dynamic_ncols=True):

@@ -54,11 +54,15 @@ class DemoRun:
         start = (r - 2) * self.cfg.n_rank_next
         return [ppo_tasks[(start + i) % len(ppo_tasks)] for i in range(self.cfg.n_rank_next)]
 
+    def pretrain_config(self, **wired: Any) -> Any:
+        """The pretraining stage's config: what it trains with, and the held-out split and block length that PPO-ptx
+        and the evaluation read from it."""
+        paths = {"out": str(self.out / "base"), "data": str(self.files["corpus"]), "size": self.cfg.size}
+        return self.cfg.stage_config("pretrain", **paths, **wired)
+
     def corpus_split(self) -> tuple[list[str], list[str]]:
         """(trained, held out) corpus documents: the split pretraining makes (same function, fraction and seed)."""
-        split = self.cfg.stage_config(
-            "pretrain", out=str(self.out / "base"), data=str(self.files["corpus"])
-        ).eval_split
+        split = self.pretrain_config().eval_split
         return split_heldout(read_texts(str(self.files["corpus"])), split, self.cfg.seed)
 
 
@@ -96,10 +100,7 @@ def stage_tokenizer(run: DemoRun) -> Path:
 
 def stage_pretrain(run: DemoRun, init: Path) -> Path:
     with Stage(run.timings, "pretrain") as st:
-        pcfg = run.cfg.stage_config(
-            "pretrain", out=str(run.out / "base"), data=str(run.files["corpus"]), model=str(init), size=run.cfg.size
-        )
-        final = train_pretrain(pcfg) / "final"
+        final = train_pretrain(run.pretrain_config(model=str(init))) / "final"
         meta = json.loads((final / "flywheel.json").read_text())
         st.done("%d steps, held-out loss %.3f", meta["steps"], meta.get("eval_loss", float("nan")))
     return final
