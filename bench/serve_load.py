@@ -1,11 +1,17 @@
-"""Serve throughput at 1, 8 and 32 concurrent clients: does batching pay?
+"""Serving under load, continuous vs dynamic batching, in one run: head-of-line latency and throughput.
 
-    python bench/serve_load.py                          # a tiny random Llama (h128, 2 layers), 32 tokens/answer
+    python bench/serve_load.py                          # a random Llama of the demo's size ("mini"), 32 tokens/answer
     python bench/serve_load.py --model runs/sft/final --max-tokens 64 --requests 64
 
-Starts `flywheel serve` as a subprocess on a free loopback port, then for each concurrency C runs C clients that send
-chat completions back to back (`--requests` each for C = 1, scaled so every level sends about the same total) and
-prints requests/s, generated tokens/s, median latency, and the server's batching counters (rows per decoded batch).
+For each scheduler (`flywheel serve --batching continuous`, then `dynamic`: requests join only when the running batch
+ends) it starts `flywheel serve` as a subprocess on a loopback port and measures:
+
+- head of line: short requests (`--short-tokens`) sent one after another while `--long` long requests
+  (`--long-tokens`) decode; p50/p95 latency of the short ones, against the same short request on an idle server;
+- throughput: for each concurrency C in `--levels`, C clients send chat completions back to back (`--requests` in
+  all); requests/s, generated tokens/s, median latency.
+
+The model answers with a fixed seed per request, so both schedulers generate the same tokens.
 """
 
 from __future__ import annotations
@@ -22,14 +28,56 @@ from pathlib import Path
 import httpx
 
 
-def tiny_model(root: Path) -> Path:
+def random_model(root: Path, size: str) -> Path:
     from flywheel.models import build_causal_lm, config_for_tokenizer, save_pretrained
     from flywheel.tokenization import train_tokenizer
 
     texts = ["The capital of France is Paris. What is 12 + 30? It is 42. Reverse the word cat: tac."] * 50
     tok = train_tokenizer(texts, vocab_size=512)
-    model = build_causal_lm(config_for_tokenizer(tok, "tiny", max_position_embeddings=512), seed=0)
+    model = build_causal_lm(config_for_tokenizer(tok, size, max_position_embeddings=1024), seed=0)
     return save_pretrained(model, tok, root / "model")
+
+
+async def ask(c: httpx.AsyncClient, url: str, content: str, max_tokens: int, seed: int) -> tuple[float, int]:
+    """One chat completion -> (seconds, completion tokens)."""
+    t0 = time.perf_counter()
+    r = await c.post(
+        url + "/v1/chat/completions",
+        timeout=600,
+        json={
+            "model": "flywheel",
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "seed": seed,
+            "messages": [{"role": "user", "content": content}],
+        },
+    )
+    r.raise_for_status()
+    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+
+async def head_of_line(url: str, longs: int, long_tokens: int, shorts: int, short_tokens: int) -> dict[str, float]:
+    """Short requests behind long ones: their latencies, and the same short request on the idle server."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=longs + 2)) as c:
+        alone = [(await ask(c, url, "What is 2 + 2?", short_tokens, 7))[0] for _ in range(5)]
+        running = [
+            asyncio.create_task(ask(c, url, f"Tell a long story {i}.", long_tokens, 100 + i)) for i in range(longs)
+        ]
+        await asyncio.sleep(0.3)  # the long ones are decoding
+        behind = []
+        for _ in range(shorts):
+            if all(t.done() for t in running):
+                break
+            behind.append((await ask(c, url, "What is 2 + 2?", short_tokens, 7))[0])
+        long_results = await asyncio.gather(*running)
+    behind.sort()
+    return {
+        "alone_s": statistics.median(alone),
+        "p50_s": statistics.median(behind),
+        "p95_s": behind[min(len(behind) - 1, round(0.95 * (len(behind) - 1)))],
+        "shorts": len(behind),
+        "long_tokens": statistics.mean(n for _, n in long_results),
+    }
 
 
 async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
@@ -39,20 +87,9 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
     async def client(c: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
         for j in range(per_client):
-            t0 = time.perf_counter()
-            r = await c.post(
-                url + "/v1/chat/completions",
-                timeout=600,
-                json={
-                    "model": "flywheel",
-                    "max_tokens": max_tokens,
-                    "temperature": 1.0,
-                    "messages": [{"role": "user", "content": f"Question {i}.{j}: what is {i} + {j}?"}],
-                },
-            )
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
+            seconds, n = await ask(c, url, f"Question {i}.{j}: what is {i} + {j}?", max_tokens, 1000 * i + j)
+            latencies.append(seconds)
+            tokens += n
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as c:
         t0 = time.perf_counter()
@@ -66,54 +103,78 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
     }
 
 
+def start_server(model: Path, db: Path, port: int, batching: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flywheel", "serve", str(model), "--db", str(db), "--port", str(port)]
+    cmd += ["--max-batch", "32", "--log-api", "false", "--batching", batching]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return server
+        except httpx.TransportError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+def measure(model: Path, tmp: Path, port: int, batching: str, args: argparse.Namespace) -> dict:
+    server = start_server(model, tmp / f"{batching}.db", port, batching)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(level(url, 2, 2, args.max_tokens))  # warm-up
+        out = {"hol": asyncio.run(head_of_line(url, args.long, args.long_tokens, args.shorts, args.short_tokens))}
+        for clients in (int(x) for x in args.levels.split(",")):
+            per_client = max(1, args.requests // clients)
+            out[clients] = asyncio.run(level(url, clients, per_client, args.max_tokens))
+        return out
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model directory (default: a tiny random Llama)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=32, help="requests per level (total)")
+    parser.add_argument("--model", help="model directory (default: a random Llama of --size)")
+    parser.add_argument("--size", default="mini", help="size of the random Llama (flywheel.models.TINY_SIZES)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in the throughput levels")
+    parser.add_argument("--requests", type=int, default=64, help="requests per throughput level (total)")
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--long", type=int, default=1, help="long requests running during the head-of-line test")
+    parser.add_argument("--long-tokens", type=int, default=512)
+    parser.add_argument("--shorts", type=int, default=10, help="short requests sent behind the long ones")
+    parser.add_argument("--short-tokens", type=int, default=4)
     parser.add_argument("--port", type=int, default=18765)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(args.model) if args.model else tiny_model(Path(tmp))
-        cmd = [
-            sys.executable,
-            "-m",
-            "flywheel",
-            "serve",
-            str(model),
-            "--db",
-            str(Path(tmp) / "bench.db"),
-            "--port",
-            str(args.port),
-            "--max-batch",
-            "32",
-            "--log-api",
-            "false",
-        ]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{args.port}"
-        try:
-            for _ in range(600):
-                try:
-                    httpx.get(url + "/v1/models", timeout=1)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.2)
-            asyncio.run(level(url, 2, 2, args.max_tokens))  # warm-up
-            print(f"model {model.name}, max_tokens {args.max_tokens}, {args.requests} requests per level")
-            print(f"{'clients':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>8}")
-            results = {}
-            for clients in (int(x) for x in args.levels.split(",")):
-                per_client = max(1, args.requests // clients)
-                r = results[clients] = asyncio.run(level(url, clients, per_client, args.max_tokens))
-                print(f"{clients:>8} {r['requests_s']:>8.2f} {r['tokens_s']:>8.0f} {r['p50_s']:>8.2f}")
-            base = results[min(results)]["tokens_s"]
-            ratios = ", ".join(f"{c}: {r['tokens_s'] / base:.1f}x" for c, r in results.items())
-            print(f"tokens/s vs 1 client: {ratios}")
-        finally:
-            server.terminate()
-            server.wait()
+        model = Path(args.model) if args.model else random_model(Path(tmp), args.size)
+        runs = {b: measure(model, Path(tmp), args.port + i, b, args) for i, b in enumerate(("continuous", "dynamic"))}
+    print(f"model {model.name if args.model else 'random ' + args.size}, CPU threads {torch_threads()}")
+    print(
+        f"\nhead of line: {args.short_tokens}-token requests behind {args.long} x {args.long_tokens}-token ones "
+        "(latency, and x the same request on an idle server)"
+    )
+    print(f"{'batching':>11} {'alone s':>8} {'p50 s':>8} {'p95 s':>8} {'p50 x':>6} {'p95 x':>6} {'shorts':>6}")
+    for b, r in runs.items():
+        h = r["hol"]
+        print(
+            f"{b:>11} {h['alone_s']:>8.3f} {h['p50_s']:>8.3f} {h['p95_s']:>8.3f} {h['p50_s'] / h['alone_s']:>6.1f} "
+            f"{h['p95_s'] / h['alone_s']:>6.1f} {h['shorts']:>6}"
+        )
+    print(f"\nthroughput: {args.requests} requests of {args.max_tokens} tokens per level")
+    print(f"{'clients':>8} " + " ".join(f"{b + ' tok/s':>17} {'p50 s':>7}" for b in runs) + f" {'ratio':>6}")
+    for clients in (int(x) for x in args.levels.split(",")):
+        c, d = runs["continuous"][clients], runs["dynamic"][clients]
+        print(
+            f"{clients:>8} {c['tokens_s']:>17.0f} {c['p50_s']:>7.2f} {d['tokens_s']:>17.0f} {d['p50_s']:>7.2f} "
+            f"{c['tokens_s'] / d['tokens_s']:>6.2f}"
+        )
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -415,3 +415,81 @@ def test_prefill_logits_equal_hf_at_each_prompts_last_token(family, prompts):
             ref = model(input_ids=torch.tensor([p])).logits[0, -1]
             torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
     assert state.n == width and state.pos[:, 0].tolist() == [len(p) for p in prompts]
+
+
+# Requests of a server: different prompts, settings and budgets; (step at which each joins the running batch).
+JOINS = [
+    (0, PROMPTS[1], SamplingParams(max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[EOS])),
+    (2, PROMPTS[2], SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])),
+    (3, PROMPTS[3], SamplingParams(max_new_tokens=15, temperature=0.7, top_k=10, seed=9, stop_token_ids=[EOS])),
+    (5, PROMPTS[0], SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.8, seed=4, stop_token_ids=[])),
+    (5, PROMPTS[1], SamplingParams(max_new_tokens=4, temperature=1.0, seed=8, stop_token_ids=[])),
+]
+
+
+def _run_joins(engine, joins, cancel_at=None):
+    """Drive a running batch: each request joins at its step; -> per request (tokens, logprobs), steps run."""
+    batch = engine.batch()
+    owner, out, waiting, t = {}, {}, list(enumerate(joins)), 0
+    while len(batch) or waiting:
+        for i, (at, prompt, params) in [w for w in waiting if w[1][0] <= t]:
+            assert batch.joinable
+            for row in batch.add([prompt], params):
+                owner[row], out[i] = i, ([], [])
+            waiting.remove((i, (at, prompt, params)))
+        if cancel_at is not None and t == cancel_at[0]:
+            batch.cancel([r for r, i in owner.items() if i == cancel_at[1]])
+        if len(batch):
+            step = batch.step()
+            for row, token, logprob in zip(step.rows, step.tokens, step.logprobs, strict=True):
+                out[owner[row]][0].append(token)
+                out[owner[row]][1].append(logprob)
+        t += 1
+    return out, t
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-hf", "llama-gqa-bias-rope", "qwen3", "mistral", "gpt2"])
+@pytest.mark.parametrize("native", [True, False])
+def test_requests_joining_a_running_batch_equal_separate_generations(family, native):
+    """Continuous batching: prompts join the running batch between steps (each with its own settings, budget and
+    seed) and rows leave it as they finish; every request gets the tokens of its own generation alone."""
+    if not native and family in ("llama-hf", "gpt2"):
+        pytest.skip("the native step is a compact-forward option")
+    model = _model(family)
+    engine = _engine(model, family, native_step=native)
+    alone = [engine.generate([prompt], params) for _, prompt, params in JOINS]
+    got, steps = _run_joins(engine, JOINS)
+    for i, gen in enumerate(alone):
+        assert got[i][0] == gen.tokens[0], f"request {i}"
+        assert got[i][1] == pytest.approx(gen.logprobs[0], abs=1e-4)
+    assert steps < sum(len(g.tokens[0]) for g in alone)  # they did share steps
+
+
+def test_a_cancelled_row_leaves_and_the_others_are_unchanged():
+    model = _model("llama")
+    engine = _engine(model, "llama")
+    alone = [engine.generate([prompt], params) for _, prompt, params in JOINS]
+    got, _ = _run_joins(engine, JOINS, cancel_at=(4, 0))
+    assert len(got[0][0]) == 4  # request 0 made 4 tokens (steps 0-3), then left
+    assert got[0][0] == alone[0].tokens[0][:4]
+    for i in range(1, len(JOINS)):
+        assert got[i][0] == alone[i].tokens[0]
+
+
+def test_a_join_drops_the_slots_no_row_needs_any_more():
+    """The cache never grows past the longest live row: a long-finished prompt's slots go when a new row joins."""
+    model = _model("llama")
+    engine = _engine(model, "llama")
+    batch = engine.batch()
+    params = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    long_prompt = list(range(10, 60))
+    (first,) = batch.add([long_prompt], params)
+    (second,) = batch.add([[5, 6]], SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[]))
+    for _ in range(6):
+        batch.step()
+    assert batch.rows == [second]  # the long prompt's row finished after 4 tokens
+    batch.add([[7]], params)  # joining drops the finished row and the slots only it used
+    assert batch._state.kv.shape[1] == 2 and batch._state.n == 2 + 6
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        batch.add([[VOCAB]], params)
+    assert len(batch) == 2  # a rejected prompt leaves the batch as it was

@@ -247,18 +247,18 @@ def test_a_dead_worker_is_restarted_and_health_says_so(served, monkeypatch):
     before = served.http.get("/health").json()
     assert before["status"] == "ok" and before["model"]["version"] == worker.model.version
     assert before["engine"]["queued_requests"] == 0
-    real = worker._run_group
+    real = worker._join
     calls = {"n": 0}
 
-    def crash(group):
+    def crash(model, batch, group):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug in the loop")  # caught by the thread: the loop starts again
         if calls["n"] == 2:
             raise SystemExit  # ends the thread itself: the watchdog starts a new one
-        return real(group)
+        return real(model, batch, group)
 
-    monkeypatch.setattr(worker, "_run_group", crash)
+    monkeypatch.setattr(worker, "_join", crash)
     err = assert_error(served.http.post("/v1/chat/completions", json=OK), 500)
     assert err["code"] == "generation_failed"
     t0 = time.monotonic()
@@ -414,25 +414,32 @@ def batched(tiny_model, tokenizer, specs, patch=None):
     return worker, collectors, results
 
 
-def test_a_failing_batch_is_retried_one_request_at_a_time(tiny_model, tokenizer):
+def test_a_failing_prefill_is_retried_one_request_at_a_time(tiny_model, tokenizer):
     from flywheel.tokenization import render_prompt
 
     poison = render_prompt(tokenizer, [{"role": "user", "content": "poison"}])
 
     def patch(model):
-        real = model.engine.steps
+        real = model.engine.batch
 
-        def steps(prompts, params, **kw):
-            if poison in prompts:
-                raise RuntimeError("this prompt breaks the forward")
-            return real(prompts, params, **kw)
+        def batch():
+            running = real()
+            add = running.add
 
-        model.engine.steps = steps
+            def add_or_fail(prompts, params, **kw):
+                if poison in prompts:
+                    raise RuntimeError("this prompt breaks the forward")
+                return add(prompts, params, **kw)
+
+            running.add = add_or_fail
+            return running
+
+        model.engine.batch = batch
 
     worker, _, results = batched(tiny_model, tokenizer, [(t, {}) for t in ("one", "poison", "two")], patch)
     assert [r[0] for r in results] == ["end", "error", "end"]
     assert results[1][1] == 500
-    assert worker.stats["batches"] == 4  # the batch of three, then each request alone
+    assert worker.stats["batches"] == 2 and worker.stats["requests"] == 2  # the prefill of three failed; each alone
 
 
 def test_a_bug_while_detokenizing_one_row_fails_only_its_request(tiny_model, tokenizer):
@@ -446,7 +453,7 @@ def test_a_bug_while_detokenizing_one_row_fails_only_its_request(tiny_model, tok
     worker, collectors, results = batched(tiny_model, tokenizer, specs, patch)
     assert [r[0] for r in results] == ["end", "error", "end"]
     assert results[1][1] == 500 and worker.stats["failed_requests"] == 1
-    assert worker.stats["batches"] == 1  # decoded together: the failure stayed with its row
+    assert worker.stats["max_rows"] == 4  # decoded together: the failure stayed with its row
     done = [e for e in collectors[2].events if e[0] == "done"]
     assert sorted(e[1] for e in done) == [0, 1]
 
@@ -557,3 +564,47 @@ def test_suggest_applies_the_same_message_rules_as_v1(served):
     r = served.http.post("/api/label/suggest", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth)
     assert r.status_code == 200 and "text" in r.json()
     assert_healthy(served)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_a_short_request_joins_the_running_batch(tiny_model, tokenizer, batching):
+    """Continuous batching: a short request sent while a long one decodes joins at the next step and ends first;
+    with dynamic batching it waits for the long one to end."""
+    from flywheel.engine import Engine, SamplingParams
+    from flywheel.serve.worker import BatchWorker, GenRequest, ServedModel
+
+    model = ServedModel(Engine(tiny_model.eval(), tokenizer), tokenizer, "v-test", "/nowhere")
+    worker = BatchWorker(model, max_batch=8, batching=batching)
+    order: list[str] = []
+    started = threading.Event()
+
+    def collector(name: str) -> Collector:
+        c = Collector()
+
+        def emit(event):
+            if event[0] == "delta":
+                started.set()
+            if event[0] == "end":
+                order.append(name)
+            c(event)
+
+        c.emit = emit
+        return c
+
+    long, short = collector("long"), collector("short")
+    worker.start()
+    try:
+        params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=1, stop_token_ids=[])
+        worker.submit(GenRequest([{"role": "user", "content": "a long story"}], params, emit=long.emit))
+        assert started.wait(60)
+        params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=2, stop_token_ids=[])
+        worker.submit(GenRequest([{"role": "user", "content": "short"}], params, emit=short.emit))
+        assert short.last == ("end",) and long.last == ("end",)
+    finally:
+        worker.stop()
+    assert [e[3] for e in long.events if e[0] == "done"] == [200]
+    assert [e[3] for e in short.events if e[0] == "done"] == [3]
+    if batching == "continuous":
+        assert order == ["short", "long"] and worker.stats["max_rows"] == 2
+    else:
+        assert order == ["long", "short"] and worker.stats["max_rows"] == 1

@@ -205,7 +205,8 @@ class KVState:
 
 class CompactCausalLM:
     """Prefill/decode on a preallocated KV cache: `logits, state = start(ids, valid, capacity)`, then
-    `step(state, tokens)` per token; both give float32 logits (B, V). `keep(state, rows)` drops finished rows.
+    `step(state, tokens)` per token; both give float32 logits (B, V). `keep(state, rows)` drops finished rows,
+    `merge(state, rows, other, extra)` lets the rows of another generation join.
     Each generation has its own state, so several can be interleaved (streams in a server).
 
     native_step: run float32 CPU decode steps in the native library (`flywheel.engine.native`) when it can be built;
@@ -400,6 +401,42 @@ class CompactCausalLM:
         state.kv = state.kv[:, rows].contiguous()
         state.bias = state.bias[rows].contiguous()
         state.pos = state.pos[rows].contiguous()
+
+    @staticmethod
+    def mergeable(state: KVState) -> bool:
+        return True
+
+    def merge(self, state: KVState, rows: torch.Tensor, other: KVState, extra: int) -> KVState:
+        """A state with `rows` of `state` then every row of `other`, and room for `extra` more tokens per row.
+
+        Each row keeps its slots in order, right-aligned on the common write slot (left padding where a row is
+        shorter); slots no row attends to any more are dropped, so the cache never grows past the longest live row.
+        Positions are per row, so no row's numbers change (a sliding window counts slots, which keep their gaps)."""
+        if state.w.layers is not other.w.layers:
+            raise RuntimeError("cannot merge generations made with different weights")
+        parts = []
+        for st, keep in ((state, rows), (other, None)):
+            bias = st.bias[:, : st.n] if keep is None else st.bias[keep, : st.n]
+            first = int((bias == 0).int().argmax(-1).min())  # the earliest slot any of these rows attends to
+            parts.append((st, keep, first, st.n - first))
+        n = max(length for *_, length in parts)
+        b = sum(st.kv.shape[1] if keep is None else len(keep) for st, keep, *_ in parts)
+        shape = list(state.kv.shape)
+        shape[1], shape[3] = b, n + extra
+        kv = state.kv.new_zeros(shape)
+        bias = state.bias.new_zeros(b, n + extra)
+        bias[:, :n] = float("-inf")
+        at = 0
+        for st, keep, first, length in parts:
+            src_kv = st.kv[:, :, :, first : st.n] if keep is None else st.kv[:, keep, :, first : st.n]
+            src_bias = st.bias[:, first : st.n] if keep is None else st.bias[keep, first : st.n]
+            rows_here = src_bias.shape[0]
+            kv[:, at : at + rows_here, :, n - length : n] = src_kv
+            bias[at : at + rows_here, n - length : n] = src_bias
+            at += rows_here
+        pos = torch.cat([state.pos[rows], other.pos])
+        w = state.w if state.w.rope.shape[0] >= other.w.rope.shape[0] else other.w
+        return KVState(w=w, kv=kv, bias=bias, pos=pos, n=n)
 
     def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int) -> torch.Tensor:
         q_slot = torch.arange(start, end, device=mask.device)[:, None]

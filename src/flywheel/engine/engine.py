@@ -5,13 +5,14 @@
     gen.tokens, gen.logprobs, gen.finish_reasons
     for piece in engine.stream(ids, SamplingParams(temperature=0.7)): print(piece, end="")
 
-Two forwards run the loop (`flywheel.engine.loop.decode`): `CompactCausalLM` for the Llama family (Llama, Mistral,
+Two forwards run the loop (`flywheel.engine.loop.DecodeBatch`): `CompactCausalLM` for the Llama family (Llama, Mistral,
 Qwen2, Qwen3), several times faster than HF `generate` on small models, and `HFCausalLM` for everything else. Both read
 the module's current weights at every call, so PPO can train the policy in place between rollouts.
 
-A GPU backend such as vLLM would plug in at `Engine._run`: anything that turns (prompts, SamplingParams, stop ids)
-into the per-step `Step` records (rows, tokens, logprobs, done) serves `generate`, `stream` and `ChatSession` as they
-are.
+`Engine.batch()` is the same loop as a running batch that prompts join between steps (the server's continuous
+batching). A GPU backend such as vLLM would plug in there: anything that turns (prompts, SamplingParams, stop ids)
+into the per-step `Step` records (rows, tokens, logprobs, done) serves `generate`, `stream`, `ChatSession` and the
+server as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from flywheel.engine.compact import CompactCausalLM, unsupported_reason
 from flywheel.engine.hf_forward import HFCausalLM
-from flywheel.engine.loop import Step, decode
+from flywheel.engine.loop import DecodeBatch, Step
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
 from flywheel.engine.stream import Detokenizer
 from flywheel.errors import UserError
@@ -169,41 +170,47 @@ class Engine:
         samples_per_prompt: int = 1,
     ) -> Iterator[Step]:
         """The decoding loop, one `Step` per position (the live rows, their tokens, log-probs and done flags), for
-        callers that act between steps (the server streams and cancels rows; closing the iterator stops it).
-        `max_new_tokens` caps each prompt's budget below params.max_new_tokens; with `samples_per_prompt` K, row
-        i * K + j is prompt i's j-th sample, all K from one prefill. Prompts and params are validated when this is
-        called, before the first step."""
+        callers that act between steps (closing the iterator stops it). `max_new_tokens` caps each prompt's budget
+        below params.max_new_tokens; with `samples_per_prompt` K, row i * K + j is prompt i's j-th sample, all K from
+        one prefill. Prompts and params are validated when this is called, before the first step."""
         params = params or SamplingParams()
-        params.validate()
-        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
-            raise UserError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
-        ids, valid, budgets = self._batch(prompt_ids, params)
-        if max_new_tokens is not None:
-            if len(max_new_tokens) != len(prompt_ids):
-                raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
-            budgets = torch.minimum(budgets, torch.tensor(max_new_tokens, dtype=budgets.dtype))
-        return self._run(ids, valid, budgets, params, samples_per_prompt)
+        self._prepare(prompt_ids, params, max_new_tokens, samples_per_prompt)
+        return self._run(prompt_ids, params, max_new_tokens, samples_per_prompt)
+
+    def batch(self) -> DecodeBatch:
+        """An empty running batch (`flywheel.engine.loop.DecodeBatch`): prompts join it between decoding steps, each
+        with its own sampling settings, and rows leave it as they finish (iteration-level scheduling, as a server
+        needs). The generic HF forward runs the module as it is: put it in eval mode first."""
+        return DecodeBatch(self._forward, self._prepare, self.stop_ids_for, self.compact_at)
 
     def _run(
-        self, ids: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, params: SamplingParams, samples: int
+        self, prompt_ids: list[list[int]], params: SamplingParams, budgets: list[int] | None, samples: int
     ) -> Iterator[Step]:
         model, was_training = self.model, self.model.training
         if self.backend == "hf" and was_training:
             model.eval()  # no dropout while sampling (the compact forward has none)
         try:
-            yield from decode(
-                self._forward,
-                ids,
-                valid,
-                budgets,
-                params,
-                self.stop_ids_for(params),
-                compact_at=self.compact_at,
-                samples=samples,
-            )
+            batch = self.batch()
+            batch.add(prompt_ids, params, samples=samples, max_new_tokens=budgets)
+            while batch:
+                yield batch.step()
         finally:
             if self.backend == "hf" and was_training:
                 model.train()
+
+    def _prepare(
+        self, prompt_ids: list[list[int]], params: SamplingParams, max_new_tokens: list[int] | None, samples: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Validate a request -> ids (B, P) left-padded, valid (B, P) bool, budgets (B,) tokens each row may make."""
+        params.validate()
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise UserError(f"samples_per_prompt must be an integer >= 1, got {samples!r}")
+        ids, valid, budgets = self._batch(prompt_ids, params)
+        if max_new_tokens is not None:
+            if len(max_new_tokens) != len(prompt_ids):
+                raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
+            budgets = torch.minimum(budgets, torch.tensor(max_new_tokens, dtype=budgets.dtype))
+        return ids, valid, budgets
 
     def _batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> tuple[torch.Tensor, ...]:
         """-> ids (B, P) left-padded, valid (B, P) bool, budgets (B,): tokens each row may generate."""

@@ -1,7 +1,9 @@
 """The generic path: any Hugging Face causal LM, driven through its own forward and `DynamicCache`.
 
-It has the same interface as `CompactCausalLM` (`start`, `step`, `keep`), so the decoding loop does not care which one
-runs. It is as fast as HF `generate` (one HF forward per step), and exists so that every architecture works.
+It has the same interface as `CompactCausalLM` (`start`, `step`, `keep`, `merge`), so the decoding loop does not care
+which one runs. It is as fast as HF `generate` (one HF forward per step), and exists so that every architecture works.
+`merge` needs a cache whose layers are all plain `DynamicLayer`s (no sliding-window or quantized layers);
+`mergeable` says whether a generation's cache is one.
 """
 
 from __future__ import annotations
@@ -65,3 +67,37 @@ class HFCausalLM:
         state.cache.batch_select_indices(rows)
         state.mask = state.mask[rows]
         state.pos = state.pos[rows]
+
+    @staticmethod
+    def mergeable(state: HFState) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(state.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    def merge(self, state: HFState, rows: torch.Tensor, other: HFState, extra: int) -> HFState:
+        """`rows` of `state` then every row of `other`, left-padded to a common length (`extra` is unused: the
+        cache grows). Columns that no remaining row attends to are dropped."""
+        del extra
+        if not (self.mergeable(state) and self.mergeable(other)):
+            raise RuntimeError("this model's cache cannot be merged (it has non-dynamic layers)")
+        parts = []
+        for st, keep in ((state, rows), (other, None)):
+            mask = st.mask if keep is None else st.mask[keep]
+            first = int(mask.argmax(-1).min())  # the earliest column any of these rows attends to
+            parts.append((st, keep, first, mask.shape[1] - first))
+        n = max(length for *_, length in parts)
+
+        def pad(t: torch.Tensor, keep: torch.Tensor | None, first: int, length: int) -> torch.Tensor:
+            """(B, H, S, D) keys or values -> the kept rows' columns from `first`, left-padded to n."""
+            return torch.nn.functional.pad((t if keep is None else t[keep])[..., first:, :], (0, 0, n - length, 0))
+
+        for mine, theirs in zip(state.cache.layers, other.cache.layers, strict=True):
+            (_, ka, fa, la), (_, kb, fb, lb) = parts
+            mine.keys = torch.cat([pad(mine.keys, ka, fa, la), pad(theirs.keys, kb, fb, lb)])
+            mine.values = torch.cat([pad(mine.values, ka, fa, la), pad(theirs.values, kb, fb, lb)])
+        masks = [
+            torch.nn.functional.pad((st.mask if keep is None else st.mask[keep])[:, first:], (n - length, 0))
+            for st, keep, first, length in parts
+        ]
+        return HFState(cache=state.cache, mask=torch.cat(masks), pos=torch.cat([state.pos[rows], other.pos]))

@@ -1,15 +1,27 @@
-"""The decoding loop: prefill once, then sample and step until every row has stopped.
+"""The decoding loop as a running batch: prompts join it between steps, rows leave it when they finish.
 
-It works with any forward that has `start(ids, valid, capacity) -> (logits, state)`, `step(state, tokens) -> logits`
-and `keep(state, rows)`. Rows stop on their own (a stop id, or their token budget); finished rows stay in the batch,
-masked out of the results, until a fraction `compact_at` of the batch has finished, and then are dropped from it
-(which copies the KV cache): docs/engine.md has the measurement behind the default.
+    batch = engine.batch()
+    rows = batch.add(prompt_ids, params)          # prefill; these rows take part from the next step on
+    while batch:                                  # some row is still generating
+        step = batch.step()                       # one token for every live row
+        batch.add(more_ids, other_params)         # between steps: joins the running batch (iteration-level scheduling)
+        batch.cancel([rows[0]])                   # or leaves it
+
+It works with any forward that has `start(ids, valid, capacity) -> (logits, state)`, `step(state, tokens) -> logits`,
+`keep(state, rows)`, `merge(state, rows, other, extra) -> state` and `mergeable(state)`. Rows stop on their own (a
+stop id, or their token budget). A finished row stays in the batch, masked out of the results, until a fraction
+`compact_at` of the batch has finished (dropping rows copies the KV cache: docs/engine.md has the measurement behind
+the default) or until a new prompt joins: the join copies the cache anyway, and leaves finished rows behind.
+
+Each `add` has its own `SamplingParams` (temperature, top-k/p, stop ids, seed, budget): rows with different settings
+share the forward and are sampled by group. An `add` with a seed draws from its own generator, one draw per row and
+step, so its tokens do not depend on which other rows share the batch (up to floating-point effects of the batch's
+shape on the logits). One `add` and steps until the batch is empty is exactly what `Engine.steps` runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,72 +34,210 @@ from flywheel.engine.sampling import sample
 class Step:
     """The tokens produced by one decoding step, for the rows that were still generating."""
 
-    rows: list[int]  # (A,) index of the prompt each entry belongs to
+    rows: list[int]  # (A,) id of each row (`DecodeBatch.add` returns them; `Engine.steps`: the prompt's index)
     tokens: list[int]  # (A,) the sampled ids
     logprobs: list[float]  # (A,) log_softmax(logits / T) of the sampled ids (log_softmax(logits) when greedy)
     done: list[bool]  # (A,) the row finished with this token (a stop id or the end of its budget)
 
 
-def decode(
-    forward: Any,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    budgets: torch.Tensor,
-    params: SamplingParams,
-    stop_ids: list[int],
-    *,
-    compact_at: float = 0.25,
-    samples: int = 1,
-) -> Iterator[Step]:
-    """Generate for left-padded prompts ids, valid: (B, P), with per-row token budgets (B,) >= 1.
+@dataclass
+class _Group:
+    """The rows of one `add`: their sampling settings and random draws."""
 
-    samples: K rows per prompt (row i * K + j is prompt i's j-th sample). The prompts are prefilled once and each one's
-    KV cache is copied to its K rows, so a group costs one prefill, not K; every row then samples on its own.
-    No grad mode is held across a `yield` (it is thread-global state and would leak into the consumer's code).
-    """
-    device = ids.device
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
-    steps = int(budgets.max())
-    with torch.inference_mode():
-        logits, state = forward.start(ids, valid, ids.shape[1] + steps)  # (B, V)
-        if samples > 1:
-            copies = torch.arange(ids.shape[0], device=device).repeat_interleave(samples)
-            forward.keep(state, copies)
-            logits, budgets = logits[copies], budgets.repeat_interleave(samples)
-    batch = logits.shape[0]
-    # Per-row bookkeeping in Python lists: at 1-64 rows that is cheaper than a handful of tensor ops per step.
-    stop, budget = set(stop_ids), budgets.tolist()
-    rows = list(range(batch))  # prompt index of each batch slot
-    picks: torch.Tensor | None = None  # the same as a tensor, once the batch has been compacted
-    alive = [True] * batch  # slot still generating
-    for t in range(steps):
+    params: SamplingParams
+    stop: frozenset[int]
+    size: int  # rows in the group
+    generator: torch.Generator  # its own when seeded, else the batch's
+    live: int = 0  # rows still generating
+
+    @property
+    def key(self) -> tuple[float, int, float]:
+        p = self.params
+        return (0.0, 0, 1.0) if p.greedy else (float(p.temperature), p.top_k, float(p.top_p))
+
+
+@dataclass
+class _Row:
+    group: _Group
+    index: int  # position in its group (which of the group's draws is its own)
+    left: int  # tokens it may still generate
+
+
+@dataclass
+class DecodeBatch:
+    """A running batch on one forward (made by `Engine.batch`). Not thread-safe: one thread drives it."""
+
+    forward: Any
+    prepare: Any  # (prompt_ids, params, max_new_tokens) -> (ids, valid, budgets): the engine's validation
+    stop_ids: Any  # (params) -> list[int]
+    compact_at: float = 0.25
+    _state: Any = None
+    _logits: torch.Tensor | None = None  # (B, V) next-token logits of each slot
+    _pending: torch.Tensor | None = None  # (B,) tokens sampled at the last step, not yet fed to the forward
+    _slots: list[int] = field(default_factory=list)  # row id in each batch slot
+    _alive: list[bool] = field(default_factory=list)  # slot still generating
+    _rows: dict[int, _Row] = field(default_factory=dict)  # live rows by id
+    _next: int = 0
+    _shared: torch.Generator | None = None  # the draws of groups without a seed
+
+    def __len__(self) -> int:
+        """Rows still generating."""
+        return len(self._rows)
+
+    @property
+    def rows(self) -> list[int]:
+        """The ids of the rows still generating, in batch order."""
+        return [r for r, a in zip(self._slots, self._alive, strict=True) if a]
+
+    @property
+    def joinable(self) -> bool:
+        """New prompts can join now: the batch is empty, or its forward can merge caches (the generic HF forward
+        cannot with sliding-window or quantized cache layers: wait until the batch is empty then)."""
+        return self._state is None or self.forward.mergeable(self._state)
+
+    def add(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | None = None,
+        *,
+        samples: int = 1,
+        max_new_tokens: list[int] | None = None,
+    ) -> list[int]:
+        """Prefill `prompt_ids` and let them join the batch at the next step; returns their row ids (row i * samples
+        + j of the result is prompt i's j-th sample, all from one prefill of it). Validates everything first (a
+        `UserError` leaves the batch as it was)."""
+        params = params or SamplingParams()
+        ids, valid, budgets = self.prepare(prompt_ids, params, max_new_tokens, samples)
+        if self._shared is None:
+            self._shared = torch.Generator(device=ids.device)
+            self._shared.seed()
+        if params.seed is None:
+            generator = self._shared
+        else:
+            generator = torch.Generator(device=ids.device)
+            generator.manual_seed(params.seed)
+        group = _Group(params, frozenset(self.stop_ids(params)), ids.shape[0] * samples, generator)
+        self._feed()
         with torch.inference_mode():
-            # One draw per prompt and step, picked by row: compacting the batch does not change any row's sample.
-            uniform = None if params.greedy else torch.rand(batch, generator=generator, device=device)
-            if uniform is not None and picks is not None:
-                uniform = uniform[picks]
-            tokens, logprobs = sample(
-                logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, uniform=uniform
-            )
+            logits, state = self.forward.start(ids, valid, ids.shape[1] + int(budgets.max()))  # (B, V)
+            if samples > 1:
+                copies = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(samples)
+                self.forward.keep(state, copies)
+                logits, budgets = logits[copies], budgets.repeat_interleave(samples)
+            new = list(range(self._next, self._next + group.size))
+            self._next += group.size
+            left = budgets.tolist()
+            if self._state is None:
+                self._state, self._logits = state, logits
+                self._slots, self._alive = new, [True] * len(new)
+            else:
+                keep = [i for i, a in enumerate(self._alive) if a]
+                keep_t = torch.tensor(keep, dtype=torch.long, device=logits.device)
+                extra = max(left + [self._rows[self._slots[i]].left for i in keep])
+                self._state = self.forward.merge(self._state, keep_t, state, extra)
+                self._logits = torch.cat([self._logits[keep_t], logits])
+                self._slots = [self._slots[i] for i in keep] + new
+                self._alive = [True] * len(self._slots)
+        for j, (row, n) in enumerate(zip(new, left, strict=True)):
+            self._rows[row] = _Row(group, j, int(n))
+        group.live = group.size
+        return new
+
+    def step(self) -> Step:
+        """One token for every live row. Rows that finish with it leave the batch."""
+        if not self._rows:
+            raise RuntimeError("the batch has no rows left to step")
+        self._feed()
+        with torch.inference_mode():
+            tokens, logprobs = self._sample()
         new, logp = tokens.tolist(), logprobs.tolist()
-        done = [tok in stop or budget[row] <= t + 1 for tok, row in zip(new, rows, strict=True)]
-        live = [i for i, a in enumerate(alive) if a]
-        yield Step([rows[i] for i in live], [new[i] for i in live], [logp[i] for i in live], [done[i] for i in live])
-        alive = [a and not d for a, d in zip(alive, done, strict=True)]
-        n_alive = sum(alive)
-        if n_alive == 0:
+        out = Step([], [], [], [])
+        for i, (row_id, alive) in enumerate(zip(self._slots, self._alive, strict=True)):
+            if not alive:
+                continue
+            row = self._rows[row_id]
+            row.left -= 1
+            done = new[i] in row.group.stop or row.left <= 0
+            out.rows.append(row_id)
+            out.tokens.append(new[i])
+            out.logprobs.append(logp[i])
+            out.done.append(done)
+            if done:
+                self._end(i)
+        self._pending = tokens
+        if not self._rows:
+            self._reset()
+        return out
+
+    def cancel(self, rows: list[int]) -> None:
+        """Stop generating `rows` (ids from `add`; ids that already finished are ignored)."""
+        gone = set(rows)
+        for i, row_id in enumerate(self._slots):
+            if self._alive[i] and row_id in gone:
+                self._end(i)
+        if not self._rows:
+            self._reset()
+
+    def _end(self, slot: int) -> None:
+        self._alive[slot] = False
+        self._rows.pop(self._slots[slot]).group.live -= 1
+
+    def _reset(self) -> None:
+        self._state = self._logits = self._pending = None
+        self._slots, self._alive = [], []
+
+    def _feed(self) -> None:
+        """Run the forward on the tokens of the last step (first dropping finished rows if enough have finished)."""
+        if self._pending is None:
             return
+        tokens, self._pending = self._pending, None
         with torch.inference_mode():
-            dead = len(alive) - n_alive
-            if dead and dead >= compact_at * len(alive):
-                keep = [i for i, a in enumerate(alive) if a]
-                keep_t = torch.tensor(keep, device=device)
-                forward.keep(state, keep_t)
+            dead = len(self._alive) - len(self._rows)
+            if dead and dead >= self.compact_at * len(self._alive):
+                keep = [i for i, a in enumerate(self._alive) if a]
+                keep_t = torch.tensor(keep, dtype=torch.long, device=tokens.device)
+                self.forward.keep(self._state, keep_t)
                 tokens = tokens[keep_t]
-                rows, alive = [rows[i] for i in keep], [True] * len(keep)
-                picks = torch.tensor(rows, device=device)
-            logits = forward.step(state, tokens)
+                self._slots, self._alive = [self._slots[i] for i in keep], [True] * len(keep)
+            self._logits = self.forward.step(self._state, tokens)
+
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample every slot: one uniform draw per row of each group still generating, by the group's generator (a
+        finished row's draw is still made, so a group's draws do not depend on when its rows finish)."""
+        logits = self._logits
+        groups: dict[int, _Group] = {}
+        for row in self._rows.values():
+            groups.setdefault(id(row.group), row.group)
+        draws = {
+            key: torch.rand(g.size, generator=g.generator, device=logits.device)
+            for key, g in groups.items()
+            if not g.params.greedy
+        }
+        by_key: dict[tuple, list[int]] = {}
+        picks: list[tuple[torch.Tensor | None, int]] = []
+        for i, row_id in enumerate(self._slots):
+            row = self._rows.get(row_id)
+            if row is None:  # a finished slot: any token will do (it is not reported), the argmax is the cheapest
+                picks.append((None, 0))
+                by_key.setdefault((0.0, 0, 1.0), []).append(i)
+                continue
+            picks.append((draws.get(id(row.group)), row.index))
+            by_key.setdefault(row.group.key, []).append(i)
+        if len(groups) == 1:  # the usual case: one group (and the only one whose rows are left)
+            (g,) = groups.values()
+            uniform = None
+            if not g.params.greedy:
+                index = torch.tensor([j if d is not None else 0 for d, j in picks], device=logits.device)
+                uniform = draws[id(g)][index]
+            key = g.key
+            return sample(logits, temperature=key[0], top_k=key[1], top_p=key[2], uniform=uniform)
+        uniform = torch.tensor(
+            [float(d[j]) if d is not None else 0.5 for d, j in picks], dtype=torch.float32, device=logits.device
+        )
+        tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        logprobs = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for (temperature, top_k, top_p), slots in by_key.items():
+            idx = torch.tensor(slots, dtype=torch.long, device=logits.device)
+            t, lp = sample(logits[idx], temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform[idx])
+            tokens[idx], logprobs[idx] = t, lp
+        return tokens, logprobs

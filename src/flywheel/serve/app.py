@@ -38,7 +38,7 @@ from flywheel.feedback.models import ROLES
 from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, UserInfo, client_owner
 from flywheel.serve.errors import ApiError
 from flywheel.serve.limits import Limits, RateLimited
-from flywheel.serve.worker import BatchWorker, ServedModel, unstorable
+from flywheel.serve.worker import BATCHING, BatchWorker, ServedModel, unstorable
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -56,6 +56,10 @@ class ServeSettings:
     chat_auth: bool = field(default=False, metadata={"help": "require a user token for chat (/v1 and the chat app)"})
     cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed by CORS (empty = off)"})
     max_batch: int = field(default=32, metadata={"help": "most rows (prompts x n) decoded in one batch"})
+    batching: str = field(
+        default="continuous",
+        metadata={"help": "continuous (requests join the running batch at the next step) or dynamic (when it ends)"},
+    )
     max_tokens_limit: int = field(default=512, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
     max_n: int = field(default=8, metadata={"help": "largest n (choices per request)"})
@@ -82,6 +86,8 @@ class ServeSettings:
             raise UserError("--port must be in 1..65535")
         if self.max_batch < 1 or self.max_n < 1 or self.max_tokens_limit < 1:
             raise UserError("--max-batch, --max-n and --max-tokens-limit must be >= 1")
+        if self.batching not in BATCHING:
+            raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got '{self.batching}'")
         if min(self.rate_limit, self.rate_limit_anonymous, self.auth_failure_limit) < 0:
             raise UserError("--rate-limit, --rate-limit-anonymous and --auth-failure-limit must be >= 0 (0 = off)")
 
@@ -373,7 +379,9 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
     store = store or Store(settings.db)
     model = model or ServedModel.load(settings.model, dtype=settings.dtype, backend=settings.backend)
     store.register_model_version(model.version, model.path)
-    worker = BatchWorker(model, max_batch=settings.max_batch, threads=settings.threads or None)
+    worker = BatchWorker(
+        model, max_batch=settings.max_batch, threads=settings.threads or None, batching=settings.batching
+    )
     max_id = id_limit(store)
 
     @asynccontextmanager

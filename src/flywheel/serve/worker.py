@@ -4,10 +4,15 @@
     worker.start()
     worker.submit(GenRequest(messages, n=2, params=SamplingParams(max_new_tokens=64), stop=["\n\n"], emit=callback))
 
-Dynamic batching: the worker takes every request waiting (up to `max_batch` rows; a request with n choices is n
-rows), groups them by sampling settings (the engine samples a batch with one temperature/top-p), and decodes each
-group in one batch, each row with its own token budget. A request with a seed runs in a group of its own so that its
-result does not depend on what else was waiting. Events go to each request's `emit` as tokens are produced:
+Continuous batching (iteration-level scheduling, on the engine's `DecodeBatch`): between two decoding steps, the
+requests waiting join the running batch (up to `max_batch` rows; a request with n choices is n rows, all from one
+prefill of its prompt), and a row leaves the batch as soon as it finishes, so a short request never waits for a long
+one to end. Each request samples with its own settings and budget; requests with the same settings are prefilled
+together; a request with a seed draws from its own generator, so its tokens do not depend on what else runs beside it
+(up to floating-point effects of the batch's shape). `batching="dynamic"` is the former scheduling, kept for
+comparison (bench/serve_load.py): requests join only when the batch is empty.
+
+Events go to each request's `emit` as tokens are produced:
 
     ("start", model_version, prompt_tokens)   ("delta", choice, text, logprobs)
     ("done", choice, finish_reason, tokens)   ("end",)   ("error", http_status, message)
@@ -17,14 +22,16 @@ result does not depend on what else was waiting. Events go to each request's `em
 `top_logprobs` most likely alternatives of each.
 
 Faults stay with the request that caused them: a prompt that cannot be rendered or tokenized fails that request alone
-(400 for bad input, 500 for anything else, logged with its traceback); a batch whose decoding fails before any output
-is retried one request at a time, so only the culprit fails; an error while detokenizing one row fails only its
-request. If the loop itself raises, the requests of the batch in hand get a 500 and the loop starts again; if the
+(400 for bad input, 500 for anything else, logged with its traceback); a prefill of several requests that fails is
+retried one request at a time, so only the culprit fails; an error while detokenizing one row fails only its
+request; a decoding step that fails fails the requests in the batch, and the next ones start a new batch. If the loop
+itself raises, the requests of the batch in hand get a 500 and the loop starts again; if the
 thread dies anyway, `ensure_running` (called by every waiting request) starts a new one. `health()` reports it.
 Generated text never carries NUL characters (no database can store them): they are removed and counted.
 
-Prompts are rendered here, with the tokenizer of the model that serves the batch, so `swap` (a new model version,
-applied between batches) never mixes one model's token ids with another's.
+Prompts are rendered here, with the tokenizer of the model that serves the batch, so `swap` (a new model version:
+no request joins once it is pending, and it is applied when the running batch has drained) never mixes one model's
+token ids with another's.
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ from typing import Any
 import torch
 
 from flywheel.engine import Detokenizer, Engine, SamplingParams
+from flywheel.engine.loop import DecodeBatch
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
 from flywheel.errors import UserError
 from flywheel.serve.logprobs import TokenPieces, TopLogprobs, top_logprobs_after
 from flywheel.tokenization import render_prompt
 
 log = logging.getLogger(__name__)
+BATCHING = ("continuous", "dynamic")
 Event = tuple[Any, ...]
 _HASH_LIMIT = 256 << 20  # files larger than this are identified by size and header instead of their full content
 
@@ -120,12 +129,23 @@ class _Row:
     pending: list[tuple[int, int, dict[str, Any], int]] = field(default_factory=list)  # (start, end, entry, id)
     top: TopLogprobs | None = None  # alternatives token by token (streamed requests)
     prompt: list[int] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # the token ids that end it
 
 
 class BatchWorker:
-    def __init__(self, model: ServedModel, *, max_batch: int = 32, threads: int | None = None):
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        max_batch: int = 32,
+        threads: int | None = None,
+        batching: str = "continuous",
+    ):
+        if batching not in BATCHING:
+            raise UserError(f"unknown batching '{batching}' (choose from {', '.join(BATCHING)})")
         self.model = model
         self.max_batch = max_batch
+        self.batching = batching
         self.threads = threads
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._pending: tuple[ServedModel, Future[str]] | None = None
@@ -135,11 +155,14 @@ class BatchWorker:
         self._started = False
         self._stopping = False
         self._carry: list[GenRequest] = []  # taken from the queue, left for the next batch (it was full)
-        self._active: list[GenRequest] = []  # the batch being decoded
+        self._active: list[GenRequest] = []  # the requests in the running batch
+        self._rows: dict[int, _Row] = {}  # the running batch's rows by engine row id
+        self._open: dict[int, int] = {}  # rows not yet finished, by id() of their request
         self._busy_since: float | None = None
         self.last_error: str | None = None
         self.stats = {
-            "batches": 0,
+            "batches": 0,  # prefills (requests joining the running batch together)
+            "steps": 0,  # decoding steps
             "rows": 0,
             "requests": 0,
             "max_rows": 0,
@@ -227,29 +250,23 @@ class BatchWorker:
                 self.stats["failed_requests"] += 1
                 _emit(req, ("error", 500, message))
         self._active = []
+        self._rows = {}
+        self._open = {}
         self._busy_since = None
 
     def _loop(self) -> None:
+        """Continuous batching: requests join the running batch between decoding steps (a waiting request starts at
+        the next step, not when the batch ends) and leave it when they finish. A pending model swap stops new
+        requests from joining; it is applied when the batch has drained."""
         while not self._stopping:
             self._apply_swap()
-            batch = self._carry or [self._queue.get()]
-            self._carry = []
-            rows = sum(r.n for r in batch if r is not None)
-            while rows < self.max_batch:
-                try:
-                    req = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if req is not None and rows + req.n > self.max_batch:
-                    self._carry.append(req)
-                    break
-                batch.append(req)
-                rows += req.n if req is not None else 0
-            self._active = [r for r in batch if r is not None and not r.cancelled.is_set()]
-            self._busy_since = time.monotonic()
-            self._apply_swap()
-            for group in _groups(self._active):
-                self._run_group(group)
+            model = self.model
+            batch = model.engine.batch()
+            self._admit(model, batch, block=True)
+            while self._rows and not self._stopping:
+                if self.batching == "continuous" and self._pending is None and batch.joinable:
+                    self._admit(model, batch, block=False)
+                self._step(model, batch)
             self._active = []
             self._busy_since = None
 
@@ -262,12 +279,134 @@ class BatchWorker:
             log.info("serving model version %s (was %s)", model.version, old)
             done.set_result(model.version)
 
-    def _run_group(self, group: list[GenRequest]) -> None:
-        model = self.model
-        ready = [(req, ids) for req in group if (ids := self._prepare(model, req)) is not None]
-        for req, ids in ready:
-            _emit(req, ("start", model.version, len(ids)))
-        self._generate(model, ready)
+    def _take(self, block: bool) -> list[GenRequest]:
+        """Requests from the queue that fit in the batch's free rows (blocking for the first when `block`)."""
+        free = self.max_batch - len(self._rows)
+        taken: list[GenRequest] = []
+        while True:
+            if self._carry:
+                req = self._carry.pop(0)
+            else:
+                try:
+                    req = self._queue.get(timeout=None) if block and not taken else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if req is None:  # a wake-up (a swap, or stop)
+                if block and not taken:
+                    return taken
+                continue
+            if req.cancelled.is_set():
+                continue
+            if req.n > free:
+                self._carry.insert(0, req)
+                break
+            taken.append(req)
+            free -= req.n
+        return taken
+
+    def _admit(self, model: ServedModel, batch: DecodeBatch, *, block: bool) -> None:
+        """Prefill the waiting requests that fit and let them join `batch`: requests with the same settings in one
+        prefill (a seeded request alone, its n choices from one prefill); if a prefill fails, its requests are tried
+        one by one, so that only the culprit fails."""
+        taken = self._take(block)
+        if not taken:
+            return
+        if not self._rows:
+            self._busy_since = time.monotonic()
+        self._active.extend(taken)  # from here on, a bug in the loop fails them (`_fail_active`), never loses them
+        ready = [(req, ids) for req in taken if (ids := self._prepare(model, req)) is not None]
+        for group in _groups(ready):
+            self._join(model, batch, group)
+        self._active = [r for r in self._active if not r.ended]
+
+    def _join(self, model: ServedModel, batch: DecodeBatch, group: list[tuple[GenRequest, list[int]]]) -> None:
+        first = group[0][0]
+        try:
+            budgets = [req.params.max_new_tokens for req, _ in group]
+            params = replace(first.params, max_new_tokens=max(budgets))
+            ids = batch.add([ids for _, ids in group], params, samples=first.n, max_new_tokens=budgets)
+        except Exception as err:  # noqa: BLE001 (one request's failure is its own)
+            if len(group) > 1:
+                log.warning("a prefill of %d requests failed (%r); trying them one at a time", len(group), err)
+                for item in group:
+                    self._join(model, batch, [item])
+                return
+            req = first
+            if isinstance(err, UserError):
+                _emit(req, ("error", 400, str(err)))
+            else:
+                log.error("prefill failed", exc_info=err)
+                self._record(err)
+                self.stats["failed_requests"] += 1
+                _emit(req, ("error", 500, "internal error in generation"))
+            return
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(group)
+        self.stats["rows"] += len(ids)
+        for i, (req, prompt) in enumerate(group):
+            _emit(req, ("start", model.version, len(prompt)))
+            self._open[id(req)] = req.n
+            for choice in range(req.n):
+                row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens, prompt=prompt)
+                row.stop_ids = frozenset(model.engine.stop_ids_for(req.params))
+                if req.logprobs and req.top_logprobs > 0 and req.incremental:
+                    row.top = TopLogprobs(
+                        model.engine.model, prompt, k=req.top_logprobs, temperature=req.params.temperature
+                    )
+                self._rows[ids[i * req.n + choice]] = row
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
+
+    def _step(self, model: ServedModel, batch: DecodeBatch) -> None:
+        """One decoding step of the running batch; rows whose request ended or was cancelled leave it."""
+        try:
+            step = batch.step()
+        except Exception as err:  # noqa: BLE001 (the forward failed: every request in the batch fails, not the server)
+            log.error("a decoding step failed", exc_info=err)
+            self._record(err)
+            for row in list(self._rows.values()):
+                self._fail(row.req, 500, "internal error in generation")
+            self._rows.clear()
+            return
+        self.stats["steps"] += 1
+        for row_id, token, logprob, done in zip(step.rows, step.tokens, step.logprobs, step.done, strict=True):
+            row = self._rows.get(row_id)
+            if row is None:
+                continue
+            if row.req.cancelled.is_set() or row.req.ended:
+                row.finished = True
+            else:
+                try:
+                    self._advance(model, row, token, logprob, done)
+                except Exception as err:  # noqa: BLE001 (fails this row's request only)
+                    log.error("generation failed for one request", exc_info=err)
+                    self._record(err)
+                    self._fail(row.req, 500, "internal error in generation")
+        self._retire(batch, step.done, step.rows)
+
+    def _retire(self, batch: DecodeBatch, done: list[bool], stepped: list[int]) -> None:
+        """Drop finished rows; rows that the engine still runs (cut by a stop string, cancelled, failed) leave the
+        batch; a request whose rows have all finished ends."""
+        ended = [i for i, r in self._rows.items() if r.finished or r.req.ended or r.req.cancelled.is_set()]
+        engine_done = {i for i, d in zip(stepped, done, strict=True) if d}
+        batch.cancel([i for i in ended if i not in engine_done])
+        for i in ended:
+            row = self._rows.pop(i)
+            left = self._open.get(id(row.req), 0) - 1
+            if left > 0:
+                self._open[id(row.req)] = left
+                continue
+            self._open.pop(id(row.req), None)
+            self._active = [r for r in self._active if r is not row.req]
+            if not row.req.ended:
+                _emit(row.req, ("end",))
+
+    def _fail(self, req: GenRequest, status: int, message: str) -> None:
+        for row in self._rows.values():
+            if row.req is req:
+                row.finished = True
+        if not req.ended:
+            self.stats["failed_requests"] += status >= 500
+            _emit(req, ("error", status, message))
 
     def _prepare(self, model: ServedModel, req: GenRequest) -> list[int] | None:
         """The request's prompt ids, or None after failing it (400 for bad input, 500 for anything else)."""
@@ -295,80 +434,9 @@ class BatchWorker:
             _emit(req, ("error", 500, "internal error while rendering the prompt"))
         return None
 
-    def _generate(self, model: ServedModel, ready: list[tuple[GenRequest, list[int]]]) -> None:
-        """Decode the prepared requests as one batch. If it fails before anything was sent, each request is retried
-        alone, so that one request's failure is its own; otherwise every request of the batch gets the error."""
-        if not ready:
-            return
-        prompts: list[list[int]] = []
-        rows: list[_Row] = []
-        try:
-            for req, ids in ready:
-                for choice in range(req.n):
-                    prompts.append(ids)
-                    row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens, prompt=ids)
-                    if req.logprobs and req.top_logprobs > 0 and req.incremental:
-                        row.top = TopLogprobs(
-                            model.engine.model, ids, k=req.top_logprobs, temperature=req.params.temperature
-                        )
-                    rows.append(row)
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(rows)
-            self.stats["requests"] += len(ready)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-            params = replace(ready[0][0].params, max_new_tokens=max(r.budget for r in rows))
-            self._decode(model, prompts, rows, params)
-        except Exception as err:  # noqa: BLE001 (one bad batch must not stop the server)
-            if len(ready) > 1 and not any(r.emitted for r in rows):
-                log.warning("a batch of %d requests failed (%r); retrying them one at a time", len(ready), err)
-                for item in ready:
-                    self._generate(model, [item])
-                return
-            log.error("generation failed", exc_info=err)
-            self._record(err)
-            status, message = (400, str(err)) if isinstance(err, UserError) else (500, "internal error in generation")
-            for req, _ in ready:
-                if not req.ended:
-                    self.stats["failed_requests"] += status >= 500
-                    _emit(req, ("error", status, message))
-            return
-        for req, _ in ready:
-            if not req.ended:
-                _emit(req, ("end",))
-
-    def _decode(self, model: ServedModel, prompts: list[list[int]], rows: list[_Row], params: SamplingParams) -> None:
-        engine: Engine = model.engine
-        stop_ids = set(engine.stop_ids_for(params))
-        steps = engine.steps(prompts, params, max_new_tokens=[r.budget for r in rows])
-        try:
-            for step in steps:
-                for i, token, logprob, done in zip(step.rows, step.tokens, step.logprobs, step.done, strict=True):
-                    row = rows[i]
-                    if row.finished:
-                        continue
-                    if row.req.cancelled.is_set() or row.req.ended:
-                        row.finished = True
-                        continue
-                    try:
-                        self._advance(model, row, token, logprob, done, stop_ids)
-                    except Exception as err:  # noqa: BLE001 (fails this row's request only)
-                        self._fail_request(rows, row.req, err)
-                if all(r.finished for r in rows):
-                    break
-        finally:
-            steps.close()
-        for row in rows:
-            if not row.finished:
-                try:
-                    self._finish(row, FINISH_LENGTH)
-                except Exception as err:  # noqa: BLE001
-                    self._fail_request(rows, row.req, err)
-
-    def _advance(
-        self, model: ServedModel, row: _Row, token: int, logprob: float, done: bool, stop_ids: set[int]
-    ) -> None:
+    def _advance(self, model: ServedModel, row: _Row, token: int, logprob: float, done: bool) -> None:
         row.tokens += 1
-        if token in stop_ids:
+        if token in row.stop_ids:
             self._finish(row, FINISH_STOP)
             return
         start = len(row.text)
@@ -384,16 +452,6 @@ class BatchWorker:
             self._finish(row, FINISH_LENGTH)
         else:
             self._send(row, final=False)
-
-    def _fail_request(self, rows: list[_Row], req: GenRequest, err: Exception) -> None:
-        log.error("generation failed for one request", exc_info=err)
-        self._record(err)
-        for row in rows:
-            if row.req is req:
-                row.finished = True
-        if not req.ended:
-            self.stats["failed_requests"] += 1
-            _emit(req, ("error", 500, "internal error in generation"))
 
     def _append(self, row: _Row, piece: str) -> None:
         if "\x00" in piece:
@@ -478,9 +536,11 @@ def _cut_at_stop(row: _Row) -> bool:
     return True
 
 
-def _groups(reqs: list[GenRequest]) -> list[list[GenRequest]]:
-    groups: dict[Any, list[GenRequest]] = {}
-    for i, req in enumerate(reqs):
+def _groups(ready: list[tuple[GenRequest, list[int]]]) -> list[list[tuple[GenRequest, list[int]]]]:
+    """Requests that can share one prefill: the same sampling settings and number of choices, no seed (a seeded
+    request draws from its own generator, so it joins alone)."""
+    groups: dict[Any, list[tuple[GenRequest, list[int]]]] = {}
+    for i, (req, ids) in enumerate(ready):
         p = req.params
         key = (
             p.temperature,
@@ -488,9 +548,10 @@ def _groups(reqs: list[GenRequest]) -> list[list[GenRequest]]:
             p.top_p,
             tuple(p.stop_token_ids or ()),
             p.stop_token_ids is None,
+            req.n,
             i if p.seed is not None else None,
         )
-        groups.setdefault(key, []).append(req)
+        groups.setdefault(key, []).append((req, ids))
     return list(groups.values())
 
 
