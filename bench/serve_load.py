@@ -3,8 +3,9 @@
     python bench/serve_load.py                          # a random Llama of the demo's size ("mini"), 32 tokens/answer
     python bench/serve_load.py --model runs/sft/final --max-tokens 64 --requests 64
 
-For each scheduler (`flywheel serve --batching continuous`, then `dynamic`: requests join only when the running batch
-ends) it starts `flywheel serve` as a subprocess on a loopback port and measures:
+It starts two `flywheel serve` subprocesses on loopback ports, `--batching continuous` and `--batching dynamic`
+(requests join only when the running batch ends), and measures each, alternating between them (`--reps` times, the
+median kept, so that a change in the machine's load hits both alike):
 
 - head of line: short requests (`--short-tokens`) sent one after another while `--long` long requests
   (`--long-tokens`) decode; p50/p95 latency of the short ones, against the same short request on an idle server;
@@ -118,19 +119,23 @@ def start_server(model: Path, db: Path, port: int, batching: str) -> subprocess.
     raise SystemExit("the server did not start")
 
 
-def measure(model: Path, tmp: Path, port: int, batching: str, args: argparse.Namespace) -> dict:
-    server = start_server(model, tmp / f"{batching}.db", port, batching)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
+    """Every measurement alternates between the servers, `--reps` times; the median of each is kept."""
+    runs: dict[str, dict] = {b: {} for b in urls}
+    for url in urls.values():
         asyncio.run(level(url, 2, 2, args.max_tokens))  # warm-up
-        out = {"hol": asyncio.run(head_of_line(url, args.long, args.long_tokens, args.shorts, args.short_tokens))}
-        for clients in (int(x) for x in args.levels.split(",")):
-            per_client = max(1, args.requests // clients)
-            out[clients] = asyncio.run(level(url, clients, per_client, args.max_tokens))
-        return out
-    finally:
-        server.terminate()
-        server.wait()
+    tests = [("hol", lambda url: head_of_line(url, args.long, args.long_tokens, args.shorts, args.short_tokens))]
+    for clients in (int(x) for x in args.levels.split(",")):
+        per_client = max(1, args.requests // clients)
+        tests.append((clients, lambda url, c=clients, p=per_client: level(url, c, p, args.max_tokens)))
+    for name, test in tests:
+        samples: dict[str, list[dict]] = {b: [] for b in urls}
+        for _ in range(args.reps):
+            for b, url in urls.items():
+                samples[b].append(asyncio.run(test(url)))
+        for b, results in samples.items():
+            runs[b][name] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    return runs
 
 
 def main() -> None:
@@ -144,11 +149,21 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=512)
     parser.add_argument("--shorts", type=int, default=10, help="short requests sent behind the long ones")
     parser.add_argument("--short-tokens", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (the median is shown)")
     parser.add_argument("--port", type=int, default=18765)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_model(Path(tmp), args.size)
-        runs = {b: measure(model, Path(tmp), args.port + i, b, args) for i, b in enumerate(("continuous", "dynamic"))}
+        servers, urls = [], {}
+        try:
+            for i, b in enumerate(("continuous", "dynamic")):  # both up; only the one being measured is busy
+                servers.append(start_server(model, Path(tmp) / f"{b}.db", args.port + i, b))
+                urls[b] = f"http://127.0.0.1:{args.port + i}"
+            runs = measure(urls, args)
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait()
     print(f"model {model.name if args.model else 'random ' + args.size}, CPU threads {torch_threads()}")
     print(
         f"\nhead of line: {args.short_tokens}-token requests behind {args.long} x {args.long_tokens}-token ones "
