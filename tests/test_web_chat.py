@@ -229,6 +229,29 @@ def test_a_client_that_leaves_stops_the_generation_and_keeps_the_partial_answer(
     assert types[0] == "user" and types[-1] == "done" and sse(r)[0]["message"]["parent_id"] == answer["id"]
 
 
+def test_a_stopped_answer_is_no_demonstration(site, tmp_path):
+    """Thumbs up on a stopped answer keeps the vote, but `flywheel export --include-upvoted` skips the answer."""
+    from flywheel.feedback.export import ExportConfig, export
+
+    headers = client()
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=headers).json()["id"]
+    done = sse(httpx.post(f"{site.url}/api/conversations/{conv}/messages", json={"content": "hi"}, headers=headers))
+    answer = done[-1]["message"]
+    owner = site.store.conversation(conv, "", any_owner=True)["owner"]
+    stopped = site.store.add_message(
+        conv, owner, answer["parent_id"], "assistant", "Half an ans", "scripted-v1", "cancelled"
+    )
+    for i, message in enumerate((answer, stopped)):
+        vote = {"value": 1, "idempotency_key": f"up-{i}"}
+        assert (
+            httpx.post(f"{site.url}/api/messages/{message['id']}/votes", json=vote, headers=headers).status_code == 200
+        )
+    export(ExportConfig(db=site.store.url, out=str(tmp_path), include_upvoted=True))
+    demos = [json.loads(line)["messages"] for line in (tmp_path / "demos.jsonl").read_text().splitlines()]
+    assert [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer["content"]}] in demos
+    assert not any(m["content"] == "Half an ans" for d in demos for m in d)
+
+
 def test_stop_button_cancels_and_keeps_what_was_generated(site, page):
     page.evaluate("() => localStorage.setItem('flywheel.chat.settings', JSON.stringify({max_tokens: 300}))")
     site.engine.delay = 0.03
@@ -317,6 +340,11 @@ def test_moving_between_regenerated_answers(site, page):
     assert tree[-2]["content"] == "and another" and tree[-2]["parent_id"] == first_id
     assert shown(page)[:2] == ["pick a number", answers[0]]
     assert page.inner_text(".msg.assistant .nav-count") == "answer 1 of 3"
+    # opened again later, the conversation shows the branch last worked on (not the newest answer's dead end)
+    page.reload()
+    page.click(f"#conversations li[data-id='{site.store.conversation_of(first_id)}'] .title")
+    page.wait_for_selector(".msg.assistant .nav-count")
+    assert shown(page)[:3] == ["pick a number", answers[0], "and another"]
 
 
 # Sidebar
@@ -439,3 +467,24 @@ def test_settings_panel_is_remembered_and_applied(site, page):
     assert page.input_value("#set-system") == "" and page.input_value("#set-temperature") == ""
     page.click("#settings-cancel")
     assert page.evaluate("localStorage.getItem('flywheel.chat.settings')") is None
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_makes_small_pngs(tmp_path):
+    """docs/make_screenshots.py (the pictures in docs/serve.md) still runs: three 1000x700 PNGs under 150 kB."""
+    import struct
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (CI installs Debian's chromium)")
+    pytest.importorskip("playwright.sync_api")
+    script = Path(__file__).parents[1] / "docs" / "make_screenshots.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    args = [sys.executable, str(script), "--out", str(tmp_path), "--chromium", CHROMIUM]
+    subprocess.run(args, check=True, env=env, timeout=300)
+    for name in ("chat-markdown.png", "chat-branches.png", "chat-settings.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (1000, 700)
+        assert len(data) < 150_000, (name, len(data))

@@ -61,6 +61,13 @@ function show(m) {
   chat.selected.set(keyOf(m), m.id);
 }
 
+// Show the branch of the newest message (the one last worked on), however many siblings were made after it.
+function showLatest() {
+  const byId = new Map(chat.messages.map(m => [m.id, m]));
+  let m = chat.messages.reduce((a, b) => (a === null || b.id > a.id ? b : a), null);
+  while (m) { show(m); m = byId.get(m.parent_id); }
+}
+
 // Icons drawn as SVG paths: emoji need a font that Debian's Chromium, for one, does not have.
 const THUMB_UP = "M2 21h4V9H2v12zm20-11a2 2 0 0 0-2-2h-6.3l1-4.6v-.3c0-.4-.2-.8-.4-1.1L13.2 1 6.6 7.6C6.2 8 6 8.5 6 9v10a2 2 0 0 0 2 2h9c.8 0 1.5-.5 1.8-1.2l3-7.1c.1-.2.2-.5.2-.7v-2z";
 const THUMB_DOWN = "M15 3H6c-.8 0-1.5.5-1.8 1.2l-3 7.1c-.1.2-.2.5-.2.7v2a2 2 0 0 0 2 2h6.3l-1 4.6v.3c0 .4.2.8.4 1.1l1.1 1 6.6-6.6c.4-.4.6-.9.6-1.4V5a2 2 0 0 0-2-2zm4 0v12h4V3h-4z";
@@ -219,6 +226,7 @@ async function openConversation(id) {
   chat.messages = data.messages;
   chat.selected = new Map();
   chat.editing = null;
+  showLatest();
   render();
   await loadConversations();
 }
