@@ -5,7 +5,10 @@ open chat an anonymous client (`X-Client-Id`); others' conversations and message
 conversation (GET only).
     GET  /api/conversations                      POST /api/conversations
     GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
+    PATCH /api/conversations/{id} (rename)       DELETE /api/conversations/{id}
     POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
+A turn may carry `system` (a system prompt) when it starts a branch at the root (`parent_id` null); an edited turn
+is a new turn under the old one's parent (a sibling: a new branch, the old one stays).
 Any user's token: GET /api/me
 Labelers (labeler or admin token):
     GET  /api/label/next?kind=ranking|roleplay   POST /api/label/suggest
@@ -14,8 +17,10 @@ Admins:
     GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
     GET|POST /api/admin/model
 
-SSE events of the chat streams are JSON objects: {"type": "user", "message"}, {"type": "delta", "text"},
-{"type": "done", "message"} (the stored assistant message, with its model version), {"type": "error", "message"}.
+SSE events of the chat streams are JSON objects: {"type": "system", "message"} and {"type": "user", "message"} (the
+stored new messages), {"type": "delta", "text"}, {"type": "done", "message"} (the stored assistant message, with its
+model version), {"type": "error", "message"}. A client that closes the stream stops the generation; the answer so
+far is stored with finish_reason "cancelled" (read it back with GET /api/conversations/{id}).
 """
 
 from __future__ import annotations
