@@ -134,6 +134,25 @@ def shown(page) -> list[str]:
     return page.eval_on_selector_all(".msg .content", "cs => cs.map(c => c.innerText.trim())")
 
 
+def test_the_scripted_engine_keeps_each_rows_budget_and_ends_with_the_stop_token(tokenizer):
+    from flywheel.engine import SamplingParams
+    from flywheel.serve.scripted import ScriptedEngine
+    from flywheel.tokenization import render_prompt
+
+    engine = ScriptedEngine(tokenizer, lambda prompt: "Paris." if "France" in prompt else "I don't know.")
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("France?", "Mars?")]
+    script = tokenizer.encode("I don't know.", add_special_tokens=False)
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    for step in engine.steps(prompts, SamplingParams(max_new_tokens=50, temperature=0.5), max_new_tokens=[50, 3]):
+        for row, token, done in zip(step.rows, step.tokens, step.done, strict=True):
+            rows[row].append(token)
+            assert done == (len(rows[row]) == (3 if row == 1 else len(tokenizer.encode("Paris.")) + 1))
+    assert tokenizer.decode(rows[0][:-1]) == "Paris." and rows[0][-1] == tokenizer.eos_token_id
+    assert rows[1] == script[:3]  # cut at its budget, no stop token
+    assert [(c.temperature, c.budget) for c in engine.calls] == [(0.5, 50), (0.5, 3)]
+    assert "France?" in engine.calls[0].prompt and engine.produced == len(rows[0]) + 3
+
+
 # Markdown
 
 
