@@ -187,6 +187,59 @@ def test_conversation_tree_keeps_every_answer_with_its_version(store):
     assert created and not created_again and vote == again
 
 
+def test_a_system_prompt_turn_is_stored_whole_or_not_at_all(store):
+    from flywheel.errors import UserError
+
+    owner = "client:abc"
+    conv = store.create_conversation(owner)
+    system, user = store.add_user_turn(conv, owner, None, "hello", system="Be brief.")
+    assert (system["role"], system["parent_id"], user["parent_id"]) == ("system", None, system["id"])
+    answer = store.add_message(conv, owner, user["id"], "assistant", "hi", "v1", "stop")
+    with pytest.raises(UserError, match="parent_id null"):  # a system prompt only starts a branch
+        store.add_user_turn(conv, owner, answer["id"], "more", system="Be long.")
+    with pytest.raises(UserError, match="content"):  # a blank system prompt: nothing is stored
+        store.add_user_turn(conv, owner, None, "hello", system=" ")
+    assert len(store.conversation(conv, owner)["messages"]) == 3
+
+
+def test_rename_and_delete_a_conversation(store):
+    from sqlalchemy import select
+
+    from flywheel.errors import UserError
+    from flywheel.feedback.models import Message, Task, Vote
+    from flywheel.feedback.store import NotFound
+
+    owner = "client:abc"
+    conv = store.create_conversation(owner)
+    kept = store.create_conversation(owner)
+    store.add_message(kept, owner, None, "user", "stays")
+    _, user = store.add_user_turn(conv, owner, None, "hello", system="Be brief.")
+    answers = [store.add_message(conv, owner, user["id"], "assistant", t, "v1", "stop") for t in ("hi", "hey")]
+    store.add_message(conv, owner, answers[0]["id"], "user", "and then?")
+    store.vote(answers[1]["id"], owner, 1, "", "k-1")
+    task = store.create_ranking_task(
+        [{"role": "user", "content": "hello"}],
+        [("a", "v1", "stop"), ("b", "v1", "stop")],
+        source_message_id=user["id"],
+    )
+    for other in ("client:xyz", "api:unidentified"):
+        with pytest.raises(NotFound):
+            store.rename_conversation(conv, other, "mine")
+        with pytest.raises(NotFound):
+            store.delete_conversation(conv, other)
+    with pytest.raises(UserError, match="blank"):
+        store.rename_conversation(conv, owner, "  ")
+    assert store.rename_conversation(conv, owner, " Greeting ") == {"id": conv, "title": "Greeting"}
+    store.delete_conversation(conv, owner)
+    with pytest.raises(NotFound):
+        store.conversation(conv, owner)
+    with store.session() as s:
+        assert s.scalars(select(Message.content).where(Message.conversation_id == conv)).all() == []
+        assert s.scalars(select(Vote)).all() == []
+        assert s.get(Task, task).source_message_id is None
+    assert [m["content"] for m in store.conversation(kept, owner)["messages"]] == ["stays"]
+
+
 def test_ranking_submissions_are_idempotent_and_validated(store):
     from flywheel.errors import UserError
     from flywheel.feedback.store import Conflict

@@ -66,6 +66,11 @@ def others_get_404(site, conv: int, answer: int, headers: dict) -> None:
     assert httpx.post(f"{url}/api/messages/{answer}/regenerate", json={}, headers=headers).status_code == 404
     vote = {"value": -1, "idempotency_key": f"v-{conv}-{answer}"}
     assert httpx.post(f"{url}/api/messages/{answer}/votes", json=vote, headers=headers).status_code == 404
+    # nor rename or delete it: the conversation stays as it was
+    title = site.store.conversation(conv, "", any_owner=True)["title"]
+    assert httpx.patch(f"{url}/api/conversations/{conv}", json={"title": "taken"}, headers=headers).status_code == 404
+    assert httpx.delete(f"{url}/api/conversations/{conv}", headers=headers).status_code == 404
+    assert site.store.conversation(conv, "", any_owner=True)["title"] == title
     missing = httpx.get(f"{url}/api/conversations/{10**9}", headers=headers).json()["error"]
     other = httpx.get(f"{url}/api/conversations/{conv}", headers=headers).json()["error"]
     assert {**other, "message": ""} == {**missing, "message": ""}  # the same answer as for an id that does not exist
@@ -115,6 +120,7 @@ def test_api_calls_without_identity_are_for_admins_only(site):
     assert httpx.get(site.url + "/api/admin/conversations", headers=site.lena).status_code == 403
     # an admin reads, but cannot write into someone else's conversation
     assert httpx.post(f"{site.url}/api/messages/{answer}/regenerate", json={}, headers=site.admin).status_code == 404
+    assert httpx.delete(f"{site.url}/api/conversations/{conv}", headers=site.admin).status_code == 404
 
 
 def test_api_calls_with_a_client_id_belong_to_that_client(site):

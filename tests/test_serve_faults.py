@@ -508,6 +508,7 @@ def test_fuzzed_web_api_requests(served):
         "unsafe",
         "suggestions",
         "title",
+        "system",
         "kind",
         "prompts",
         "instructions",
@@ -517,6 +518,7 @@ def test_fuzzed_web_api_requests(served):
     body = st.dictionaries(st.sampled_from(keys), st.one_of(junk, st.lists(turn, max_size=3)), max_size=6)
     paths = [
         f"/api/conversations/{conv}/messages",
+        f"/api/conversations/{conv}",  # PATCH: rename
         "/api/conversations",
         "/api/messages/2/votes",
         "/api/messages/2/regenerate",
@@ -536,7 +538,8 @@ def test_fuzzed_web_api_requests(served):
     )
     @hypothesis.given(st.sampled_from(paths), body)
     def check(path, payload):
-        r = served.http.post(path, content=json.dumps(payload), headers=auth)
+        method = "PATCH" if path == f"/api/conversations/{conv}" else "POST"
+        r = served.http.request(method, path, content=json.dumps(payload), headers=auth)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (path, payload, r.text)
         if r.status_code >= 400:

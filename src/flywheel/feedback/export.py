@@ -49,7 +49,10 @@ class ExportConfig:
         metadata={"help": "without --eval-labelers: hold out labelers whose name hashes below this fraction"},
     )
     include_upvoted: bool = field(
-        default=False, metadata={"help": "also export thumbs-up chat answers (with their context) as demonstrations"}
+        default=False,
+        metadata={
+            "help": "also export thumbs-up chat answers (with their context) as demonstrations; not stopped ones"
+        },
     )
 
     def validate(self) -> None:
@@ -175,7 +178,12 @@ def _upvoted(s: Any, store: Store) -> list[tuple[str, list[dict[str, str]], int]
     for vote in s.scalars(select(Vote).where(Vote.value == 1).order_by(Vote.id)):
         branch = store._branch(s, vote.message_id)
         messages = [{"role": m.role, "content": m.content} for m in branch]
-        if isinstance(branch[-1], Message) and branch[-1].role == "assistant":
+        # an answer its user stopped (finish_reason "cancelled") is unfinished: no demonstration
+        if (
+            isinstance(branch[-1], Message)
+            and branch[-1].role == "assistant"
+            and branch[-1].finish_reason != "cancelled"
+        ):
             out.append((vote.voter, messages, 1_000_000_000 + vote.id))
     return out
 

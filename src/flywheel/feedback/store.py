@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -252,24 +252,79 @@ class Store:
         """Append a message under `parent_id` (None: the root). Checks the turn order along the branch."""
         with self.session(write=True) as s:
             conv = self._owned(s, conv_id, owner)
-            branch = self._branch(s, parent_id) if parent_id is not None else []
-            if branch and branch[0].conversation_id != conv_id:
-                raise NotFound(f"no message {parent_id} in conversation {conv_id}")
-            check_messages_dicts([_turn(m) for m in branch] + [{"role": role, "content": content}], end=None)
-            msg = Message(
-                conversation_id=conv_id,
-                parent_id=parent_id,
-                role=role,
-                content=content,
-                model_version=model_version,
-                finish_reason=finish_reason,
-            )
-            s.add(msg)
-            conv.updated_at = utcnow()
-            if not conv.title and role == "user":
-                conv.title = content.strip().splitlines()[0][:80]
+            msg = self._append(s, conv, parent_id, role, content, model_version, finish_reason)
             s.commit()
             return _message_dict(msg)
+
+    def add_user_turn(
+        self, conv_id: int, owner: str, parent_id: int | None, content: str, *, system: str | None = None
+    ) -> list[dict[str, Any]]:
+        """A user's turn under `parent_id`; with `system`, a new root (`parent_id` None) under a system message.
+        Both are stored or neither. Returns the stored messages, the system message first."""
+        if system is not None and parent_id is not None:
+            raise UserError("a system prompt starts a branch: it needs parent_id null")
+        with self.session(write=True) as s:
+            conv = self._owned(s, conv_id, owner)
+            out = []
+            if system is not None:  # checked with the user's turn below (a system message alone is no branch)
+                out.append(Message(conversation_id=conv.id, parent_id=None, role="system", content=system))
+                s.add(out[0])
+                s.flush()
+                parent_id = out[0].id
+            out.append(self._append(s, conv, parent_id, "user", content))
+            s.commit()
+            return [_message_dict(m) for m in out]
+
+    def _append(
+        self,
+        s: Session,
+        conv: Conversation,
+        parent_id: int | None,
+        role: str,
+        content: str,
+        model_version: str | None = None,
+        finish_reason: str | None = None,
+    ) -> Message:
+        branch = self._branch(s, parent_id) if parent_id is not None else []
+        if branch and branch[0].conversation_id != conv.id:
+            raise NotFound(f"no message {parent_id} in conversation {conv.id}")
+        check_messages_dicts([_turn(m) for m in branch] + [{"role": role, "content": content}], end=None)
+        msg = Message(
+            conversation_id=conv.id,
+            parent_id=parent_id,
+            role=role,
+            content=content,
+            model_version=model_version,
+            finish_reason=finish_reason,
+        )
+        s.add(msg)
+        conv.updated_at = utcnow()
+        if not conv.title and role == "user":
+            conv.title = content.strip().splitlines()[0][:80]
+        return msg
+
+    def rename_conversation(self, conv_id: int, owner: str, title: str) -> dict[str, Any]:
+        """Give `owner`'s conversation a new title (NotFound for anyone else's)."""
+        title = title.strip()
+        if not title:
+            raise UserError("title must not be blank")
+        with self.session(write=True) as s:
+            conv = self._owned(s, conv_id, owner)
+            conv.title = title[:200]
+            s.commit()
+            return {"id": conv.id, "title": conv.title}
+
+    def delete_conversation(self, conv_id: int, owner: str) -> None:
+        """Delete `owner`'s conversation with its messages and their votes (NotFound for anyone else's). Ranking tasks
+        made from its prompts keep their own copy of the prompt and the labels given; only their link goes."""
+        with self.session(write=True) as s:
+            conv = self._owned(s, conv_id, owner)
+            ids = select(Message.id).where(Message.conversation_id == conv.id)
+            s.execute(update(Task).where(Task.source_message_id.in_(ids)).values(source_message_id=None))
+            s.execute(delete(Vote).where(Vote.message_id.in_(ids)))
+            s.execute(delete(Message).where(Message.conversation_id == conv.id))  # a whole tree: no dangling parent
+            s.execute(delete(Conversation).where(Conversation.id == conv.id))
+            s.commit()
 
     def branch(self, message_id: int, owner: str | None = None) -> list[dict[str, Any]]:
         """The messages from the root down to `message_id` (its context)."""

@@ -450,7 +450,7 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Client-Id"],
         )
     app.add_middleware(TextCheck)

@@ -5,7 +5,10 @@ open chat an anonymous client (`X-Client-Id`); others' conversations and message
 conversation (GET only).
     GET  /api/conversations                      POST /api/conversations
     GET  /api/conversations/{id}                 POST /api/conversations/{id}/messages   (SSE)
+    PATCH /api/conversations/{id} (rename)       DELETE /api/conversations/{id}
     POST /api/messages/{id}/regenerate (SSE)     POST /api/messages/{id}/votes
+A turn may carry `system` (a system prompt) when it starts a branch at the root (`parent_id` null); an edited turn
+is a new turn under the old one's parent (a sibling: a new branch, the old one stays).
 Any user's token: GET /api/me
 Labelers (labeler or admin token):
     GET  /api/label/next?kind=ranking|roleplay   POST /api/label/suggest
@@ -14,8 +17,10 @@ Admins:
     GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
     GET|POST /api/admin/model
 
-SSE events of the chat streams are JSON objects: {"type": "user", "message"}, {"type": "delta", "text"},
-{"type": "done", "message"} (the stored assistant message, with its model version), {"type": "error", "message"}.
+SSE events of the chat streams are JSON objects: {"type": "system", "message"} and {"type": "user", "message"} (the
+stored new messages), {"type": "delta", "text"}, {"type": "done", "message"} (the stored assistant message, with its
+model version), {"type": "error", "message"}. A client that closes the stream stops the generation; the answer so
+far is stored with finish_reason "cancelled" (read it back with GET /api/conversations/{id}).
 """
 
 from __future__ import annotations
@@ -23,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from flywheel.engine import SamplingParams
 from flywheel.feedback.models import ROLES
-from flywheel.feedback.store import check_messages_dicts
+from flywheel.feedback.store import NotFound, check_messages_dicts
 from flywheel.serve.app import AppContext, chat_identity, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
@@ -41,6 +47,7 @@ from flywheel.serve.worker import ServedModel
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api")
+CANCELLED = "cancelled"  # the finish_reason of an answer whose client stopped it
 
 
 class NewConversation(BaseModel):
@@ -50,6 +57,7 @@ class NewConversation(BaseModel):
 class ChatTurn(BaseModel):
     content: str = Field(min_length=1)
     parent_id: int | None = None  # the message this turn answers (None: the first turn)
+    system: str | None = None  # a system prompt above this turn: only for a new root (parent_id None)
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_tokens: int | None = None
 
@@ -57,6 +65,10 @@ class ChatTurn(BaseModel):
 class RegenerateBody(BaseModel):
     temperature: float = Field(default=0.9, ge=0, le=2)
     max_tokens: int | None = None
+
+
+class RenameBody(BaseModel):
+    title: str = Field(min_length=1, max_length=200)
 
 
 class VoteBody(BaseModel):
@@ -155,8 +167,8 @@ async def send_message(request: Request, conv_id: int, body: ChatTurn) -> Stream
     check_id(request, conv_id, "conversation")
     check_id(request, body.parent_id, "message", param="parent_id")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
-    user_msg = await db(c.store.add_message, conv_id, owner, body.parent_id, "user", body.content)
-    return await _reply(c, conv_id, owner, user_msg, params, announce=True)
+    stored = await db(c.store.add_user_turn, conv_id, owner, body.parent_id, body.content, system=body.system)
+    return await _reply(c, conv_id, owner, stored[-1], params, announce=stored)
 
 
 @router.post("/messages/{message_id}/regenerate")
@@ -170,20 +182,29 @@ async def regenerate(request: Request, message_id: int, body: RegenerateBody) ->
         raise ApiError(400, "only an assistant answer can be regenerated")
     conv = await db(c.store.conversation_of, message_id)
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
-    return await _reply(c, conv, owner, branch[-2], params, announce=False)
+    return await _reply(c, conv, owner, branch[-2], params)
 
 
 async def _reply(
-    c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], params: SamplingParams, *, announce: bool
+    c: AppContext,
+    conv_id: int,
+    owner: str,
+    user_msg: dict[str, Any],
+    params: SamplingParams,
+    *,
+    announce: Sequence[dict[str, Any]] = (),
 ) -> StreamingResponse:
+    """Stream the answer to `user_msg` (after announcing the new messages of `announce`) and store it. A client that
+    leaves mid-answer (the chat page's Stop button aborts its request) stops the generation at once; what was
+    generated so far is stored as the answer, with finish_reason "cancelled"."""
     branch = await db(c.store.branch, user_msg["id"], owner)
     run = Run(c.worker, [{"role": m["role"], "content": m["content"]} for m in branch], params)
     await run.started()
 
     async def events() -> AsyncIterator[str]:
-        if announce:
-            yield _sse({"type": "user", "message": user_msg})
-        text, finish, done = "", None, False
+        for msg in announce:
+            yield _sse({"type": msg["role"], "message": msg})
+        text, finish, outcome = "", None, "cancelled"
         try:
             async for event in run.events():
                 if event[0] == "delta":
@@ -191,19 +212,49 @@ async def _reply(
                     yield _sse({"type": "delta", "text": event[2]})
                 elif event[0] == "done":
                     finish = event[2]
-            done = True
+            outcome = "done"
         except ApiError as err:
+            outcome = "failed"
             yield _sse({"type": "error", "message": err.message})
         finally:
-            if not done:
+            if outcome == "cancelled":  # the client left (or the server is stopping): keep what it was shown
                 run.cancel()
-        if done:
-            msg = await db(
-                c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ", run.version, finish
-            )
-            yield _sse({"type": "done", "message": msg})
+                with anyio.CancelScope(shield=True):
+                    await _store_answer(c, conv_id, owner, user_msg, text, run.version, CANCELLED)
+        if outcome == "done":
+            with anyio.CancelScope(shield=True):  # stored even if the client leaves now
+                msg = await _store_answer(c, conv_id, owner, user_msg, text, run.version, finish)
+            if msg is None:
+                yield _sse({"type": "error", "message": "the conversation was deleted; the answer was not stored"})
+            else:
+                yield _sse({"type": "done", "message": msg})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _store_answer(
+    c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], text: str, version: str, finish: str | None
+) -> dict[str, Any] | None:
+    try:
+        return await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ", version, finish)
+    except NotFound:  # the conversation was deleted meanwhile
+        return None
+
+
+@router.patch("/conversations/{conv_id}")
+async def rename_conversation(request: Request, conv_id: int, body: RenameBody) -> dict[str, Any]:
+    owner = (await chat_identity(request)).owner
+    check_id(request, conv_id, "conversation")
+    return await db(ctx(request).store.rename_conversation, conv_id, owner, body.title)
+
+
+@router.delete("/conversations/{conv_id}", status_code=204)
+async def delete_conversation(request: Request, conv_id: int) -> Response:
+    """Delete one's own conversation, its messages and their votes (admins cannot delete others')."""
+    owner = (await chat_identity(request)).owner
+    check_id(request, conv_id, "conversation")
+    await db(ctx(request).store.delete_conversation, conv_id, owner)
+    return Response(status_code=204)
 
 
 @router.post("/messages/{message_id}/votes")

@@ -38,9 +38,10 @@ const fw = {
     if (!res.ok) throw new Error((data.error && data.error.message) || ("HTTP " + res.status));
     return data;
   },
-  // POST and read a text/event-stream: onEvent(obj) for each `data: {...}` line.
-  async stream(path, body, onEvent) {
-    const res = await fetch(path, { method: "POST", headers: fw.headers(), body: JSON.stringify(body) });
+  // POST and read a text/event-stream: onEvent(obj) for each `data: {...}` line. `signal` (an AbortController's)
+  // ends the request: the server then stops generating.
+  async stream(path, body, onEvent, signal) {
+    const res = await fetch(path, { method: "POST", headers: fw.headers(), body: JSON.stringify(body), signal });
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
       throw new Error((data.error && data.error.message) || ("HTTP " + res.status));
@@ -60,10 +61,12 @@ const fw = {
       }
     }
   },
-  // el("div", {class: "x", onclick: f}, child, "text", ...): children are nodes or strings (as text nodes).
+  // el("div", {class: "x", onclick: f}, child, "text", ...): children are nodes or strings (as text nodes); an
+  // attribute whose value is null or undefined is left out.
   el(tag, attrs, ...children) {
     const node = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined) continue;  // an attribute left out
       if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
       else if (k === "class") node.className = v;
       else if (k === "value") node.value = v;
