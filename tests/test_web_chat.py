@@ -143,7 +143,10 @@ def test_the_scripted_engine_keeps_each_rows_budget_and_ends_with_the_stop_token
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("France?", "Mars?")]
     script = tokenizer.encode("I don't know.", add_special_tokens=False)
     rows: dict[int, list[int]] = {0: [], 1: []}
-    for step in engine.steps(prompts, SamplingParams(max_new_tokens=50, temperature=0.5), max_new_tokens=[50, 3]):
+    batch = engine.batch()
+    assert batch.add(prompts, SamplingParams(max_new_tokens=50, temperature=0.5), max_new_tokens=[50, 3]) == [0, 1]
+    while batch:
+        step = batch.step()
         for row, token, done in zip(step.rows, step.tokens, step.done, strict=True):
             rows[row].append(token)
             assert done == (len(rows[row]) == (3 if row == 1 else len(tokenizer.encode("Paris.")) + 1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ class ScriptedCall:
 
 
 class ScriptedEngine:
-    """The part of `flywheel.engine.Engine` the serving worker uses (`steps`, `stop_ids_for`, sizes), scripted."""
+    """The part of `flywheel.engine.Engine` the serving worker uses (`batch`, `stop_ids_for`, sizes), scripted."""
 
     model = None  # no network: log-probs cannot be asked of it
 
@@ -52,44 +52,72 @@ class ScriptedEngine:
     def stop_ids_for(self, params: SamplingParams) -> list[int]:
         return list(self.stop_ids if params.stop_token_ids is None else params.stop_token_ids)
 
-    def steps(
+    def batch(self) -> ScriptedBatch:
+        return ScriptedBatch(self)
+
+    def script(self, ids: list[int], params: SamplingParams, budget: int) -> list[int]:
+        """The tokens one row will produce: the answer's, then the end-of-turn token, cut to its budget."""
+        prompt = self.tokenizer.decode(ids)
+        with self._lock:
+            self.calls.append(ScriptedCall(prompt, params.temperature, budget))
+        tokens = self.tokenizer.encode(self.answer(prompt), add_special_tokens=False) + self.stop_ids[:1]
+        return tokens[:budget]
+
+
+class ScriptedBatch:
+    """`flywheel.engine.loop.DecodeBatch`'s interface: rows join (`add`), emit one scripted token per `step`, and
+    leave when their script ends or they are cancelled."""
+
+    joinable = True
+
+    def __init__(self, engine: ScriptedEngine):
+        self.engine = engine
+        self._scripts: dict[int, list[int]] = {}  # live row id -> tokens still to emit
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._scripts)
+
+    @property
+    def rows(self) -> list[int]:
+        return list(self._scripts)
+
+    def add(
         self,
         prompt_ids: list[list[int]],
         params: SamplingParams | None = None,
         *,
+        samples: int = 1,
         max_new_tokens: list[int] | None = None,
-        samples_per_prompt: int = 1,
-    ) -> Iterator[Step]:
+    ) -> list[int]:
         params = params or SamplingParams()
         params.validate()
         budgets = [
             min(params.max_new_tokens, b) for b in (max_new_tokens or [params.max_new_tokens] * len(prompt_ids))
         ]
-        scripts: list[list[int]] = []
+        rows = []
         for ids, budget in zip(prompt_ids, budgets, strict=True):
-            prompt = self.tokenizer.decode(ids)
-            for _ in range(samples_per_prompt):
-                with self._lock:
-                    self.calls.append(ScriptedCall(prompt, params.temperature, budget))
-                text = self.answer(prompt)
-                tokens = self.tokenizer.encode(text, add_special_tokens=False) + self.stop_ids[:1]
-                scripts.append(tokens[:budget])
-        return self._run(scripts)
+            for _ in range(samples):
+                self._scripts[self._next] = self.engine.script(ids, params, budget)
+                rows.append(self._next)
+                self._next += 1
+        return rows
 
-    def _run(self, scripts: list[list[int]]) -> Iterator[Step]:
-        position = 0
-        while True:
-            live = [i for i, tokens in enumerate(scripts) if position < len(tokens)]
-            if not live:
-                return
-            if self.delay:
-                time.sleep(self.delay)
-            with self._lock:
-                self.produced += len(live)
-            yield Step(
-                rows=live,
-                tokens=[scripts[i][position] for i in live],
-                logprobs=[0.0] * len(live),
-                done=[position == len(scripts[i]) - 1 for i in live],
-            )
-            position += 1
+    def step(self) -> Step:
+        if self.engine.delay:
+            time.sleep(self.engine.delay)
+        live = list(self._scripts)
+        with self.engine._lock:
+            self.engine.produced += len(live)
+        step = Step(rows=live, tokens=[], logprobs=[0.0] * len(live), done=[])
+        for row in live:
+            script = self._scripts[row]
+            step.tokens.append(script.pop(0))
+            step.done.append(not script)
+            if not script:
+                del self._scripts[row]
+        return step
+
+    def cancel(self, rows: list[int]) -> None:
+        for row in rows:
+            self._scripts.pop(row, None)
