@@ -21,6 +21,10 @@ from flywheel.errors import UserError, report_user_error
 # command -> (module with `main(argv) -> int`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flywheel.demo", "the whole loop on the toy world, judged by its oracle: runs/demo/report.md"),
+    "compare": (
+        "flywheel.demo.compare",
+        "PPO, GRPO, RLOO, REINFORCE++, DPO, best-of-n, expert iteration on one world, judged by its oracle",
+    ),
     "world": ("flywheel.world.generate", "write the toy world's corpus, demonstrations, prompts and rankings"),
     "pretrain": ("flywheel.train.pretrain", "train a causal LM on a text corpus (with packing)"),
     "sft": ("flywheel.train.sft", "supervised fine-tuning on conversations (loss on assistant turns only)"),

@@ -60,6 +60,13 @@ class DemoRun:
         paths = {"out": str(self.out / "base"), "data": str(self.files["corpus"]), "size": self.cfg.size}
         return self.cfg.stage_config("pretrain", **paths, **wired)
 
+    def ptx_corpus(self) -> Path:
+        """The documents pretraining trained on, for PPO-ptx (the held-out ones stay out for the alignment tax)."""
+        ptx = self.out / "ptx_corpus.txt"
+        if not ptx.exists():
+            atomic_write_text(ptx, "\n\n".join(self.corpus_split()[0]) + "\n")
+        return ptx
+
     def corpus_split(self) -> tuple[list[str], list[str]]:
         """(trained, held out) corpus documents: the split pretraining makes (same function, fraction and seed)."""
         split = self.pretrain_config().eval_split
@@ -186,10 +193,6 @@ def stage_ppo(run: DemoRun, start: Path, sft: Path, rm: RewardModelResult, r: in
     """PPO-ptx from `start` (SFT in round 1, the last PPO policy later) with the KL penalty to `sft`; the value
     model starts from this round's reward model."""
     with Stage(run.timings, "ppo" if r == 1 else f"round {r}: ppo") as st:
-        # ptx trains on the documents pretraining trained on; the held-out ones stay out for the alignment-tax figure.
-        ptx = run.out / "ptx_corpus.txt"
-        if not ptx.exists():
-            atomic_write_text(ptx, "\n\n".join(run.corpus_split()[0]) + "\n")
         pcfg = run.cfg.stage_config(
             "ppo",
             out=str(run.round_dir(r) / "ppo"),
@@ -198,7 +201,7 @@ def stage_ppo(run: DemoRun, start: Path, sft: Path, rm: RewardModelResult, r: in
             ref_model=str(sft),
             reward_model=str(rm.dir),
             prompts=str(run.files["ppo_prompts"]),
-            ptx_data=str(ptx),
+            ptx_data=str(run.ptx_corpus()),
             save_policy_every=run.cfg.gate_every,
         )
         done = train_ppo(pcfg)
