@@ -40,12 +40,13 @@ from flywheel.config import save_config
 from flywheel.data.batching import to_device
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
+from flywheel.models import ModelOptions
 from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads, warn_if_slow_bf16
 
 
 @dataclass
-class TrainConfig:
-    """Fields shared by every trainer (each stage's config inherits them)."""
+class TrainConfig(ModelOptions):
+    """Fields shared by every trainer (each stage's config inherits them), after how models load (`ModelOptions`)."""
 
     out: str = field(default="", metadata={"help": "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and sampling"})
@@ -107,6 +108,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
+        super().validate()
         if not self.out:
             raise UserError("--out is required (the run directory)")
         for name in ("batch_size", "grad_accum"):
@@ -346,10 +348,9 @@ def prepare_run_dir(cfg: Any) -> Path:
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention."""
-    from flywheel.models import fast_cpu_attention
-
-    fast_cpu_attention(model, cfg.bf16, distributed.device())  # where it will train (it is still on the CPU here)
+    """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention
+    (unless --attn-implementation chose one: the model was loaded with it)."""
+    pick_attention(model, cfg, distributed.device())  # where it will train (it is still on the CPU here)
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 
@@ -365,6 +366,16 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def pick_attention(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str | None) -> None:
+    """The attention kernel a model runs with: --attn-implementation's (given at load), else the fastest for bf16 on
+    the CPU (`fast_cpu_attention`: bf16 autocast or bfloat16 weights)."""
+    from flywheel.models import fast_cpu_attention
+
+    if not cfg.attn_implementation:
+        bf16 = cfg.bf16 or next(model.parameters()).dtype == torch.bfloat16
+        fast_cpu_attention(model, bf16, device)
 
 
 @dataclass

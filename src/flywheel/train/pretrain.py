@@ -14,7 +14,13 @@ from typing import Any
 
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, split_heldout
 from flywheel.errors import UserError
-from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
+from flywheel.models import (
+    build_causal_lm,
+    config_for_tokenizer,
+    configure_new_model,
+    count_parameters,
+    load_causal_lm,
+)
 from flywheel.tokenization import load_tokenizer, train_tokenizer
 from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log
@@ -60,16 +66,18 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     else:
         train_docs, eval_docs = split_heldout(docs, cfg.eval_split, cfg.seed)
     if cfg.tokenizer or cfg.model:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        source = cfg.tokenizer or cfg.model
+        tokenizer = load_tokenizer(source, **cfg.hub_kwargs(source))
     else:
         log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_docs))
         tokenizer = train_tokenizer(train_docs, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
     if cfg.model:
-        model = load_causal_lm(cfg.model)
+        model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     else:
         model = build_causal_lm(
             config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len), seed=cfg.seed
         )
+        configure_new_model(model, cfg.dtype, cfg.attn_implementation or None)
     prepare_model(model, cfg)
     sep = tokenizer.eos_token_id
     blocks = pack(_tokenize(tokenizer, train_docs), cfg.seq_len, sep)

@@ -521,12 +521,21 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str = "float32", device: str | torch.device | None = None, **kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
     ) -> RewardModel:
-        model = load_sequence_classifier(str(path), dtype=dtype)
+        """A reward model directory or hub id (at `revision`) with its tokenizer; `kwargs` go to the constructor."""
+        hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+        model = load_sequence_classifier(str(path), dtype=dtype, **hub)
         if device is not None:
             model.to(device)
-        return cls(model, load_tokenizer(str(path)), **kwargs)
+        return cls(model, load_tokenizer(str(path), **hub), **kwargs)
 
     @property
     def offset(self) -> float:
@@ -685,9 +694,9 @@ def train_reward(cfg: RewardConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
     seed_everything(cfg.seed)  # the new head's init: the same on every rank and in every run with this seed
-    model = load_sequence_classifier(cfg.model)
+    model = load_sequence_classifier(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     prepare_model(model, cfg)

@@ -82,8 +82,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     from flywheel.data.io import read_conversations
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
-    model = load_causal_lm(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
+    model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     prepare_model(model, cfg)
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)

@@ -1,0 +1,227 @@
+"""Hugging Face Hub ids: `--model org/name` (with `--revision`, `--trust-remote-code`), `--dtype`,
+`--attn-implementation`, and hub dataset names in `--data`. The machine is offline, so each test lays out a local hub
+cache the way `huggingface_hub` writes one (`models--org--name/snapshots/<commit>/...`, `refs/<branch>`) and loads
+from it with HF_HUB_OFFLINE=1, which is how an offline cluster node uses models and datasets downloaded beforehand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.cli import main
+from flywheel.config import parse_config
+from flywheel.errors import UserError
+from flywheel.models import build_causal_lm, config_for_tokenizer, load_causal_lm, save_pretrained
+from flywheel.tokenization import load_tokenizer
+from flywheel.train.loop import prepare_model
+from flywheel.train.sft import SFTConfig
+
+REV_A = "a" * 40
+REV_B = "b" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty offline hub cache in tmp_path/hub (and HF_HOME beside it)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # huggingface_hub reads the environment once, at import: point its constants here too.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def publish(cache: Path, repo_id: str, src: Path, commit: str, *, refs=("main",), kind: str = "models") -> Path:
+    """Put the files of `src` in the hub cache as `repo_id` at `commit`, and point each branch of `refs` at it."""
+    repo = cache / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(src, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def _first_weight(model) -> torch.Tensor:
+    return model.get_input_embeddings().weight.detach().float()
+
+
+@pytest.fixture
+def two_revisions(hub_cache, tmp_path, tokenizer):
+    """org/tiny on the hub cache: commit A on main, commit B (other weights) on branch v2."""
+    for commit, seed, refs in ((REV_A, 0, ("main",)), (REV_B, 1, ("v2",))):
+        model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=seed)
+        src = save_pretrained(model, tokenizer, tmp_path / f"model-{seed}")
+        publish(hub_cache, "org/tiny", src, commit, refs=refs)
+    return hub_cache
+
+
+def _demos(path: Path, n: int = 8) -> Path:
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    path.write_text("".join(json.dumps({"messages": conv}) + "\n" for _ in range(n)))
+    return path
+
+
+def test_a_hub_id_loads_from_the_cache_and_revision_picks_the_snapshot(two_revisions, tokenizer):
+    main_model = load_causal_lm("org/tiny")
+    by_branch = load_causal_lm("org/tiny", revision="v2")
+    by_commit = load_causal_lm("org/tiny", revision=REV_B)
+    snapshots = two_revisions / "models--org--tiny" / "snapshots"
+    assert torch.equal(_first_weight(main_model), _first_weight(load_causal_lm(str(snapshots / REV_A))))
+    assert torch.equal(_first_weight(by_branch), _first_weight(by_commit))
+    assert not torch.equal(_first_weight(main_model), _first_weight(by_branch))
+    tok = load_tokenizer("org/tiny", revision="v2")
+    assert tok.get_vocab() == tokenizer.get_vocab() and tok.pad_token_id == tokenizer.pad_token_id
+
+
+def test_sft_trains_a_hub_model_at_the_given_revision(two_revisions, tmp_path):
+    data = _demos(tmp_path / "demos.jsonl")
+    out = tmp_path / "run"
+    argv = ["sft", "--model", "org/tiny", "--revision", "v2", "--data", str(data), "--out", str(out)]
+    argv += ["--max-steps", "1", "--lr", "1e-9", "--batch-size", "2", "--eval-split", "0", "--progress", "false"]
+    assert main(argv) == 0
+    trained = _first_weight(load_causal_lm(str(out / "final")))
+    v2, main_branch = (
+        _first_weight(load_causal_lm("org/tiny", revision="v2")),
+        _first_weight(load_causal_lm("org/tiny")),
+    )
+    # One step at lr 1e-9 moves a weight by ~1e-9: the run started from v2, not from main.
+    torch.testing.assert_close(trained, v2, rtol=0, atol=1e-6)
+    assert (trained - main_branch).abs().max() > 1e-3
+    saved = (out / "config.yaml").read_text()
+    assert "revision: v2" in saved and "trust_remote_code: false" in saved
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "named"),
+    [
+        ("org/missing", [], "org/missing"),
+        ("org/tiny", ["--revision", "nope"], "org/tiny (revision nope)"),
+    ],
+)
+def test_a_missing_hub_model_or_revision_is_one_line_naming_it(two_revisions, tmp_path, capsys, model, extra, named):
+    data = _demos(tmp_path / "demos.jsonl")
+    argv = [
+        "sft",
+        "--model",
+        model,
+        *extra,
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--progress",
+        "false",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # the failed run left no directory behind
+
+
+REMOTE_CONFIG = """
+from transformers import LlamaConfig
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "remote_llama"
+"""
+REMOTE_MODEL = """
+from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteLlamaConfig
+
+
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+def test_trust_remote_code_runs_the_repository_s_code_and_is_required_for_it(
+    hub_cache, model_dir, tmp_path, monkeypatch
+):
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where transformers copies the code
+    src = tmp_path / "remote"
+    shutil.copytree(model_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "remote_llama"
+    config["architectures"] = ["RemoteLlamaForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_remote.RemoteLlamaConfig",
+        "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM",
+    }
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "configuration_remote.py").write_text(REMOTE_CONFIG)
+    (src / "modeling_remote.py").write_text(REMOTE_MODEL)
+    publish(hub_cache, "org/remote", src, REV_A)
+    with pytest.raises(UserError, match=r"org/remote.*--trust-remote-code") as err:
+        load_causal_lm("org/remote")
+    assert "\n" not in str(err.value)
+    model = load_causal_lm("org/remote", trust_remote_code=True)
+    assert type(model).__name__ == "RemoteLlamaForCausalLM"
+    assert torch.equal(_first_weight(model), _first_weight(load_causal_lm(str(model_dir))))
+
+
+def test_dtype_and_attention_kernel_of_loaded_models(model_dir):
+    model = load_causal_lm(str(model_dir), dtype="bfloat16", attn_implementation="eager")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config._attn_implementation == "eager"
+    model = load_causal_lm(str(model_dir), dtype="auto", attn_implementation="sdpa")  # the checkpoint's: float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(UserError, match="cannot load a causal LM"):
+        load_causal_lm(str(model_dir), attn_implementation="no_such_kernel")
+
+
+def _sft_cfg(model_dir, *flags: str) -> SFTConfig:
+    return parse_config(SFTConfig, ["--model", str(model_dir), "--data", "d.jsonl", "--out", "o", *flags], "sft")
+
+
+def test_an_explicit_attention_kernel_wins_over_the_cpu_bf16_default(model_dir):
+    cfg = _sft_cfg(model_dir, "--bf16", "--attn-implementation", "sdpa")
+    model = prepare_model(load_causal_lm(str(model_dir), **cfg.load_kwargs(cfg.model)), cfg)
+    assert model.config._attn_implementation == "sdpa"
+    cfg = _sft_cfg(model_dir, "--bf16")  # no choice: eager, the faster one for bf16 on the CPU
+    model = prepare_model(load_causal_lm(str(model_dir), **cfg.load_kwargs(cfg.model)), cfg)
+    assert model.config._attn_implementation == "eager"
+    cfg = _sft_cfg(model_dir, "--dtype", "bfloat16")  # bfloat16 weights count as bf16 too
+    model = prepare_model(load_causal_lm(str(model_dir), **cfg.load_kwargs(cfg.model)), cfg)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(UserError, match="--dtype must be one of float32, bfloat16, float16, auto"):
+        _sft_cfg(model_dir, "--dtype", "float64")
+    assert _sft_cfg(model_dir, "--torch_dtype", "bfloat16").dtype == "bfloat16"  # TRL's name
+
+
+def test_sft_trains_and_saves_in_the_chosen_dtype(tmp_path, model_dir):
+    data = _demos(tmp_path / "demos.jsonl")
+    out = tmp_path / "run"
+    argv = ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--dtype", "bfloat16"]
+    argv += ["--attn-implementation", "eager", "--max-steps", "2", "--batch-size", "2", "--eval-split", "0"]
+    assert main([*argv, "--progress", "false"]) == 0
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    trained = load_causal_lm(str(out / "final"), dtype="auto")
+    assert {p.dtype for p in trained.parameters()} == {torch.bfloat16}
+    assert not torch.equal(_first_weight(trained), _first_weight(load_causal_lm(str(model_dir))).bfloat16().float())
+
+
+def test_pretrain_builds_a_new_model_in_the_chosen_dtype_and_kernel(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i}: the cat sat on the mat {i % 7} times." for i in range(40)))
+    out = tmp_path / "base"
+    argv = ["pretrain", "--data", str(corpus), "--out", str(out), "--size", "nano", "--vocab-size", "300"]
+    argv += ["--seq-len", "32", "--max-steps", "1", "--dtype", "bfloat16", "--attn-implementation", "eager"]
+    assert main([*argv, "--progress", "false"]) == 0
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
