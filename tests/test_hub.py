@@ -225,3 +225,96 @@ def test_pretrain_builds_a_new_model_in_the_chosen_dtype_and_kernel(tmp_path):
     assert main([*argv, "--progress", "false"]) == 0
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+
+
+DATASET_CARD = """---
+configs:
+- config_name: short
+  default: true
+  data_files:
+  - split: train
+    path: short/train.jsonl
+  - split: test
+    path: short/test.jsonl
+- config_name: long
+  data_files:
+  - split: train
+    path: long/train.jsonl
+---
+# org/demos
+"""
+
+
+def _conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture
+def hub_dataset(hub_cache, tmp_path, monkeypatch):
+    """org/demos in the hub cache, as `hf download --repo-type dataset org/demos` leaves it: two configs (short, the
+    default, with train and test splits; long, with train), JSON Lines files and a dataset card saying so."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")  # where it is prepared
+    src = tmp_path / "demos-repo"
+    for config, split, n in (("short", "train", 6), ("short", "test", 2), ("long", "train", 4)):
+        rows = [_conversation(f"{config} {split} question {i}?", f"{config} answer {i}.") for i in range(n)]
+        (src / config).mkdir(parents=True, exist_ok=True)
+        (src / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src / "README.md").write_text(DATASET_CARD)
+    publish(hub_cache, "org/demos", src, REV_A, kind="datasets")
+    return hub_cache
+
+
+def test_a_hub_dataset_name_reads_the_chosen_config_and_split(hub_dataset):
+    from flywheel.data.io import read_conversations
+
+    train = read_conversations("org/demos")
+    assert [c.messages[0].content for c in train] == [f"short train question {i}?" for i in range(6)]
+    test = read_conversations("org/demos", split="test")
+    assert [c.messages[-1].content for c in test] == ["short answer 0.", "short answer 1."]
+    long = read_conversations("org/demos", config="long", split="train[:3]")
+    assert [c.messages[0].content for c in long] == [f"long train question {i}?" for i in range(3)]
+
+
+def test_hub_dataset_errors_are_one_line_naming_the_dataset(hub_dataset):
+    from flywheel.data.io import read_conversations, read_preferences
+
+    with pytest.raises(UserError, match=r"org/missing: no such file or directory, and no Hugging Face Hub") as err:
+        read_conversations("org/missing")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"org/demos\[validation\].*Unknown split") as err:
+        read_conversations("org/demos", split="validation")
+    with pytest.raises(UserError, match=r"org/demos\[nope:train\]") as err:
+        read_conversations("org/demos", config="nope")
+    assert "\n" not in str(err.value)
+    # A record that is not of the expected kind is named by its row, as a file's line would be.
+    with pytest.raises(UserError, match=r"^org/demos\[train\]:1: no known preference format"):
+        read_preferences("org/demos")
+    # Names that end like a data file are local files, never looked up on the Hub.
+    with pytest.raises(UserError, match="no such file or directory") as err:
+        read_conversations("demos.jsonl")
+    assert "Hub" not in str(err.value)
+
+
+def test_a_local_path_that_exists_wins_over_a_hub_dataset_of_the_same_name(hub_dataset, tmp_path, monkeypatch):
+    from flywheel.data.io import is_hub_dataset_name, read_conversations
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_dataset_name("org/demos")
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "demos").write_text(json.dumps(_conversation("local?", "local.")) + "\n")
+    assert not is_hub_dataset_name("org/demos")
+    assert [c.messages[0].content for c in read_conversations("org/demos")] == ["local?"]
+    assert not any(is_hub_dataset_name(p) for p in ("a/b/c", "./x", "/x", "x.jsonl", "data.parquet", "x y"))
+
+
+def test_sft_trains_on_a_hub_dataset_with_its_eval_split(hub_dataset, model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["sft", "--model", str(model_dir), "--data", "org/demos", "--eval-data", "org/demos", "--out", str(out)]
+    argv += ["--dataset_config", "short", "--dataset_test_split", "test", "--max-steps", "2", "--batch-size", "2"]
+    assert main([*argv, "--progress", "false"]) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "dataset_config: short" in saved and "eval_dataset_split: test" in saved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in rows)

@@ -45,6 +45,9 @@ TRL_ALIASES: dict[str, str] = {
     "response_length": "max_new_tokens",
     "chat_template_path": "chat_template",
     "torch_dtype": "dtype",
+    "model_revision": "revision",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_dataset_split",
 }
 
 

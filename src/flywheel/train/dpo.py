@@ -308,7 +308,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
-    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()))
     splits = {
         "train": encode_rankings(
             tokenizer,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from flywheel import distributed
 from flywheel.config import save_config
 from flywheel.data.batching import to_device
+from flywheel.data.io import DatasetOptions
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
 from flywheel.models import ModelOptions
@@ -45,8 +46,9 @@ from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, 
 
 
 @dataclass
-class TrainConfig(ModelOptions):
-    """Fields shared by every trainer (each stage's config inherits them), after how models load (`ModelOptions`)."""
+class TrainConfig(ModelOptions, DatasetOptions):
+    """Fields shared by every trainer (each stage's config inherits them), after how data and models load
+    (`DatasetOptions`, `ModelOptions`)."""
 
     out: str = field(default="", metadata={"help": "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and sampling"})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, split_heldout
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
     build_causal_lm,
@@ -31,6 +32,7 @@ class PretrainConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "text corpus (.txt: documents split by blank lines; or JSONL)"})
     eval_data: str = field(default="", metadata={"help": "held-out corpus (default: --eval-split of --data)"})
     eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
+    eval_dataset_split: str = field(default="test", metadata={"help": EVAL_DATASET_SPLIT_HELP})
     model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (empty = the model's, or train one)"})
     size: str = field(
@@ -60,9 +62,10 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     from flywheel.data.io import read_texts
 
     run_dir = prepare_run_dir(cfg)
-    docs = read_texts(cfg.data, skip_bad=cfg.skip_bad)
+    docs = read_texts(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
     if cfg.eval_data:
-        train_docs, eval_docs = docs, read_texts(cfg.eval_data, skip_bad=cfg.skip_bad)
+        eval_docs = read_texts(cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split))
+        train_docs = docs
     else:
         train_docs, eval_docs = split_heldout(docs, cfg.eval_split, cfg.seed)
     if cfg.tokenizer or cfg.model:

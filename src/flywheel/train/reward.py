@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from flywheel.data.batching import split_heldout, to_device
 from flywheel.data.formats import Ranking
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
@@ -75,6 +76,7 @@ class PreferenceConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
     eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
     eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
+    eval_dataset_split: str = field(default="test", metadata={"help": EVAL_DATASET_SPLIT_HELP})
     batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
     max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
     overlong: str = field(
@@ -680,7 +682,9 @@ def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], li
     from flywheel.data.io import read_preferences
 
     if cfg.eval_data:
-        return rankings, read_preferences(cfg.eval_data, skip_bad=cfg.skip_bad)
+        return rankings, read_preferences(
+            cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split)
+        )
     return split_heldout(rankings, cfg.eval_split, cfg.seed)
 
 
@@ -700,7 +704,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     prepare_model(model, cfg)
-    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()))
     fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
     rejected: list[Ranking] = []
     groups = encode_rankings(tokenizer, rankings, source=cfg.data, skipped=rejected, **fit)

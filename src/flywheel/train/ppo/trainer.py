@@ -72,7 +72,7 @@ def load_prompt_ids(cfg: PPOConfig, tokenizer: Any, context: int | None = None) 
     model's `context`, are dropped and counted in one warning."""
     from flywheel.data.io import read_prompts
 
-    prompts = read_prompts(cfg.prompts, skip_bad=False)
+    prompts = read_prompts(cfg.prompts, skip_bad=False, **cfg.hub_split())
     ids = [render_prompt(tokenizer, [m.as_dict() for m in p]) for p in prompts]
     limit = cfg.max_prompt_length if context is None else min(cfg.max_prompt_length, context - cfg.max_new_tokens)
     kept = [x for x in ids if len(x) <= limit]
@@ -193,7 +193,10 @@ class PPOTrainer:
             from flywheel.data.io import read_prompts
 
             fns = build_reward_functions(
-                cfg.reward_fn, cfg.reward_weights, self.tokenizer, read_prompts(cfg.prompts, skip_bad=False)
+                cfg.reward_fn,
+                cfg.reward_weights,
+                self.tokenizer,
+                read_prompts(cfg.prompts, skip_bad=False, **cfg.hub_split()),
             )
         if cfg.reward_model:
             rm = self._frozen(load_sequence_classifier(cfg.reward_model, **cfg.load_kwargs(cfg.reward_model)))
