@@ -99,6 +99,8 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if scalar is str:
             return str(value)
         if scalar is list or typing.get_origin(scalar) is list:
+            if isinstance(value, str):  # YAML `report_to: wandb`: a one-item list
+                value = [value]
             if not isinstance(value, list):
                 raise TypeError
             return list(value)

@@ -42,6 +42,7 @@ from flywheel.data.io import DatasetOptions
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
 from flywheel.models import ModelOptions
+from flywheel.train.reporting import REPORT_TO_HELP, Reporter, check_installed, open_reporters
 from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads, warn_if_slow_bf16
 
 
@@ -101,6 +102,7 @@ class TrainConfig(ModelOptions, DatasetOptions):
         default="all-linear",
         metadata={"help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"},
     )
+    report_to: list[str] = field(default_factory=list, metadata={"help": REPORT_TO_HELP})
     save_adapter: bool = field(
         default=False,
         metadata={
@@ -132,6 +134,7 @@ class TrainConfig(ModelOptions, DatasetOptions):
             raise UserError("--save-adapter needs --lora-r > 0 (there is no adapter to save)")
         if self.save_adapter and self.strategy == "fsdp":
             raise UserError("--save-adapter is not supported with --strategy fsdp (use ddp)")
+        check_installed(self.report_to)
 
 
 def autocast(enabled: bool) -> Any:
@@ -220,11 +223,12 @@ class DataOrder:
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to metrics.jsonl; mirrors scalars to TensorBoard when it is installed."""
+    """Appends one JSON object per line to metrics.jsonl; mirrors the scalars to the reporters of `cfg.report_to`
+    (`flywheel.train.reporting`: TensorBoard, W&B)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, cfg: TrainConfig | None = None):
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.reporters: list[Reporter] = []
         self.enabled = distributed.is_main()  # rank 0 writes; the other ranks' logger does nothing
         if not self.enabled:
             return
@@ -234,12 +238,8 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass
+        report_to = cfg.report_to if cfg is not None else []
+        self.reporters = open_reporters(run_dir, report_to, cfg, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -247,14 +247,14 @@ class MetricsLogger:
         row = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for reporter in self.reporters:
+            reporter.log(step, scalars)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
 
 def rng_state() -> dict[str, Any]:
@@ -433,7 +433,7 @@ def train_loop(
     if ckpts:
         start = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))["step"]
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, steps)
-    logger = MetricsLogger(run_dir, start if ckpts else None)
+    logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * n_proc
     order = DataOrder(len(samples), cfg.seed, lengths if cfg.group_by_length else None, group=per_step)

@@ -415,7 +415,7 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
         trainer.load_extra_state(state)
         trainer.engine.update_weights(trainer.actor.module)
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
-    logger = MetricsLogger(run_dir, start if ckpts else None)
+    logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     samples_path = run_dir / "samples.jsonl"
     if start == 0 and distributed.is_main():
         samples_path.unlink(missing_ok=True)
