@@ -1,9 +1,9 @@
 """The training loop every trainer shares.
 
 AdamW, linear warmup + cosine decay, gradient accumulation, grad clipping, optional bf16 autocast, a progress bar with
-loss and tokens/s, `metrics.jsonl` (+ TensorBoard when installed), and atomic checkpoints that resume bit-identically:
-a checkpoint holds the model, optimizer, scheduler, every RNG state and the step; the data order is a pure function of
-(seed, step), so the data position is the step itself.
+loss and tokens/s, `metrics.jsonl` (+ `--report-to` TensorBoard / W&B), and atomic checkpoints that resume
+bit-identically: a checkpoint holds the model, optimizer, scheduler, every RNG state and the step; the data order is
+a pure function of (seed, step), so the data position is the step itself.
 
 Under torchrun (`flywheel <stage> --nproc N`, see `flywheel.distributed`) each of the N ranks takes its contiguous
 share of the step's `batch_size * grad_accum * N` samples, the model is wrapped in DDP or FSDP2, the loss is normalised
