@@ -318,3 +318,57 @@ def test_sft_trains_on_a_hub_dataset_with_its_eval_split(hub_dataset, model_dir,
     assert "dataset_config: short" in saved and "eval_dataset_split: test" in saved
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in rows)
+
+
+def test_every_command_that_loads_a_model_by_name_has_the_hub_fields():
+    import dataclasses
+
+    from flywheel.chat import ChatConfig
+    from flywheel.eval.reward import RMEvalConfig
+    from flywheel.sample import SampleConfig
+    from flywheel.score import ScoreConfig
+    from flywheel.train.dpo import DPOConfig
+    from flywheel.train.ppo.config import PPOConfig
+    from flywheel.train.ppo.rl import RLConfig
+    from flywheel.train.pretrain import PretrainConfig
+    from flywheel.train.reward import RewardConfig
+
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    hub, data = {"revision", "trust_remote_code"}, {"dataset_config", "dataset_split"}
+    trainer = hub | data | {"dtype", "attn_implementation", "report_to"}
+    for cls in (PretrainConfig, SFTConfig, RewardConfig, DPOConfig, PPOConfig, RLConfig):
+        assert trainer <= names(cls), cls.__name__
+    for cls in (SampleConfig, ScoreConfig, RMEvalConfig):
+        assert hub | data <= names(cls), cls.__name__
+    assert hub <= names(ChatConfig)
+    for cls in (PretrainConfig, SFTConfig, RewardConfig, DPOConfig):
+        assert "eval_dataset_split" in names(cls), cls.__name__
+
+
+def test_reward_models_load_from_a_hub_id_at_a_revision(two_revisions, tokenizer):
+    from flywheel.models import load_sequence_classifier
+    from flywheel.train.reward import RewardModel
+
+    v2 = load_sequence_classifier("org/tiny", revision="v2")
+    assert torch.equal(_first_weight(v2), _first_weight(load_causal_lm("org/tiny", revision=REV_B)))
+    rm = RewardModel.from_pretrained("org/tiny", revision="v2")
+    assert torch.equal(_first_weight(rm.model), _first_weight(v2))
+    assert rm.tokenizer.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(UserError, match=r"cannot load a sequence classifier from org/tiny \(revision v3\)"):
+        load_sequence_classifier("org/tiny", revision="v3")
+
+
+def test_revision_is_the_model_s_only(two_revisions):
+    from flywheel.train.ppo.config import PPOConfig
+
+    argv = ["--model", "org/tiny", "--revision", "v2", "--reward-model", "org/rm", "--prompts", "p.jsonl"]
+    cfg = parse_config(PPOConfig, [*argv, "--out", "o", "--trust-remote-code", "--dtype", "bfloat16"], "ppo")
+    assert cfg.load_kwargs("org/tiny") == {
+        "revision": "v2",
+        "trust_remote_code": True,
+        "dtype": "bfloat16",
+        "attn_implementation": None,
+    }
+    assert cfg.hub_kwargs("org/rm") == {"revision": None, "trust_remote_code": True}

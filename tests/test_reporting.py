@@ -4,6 +4,7 @@ writes the run into WANDB_DIR, whose history this test reads back)."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import sys
 import types
@@ -68,11 +69,16 @@ def test_report_to_as_flag_list_trl_name_and_yaml_string(tmp_path):
 
 
 def _wandb_history(wandb_dir: Path) -> tuple[dict, list[dict]]:
-    """(config, history rows) of the one offline run in `wandb_dir`, read from its `.wandb` file: a LevelDB-style log
-    of protobuf records (a 7-byte file header, 32 KiB blocks, chunks of crc32 | length | kind | data)."""
+    """(config, history rows) of the one offline run in `wandb_dir`."""
+    (path,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return _read_wandb_file(path)
+
+
+def _read_wandb_file(path: Path) -> tuple[dict, list[dict]]:
+    """(config, history rows) of an offline run's `.wandb` file: a LevelDB-style log of protobuf records (a 7-byte
+    file header, 32 KiB blocks, chunks of crc32 | length | kind | data)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
     data, pos, buf, block = path.read_bytes(), 7, b"", 32768
     config: dict = {}
     history: list[dict] = []
@@ -115,6 +121,24 @@ def test_wandb_offline_run_gets_the_same_metrics(tmp_path, model_dir, monkeypatc
     for step, metrics in expected.items():
         assert logged[step] == pytest.approx(metrics, rel=1e-6), step
     assert (out / reporting.WANDB_ID_FILE).read_text().strip() in str(next((tmp_path / "wb").glob("wandb/offline-*")))
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, model_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    code, out = _sft(tmp_path, model_dir, "--report-to", "wandb", "--max-steps", "4", "--save-every", "2")
+    assert code == 0
+    shutil.rmtree(out / "final")  # as if the run had stopped after its step-2 checkpoint
+    code, _ = _sft(tmp_path, model_dir, "--report-to", "wandb", "--max-steps", "4", "--save-every", "2", "--resume")
+    assert code == 0
+    run_id = (out / reporting.WANDB_ID_FILE).read_text().strip()
+    first, second = sorted((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert first.name == second.name == f"run-{run_id}.wandb"  # one W&B run, written in two sessions
+    steps = [{row["_step"] for row in _read_wandb_file(path)[1]} for path in (first, second)]
+    assert steps == [{1, 2, 3, 4}, {3, 4}]
 
 
 def test_a_reporter_that_is_not_installed_is_a_one_line_error(tmp_path, model_dir, monkeypatch, capsys):
