@@ -372,3 +372,23 @@ def test_revision_is_the_model_s_only(two_revisions):
         "attn_implementation": None,
     }
     assert cfg.hub_kwargs("org/rm") == {"revision": None, "trust_remote_code": True}
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "ppo", "rl"])
+def test_every_trainer_runs_from_a_hub_id_at_a_revision_in_bfloat16(two_revisions, tmp_path, prompts_file, stage):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{i}+{i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."} for i in range(8)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / stage
+    argv = [stage, "--model", "org/tiny", "--revision", "v2", "--dtype", "bfloat16", "--out", str(out)]
+    argv += ["--max-steps", "1", "--batch-size", "2", "--progress", "false", "--report-to", "none"]
+    if stage in ("rm", "dpo"):
+        argv += ["--data", str(pairs), "--eval-split", "0.25"]
+    else:
+        argv += ["--reward-model", "org/tiny", "--prompts", str(prompts_file), "--rollout-batch-size", "2"]
+        argv += ["--ppo-epochs", "1", "--max-new-tokens", "4"]
+        argv += ["--num-generations", "2"] if stage == "rl" else []
+    assert main(argv) == 0
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    assert "revision: v2" in (out / "config.yaml").read_text()

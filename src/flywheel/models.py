@@ -135,8 +135,8 @@ class ModelOptions(HubOptions):
     dtype: str = field(
         default="float32",
         metadata={
-            "help": "dtype of the loaded weights, which are also the trained weights: float32, bfloat16, float16, or "
-            "auto (the checkpoint's own); --bf16 is autocast on top of float32 weights"
+            "help": "dtype every model of the run is loaded, trained and saved in: float32, bfloat16, float16, or "
+            "auto (the checkpoint's own); --bf16 (autocast) is a separate setting on top (docs/trl.md)"
         },
     )
     attn_implementation: str = field(
