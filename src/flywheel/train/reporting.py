@@ -102,8 +102,8 @@ class WandbReporter:
         }
         if run_id:
             kwargs.update(id=run_id, resume="allow")
-        if not os.environ.get("WANDB_DIR"):
-            kwargs["dir"] = str(run_dir)
+        # Read here rather than left to wandb, which keeps the first value it saw for the whole process.
+        kwargs["dir"] = os.environ.get("WANDB_DIR") or str(run_dir)
         try:
             self.run = wandb.init(**kwargs)
         except wandb.errors.Error as err:
