@@ -392,3 +392,13 @@ def test_every_trainer_runs_from_a_hub_id_at_a_revision_in_bfloat16(two_revision
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
     assert "revision: v2" in (out / "config.yaml").read_text()
+
+
+def test_a_hub_dataset_without_the_datasets_package_says_how_to_install(hub_dataset, monkeypatch):
+    import sys
+
+    from flywheel.data.io import read_conversations
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(UserError, match=r"'org/demos' is no local file or directory.*pip install datasets"):
+        read_conversations("org/demos")
