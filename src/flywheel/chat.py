@@ -20,6 +20,7 @@ from typing import TextIO
 from flywheel.config import parse_config
 from flywheel.engine import ChatSession, Engine, SamplingParams
 from flywheel.errors import UserError
+from flywheel.models import HubOptions
 
 USER_PROMPT = "user> "
 MORE_PROMPT = "...> "
@@ -36,7 +37,7 @@ input: end a line with \\ to continue it, or wrap several lines in \"\"\" ... \"
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(HubOptions):
     model: str = field(default="", metadata={"help": "HF model directory with a tokenizer (or the first argument)"})
     prompt: str | None = field(default=None, metadata={"help": "answer this one message and exit"})
     system: str | None = field(default=None, metadata={"help": "system prompt"})
@@ -86,8 +87,8 @@ def open_session(cfg: ChatConfig) -> ChatSession:
     from flywheel.models import load_causal_lm
     from flywheel.tokenization import load_tokenizer
 
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype).eval()
-    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, **cfg.hub_kwargs(cfg.model)).eval()
+    tokenizer = load_tokenizer(cfg.model, **cfg.hub_kwargs(cfg.model))
     engine = Engine(model, tokenizer, backend=cfg.backend)  # type: ignore[arg-type]
     few_shot = load_few_shot(cfg.few_shot) if cfg.few_shot else []
     return ChatSession(engine, tokenizer, system=cfg.system, few_shot=few_shot, params=cfg.sampling(), seed=cfg.seed)

@@ -45,6 +45,9 @@ TRL_ALIASES: dict[str, str] = {
     "response_length": "max_new_tokens",
     "chat_template_path": "chat_template",
     "torch_dtype": "dtype",
+    "model_revision": "revision",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_dataset_split",
 }
 
 
@@ -96,6 +99,8 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if scalar is str:
             return str(value)
         if scalar is list or typing.get_origin(scalar) is list:
+            if isinstance(value, str):  # YAML `report_to: wandb`: a one-item list
+                value = [value]
             if not isinstance(value, list):
                 raise TypeError
             return list(value)

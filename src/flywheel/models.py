@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def build_causal_lm(config: Any, seed: int | None = None) -> Any:
     return model
 
 
+def configure_new_model(model: Any, dtype: str, attn_implementation: str | None) -> None:
+    """--dtype and --attn-implementation for a model built from a config (`auto` keeps float32, its dtype)."""
+    if dtype != "auto":
+        model.to(_dtype(dtype))
+    if attn_implementation:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ValueError, ImportError) as err:
+            raise UserError(f"--attn-implementation {attn_implementation}: {hub_error(err)}") from None
+
+
 def check_model_dir(path: str | Path) -> Path:
     """`path` as a Path, or a UserError saying why it is not a local HF model directory."""
     p = Path(path)
@@ -88,8 +100,64 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class HubOptions:
+    """How `--model` (a local directory or a Hugging Face Hub id) is fetched: the config fields of every command that
+    loads a model by name."""
+
+    revision: str = field(
+        default="",
+        metadata={
+            "help": "hub revision of --model: a branch, tag or commit hash (empty = main); local directories ignore it"
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "run the Python code a hub model ships for its architecture (only for repositories you trust)"
+        },
+    )
+
+    def hub_kwargs(self, path: str) -> dict[str, Any]:
+        """The keyword arguments of the `load_*` functions for `path`: --revision is --model's, so another model of
+        the same run (a reward model, a --ref-model) loads at its default revision."""
+        revision = self.revision if path == getattr(self, "model", None) and self.revision else None
+        return {"revision": revision, "trust_remote_code": self.trust_remote_code}
+
+
+@dataclass
+class ModelOptions(HubOptions):
+    """How a trainer loads its models: where from (`HubOptions`), in which dtype, with which attention kernel."""
+
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype every model of the run is loaded, trained and saved in: float32, bfloat16, float16, or "
+            "auto (the checkpoint's own); --bf16 (autocast) is a separate setting on top (docs/trl.md)"
+        },
+    )
+    attn_implementation: str = field(
+        default="",
+        metadata={
+            "help": "attention kernel: eager, sdpa, flash_attention_2, flex_attention, ... (empty = transformers' "
+            "default, and eager for --bf16 on CPU, where it is faster)"
+        },
+    )
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+
+    def load_kwargs(self, path: str) -> dict[str, Any]:
+        """`hub_kwargs` plus the dtype and attention kernel: every model of a training run loads alike."""
+        return {**self.hub_kwargs(path), "dtype": self.dtype, "attn_implementation": self.attn_implementation or None}
+
+
+def _dtype(name: str | torch.dtype | None) -> str | torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
         return name
     table = {
         "float32": torch.float32,
@@ -100,43 +168,91 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         "fp16": torch.float16,
     }
     if name not in table:
-        raise UserError(f"unknown dtype '{name}' (choose from {', '.join(table)})")
+        raise UserError(f"unknown dtype '{name}' (choose from {', '.join(table)}, auto)")
     return table[name]
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether `path` names a model on the Hugging Face Hub (`name` or `org/name`) rather than a local directory: a
+    path that exists is local, and so is anything shaped like a path (`./x`, `/x`, `~/x`, `a/b/c`, `x/`)."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
+    return not (Path(path).exists() or looks_local)
 
 
 def resolve_model_path(path: str) -> str:
     """Local directories are checked up front; a name shaped like a hub id (`name` or `org/name`) is passed on to
     transformers (it loads when online or cached)."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
-    if Path(path).exists() or looks_local:
-        return str(check_model_dir(Path(path).expanduser()))
-    return path
+    if is_hub_id(path):
+        return path
+    return str(check_model_dir(Path(path).expanduser()))
 
 
-def load_causal_lm(path: str, dtype: str | torch.dtype | None = "float32") -> Any:
+def describe_source(path: str, revision: str | None = None) -> str:
+    """`path`, and the revision when one is asked for: how an error names the model."""
+    return f"{path} (revision {revision})" if revision and is_hub_id(path) else path
+
+
+def hub_error(err: Exception) -> str:
+    """The first line of a loading error, and what to do when it is transformers' refusal to run a hub model's code."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):
+        return f"{first} (the model ships its own code: pass --trust-remote-code to run it)"
+    return first
+
+
+def _pretrained_kwargs(
+    dtype: str | torch.dtype | None, revision: str | None, trust_remote_code: bool, attn_implementation: str | None
+) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    return kw
+
+
+def load_causal_lm(
+    path: str,
+    dtype: str | torch.dtype | None = "float32",
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> Any:
+    """A `*ForCausalLM` from a local HF directory or a hub id (at `revision`; from the hub cache when offline)."""
     from transformers import AutoModelForCausalLM
 
+    kw = _pretrained_kwargs(dtype, revision, trust_remote_code, attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=_dtype(dtype))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot load a causal LM from {describe_source(path, revision)}: {hub_error(err)}") from None
     return model
 
 
-def load_sequence_classifier(path: str, dtype: str | torch.dtype | None = "float32") -> Any:
+def load_sequence_classifier(
+    path: str,
+    dtype: str | torch.dtype | None = "float32",
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> Any:
     """A scalar-head model (reward or value). From a causal-LM directory the head is new (InstructGPT init)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     src = resolve_model_path(path)
+    kw = _pretrained_kwargs(dtype, revision, trust_remote_code, attn_implementation)
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
         is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         config.num_labels = 1
         # From a causal LM the head is missing by design; transformers' load report would call that a problem.
         with _quiet_transformers(not is_classifier):
-            model = AutoModelForSequenceClassification.from_pretrained(src, config=config, dtype=_dtype(dtype))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a sequence classifier from {path}: {str(err).splitlines()[0]}") from None
+            model = AutoModelForSequenceClassification.from_pretrained(src, config=config, **kw)
+    except (OSError, ValueError, ImportError) as err:
+        source = describe_source(path, revision)
+        raise UserError(f"cannot load a sequence classifier from {source}: {hub_error(err)}") from None
     if not is_classifier:
         init_reward_head(model)
     return model

@@ -25,12 +25,14 @@ from typing import Any
 import torch
 
 from flywheel.config import parse_config
+from flywheel.data.io import DatasetOptions
 from flywheel.errors import UserError
+from flywheel.models import HubOptions
 from flywheel.utils import atomic_write_text, log
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(HubOptions, DatasetOptions):
     model: str = field(default="", metadata={"help": "policy (a causal LM dir)"})
     prompts: str = field(default="", metadata={"help": "prompts: .txt (one per line) or JSONL {prompt}/{messages}"})
     out: str = field(default="", metadata={"help": "output JSONL, one line per prompt"})
@@ -77,12 +79,16 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
     from flywheel.tokenization import load_tokenizer, render_prompt
     from flywheel.train.reward import RewardModel
 
-    tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model).eval()
+    tokenizer = load_tokenizer(cfg.model, **cfg.hub_kwargs(cfg.model))
+    policy = load_causal_lm(cfg.model, **cfg.hub_kwargs(cfg.model)).eval()
     engine = Engine(policy, tokenizer, dtype="bfloat16" if cfg.bf16 else None)
-    rm = RewardModel.from_pretrained(cfg.reward_model, bf16=cfg.bf16) if cfg.reward_model else None
+    rm = (
+        RewardModel.from_pretrained(cfg.reward_model, bf16=cfg.bf16, **cfg.hub_kwargs(cfg.reward_model))
+        if cfg.reward_model
+        else None
+    )
     by_ids = rm is not None and same_tokenization(tokenizer, rm.tokenizer)
-    prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.prompts, skip_bad=cfg.skip_bad)]
+    prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.prompts, skip_bad=cfg.skip_bad, **cfg.hub_split())]
     n = cfg.best_of
     rows: list[dict[str, Any]] = []
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):

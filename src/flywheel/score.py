@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import parse_config
+from flywheel.data.io import DatasetOptions
 from flywheel.errors import UserError
+from flywheel.models import HubOptions
 from flywheel.utils import atomic_write_text
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(HubOptions, DatasetOptions):
     model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
     data: str = field(default="", metadata={"help": "conversations: JSONL {messages} / {prompt, completion}"})
     out: str = field(default="", metadata={"help": "output JSONL, one line per conversation (default: stdout)"})
@@ -49,8 +51,10 @@ def score_conversations(cfg: ScoreConfig) -> list[dict[str, Any]]:
     from flywheel.data.io import read_conversations
     from flywheel.train.reward import RewardModel, scorable_conversations
 
-    convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
-    rm = RewardModel.from_pretrained(cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16, max_length=cfg.max_length)
+    convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
+    rm = RewardModel.from_pretrained(
+        cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16, max_length=cfg.max_length, **cfg.hub_kwargs(cfg.model)
+    )
     convs = scorable_conversations(rm.tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.data)
     messages = [c.as_dicts() for c in convs]
     scores = rm.score([m[:-1] for m in messages], [m[-1]["content"] for m in messages], normalize=cfg.normalize)

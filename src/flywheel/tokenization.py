@@ -293,25 +293,29 @@ CHAT_TEMPLATE_HELP = (
 SHIPPED_TEMPLATES = {p.stem: p for p in sorted((Path(__file__).parent / "templates").glob("*.jinja"))}
 
 
-def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
-    """A tokenizer directory or a model's; a real pad token is added where there is none (or it is EOS), and the
-    directory's generation_config.json says which ids end an assistant turn (`set_generation_stops`).
-    chat_template: a Jinja file that replaces the tokenizer's template (`--chat-template`)."""
+def load_tokenizer(
+    path: str, chat_template: str | Path | None = None, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """A tokenizer directory, a model's, or a hub id's (at `revision`); a real pad token is added where there is none
+    (or it is EOS), and the model's generation_config.json says which ids end an assistant turn
+    (`set_generation_stops`). chat_template: a Jinja file that replaces the tokenizer's template
+    (`--chat-template`)."""
     from transformers import AutoTokenizer
 
-    from flywheel.models import resolve_model_path
+    from flywheel.models import describe_source, hub_error, resolve_model_path
 
     # A directory may hold a tokenizer alone (no config.json): only model directories need one.
     source = path if Path(path).is_dir() else resolve_model_path(path)
+    hub = {"revision": revision} if revision else {}
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot load a tokenizer from {describe_source(path, revision)}: {hub_error(err)}") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # Reusing EOS as padding makes padded EOS tokens invisible to losses that mask padding; add a real pad.
         tok.add_special_tokens({"pad_token": PAD})
-    gen_file = Path(source) / GENERATION_CONFIG
-    if gen_file.is_file():
+    gen_file = _generation_config_file(source, revision)
+    if gen_file is not None:
         try:
             set_generation_stops(tok, json.loads(gen_file.read_text()).get("eos_token_id"))
         except (ValueError, TypeError, AttributeError):
@@ -319,6 +323,23 @@ def load_tokenizer(path: str, chat_template: str | Path | None = None) -> Any:
     if chat_template:
         tok.chat_template = read_chat_template(chat_template)
     return tok
+
+
+def _generation_config_file(source: str, revision: str | None) -> Path | None:
+    """generation_config.json of a local directory, or of a hub model (cached or downloaded), if it has one."""
+    local = Path(source) / GENERATION_CONFIG
+    if local.is_file() or Path(source).is_dir():
+        return local if local.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(
+        source,
+        GENERATION_CONFIG,
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return Path(found) if found else None
 
 
 def read_chat_template(path: str | Path) -> str:

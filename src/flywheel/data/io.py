@@ -8,6 +8,8 @@
 A path is read by its kind: a directory is a dataset saved with `datasets.save_to_disk` (or, for texts, a folder
 of .txt files), `.parquet` is a table (both need `pip install datasets`), `.txt` is plain text, anything else is
 JSON Lines. Each record's format is detected from its keys, so one file may mix formats (docs/data-formats.md).
+A name that is no local path but looks like a Hugging Face Hub dataset (`name` or `org/name`) is loaded with
+`datasets.load_dataset(name, config, split=split)`; offline, from the hub cache (`is_hub_dataset_name`).
 
 Every bad record raises a `RecordError` (a `UserError`) whose message is `FILE:LINE: what is wrong`; a dataset
 row's "line" is its index + 1. With `skip_bad=True` bad records are dropped and one summary line is logged;
@@ -49,6 +51,44 @@ Kind = Literal["conversations", "preferences", "prompts", "texts"]
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# A missing path with one of these endings is a missing local file, never a hub dataset name.
+_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".yaml", ".yml")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+EVAL_DATASET_SPLIT_HELP = "split of --eval-data when it names a hub dataset (it shares --dataset-config)"
+
+
+@dataclass
+class DatasetOptions:
+    """Which part of a Hugging Face Hub dataset `--data` names (a local path ignores them): the config fields of every
+    command that reads data."""
+
+    dataset_config: str = field(
+        default="",
+        metadata={
+            "help": "config (subset) of a hub dataset given as --data (--prompts in ppo, rl, sample); empty = the "
+            "dataset's default"
+        },
+    )
+    dataset_split: str = field(
+        default="train",
+        metadata={
+            "help": "split of a hub dataset given as --data (--prompts in ppo, rl, sample); slices work too: "
+            "train[:1000], train[:10%]"
+        },
+    )
+
+    def hub_split(self, split: str | None = None) -> dict[str, Any]:
+        """The `config`/`split` keywords of the readers: --dataset-split, or `split` (that of --eval-data)."""
+        return {"config": self.dataset_config or None, "split": split or self.dataset_split}
+
+
+def is_hub_dataset_name(path: str | Path) -> bool:
+    """Whether `path` is read from the Hugging Face Hub: it does not exist locally, has the shape of a hub name
+    (`name` or `org/name`) and does not end like a data file (a missing `demos.jsonl` is a missing file)."""
+    name = str(path)
+    return (
+        not Path(name).exists() and _HUB_NAME.fullmatch(name) is not None and not name.lower().endswith(_FILE_SUFFIXES)
+    )
 
 
 @dataclass
@@ -114,31 +154,42 @@ def render_records(
     return out
 
 
-def read_conversations(path: str | Path, *, skip_bad: bool = False) -> list[Conversation]:
+def read_conversations(
+    path: str | Path, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
+) -> list[Conversation]:
     """SFT demonstrations: `{"messages": [...]}` or TRL `{"prompt", "completion"}` (strings or message lists).
     Every conversation ends with an assistant message."""
-    return read_with_report(path, "conversations", skip_bad=skip_bad)[0]
+    return read_with_report(path, "conversations", skip_bad=skip_bad, config=config, split=split)[0]
 
 
-def read_preferences(path: str | Path, *, skip_bad: bool = False) -> list[Ranking]:
+def read_preferences(
+    path: str | Path, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
+) -> list[Ranking]:
     """RM/DPO data: K-way rankings, TRL preference pairs (explicit or implicit prompt) and HH-RLHF transcripts,
     all as `Ranking`s (a pair is a K=2 ranking)."""
-    return read_with_report(path, "preferences", skip_bad=skip_bad)[0]
+    return read_with_report(path, "preferences", skip_bad=skip_bad, config=config, split=split)[0]
 
 
-def read_prompts(path: str | Path, *, skip_bad: bool = False) -> list[list[Message]]:
+def read_prompts(
+    path: str | Path, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
+) -> list[list[Message]]:
     """PPO prompts: a .txt file (one per line) or JSONL `{"prompt": text | messages}` / `{"messages": [...]}`.
     Every prompt ends with a user message."""
-    return read_with_report(path, "prompts", skip_bad=skip_bad)[0]
+    return read_with_report(path, "prompts", skip_bad=skip_bad, config=config, split=split)[0]
 
 
-def read_texts(path: str | Path, *, skip_bad: bool = False) -> list[str]:
+def read_texts(
+    path: str | Path, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
+) -> list[str]:
     """Pretraining text: .txt (documents separated by blank lines), a folder of .txt files, or JSONL `{"text"}`."""
-    return read_with_report(path, "texts", skip_bad=skip_bad)[0]
+    return read_with_report(path, "texts", skip_bad=skip_bad, config=config, split=split)[0]
 
 
-def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) -> tuple[list[Any], ReadReport]:
-    """Read `path` as `kind`; return the records and a `ReadReport`. The four `read_*` functions wrap this."""
+def read_with_report(
+    path: str | Path, kind: Kind, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
+) -> tuple[list[Any], ReadReport]:
+    """Read `path` as `kind`; return the records and a `ReadReport`. The four `read_*` functions wrap this.
+    `config` and `split` choose the part of a hub dataset that `path` names (`is_hub_dataset_name`)."""
     if kind not in _PARSERS:
         raise ValueError(f"kind must be one of {sorted(_PARSERS)}, got {kind!r}")
     parse = _PARSERS[kind]
@@ -146,7 +197,8 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
     path = Path(path)
     report = ReadReport(name)
     records: list[Any] = []
-    for where, line, obj in _rows(path, kind):
+    rows = _hub_rows(name, config, split) if is_hub_dataset_name(name) else _rows(path, kind)
+    for where, line, obj in rows:
         report.total += 1
         try:
             if isinstance(obj, RecordError):
@@ -170,6 +222,8 @@ def read_with_report(path: str | Path, kind: Kind, *, skip_bad: bool = False) ->
                 report.first_error = str(located)
     if report.total == 0:
         what = "the directory is empty" if path.is_dir() else "the file is empty or holds only blank lines"
+        if is_hub_dataset_name(name):
+            what = f"the split {hub_source(name, config, split)} is empty"
         raise UserError(f"no {kind} found: {what}", path=name)
     if not records:
         raise UserError(
@@ -527,6 +581,65 @@ def _text_rows(path: Path, *, documents: bool) -> Iterator[tuple[int, Any]]:
             doc = []
     if doc:
         yield start, {key: "\n".join(doc)}
+
+
+def hub_source(name: str, config: str | None, split: str) -> str:
+    """How errors name a hub dataset's split: `org/name[train]`, `org/name[config:train]`."""
+    return f"{name}[{config}:{split}]" if config else f"{name}[{split}]"
+
+
+def _hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, int, Any]]:
+    return _at(hub_source(name, config, split), _table_rows(load_hub_dataset(name, config, split)))
+
+
+def load_hub_dataset(name: str, config: str | None, split: str) -> Any:
+    """`datasets.load_dataset(name, config, split=split)`. When the Hub cannot be reached (HF_HUB_OFFLINE=1, no
+    network), a copy in the hub cache is used: the one `hf download --repo-type dataset NAME` writes. Every failure
+    is a one-line UserError naming the dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"'{name}' is no local file or directory; reading it from the Hugging Face Hub needs the `datasets` "
+            "package: pip install datasets"
+        ) from None
+    from huggingface_hub.errors import HfHubHTTPError
+
+    where = hub_source(name, config, split)
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except ConnectionError as err:
+        snapshot = _cached_dataset_snapshot(name)
+        if snapshot is None:
+            raise UserError(
+                f"{name}: no such file or directory, and no Hugging Face Hub dataset of that name can be reached "
+                f"or is in the local cache ({_first_line(err)})"
+            ) from None
+        log.info("%s: the Hub is unreachable; using the cached copy in %s", name, snapshot)
+        try:
+            return datasets.load_dataset(snapshot, config, split=split)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the hub dataset {where}: {_first_line(err)}") from None
+    except FileNotFoundError as err:  # datasets' DatasetNotFoundError: the Hub has no such (accessible) dataset
+        raise UserError(f"{name}: no such file or directory, nor a hub dataset: {_first_line(err)}") from None
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        raise UserError(f"cannot load the hub dataset {where}: {_first_line(err)}") from None
+
+
+def _cached_dataset_snapshot(name: str) -> str | None:
+    """The newest snapshot of hub dataset `name` in the local hub cache (its main branch), if there is one."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[int, Any]]:

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from flywheel.config import parse_config
+from flywheel.data.io import DatasetOptions
 from flywheel.errors import UserError
+from flywheel.models import HubOptions
 from flywheel.train.reward import OVERLONG, RankingGroup, RewardModel, encode_rankings
 from flywheel.utils import log
 from flywheel.world import score
@@ -249,7 +251,7 @@ def plot_histogram(result: RMEvalResult, path: Path, title: str = "reward model 
 
 
 @dataclass
-class RMEvalConfig:
+class RMEvalConfig(HubOptions, DatasetOptions):
     model: str = field(default="", metadata={"help": "reward model dir (the `final/` of `flywheel rm`)"})
     data: str = field(default="", metadata={"help": "held-out rankings / comparisons"})
     out: str = field(default="", metadata={"help": "directory for metrics.json and scores.png"})
@@ -272,8 +274,8 @@ class RMEvalConfig:
 def run_rm_eval(cfg: RMEvalConfig) -> dict[str, Any]:
     from flywheel.data.io import read_preferences
 
-    rm = RewardModel.from_pretrained(cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16)
-    rankings = read_preferences(cfg.data, skip_bad=cfg.skip_bad)
+    rm = RewardModel.from_pretrained(cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16, **cfg.hub_kwargs(cfg.model))
+    rankings = read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
     groups = encode_rankings(rm.tokenizer, rankings, max_length=cfg.max_length, overlong=cfg.overlong, source=cfg.data)
     result = evaluate_rm(rm, groups)
     out = Path(cfg.out)

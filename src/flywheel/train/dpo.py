@@ -225,7 +225,7 @@ def reference_key(cfg: DPOConfig, ref: Any, groups: Sequence[RankingGroup], *, w
 
 def load_reference(cfg: DPOConfig, policy: Any, tokenizer: Any) -> Any:
     """--ref-model, ready to score like the policy: same vocabulary size, no dropout, the policy's attention kernel."""
-    ref = load_causal_lm(cfg.ref_model)
+    ref = load_causal_lm(cfg.ref_model, **cfg.load_kwargs(cfg.ref_model))
     resize_for_tokenizer(ref, tokenizer)
     disable_dropout(ref)
     impl = getattr(policy.config, "_attn_implementation", None)
@@ -304,11 +304,11 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
-    model = load_causal_lm(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
+    model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
-    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()))
     splits = {
         "train": encode_rankings(
             tokenizer,

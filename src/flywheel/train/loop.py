@@ -1,9 +1,9 @@
 """The training loop every trainer shares.
 
 AdamW, linear warmup + cosine decay, gradient accumulation, grad clipping, optional bf16 autocast, a progress bar with
-loss and tokens/s, `metrics.jsonl` (+ TensorBoard when installed), and atomic checkpoints that resume bit-identically:
-a checkpoint holds the model, optimizer, scheduler, every RNG state and the step; the data order is a pure function of
-(seed, step), so the data position is the step itself.
+loss and tokens/s, `metrics.jsonl` (+ `--report-to` TensorBoard / W&B), and atomic checkpoints that resume
+bit-identically: a checkpoint holds the model, optimizer, scheduler, every RNG state and the step; the data order is
+a pure function of (seed, step), so the data position is the step itself.
 
 Under torchrun (`flywheel <stage> --nproc N`, see `flywheel.distributed`) each of the N ranks takes its contiguous
 share of the step's `batch_size * grad_accum * N` samples, the model is wrapped in DDP or FSDP2, the loss is normalised
@@ -38,14 +38,18 @@ from tqdm.auto import tqdm
 from flywheel import distributed
 from flywheel.config import save_config
 from flywheel.data.batching import to_device
+from flywheel.data.io import DatasetOptions
 from flywheel.distributed import Wrapped
 from flywheel.errors import UserError
+from flywheel.models import ModelOptions
+from flywheel.train.reporting import REPORT_TO_HELP, Reporter, check_installed, open_reporters
 from flywheel.utils import atomic_dir, atomic_write_text, log, seed_everything, set_threads, warn_if_slow_bf16
 
 
 @dataclass
-class TrainConfig:
-    """Fields shared by every trainer (each stage's config inherits them)."""
+class TrainConfig(ModelOptions, DatasetOptions):
+    """Fields shared by every trainer (each stage's config inherits them), after how data and models load
+    (`DatasetOptions`, `ModelOptions`)."""
 
     out: str = field(default="", metadata={"help": "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and sampling"})
@@ -98,6 +102,7 @@ class TrainConfig:
         default="all-linear",
         metadata={"help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"},
     )
+    report_to: list[str] = field(default_factory=list, metadata={"help": REPORT_TO_HELP})
     save_adapter: bool = field(
         default=False,
         metadata={
@@ -107,6 +112,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
+        super().validate()
         if not self.out:
             raise UserError("--out is required (the run directory)")
         for name in ("batch_size", "grad_accum"):
@@ -128,6 +134,7 @@ class TrainConfig:
             raise UserError("--save-adapter needs --lora-r > 0 (there is no adapter to save)")
         if self.save_adapter and self.strategy == "fsdp":
             raise UserError("--save-adapter is not supported with --strategy fsdp (use ddp)")
+        check_installed(self.report_to)
 
 
 def autocast(enabled: bool) -> Any:
@@ -216,11 +223,12 @@ class DataOrder:
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to metrics.jsonl; mirrors scalars to TensorBoard when it is installed."""
+    """Appends one JSON object per line to metrics.jsonl; mirrors the scalars to the reporters of `cfg.report_to`
+    (`flywheel.train.reporting`: TensorBoard, W&B)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, cfg: TrainConfig | None = None):
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.reporters: list[Reporter] = []
         self.enabled = distributed.is_main()  # rank 0 writes; the other ranks' logger does nothing
         if not self.enabled:
             return
@@ -230,12 +238,8 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass
+        report_to = cfg.report_to if cfg is not None else []
+        self.reporters = open_reporters(run_dir, report_to, cfg, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -243,14 +247,14 @@ class MetricsLogger:
         row = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for reporter in self.reporters:
+            reporter.log(step, scalars)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
 
 def rng_state() -> dict[str, Any]:
@@ -346,10 +350,9 @@ def prepare_run_dir(cfg: Any) -> Path:
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention."""
-    from flywheel.models import fast_cpu_attention
-
-    fast_cpu_attention(model, cfg.bf16, distributed.device())  # where it will train (it is still on the CPU here)
+    """The options every trainer shares: LoRA adapters (--lora-r), gradient checkpointing, the fastest attention
+    (unless --attn-implementation chose one: the model was loaded with it)."""
+    pick_attention(model, cfg, distributed.device())  # where it will train (it is still on the CPU here)
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 
@@ -365,6 +368,16 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def pick_attention(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str | None) -> None:
+    """The attention kernel a model runs with: --attn-implementation's (given at load), else the fastest for bf16 on
+    the CPU (`fast_cpu_attention`: bf16 autocast or bfloat16 weights)."""
+    from flywheel.models import fast_cpu_attention
+
+    if not cfg.attn_implementation:
+        bf16 = cfg.bf16 or next(model.parameters()).dtype == torch.bfloat16
+        fast_cpu_attention(model, bf16, device)
 
 
 @dataclass
@@ -420,7 +433,7 @@ def train_loop(
     if ckpts:
         start = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))["step"]
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, steps)
-    logger = MetricsLogger(run_dir, start if ckpts else None)
+    logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * n_proc
     order = DataOrder(len(samples), cfg.seed, lengths if cfg.group_by_length else None, group=per_step)

@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, split_heldout
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
-from flywheel.models import build_causal_lm, config_for_tokenizer, count_parameters, load_causal_lm
+from flywheel.models import (
+    build_causal_lm,
+    config_for_tokenizer,
+    configure_new_model,
+    count_parameters,
+    load_causal_lm,
+)
 from flywheel.tokenization import load_tokenizer, train_tokenizer
 from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log
@@ -25,6 +32,7 @@ class PretrainConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "text corpus (.txt: documents split by blank lines; or JSONL)"})
     eval_data: str = field(default="", metadata={"help": "held-out corpus (default: --eval-split of --data)"})
     eval_split: float = field(default=0.02, metadata={"help": "fraction of documents held out when no --eval-data"})
+    eval_dataset_split: str = field(default="test", metadata={"help": EVAL_DATASET_SPLIT_HELP})
     model: str = field(default="", metadata={"help": "model dir to continue from (empty = build a new model)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (empty = the model's, or train one)"})
     size: str = field(
@@ -54,22 +62,25 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     from flywheel.data.io import read_texts
 
     run_dir = prepare_run_dir(cfg)
-    docs = read_texts(cfg.data, skip_bad=cfg.skip_bad)
+    docs = read_texts(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
     if cfg.eval_data:
-        train_docs, eval_docs = docs, read_texts(cfg.eval_data, skip_bad=cfg.skip_bad)
+        eval_docs = read_texts(cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split))
+        train_docs = docs
     else:
         train_docs, eval_docs = split_heldout(docs, cfg.eval_split, cfg.seed)
     if cfg.tokenizer or cfg.model:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        source = cfg.tokenizer or cfg.model
+        tokenizer = load_tokenizer(source, **cfg.hub_kwargs(source))
     else:
         log.info("training a %d-token byte-level BPE on %d documents", cfg.vocab_size, len(train_docs))
         tokenizer = train_tokenizer(train_docs, vocab_size=cfg.vocab_size, model_max_length=cfg.seq_len)
     if cfg.model:
-        model = load_causal_lm(cfg.model)
+        model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     else:
         model = build_causal_lm(
             config_for_tokenizer(tokenizer, cfg.size, max_position_embeddings=cfg.seq_len), seed=cfg.seed
         )
+        configure_new_model(model, cfg.dtype, cfg.attn_implementation or None)
     prepare_model(model, cfg)
     sep = tokenizer.eos_token_id
     blocks = pack(_tokenize(tokenizer, train_docs), cfg.seq_len, sep)

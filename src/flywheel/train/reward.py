@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from flywheel.data.batching import split_heldout, to_device
 from flywheel.data.formats import Ranking
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
@@ -75,6 +76,7 @@ class PreferenceConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "rankings / comparisons: JSONL, TRL chosen/rejected, HH-RLHF"})
     eval_data: str = field(default="", metadata={"help": "held-out rankings (default: --eval-split of --data)"})
     eval_split: float = field(default=0.05, metadata={"help": "fraction of rankings held out when no --eval-data"})
+    eval_dataset_split: str = field(default="test", metadata={"help": EVAL_DATASET_SPLIT_HELP})
     batch_size: int = field(default=8, metadata={"help": "rankings per micro-batch (all K answers of each)"})
     max_length: int = field(default=512, metadata={"help": "most tokens of prompt + answer"})
     overlong: str = field(
@@ -521,12 +523,21 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str = "float32", device: str | torch.device | None = None, **kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
     ) -> RewardModel:
-        model = load_sequence_classifier(str(path), dtype=dtype)
+        """A reward model directory or hub id (at `revision`) with its tokenizer; `kwargs` go to the constructor."""
+        hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+        model = load_sequence_classifier(str(path), dtype=dtype, **hub)
         if device is not None:
             model.to(device)
-        return cls(model, load_tokenizer(str(path)), **kwargs)
+        return cls(model, load_tokenizer(str(path), **hub), **kwargs)
 
     @property
     def offset(self) -> float:
@@ -671,7 +682,9 @@ def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], li
     from flywheel.data.io import read_preferences
 
     if cfg.eval_data:
-        return rankings, read_preferences(cfg.eval_data, skip_bad=cfg.skip_bad)
+        return rankings, read_preferences(
+            cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split)
+        )
     return split_heldout(rankings, cfg.eval_split, cfg.seed)
 
 
@@ -685,13 +698,13 @@ def train_reward(cfg: RewardConfig) -> Path:
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
     seed_everything(cfg.seed)  # the new head's init: the same on every rank and in every run with this seed
-    model = load_sequence_classifier(cfg.model)
+    model = load_sequence_classifier(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     prepare_model(model, cfg)
-    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad))
+    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()))
     fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
     rejected: list[Ranking] = []
     groups = encode_rankings(tokenizer, rankings, source=cfg.data, skipped=rejected, **fit)

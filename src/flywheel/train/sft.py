@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data.batching import LMSample, pack_masked, split_heldout
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import CHAT_TEMPLATE_HELP, load_tokenizer, render_conversation
@@ -28,6 +29,7 @@ class SFTConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "conversations: JSONL {'messages'}, TRL prompt/completion, ..."})
     eval_data: str = field(default="", metadata={"help": "held-out conversations (default: --eval-split of --data)"})
     eval_split: float = field(default=0.05, metadata={"help": "fraction held out when no --eval-data"})
+    eval_dataset_split: str = field(default="test", metadata={"help": EVAL_DATASET_SPLIT_HELP})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     max_length: int = field(default=512, metadata={"help": "tokens per conversation (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack conversations into rows of --max-length"})
@@ -82,13 +84,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     from flywheel.data.io import read_conversations
 
     run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
-    model = load_causal_lm(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
+    model = load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model))
     resize_for_tokenizer(model, tokenizer)
     prepare_model(model, cfg)
-    convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad)
+    convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
     if cfg.eval_data:
-        eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad)
+        eval_convs = read_conversations(cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split))
     else:
         convs, eval_convs = split_heldout(convs, cfg.eval_split, cfg.seed)
     samples = render_samples(tokenizer, convs, cfg.max_length, cfg.data, skip_bad=cfg.skip_bad)

@@ -39,7 +39,7 @@ from flywheel.engine import Engine
 from flywheel.engine.engine import default_stop_ids
 from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
-from flywheel.models import fast_cpu_attention, load_causal_lm, load_sequence_classifier
+from flywheel.models import is_hub_id, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.loop import (
     DataOrder,
@@ -50,6 +50,7 @@ from flywheel.train.loop import (
     default_threads,
     load_checkpoint,
     lr_lambda,
+    pick_attention,
     prepare_model,
     prepare_run_dir,
     save_checkpoint,
@@ -71,7 +72,7 @@ def load_prompt_ids(cfg: PPOConfig, tokenizer: Any, context: int | None = None) 
     model's `context`, are dropped and counted in one warning."""
     from flywheel.data.io import read_prompts
 
-    prompts = read_prompts(cfg.prompts, skip_bad=False)
+    prompts = read_prompts(cfg.prompts, skip_bad=False, **cfg.hub_split())
     ids = [render_prompt(tokenizer, [m.as_dict() for m in p]) for p in prompts]
     limit = cfg.max_prompt_length if context is None else min(cfg.max_prompt_length, context - cfg.max_new_tokens)
     kept = [x for x in ids if len(x) <= limit]
@@ -106,10 +107,11 @@ def load_ptx(cfg: PPOConfig, tokenizer: Any) -> tuple[list[LMSample], list[LMSam
 def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     """The frozen reference: --ref-model, else a second copy of --model. Per-token KL compares the two models'
     distributions over the same token ids, so --ref-model must have the policy's tokenizer."""
-    ref = load_causal_lm(cfg.ref_model or cfg.model)
+    source = cfg.ref_model or cfg.model
+    ref = load_causal_lm(source, **cfg.load_kwargs(source))
     if cfg.ref_model and (
         ref.config.vocab_size != policy.config.vocab_size
-        or load_tokenizer(cfg.ref_model).get_vocab() != tokenizer.get_vocab()
+        or load_tokenizer(cfg.ref_model, **cfg.hub_kwargs(cfg.ref_model)).get_vocab() != tokenizer.get_vocab()
     ):
         raise UserError(
             f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: the per-token "
@@ -118,12 +120,12 @@ def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     return ref
 
 
-def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any) -> TurnEnd:
+def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any, **hub: Any) -> TurnEnd:
     """How the reward model's template closes an answer (`TurnEnd`), checked against where the engine stops: a policy
     that does not stop at that end-of-turn token would have its rewards read elsewhere than in training. A reward
     model directory without a tokenizer shares the policy's."""
-    has_tokenizer = (Path(reward_model) / "tokenizer_config.json").is_file()
-    end = turn_end(load_tokenizer(reward_model) if has_tokenizer else tokenizer)
+    has_tokenizer = is_hub_id(reward_model) or (Path(reward_model) / "tokenizer_config.json").is_file()
+    end = turn_end(load_tokenizer(reward_model, **hub) if has_tokenizer else tokenizer)
     stops = default_stop_ids(policy, tokenizer)
     if end.token_id is not None and end.token_id not in stops:
         log.warning(
@@ -141,7 +143,7 @@ class PPOTrainer:
 
     def __init__(self, cfg: PPOConfig, reward_fn: RewardFn | None = None):
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.chat_template, **cfg.hub_kwargs(cfg.model))
         self.pad_id = self.tokenizer.pad_token_id
         n_proc = distributed.world()
         if n_proc > 1 and cfg.strategy != "ddp":
@@ -149,7 +151,7 @@ class PPOTrainer:
         if cfg.sequences_per_step % n_proc or (cfg.sequences_per_step // n_proc) % cfg.batch_size:
             raise UserError(f"--rollout-batch-size / {n_proc} processes must be a multiple of --batch-size")
         self.device = distributed.device()  # where every model runs and the rollout batch lives
-        policy = prepare_model(load_causal_lm(cfg.model).to(self.device), cfg)
+        policy = prepare_model(load_causal_lm(cfg.model, **cfg.load_kwargs(cfg.model)).to(self.device), cfg)
         self.actor = Actor(policy, cfg.temperature)
         # The frozen models get the trained ones' attention kernel (prepare_model picks it), so that the policy and
         # the reference compute identical log-probs before the first update (KL exactly 0 unless --ref-model).
@@ -191,11 +193,16 @@ class PPOTrainer:
             from flywheel.data.io import read_prompts
 
             fns = build_reward_functions(
-                cfg.reward_fn, cfg.reward_weights, self.tokenizer, read_prompts(cfg.prompts, skip_bad=False)
+                cfg.reward_fn,
+                cfg.reward_weights,
+                self.tokenizer,
+                read_prompts(cfg.prompts, skip_bad=False, **cfg.hub_split()),
             )
         if cfg.reward_model:
-            rm = self._frozen(load_sequence_classifier(cfg.reward_model))
-            end = reward_turn_end(cfg.reward_model, self.tokenizer, self.actor.module)
+            rm = self._frozen(load_sequence_classifier(cfg.reward_model, **cfg.load_kwargs(cfg.reward_model)))
+            end = reward_turn_end(
+                cfg.reward_model, self.tokenizer, self.actor.module, **cfg.hub_kwargs(cfg.reward_model)
+            )
             bias = reward_offset(rm.config)
             return Reward(rm, fn=fns, bias=bias, offload=cfg.offload_frozen, turn_end=end)
         if fns is None:
@@ -205,7 +212,8 @@ class PPOTrainer:
     def _build_critic(self) -> Critic | None:
         """The value model: --value-model, else the reward model, else the policy's weights with a new head."""
         cfg = self.cfg
-        value_model = load_sequence_classifier(cfg.value_model or cfg.reward_model or cfg.model)
+        source = cfg.value_model or cfg.reward_model or cfg.model
+        value_model = load_sequence_classifier(source, **cfg.load_kwargs(source))
         return Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
 
     def modules(self) -> dict[str, Any]:
@@ -349,7 +357,7 @@ class PPOTrainer:
 
     def _frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model with the trained ones' attention kernel, on the device unless --offload-frozen."""
-        fast_cpu_attention(model, self.cfg.bf16, self.device)
+        pick_attention(model, self.cfg, self.device)
         return model if self.cfg.offload_frozen else model.to(self.device)
 
     def ptx_eval_loss(self) -> float | None:
@@ -407,7 +415,7 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
         trainer.load_extra_state(state)
         trainer.engine.update_weights(trainer.actor.module)
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
-    logger = MetricsLogger(run_dir, start if ckpts else None)
+    logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     samples_path = run_dir / "samples.jsonl"
     if start == 0 and distributed.is_main():
         samples_path.unlink(missing_ok=True)
