@@ -114,6 +114,7 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
         usage="flywheel compare [--methods M,M] [--seeds S,S] [flywheel demo's flags]",
         epilog="Every other flag is flywheel demo's (see flywheel demo --help): --quick, --preset, --out, --resume, "
         "--STAGE.FIELD ...",
+        allow_abbrev=False,  # --seed must not pass for --seeds
     )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each runs every stage and method")
@@ -142,6 +143,7 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
     demo = parse_demo_config(rest, "flywheel compare")
     if demo.gate_every or (demo.rounds or 1) > 1:
         raise UserError("flywheel compare runs one round without the gate: leave --rounds and --gate-every unset")
+    demo.resolved()  # every stage's settings checked before the first stage runs
     return settings, demo
 
 
