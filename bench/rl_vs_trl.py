@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils.logging import disable_progress_bar
 
 from flywheel.models import build_causal_lm, config_for_tokenizer, load_causal_lm, save_pretrained
 from flywheel.tokenization import render_prompt, train_tokenizer
@@ -237,8 +238,10 @@ def time_trl(s: Setup, sh: Shape, steps: int, warmup: int, out: Path, clock: Cal
     return [b - a for a, b in zip(rl_marks[warmup:], rl_marks[warmup + 1 :], strict=False)]
 
 
-def profile_ours(s: Setup, sh: Shape, steps: int, warmup: int, out: Path) -> dict[str, float]:
-    """Where our step spends its wall time (median seconds per part over `steps` steps after `warmup`): sampling,
+def profile_ours(
+    s: Setup, sh: Shape, steps: int, warmup: int, out: Path, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Where our step spends its time (--clock) (median seconds per part over `steps` steps after `warmup`): sampling,
     the three scoring passes (old log-probs, reference, reward function) and the update (of which its policy
     forward, indented), timed by wrapping the trainer's own objects."""
     trainer = ours_trainer(s, sh, out)
@@ -247,29 +250,26 @@ def profile_ours(s: Setup, sh: Shape, steps: int, warmup: int, out: Path) -> dic
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*a, **kw)
             finally:
-                current[name] = current.get(name, 0.0) + time.perf_counter() - t0
+                current[name] = current.get(name, 0.0) + clock() - t0
 
         return wrapper
 
     trainer.engine.generate = timed("generate", trainer.engine.generate)
-    scoring, training = (
-        timed("old log-probs", trainer.actor.forward),
-        timed("  update: policy forward", trainer.actor.forward),
-    )
-    trainer.actor.forward = lambda *a: (training if torch.is_grad_enabled() else scoring)(*a)
+    trainer.actor.logprobs = timed("old log-probs", trainer.actor.logprobs)
+    trainer.actor.forward = timed("  update: policy forward", trainer.actor.forward)
     trainer.ref.forward = timed("reference forward", trainer.ref.forward)
     trainer.reward.forward = timed("reward function", trainer.reward.forward)
     trainer.engine.update_weights = timed("engine weight refresh", trainer.engine.update_weights)
     trainer.optimise = timed("update (forward + loss + backward + AdamW)", trainer.optimise)
     for step in range(warmup + steps):
         current.clear()
-        t0 = time.perf_counter()
+        t0 = clock()
         trainer.step(step)
-        current["step"] = time.perf_counter() - t0
+        current["step"] = clock() - t0
         if step >= warmup:
             for k, v in current.items():
                 parts.setdefault(k, []).append(v)
@@ -312,7 +312,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU seconds")
-    ap.add_argument("--profile", action="store_true", help="also break our step down by part (wall clock)")
+    ap.add_argument("--profile", action="store_true", help="also break our step down by part (--clock)")
     args = ap.parse_args()
     estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
     if not estimators or any(e not in ("grpo", "rloo") for e in estimators):
@@ -320,6 +320,7 @@ def main() -> None:
     if args.num_generations < 2:
         ap.error("--num-generations must be >= 2 (grpo and rloo compare a prompt's responses)")
     torch.set_num_threads(args.threads)
+    disable_progress_bar()  # transformers' "Loading weights" bars, each time a side loads the policy
     bf16 = args.dtype == "bf16"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -342,7 +343,9 @@ def main() -> None:
         profiles = []
         if args.profile:
             for sh, _, _ in rows:
-                profiles.append((sh, profile_ours(setup, sh, args.steps, args.warmup, root / "profile")))
+                profiles.append(
+                    (sh, profile_ours(setup, sh, args.steps, args.warmup, root / "profile", CLOCKS[args.clock]))
+                )
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, {args.dtype}")
     print(f"| estimator | epochs | B x K x L | ours {unit} | TRL {unit} | speed-up (TRL/ours) |")
@@ -352,9 +355,9 @@ def main() -> None:
         print(f"| {sh.estimator} | {sh.epochs} | {shape} | {o:.3f} | {t:.3f} | {t / o:.2f}x |")
     for sh, parts in profiles:
         step = parts.pop("step")
-        print(f"\nours, {sh.estimator}, epochs {sh.epochs}: {step:.3f} s/step (wall, median)")
+        print(f"\nours, {sh.estimator}, epochs {sh.epochs}: {step:.3f} {unit} (median)")
         for name, sec in sorted(parts.items(), key=lambda kv: -kv[1]):
-            print(f"  {name:<40} {sec:7.3f} s  {sec / step:5.1%}")
+            print(f"  {name:<44} {sec:7.3f} s  {sec / step:5.1%}")
 
 
 if __name__ == "__main__":
