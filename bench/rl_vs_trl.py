@@ -41,6 +41,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +56,9 @@ from transformers.utils.logging import disable_progress_bar
 from flywheel.models import build_causal_lm, config_for_tokenizer, load_causal_lm, save_pretrained
 from flywheel.tokenization import render_prompt, train_tokenizer
 from flywheel.utils import bf16_is_fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_vs_hf import backbone_flops  # noqa: E402  (bench/ is not a package)
 
 LR = 1e-6
 EPSILON = 0.2  # the ratio clip, both sides
@@ -276,6 +280,35 @@ def profile_ours(
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
+def step_flops(policy: Any, prompt_lens: list[int], sh: Shape) -> float:
+    """Matmul FLOPs one RL step needs at the least, on real tokens only: generation (each prompt through the layers
+    once, as a shared prefill, then every response token, and the LM head on each response token), the reference's
+    forward when beta > 0 (the LM head on the response positions only), and per epoch the policy's forward + backward
+    (3x a forward). No old log-probs pass: the sampler's log-probs could serve. The same arithmetic for any
+    implementation."""
+    full = [p + sh.new_tokens for p in prompt_lens for _ in range(sh.k)]
+    repeated = [p for p in prompt_lens for _ in range(sh.k)]
+    lm_head = 2 * policy.config.hidden_size * policy.config.vocab_size * sh.new_tokens * len(full)
+    forward = backbone_flops(policy, full) + lm_head
+    generation = backbone_flops(policy, prompt_lens) + forward - backbone_flops(policy, repeated)
+    return generation + (forward if sh.beta else 0) + sh.epochs * 3 * forward
+
+
+def matmul_roof(dtype: torch.dtype, clock: Callable[[], float], n: int = 2048, repeats: int = 5) -> float:
+    """FLOPs per `clock` second of the best n x n x n matmul in `dtype` at this run's threads (n = 512 where bf16 is
+    emulated: 2048^3 would take minutes)."""
+    if dtype == torch.bfloat16 and not bf16_is_fast():
+        n = 512
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        a @ b
+        best = min(best, clock() - t0)
+    return 2 * n**3 / best
+
+
 def measure(setup: Setup, sh: Shape, root: Path, args: argparse.Namespace) -> tuple[float, float]:
     """Alternate the sides --repeats times (the machine's load varies); each keeps its best median."""
     clock = CLOCKS[args.clock]
@@ -340,6 +373,8 @@ def main() -> None:
             for epochs in args.epochs:
                 sh = Shape(est, args.batch_prompts, args.num_generations, args.max_new_tokens, epochs, args.beta, bf16)
                 rows.append((sh, *measure(setup, sh, root, args)))
+        policy = load_causal_lm(setup.policy)
+        roof = matmul_roof(torch.bfloat16 if bf16 else torch.float32, CLOCKS[args.clock])
         profiles = []
         if args.profile:
             for sh, _, _ in rows:
@@ -353,6 +388,19 @@ def main() -> None:
     for sh, o, t in rows:
         shape = f"{sh.prompts} x {sh.k} x {sh.new_tokens}"
         print(f"| {sh.estimator} | {sh.epochs} | {shape} | {o:.3f} | {t:.3f} | {t / o:.2f}x |")
+    print(
+        f"\nThe arithmetic's floor at this run's {args.dtype} matmul roof ({roof / 1e9:.0f} GFLOP per "
+        f"{args.clock} second, a 2048^3 matmul): the fastest any implementation could run the step, so TRL / floor "
+        "bounds every speed-up (generation counted at the roof too, though its decode steps are bound by memory):"
+    )
+    print("| estimator | epochs | GFLOP/step | floor s/step | ours / floor | TRL / floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for sh, o, t in rows:
+        flops = step_flops(policy, plen, sh)
+        floor = flops / roof
+        print(
+            f"| {sh.estimator} | {sh.epochs} | {flops / 1e9:.1f} | {floor:.3f} | {o / floor:.2f}x | {t / floor:.2f}x |"
+        )
     for sh, parts in profiles:
         step = parts.pop("step")
         print(f"\nours, {sh.estimator}, epochs {sh.epochs}: {step:.3f} {unit} (median)")
