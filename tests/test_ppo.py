@@ -51,6 +51,8 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(tmp_path,
     s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], trainer.pad_id)
     with torch.no_grad():
         fresh, _ = trainer.actor.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
+        # The scoring pass's log-probs alone (no entropy) are the training forward's, bit for bit.
+        assert torch.equal(trainer.actor.logprobs(s.sequences, s.attention_mask, s.position_ids, s.prompt_len), fresh)
     for i, lp in enumerate(gen.logprobs):
         torch.testing.assert_close(fresh[i, : len(lp)], torch.tensor(lp), rtol=0, atol=1e-4)
 

@@ -44,6 +44,21 @@ def test_load_reward_fn_resolves_module_function_and_reports_bad_specs():
             load_reward_fn(spec)
 
 
+def test_a_reward_file_may_define_dataclasses(tmp_path):
+    # A file's dataclass looks its module up in sys.modules while the file runs (with postponed annotations).
+    path = tmp_path / "scored.py"
+    path.write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n\n"
+        "@dataclass\n"
+        "class Weights:\n"
+        "    per_char: float = 0.5\n\n"
+        "def length(prompts, responses):\n"
+        "    return [Weights().per_char * len(r) for r in responses]\n"
+    )
+    assert load_reward_fn(f"{path}:length")(["p"], ["abcd"]) == [2.0]
+
+
 def test_reward_functions_see_the_user_message_and_the_text_and_sum_with_weights(tokenizer):
     from flywheel.data.formats import Message
 

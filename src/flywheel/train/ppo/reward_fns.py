@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,18 @@ def _import(spec: str, module_name: str) -> Any:
         path = Path(module_name)
         if not path.is_file():
             raise UserError(f"--reward-fn {spec}: no such file {module_name}")
-        loader_spec = importlib.util.spec_from_file_location(f"flywheel_reward_fn_{path.stem}", path)
+        name = f"flywheel_reward_fn_{path.stem}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
         assert loader_spec is not None and loader_spec.loader is not None
         module = importlib.util.module_from_spec(loader_spec)
-        loader_spec.loader.exec_module(module)
+        # Registered before it runs, as `import` does: a dataclass (or pickle, typing.get_type_hints) in the file
+        # looks its module up in sys.modules while the file executes.
+        sys.modules[name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
         return module
     try:
         return importlib.import_module(module_name)

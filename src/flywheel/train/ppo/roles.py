@@ -1,6 +1,7 @@
 """The four PPO roles, each a thin class over one HF model with the same small interface: `forward(batch)`.
 
     Actor      pi_theta (trained)             -> log-probs (B, R) and entropy (B, R) of the response tokens
+                                                 (`logprobs`: the log-probs alone)
     Reference  pi_ref = the SFT policy (frozen) -> log-probs (B, R)
     Critic     V_phi (trained, init from the RM) -> values (B, R) of the states before each response token
     Reward     r(x, y) (frozen) or a function  -> scores (B,) at the last real token
@@ -97,6 +98,10 @@ class Actor(_PolicyRole):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._logits(seq, attn, pos, prompt_len)
         return self._logprobs(logits, seq, prompt_len), entropy_from_logits(logits)
+
+    def logprobs(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """`forward`'s log-probs (B, R) alone, without the entropy: what scoring the rollouts (old log-probs) needs."""
+        return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
 
 
 class Reference(_PolicyRole):

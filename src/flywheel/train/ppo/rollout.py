@@ -118,7 +118,7 @@ def sample_and_score(
     with autocast(cfg.bf16):
         # Recomputed with the training forward, so the first minibatch has ratio 1 exactly (engine log-probs may
         # come from a different kernel or dtype).
-        old_logprobs, _ = actor.forward(*args)
+        old_logprobs = actor.logprobs(*args)  # no entropy: only the update reads it
         ref_logprobs = ref.forward(*args)
         values = critic.forward(*args) if critic is not None else None
         raw_scores = reward.forward(*args, s.response_mask)
