@@ -2,7 +2,7 @@
 
     flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm
     flywheel rm --model runs/sft/final --data rankings.jsonl --reference-data demos.jsonl --out runs/rm --bf16
-    flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm --rm-ensemble 4   # an ensemble (ensemble.py)
+    flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm --rm-ensemble 4  # an ensemble (ensemble.py)
 
 The model is the backbone of `--model` (a causal LM, e.g. the SFT checkpoint, or an existing reward model) with a
 scalar head, saved as `*ForSequenceClassification(num_labels=1)`. The reward of a response is the head applied to the
