@@ -12,7 +12,8 @@ back as SFT conversations (`flywheel sft --data best_of_8.jsonl`: rejection-samp
 
 The reward model scores the policy's own token ids (incl. the end-of-turn token it produced, followed by the markup
 the chat template writes after it, where training reads the reward) when both models share a tokenizer and chat
-template; otherwise the decoded text is re-rendered with the reward model's template.
+template; otherwise the decoded text is re-rendered with the reward model's template. An ensemble reward model
+(`flywheel rm --rm-ensemble N`) picks by its --reward-ensemble-agg score (`min` or `mean-std`: conservative best-of-n).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flywheel.config import parse_config
 from flywheel.data.io import DatasetOptions
 from flywheel.errors import UserError
 from flywheel.models import HubOptions
+from flywheel.train.ensemble import AGG_HELP, LAMBDA_HELP, check_aggregation
 from flywheel.utils import atomic_write_text, log
 
 
@@ -37,7 +39,11 @@ class SampleConfig(HubOptions, DatasetOptions):
     prompts: str = field(default="", metadata={"help": "prompts: .txt (one per line) or JSONL {prompt}/{messages}"})
     out: str = field(default="", metadata={"help": "output JSONL, one line per prompt"})
     best_of: int = field(default=1, metadata={"help": "answers sampled per prompt; the best-scored one is kept"})
-    reward_model: str = field(default="", metadata={"help": "reward model dir (required when --best-of > 1)"})
+    reward_model: str = field(
+        default="", metadata={"help": "reward model or ensemble dir (required when --best-of > 1)"}
+    )
+    reward_ensemble_agg: str = field(default="mean", metadata={"help": AGG_HELP})
+    reward_ensemble_lambda: float = field(default=1.0, metadata={"help": LAMBDA_HELP})
     max_new_tokens: int = field(default=64, metadata={"help": "most tokens per answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = all)"})
@@ -57,6 +63,7 @@ class SampleConfig(HubOptions, DatasetOptions):
             raise UserError("--best-of N > 1 needs --reward-model to pick the best answer")
         if self.batch_size < 1:
             raise UserError("--batch-size must be >= 1")
+        check_aggregation(self.reward_ensemble_agg, self.reward_ensemble_lambda)
 
 
 def pick_best(scores: torch.Tensor, n: int) -> list[int]:
@@ -83,7 +90,13 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
     policy = load_causal_lm(cfg.model, **cfg.hub_kwargs(cfg.model)).eval()
     engine = Engine(policy, tokenizer, dtype="bfloat16" if cfg.bf16 else None)
     rm = (
-        RewardModel.from_pretrained(cfg.reward_model, bf16=cfg.bf16, **cfg.hub_kwargs(cfg.reward_model))
+        RewardModel.from_pretrained(
+            cfg.reward_model,
+            bf16=cfg.bf16,
+            ensemble_agg=cfg.reward_ensemble_agg,
+            ensemble_lambda=cfg.reward_ensemble_lambda,
+            **cfg.hub_kwargs(cfg.reward_model),
+        )
         if cfg.reward_model
         else None
     )

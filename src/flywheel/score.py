@@ -6,7 +6,9 @@
 Conversations are read like SFT data (`{"messages": [...]}` or TRL `{"prompt", "completion"}`, ending with an
 assistant message). One output line per conversation, in input order: `{"messages": [...], "score": s}`, where s is
 the normalised reward (`RewardModel.score`: raw head output minus `config.flywheel_reward_offset`, read at the last
-token of the chat template's rendering: the number plain transformers gives, docs/data-formats.md).
+token of the chat template's rendering: the number plain transformers gives, docs/data-formats.md). An ensemble
+directory (`flywheel rm --rm-ensemble N`) gives the --reward-ensemble-agg of its members' scores as `score` and each
+member's as `member_scores`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ from flywheel.config import parse_config
 from flywheel.data.io import DatasetOptions
 from flywheel.errors import UserError
 from flywheel.models import HubOptions
+from flywheel.train.ensemble import AGG_HELP, LAMBDA_HELP, check_aggregation
 from flywheel.utils import atomic_write_text
 
 
 @dataclass
 class ScoreConfig(HubOptions, DatasetOptions):
-    model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
+    model: str = field(
+        default="", metadata={"help": "reward model dir (a *ForSequenceClassification) or ensemble dir"}
+    )
     data: str = field(default="", metadata={"help": "conversations: JSONL {messages} / {prompt, completion}"})
     out: str = field(default="", metadata={"help": "output JSONL, one line per conversation (default: stdout)"})
     normalize: bool = field(default=True, metadata={"help": "subtract the reward model's offset (false = raw score)"})
+    reward_ensemble_agg: str = field(default="mean", metadata={"help": AGG_HELP})
+    reward_ensemble_lambda: float = field(default=1.0, metadata={"help": LAMBDA_HELP})
     batch_size: int = field(default=32, metadata={"help": "answers per scoring batch"})
     max_length: int | None = field(
         default=None, metadata={"help": "most tokens per conversation (longer ones lose their oldest prompt tokens)"}
@@ -44,21 +51,38 @@ class ScoreConfig(HubOptions, DatasetOptions):
             raise UserError("--data is required (conversations ending with an assistant turn)")
         if self.batch_size < 1:
             raise UserError("--batch-size must be >= 1")
+        check_aggregation(self.reward_ensemble_agg, self.reward_ensemble_lambda)
 
 
 def score_conversations(cfg: ScoreConfig) -> list[dict[str, Any]]:
-    """`{"messages", "score"}` for every conversation of --data, in order."""
+    """`{"messages", "score"}` for every conversation of --data, in order (and `member_scores`, one per member, when
+    --model is an ensemble)."""
     from flywheel.data.io import read_conversations
+    from flywheel.train.ensemble import RewardEnsemble
     from flywheel.train.reward import RewardModel, scorable_conversations
 
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
     rm = RewardModel.from_pretrained(
-        cfg.model, batch_size=cfg.batch_size, bf16=cfg.bf16, max_length=cfg.max_length, **cfg.hub_kwargs(cfg.model)
+        cfg.model,
+        batch_size=cfg.batch_size,
+        bf16=cfg.bf16,
+        max_length=cfg.max_length,
+        ensemble_agg=cfg.reward_ensemble_agg,
+        ensemble_lambda=cfg.reward_ensemble_lambda,
+        **cfg.hub_kwargs(cfg.model),
     )
     convs = scorable_conversations(rm.tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.data)
     messages = [c.as_dicts() for c in convs]
-    scores = rm.score([m[:-1] for m in messages], [m[-1]["content"] for m in messages], normalize=cfg.normalize)
-    return [{"messages": m, "score": float(s)} for m, s in zip(messages, scores, strict=True)]
+    prompts, answers = [m[:-1] for m in messages], [m[-1]["content"] for m in messages]
+    if not isinstance(rm, RewardEnsemble):
+        scores = rm.score(prompts, answers, normalize=cfg.normalize)
+        return [{"messages": m, "score": float(s)} for m, s in zip(messages, scores, strict=True)]
+    members = rm.score_members(prompts, answers, normalize=cfg.normalize)  # (N, B)
+    scores = rm.aggregate(members)
+    return [
+        {"messages": m, "score": float(s), "member_scores": col.tolist()}
+        for m, s, col in zip(messages, scores, members.T, strict=True)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
     flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm
     flywheel rm --model runs/sft/final --data rankings.jsonl --reference-data demos.jsonl --out runs/rm --bf16
+    flywheel rm --model runs/sft/final --data rankings.jsonl --out runs/rm --rm-ensemble 4  # an ensemble (ensemble.py)
 
 The model is the backbone of `--model` (a causal LM, e.g. the SFT checkpoint, or an existing reward model) with a
 scalar head, saved as `*ForSequenceClassification(num_labels=1)`. The reward of a response is the head applied to the
@@ -34,15 +35,17 @@ has a bias absorbs the offset there, and then the stored offset is 0.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from flywheel import distributed
 from flywheel.data.batching import split_heldout, to_device
 from flywheel.data.formats import Ranking
 from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
@@ -61,6 +64,13 @@ from flywheel.tokenization import (
     render_prompt,
     render_scored_response,
     turn_end,
+)
+from flywheel.train.ensemble import (
+    RewardEnsemble,
+    assemble_ensemble,
+    check_aggregation,
+    ensemble_members,
+    single_model_error,
 )
 from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log, seed_everything
@@ -124,11 +134,21 @@ class RewardConfig(PreferenceConfig):
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     margin: float = field(default=0.0, metadata={"help": "the loss asks r_winner - r_loser to exceed this margin"})
     chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
+    rm_ensemble: int = field(
+        default=1,
+        metadata={
+            "help": "train N reward models that differ in seed (--seed + i: head init and data order; same data and "
+            "references), one after another in OUT/member<i>/; final/ holds them as final/member<i> with a "
+            "flywheel_ensemble.json manifest (1 = one plain reward model)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
             raise UserError("--model is required (a causal LM such as the SFT model, or a reward model)")
         super().validate()
+        if self.rm_ensemble < 1:
+            raise UserError("--rm-ensemble must be >= 1")
 
 
 def reward_offset(config: Any) -> float:
@@ -530,10 +550,23 @@ class RewardModel:
         device: str | torch.device | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        ensemble_agg: str = "mean",
+        ensemble_lambda: float = 1.0,
         **kwargs: Any,
-    ) -> RewardModel:
-        """A reward model directory or hub id (at `revision`) with its tokenizer; `kwargs` go to the constructor."""
+    ) -> RewardModel | RewardEnsemble:
+        """A reward model directory or hub id (at `revision`) with its tokenizer; `kwargs` go to the constructor.
+        An ensemble directory (`flywheel rm --rm-ensemble N`) gives a `RewardEnsemble` with the same scoring
+        interface, aggregated with `ensemble_agg` (mean, min, mean-std) and `ensemble_lambda`; a single model takes
+        only the default aggregation."""
         hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+        check_aggregation(ensemble_agg, ensemble_lambda)
+        members = ensemble_members(path) if Path(path).is_dir() else None
+        if members is not None:
+            one = {"dtype": dtype, "device": device, **hub, **kwargs}
+            scorers = [cls.from_pretrained(m, **one) for m in members]
+            return RewardEnsemble(scorers, agg=ensemble_agg, lam=ensemble_lambda)
+        if ensemble_agg != "mean":
+            raise UserError(single_model_error(ensemble_agg), path=str(path))
         model = load_sequence_classifier(str(path), dtype=dtype, **hub)
         if device is not None:
             model.to(device)
@@ -637,10 +670,11 @@ def scorable_conversations(tokenizer: Any, convs: Sequence[Any], *, skip_bad: bo
 
 
 def reference_answers(
-    cfg: RewardConfig, rankings: Sequence[Ranking], tokenizer: Any = None
+    cfg: RewardConfig, rankings: Sequence[Ranking], tokenizer: Any = None, *, seed: int | None = None
 ) -> tuple[list[Any], list[str], str]:
     """(prompts, answers, description) whose mean score becomes 0: --reference-data (checked against `tokenizer`'s
-    chat template when given), or the top-ranked answers."""
+    chat template when given), or the top-ranked answers; at most --reference-limit of them, drawn with `seed`
+    (default --seed)."""
     if cfg.reference_data:
         from flywheel.data.io import read_conversations
 
@@ -658,7 +692,9 @@ def reference_answers(
                 answers.append(r.completions[i])
         what = "top-ranked answers of the training rankings"
     if len(answers) > cfg.reference_limit:
-        keep = sorted(random.Random(cfg.seed).sample(range(len(answers)), cfg.reference_limit))
+        keep = sorted(
+            random.Random(cfg.seed if seed is None else seed).sample(range(len(answers)), cfg.reference_limit)
+        )
         prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
     return prompts, answers, what
 
@@ -677,15 +713,18 @@ def normalize_rewards(model: Any, mean_raw: float) -> float:
     return offset
 
 
-def split_rankings(cfg: Any, rankings: list[Ranking]) -> tuple[list[Ranking], list[Ranking]]:
-    """(train, held-out): --eval-data if given, else a seeded --eval-split of --data (none if it would empty train)."""
+def split_rankings(
+    cfg: Any, rankings: list[Ranking], *, seed: int | None = None
+) -> tuple[list[Ranking], list[Ranking]]:
+    """(train, held-out): --eval-data if given, else an --eval-split of --data drawn with `seed` (default --seed; none
+    if it would empty train)."""
     from flywheel.data.io import read_preferences
 
     if cfg.eval_data:
         return rankings, read_preferences(
             cfg.eval_data, skip_bad=cfg.skip_bad, **cfg.hub_split(cfg.eval_dataset_split)
         )
-    return split_heldout(rankings, cfg.eval_split, cfg.seed)
+    return split_heldout(rankings, cfg.eval_split, cfg.seed if seed is None else seed)
 
 
 def describe(groups: Sequence[RankingGroup]) -> str:
@@ -695,6 +734,41 @@ def describe(groups: Sequence[RankingGroup]) -> str:
 
 
 def train_reward(cfg: RewardConfig) -> Path:
+    """Train the reward model (or, with --rm-ensemble N, the N members of an ensemble); returns the run directory."""
+    if cfg.rm_ensemble > 1:
+        return train_reward_ensemble(cfg)
+    return train_one_reward(cfg)
+
+
+def train_reward_ensemble(cfg: RewardConfig) -> Path:
+    """--rm-ensemble N: member i is a plain `flywheel rm` run in OUT/member<i>/ with seed --seed + i (head init and
+    data order) and the held-out split and references of --seed; `final/` is assembled from their finals at the end.
+    With --resume, members with a final model are kept and the one in progress continues from its checkpoint."""
+    run_dir = prepare_run_dir(cfg)
+    finals, info = [], []
+    for i in range(cfg.rm_ensemble):
+        member_dir = run_dir / f"member{i}"
+        seed = cfg.seed + i
+        if cfg.resume and (member_dir / "final" / "config.json").is_file():
+            log.info("rm: ensemble member %d of %d is trained already (%s)", i + 1, cfg.rm_ensemble, member_dir)
+        else:
+            log.info("rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, seed, member_dir)
+            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1)
+            train_one_reward(member, data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
+        finals.append(member_dir / "final")
+        extra_path = member_dir / "final" / "flywheel.json"
+        extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
+        info.append({"seed": seed, **{k: v for k, v in extra.items() if k.startswith("eval_")}})
+    if distributed.is_main():
+        assemble_ensemble(run_dir / "final", finals, {"member_info": info})
+        log.info("rm: ensemble of %d reward models in %s", cfg.rm_ensemble, run_dir / "final")
+    distributed.barrier()
+    return run_dir
+
+
+def train_one_reward(cfg: RewardConfig, *, data_seed: int | None = None, desc: str = "rm") -> Path:
+    """One reward model in --out: seeded by --seed, with the held-out split and references drawn with `data_seed`
+    (default --seed)."""
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
@@ -704,7 +778,9 @@ def train_reward(cfg: RewardConfig) -> Path:
     resize_for_tokenizer(model, tokenizer)
     disable_dropout(model)
     prepare_model(model, cfg)
-    rankings, held_out = split_rankings(cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()))
+    rankings, held_out = split_rankings(
+        cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()), seed=data_seed
+    )
     fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
     rejected: list[Ranking] = []
     groups = encode_rankings(tokenizer, rankings, source=cfg.data, skipped=rejected, **fit)
@@ -732,12 +808,12 @@ def train_reward(cfg: RewardConfig) -> Path:
         collate,
         lambda m, b: rm_loss(m, b, cfg.margin),
         evaluate if eval_groups else None,
-        desc="rm",
+        desc=desc,
         lengths=[padded_tokens(g, cfg.share_prompt) for g in groups],
     )
     extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length, **result.eval_metrics}
     if cfg.normalize:
-        prompts, answers, what = reference_answers(cfg, rankings, tokenizer)
+        prompts, answers, what = reference_answers(cfg, rankings, tokenizer, seed=data_seed)
         scorer = RewardModel(
             model,
             tokenizer,

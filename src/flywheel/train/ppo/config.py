@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from flywheel.errors import UserError
 from flywheel.tokenization import CHAT_TEMPLATE_HELP
+from flywheel.train.ensemble import AGG_HELP, LAMBDA_HELP, check_aggregation
 from flywheel.train.loop import TrainConfig
 
 
@@ -25,7 +26,12 @@ class PPOConfig(TrainConfig):
             "the last PPO policy and keeps the SFT model here"
         },
     )
-    reward_model: str = field(default="", metadata={"help": "reward model dir (a *ForSequenceClassification)"})
+    reward_model: str = field(
+        default="",
+        metadata={
+            "help": "reward model dir (a *ForSequenceClassification), or an ensemble dir (flywheel rm --rm-ensemble)"
+        },
+    )
     reward_fn: list[str] = field(
         default_factory=list,
         metadata={
@@ -37,6 +43,8 @@ class PPOConfig(TrainConfig):
         default_factory=list,
         metadata={"help": "weight of each --reward-fn, in order (default: 1 each); the reward model's score weighs 1"},
     )
+    reward_ensemble_agg: str = field(default="mean", metadata={"help": AGG_HELP})
+    reward_ensemble_lambda: float = field(default=1.0, metadata={"help": LAMBDA_HELP})
     chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
     value_model: str = field(default="", metadata={"help": "value model init (default: the reward model)"})
     prompts: str = field(default="", metadata={"help": "prompts: JSONL {'messages'} ending with a user turn, or .txt"})
@@ -111,6 +119,7 @@ class PPOConfig(TrainConfig):
             raise UserError(
                 f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward_fn)} --reward-fn"
             )
+        check_aggregation(self.reward_ensemble_agg, self.reward_ensemble_lambda)
         if self.ref_model and self.lora_r:
             raise UserError("--ref-model cannot be used with --lora-r: the reference is the policy, adapters off")
         if self.kl_estimator not in ("k1", "k3"):

@@ -4,7 +4,7 @@
                                                  (`logprobs`: the log-probs alone)
     Reference  pi_ref = the SFT policy (frozen) -> log-probs (B, R)
     Critic     V_phi (trained, init from the RM) -> values (B, R) of the states before each response token
-    Reward     r(x, y) (frozen) or a function  -> scores (B,) at the last real token
+    Reward     r(x, y) (frozen; one model or an ensemble) or a function -> scores (B,) at the last real token
 
 Every role sees the same `Experience`-shaped inputs: sequences, attention mask, position ids and the prompt length P.
 Logits are divided by the sampling temperature whenever log-probs are computed, and dropout is off everywhere.
@@ -16,7 +16,7 @@ forward only, so its weights occupy the GPU while it scores and never while the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from flywheel import fastforward
 from flywheel.models import disable_dropout
 from flywheel.tokenization import TurnEnd
+from flywheel.train.ensemble import aggregate_rewards, disagreement
 from flywheel.train.ppo.losses import entropy_from_logits
 
 # A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
@@ -157,28 +158,41 @@ def complete_turns(
 
 
 class Reward(Role):
-    """A frozen reward model, a Python function of the token ids, or both (their sum). The model's score is read at
-    the last token of each response completed with the chat template's tail (`complete_turns`: where `flywheel rm`
-    trained it to read), minus its normalisation bias."""
+    """A frozen reward model (or an ensemble of them), a Python function of the token ids, or both (their sum). A
+    model's score is read at the last token of each response completed with the chat template's tail
+    (`complete_turns`: where `flywheel rm` trained it to read), minus its normalisation bias. An ensemble (`module` a
+    list, `bias` one per member) scores with every member and combines the (N, B) scores with `aggregate_rewards`
+    (`agg`, `lam`); `last` then holds the batch's `reward_ensemble_std` (disagreement: the mean over responses of
+    the std across members) and `reward_ensemble_mean` (the members' mean score) for the step's metrics."""
 
     def __init__(
         self,
-        module: torch.nn.Module | None = None,
+        module: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
         fn: RewardFn | None = None,
-        bias: float = 0.0,
+        bias: float | Sequence[float] = 0.0,
         *,
         offload: bool = False,
         turn_end: TurnEnd | None = None,
+        agg: str = "mean",
+        lam: float = 1.0,
     ):
         if module is None and fn is None:
             raise ValueError("Reward needs a model, a function or both")
-        if module is not None:
-            super().__init__(module, trainable=False, offload=offload)
+        self.members = [] if module is None else list(module) if isinstance(module, Sequence) else [module]
+        self.biases = [float(b) for b in bias] if isinstance(bias, Sequence) else [float(bias)] * len(self.members)
+        if self.members and len(self.biases) != len(self.members):
+            raise ValueError(f"{len(self.members)} reward models but {len(self.biases)} biases")
+        if len(self.members) == 1:
+            super().__init__(self.members[0], trainable=False, offload=offload)
+        elif self.members:  # one module for the offload / freeze machinery, scored member by member
+            super().__init__(torch.nn.ModuleList(self.members), trainable=False, offload=offload)
         else:
             self.module = None  # type: ignore[assignment]
+        self.bias = self.biases[0] if len(self.biases) == 1 else None  # a single model's (None for an ensemble)
         self.fn = fn
-        self.bias = bias
         self.turn_end = turn_end
+        self.agg, self.lam = agg, lam
+        self.last: dict[str, float] = {}
 
     @torch.no_grad()
     def forward(
@@ -197,8 +211,15 @@ class Reward(Role):
         if self.turn_end is not None:
             seq, attn, pos, lengths = complete_turns(seq, attn, pos, prompt_len, lengths, self.turn_end)
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
+        rows = torch.arange(len(seq), device=seq.device)
+        member_scores = []
         with self.placed(seq.device):
-            hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))  # (B, R + 1, H) from column P - 1
-            picked = hidden[torch.arange(len(seq), device=seq.device), last]  # (B, H)
-            scores = self.module.score(picked).squeeze(-1).float() - self.bias
+            for module, bias in zip(self.members, self.biases, strict=True):
+                keep = response_span(seq, prompt_len)
+                hidden = fastforward.hidden_states(module, seq, attn, pos, keep=keep)  # (B, R + 1, H) from P - 1
+                member_scores.append(module.score(hidden[rows, last]).squeeze(-1).float() - bias)  # (B,)
+        stacked = torch.stack(member_scores)  # (N, B)
+        if len(self.members) > 1:
+            self.last = {"reward_ensemble_std": disagreement(stacked), "reward_ensemble_mean": float(stacked.mean())}
+        scores = stacked[0] if len(self.members) == 1 else aggregate_rewards(stacked, self.agg, self.lam)
         return scores if fn_scores is None else scores + fn_scores

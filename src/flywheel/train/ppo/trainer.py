@@ -41,6 +41,7 @@ from flywheel.errors import UserError
 from flywheel.lora import disable_adapters
 from flywheel.models import is_hub_id, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
+from flywheel.train.ensemble import ensemble_members, single_model_error
 from flywheel.train.loop import (
     DataOrder,
     MetricsLogger,
@@ -138,6 +139,14 @@ def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any, **hub: Any) 
     return end
 
 
+def reward_model_dirs(reward_model: str) -> list[str]:
+    """The reward models of --reward-model: none, the one, or an ensemble directory's members."""
+    if not reward_model:
+        return []
+    members = ensemble_members(reward_model) if Path(reward_model).is_dir() else None
+    return [str(m) for m in members] if members else [reward_model]
+
+
 class PPOTrainer:
     """Holds the four roles, their optimizers and the KL controller; `step()` runs one rollout + PPO update."""
 
@@ -198,21 +207,32 @@ class PPOTrainer:
                 self.tokenizer,
                 read_prompts(cfg.prompts, skip_bad=False, **cfg.hub_split()),
             )
-        if cfg.reward_model:
-            rm = self._frozen(load_sequence_classifier(cfg.reward_model, **cfg.load_kwargs(cfg.reward_model)))
-            end = reward_turn_end(
-                cfg.reward_model, self.tokenizer, self.actor.module, **cfg.hub_kwargs(cfg.reward_model)
+        members = reward_model_dirs(cfg.reward_model)
+        if cfg.reward_ensemble_agg != "mean" and len(members) < 2:
+            raise UserError(single_model_error(cfg.reward_ensemble_agg), path=cfg.reward_model or None)
+        if members:
+            rms = [self._frozen(load_sequence_classifier(m, **cfg.load_kwargs(m))) for m in members]
+            end = reward_turn_end(members[0], self.tokenizer, self.actor.module, **cfg.hub_kwargs(members[0]))
+            if len(rms) > 1:
+                log.info("ppo: reward ensemble of %d models, aggregated by %s", len(rms), cfg.reward_ensemble_agg)
+            return Reward(
+                rms,
+                fn=fns,
+                bias=[reward_offset(rm.config) for rm in rms],
+                offload=cfg.offload_frozen,
+                turn_end=end,
+                agg=cfg.reward_ensemble_agg,
+                lam=cfg.reward_ensemble_lambda,
             )
-            bias = reward_offset(rm.config)
-            return Reward(rm, fn=fns, bias=bias, offload=cfg.offload_frozen, turn_end=end)
         if fns is None:
             raise UserError("--reward-model or --reward-fn is required")
         return Reward(fn=fns)
 
     def _build_critic(self) -> Critic | None:
-        """The value model: --value-model, else the reward model, else the policy's weights with a new head."""
+        """The value model: --value-model, else the reward model (an ensemble's first member), else the policy's
+        weights with a new head."""
         cfg = self.cfg
-        source = cfg.value_model or cfg.reward_model or cfg.model
+        source = cfg.value_model or next(iter(reward_model_dirs(cfg.reward_model)), cfg.model)
         value_model = load_sequence_classifier(source, **cfg.load_kwargs(source))
         return Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
 
@@ -269,6 +289,7 @@ class PPOTrainer:
         stats.update(info["stats"])
         if isinstance(self.reward.fn, RewardFunctions):
             stats.update(self.reward.fn.last)  # each --reward-fn's mean over this rank's rollouts
+        stats.update(self.reward.last)  # an ensemble's disagreement and mean score on this rank's rollouts
         if self.critic is not None:
             stats["explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
         if distributed.world() > 1:
