@@ -464,7 +464,7 @@ class BatchWorker:
             self._finish(row, FINISH_STOP, flush=False)
         elif done:
             self._finish(row, FINISH_LENGTH)
-        else:
+        elif row.req.incremental:  # a caller that wants the whole answer gets it in one event, not one per token
             self._send(row, final=False)
 
     def _append(self, row: _Row, piece: str) -> None:
