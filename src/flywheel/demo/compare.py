@@ -343,13 +343,13 @@ def result(method: str, seed: int, ev: PolicyEval, sft: PolicyEval, kl: float, s
     )
 
 
-COLUMNS = [
-    ("win vs SFT", "win_rate", 100),
-    ("score", "score", 1),
-    ("correct", "accuracy", 100),
-    ("over-refusal", "over_refusal", 100),
-    ("refuses harmful", "refusal_rate", 100),
-    ("IDK unknowable", "idk_rate", 100),
+COLUMNS = [  # (heading, MethodResult field, scale)
+    ("win vs SFT %", "win_rate", 100),
+    ("oracle score", "score", 1),
+    ("correct %", "accuracy", 100),
+    ("over-refusal %", "over_refusal", 100),
+    ("refuses harmful %", "refusal_rate", 100),
+    ("IDK unknowable %", "idk_rate", 100),
     ("KL nats", "kl", 1),
     ("seconds", "seconds", 1),
 ]
@@ -376,7 +376,8 @@ def markdown(results: list[MethodResult], settings: CompareSettings, cfg: DemoCo
         f"# flywheel compare: preset {cfg.preset}, seeds {', '.join(map(str, seeds))}, K = {settings.num_generations}",
         "",
         "Every method starts from the same SFT model with the same reward model / labelers' rankings per seed; the "
-        "oracle judges greedy answers to the held-out eval prompts. Mean ± sd over the seeds (percentages for rates).",
+        "oracle judges greedy answers to the held-out eval prompts. Mean ± sd over the seeds. seconds: the method's "
+        "training (sft: SFT's own training; best-of-n: answering the eval prompts).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|",
