@@ -33,17 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.demo.config import DemoConfig, parse_demo_config
-from flywheel.demo.rankings import Rankings, stage_rankings
-from flywheel.demo.stages import (
-    DemoRun,
-    RewardModelResult,
-    stage_ppo,
-    stage_pretrain,
-    stage_reward_model,
-    stage_sft,
-    stage_tokenizer,
-    start_run,
-)
+from flywheel.demo.pipeline import first_round_data
+from flywheel.demo.rankings import Rankings
+from flywheel.demo.stages import DemoRun, RewardModelResult, stage_ppo, start_run
 from flywheel.demo.state import RunState, Stage
 from flywheel.errors import UserError
 from flywheel.eval.policy import (
@@ -156,11 +148,7 @@ def run_seed(settings: CompareSettings, demo: DemoConfig, seed: int) -> list[Met
     done = RunState.open(out, cfg)
     timings: dict[str, float] = {}
     run = start_run(cfg, out, timings)
-    init = done.stage("tokenizer", timings, partial(stage_tokenizer, run), Path)
-    base = done.stage("pretrain", timings, partial(stage_pretrain, run, init), Path)
-    sft = done.stage("sft", timings, partial(stage_sft, run, base), Path)
-    labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft), Rankings)
-    rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels), RewardModelResult)
+    _, sft, labels, rm = first_round_data(done, run)
     policies: dict[str, Path] = {}
     for method in settings.methods:
         if method == "best-of-n":

@@ -46,16 +46,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     timings: dict[str, float] = {}
     t_start, c_start = time.perf_counter(), time.process_time()
     run = start_run(cfg, out, timings)
-    if cfg.base:
-        base = Path(cfg.base)
-        log.info("== base model: %s (no tokenizer training or pretraining)", base)
-    else:
-        init = done.stage("tokenizer", timings, partial(stage_tokenizer, run), Path)
-        base = done.stage("pretrain", timings, partial(stage_pretrain, run, init), Path)
-    sft = done.stage("sft", timings, partial(stage_sft, run, base), Path)
-
-    labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft), Rankings)
-    rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels), RewardModelResult)
+    base, sft, labels, rm = first_round_data(done, run)
     ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm), Path)
     gate = deploy(done, run, sft, ppo, 1, labels.summary.temperature)
     ppo = Path(gate.deployed) if gate else ppo
@@ -102,6 +93,22 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=2) + "\n")
     write_report(summary, out)
     return summary
+
+
+def first_round_data(done: RunState, run: DemoRun) -> tuple[Path, Path, Rankings, RewardModelResult]:
+    """The stages before the first policy optimisation, kept or run: (base, SFT, round-1 rankings, reward model).
+    `flywheel demo` and `flywheel compare` share them."""
+    cfg, timings = run.cfg, run.timings
+    if cfg.base:
+        base = Path(cfg.base)
+        log.info("== base model: %s (no tokenizer training or pretraining)", base)
+    else:
+        init = done.stage("tokenizer", timings, partial(stage_tokenizer, run), Path)
+        base = done.stage("pretrain", timings, partial(stage_pretrain, run, init), Path)
+    sft = done.stage("sft", timings, partial(stage_sft, run, base), Path)
+    labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft), Rankings)
+    rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels), RewardModelResult)
+    return base, sft, labels, rm
 
 
 def deploy(
