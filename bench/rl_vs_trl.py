@@ -246,8 +246,8 @@ def profile_ours(
     s: Setup, sh: Shape, steps: int, warmup: int, out: Path, clock: Callable[[], float]
 ) -> dict[str, float]:
     """Where our step spends its time (--clock) (median seconds per part over `steps` steps after `warmup`): sampling,
-    the three scoring passes (old log-probs, reference, reward function) and the update (of which its policy
-    forward, indented), timed by wrapping the trainer's own objects."""
+    the scoring passes (reference, reward function, and the old log-probs where the step needs a pass for them) and
+    the update's parts, timed by wrapping the trainer's own objects."""
     trainer = ours_trainer(s, sh, out)
     parts: dict[str, list[float]] = {}
     current: dict[str, float] = {}
@@ -263,12 +263,13 @@ def profile_ours(
         return wrapper
 
     trainer.engine.generate = timed("generate", trainer.engine.generate)
-    trainer.actor.logprobs = timed("old log-probs", trainer.actor.logprobs)
-    trainer.actor.forward = timed("  update: policy forward", trainer.actor.forward)
+    trainer.actor.logprobs = timed("old log-probs (a pass of their own)", trainer.actor.logprobs)
+    trainer.actor.forward = timed("update: policy forward", trainer.actor.forward)
+    trainer._backward = timed("update: loss + backward", trainer._backward)
+    trainer._step_optimizers = timed("update: clipping + AdamW", trainer._step_optimizers)
     trainer.ref.forward = timed("reference forward", trainer.ref.forward)
     trainer.reward.forward = timed("reward function", trainer.reward.forward)
     trainer.engine.update_weights = timed("engine weight refresh", trainer.engine.update_weights)
-    trainer.optimise = timed("update (forward + loss + backward + AdamW)", trainer.optimise)
     for step in range(warmup + steps):
         current.clear()
         t0 = clock()
@@ -281,17 +282,15 @@ def profile_ours(
 
 
 def step_flops(policy: Any, prompt_lens: list[int], sh: Shape) -> float:
-    """Matmul FLOPs one RL step needs at the least, on real tokens only: generation (each prompt through the layers
-    once, as a shared prefill, then every response token, and the LM head on each response token), the reference's
-    forward when beta > 0 (the LM head on the response positions only), and per epoch the policy's forward + backward
-    (3x a forward). No old log-probs pass: the sampler's log-probs could serve. The same arithmetic for any
-    implementation."""
+    """Matmul FLOPs one RL step needs at the least, on real tokens only, every pass running each prompt through the
+    layers once for its K responses (a shared prefix) and the LM head on the response positions only: generation,
+    the reference's forward when beta > 0, and per epoch the policy's forward + backward (3x a forward). No old
+    log-probs pass: the update's own forward can give them. The same arithmetic for any implementation."""
     full = [p + sh.new_tokens for p in prompt_lens for _ in range(sh.k)]
     repeated = [p for p in prompt_lens for _ in range(sh.k)]
     lm_head = 2 * policy.config.hidden_size * policy.config.vocab_size * sh.new_tokens * len(full)
-    forward = backbone_flops(policy, full) + lm_head
-    generation = backbone_flops(policy, prompt_lens) + forward - backbone_flops(policy, repeated)
-    return generation + (forward if sh.beta else 0) + sh.epochs * 3 * forward
+    shared = backbone_flops(policy, prompt_lens) + backbone_flops(policy, full) - backbone_flops(policy, repeated)
+    return (shared + lm_head) * (1 + (1 if sh.beta else 0) + 3 * sh.epochs)
 
 
 def matmul_roof(dtype: torch.dtype, clock: Callable[[], float], n: int = 2048, repeats: int = 5) -> float:

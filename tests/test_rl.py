@@ -17,6 +17,7 @@ from flywheel.train.ppo import trainer as ppo_trainer
 from flywheel.train.ppo.advantages import group_advantages, rloo_advantages
 from flywheel.train.ppo.losses import policy_loss
 from flywheel.train.ppo.rl import RLConfig, RLTrainer, train_rl
+from flywheel.utils import seed_everything
 
 
 def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
@@ -236,3 +237,93 @@ def test_gradient_accumulation_does_not_change_the_gradient(tmp_path, model_dir,
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-7)
     assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
+
+
+@pytest.mark.parametrize(
+    "estimator, kw",
+    [
+        ("grpo", dict(kl_coef=0.0, kl_loss_coef=0.05, entropy_coef=0.01)),
+        ("rloo", dict(kl_coef=0.1, kl_estimator="k1")),  # the advantages read the old log-probs (KL in the reward)
+        ("reinforce++", dict(kl_coef=0.1, loss_agg="seq-mean")),
+        ("ppo", dict(kl_coef=0.1)),
+    ],
+)
+def test_single_pass_equals_scoring_then_updating(tmp_path, model_dir, prompts_file, estimator, kw, monkeypatch):
+    """One epoch over one minibatch: the step skips the policy's scoring pass and takes the old log-probs from the
+    update's own forward. Same samples, advantages, statistics and gradients as scoring first, one forward fewer."""
+    runs = []
+    for single in (True, False):
+        cfg = _cfg(tmp_path, model_dir, prompts_file, f"run-{single}", estimator=estimator, ppo_epochs=1, **kw)
+        cfg.batch_size = cfg.sequences_per_step
+        seed_everything(cfg.seed)  # the critic's fresh value head
+        trainer = RLTrainer(cfg, reward_fn=target_reward)
+        assert trainer.single_pass
+        if not single:
+            monkeypatch.setattr(RLTrainer, "single_pass", property(lambda self: False))
+        scoring_passes = []
+        logprobs = trainer.actor.logprobs
+        trainer.actor.logprobs = lambda *a, f=logprobs, n=scoring_passes: n.append(1) or f(*a)
+        grads = {}
+        step_optimizers = trainer._step_optimizers
+
+        def keep_grads(t=trainer, g=grads, f=step_optimizers):
+            g.update({n: p.grad.clone() for n, p in t.actor.module.named_parameters() if p.grad is not None})
+            f()
+
+        trainer._step_optimizers = keep_grads
+        stats, exp, responses = trainer.step(0)
+        runs.append((stats, exp, responses, grads, len(scoring_passes)))
+        monkeypatch.undo()
+    (s1, e1, r1, g1, n1), (s2, e2, r2, g2, n2) = runs
+    assert (n1, n2) == (0, 1)  # the single pass never runs the separate scoring forward
+    assert r1 == r2 and torch.equal(e1.sequences, e2.sequences)
+    torch.testing.assert_close(e1.old_logprobs, e2.old_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(e1.old_values, e2.old_values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(e1.rewards, e2.rewards, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(e1.advantages, e2.advantages, rtol=1e-4, atol=1e-5)
+    assert s1["ratio"] == pytest.approx(1.0, abs=1e-7) and s1["clipfrac"] == 0.0
+    for key in ("score", "kl", "loss", "policy_loss", "entropy", "advantage_abs"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-4, abs=1e-5), key
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-3, atol=1e-6)
+    assert sum(float(g.abs().sum()) for g in g1.values()) > 0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
+def test_epochs_over_one_packed_minibatch_equal_the_unpacked_shuffled_ones(
+    tmp_path, model_dir, prompts_file, estimator, monkeypatch
+):
+    """Two epochs over one minibatch of the whole batch: the packed rows in sampled order give the gradients that the
+    shuffled, unpacked rows give (a permutation of one minibatch changes only the summation order)."""
+    from functools import partial
+
+    from flywheel.train.ppo import rl
+    from flywheel.train.ppo.rollout import sample_and_score
+
+    runs = []
+    for pack in (True, False):
+        cfg = _cfg(tmp_path, model_dir, prompts_file, f"run-{pack}", estimator=estimator, kl_coef=0.05)
+        cfg.batch_size = cfg.sequences_per_step
+        monkeypatch.setattr(rl, "sample_and_score", partial(sample_and_score, pack=pack))
+        seed_everything(cfg.seed)
+        trainer = RLTrainer(cfg, reward_fn=target_reward)
+        grads = []
+        step_optimizers = trainer._step_optimizers
+
+        def keep_grads(t=trainer, g=grads, f=step_optimizers):
+            g.append({n: p.grad.clone() for n, p in t.actor.module.named_parameters() if p.grad is not None})
+            f()
+
+        trainer._step_optimizers = keep_grads
+        stats, _, _ = trainer.step(0)
+        assert (trainer._packed is not None) == pack
+        runs.append((stats, grads))
+        monkeypatch.undo()
+    (s1, g1), (s2, g2) = runs
+    assert len(g1) == len(g2) == 2  # one optimizer step per epoch
+    for a, b in zip(g1, g2, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-6)
+    for key in ("score", "kl", "loss", "ratio", "clipfrac", "entropy"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-3, abs=1e-5), key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from flywheel.train.ppo.advantages import masked_mean
@@ -38,10 +40,63 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (...) entropy of softmax(logits)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(..., V) logits, (...) target ids -> (...) log softmax(logits / temperature)[target], in float32 (or
+    float64 for float64 logits)."""
+    z = _upcast(logits)
+    logp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class _LogprobsEntropy(torch.autograd.Function):
+    """`token_logprobs` and the entropy of the same softmax in one pass over the logits, with the gradient written
+    out: with p = softmax(z), z = logits / T, H = -sum p log p,
+        d logp[t] / dz = onehot(t) - p,        dH / dz = -p * (log p + H),
+    so the backward is one exp and a few in-place passes over (..., V) instead of autograd's chain through two
+    log-softmaxes, the gather, the exp and the division by T. Only log p is saved; the entropy's term is skipped when
+    nothing reads the entropy's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple:
+        ctx.set_materialize_grads(False)
+        z = _upcast(logits)
+        logp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+        selected = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(logp, targets, entropy)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return selected, entropy
+
+    @staticmethod
+    def backward(ctx: Any, g_selected: torch.Tensor | None, g_entropy: torch.Tensor | None) -> tuple:
+        logp, targets, entropy = ctx.saved_tensors
+        grad = logp.exp()  # p
+        if g_entropy is not None:
+            coef = (logp + entropy.unsqueeze(-1)).mul_(g_entropy.unsqueeze(-1))  # g_H (log p + H)
+            if g_selected is not None:
+                coef.add_(g_selected.unsqueeze(-1))
+            grad.mul_(coef).neg_()
+        elif g_selected is not None:
+            grad.mul_(-g_selected.unsqueeze(-1))
+        else:
+            return None, None, None
+        if g_selected is not None:
+            grad.scatter_add_(-1, targets.unsqueeze(-1), g_selected.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.dtype), None, None
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits, (...) target ids -> (`token_logprobs`, entropy of softmax(logits / temperature)), both
+    differentiable (float32; the gradient in the logits' dtype)."""
+    return _LogprobsEntropy.apply(logits, targets, temperature)
 
 
 AGGREGATIONS = ("token-mean", "seq-mean", "constant")

@@ -23,6 +23,7 @@ saved in checkpoints). Runs in one process (`flywheel ppo` has --nproc). docs/me
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from flywheel.train.ppo.advantages import (
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import AGGREGATIONS, loss_weights, rl_token_loss, value_loss
+from flywheel.train.ppo.packing import Packed
 from flywheel.train.ppo.roles import Critic, RewardFn
 from flywheel.train.ppo.rollout import Scored, rollout_stats, sample_and_score
 from flywheel.train.ppo.trainer import PPOTrainer, run_training
@@ -168,6 +170,7 @@ class RLTrainer(PPOTrainer):
 
     def __init__(self, cfg: RLConfig, reward_fn: RewardFn | None = None):
         self.score_moments = RunningMoments()
+        self._packed: Packed | None = None  # the last rollout batch in shared-prompt rows, where it was packed
         super().__init__(cfg, reward_fn)
 
     def _build_critic(self) -> Critic | None:
@@ -195,7 +198,21 @@ class RLTrainer(PPOTrainer):
             seed,
             samples_per_prompt=cfg.num_generations,
         )
+        self._packed = sc.packed
         return self._advantages(sc)
+
+    def optimise(self, exp: Experience, step: int) -> dict[str, float]:
+        """With one minibatch of the whole batch (no accumulation), every epoch updates on all rows in their sampled
+        order (shuffling a single minibatch would change only the summation order), in shared-prompt rows where the
+        rollout was packed; otherwise PPO's shuffled minibatches."""
+        cfg = self.cfg
+        if cfg.batch_size != len(exp) or cfg.grad_accum != 1 or self._packed is None:
+            return super().optimise(exp, step)
+        sums: dict[str, float] = {}
+        for epoch in range(cfg.ppo_epochs):
+            for k, v in self.minibatch_update(exp, self._ptx_batch(step, epoch, 0), self._packed).items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / cfg.ppo_epochs for k, v in sums.items()}
 
     def _advantages(self, sc: Scored) -> tuple[Experience, dict]:
         cfg, s = self.cfg, sc.seqs
@@ -213,7 +230,55 @@ class RLTrainer(PPOTrainer):
         stats["advantage_abs"] = float(masked_mean(advantages.abs(), mask))
         return exp, {"stats": stats, "responses": sc.responses}
 
-    def minibatch_update(self, mb: Experience, ptx: dict[str, Any] | None) -> dict[str, float]:
+    @property
+    def single_pass(self) -> bool:
+        """One epoch over one minibatch, no accumulation: the policy that sampled is the one updated, once, so its
+        old log-probs are the update forward's own (detached) and the scoring pass before it is skipped, as TRL's
+        GRPO does when it uses a batch once. The advantages (which read the old log-probs through the KL in the
+        reward) are computed between that forward and the backward."""
+        cfg = self.cfg
+        return cfg.ppo_epochs == 1 and cfg.batch_size == cfg.sequences_per_step and cfg.grad_accum == 1
+
+    def rollout_and_optimise(
+        self, prompts: list[list[int]], seed: int, step: int
+    ) -> tuple[Experience, dict, dict[str, float]]:
+        if not self.single_pass:
+            return super().rollout_and_optimise(prompts, seed, step)
+        cfg = self.cfg
+        sc = sample_and_score(
+            cfg,
+            self.engine,
+            self.actor,
+            self.ref,
+            self.critic,
+            self.reward,
+            prompts,
+            self.pad_id,
+            seed,
+            samples_per_prompt=cfg.num_generations,
+            old_logprobs=False,
+        )
+        self.actor.module.train()
+        rollout_end = time.perf_counter()
+        s = sc.seqs
+        args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len, sc.packed)
+        ptx = self._ptx_batch(step, 0, 0)
+        with autocast(cfg.bf16):
+            forward = self._policy_pass(self.actor.module, args, ptx)
+        sc.old_logprobs = forward[0].detach() * s.response_mask.float()
+        with torch.no_grad():
+            exp, info = self._advantages(sc)
+        weights = loss_weights(exp.response_mask, cfg.loss_agg, max_len=cfg.max_new_tokens)
+        stats = self._backward(exp, args, forward, weights, loss_weights(exp.response_mask, "token-mean"), ptx)
+        self._step_optimizers()
+        info["rollout_end"] = rollout_end
+        return exp, info, stats
+
+    def minibatch_update(
+        self, mb: Experience, ptx: dict[str, Any] | None, packed: Packed | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on the minibatch `mb` (--grad-accum micro-batches); `packed`: `mb` in shared-prompt rows
+        (the whole rollout batch in its sampled order, no accumulation)."""
         cfg = self.cfg
         out: dict[str, float] = {}
         micro = len(mb) // cfg.grad_accum
@@ -222,49 +287,70 @@ class RLTrainer(PPOTrainer):
         per_token = loss_weights(mb.response_mask, "token-mean")  # logged statistics and the critic: token means
         for j in range(cfg.grad_accum):
             rows = torch.arange(j * micro, (j + 1) * micro, device=mb.sequences.device)
-            part, w, tw = mb.select(rows), weights[rows], per_token[rows]
-            mask = part.response_mask.float()
-            args = (part.sequences, part.attention_mask, part.position_ids, part.prompt_len)
+            part = mb.select(rows)
+            args = (part.sequences, part.attention_mask, part.position_ids, part.prompt_len, packed)
             with autocast(cfg.bf16):
-                logprobs, entropy, lm = self._policy_pass(self.actor.module, args, ptx)
-                loss_t, parts = rl_token_loss(
-                    logprobs,
-                    part.old_logprobs,
-                    part.ref_logprobs,
-                    part.advantages,
-                    entropy,
-                    mask,
-                    eps_low=cfg.cliprange,
-                    eps_high=cfg.cliprange_high,
-                    kl_loss_coef=cfg.kl_loss_coef,
-                    entropy_coef=cfg.entropy_coef,
-                )
-                loss = (w * loss_t).sum()
-                if lm is not None:
-                    ptx_loss = lm / ptx["weight"]
-                    loss = loss + cfg.ptx_coef * ptx_loss / cfg.grad_accum
-                    out["ptx_loss"] = out.get("ptx_loss", 0.0) + float(ptx_loss.detach()) / cfg.grad_accum
-                loss.backward()
-            log_ratio = (logprobs.detach() - part.old_logprobs) * mask
-            stats = {
-                "loss": (w * loss_t.detach()).sum(),
-                "policy_loss": (w * parts["pg"].detach()).sum(),
-                "kl_loss": (tw * parts["kl"].detach()).sum(),
-                "entropy": (tw * entropy.detach()).sum(),
-                "clipfrac": (tw * parts["clipped"].float()).sum(),
-                "approx_kl": (tw * 0.5 * log_ratio**2).sum(),
-                "ratio": (tw * torch.exp(log_ratio)).sum(),
-            }
-            if self.critic is not None:
-                with autocast(cfg.bf16):
-                    values = self.critic.forward(*args)
-                vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
-                share = float(tw.sum())  # this micro-batch's share of the minibatch's tokens
-                (cfg.vf_coef * vl * share).backward()
-                stats.update(value_loss=vl.detach() * share, value_clipfrac=vstats["value_clipfrac"] * share)
+                forward = self._policy_pass(self.actor.module, args, ptx)
+            stats = self._backward(part, args, forward, weights[rows], per_token[rows], ptx, cfg.grad_accum)
             for k, v in stats.items():
-                out[k] = out.get(k, 0.0) + float(v)
+                out[k] = out.get(k, 0.0) + v
         self._step_optimizers()
+        return out
+
+    def _backward(
+        self,
+        part: Experience,
+        args: tuple,
+        forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        w: torch.Tensor,
+        tw: torch.Tensor,
+        ptx: dict[str, Any] | None,
+        n_micro: int = 1,
+    ) -> dict[str, float]:
+        """The loss of one micro-batch (one of `n_micro`; `args` its roles' inputs) from the policy's forward on it
+        (log-probs, entropy, ptx LM loss), backpropagated, with the critic's; `w` weights each token's loss
+        (--loss-agg), `tw` is the token mean the logged statistics use. Returns the statistics' sums."""
+        cfg = self.cfg
+        logprobs, entropy, lm = forward
+        mask = part.response_mask.float()
+        out: dict[str, float] = {}
+        with autocast(cfg.bf16):
+            loss_t, parts = rl_token_loss(
+                logprobs,
+                part.old_logprobs,
+                part.ref_logprobs,
+                part.advantages,
+                entropy,
+                mask,
+                eps_low=cfg.cliprange,
+                eps_high=cfg.cliprange_high,
+                kl_loss_coef=cfg.kl_loss_coef,
+                entropy_coef=cfg.entropy_coef,
+            )
+            loss = (w * loss_t).sum()
+            if lm is not None:
+                ptx_loss = lm / ptx["weight"]
+                loss = loss + cfg.ptx_coef * ptx_loss / n_micro
+                out["ptx_loss"] = float(ptx_loss.detach()) / n_micro
+            loss.backward()
+        log_ratio = (logprobs.detach() - part.old_logprobs) * mask
+        stats = {
+            "loss": (w * loss_t.detach()).sum(),
+            "policy_loss": (w * parts["pg"].detach()).sum(),
+            "kl_loss": (tw * parts["kl"].detach()).sum(),
+            "entropy": (tw * entropy.detach()).sum(),
+            "clipfrac": (tw * parts["clipped"].float()).sum(),
+            "approx_kl": (tw * 0.5 * log_ratio**2).sum(),
+            "ratio": (tw * torch.exp(log_ratio)).sum(),
+        }
+        if self.critic is not None:
+            with autocast(cfg.bf16):
+                values = self.critic.forward(*args)
+            vl, vstats = value_loss(values, part.old_values, part.returns, mask, cfg.cliprange_value)
+            share = float(tw.sum())  # this micro-batch's share of the minibatch's tokens
+            (cfg.vf_coef * vl * share).backward()
+            stats.update(value_loss=vl.detach() * share, value_clipfrac=vstats["value_clipfrac"] * share)
+        out.update({k: float(v) for k, v in stats.items()})
         return out
 
     def _step_optimizers(self) -> None:

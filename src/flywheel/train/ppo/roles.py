@@ -6,7 +6,9 @@
     Critic     V_phi (trained, init from the RM) -> values (B, R) of the states before each response token
     Reward     r(x, y) (frozen; one model or an ensemble) or a function -> scores (B,) at the last real token
 
-Every role sees the same `Experience`-shaped inputs: sequences, attention mask, position ids and the prompt length P.
+Every role sees the same `Experience`-shaped inputs: sequences, attention mask, position ids and the prompt length P,
+and optionally the same batch packed in shared-prompt rows (`flywheel.train.ppo.packing`; K rollouts of a prompt in
+one row), which it runs instead wherever its model's fast forward applies: the outputs are the same (B, R) tensors.
 Logits are divided by the sampling temperature whenever log-probs are computed, and dropout is off everywhere.
 
 Devices: every forward runs on its inputs' device (the policy's) and returns its outputs there. A frozen role built
@@ -25,7 +27,8 @@ from flywheel import fastforward
 from flywheel.models import disable_dropout
 from flywheel.tokenization import TurnEnd
 from flywheel.train.ensemble import aggregate_rewards, disagreement
-from flywheel.train.ppo.losses import entropy_from_logits
+from flywheel.train.ppo.losses import token_logprobs, token_logprobs_and_entropy
+from flywheel.train.ppo.packing import Packed
 
 # A programmatic reward: (prompt ids, response ids) per rollout -> (B,) scores. Used by tests and toy tasks.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -79,15 +82,18 @@ class _PolicyRole(Role):
         super().__init__(module, trainable=trainable, offload=offload)
         self.temperature = temperature
 
-    def _logits(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def _logits(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None
+    ) -> torch.Tensor:
+        if packed is not None and getattr(self.module, "lm_head", None) is not None and packed.applies(self.module):
+            return self.module.lm_head(packed.hidden(self.module))  # (B, R, V)
         # The LM head runs on the R + 1 last positions only: the prompt's other positions predict nothing we score.
         keep = response_span(seq, prompt_len)
         logits = fastforward.causal_lm_logits(self.module, seq, attn, pos, keep=keep)
-        return logits[:, -keep:-1].float() / self.temperature  # (B, R, V): predicts response tokens
+        return logits[:, -keep:-1]  # (B, R, V): predicts the response tokens, before the temperature
 
     def _logprobs(self, logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        targets = seq[:, prompt_len:]  # (B, R)
-        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return token_logprobs(logits, seq[:, prompt_len:], self.temperature)  # (B, R)
 
 
 class Actor(_PolicyRole):
@@ -95,14 +101,16 @@ class Actor(_PolicyRole):
         super().__init__(module, temperature, trainable=True)
 
     def forward(
-        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._logits(seq, attn, pos, prompt_len)
-        return self._logprobs(logits, seq, prompt_len), entropy_from_logits(logits)
+        logits = self._logits(seq, attn, pos, prompt_len, packed)
+        return token_logprobs_and_entropy(logits, seq[:, prompt_len:], self.temperature)
 
-    def logprobs(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def logprobs(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
+    ) -> torch.Tensor:
         """`forward`'s log-probs (B, R) alone, without the entropy: what scoring the rollouts (old log-probs) needs."""
-        return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
+        return self._logprobs(self._logits(seq, attn, pos, prompt_len, packed), seq, prompt_len)
 
 
 class Reference(_PolicyRole):
@@ -110,9 +118,11 @@ class Reference(_PolicyRole):
         super().__init__(module, temperature, trainable=False, offload=offload)
 
     @torch.no_grad()
-    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
+    ) -> torch.Tensor:
         with self.placed(seq.device):
-            return self._logprobs(self._logits(seq, attn, pos, prompt_len), seq, prompt_len)
+            return self._logprobs(self._logits(seq, attn, pos, prompt_len, packed), seq, prompt_len)
 
 
 class Critic(Role):
@@ -128,8 +138,13 @@ class Critic(Role):
         super().__init__(module, trainable=True)
         self.bias = bias
 
-    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))[:, :-1]  # (B, R, H): before each token
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
+    ) -> torch.Tensor:
+        if packed is not None and packed.applies(self.module):
+            hidden = packed.hidden(self.module)  # (B, R, H): before each token
+        else:
+            hidden = self._hidden(seq, attn, pos, response_span(seq, prompt_len))[:, :-1]
         return self.module.score(hidden).squeeze(-1).float() - self.bias  # (B, R)
 
 

@@ -12,6 +12,7 @@ from flywheel.train.loop import autocast
 from flywheel.train.ppo.advantages import gae, kl_estimate, kl_penalised_rewards, masked_whiten
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
+from flywheel.train.ppo.packing import Packed, pack_rollouts
 from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward
 
 
@@ -53,11 +54,12 @@ class Scored:
     """A sampled batch and what the frozen roles and the policy say about it (all on the policy's device)."""
 
     seqs: Sequences
-    old_logprobs: torch.Tensor  # (B, R) log pi_old, 0 on padding
+    old_logprobs: torch.Tensor | None  # (B, R) log pi_old, 0 on padding; None until the update's forward gives them
     ref_logprobs: torch.Tensor  # (B, R) log pi_ref, 0 on padding
     values: torch.Tensor | None  # (B, R) V_old, 0 on padding; None without a critic
     raw_scores: torch.Tensor  # (B,) the reward model's (or function's) scores
     responses: list[list[int]]  # the sampled token ids of each response
+    packed: Packed | None = None  # the same rows in shared-prompt rows, where the roles ran them that way
 
     def experience(
         self,
@@ -70,6 +72,7 @@ class Scored:
         """The rollout batch the update reads: these sequences and log-probs with an estimator's values (B, R),
         rewards (B, R), advantages (B, R), returns (B, R) and final scores (B,)."""
         s = self.seqs
+        assert self.old_logprobs is not None, "the old log-probs come before the experience"
         return Experience(
             sequences=s.sequences,
             attention_mask=s.attention_mask,
@@ -98,9 +101,13 @@ def sample_and_score(
     pad_id: int,
     seed: int,
     samples_per_prompt: int = 1,
+    old_logprobs: bool = True,
+    pack: bool = True,
 ) -> Scored:
     """Sample `samples_per_prompt` (K) responses to each prompt, a prompt's K consecutive and sharing one prefill in
-    the engine, and run every role on them."""
+    the engine, and run every role on them. `old_logprobs=False` skips the policy's scoring pass (for an update
+    that takes them from its own forward: `RLTrainer`'s single pass). With K > 1 the roles run the K rows of a
+    prompt as one shared-prompt row where that saves work (`pack_rollouts`; `pack=False`: never)."""
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -113,22 +120,28 @@ def sample_and_score(
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     # Built on the CPU (row by row), then moved to the device in one copy per tensor.
     s = build_sequences(prompts, gen.tokens, [r == "stop" for r in gen.finish_reasons], pad_id).to(actor.device)
-    args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len)
+    packed = None
+    if pack and samples_per_prompt > 1:
+        packed = pack_rollouts(
+            s.sequences, s.attention_mask, s.position_ids, s.prompt_len, samples_per_prompt, actor.module.config
+        )
+    args = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len, packed)
     mask = s.response_mask.float()
     with autocast(cfg.bf16):
         # Recomputed with the training forward, so the first minibatch has ratio 1 exactly (engine log-probs may
         # come from a different kernel or dtype).
-        old_logprobs = actor.logprobs(*args)  # no entropy: only the update reads it
+        old = actor.logprobs(*args) * mask if old_logprobs else None  # no entropy: only the update reads it
         ref_logprobs = ref.forward(*args)
         values = critic.forward(*args) if critic is not None else None
-        raw_scores = reward.forward(*args, s.response_mask)
+        raw_scores = reward.forward(*args[:4], s.response_mask)
     return Scored(
         seqs=s,
-        old_logprobs=old_logprobs * mask,
+        old_logprobs=old,
         ref_logprobs=ref_logprobs * mask,
         values=values * mask if values is not None else None,
         raw_scores=raw_scores,
         responses=gen.tokens,
+        packed=packed,
     )
 
 

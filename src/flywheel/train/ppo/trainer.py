@@ -61,6 +61,7 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
+from flywheel.train.ppo.packing import Packed
 from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_functions
 from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
@@ -273,12 +274,9 @@ class PPOTrainer:
         # Re-read the policy's weights: fused AdamW updates them in place without bumping the tensors' version
         # counters, so the engine cannot see the change by itself.
         self.engine.update_weights(self.actor.module)
-        exp, info = self.experience(
-            prompts, seed=(cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank()
-        )
-        self.actor.module.train()
-        t_rollout = time.perf_counter() - t0
-        stats = self.optimise(exp, step)
+        seed = (cfg.seed * 1_000_003 + step) * distributed.world() + distributed.rank()
+        exp, info, stats = self.rollout_and_optimise(prompts, seed, step)
+        t_rollout = info.pop("rollout_end") - t0
         if distributed.world() > 1:  # means over the ranks' equal shares (score_std: the mean of the ranks' stds)
             info["stats"] = _mean_over_ranks(info["stats"])
         self.kl_ctl.update(info["stats"]["kl"], cfg.sequences_per_step)
@@ -298,6 +296,16 @@ class PPOTrainer:
         stats["time_rollout"] = t_rollout
         stats["time_step"] = time.perf_counter() - t0
         return stats, exp, info["responses"]
+
+    def rollout_and_optimise(
+        self, prompts: list[list[int]], seed: int, step: int
+    ) -> tuple[Experience, dict, dict[str, float]]:
+        """Sample and score the rollout batch (policy in eval mode), then optimise on it: (experience, info, update
+        stats); info holds the rollout's stats, its responses and `rollout_end` (perf_counter when scoring ended)."""
+        exp, info = self.experience(prompts, seed)
+        self.actor.module.train()
+        info["rollout_end"] = time.perf_counter()
+        return exp, info, self.optimise(exp, step)
 
     def optimise(self, exp: Experience, step: int) -> dict[str, float]:
         """--ppo-epochs passes over the rollout batch in shuffled minibatches; policy and critic updated each time."""
@@ -519,9 +527,11 @@ class AdapterOffReference(Reference):
         self.temperature = temperature
 
     @torch.no_grad()
-    def forward(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
+    ) -> torch.Tensor:
         with disable_adapters(self.module):
-            return super().forward(seq, attn, pos, prompt_len)
+            return super().forward(seq, attn, pos, prompt_len, packed)
 
 
 def _call(wrapped: distributed.Wrapped | None, module: torch.nn.Module, fn: Any, *args: Any) -> Any:
