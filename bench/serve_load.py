@@ -8,7 +8,9 @@ It starts two `flywheel serve` subprocesses on loopback ports, `--batching conti
 median kept, so that a change in the machine's load hits both alike):
 
 - head of line: short requests (`--short-tokens`) sent one after another while `--long` long requests
-  (`--long-tokens`) decode; p50/p95 latency of the short ones, against the same short request on an idle server;
+  (`--long-tokens`) decode (from when `/health` counts them running, or with `--long-stream` from their first
+  streamed token, their tokens then going out while the shorts wait); p50/p95 latency of the short ones, against
+  the same short request on an idle server;
 - throughput: for each concurrency C in `--levels`, C clients send chat completions back to back (`--requests` in
   all); requests/s, generated tokens/s, median latency.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -57,20 +60,69 @@ async def ask(c: httpx.AsyncClient, url: str, content: str, max_tokens: int, see
     return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
 
 
-async def head_of_line(url: str, longs: int, long_tokens: int, shorts: int, short_tokens: int) -> dict[str, float]:
-    """Short requests behind long ones: their latencies, and the same short request on the idle server."""
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=longs + 2)) as c:
+async def ask_streaming(
+    c: httpx.AsyncClient, url: str, content: str, max_tokens: int, seed: int, started: asyncio.Event
+) -> tuple[float, int]:
+    """One streamed chat completion -> (seconds, content chunks); `started` is set at its first content chunk."""
+    t0 = time.perf_counter()
+    chunks = 0
+    body = {
+        "model": "flywheel",
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+    try:
+        async with c.stream("POST", url + "/v1/chat/completions", timeout=600, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                choices = json.loads(line[6:]).get("choices") if line.startswith("data: {") else None
+                if choices and choices[0].get("delta", {}).get("content"):
+                    chunks += 1
+                    started.set()
+    finally:
+        started.set()  # an error must not leave the shorts waiting
+    return time.perf_counter() - t0, chunks
+
+
+async def decoding(c: httpx.AsyncClient, url: str, requests: int) -> None:
+    """Wait until the server's worker runs `requests` requests (`/health`)."""
+    while (await c.get(url + "/health")).json()["engine"]["running_requests"] < requests:
+        await asyncio.sleep(0.002)
+
+
+async def head_of_line(
+    url: str, longs: int, long_tokens: int, shorts: int, short_tokens: int, stream: bool
+) -> dict[str, float]:
+    """Short requests behind long ones: their latencies, and the same short request on the idle server. The shorts
+    start once the long requests are decoding (their first streamed token, or `/health` counting them) and stop when
+    one of them ends."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=longs + 3)) as c:
         alone = [(await ask(c, url, "What is 2 + 2?", short_tokens, 7))[0] for _ in range(5)]
+        started = [asyncio.Event() for _ in range(longs)]
         running = [
-            asyncio.create_task(ask(c, url, f"Tell a long story {i}.", long_tokens, 100 + i)) for i in range(longs)
+            asyncio.create_task(
+                ask_streaming(c, url, f"Tell a long story {i}.", long_tokens, 100 + i, started[i])
+                if stream
+                else ask(c, url, f"Tell a long story {i}.", long_tokens, 100 + i)
+            )
+            for i in range(longs)
         ]
-        await asyncio.sleep(0.3)  # the long ones are decoding
+        if stream:
+            for event in started:
+                await event.wait()
+        else:
+            await decoding(c, url, longs)
         behind = []
         for _ in range(shorts):
-            if all(t.done() for t in running):
+            if any(t.done() for t in running):
                 break
             behind.append((await ask(c, url, "What is 2 + 2?", short_tokens, 7))[0])
         long_results = await asyncio.gather(*running)
+    if not behind:
+        raise SystemExit(f"the long requests ended before any short one was sent: raise --long-tokens ({long_tokens})")
     behind.sort()
     return {
         "alone_s": statistics.median(alone),
@@ -106,7 +158,7 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
 
 def start_server(model: Path, db: Path, port: int, batching: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flywheel", "serve", str(model), "--db", str(db), "--port", str(port)]
-    cmd += ["--max-batch", "32", "--log-api", "false", "--batching", batching]
+    cmd += ["--max-batch", "32", "--max-tokens-limit", "1024", "--log-api", "false", "--batching", batching]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -124,7 +176,14 @@ def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
     runs: dict[str, dict] = {b: {} for b in urls}
     for url in urls.values():
         asyncio.run(level(url, 2, 2, args.max_tokens))  # warm-up
-    tests = [("hol", lambda url: head_of_line(url, args.long, args.long_tokens, args.shorts, args.short_tokens))]
+    tests = [
+        (
+            "hol",
+            lambda url: head_of_line(
+                url, args.long, args.long_tokens, args.shorts, args.short_tokens, args.long_stream
+            ),
+        )
+    ]
     for clients in (int(x) for x in args.levels.split(",")):
         per_client = max(1, args.requests // clients)
         tests.append((clients, lambda url, c=clients, p=per_client: level(url, c, p, args.max_tokens)))
@@ -146,8 +205,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput level (total)")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--long", type=int, default=1, help="long requests running during the head-of-line test")
-    parser.add_argument("--long-tokens", type=int, default=512)
-    parser.add_argument("--shorts", type=int, default=10, help="short requests sent behind the long ones")
+    parser.add_argument(
+        "--long-tokens", type=int, default=960, help="tokens of each long request (the model holds 1024)"
+    )
+    parser.add_argument(
+        "--long-stream", action="store_true", help="stream the long requests (their tokens go out while shorts wait)"
+    )
+    parser.add_argument("--shorts", type=int, default=20, help="short requests sent behind the long ones")
     parser.add_argument("--short-tokens", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (the median is shown)")
     parser.add_argument("--port", type=int, default=18765)
@@ -167,6 +231,7 @@ def main() -> None:
     print(f"model {model.name if args.model else 'random ' + args.size}, CPU threads {torch_threads()}")
     print(
         f"\nhead of line: {args.short_tokens}-token requests behind {args.long} x {args.long_tokens}-token ones "
+        f"({'streamed' if args.long_stream else 'not streamed'}) "
         "(latency, and x the same request on an idle server)"
     )
     print(f"{'batching':>11} {'alone s':>8} {'p50 s':>8} {'p95 s':>8} {'p50 x':>6} {'p95 x':>6} {'shorts':>6}")

@@ -488,8 +488,32 @@ def test_a_join_drops_the_slots_no_row_needs_any_more():
     for _ in range(6):
         batch.step()
     assert batch.rows == [second]  # the long prompt's row finished after 4 tokens
-    batch.add([[7]], params)  # joining drops the finished row and the slots only it used
+    batch.add([[7]], params)  # joining (at the next step) drops the finished row and the slots only it used
+    batch.step()
     assert batch._state.kv.shape[1] == 2 and batch._state.n == 2 + 6
     with pytest.raises(UserError, match="outside the vocabulary"):
         batch.add([[VOCAB]], params)
     assert len(batch) == 2  # a rejected prompt leaves the batch as it was
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-hf"])
+def test_requests_that_join_between_two_steps_are_merged_in_one_copy(family):
+    """Several adds between two steps (a server admitting seeded requests one group each) join the running cache
+    together: one merge, and every request still gets the tokens of its own generation alone."""
+    model = _model(family)
+    engine = _engine(model, family)
+    joins = [(0, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=1.0, seed=1, stop_token_ids=[]))]
+    joins += [
+        (2, PROMPTS[i % 4], SamplingParams(max_new_tokens=3 + i, temperature=1.0, seed=10 + i, stop_token_ids=[]))
+        for i in range(4)
+    ]
+    alone = [engine.generate([prompt], params) for _, prompt, params in joins]
+    merges = []
+    batch_type = type(engine.batch().forward)
+    original = batch_type.merge
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batch_type, "merge", lambda self, *a: merges.append(len(a[2])) or original(self, *a))
+        got, _ = _run_joins(engine, joins)
+    assert merges == [4]  # the four requests of step 2 joined in one merge
+    for i, gen in enumerate(alone):
+        assert got[i][0] == gen.tokens[0], f"request {i}"

@@ -43,7 +43,8 @@ def test_native_steps_equal_the_torch_steps_with_padding_and_dropped_rows(family
             logits, ref_logits = fast.step(state, tokens), ref.step(ref_state, tokens)
             assert logits.dtype == torch.float32 and logits.shape == ref_logits.shape
             torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-5)
-            torch.testing.assert_close(state.kv, ref_state.kv, atol=2e-5, rtol=1e-5)
+            n = state.n  # the written slots (the rest of the cache is never read before a step writes it)
+            torch.testing.assert_close(state.kv[..., :n, :], ref_state.kv[..., :n, :], atol=2e-5, rtol=1e-5)
             if t == 5:  # drop rows 0 and 2: the cache is copied, rows keep their own positions
                 rows = torch.tensor([3, 1])
                 fast.keep(state, rows)

@@ -365,9 +365,10 @@ class CompactCausalLM:
         dev = self.device
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
         w = self.sync(positions=int(positions[:, -1].max()) + capacity - p + 1)
-        kv = torch.zeros(len(w.layers), b, 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
-        # 0 = attend, -inf = padding; SDPA would convert a boolean mask at every call of every layer. Slots past the
-        # prompt are 0 already: a step attends to slots up to its own only, which are all written by then.
+        # Not zeroed: the prefill writes every prompt slot (padding included) and a step writes its slot before
+        # anything attends to it, so no slot is read unwritten.
+        kv = torch.empty(len(w.layers), b, 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
+        # 0 = attend, -inf = padding; SDPA would convert a boolean mask at every call of every layer.
         bias = torch.zeros(b, capacity, dtype=self.dtype, device=dev)
         bias[:, :p].masked_fill_(~valid, float("-inf"))
         state = KVState(w=w, kv=kv, bias=bias, pos=positions[:, -1:] + 1, n=p)
@@ -406,16 +407,17 @@ class CompactCausalLM:
     def mergeable(state: KVState) -> bool:
         return True
 
-    def merge(self, state: KVState, rows: torch.Tensor, other: KVState, extra: int) -> KVState:
-        """A state with `rows` of `state` then every row of `other`, and room for `extra` more tokens per row.
+    def merge(self, state: KVState, rows: torch.Tensor, others: list[KVState], extra: int) -> KVState:
+        """A state with `rows` of `state` then every row of each of `others` (one copy of the cache however many
+        join), and room for `extra` more tokens per row.
 
         Each row keeps its slots in order, right-aligned on the common write slot (left padding where a row is
         shorter); slots no row attends to any more are dropped, so the cache never grows past the longest live row.
         Positions are per row, so no row's numbers change (a sliding window counts slots, which keep their gaps)."""
-        if state.w.layers is not other.w.layers:
+        if any(state.w.layers is not other.w.layers for other in others):
             raise RuntimeError("cannot merge generations made with different weights")
         parts = []
-        for st, keep in ((state, rows), (other, None)):
+        for st, keep in [(state, rows), *((other, None) for other in others)]:
             bias = st.bias[:, : st.n] if keep is None else st.bias[keep, : st.n]
             first = int((bias == 0).int().argmax(-1).min())  # the earliest slot any of these rows attends to
             parts.append((st, keep, first, st.n - first))
@@ -423,7 +425,9 @@ class CompactCausalLM:
         b = sum(st.kv.shape[1] if keep is None else len(keep) for st, keep, *_ in parts)
         shape = list(state.kv.shape)
         shape[1], shape[3] = b, n + extra
-        kv = state.kv.new_zeros(shape)
+        # Only the left padding is zeroed (masked, but 0 * NaN would still poison the attention): the slots after n
+        # are written by the steps before anything reads them.
+        kv = state.kv.new_empty(shape)
         bias = state.bias.new_zeros(b, n + extra)
         bias[:, :n] = float("-inf")
         at = 0
@@ -431,11 +435,12 @@ class CompactCausalLM:
             src_kv = st.kv[:, :, :, first : st.n] if keep is None else st.kv[:, keep, :, first : st.n]
             src_bias = st.bias[:, first : st.n] if keep is None else st.bias[keep, first : st.n]
             rows_here = src_bias.shape[0]
+            kv[:, at : at + rows_here, :, : n - length] = 0
             kv[:, at : at + rows_here, :, n - length : n] = src_kv
             bias[at : at + rows_here, n - length : n] = src_bias
             at += rows_here
-        pos = torch.cat([state.pos[rows], other.pos])
-        w = state.w if state.w.rope.shape[0] >= other.w.rope.shape[0] else other.w
+        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
+        w = max([state.w, *(other.w for other in others)], key=lambda x: x.rope.shape[0])  # the longest RoPE table
         return KVState(w=w, kv=kv, bias=bias, pos=pos, n=n)
 
     def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int) -> torch.Tensor:

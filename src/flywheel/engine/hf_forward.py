@@ -75,14 +75,14 @@ class HFCausalLM:
         layers = getattr(state.cache, "layers", None)
         return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
-    def merge(self, state: HFState, rows: torch.Tensor, other: HFState, extra: int) -> HFState:
-        """`rows` of `state` then every row of `other`, left-padded to a common length (`extra` is unused: the
-        cache grows). Columns that no remaining row attends to are dropped."""
+    def merge(self, state: HFState, rows: torch.Tensor, others: list[HFState], extra: int) -> HFState:
+        """`rows` of `state` then every row of each of `others`, left-padded to a common length (`extra` is unused:
+        the cache grows). Columns that no remaining row attends to are dropped."""
         del extra
-        if not (self.mergeable(state) and self.mergeable(other)):
+        if not all(self.mergeable(st) for st in (state, *others)):
             raise RuntimeError("this model's cache cannot be merged (it has non-dynamic layers)")
         parts = []
-        for st, keep in ((state, rows), (other, None)):
+        for st, keep in [(state, rows), *((other, None) for other in others)]:
             mask = st.mask if keep is None else st.mask[keep]
             first = int(mask.argmax(-1).min())  # the earliest column any of these rows attends to
             parts.append((st, keep, first, mask.shape[1] - first))
@@ -92,12 +92,17 @@ class HFCausalLM:
             """(B, H, S, D) keys or values -> the kept rows' columns from `first`, left-padded to n."""
             return torch.nn.functional.pad((t if keep is None else t[keep])[..., first:, :], (0, 0, n - length, 0))
 
-        for mine, theirs in zip(state.cache.layers, other.cache.layers, strict=True):
-            (_, ka, fa, la), (_, kb, fb, lb) = parts
-            mine.keys = torch.cat([pad(mine.keys, ka, fa, la), pad(theirs.keys, kb, fb, lb)])
-            mine.values = torch.cat([pad(mine.values, ka, fa, la), pad(theirs.values, kb, fb, lb)])
+        for i, mine in enumerate(state.cache.layers):
+            layers = [st.cache.layers[i] for st, *_ in parts]
+            mine.keys = torch.cat(
+                [pad(la.keys, keep, f, ln) for la, (_, keep, f, ln) in zip(layers, parts, strict=True)]
+            )
+            mine.values = torch.cat(
+                [pad(la.values, keep, f, ln) for la, (_, keep, f, ln) in zip(layers, parts, strict=True)]
+            )
         masks = [
             torch.nn.functional.pad((st.mask if keep is None else st.mask[keep])[:, first:], (n - length, 0))
             for st, keep, first, length in parts
         ]
-        return HFState(cache=state.cache, mask=torch.cat(masks), pos=torch.cat([state.pos[rows], other.pos]))
+        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
+        return HFState(cache=state.cache, mask=torch.cat(masks), pos=pos)

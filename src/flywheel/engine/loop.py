@@ -79,6 +79,9 @@ class DecodeBatch:
     _rows: dict[int, _Row] = field(default_factory=dict)  # live rows by id
     _next: int = 0
     _shared: torch.Generator | None = None  # the draws of groups without a seed
+    # Prefilled groups waiting to join: (state, logits, row ids); merged into the batch together before the next
+    # step, so that several adds between two steps copy the running cache once.
+    _joining: list[tuple[Any, torch.Tensor, list[int]]] = field(default_factory=list)
 
     def __len__(self) -> int:
         """Rows still generating."""
@@ -86,8 +89,10 @@ class DecodeBatch:
 
     @property
     def rows(self) -> list[int]:
-        """The ids of the rows still generating, in batch order."""
-        return [r for r, a in zip(self._slots, self._alive, strict=True) if a]
+        """The ids of the rows still generating, in batch order (rows that joined since the last step last)."""
+        return [r for r, a in zip(self._slots, self._alive, strict=True) if a] + [
+            r for *_, new in self._joining for r in new
+        ]
 
     @property
     def joinable(self) -> bool:
@@ -131,13 +136,7 @@ class DecodeBatch:
                 self._state, self._logits = state, logits
                 self._slots, self._alive = new, [True] * len(new)
             else:
-                keep = [i for i, a in enumerate(self._alive) if a]
-                keep_t = torch.tensor(keep, dtype=torch.long, device=logits.device)
-                extra = max(left + [self._rows[self._slots[i]].left for i in keep])
-                self._state = self.forward.merge(self._state, keep_t, state, extra)
-                self._logits = torch.cat([self._logits[keep_t], logits])
-                self._slots = [self._slots[i] for i in keep] + new
-                self._alive = [True] * len(self._slots)
+                self._joining.append((state, logits, new))
         for j, (row, n) in enumerate(zip(new, left, strict=True)):
             self._rows[row] = _Row(group, j, int(n))
         group.live = group.size
@@ -148,6 +147,7 @@ class DecodeBatch:
         if not self._rows:
             raise RuntimeError("the batch has no rows left to step")
         self._feed()
+        self._merge_joining()
         with torch.inference_mode():
             tokens, logprobs = self._sample()
         new, logp = tokens.tolist(), logprobs.tolist()
@@ -171,6 +171,8 @@ class DecodeBatch:
 
     def cancel(self, rows: list[int]) -> None:
         """Stop generating `rows` (ids from `add`; ids that already finished are ignored)."""
+        self._feed()
+        self._merge_joining()
         gone = set(rows)
         for i, row_id in enumerate(self._slots):
             if self._alive[i] and row_id in gone:
@@ -184,7 +186,22 @@ class DecodeBatch:
 
     def _reset(self) -> None:
         self._state = self._logits = self._pending = None
-        self._slots, self._alive = [], []
+        self._slots, self._alive, self._joining = [], [], []
+
+    def _merge_joining(self) -> None:
+        """Merge the groups prefilled since the last step into the running cache, in one copy (finished rows'
+        slots dropped on the way)."""
+        if not self._joining:
+            return
+        with torch.inference_mode():
+            keep = [i for i, a in enumerate(self._alive) if a]
+            keep_t = torch.tensor(keep, dtype=torch.long, device=self._logits.device)
+            extra = max(row.left for row in self._rows.values())
+            self._state = self.forward.merge(self._state, keep_t, [st for st, *_ in self._joining], extra)
+            self._logits = torch.cat([self._logits[keep_t], *(logits for _, logits, _ in self._joining)])
+            self._slots = [self._slots[i] for i in keep] + [r for *_, new in self._joining for r in new]
+            self._alive = [True] * len(self._slots)
+            self._joining = []
 
     def _feed(self) -> None:
         """Run the forward on the tokens of the last step (first dropping finished rows if enough have finished)."""
@@ -192,7 +209,7 @@ class DecodeBatch:
             return
         tokens, self._pending = self._pending, None
         with torch.inference_mode():
-            dead = len(self._alive) - len(self._rows)
+            dead = self._alive.count(False)
             if dead and dead >= self.compact_at * len(self._alive):
                 keep = [i for i, a in enumerate(self._alive) if a]
                 keep_t = torch.tensor(keep, dtype=torch.long, device=tokens.device)
