@@ -391,14 +391,21 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     )
     for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
         assert (out / name).is_file(), name
-    # Two rounds: round 2 ranked the round-1 policy's answers, fine-tuned the reward model, went on with PPO.
-    final = out / "round2" / "ppo" / "final"
-    assert summary["final_policy"] == str(final) and (final / "config.json").is_file()
+    # Two rounds: round 2 ranked the answers of the policy round 1 deployed (the labelers' gate: a saved PPO policy
+    # or the SFT incumbent), fine-tuned the reward model, went on with PPO from it; the gate of round 2 chose the
+    # final policy among round 2's saved policies and round 1's choice.
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert summary["rounds"][1]["labelers"]["policy"] == str(out / "ppo" / "final")
+    first, second = (r["gate"] for r in summary["rounds"])
+    assert first["incumbent"] == str(out / "sft" / "final") and second["incumbent"] == first["deployed"]
+    assert first["deployed"] in [first["incumbent"]] + [c["policy"] for c in first["candidates"]]
+    assert second["deployed"] in [second["incumbent"]] + [c["policy"] for c in second["candidates"]]
+    assert all(Path(c["policy"]).is_relative_to(out / "round2" / "ppo") for c in second["candidates"])
+    final = Path(summary["final_policy"])
+    assert final == Path(second["deployed"]) and (final / "config.json").is_file()
+    assert summary["rounds"][1]["labelers"]["policy"] == first["deployed"]
     assert summary["rounds"][1]["labelers"]["temperature"] == summary["labelers"]["temperature"]  # the same people
     ppo2 = yaml.safe_load((out / "round2" / "ppo" / "config.yaml").read_text())
-    assert ppo2["model"] == str(out / "ppo" / "final") and ppo2["ref_model"] == str(out / "sft" / "final")
+    assert ppo2["model"] == first["deployed"] and ppo2["ref_model"] == str(out / "sft" / "final")
     assert yaml.safe_load((out / "round2" / "rm" / "config.yaml").read_text())["model"] == str(out / "rm" / "final")
     assert sorted({r["round"] for r in summary["ppo_curve"]}) == [1, 2]
     steps = [r["step"] for r in summary["ppo_curve"]]
@@ -425,8 +432,8 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     # --resume after an interruption during PPO: the finished stages are kept, PPO and evaluation run again, and the
     # figures are the uninterrupted run's (every stage is deterministic given the seed)
     state = json.loads((again / "demo_state.json").read_text())
-    assert list(state["stages"]) == ["sft", "rankings:1", "reward model:1", "ppo:1"]
-    del state["stages"]["ppo:1"]
+    assert list(state["stages"]) == ["sft", "rankings:1", "reward model:1", "ppo:1", "gate:1"]
+    del state["stages"]["ppo:1"], state["stages"]["gate:1"]
     (again / "demo_state.json").write_text(json.dumps(state))
     (again / "summary.json").unlink()
     shutil.rmtree(again / "ppo" / "final")

@@ -68,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         size="small",
         rounds=1,
+        gate_every=0,
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=2,
@@ -99,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="mini",
         bf16=False,
         rounds=1,
+        gate_every=0,
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=0,
@@ -122,6 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         size="tiny",
         rounds=2,
+        gate_every=5,  # of 15 PPO steps: 3 candidates per round (docs/demo.md, the gate's measurement)
         n_rank_next=100,
         max_new_tokens=32,
         stock_answers=0,
@@ -192,13 +195,10 @@ class DemoConfig:
         "--rounds x this exceeds --world.n-ppo"
     )
     max_new_tokens: int | None = _preset("response length limit when sampling (rankings, PPO, evaluation)")
-    gate_every: int = field(
-        default=0,
-        metadata={
-            "help": "the labelers' gate: PPO saves its policy every N steps, the labelers compare each saved policy "
-            "with the incumbent (SFT, or the last round's) on the world's validation prompts, and the one they prefer "
-            "with 95% confidence is deployed, else the incumbent stays (0 = no gate: the last PPO policy)"
-        },
+    gate_every: int | None = _preset(
+        "the labelers' gate: PPO saves its policy every N steps, the labelers compare each saved policy with the "
+        "incumbent (SFT, or the last round's) on the world's validation prompts, and the one they prefer with 95% "
+        "confidence is deployed, else the incumbent stays (0 = no gate: the last PPO policy)"
     )
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
     bf16: bool | None = field(
@@ -285,7 +285,7 @@ class DemoConfig:
             raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
-        if self.gate_every < 0:
+        if self.gate_every is not None and self.gate_every < 0:
             raise UserError("--gate-every must be >= 0")
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
