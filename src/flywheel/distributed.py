@@ -29,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,16 @@ def init() -> None:
 
 
 def _shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # Every rank past its last collective before any tears the group down (a rank destroying it while another
+        # still waits on a collective can abort that one); bounded, so a rank that died cannot hang the others.
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except Exception:  # noqa: BLE001 (exiting anyway: another rank failed or left)
+            pass
+    dist.destroy_process_group()
 
 
 def active() -> bool:
