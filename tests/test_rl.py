@@ -40,6 +40,18 @@ def _cfg(tmp_path, model_dir, prompts_file, name="run", **kw):
     return RLConfig(**base)
 
 
+def _record_grads(trainer):
+    """The policy's gradients at each optimizer step of `trainer` (a list, filled as it trains)."""
+    grads, step_optimizers = [], trainer._step_optimizers
+
+    def record():
+        grads.append({n: p.grad.clone() for n, p in trainer.actor.module.named_parameters() if p.grad is not None})
+        step_optimizers()
+
+    trainer._step_optimizers = record
+    return grads
+
+
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -263,16 +275,10 @@ def test_single_pass_equals_scoring_then_updating(tmp_path, model_dir, prompts_f
         scoring_passes = []
         logprobs = trainer.actor.logprobs
         trainer.actor.logprobs = lambda *a, f=logprobs, n=scoring_passes: n.append(1) or f(*a)
-        grads = {}
-        step_optimizers = trainer._step_optimizers
-
-        def keep_grads(t=trainer, g=grads, f=step_optimizers):
-            g.update({n: p.grad.clone() for n, p in t.actor.module.named_parameters() if p.grad is not None})
-            f()
-
-        trainer._step_optimizers = keep_grads
+        grads = _record_grads(trainer)
         stats, exp, responses = trainer.step(0)
-        runs.append((stats, exp, responses, grads, len(scoring_passes)))
+        assert len(grads) == 1
+        runs.append((stats, exp, responses, grads[0], len(scoring_passes)))
         monkeypatch.undo()
     (s1, e1, r1, g1, n1), (s2, e2, r2, g2, n2) = runs
     assert (n1, n2) == (0, 1)  # the single pass never runs the separate scoring forward
@@ -308,14 +314,7 @@ def test_epochs_over_one_packed_minibatch_equal_the_unpacked_shuffled_ones(
         monkeypatch.setattr(rl, "sample_and_score", partial(sample_and_score, pack=pack))
         seed_everything(cfg.seed)
         trainer = RLTrainer(cfg, reward_fn=target_reward)
-        grads = []
-        step_optimizers = trainer._step_optimizers
-
-        def keep_grads(t=trainer, g=grads, f=step_optimizers):
-            g.append({n: p.grad.clone() for n, p in t.actor.module.named_parameters() if p.grad is not None})
-            f()
-
-        trainer._step_optimizers = keep_grads
+        grads = _record_grads(trainer)
         stats, _, _ = trainer.step(0)
         assert (trainer._packed is not None) == pack
         runs.append((stats, grads))

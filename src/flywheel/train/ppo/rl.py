@@ -183,11 +183,10 @@ class RLTrainer(PPOTrainer):
         super().load_extra_state(state)
         self.score_moments.load_state_dict(state["score_moments"])
 
-    @torch.no_grad()
-    def experience(self, prompts: list[list[int]], seed: int) -> tuple[Experience, dict]:
-        cfg = self.cfg
-        sc = sample_and_score(
-            cfg,
+    def _sample_and_score(self, prompts: list[list[int]], seed: int, *, old_logprobs: bool = True) -> Scored:
+        """K samples per prompt, scored by every role (the policy's own pass only with `old_logprobs`)."""
+        return sample_and_score(
+            self.cfg,
             self.engine,
             self.actor,
             self.ref,
@@ -196,8 +195,13 @@ class RLTrainer(PPOTrainer):
             prompts,
             self.pad_id,
             seed,
-            samples_per_prompt=cfg.num_generations,
+            samples_per_prompt=self.cfg.num_generations,
+            old_logprobs=old_logprobs,
         )
+
+    @torch.no_grad()
+    def experience(self, prompts: list[list[int]], seed: int) -> tuple[Experience, dict]:
+        sc = self._sample_and_score(prompts, seed)
         self._packed = sc.packed
         return self._advantages(sc)
 
@@ -245,19 +249,7 @@ class RLTrainer(PPOTrainer):
         if not self.single_pass:
             return super().rollout_and_optimise(prompts, seed, step)
         cfg = self.cfg
-        sc = sample_and_score(
-            cfg,
-            self.engine,
-            self.actor,
-            self.ref,
-            self.critic,
-            self.reward,
-            prompts,
-            self.pad_id,
-            seed,
-            samples_per_prompt=cfg.num_generations,
-            old_logprobs=False,
-        )
+        sc = self._sample_and_score(prompts, seed, old_logprobs=False)
         self.actor.module.train()
         rollout_end = time.perf_counter()
         s = sc.seqs
