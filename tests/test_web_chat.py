@@ -276,7 +276,7 @@ def test_a_stopped_answer_is_no_demonstration(site, tmp_path):
 
 
 def test_stop_button_cancels_and_keeps_what_was_generated(site, page):
-    page.evaluate("() => localStorage.setItem('flywheel.chat.settings', JSON.stringify({max_tokens: 300}))")
+    page.evaluate("() => localStorage.setItem('flywheel.chat.settings', JSON.stringify({max_tokens: 400}))")
     site.engine.delay = 0.03
     try:
         start = site.engine.produced
@@ -290,8 +290,10 @@ def test_stop_button_cancels_and_keeps_what_was_generated(site, page):
         page.wait_for_selector(".msg.assistant[data-id] .tag.stopped", timeout=10_000)
         produced = site.engine.produced - start
         page.wait_for_timeout(500)
-        assert site.engine.produced - start <= produced + 1 and produced < 100
-        assert site.engine.calls[-1].budget == 300
+        # nothing more after the stop, and well short of the budget (400 tokens take 12 s at this delay; how soon
+        # the server sees the cancel depends on the machine's load: up to ~130 tokens seen in CI)
+        assert site.engine.produced - start <= produced + 1 and produced < 300
+        assert site.engine.calls[-1].budget == 400
     finally:
         site.engine.delay = 0.0
     assert page.inner_text("#send") == "Send"
