@@ -20,6 +20,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -34,15 +35,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CLOCK = time.perf_counter  # --clock cpu: time.process_time, our process's CPU time (steadier on a busy machine)
 
 
-def matmul_roof(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul: the most arithmetic this machine does in `dtype` (n = 512 for a bf16 that
-    the CPU only emulates: ~1 GFLOP/s on an AVX2-only CPU, where 2048^3 would take minutes)."""
+def matmul_roof(
+    dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5, clock: Callable[[], float] | None = None
+) -> float:
+    """Best FLOPs per `clock` second (default: this script's --clock) of an n x n x n matmul: the most arithmetic this
+    machine does in `dtype` at the current threads (n = 512 for a bf16 that the CPU only emulates: ~1 GFLOP/s on an
+    AVX2-only CPU, where 2048^3 would take minutes)."""
     if dtype == torch.bfloat16 and not bf16_is_fast():
         n = min(n, 512)
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / min(timed(lambda: a @ b, clock) for _ in range(repeats))
 
 
 def build(size: str, dtype: torch.dtype, seed: int = 0):
@@ -85,10 +89,11 @@ def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, g
     assert out.shape[1] == ids.shape[1] + new_tokens
 
 
-def timed(fn) -> float:
-    t = CLOCK()
+def timed(fn, clock: Callable[[], float] | None = None) -> float:
+    clock = clock or CLOCK
+    t = clock()
     fn()
-    return CLOCK() - t
+    return clock() - t
 
 
 def backbone_flops(model, lengths: list[int]) -> int:

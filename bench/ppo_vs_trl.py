@@ -34,13 +34,10 @@ never imports trl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,24 +48,20 @@ from typing import Any
 import torch
 
 from flywheel.models import (
-    build_causal_lm,
-    config_for_tokenizer,
     load_causal_lm,
     load_sequence_classifier,
     save_pretrained,
 )
-from flywheel.tokenization import render_prompt, train_tokenizer
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.trainer import PPOTrainer
 from flywheel.utils import bf16_is_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_vs_hf import backbone_flops, matmul_roof  # noqa: E402  (bench/ is not a package)
+from trainer_setup import CLOCKS, toy_policy  # noqa: E402
 
 TRL_DIR = Path(__file__).resolve().parent.parent / ".bench-trl-1.12"
 LR = 1e-5
-# --clock cpu: time.process_time, this process's CPU seconds (all threads): steadier when the machine is shared
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -81,20 +74,9 @@ class Setup:
 
 
 def make_setup(root: Path, n_prompts: int, seed: int = 0) -> Setup:
-    rng = random.Random(seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)})
-    tok = train_tokenizer([" ".join(rng.choice(words) for _ in range(50)) for _ in range(2000)], vocab_size=4096)
-    policy = build_causal_lm(config_for_tokenizer(tok, "small"), seed=seed)
-    save_pretrained(policy, tok, root / "policy")
+    tok, _, ids = toy_policy(root, n_prompts, seed)
     rm = load_sequence_classifier(str(root / "policy"))  # new scalar head, InstructGPT init
     save_pretrained(rm, tok, root / "reward")
-    convs = [
-        [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))}]
-        for _ in range(n_prompts)
-    ]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    ids = [render_prompt(tok, c) for c in convs]
     return Setup(str(root / "policy"), str(root / "reward"), str(root / "prompts.jsonl"), ids, tok)
 
 

@@ -37,13 +37,10 @@ in fp32. Needs the `bench` extra (trl, datasets, accelerate).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -53,16 +50,15 @@ from typing import Any
 import torch
 from transformers.utils.logging import disable_progress_bar
 
-from flywheel.models import build_causal_lm, config_for_tokenizer, load_causal_lm, save_pretrained
-from flywheel.tokenization import render_prompt, train_tokenizer
+from flywheel.models import load_causal_lm
 from flywheel.utils import bf16_is_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_vs_hf import backbone_flops  # noqa: E402  (bench/ is not a package)
+from engine_vs_hf import backbone_flops, matmul_roof  # noqa: E402  (bench/ is not a package)
+from trainer_setup import CLOCKS, toy_policy  # noqa: E402
 
 LR = 1e-6
 EPSILON = 0.2  # the ratio clip, both sides
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 VOWELS = frozenset("aeiou")
 
 
@@ -92,18 +88,7 @@ class Setup:
 
 
 def make_setup(root: Path, n_prompts: int, seed: int = 0) -> Setup:
-    rng = random.Random(seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
-    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)})
-    tok = train_tokenizer([" ".join(rng.choice(words) for _ in range(50)) for _ in range(2000)], vocab_size=4096)
-    policy = build_causal_lm(config_for_tokenizer(tok, "small"), seed=seed)
-    save_pretrained(policy, tok, root / "policy")
-    convs = [
-        [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))}]
-        for _ in range(n_prompts)
-    ]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    ids = [render_prompt(tok, c) for c in convs]
+    tok, convs, ids = toy_policy(root, n_prompts, seed)
     templated = tok.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert [list(x) for x in templated["input_ids"]] == ids, "TRL's chat template must give our prompt ids"
     return Setup(str(root / "policy"), str(root / "prompts.jsonl"), convs, ids, tok)
@@ -293,21 +278,6 @@ def step_flops(policy: Any, prompt_lens: list[int], sh: Shape) -> float:
     return (shared + lm_head) * (1 + (1 if sh.beta else 0) + 3 * sh.epochs)
 
 
-def matmul_roof(dtype: torch.dtype, clock: Callable[[], float], n: int = 2048, repeats: int = 5) -> float:
-    """FLOPs per `clock` second of the best n x n x n matmul in `dtype` at this run's threads (n = 512 where bf16 is
-    emulated: 2048^3 would take minutes)."""
-    if dtype == torch.bfloat16 and not bf16_is_fast():
-        n = 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
-        a @ b
-        best = min(best, clock() - t0)
-    return 2 * n**3 / best
-
-
 def measure(setup: Setup, sh: Shape, root: Path, args: argparse.Namespace) -> tuple[float, float]:
     """Alternate the sides --repeats times (the machine's load varies); each keeps its best median."""
     clock = CLOCKS[args.clock]
@@ -373,7 +343,7 @@ def main() -> None:
                 sh = Shape(est, args.batch_prompts, args.num_generations, args.max_new_tokens, epochs, args.beta, bf16)
                 rows.append((sh, *measure(setup, sh, root, args)))
         policy = load_causal_lm(setup.policy)
-        roof = matmul_roof(torch.bfloat16 if bf16 else torch.float32, CLOCKS[args.clock])
+        roof = matmul_roof(torch.bfloat16 if bf16 else torch.float32, clock=CLOCKS[args.clock])
         profiles = []
         if args.profile:
             for sh, _, _ in rows:
