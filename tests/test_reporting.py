@@ -101,15 +101,22 @@ def _read_wandb_file(path: Path) -> tuple[dict, list[dict]]:
     return config, history
 
 
-def test_wandb_offline_run_gets_the_same_metrics(tmp_path, model_dir, monkeypatch):
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    """Weights & Biases offline and silent, writing under the returned directory (skipped where wandb is absent)."""
     pytest.importorskip("wandb")
+    wb = tmp_path / "wb"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_DIR", str(wb))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wb").mkdir()
+    wb.mkdir()
+    return wb
+
+
+def test_wandb_offline_run_gets_the_same_metrics(tmp_path, model_dir, wandb_dir):
     code, out = _sft(tmp_path, model_dir, "--report-to", "wandb", "--lr", "0.01")
     assert code == 0
-    config, history = _wandb_history(tmp_path / "wb")
+    config, history = _wandb_history(wandb_dir)
     assert config["lr"] == 0.01 and config["out"] == str(out)
     logged: dict[int, dict] = {}
     for row in history:
@@ -120,22 +127,17 @@ def test_wandb_offline_run_gets_the_same_metrics(tmp_path, model_dir, monkeypatc
     assert sorted(logged) == [1, 2, 3] and {"loss", "lr", "grad_norm", "eval_loss"} <= set(logged[3])
     for step, metrics in expected.items():
         assert logged[step] == pytest.approx(metrics, rel=1e-6), step
-    assert (out / reporting.WANDB_ID_FILE).read_text().strip() in str(next((tmp_path / "wb").glob("wandb/offline-*")))
+    assert (out / reporting.WANDB_ID_FILE).read_text().strip() in str(next(wandb_dir.glob("wandb/offline-*")))
 
 
-def test_resume_continues_the_same_wandb_run(tmp_path, model_dir, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wb").mkdir()
+def test_resume_continues_the_same_wandb_run(tmp_path, model_dir, wandb_dir):
     code, out = _sft(tmp_path, model_dir, "--report-to", "wandb", "--max-steps", "4", "--save-every", "2")
     assert code == 0
     shutil.rmtree(out / "final")  # as if the run had stopped after its step-2 checkpoint
     code, _ = _sft(tmp_path, model_dir, "--report-to", "wandb", "--max-steps", "4", "--save-every", "2", "--resume")
     assert code == 0
     run_id = (out / reporting.WANDB_ID_FILE).read_text().strip()
-    first, second = sorted((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    first, second = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert first.name == second.name == f"run-{run_id}.wandb"  # one W&B run, written in two sessions
     steps = [{row["_step"] for row in _read_wandb_file(path)[1]} for path in (first, second)]
     assert steps == [{1, 2, 3, 4}, {3, 4}]
