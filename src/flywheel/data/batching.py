@@ -82,6 +82,17 @@ def collate_lm(samples: list[LMSample], pad_id: int) -> dict[str, Any]:
     }
 
 
+def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(R, T) segment ids of rows `[prompt][answer 1]..[answer K]` (0 = prompt, k + 1 = answer k, -1 = padding) ->
+    (R, 1, T, T) bool attention mask, True = the query may attend to the key: a key not after the query, in the prompt
+    or in the query's own answer; padding sees itself only (no query row is empty)."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & ((segments[:, None, :] == 0) | (segments[:, :, None] == segments[:, None, :]))
+    allowed &= (segments >= 0)[:, None, :] | torch.eye(t, dtype=torch.bool, device=segments.device)
+    return allowed[:, None]
+
+
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """The batch with every tensor on `device` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel import distributed
-from flywheel.data.batching import split_heldout, to_device
+from flywheel.data.batching import shared_prompt_mask, split_heldout, to_device
 from flywheel.data.formats import Ranking
 from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
@@ -373,11 +373,7 @@ def collate_groups(
         row += 1
     real = seg >= 0
     if share_prompt:
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        # key j visible to query i: j <= i, and j is in the prompt or in i's own answer; padding sees itself only
-        allowed = causal & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
-        allowed &= real[:, None, :] | torch.eye(length, dtype=torch.bool)
-        mask = allowed[:, None]  # (R, 1, T, T)
+        mask = shared_prompt_mask(seg)  # (R, 1, T, T)
         if mask_dtype != torch.bool:
             mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(~mask, torch.finfo(mask_dtype).min)
     else:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from flywheel import fastforward
+from flywheel.data.batching import shared_prompt_mask
 
 
 @dataclass
@@ -103,9 +104,4 @@ def pack_rollouts(
         seg_t[g, : len(ids)] = torch.tensor(seg)
         for row in range(g * k, (g + 1) * k):
             index[row] = [g * t + c for c in index[row]]
-    real = seg_t >= 0
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq.device).tril()
-    # key visible to query: not after it, and in the prompt or the query's own answer; padding sees itself only
-    allowed = causal & ((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :]))
-    allowed &= real[:, None, :] | torch.eye(t, dtype=torch.bool, device=seq.device)
-    return Packed(ids_t, allowed[:, None], pos_t, torch.tensor(index, device=seq.device))
+    return Packed(ids_t, shared_prompt_mask(seg_t), pos_t, torch.tensor(index, device=seq.device))
