@@ -67,7 +67,7 @@ def pack_rollouts(
         return None
     ids_l, attn_l, pos_l = seq.tolist(), attn.tolist(), pos.tolist()
     groups: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, segment: 0 prompt, j + 1 answer j)
-    index: list[list[int]] = []
+    index: list[list[int]] = []  # per row: positions in its group's packed row
     for g in range(b // k):
         first = g * k
         head = ids_l[first][:prompt_len]
@@ -96,12 +96,10 @@ def pack_rollouts(
     g_n = len(groups)
     if matmul_flops(config, g_n * t, g_n * t * t) >= matmul_flops(config, b * width, b * width * width):
         return None
-    pad = seq.new_full((g_n, t), 0)
-    ids_t, pos_t, seg_t = pad.clone(), pad.clone(), pad.new_full((g_n, t), -1)
-    for g, (ids, positions, seg) in enumerate(groups):
-        ids_t[g, : len(ids)] = torch.tensor(ids)
-        pos_t[g, : len(ids)] = torch.tensor(positions)
-        seg_t[g, : len(ids)] = torch.tensor(seg)
-        for row in range(g * k, (g + 1) * k):
-            index[row] = [g * t + c for c in index[row]]
-    return Packed(ids_t, shared_prompt_mask(seg_t), pos_t, torch.tensor(index, device=seq.device))
+
+    def padded(col: int, fill: int) -> torch.Tensor:  # (G, T): one column of `groups`, right-padded to T
+        return torch.tensor([x[col] + [fill] * (t - len(x[col])) for x in groups], device=seq.device)
+
+    rows_at = (torch.arange(b, device=seq.device) // k * t)[:, None]  # each row's group's first flat position
+    index_t = torch.tensor(index, device=seq.device) + rows_at
+    return Packed(padded(0, 0), shared_prompt_mask(padded(2, -1)), padded(1, 0), index_t)
