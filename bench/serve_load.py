@@ -42,20 +42,22 @@ def random_model(root: Path, size: str) -> Path:
     return save_pretrained(model, tok, root / "model")
 
 
+def completion_request(content: str, max_tokens: int, seed: int, *, stream: bool = False) -> dict:
+    """The chat completion every request of this benchmark makes: one user turn, temperature 1, a fixed seed."""
+    return {
+        "model": "flywheel",
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": seed,
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
 async def ask(c: httpx.AsyncClient, url: str, content: str, max_tokens: int, seed: int) -> tuple[float, int]:
     """One chat completion -> (seconds, completion tokens)."""
     t0 = time.perf_counter()
-    r = await c.post(
-        url + "/v1/chat/completions",
-        timeout=600,
-        json={
-            "model": "flywheel",
-            "max_tokens": max_tokens,
-            "temperature": 1.0,
-            "seed": seed,
-            "messages": [{"role": "user", "content": content}],
-        },
-    )
+    r = await c.post(url + "/v1/chat/completions", timeout=600, json=completion_request(content, max_tokens, seed))
     r.raise_for_status()
     return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
 
@@ -66,14 +68,7 @@ async def ask_streaming(
     """One streamed chat completion -> (seconds, content chunks); `started` is set at its first content chunk."""
     t0 = time.perf_counter()
     chunks = 0
-    body = {
-        "model": "flywheel",
-        "max_tokens": max_tokens,
-        "temperature": 1.0,
-        "seed": seed,
-        "stream": True,
-        "messages": [{"role": "user", "content": content}],
-    }
+    body = completion_request(content, max_tokens, seed, stream=True)
     try:
         async with c.stream("POST", url + "/v1/chat/completions", timeout=600, json=body) as r:
             r.raise_for_status()
