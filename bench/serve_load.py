@@ -12,7 +12,9 @@ median kept, so that a change in the machine's load hits both alike):
   streamed token, their tokens then going out while the shorts wait); p50/p95 latency of the short ones, against
   the same short request on an idle server;
 - throughput: for each concurrency C in `--levels`, C clients send chat completions back to back (`--requests` in
-  all); requests/s, generated tokens/s, median latency.
+  all), every one asking `--max-tokens`, then again with budgets spread over 1..2 x `--max-tokens` (mixed lengths:
+  dynamic batching then holds finished rows' places until the longest ends); requests/s, generated tokens/s,
+  median latency.
 
 The model answers with a fixed seed per request, so both schedulers generate the same tokens.
 """
@@ -128,14 +130,21 @@ async def head_of_line(
     }
 
 
-async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
+def budget(max_tokens: int, mixed: bool, i: int, j: int) -> int:
+    """Tokens asked by client i's j-th request: `max_tokens`, or with `mixed` a spread of 1..2*max_tokens (mean about
+    max_tokens), the same for both servers."""
+    return 1 + (7919 * (1000 * i + j)) % (2 * max_tokens) if mixed else max_tokens
+
+
+async def level(url: str, clients: int, per_client: int, max_tokens: int, mixed: bool) -> dict[str, float]:
     latencies: list[float] = []
     tokens = 0
 
     async def client(c: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
         for j in range(per_client):
-            seconds, n = await ask(c, url, f"Question {i}.{j}: what is {i} + {j}?", max_tokens, 1000 * i + j)
+            question = f"Question {i}.{j}: what is {i} + {j}?"
+            seconds, n = await ask(c, url, question, budget(max_tokens, mixed, i, j), 1000 * i + j)
             latencies.append(seconds)
             tokens += n
 
@@ -170,7 +179,7 @@ def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
     """Every measurement alternates between the servers, `--reps` times; the median of each is kept."""
     runs: dict[str, dict] = {b: {} for b in urls}
     for url in urls.values():
-        asyncio.run(level(url, 2, 2, args.max_tokens))  # warm-up
+        asyncio.run(level(url, 2, 2, args.max_tokens, False))  # warm-up
     tests = [
         (
             "hol",
@@ -179,9 +188,12 @@ def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict]:
             ),
         )
     ]
-    for clients in (int(x) for x in args.levels.split(",")):
-        per_client = max(1, args.requests // clients)
-        tests.append((clients, lambda url, c=clients, p=per_client: level(url, c, p, args.max_tokens)))
+    for mixed in (False, True):
+        for clients in (int(x) for x in args.levels.split(",")):
+            per_client = max(1, args.requests // clients)
+            tests.append(
+                ((clients, mixed), lambda url, c=clients, p=per_client, m=mixed: level(url, c, p, args.max_tokens, m))
+            )
     for name, test in tests:
         samples: dict[str, list[dict]] = {b: [] for b in urls}
         for _ in range(args.reps):
@@ -197,7 +209,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: a random Llama of --size)")
     parser.add_argument("--size", default="mini", help="size of the random Llama (flywheel.models.TINY_SIZES)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in the throughput levels")
-    parser.add_argument("--requests", type=int, default=64, help="requests per throughput level (total)")
+    parser.add_argument("--requests", type=int, default=256, help="requests per throughput level (total)")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--long", type=int, default=1, help="long requests running during the head-of-line test")
     parser.add_argument(
@@ -236,14 +248,16 @@ def main() -> None:
             f"{b:>11} {h['alone_s']:>8.3f} {h['p50_s']:>8.3f} {h['p95_s']:>8.3f} {h['p50_s'] / h['alone_s']:>6.1f} "
             f"{h['p95_s'] / h['alone_s']:>6.1f} {h['shorts']:>6}"
         )
-    print(f"\nthroughput: {args.requests} requests of {args.max_tokens} tokens per level")
-    print(f"{'clients':>8} " + " ".join(f"{b + ' tok/s':>17} {'p50 s':>7}" for b in runs) + f" {'ratio':>6}")
-    for clients in (int(x) for x in args.levels.split(",")):
-        c, d = runs["continuous"][clients], runs["dynamic"][clients]
-        print(
-            f"{clients:>8} {c['tokens_s']:>17.0f} {c['p50_s']:>7.2f} {d['tokens_s']:>17.0f} {d['p50_s']:>7.2f} "
-            f"{c['tokens_s'] / d['tokens_s']:>6.2f}"
-        )
+    for mixed in (False, True):
+        lengths = f"1-{2 * args.max_tokens} tokens (mixed)" if mixed else f"{args.max_tokens} tokens"
+        print(f"\nthroughput: {args.requests} requests of {lengths} per level")
+        print(f"{'clients':>8} " + " ".join(f"{b + ' tok/s':>17} {'p50 s':>7}" for b in runs) + f" {'ratio':>6}")
+        for clients in (int(x) for x in args.levels.split(",")):
+            c, d = runs["continuous"][clients, mixed], runs["dynamic"][clients, mixed]
+            print(
+                f"{clients:>8} {c['tokens_s']:>17.0f} {c['p50_s']:>7.2f} {d['tokens_s']:>17.0f} {d['p50_s']:>7.2f} "
+                f"{c['tokens_s'] / d['tokens_s']:>6.2f}"
+            )
 
 
 def torch_threads() -> int:

@@ -476,8 +476,9 @@ def test_a_cancelled_row_leaves_and_the_others_are_unchanged():
         assert got[i][0] == alone[i].tokens[0]
 
 
-def test_a_join_drops_the_slots_no_row_needs_any_more():
-    """The cache never grows past the longest live row: a long-finished prompt's slots go when a new row joins."""
+def test_a_join_writes_into_free_rows_in_place_and_no_row_attends_over_slots_none_needs():
+    """A row that joins is written into a free row of the running cache (no copy of the others) once the cache has
+    room; the steps attend over the slots of the longest live row only, not over a long-finished prompt's."""
     model = _model("llama")
     engine = _engine(model, "llama")
     batch = engine.batch()
@@ -488,9 +489,11 @@ def test_a_join_drops_the_slots_no_row_needs_any_more():
     for _ in range(6):
         batch.step()
     assert batch.rows == [second]  # the long prompt's row finished after 4 tokens
-    batch.add([[7]], params)  # joining (at the next step) drops the finished row and the slots only it used
+    store = batch._state.store  # made with spare rows and slots when the second row joined
+    batch.add([[7]], params)  # joins at the next step
     batch.step()
-    assert batch._state.kv.shape[1] == 2 and batch._state.n == 2 + 6
+    assert batch._state.store is store and batch._state.b == 2
+    assert batch._state.n - batch._state.lo == 2 + 6  # the second row's prompt and tokens; slots before: skipped
     with pytest.raises(UserError, match="outside the vocabulary"):
         batch.add([[VOCAB]], params)
     assert len(batch) == 2  # a rejected prompt leaves the batch as it was
@@ -517,3 +520,45 @@ def test_requests_that_join_between_two_steps_are_merged_in_one_copy(family):
     assert merges == [4]  # the four requests of step 2 joined in one merge
     for i, gen in enumerate(alone):
         assert got[i][0] == gen.tokens[0], f"request {i}"
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-hf"])
+def test_prompts_with_their_own_settings_share_one_prefill_and_equal_their_generations_alone(family):
+    """`add` with one setting per prompt (a server's requests: own temperature, top-k/p, stop ids, budget, seed):
+    one prefill for all, and each prompt's tokens are those of its own generation alone."""
+    model = _model(family)
+    engine = _engine(model, family)
+    settings = [params for _, _, params in JOINS[:4]]
+    prompts = [prompt for _, prompt, _ in JOINS[:4]]
+    alone = [engine.generate([prompt], params) for prompt, params in zip(prompts, settings, strict=True)]
+    batch = engine.batch()
+    starts = []
+    original = type(batch.forward).start
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(batch.forward), "start", lambda self, *a: starts.append(1) or original(self, *a))
+        rows = batch.add(prompts, settings, max_new_tokens=[50, 50, 3, 50])
+    assert len(starts) == 1
+    got = {row: [] for row in rows}
+    while batch:
+        step = batch.step()
+        for row, token in zip(step.rows, step.tokens, strict=True):
+            got[row].append(token)
+    for i, gen in enumerate(alone):
+        expected = gen.tokens[0][:3] if i == 2 else gen.tokens[0]  # prompt 2's budget capped at 3
+        assert got[rows[i]] == expected, f"prompt {i}"
+    with pytest.raises(UserError, match="2 sampling settings for 4 prompts"):
+        batch.add(prompts, settings[:2])
+    with pytest.raises(UserError, match="temperature"):
+        batch.add(prompts[:1], [SamplingParams(temperature=-1.0)])
+
+
+def test_compaction_moves_only_the_rows_past_the_live_count_into_finished_places():
+    from flywheel.engine.loop import DecodeBatch
+
+    batch = DecodeBatch(forward=None, prepare=None, stop_ids=None)
+    batch._alive = [True, False, True, False, True, True]
+    assert batch._live_slots() == [0, 4, 2, 5]  # slots 0 and 2 stay; 4 and 5 fill the finished 1 and 3
+    batch._alive = [False, False, True]
+    assert batch._live_slots() == [2]
+    batch._alive = [True, True, False]
+    assert batch._live_slots() == [0, 1]  # nothing moves

@@ -414,6 +414,28 @@ def batched(tiny_model, tokenizer, specs, patch=None):
     return worker, collectors, results
 
 
+def test_requests_with_their_own_settings_and_seeds_join_in_one_prefill(tiny_model, tokenizer):
+    """Requests that join together share one prefill whatever their settings, and each still gets the answer it
+    gets alone (its own temperature, top-k/p, budget and seed)."""
+    from flywheel.engine import SamplingParams
+
+    def text(collector):
+        return "".join(e[2] for e in collector.events if e[0] == "delta")
+
+    specs = [
+        ("one", {"params": SamplingParams(max_new_tokens=6, temperature=1.0, seed=1)}),
+        ("two", {"params": SamplingParams(max_new_tokens=3, temperature=0.7, top_k=5, seed=2)}),
+        ("three", {"params": SamplingParams(max_new_tokens=8, temperature=0)}),
+        ("four", {"params": SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.8, seed=4)}),
+    ]
+    worker, collectors, results = batched(tiny_model, tokenizer, specs)
+    assert [r[0] for r in results] == ["end"] * 4
+    assert worker.stats["batches"] == 1 and worker.stats["requests"] == 4
+    for spec, together in zip(specs, collectors, strict=True):
+        _, alone, _ = batched(tiny_model, tokenizer, [spec])
+        assert text(together) == text(alone[0]), spec[0]
+
+
 def test_a_failing_prefill_is_retried_one_request_at_a_time(tiny_model, tokenizer):
     from flywheel.tokenization import render_prompt
 

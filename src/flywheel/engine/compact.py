@@ -193,14 +193,35 @@ class _Weights:
 
 @dataclass
 class KVState:
-    """The state of one generation: its weights snapshot, KV cache, attention bias and positions."""
+    """The state of one generation: its weights snapshot, KV cache, attention bias and positions.
+
+    The cache and bias are the first `b` rows of buffers that may hold more rows and slots (`store`,
+    `bias_store`), so that rows join and leave in place (`CompactCausalLM.merge`, `keep`): rows are outermost, so
+    the first `b` rows are contiguous."""
 
     w: _Weights
-    kv: torch.Tensor  # (L, B, 2*Hkv, S, D): per layer, the k heads then the v heads of every slot
-    bias: torch.Tensor  # (B, S) additive attention bias: -inf at padding slots, 0 elsewhere
+    store: torch.Tensor  # (rows, L, 2*Hkv, S, D): per row and layer, the k heads then the v heads of every slot
+    bias_store: torch.Tensor  # (rows, S) additive attention bias: -inf at padding slots, 0 elsewhere
     pos: torch.Tensor  # (B, 1) int64 position of each row's next token
     n: int  # slots written so far
+    b: int  # rows in use
+    lo: int = 0  # no row attends to a slot before this one
     scratch: dict = field(default_factory=dict)  # the native step's work buffer, kept across steps
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """(B, L, 2*Hkv, S, D) the cache of the rows in use."""
+        return self.store[: self.b]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """(B, S)"""
+        return self.bias_store[: self.b]
+
+    @property
+    def capacity(self) -> int:
+        """Slots each row can hold."""
+        return self.store.shape[3]
 
 
 class CompactCausalLM:
@@ -367,11 +388,11 @@ class CompactCausalLM:
         w = self.sync(positions=int(positions[:, -1].max()) + capacity - p + 1)
         # Not zeroed: the prefill writes every prompt slot (padding included) and a step writes its slot before
         # anything attends to it, so no slot is read unwritten.
-        kv = torch.empty(len(w.layers), b, 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
+        kv = torch.empty(b, len(w.layers), 2 * self.n_kv, capacity, self.head_dim, dtype=self.dtype, device=dev)
         # 0 = attend, -inf = padding; SDPA would convert a boolean mask at every call of every layer.
         bias = torch.zeros(b, capacity, dtype=self.dtype, device=dev)
         bias[:, :p].masked_fill_(~valid, float("-inf"))
-        state = KVState(w=w, kv=kv, bias=bias, pos=positions[:, -1:] + 1, n=p)
+        state = KVState(w=w, store=kv, bias_store=bias, pos=positions[:, -1:] + 1, n=p, b=b)
         q_idx = torch.arange(p, device=dev)
         causal = q_idx[None, :] <= q_idx[:, None]  # (P, P) [query, key]
         allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
@@ -386,66 +407,100 @@ class CompactCausalLM:
 
     def step(self, state: KVState, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return the next-token logits (B, V)."""
-        n = state.n
-        assert n < state.kv.shape[3], "KV cache is full: capacity was too small"
+        n, lo = state.n, state.lo
+        assert n < state.capacity, "KV cache is full: capacity was too small"
         if state.w.native is not None:
-            out = native.step(self._lib, state.w.native, tokens, state.pos, state.kv, state.bias, n, state.scratch)
+            kv, bias = state.kv, state.bias
+            out = native.step(self._lib, state.w.native, tokens, state.pos, kv, bias, lo, n, state.scratch)
         else:
-            mask = state.bias[:, None, None, : n + 1]  # (B, 1, 1, n+1)
-            out = self._forward(state, tokens[:, None], state.pos, n, mask)
+            mask = state.bias[:, None, None, lo : n + 1]  # (B, 1, 1, n+1-lo)
+            out = self._forward(state, tokens[:, None], state.pos, n, mask, lo=lo)
         state.pos += 1
         state.n = n + 1
         return out
 
     def keep(self, state: KVState, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices into the current batch), in that order."""
-        state.kv = state.kv[:, rows].contiguous()
-        state.bias = state.bias[rows].contiguous()
-        state.pos = state.pos[rows].contiguous()
+        """Keep only `rows` (indices into the current batch, repeats allowed), in that order. In place when they fit
+        the cache's rows: only the rows whose index changes are copied (`DecodeBatch` orders them so that the
+        fewest move)."""
+        m = len(rows)
+        if m > state.store.shape[0]:
+            state.store = state.kv[rows].contiguous()
+            state.bias_store = state.bias[rows].contiguous()
+        else:
+            moved = (rows != torch.arange(m, device=rows.device)).nonzero().squeeze(1)
+            if len(moved):
+                src = rows[moved]
+                # the right-hand side is gathered before anything is written, so any order of rows is safe
+                state.store[moved, :, :, state.lo : state.n] = state.store[src, :, :, state.lo : state.n]
+                state.bias_store[moved] = state.bias_store[src]
+        state.pos = state.pos[rows]
+        state.b = m
+        state.lo = _first_attended(state.bias, state.n)
 
     @staticmethod
     def mergeable(state: KVState) -> bool:
         return True
 
     def merge(self, state: KVState, rows: torch.Tensor, others: list[KVState], extra: int) -> KVState:
-        """A state with `rows` of `state` then every row of each of `others` (one copy of the cache however many
-        join), and room for `extra` more tokens per row.
+        """`rows` of `state` (as in `keep`) then every row of each of `others`, with room for `extra` more tokens
+        per row.
 
         Each row keeps its slots in order, right-aligned on the common write slot (left padding where a row is
-        shorter); slots no row attends to any more are dropped, so the cache never grows past the longest live row.
-        Positions are per row, so no row's numbers change (a sliding window counts slots, which keep their gaps)."""
+        shorter). When the joining rows fit the cache's free rows and slots, they are written in place and only
+        their own slots are copied; otherwise a new cache is made with room to spare (rows and slots), holding only
+        the slots some row still attends to. Positions are per row, so no row's numbers change (a sliding window
+        counts slots, which keep their gaps)."""
         if any(state.w.layers is not other.w.layers for other in others):
             raise RuntimeError("cannot merge generations made with different weights")
-        parts = []
-        for st, keep in [(state, rows), *((other, None) for other in others)]:
-            bias = st.bias[:, : st.n] if keep is None else st.bias[keep, : st.n]
-            first = int((bias == 0).int().argmax(-1).min())  # the earliest slot any of these rows attends to
-            parts.append((st, keep, first, st.n - first))
-        n = max(length for *_, length in parts)
-        b = sum(st.kv.shape[1] if keep is None else len(keep) for st, keep, *_ in parts)
-        shape = list(state.kv.shape)
-        shape[1], shape[3] = b, n + extra
-        # Only the left padding is zeroed (masked, but 0 * NaN would still poison the attention): the slots after n
-        # are written by the steps before anything reads them.
-        kv = state.kv.new_empty(shape)
-        bias = state.bias.new_zeros(b, n + extra)
-        bias[:, :n] = float("-inf")
-        at = 0
-        for st, keep, first, length in parts:
-            src_kv = st.kv[:, :, :, first : st.n] if keep is None else st.kv[:, keep, :, first : st.n]
-            src_bias = st.bias[:, first : st.n] if keep is None else st.bias[keep, first : st.n]
-            rows_here = src_bias.shape[0]
-            kv[:, at : at + rows_here, :, : n - length] = 0
-            kv[:, at : at + rows_here, :, n - length : n] = src_kv
-            bias[at : at + rows_here, n - length : n] = src_bias
-            at += rows_here
-        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
+        joining = [(other, _first_attended(other.bias, other.n)) for other in others]
+        spans = [other.n - first for other, first in joining]
+        m, k, n = len(rows), sum(other.b for other in others), state.n
         w = max([state.w, *(other.w for other in others)], key=lambda x: x.rope.shape[0])  # the longest RoPE table
-        return KVState(w=w, kv=kv, bias=bias, pos=pos, n=n)
+        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
+        if m + k <= state.store.shape[0] and n + extra <= state.capacity and max(spans) <= n:
+            lo_kept = state.lo
+            self.keep(state, rows)
+            lo = min([state.lo if m else n, *(n - span for span in spans)])
+            at = m
+            for (other, first), span in zip(joining, spans, strict=True):
+                new = slice(at, at + other.b)
+                state.store[new, :, :, n - span : n] = other.kv[:, :, :, first : other.n]
+                state.bias_store[new, : n - span] = float("-inf")
+                state.bias_store[new, n - span : n] = other.bias[:, first : other.n]
+                state.bias_store[new, n:] = 0
+                if state.w.native is None:  # masked, but 0 * NaN would still poison SDPA's sum of values
+                    state.store[new, :, :, lo : n - span] = 0
+                at += other.b
+            if state.w.native is None and m and lo < lo_kept:  # slots the kept rows never needed zeroed
+                state.store[:m, :, :, lo:lo_kept] = 0
+            state.b, state.lo, state.pos, state.w = m + k, lo, pos, w
+            return state
+        first = _first_attended(state.bias[rows], n)
+        parts = [(state.store[rows, :, :, first:n], state.bias[rows, first:n])] if m else []
+        parts += [(o.kv[:, :, :, f : o.n], o.bias[:, f : o.n]) for o, f in joining]
+        span = max(bias.shape[1] for _, bias in parts)
+        rows_cap = m + k + max(4, (m + k) // 2)
+        slots = span + extra + max(64, (span + extra) // 2)
+        shape = (rows_cap, *state.store.shape[1:3], slots, state.store.shape[4])
+        # The native step never reads a masked slot; SDPA does (0 * NaN would poison its sum), so there the cache
+        # starts zeroed and every slot holds a finite value.
+        store = state.store.new_empty(shape) if w.native is not None else state.store.new_zeros(shape)
+        bias = state.bias_store.new_zeros(rows_cap, slots)
+        bias[:, :span] = float("-inf")
+        at = 0
+        for src_kv, src_bias in parts:
+            r, length = src_bias.shape
+            store[at : at + r, :, :, span - length : span] = src_kv
+            bias[at : at + r, span - length : span] = src_bias
+            at += r
+        return KVState(
+            w=w, store=store, bias_store=bias, pos=pos, n=span, b=m + k, lo=_first_attended(bias[: m + k], span)
+        )
 
-    def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int) -> torch.Tensor:
+    def _window_mask(self, mask: torch.Tensor, start: int, end: int, window: int, lo: int) -> torch.Tensor:
         q_slot = torch.arange(start, end, device=mask.device)[:, None]
-        k_slot = torch.arange(end, device=mask.device)[None, :]
+        k_slot = torch.arange(lo, end, device=mask.device)[None, :]
         outside = k_slot <= q_slot - window  # HF's sliding_window_overlay keeps kv_idx > q_idx - window
         return mask.masked_fill(outside, float("-inf"))
 
@@ -458,8 +513,10 @@ class CompactCausalLM:
         mask: torch.Tensor,
         real: torch.Tensor | None = None,
         last: torch.Tensor | None = None,
+        lo: int = 0,
     ) -> torch.Tensor:
-        """ids, positions: (B, T), written at slots start..start+T-1; mask: (B, 1, T, start+T) additive (0 / -inf).
+        """ids, positions: (B, T), written at slots start..start+T-1; mask: (B, 1, T, start+T-lo) additive (0 / -inf)
+        over slots lo..start+T-1 (no row attends to a slot before lo).
         real: (N,) indices into the flattened (B*T) tokens that are not padding, and last: (B,) the index into `real`
         of each row's last column: the linears run on those rows only. Returns the next-token logits (B, V) in
         float32."""
@@ -467,14 +524,14 @@ class CompactCausalLM:
         end = start + t
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         gqa = {} if hq == hkv or not _SDPA_HAS_GQA else {"enable_gqa": True}
-        w = state.w
+        w, kv = state.w, state.kv
         cos, sin = w.rope[positions][:, None].unbind(-2)  # (B, 1, T, D) each
         masks = {None: mask}
         flat = ids.reshape(-1) if real is None else ids.reshape(-1)[real]
         x = F.embedding(flat, w.embed)  # (B*T or N, hidden), 2-D for the linears
         for i, layer in enumerate(w.layers):
             if layer.window not in masks:
-                masks[layer.window] = self._window_mask(mask, start, end, layer.window)
+                masks[layer.window] = self._window_mask(mask, start, end, layer.window, lo)
             # One fused op: in fp32 bit-identical to HF's LlamaRMSNorm; in bf16 it rounds once where HF rounds before
             # and after the weight (8 ops; measured no further from the fp32 model in tests/test_engine.py)
             h = F.rms_norm(x, layer.ln1.shape, layer.ln1, self.eps)
@@ -495,9 +552,9 @@ class CompactCausalLM:
             # RoPE on q and k at once, in place; HF's rounding order (addcmul rounds once in bf16, which moved our
             # bf16 log-probs further from the fp32 model's in tests/test_engine.py: 0.08-0.13 -> 0.13-0.16)
             torch.add(qk * cos, qk.roll(d // 2, dims=-1) * sin, out=qk)
-            cache = state.kv[i]  # (B, 2*Hkv, S, D)
+            cache = kv[:, i]  # (B, 2*Hkv, S, D)
             cache[:, :, start:end] = qkv[:, hq:]  # the k then v heads, in one copy
-            keys, values = cache[:, :hkv, :end], cache[:, hkv:, :end]
+            keys, values = cache[:, :hkv, lo:end], cache[:, hkv:, lo:end]
             if hq != hkv and not gqa:
                 keys = keys.repeat_interleave(hq // hkv, dim=1)
                 values = values.repeat_interleave(hq // hkv, dim=1)
@@ -518,3 +575,10 @@ class CompactCausalLM:
             x = layer.down.add_to(x, self.act(gate) * up)
         x = F.rms_norm(x, w.norm.shape, w.norm, self.eps)  # (B, hidden)
         return w.lm_head(x).float()
+
+
+def _first_attended(bias: torch.Tensor, n: int) -> int:
+    """The earliest of slots 0..n-1 that any row of `bias` (B, S) attends to (n when there are no rows)."""
+    if bias.shape[0] == 0:
+        return n
+    return int((bias[:, :n] == 0).int().argmax(-1).min())

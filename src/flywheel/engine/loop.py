@@ -10,17 +10,21 @@
 It works with any forward that has `start(ids, valid, capacity) -> (logits, state)`, `step(state, tokens) -> logits`,
 `keep(state, rows)`, `merge(state, rows, other, extra) -> state` and `mergeable(state)`. Rows stop on their own (a
 stop id, or their token budget). A finished row stays in the batch, masked out of the results, until a fraction
-`compact_at` of the batch has finished (dropping rows copies the KV cache: docs/engine.md has the measurement behind
-the default) or until a new prompt joins: the join copies the cache anyway, and leaves finished rows behind.
+`compact_at` of the batch has finished (docs/engine.md has the measurement behind the default) or until a new prompt
+joins. Compacting moves the last live rows into the finished rows' places, so rows do not keep their order (every
+`Step` names its rows); the compact forward does it in place, copying only the rows that move, and writes joining
+rows into free rows of its cache (docs/engine.md).
 
-Each `add` has its own `SamplingParams` (temperature, top-k/p, stop ids, seed, budget): rows with different settings
-share the forward and are sampled by group. An `add` with a seed draws from its own generator, one draw per row and
-step, so its tokens do not depend on which other rows share the batch (up to floating-point effects of the batch's
-shape on the logits). One `add` and steps until the batch is empty is exactly what `Engine.steps` runs.
+Each `add` has its own `SamplingParams` (temperature, top-k/p, stop ids, seed, budget), or one per prompt (requests
+of a server, prefilled together): rows with different settings share the forward and are sampled by group. A setting
+with a seed draws from its own generator, one draw per row and step, so its tokens do not depend on which other rows
+share the batch (up to floating-point effects of the batch's shape on the logits). One `add` and steps until the batch
+is empty is exactly what `Engine.steps` runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +32,7 @@ import torch
 
 from flywheel.engine.params import SamplingParams
 from flywheel.engine.sampling import sample
+from flywheel.errors import UserError
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Step:
 
 @dataclass
 class _Group:
-    """The rows of one `add`: their sampling settings and random draws."""
+    """Rows that sample alike (one `add`, or one prompt of it): their sampling settings and random draws."""
 
     params: SamplingParams
     stop: frozenset[int]
@@ -103,44 +108,70 @@ class DecodeBatch:
     def add(
         self,
         prompt_ids: list[list[int]],
-        params: SamplingParams | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
         *,
         samples: int = 1,
         max_new_tokens: list[int] | None = None,
     ) -> list[int]:
         """Prefill `prompt_ids` and let them join the batch at the next step; returns their row ids (row i * samples
-        + j of the result is prompt i's j-th sample, all from one prefill of it). Validates everything first (a
-        `UserError` leaves the batch as it was)."""
-        params = params or SamplingParams()
+        + j of the result is prompt i's j-th sample, all from one prefill of it). `params` is one setting for all
+        prompts, or one per prompt (requests with their own settings, seeds and budgets, prefilled together).
+        Validates everything first (a `UserError` leaves the batch as it was)."""
+        if isinstance(params, list):
+            if len(params) != len(prompt_ids):
+                raise UserError(f"{len(params)} sampling settings for {len(prompt_ids)} prompts")
+            for p in params:
+                p.validate()
+            budgets = [p.max_new_tokens for p in params]
+            if max_new_tokens is not None:
+                if len(max_new_tokens) != len(prompt_ids):
+                    raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
+                budgets = [min(a, b) for a, b in zip(budgets, max_new_tokens, strict=True)]
+            settings = params
+            params = dataclasses.replace(params[0], max_new_tokens=max(budgets)) if params else SamplingParams()
+            max_new_tokens = budgets
+        else:
+            params = params or SamplingParams()
+            settings = None
         ids, valid, budgets = self.prepare(prompt_ids, params, max_new_tokens, samples)
         if self._shared is None:
             self._shared = torch.Generator(device=ids.device)
             self._shared.seed()
-        if params.seed is None:
-            generator = self._shared
+        if settings is None:
+            groups = [self._group(params, ids.shape[0] * samples, ids.device)]
         else:
-            generator = torch.Generator(device=ids.device)
-            generator.manual_seed(params.seed)
-        group = _Group(params, frozenset(self.stop_ids(params)), ids.shape[0] * samples, generator)
+            groups = [self._group(p, samples, ids.device) for p in settings]
         self._feed()
+        size = ids.shape[0] * samples
         with torch.inference_mode():
             logits, state = self.forward.start(ids, valid, ids.shape[1] + int(budgets.max()))  # (B, V)
             if samples > 1:
                 copies = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(samples)
                 self.forward.keep(state, copies)
                 logits, budgets = logits[copies], budgets.repeat_interleave(samples)
-            new = list(range(self._next, self._next + group.size))
-            self._next += group.size
+            new = list(range(self._next, self._next + size))
+            self._next += size
             left = budgets.tolist()
             if self._state is None:
                 self._state, self._logits = state, logits
                 self._slots, self._alive = new, [True] * len(new)
             else:
                 self._joining.append((state, logits, new))
+        per_group = size // len(groups)
         for j, (row, n) in enumerate(zip(new, left, strict=True)):
-            self._rows[row] = _Row(group, j, int(n))
-        group.live = group.size
+            group = groups[j // per_group]
+            self._rows[row] = _Row(group, j % per_group, int(n))
+            group.live += 1
         return new
+
+    def _group(self, params: SamplingParams, size: int, device: torch.device) -> _Group:
+        """The rows of one setting: its stop ids and its draws (its own generator when seeded)."""
+        if params.seed is None:
+            generator = self._shared
+        else:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed)
+        return _Group(params, frozenset(self.stop_ids(params)), size, generator)
 
     def step(self) -> Step:
         """One token for every live row. Rows that finish with it leave the batch."""
@@ -194,7 +225,7 @@ class DecodeBatch:
         if not self._joining:
             return
         with torch.inference_mode():
-            keep = [i for i, a in enumerate(self._alive) if a]
+            keep = self._live_slots()
             keep_t = torch.tensor(keep, dtype=torch.long, device=self._logits.device)
             extra = max(row.left for row in self._rows.values())
             self._state = self.forward.merge(self._state, keep_t, [st for st, *_ in self._joining], extra)
@@ -202,6 +233,17 @@ class DecodeBatch:
             self._slots = [self._slots[i] for i in keep] + [r for *_, new in self._joining for r in new]
             self._alive = [True] * len(self._slots)
             self._joining = []
+
+    def _live_slots(self) -> list[int]:
+        """The slots still generating, in the order that moves the fewest cache rows when the batch is compacted
+        (`forward.keep` and `merge` copy a row only when its index changes): the live slots past the first
+        `len(live)` fill the finished slots before it."""
+        live = [i for i, a in enumerate(self._alive) if a]
+        order = list(range(len(live)))
+        holes = [i for i in order if not self._alive[i]]
+        for hole, slot in zip(holes, [i for i in live if i >= len(live)], strict=True):
+            order[hole] = slot
+        return order
 
     def _feed(self) -> None:
         """Run the forward on the tokens of the last step (first dropping finished rows if enough have finished)."""
@@ -211,7 +253,7 @@ class DecodeBatch:
         with torch.inference_mode():
             dead = self._alive.count(False)
             if dead and dead >= self.compact_at * len(self._alive):
-                keep = [i for i, a in enumerate(self._alive) if a]
+                keep = self._live_slots()
                 keep_t = torch.tensor(keep, dtype=torch.long, device=tokens.device)
                 self.forward.keep(self._state, keep_t)
                 tokens = tokens[keep_t]
@@ -230,27 +272,30 @@ class DecodeBatch:
             for key, g in groups.items()
             if not g.params.greedy
         }
+        # One flat table of this step's draws (entry 0: a placeholder for finished and greedy slots) and each slot's
+        # index into it, so that many groups (a server's seeded requests) cost one gather, not a loop over slots.
+        offsets, parts, at = {}, [torch.full((1,), 0.5, device=logits.device)], 1
+        for key, d in draws.items():
+            offsets[key], at = at, at + d.shape[0]
+            parts.append(d)
         by_key: dict[tuple, list[int]] = {}
-        picks: list[tuple[torch.Tensor | None, int]] = []
+        index: list[int] = []
+        idle: list[int] = []
         for i, row_id in enumerate(self._slots):
             row = self._rows.get(row_id)
-            if row is None:  # a finished slot: any token will do (it is not reported), the argmax is the cheapest
-                picks.append((None, 0))
-                by_key.setdefault((0.0, 0, 1.0), []).append(i)
+            index.append(0)
+            if row is None:  # a finished slot: any token will do (it is not reported); sampled with the others
+                idle.append(i)
                 continue
-            picks.append((draws.get(id(row.group)), row.index))
+            start = offsets.get(id(row.group))
+            if start is not None:
+                index[i] = start + row.index
             by_key.setdefault(row.group.key, []).append(i)
-        if len(groups) == 1:  # the usual case: one group (and the only one whose rows are left)
-            (g,) = groups.values()
-            uniform = None
-            if not g.params.greedy:
-                index = torch.tensor([j if d is not None else 0 for d, j in picks], device=logits.device)
-                uniform = draws[id(g)][index]
-            key = g.key
-            return sample(logits, temperature=key[0], top_k=key[1], top_p=key[2], uniform=uniform)
-        uniform = torch.tensor(
-            [float(d[j]) if d is not None else 0.5 for d, j in picks], dtype=torch.float32, device=logits.device
-        )
+        next(iter(by_key.values())).extend(idle)
+        uniform = torch.cat(parts)[torch.tensor(index, device=logits.device)]
+        if len(by_key) == 1:  # the usual case: every slot samples alike
+            ((temperature, top_k, top_p),) = by_key
+            return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform)
         tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         logprobs = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         for (temperature, top_k, top_p), slots in by_key.items():

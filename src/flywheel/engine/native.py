@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_decode.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 PANEL = 16  # output columns per weight panel (NR in the C source)
 # per-layer pointer slots, in the C source's order (enum P_*)
 LAYER_SLOTS = (
@@ -112,7 +112,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fw_abi_version.restype = i
     lib.fw_scratch_floats.argtypes = [p, i, i, i]
     lib.fw_scratch_floats.restype = ctypes.c_long
-    lib.fw_step.argtypes = [p, f, f, p, p, p, p, p, p, p, p, p, i, p, i, p, i, p, p, i]
+    lib.fw_step.argtypes = [p, f, f, p, p, p, p, p, p, p, p, p, i, p, i, p, i, i, p, p, i]
     lib.fw_step.restype = i
     return lib
 
@@ -210,11 +210,13 @@ def step(
     pos: torch.Tensor,
     kv: torch.Tensor,
     bias: torch.Tensor,
+    lo: int,
     n: int,
     scratch: dict[str, Any],
 ) -> torch.Tensor:
-    """Append tokens (B,) at slot n and return the next-token logits (B, V) float32. kv: (L, B, 2*Hkv, S, D),
-    bias: (B, S), pos: (B, 1) int64, all contiguous; scratch: a per-generation dict that keeps the work buffer."""
+    """Append tokens (B,) at slot n and return the next-token logits (B, V) float32. kv: (B, L, 2*Hkv, S, D),
+    bias: (B, S), pos: (B, 1) int64, all contiguous; no row attends to a slot before `lo`; scratch: a
+    per-generation dict that keeps the work buffer."""
     b, s = int(tokens.shape[0]), int(kv.shape[3])
     threads = torch.get_num_threads()
     size = int(lib.fw_scratch_floats(w.dims, b, s, threads))
@@ -240,6 +242,7 @@ def step(
         kv.data_ptr(),
         s,
         bias.data_ptr(),
+        lo,
         n,
         buf.data_ptr(),
         logits.data_ptr(),

@@ -12,7 +12,8 @@
  *
  * Layouts (all float32, C-contiguous):
  *   panels of a linear with N outputs and K inputs: (ceil(N/16), K, 16); panel p, row k holds W[16p .. 16p+15, k]
- *   cache: (L, B, 2*Hkv, S, D): per layer and row, the k heads then the v heads of every slot
+ *   cache: (B, L, 2*Hkv, S, D): per row and layer, the k heads then the v heads of every slot (rows outermost, so
+ *          the first B rows of a larger cache are a valid cache)
  *   rope: (positions, 2, D): cos, then signed sin (rotate_half(x) * sin == roll(x, D/2) * signed sin)
  *   bias: (B, S) additive attention bias (0 or -inf); logits: (B, V)
  */
@@ -36,7 +37,7 @@ typedef int v8i __attribute__((vector_size(32)));
 enum { P_LN1, P_QKV, P_QKV_B, P_O, P_O_B, P_LN2, P_GU, P_GU_B, P_DOWN, P_DOWN_B, P_QNORM, P_KNORM, P_COUNT };
 enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FFN, D_VOCAB, D_COUNT };
 
-int fw_abi_version(void) { return 1; }
+int fw_abi_version(void) { return 2; }
 
 static inline v8 load8(const float *p) { return *(const v8u *)p; }
 static inline void store8(float *p, v8 v) { *(v8u *)p = v; }
@@ -149,11 +150,11 @@ long fw_scratch_floats(const int *dims, int b, int s, int nthreads) {
 
 /* One decode step: append tokens (B,) at slot n (positions pos (B,)) and write the next-token logits (B, V).
  * layer_ptrs: P_COUNT pointers per layer (NULL for an absent bias or q/k norm); windows: per layer, the sliding
- * window in slots (0 = full attention). Returns 0. */
+ * window in slots (0 = full attention); lo: no row attends to a slot before it. Returns 0. */
 int fw_step(const int *dims, float eps, float scale, const float *const *layer_ptrs, const int *windows,
             const float *embed, const float *final_norm, const float *lm_panels, const float *lm_bias,
             const float *rope_table, const int64_t *tokens, const int64_t *pos, int b, float *cache, int s,
-            const float *attn_bias, int n, float *scratch, float *logits, int nthreads) {
+            const float *attn_bias, int lo_all, int n, float *scratch, float *logits, int nthreads) {
     const int n_layers = dims[D_LAYERS], hidden = dims[D_HIDDEN], hq = dims[D_HEADS], hkv = dims[D_KV_HEADS];
     const int d_head = dims[D_HEAD_DIM], ffn = dims[D_FFN], vocab = dims[D_VOCAB];
     const int n_qkv = (hq + 2 * hkv) * d_head, group = hq / hkv;
@@ -164,7 +165,7 @@ int fw_step(const int *dims, float eps, float scale, const float *const *layer_p
     float *gu = att + (size_t)b * hq * d_head; /* (B, 2 * ffn) */
     float *act = gu + (size_t)b * 2 * ffn;     /* (B, ffn) */
     float *per_thread = act + (size_t)b * ffn; /* nthreads * (S + D): attention scores and a RoPE buffer */
-    const size_t layer_stride = (size_t)b * 2 * hkv * s * d_head, row_stride = (size_t)2 * hkv * s * d_head;
+    const size_t layer_stride = (size_t)2 * hkv * s * d_head, row_stride = (size_t)n_layers * layer_stride;
     const size_t head_stride = (size_t)s * d_head;
 
 #pragma omp parallel num_threads(nthreads)
@@ -181,7 +182,7 @@ int fw_step(const int *dims, float eps, float scale, const float *const *layer_p
 
         for (int l = 0; l < n_layers; l++) {
             const float *const *p = layer_ptrs + (size_t)l * P_COUNT;
-            float *kv = cache + l * layer_stride;
+            float *kv = cache + l * layer_stride; /* row r of this layer: kv + r * row_stride */
             rms_norm_rows(x, p[P_LN1], b, hidden, eps, h);
             linear(h, b, hidden, p[P_QKV], p[P_QKV_B], n_qkv, qkv, 0);
             /* q/k norm (Qwen3), RoPE on q and k, then k and v into the cache at slot n */
@@ -206,7 +207,7 @@ int fw_step(const int *dims, float eps, float scale, const float *const *layer_p
             }
             /* attention of one query per row and head over slots lo..n */
             const int lo_window = windows[l] > 0 ? n - windows[l] + 1 : 0;
-            const int lo = lo_window > 0 ? lo_window : 0;
+            const int lo = lo_window > lo_all ? lo_window : lo_all;
 #pragma omp for schedule(static)
             for (int t = 0; t < b * hq; t++) {
                 const int r = t / hq, head = t % hq, g = head / group;

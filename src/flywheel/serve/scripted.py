@@ -85,20 +85,20 @@ class ScriptedBatch:
     def add(
         self,
         prompt_ids: list[list[int]],
-        params: SamplingParams | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
         *,
         samples: int = 1,
         max_new_tokens: list[int] | None = None,
     ) -> list[int]:
-        params = params or SamplingParams()
-        params.validate()
-        budgets = [
-            min(params.max_new_tokens, b) for b in (max_new_tokens or [params.max_new_tokens] * len(prompt_ids))
-        ]
+        settings = params if isinstance(params, list) else [params or SamplingParams()] * len(prompt_ids)
+        for p in settings:
+            p.validate()
+        budgets = [p.max_new_tokens for p in settings]
+        budgets = [min(a, b) for a, b in zip(budgets, max_new_tokens or budgets, strict=True)]
         rows = []
-        for ids, budget in zip(prompt_ids, budgets, strict=True):
+        for ids, p, budget in zip(prompt_ids, settings, budgets, strict=True):
             for _ in range(samples):
-                self._scripts[self._next] = self.engine.script(ids, params, budget)
+                self._scripts[self._next] = self.engine.script(ids, p, budget)
                 rows.append(self._next)
                 self._next += 1
         return rows

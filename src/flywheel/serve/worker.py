@@ -7,10 +7,10 @@
 Continuous batching (iteration-level scheduling, on the engine's `DecodeBatch`): between two decoding steps, the
 requests waiting join the running batch (up to `max_batch` rows; a request with n choices is n rows, all from one
 prefill of its prompt), and a row leaves the batch as soon as it finishes, so a short request never waits for a long
-one to end. Each request samples with its own settings and budget; requests with the same settings are prefilled
-together; a request with a seed draws from its own generator, so its tokens do not depend on what else runs beside it
-(up to floating-point effects of the batch's shape). `batching="dynamic"` is the former scheduling, kept for
-comparison (bench/serve_load.py): requests join only when the batch is empty.
+one to end. Each request samples with its own settings and budget; the requests that join together are prefilled in one
+forward (one per number of choices); a request with a seed draws from its own generator, so its tokens do not depend on
+what else runs beside it (up to floating-point effects of the batch's shape). `batching="dynamic"` is the former
+scheduling, kept for comparison (bench/serve_load.py): requests join only when the batch is empty.
 
 Events go to each request's `emit` as tokens are produced:
 
@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,10 @@ from flywheel.tokenization import render_prompt
 
 log = logging.getLogger(__name__)
 BATCHING = ("continuous", "dynamic")
-# Joining copies the running batch's KV cache, so waiting requests join together: as soon as they are JOIN_RATIO of
-# the running rows, or after MAX_WAIT_STEPS steps (bench/serve_load.py: joining at every step cost 40% of the
-# throughput at 32 clients; this keeps it and a short request's latency within 2x of its time alone).
+# Each join is a prefill (the compact forward then writes the new rows into free rows of the running cache, copying
+# nothing else), so waiting requests join together: as soon as they are JOIN_RATIO of the running rows, or after
+# MAX_WAIT_STEPS steps. bench/serve_load.py, 32 clients: joining whenever a request waits measured the same
+# throughput (within the runs' +-5%); a short request behind a long one joins at once (1 >= 0.25 of 1 row).
 JOIN_RATIO = 0.25
 MAX_WAIT_STEPS = 8
 Event = tuple[Any, ...]
@@ -319,9 +320,9 @@ class BatchWorker:
         return taken
 
     def _admit(self, model: ServedModel, batch: DecodeBatch, *, block: bool) -> None:
-        """Prefill the waiting requests that fit and let them join `batch`: requests with the same settings in one
-        prefill (a seeded request alone, its n choices from one prefill); if a prefill fails, its requests are tried
-        one by one, so that only the culprit fails."""
+        """Prefill the waiting requests that fit and let them join `batch`: requests with the same number of choices
+        in one prefill, each with its own settings (a request's n choices from one prefill of its prompt); if a
+        prefill fails, its requests are tried one by one, so that only the culprit fails."""
         taken = self._take(block)
         if not taken:
             return
@@ -336,9 +337,7 @@ class BatchWorker:
     def _join(self, model: ServedModel, batch: DecodeBatch, group: list[tuple[GenRequest, list[int]]]) -> None:
         first = group[0][0]
         try:
-            budgets = [req.params.max_new_tokens for req, _ in group]
-            params = replace(first.params, max_new_tokens=max(budgets))
-            ids = batch.add([ids for _, ids in group], params, samples=first.n, max_new_tokens=budgets)
+            ids = batch.add([ids for _, ids in group], [req.params for req, _ in group], samples=first.n)
         except Exception as err:  # noqa: BLE001 (one request's failure is its own)
             if len(group) > 1:
                 log.warning("a prefill of %d requests failed (%r); trying them one at a time", len(group), err)
@@ -551,21 +550,11 @@ def _cut_at_stop(row: _Row) -> bool:
 
 
 def _groups(ready: list[tuple[GenRequest, list[int]]]) -> list[list[tuple[GenRequest, list[int]]]]:
-    """Requests that can share one prefill: the same sampling settings and number of choices, no seed (a seeded
-    request draws from its own generator, so it joins alone)."""
-    groups: dict[Any, list[tuple[GenRequest, list[int]]]] = {}
-    for i, (req, ids) in enumerate(ready):
-        p = req.params
-        key = (
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            tuple(p.stop_token_ids or ()),
-            p.stop_token_ids is None,
-            req.n,
-            i if p.seed is not None else None,
-        )
-        groups.setdefault(key, []).append((req, ids))
+    """Requests that share one prefill: those with the same number of choices (each keeps its own sampling settings,
+    budget and seed: `DecodeBatch.add` takes one setting per prompt)."""
+    groups: dict[int, list[tuple[GenRequest, list[int]]]] = {}
+    for req, ids in ready:
+        groups.setdefault(req.n, []).append((req, ids))
     return list(groups.values())
 
 
