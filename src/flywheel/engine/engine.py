@@ -77,7 +77,8 @@ class Engine:
 
     dtype: run the compact forward in this dtype (a cast copy of the weights, refreshed when they change); the generic
     path always runs the module as it is. backend: "auto" picks the compact forward when the architecture allows it.
-    compact_at: drop finished rows from the batch once this fraction of it has finished (1.0 = never).
+    compact_at: drop finished rows from the batch once this fraction of it has finished (1.0 = never); None: at every
+    finish on the compact forward (it moves only the rows that change place), at 25% on the generic one (docs/engine.md).
     native_step: let the compact forward run float32 CPU decode steps in the native library (docs/engine.md).
     """
 
@@ -88,7 +89,7 @@ class Engine:
         *,
         dtype: torch.dtype | str | None = None,
         backend: Backend = "auto",
-        compact_at: float = 0.25,
+        compact_at: float | None = None,
         native_step: bool = True,
     ):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -181,7 +182,10 @@ class Engine:
         """An empty running batch (`flywheel.engine.loop.DecodeBatch`): prompts join it between decoding steps, each
         with its own sampling settings, and rows leave it as they finish (iteration-level scheduling, as a server
         needs). The generic HF forward runs the module as it is: put it in eval mode first."""
-        return DecodeBatch(self._forward, self._prepare, self.stop_ids_for, self.compact_at)
+        compact_at = self.compact_at
+        if compact_at is None:
+            compact_at = 0.0 if self.backend == "compact" else 0.25
+        return DecodeBatch(self._forward, self._prepare, self.stop_ids_for, compact_at)
 
     def _run(
         self, prompt_ids: list[list[int]], params: SamplingParams, budgets: list[int] | None, samples: int
