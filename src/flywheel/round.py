@@ -13,6 +13,13 @@ Stages (each skipped when its data is missing, and logged):
    variable FLYWHEEL_ADMIN_TOKEN, never a flag: flags show in process lists and shell history). The server switches
    between batches, with no restart; every answer keeps the version that wrote it.
 
+With `--gate-prompts FILE` (held-out prompts, never trained on) the labelers decide what is deployed, as InstructGPT
+chose its policies: the served policy's and each PPO policy's greedy answers (PPO's saved `policies/step-N` and its
+final one) to every prompt become a ranking task in the workbench (`POST /api/admin/gate`; the answers in random
+order, the labelers blind to which policy wrote which). Once every task has `--gate-labels` rankings (or after
+`--gate-timeout` seconds: then on those given), the policy the labelers prefer to the served one with 95% confidence
+is deployed, the most preferred among several (`flywheel.eval.gate`); if none is, the served policy stays.
+
 Each stage's settings can be given as YAML (`--sft-config`, `--rm-config`, `--ppo-config`: the trainers' own fields);
 `--max-steps` caps every stage (smoke tests). OUT/round.json records what ran and what is served.
 """
@@ -22,9 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from flywheel.config import config_from_dict, load_yaml, parse_config
 from flywheel.errors import UserError
@@ -45,6 +56,20 @@ class RoundConfig:
     ppo_config: str = field(default="", metadata={"help": "YAML of PPOConfig fields for the PPO stage"})
     max_steps: int | None = field(default=None, metadata={"help": "cap on the optimizer steps of every stage"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    gate_prompts: str = field(
+        default="",
+        metadata={
+            "help": "held-out prompts (.txt or JSONL, as for PPO): the labelers rank the served and the new policies' "
+            "answers to them in the workbench, and the one they prefer is deployed (needs --server; empty = deploy "
+            "the PPO policy)"
+        },
+    )
+    gate_labels: int = field(default=1, metadata={"help": "rankings per gate prompt"})
+    gate_timeout: float = field(
+        default=86400.0, metadata={"help": "seconds to wait for the gate's rankings; then it decides on those given"}
+    )
+    gate_poll: float = field(default=15.0, metadata={"help": "seconds between two looks at the gate's rankings"})
+    gate_max_new_tokens: int = field(default=64, metadata={"help": "tokens of each gate answer (greedy)"})
 
     def validate(self) -> None:
         for name in ("export", "policy", "out"):
@@ -52,6 +77,17 @@ class RoundConfig:
                 raise UserError(f"--{name} is required")
         if not Path(self.export).is_dir():
             raise UserError("not a directory (run `flywheel export` first)", path=self.export)
+        if self.gate_prompts:
+            if not self.server:
+                raise UserError("--gate-prompts needs --server (the labelers rank the answers in its workbench)")
+            if not Path(self.gate_prompts).is_file():
+                raise UserError("no such file", path=self.gate_prompts)
+        if self.gate_labels < 1:
+            raise UserError("--gate-labels must be >= 1")
+        if self.gate_timeout < 0 or self.gate_poll <= 0:
+            raise UserError("--gate-timeout must be >= 0 and --gate-poll > 0")
+        if self.gate_max_new_tokens < 1:
+            raise UserError("--gate-max-new-tokens must be >= 1")
 
 
 def _rows(path: Path) -> int:
@@ -110,36 +146,174 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     final = str((train_ppo(ppo) / "final").resolve())
     report["stages"]["ppo"] = final
     report["final"] = final
-    if cfg.server:
+    if cfg.gate_prompts:
+        gate = human_gate(cfg, cfg.policy, final)
+        report["gate"] = gate
+        report["deployed"] = deploy(cfg.server, gate["deployed"]) if gate["deployed"] != cfg.policy else None
+    elif cfg.server:
         report["deployed"] = deploy(cfg.server, final)
     atomic_write_text(out / "round.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
-def deploy(server: str, model_dir: str, token: str | None = None, timeout: float = 600) -> dict[str, Any]:
-    """Ask a running server to serve `model_dir` (POST /api/admin/model); returns its answer (new version)."""
+MAX_GATE_CANDIDATES = 8  # with the served policy, 9 answers: the most a ranking task holds
+
+
+def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, Any]:
+    """The labelers' gate (module doc): ranking tasks of greedy answers on the server, their rankings, the choice.
+    Returns what round.json records: the candidates' win rates and intervals, the prompts, and the deployed path."""
+    from dataclasses import asdict
+
+    from flywheel.data.io import read_prompts
+    from flywheel.eval.gate import choose, judge, ranking_outcome, saved_policies
+
+    prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.gate_prompts)]
+    if not prompts:
+        raise UserError("no prompts", path=cfg.gate_prompts)
+    candidates = saved_policies(Path(ppo_final))
+    if len(candidates) > MAX_GATE_CANDIDATES:
+        log.info("round: gate: %d saved policies; the last %d compared", len(candidates), MAX_GATE_CANDIDATES)
+        candidates = candidates[-MAX_GATE_CANDIDATES:]
+    policies = [incumbent, *(str(path) for _, path in candidates)]
+    answers = [gate_answers(path, prompts, cfg.gate_max_new_tokens, cfg.seed) for path in policies]
+    versions = [_version(path) for path in policies]
+    rng = random.Random(f"{cfg.seed}:gate")
+    items = []
+    for i, prompt in enumerate(prompts):
+        order = list(range(len(policies)))
+        rng.shuffle(order)  # the server stores them in this order; the workbench shuffles again per labeler
+        answered = [
+            {"text": answers[j][i], "model_version": versions[j], "model_path": policies[j]}
+            for j in order
+            if answers[j][i].strip()
+        ]
+        if len({a["text"].strip() for a in answered}) >= 2:
+            items.append((i, {"prompt": prompt, "answers": answered}))
+    tasks: list[int | None] = [None] * len(prompts)  # per prompt, its ranking task (None: nothing to rank)
+    if items:
+        body = {"items": [item for _, item in items], "labels_needed": cfg.gate_labels}
+        created = _admin(cfg.server, "POST", "/api/admin/gate", body)["tasks"]
+        for (i, _), task_id in zip(items, created, strict=True):
+            tasks[i] = task_id
+    log.info("round: gate: %d ranking tasks for the labelers in the workbench", sum(t is not None for t in tasks))
+    results = _await_rankings(cfg, [t for t in tasks if t is not None])
+    outcomes: list[list[float]] = [[] for _ in candidates]
+    by_task = {r["id"]: r for r in results}
+    for i, task_id in enumerate(tasks):
+        texts = [answers[j][i].strip() for j in range(len(policies))]
+        if task_id is None:  # fewer than two different answers: the same answer ties, an empty one loses
+            for c in range(len(candidates)):
+                mine, theirs = texts[c + 1], texts[0]
+                outcomes[c].append(0.5 if mine == theirs else 0.0 if not mine else 1.0)
+            continue
+        position = {c["text"].strip(): c["position"] for c in by_task[task_id]["candidates"]}
+        for ranking in by_task[task_id]["rankings"]:
+            for c in range(len(candidates)):
+                mine, theirs = position.get(texts[c + 1]), position.get(texts[0])
+                if mine is None or theirs is None:  # an empty answer: it loses to any answer
+                    outcomes[c].append(0.5 if mine is theirs else 0.0 if mine is None else 1.0)
+                else:
+                    outcomes[c].append(ranking_outcome(ranking["order"], mine, theirs))
+    if not outcomes[0]:
+        log.warning("round: gate: no rankings arrived; the served policy stays")
+        judged = []
+    else:
+        judged = [judge(str(path), step, o) for (step, path), o in zip(candidates, outcomes, strict=True)]
+    chosen = choose(judged)
+    for c in judged:
+        log.info(
+            "round: gate: step %d preferred to the served policy %.1f%% [%.1f%%, %.1f%%]",
+            c.step,
+            100 * c.win_rate,
+            100 * c.ci95_low,
+            100 * c.ci95_high,
+        )
+    log.info("round: gate: %s", f"deploys {chosen.policy}" if chosen else "keeps the served policy")
+    return {
+        "prompts": len(prompts),
+        "tasks": [t for t in tasks if t is not None],
+        "rankings": len(outcomes[0]),
+        "candidates": [asdict(c) for c in judged],
+        "deployed": chosen.policy if chosen else incumbent,
+    }
+
+
+def gate_answers(policy: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, seed: int) -> list[str]:
+    """`policy`'s greedy answer to each prompt (rendered with its own chat template)."""
+    from flywheel.eval.policy import decode, generate
+    from flywheel.models import load_causal_lm
+    from flywheel.tokenization import load_tokenizer, render_prompt
+
+    model, tok = load_causal_lm(policy), load_tokenizer(policy)
+    ids = [render_prompt(tok, p) for p in prompts]
+    tokens, _ = generate(model, tok, ids, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+    return [text.replace("\x00", "") for text in decode(tok, tokens)]  # no database stores NUL (the server's rule)
+
+
+def _version(path: str) -> str:
+    from flywheel.serve.worker import model_version
+
+    return model_version(path)
+
+
+def _await_rankings(cfg: RoundConfig, task_ids: list[int]) -> list[dict[str, Any]]:
+    """Poll the server until every task has its rankings, or --gate-timeout passes; -> the tasks' results."""
+    if not task_ids:
+        return []
+    deadline = time.monotonic() + cfg.gate_timeout
+    needed = len(task_ids) * cfg.gate_labels
+    with tqdm(total=needed, desc="gate: rankings", unit="ranking", disable=None) as bar:
+        while True:
+            results = []
+            for start in range(0, len(task_ids), 200):
+                ids = ",".join(str(t) for t in task_ids[start : start + 200])
+                results += _admin(cfg.server, "GET", f"/api/admin/gate?ids={ids}")["tasks"]
+            given = sum(min(len(r["rankings"]), r["labels_needed"]) for r in results)
+            bar.update(given - bar.n)
+            if given >= needed:
+                return results
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "round: gate: %d of %d rankings after %.0f s; deciding on those", given, needed, cfg.gate_timeout
+                )
+                return results
+            time.sleep(min(cfg.gate_poll, max(0.0, deadline - time.monotonic())))
+
+
+def _admin(
+    server: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    timeout: float = 600,
+) -> Any:
+    """One admin API call (token from FLYWHEEL_ADMIN_TOKEN) -> its JSON; a clear UserError when it fails."""
     import httpx
 
     token = token or os.environ.get(TOKEN_ENV)
     if not token:
-        raise UserError(f"deploying needs an admin token in the environment variable {TOKEN_ENV}")
+        raise UserError(f"{path.split('?')[0]} needs an admin token in the environment variable {TOKEN_ENV}")
     try:
-        r = httpx.post(
-            server.rstrip("/") + "/api/admin/model",
-            json={"path": model_dir},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
+        r = httpx.request(
+            method, server.rstrip("/") + path, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
     except httpx.HTTPError as err:
         raise UserError(f"cannot reach the server at {server}: {err}") from None
-    if r.status_code != 200:
+    if r.status_code not in (200, 201):
         message = (
             r.json().get("error", {}).get("message", r.text)
             if r.headers.get("content-type", "").startswith("application/json")
             else r.text
         )
-        raise UserError(f"the server refused the model switch ({r.status_code}): {message}")
-    body = r.json()
+        raise UserError(f"the server refused {method} {path.split('?')[0]} ({r.status_code}): {message}")
+    return r.json()
+
+
+def deploy(server: str, model_dir: str, token: str | None = None, timeout: float = 600) -> dict[str, Any]:
+    """Ask a running server to serve `model_dir` (POST /api/admin/model); returns its answer (new version)."""
+    body = _admin(server, "POST", "/api/admin/model", {"path": model_dir}, token=token, timeout=timeout)
     log.info("round: the server now serves %s (was %s)", body["version"], body["previous"])
     return body
 

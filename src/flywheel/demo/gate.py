@@ -1,7 +1,8 @@
 """The labelers' gate: which policy is deployed after a round of PPO (`--gate-every N`).
 
 InstructGPT chose the policies it shipped by labelers' preferences on held-out prompts, not by the reward model's
-score, which PPO optimises and so overstates. Here PPO saves its policy every N steps; the simulated labelers (the
+score, which PPO optimises and so overstates (`flywheel.eval.gate` decides; `flywheel round --gate-prompts` is the
+same gate with people ranking in the workbench). Here PPO saves its policy every N steps; the simulated labelers (the
 panel that ranked the round's samples, never the oracle itself) compare each saved policy's greedy answers with the
 incumbent's (the SFT policy in round 1, the policy deployed by the round before later) on validation prompts held out
 from training and evaluation. The deployed policy is the candidate they prefer most among those whose win rate's 95%
@@ -10,7 +11,6 @@ interval lies above 50%; where none does, the incumbent stays.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +20,8 @@ from flywheel.demo.stages import DemoRun
 from flywheel.demo.state import Stage
 from flywheel.demo.summary import _pct
 from flywheel.errors import UserError
-from flywheel.eval.policy import decode, generate, mean_interval, prompt_ids_for
+from flywheel.eval.gate import Candidate, choose, judge, saved_policies
+from flywheel.eval.policy import decode, generate, prompt_ids_for
 from flywheel.models import load_causal_lm
 from flywheel.tokenization import load_tokenizer
 from flywheel.world import Labeler, Task, default_panel, load_tasks
@@ -39,27 +40,6 @@ def labeler_outcomes(
         order = rng.choice(panel).rank(task, [a, b], rng)
         out.append(1.0 if order[0] == [1] else 0.0)
     return out
-
-
-@dataclass
-class Candidate:
-    policy: str  # a PPO policy directory
-    step: int  # the PPO step it was saved at
-    win_rate: float  # against the incumbent, by the labelers, ties split
-    ci95_low: float
-    ci95_high: float
-
-
-def judge(policy: str, step: int, outcomes: list[float]) -> Candidate:
-    lo, hi = mean_interval(outcomes)
-    return Candidate(policy, step, sum(outcomes) / len(outcomes), max(0.0, lo), min(1.0, hi))
-
-
-def choose(candidates: list[Candidate]) -> Candidate | None:
-    """The candidate the labelers prefer to the incumbent with 95% confidence (interval above 50%) and most often;
-    the earliest step among equals (the one closest to the incumbent). None: keep the incumbent."""
-    confident = [c for c in candidates if c.ci95_low > 0.5]
-    return min(confident, key=lambda c: (-c.win_rate, c.step)) if confident else None
 
 
 @dataclass
@@ -91,13 +71,6 @@ class GateResult:
             f"Gate, round {self.round}: the labelers compared each saved PPO policy with the incumbent on "
             f"{self.prompts} validation prompts ({judged}) and {verdict}."
         )
-
-
-def saved_policies(ppo_final: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of the policies a PPO run saved (policies/step-N), then its final policy, in step order."""
-    saved = sorted((int(d.name.removeprefix("step-")), d) for d in (ppo_final.parent / "policies").glob("step-*"))
-    steps = json.loads((ppo_final / "flywheel.json").read_text())["steps"]
-    return [*saved, (steps, ppo_final)]
 
 
 def greedy_answers(policy: Path, tasks: list[Task], run: DemoRun) -> list[str]:

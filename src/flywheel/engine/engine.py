@@ -77,8 +77,9 @@ class Engine:
 
     dtype: run the compact forward in this dtype (a cast copy of the weights, refreshed when they change); the generic
     path always runs the module as it is. backend: "auto" picks the compact forward when the architecture allows it.
-    compact_at: drop finished rows from the batch once this fraction of it has finished (1.0 = never); None: at every
-    finish on the compact forward (it moves only the rows that change place), at 25% on the generic one (docs/engine.md).
+    compact_at: drop finished rows from the batch once this fraction of it has finished (1.0 = never); None: at
+    every finish on the compact forward (it moves only the rows that change place), at 25% on the generic one
+    (docs/engine.md).
     native_step: let the compact forward run float32 CPU decode steps in the native library (docs/engine.md).
     """
 

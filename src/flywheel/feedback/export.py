@@ -10,6 +10,8 @@ Writes (docs/data-formats.md):
 - `prompts.jsonl`: distinct prompts `{"messages": [...]}` from ranking tasks and logged chats (`flywheel ppo`);
 - `manifest.json`: counts, which labelers are held out, the model versions behind the candidates.
 
+The ranking tasks of `flywheel round`'s deployment gate are left out of every file: their prompts stay held out.
+
 Held-out labelers' work goes only to the `.eval` files. A labeler is held out when named in `--eval-labelers`, or
 else when the hash of their name falls under `--eval-fraction`: the choice depends on the name only, so a held-out
 labeler stays held out in every later export. Records are deduplicated; a demonstration that a held-out labeler also
@@ -87,7 +89,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             if cfg.include_upvoted:
                 demos += _upvoted(s, store)
             rankings, versions = _rankings(s, names)
-            prompts = [t.prompt for t in s.scalars(select(Task).where(Task.kind == "ranking").order_by(Task.id))]
+            ranking_tasks = select(Task).where(Task.kind == "ranking", Task.source != "gate").order_by(Task.id)
+            prompts = [t.prompt for t in s.scalars(ranking_tasks)]
             prompts += [messages for messages, _ in store.unused_chat_prompts(limit=100_000)][::-1]
     finally:
         store.close()
@@ -141,12 +144,15 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _rankings(s: Any, names: dict[int, str]) -> tuple[list[tuple[str, dict[str, Any]]], set[str]]:
-    tasks = {t.id: t for t in s.scalars(select(Task).where(Task.kind == "ranking"))}
+    # the deployment gate's tasks stay out: their prompts are held out from training (`flywheel round`)
+    tasks = {t.id: t for t in s.scalars(select(Task).where(Task.kind == "ranking", Task.source != "gate"))}
     cands: dict[int, list[Candidate]] = {}
     for c in s.scalars(select(Candidate).order_by(Candidate.task_id, Candidate.position)):
         cands.setdefault(c.task_id, []).append(c)
     out, versions, bad = [], set(), 0
     for r in s.scalars(select(RankingLabel).order_by(RankingLabel.id)):
+        if r.task_id not in tasks:
+            continue
         task_cands = cands.get(r.task_id, [])
         record = {
             "prompt": tasks[r.task_id].prompt,

@@ -105,7 +105,7 @@ class Task(Base):
     kind: Mapped[str] = mapped_column(String(20), index=True)  # "ranking" | "roleplay"
     prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)  # ranking: messages ending with a user turn
     instruction: Mapped[str] = mapped_column(Text, default="")  # role-play: what to write about
-    source: Mapped[str] = mapped_column(String(20))  # "prompt_set" | "conversation" | "admin"
+    source: Mapped[str] = mapped_column(String(20))  # "prompt_set" | "conversation" | "admin" | "gate"
     source_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     labels_needed: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

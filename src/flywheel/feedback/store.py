@@ -465,6 +465,49 @@ class Store:
             s.commit()
             return task.id
 
+    def create_gate_task(
+        self, prompt: list[dict[str, str]], answers: Sequence[tuple[str, str, str]], *, labels_needed: int = 1
+    ) -> int | None:
+        """A ranking task of the deployment gate (`flywheel round --gate-prompts`): the answers (text, model version,
+        model path) of the incumbent and the candidate policies to one held-out prompt, ranked blind in the
+        workbench like any ranking task. Answers with the same text become one candidate (the policies tie there);
+        None when fewer than 2 distinct answers are left (nothing to rank). Gate tasks never reach an export: their
+        prompts stay held out from training."""
+        distinct: dict[str, tuple[str, str, str | None]] = {}
+        for text, version, path in answers:
+            if not isinstance(text, str) or not text.strip():
+                raise UserError("a gate answer needs non-empty text")
+            self.register_model_version(version, path)
+            distinct.setdefault(text.strip(), (text, version, None))
+        if len(distinct) < 2:
+            return None
+        return self.create_ranking_task(prompt, list(distinct.values()), labels_needed=labels_needed, source="gate")
+
+    def gate_results(self, task_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Each gate task's answers (position, text, model version) and the rankings it has so far (groups of
+        positions, best first)."""
+        out = []
+        with self.session() as s:
+            for task_id in task_ids:
+                task = s.get(Task, task_id)
+                if task is None or task.source != "gate":
+                    raise NotFound(f"no gate task {task_id}")
+                labels = s.scalars(
+                    select(RankingLabel).where(RankingLabel.task_id == task_id).order_by(RankingLabel.id)
+                )
+                out.append(
+                    {
+                        "id": task.id,
+                        "labels_needed": task.labels_needed,
+                        "candidates": [
+                            {"position": c.position, "text": c.text, "model_version": c.model_version}
+                            for c in task.candidates
+                        ],
+                        "rankings": [{"order": r.order, "labeler_id": r.labeler_id} for r in labels],
+                    }
+                )
+        return out
+
     def create_roleplay_task(self, instruction: str, *, labels_needed: int = 1) -> int:
         if not isinstance(instruction, str) or not instruction.strip():
             raise UserError("a role-play task needs an instruction")

@@ -16,6 +16,8 @@ Labelers (labeler or admin token):
 Admins:
     GET  /api/admin/overview    GET /api/admin/conversations?source=web|api    POST /api/admin/tasks
     GET|POST /api/admin/model
+    POST /api/admin/gate        GET /api/admin/gate?ids=1,2     (`flywheel round --gate-prompts`: ranking tasks of
+                                given answers, blind to the labelers, and their rankings)
 
 SSE events of the chat streams are JSON objects: {"type": "system", "message"} and {"type": "user", "message"} (the
 stored new messages), {"type": "delta", "text"}, {"type": "done", "message"} (the stored assistant message, with its
@@ -118,6 +120,22 @@ class TasksBody(BaseModel):
     labels_needed: int = Field(default=1, ge=1, le=100)
     temperature: float = Field(default=1.0, gt=0, le=2)
     max_tokens: int = Field(default=64, ge=1)
+
+
+class GateAnswer(BaseModel):
+    text: str = Field(min_length=1)
+    model_version: str = Field(min_length=1, max_length=200)
+    model_path: str = ""
+
+
+class GateItem(BaseModel):
+    prompt: str | list[Turn]  # text = one user turn, or messages ending with a user turn
+    answers: list[GateAnswer] = Field(min_length=2, max_length=9)
+
+
+class GateBody(BaseModel):
+    items: list[GateItem] = Field(min_length=1, max_length=1000)
+    labels_needed: int = Field(default=1, ge=1, le=100)
 
 
 class ModelBody(BaseModel):
@@ -401,6 +419,38 @@ async def _candidates(
         if len(out) == k:
             break
     return out
+
+
+@router.post("/admin/gate", status_code=201)
+async def create_gate_tasks(request: Request, body: GateBody) -> dict[str, Any]:
+    """One ranking task per item, of the answers given (the deployment gate of `flywheel round`); per item, the
+    task's id, or null when its answers are all the same (nothing to rank)."""
+    await current_user(request, roles=("admin",))
+    c = ctx(request)
+    ids = []
+    for i, item in enumerate(body.items):
+        turns = (
+            [{"role": "user", "content": item.prompt}]
+            if isinstance(item.prompt, str)
+            else [t.model_dump() for t in item.prompt]
+        )
+        messages = check_messages_dicts(turns, end="user", field=f"items.{i}.prompt")
+        answers = [(a.text, a.model_version, a.model_path) for a in item.answers]
+        ids.append(await db(c.store.create_gate_task, messages, answers, labels_needed=body.labels_needed))
+    return {"tasks": ids}
+
+
+@router.get("/admin/gate")
+async def gate_results(request: Request, ids: str = Query(min_length=1, max_length=20_000)) -> dict[str, Any]:
+    """The gate tasks `ids` (comma-separated): their answers and the rankings given so far."""
+    await current_user(request, roles=("admin",))
+    try:
+        task_ids = [int(part) for part in ids.split(",")]
+    except ValueError:
+        raise ApiError(400, "ids must be task ids separated by commas", param="ids") from None
+    for task_id in task_ids:
+        check_id(request, task_id, "gate task", param="ids")
+    return {"tasks": await db(ctx(request).store.gate_results, task_ids)}
 
 
 @router.get("/admin/model")
