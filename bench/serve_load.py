@@ -14,7 +14,9 @@ median kept, so that a change in the machine's load hits both alike):
 - throughput: for each concurrency C in `--levels`, C clients send chat completions back to back (`--requests` in
   all), every one asking `--max-tokens`, then again with budgets spread over 1..2 x `--max-tokens` (mixed lengths:
   dynamic batching then holds finished rows' places until the longest ends); requests/s, generated tokens/s,
-  median latency.
+  median latency. The same levels then run on the batching worker alone, in this process, each request sent by the
+  end of its client's previous one (no HTTP stack and no client process sharing the CPU: on 2 cores those take
+  about half of it at 32 clients), which isolates the scheduler.
 
 The model answers with a fixed seed per request, so both schedulers generate the same tokens.
 """
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +163,45 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int, mixed:
     }
 
 
+def scheduler_level(workers: dict, batching: str, clients: int, per_client: int, max_tokens: int, mixed: bool) -> dict:
+    """The same closed loop on the server's batching worker alone, in this process (no HTTP, no client process, no
+    client threads): each of the C clients' requests is submitted by its previous one's end event."""
+    from flywheel.engine import SamplingParams
+    from flywheel.serve.worker import GenRequest
+
+    worker = workers[batching]
+    latencies: list[float] = []
+    tokens = [0]
+    finished = threading.Event()
+    left = [clients]
+
+    def send(i: int, j: int) -> None:
+        if j == per_client:
+            left[0] -= 1
+            if not left[0]:
+                finished.set()
+            return
+        t0 = time.perf_counter()
+
+        def emit(event: tuple) -> None:  # called in the worker's thread
+            if event[0] == "done":
+                tokens[0] += event[3]
+            elif event[0] in ("end", "error"):
+                latencies.append(time.perf_counter() - t0)
+                send(i, j + 1)
+
+        params = SamplingParams(max_new_tokens=budget(max_tokens, mixed, i, j), temperature=1.0, seed=1000 * i + j)
+        question = f"Question {i}.{j}: what is {i} + {j}?"
+        worker.submit(GenRequest([{"role": "user", "content": question}], params, emit=emit))
+
+    t0 = time.perf_counter()
+    for i in range(clients):
+        send(i, 0)
+    finished.wait()
+    elapsed = time.perf_counter() - t0
+    return {"tokens_s": tokens[0] / elapsed, "p50_s": statistics.median(latencies), "requests": len(latencies)}
+
+
 def start_server(model: Path, db: Path, port: int, batching: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flywheel", "serve", str(model), "--db", str(db), "--port", str(port)]
     cmd += ["--max-batch", "32", "--max-tokens-limit", "1024", "--log-api", "false", "--batching", batching]
@@ -235,6 +277,7 @@ def main() -> None:
             for server in servers:
                 server.terminate()
                 server.wait()
+        alone = measure_scheduler(model, args)
     print(f"model {model.name if args.model else 'random ' + args.size}, CPU threads {torch_threads()}")
     print(
         f"\nhead of line: {args.short_tokens}-token requests behind {args.long} x {args.long_tokens}-token ones "
@@ -248,16 +291,46 @@ def main() -> None:
             f"{b:>11} {h['alone_s']:>8.3f} {h['p50_s']:>8.3f} {h['p95_s']:>8.3f} {h['p50_s'] / h['alone_s']:>6.1f} "
             f"{h['p95_s'] / h['alone_s']:>6.1f} {h['shorts']:>6}"
         )
-    for mixed in (False, True):
-        lengths = f"1-{2 * args.max_tokens} tokens (mixed)" if mixed else f"{args.max_tokens} tokens"
-        print(f"\nthroughput: {args.requests} requests of {lengths} per level")
-        print(f"{'clients':>8} " + " ".join(f"{b + ' tok/s':>17} {'p50 s':>7}" for b in runs) + f" {'ratio':>6}")
-        for clients in (int(x) for x in args.levels.split(",")):
-            c, d = runs["continuous"][clients, mixed], runs["dynamic"][clients, mixed]
+    for where, results in (("the servers, over HTTP", runs), ("the batching worker alone, in process", alone)):
+        for mixed in (False, True):
+            lengths = f"1-{2 * args.max_tokens} tokens (mixed)" if mixed else f"{args.max_tokens} tokens"
+            print(f"\nthroughput of {where}: {args.requests} requests of {lengths} per level")
             print(
-                f"{clients:>8} {c['tokens_s']:>17.0f} {c['p50_s']:>7.2f} {d['tokens_s']:>17.0f} {d['p50_s']:>7.2f} "
-                f"{c['tokens_s'] / d['tokens_s']:>6.2f}"
+                f"{'clients':>8} " + " ".join(f"{b + ' tok/s':>17} {'p50 s':>7}" for b in results) + f" {'ratio':>6}"
             )
+            for clients in (int(x) for x in args.levels.split(",")):
+                c, d = results["continuous"][clients, mixed], results["dynamic"][clients, mixed]
+                print(
+                    f"{clients:>8} {c['tokens_s']:>17.0f} {c['p50_s']:>7.2f} {d['tokens_s']:>17.0f} "
+                    f"{d['p50_s']:>7.2f} {c['tokens_s'] / d['tokens_s']:>6.2f}"
+                )
+
+
+def measure_scheduler(model: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """The throughput levels on the batching worker alone (`scheduler_level`), alternating between the schedulers
+    `--reps` times, the median kept. One worker exists at a time: each thread that runs torch ops has its own OpenMP
+    team, and an idle second worker's team slowed the measured one (one client: 630 against 1870 tokens/s)."""
+    from flywheel.serve.worker import BatchWorker, ServedModel
+
+    served = ServedModel.load(model)
+    levels = [(c, m) for m in (False, True) for c in (int(x) for x in args.levels.split(","))]
+    samples: dict[str, dict] = {b: {key: [] for key in levels} for b in ("continuous", "dynamic")}
+    for _ in range(args.reps):
+        for b in samples:
+            worker = BatchWorker(served, max_batch=32, batching=b)
+            worker.start()
+            try:
+                scheduler_level({b: worker}, b, 2, 2, args.max_tokens, False)  # warm-up
+                for clients, mixed in levels:
+                    per_client = max(1, args.requests // clients)
+                    result = scheduler_level({b: worker}, b, clients, per_client, args.max_tokens, mixed)
+                    samples[b][clients, mixed].append(result)
+            finally:
+                worker.stop()
+    return {
+        b: {key: {k: statistics.median(r[k] for r in results) for k in results[0]} for key, results in runs.items()}
+        for b, runs in samples.items()
+    }
 
 
 def torch_threads() -> int:
