@@ -78,13 +78,28 @@ def _labeler(url: str, token: str, admin: str, prefer, stop: threading.Event) ->
         assert r.status_code == 200, r.text
 
 
+def _gate_config(tmp_path, served_dir, url: str, prompts, **gate):
+    from flywheel.round import RoundConfig
+
+    return RoundConfig(
+        export=str(tmp_path),
+        policy=str(served_dir),
+        out=str(tmp_path / "round"),
+        server=url,
+        gate_prompts=str(prompts),
+        gate_poll=0.05,
+        gate_max_new_tokens=8,
+        **gate,
+    )
+
+
 @pytest.mark.parametrize("preferred", ["final", "served"])
 def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
     tmp_path, served_dir, candidate_dir, monkeypatch, preferred
 ):
     from flywheel.feedback.export import ExportConfig, export
     from flywheel.feedback.store import Store
-    from flywheel.round import RoundConfig, human_gate
+    from flywheel.round import human_gate
     from flywheel.serve.app import ServeSettings, create_app
     from flywheel.serve.live import LiveServer
     from flywheel.serve.worker import model_version
@@ -108,17 +123,7 @@ def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
         for bot in bots:
             bot.start()
         try:
-            cfg = RoundConfig(
-                export=str(tmp_path),
-                policy=str(served_dir),
-                out=str(tmp_path / "round"),
-                server=server.url,
-                gate_prompts=str(prompts),
-                gate_labels=2,
-                gate_poll=0.05,
-                gate_timeout=120,
-                gate_max_new_tokens=8,
-            )
+            cfg = _gate_config(tmp_path, served_dir, server.url, prompts, gate_labels=2, gate_timeout=120)
             cfg.validate()
             gate = human_gate(cfg, str(served_dir), str(candidate_dir))
         finally:
@@ -127,7 +132,7 @@ def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
                 bot.join()
         assert gate["prompts"] == 8 and len(gate["tasks"]) >= 6  # some prompts may get the same answer from all
         assert [c["step"] for c in gate["candidates"]] == [2, 4]
-        assert gate["rankings"] == 2 * 8  # two labels per prompt (a prompt without a task: two ties)
+        assert gate["comparisons"] == 2 * 8  # two rankings per prompt (a prompt without a task: two ties)
         by_step = {c["step"]: c for c in gate["candidates"]}
         if preferred == "final":
             assert gate["deployed"] == str(candidate_dir)
@@ -143,7 +148,7 @@ def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
 
 def test_no_rankings_before_the_timeout_keeps_the_served_policy(tmp_path, served_dir, candidate_dir, monkeypatch):
     from flywheel.feedback.store import Store
-    from flywheel.round import RoundConfig, human_gate
+    from flywheel.round import human_gate
     from flywheel.serve.app import ServeSettings, create_app
     from flywheel.serve.live import LiveServer
 
@@ -154,17 +159,12 @@ def test_no_rankings_before_the_timeout_keeps_the_served_policy(tmp_path, served
     store = Store(db)
     monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", store.create_user("admin", "admin"))
     with LiveServer(app) as server:
-        cfg = RoundConfig(
-            export=str(tmp_path),
-            policy=str(served_dir),
-            out=str(tmp_path / "round"),
-            server=server.url,
-            gate_prompts=str(prompts),
-            gate_timeout=0,
-            gate_max_new_tokens=8,
+        gate = human_gate(
+            _gate_config(tmp_path, served_dir, server.url, prompts, gate_timeout=0),
+            str(served_dir),
+            str(candidate_dir),
         )
-        gate = human_gate(cfg, str(served_dir), str(candidate_dir))
-    assert gate["deployed"] == str(served_dir) and gate["candidates"] == [] and gate["rankings"] == 0
+    assert gate["deployed"] == str(served_dir) and gate["candidates"] == [] and gate["comparisons"] == 0
     store.close()
 
 

@@ -31,7 +31,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +161,8 @@ MAX_GATE_CANDIDATES = 8  # with the served policy, 9 answers: the most a ranking
 
 def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, Any]:
     """The labelers' gate (module doc): ranking tasks of greedy answers on the server, their rankings, the choice.
-    Returns what round.json records: the candidates' win rates and intervals, the prompts, and the deployed path."""
-    from dataclasses import asdict
-
+    Returns what round.json records: the candidates' win rates and intervals, the prompts, the tasks, the number of
+    comparisons behind each win rate, and the deployed path."""
     from flywheel.data.io import read_prompts
     from flywheel.eval.gate import choose, judge, ranking_outcome, saved_policies
 
@@ -232,7 +231,7 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
     return {
         "prompts": len(prompts),
         "tasks": [t for t in tasks if t is not None],
-        "rankings": len(outcomes[0]),
+        "comparisons": len(outcomes[0]),  # per policy: one per ranking, and one per prompt without a task
         "candidates": [asdict(c) for c in judged],
         "deployed": chosen.policy if chosen else incumbent,
     }
