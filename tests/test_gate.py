@@ -87,4 +87,4 @@ def test_gate_flags_are_checked():
     # the quick preset gates (measured over ten seeds, docs/demo.md); --gate-every 0 turns it off
     assert parse_demo_config(["--quick"]).resolved().gate_every == 5
     assert parse_demo_config(["--quick", "--gate-every", "0"]).resolved().gate_every == 0
-    assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 0
+    assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 8

@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         size="small",
         rounds=1,
-        gate_every=0,
+        gate_every=8,  # of 32 PPO steps: 4 candidates (docs/demo.md: seeds 100-104, it kept SFT where PPO collapsed)
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=2,
