@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -163,13 +164,12 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int, mixed:
     }
 
 
-def scheduler_level(workers: dict, batching: str, clients: int, per_client: int, max_tokens: int, mixed: bool) -> dict:
+def scheduler_level(worker: Any, clients: int, per_client: int, max_tokens: int, mixed: bool) -> dict[str, float]:
     """The same closed loop on the server's batching worker alone, in this process (no HTTP, no client process, no
     client threads): each of the C clients' requests is submitted by its previous one's end event."""
     from flywheel.engine import SamplingParams
     from flywheel.serve.worker import GenRequest
 
-    worker = workers[batching]
     latencies: list[float] = []
     tokens = [0]
     finished = threading.Event()
@@ -320,10 +320,10 @@ def measure_scheduler(model: Path, args: argparse.Namespace) -> dict[str, dict]:
             worker = BatchWorker(served, max_batch=32, batching=b)
             worker.start()
             try:
-                scheduler_level({b: worker}, b, 2, 2, args.max_tokens, False)  # warm-up
+                scheduler_level(worker, 2, 2, args.max_tokens, False)  # warm-up
                 for clients, mixed in levels:
                     per_client = max(1, args.requests // clients)
-                    result = scheduler_level({b: worker}, b, clients, per_client, args.max_tokens, mixed)
+                    result = scheduler_level(worker, clients, per_client, args.max_tokens, mixed)
                     samples[b][clients, mixed].append(result)
             finally:
                 worker.stop()

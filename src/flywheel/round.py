@@ -200,17 +200,16 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
     by_task = {r["id"]: r for r in results}
     for i, task_id in enumerate(tasks):
         texts = [answers[j][i].strip() for j in range(len(policies))]
-        if task_id is None:  # fewer than two different answers: the same answer ties, an empty one loses
+        if task_id is None:  # fewer than two different answers: nothing was ranked
             for c in range(len(candidates)):
-                mine, theirs = texts[c + 1], texts[0]
-                outcomes[c].append(0.5 if mine == theirs else 0.0 if not mine else 1.0)
+                outcomes[c].append(_unranked_outcome(texts[c + 1], texts[0]))
             continue
         position = {c["text"].strip(): c["position"] for c in by_task[task_id]["candidates"]}
         for ranking in by_task[task_id]["rankings"]:
             for c in range(len(candidates)):
                 mine, theirs = position.get(texts[c + 1]), position.get(texts[0])
-                if mine is None or theirs is None:  # an empty answer: it loses to any answer
-                    outcomes[c].append(0.5 if mine is theirs else 0.0 if mine is None else 1.0)
+                if mine is None or theirs is None:  # an empty answer was not put to the labelers
+                    outcomes[c].append(_unranked_outcome(texts[c + 1], texts[0]))
                 else:
                     outcomes[c].append(ranking_outcome(ranking["order"], mine, theirs))
     if not outcomes[0]:
@@ -235,6 +234,12 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
         "candidates": [asdict(c) for c in judged],
         "deployed": chosen.policy if chosen else incumbent,
     }
+
+
+def _unranked_outcome(mine: str, theirs: str) -> float:
+    """A candidate's answer against the served policy's where the labelers ranked nothing: the same answer ties,
+    an empty one loses to any other."""
+    return 0.5 if mine == theirs else 0.0 if not mine else 1.0
 
 
 def gate_answers(policy: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, seed: int) -> list[str]:

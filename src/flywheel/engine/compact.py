@@ -457,10 +457,9 @@ class CompactCausalLM:
         spans = [other.n - first for other, first in joining]
         m, k, n = len(rows), sum(other.b for other in others), state.n
         w = max([state.w, *(other.w for other in others)], key=lambda x: x.rope.shape[0])  # the longest RoPE table
-        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
         if m + k <= state.store.shape[0] and n + extra <= state.capacity and max(spans) <= n:
             lo_kept = state.lo
-            self.keep(state, rows)
+            self.keep(state, rows)  # the kept rows (and their positions) first, in place
             lo = min([state.lo if m else n, *(n - span for span in spans)])
             at = m
             for (other, first), span in zip(joining, spans, strict=True):
@@ -474,7 +473,8 @@ class CompactCausalLM:
                 at += other.b
             if state.w.native is None and m and lo < lo_kept:  # slots the kept rows never needed zeroed
                 state.store[:m, :, :, lo:lo_kept] = 0
-            state.b, state.lo, state.pos, state.w = m + k, lo, pos, w
+            state.pos = torch.cat([state.pos, *(other.pos for other in others)])
+            state.b, state.lo, state.w = m + k, lo, w
             return state
         first = _first_attended(state.bias[rows], n)
         parts = [(state.store[rows, :, :, first:n], state.bias[rows, first:n])] if m else []
@@ -494,6 +494,7 @@ class CompactCausalLM:
             store[at : at + r, :, :, span - length : span] = src_kv
             bias[at : at + r, span - length : span] = src_bias
             at += r
+        pos = torch.cat([state.pos[rows], *(other.pos for other in others)])
         return KVState(
             w=w, store=store, bias_store=bias, pos=pos, n=span, b=m + k, lo=_first_attended(bias[: m + k], span)
         )

@@ -117,23 +117,19 @@ class DecodeBatch:
         + j of the result is prompt i's j-th sample, all from one prefill of it). `params` is one setting for all
         prompts, or one per prompt (requests with their own settings, seeds and budgets, prefilled together).
         Validates everything first (a `UserError` leaves the batch as it was)."""
+        settings = None
         if isinstance(params, list):
             if len(params) != len(prompt_ids):
                 raise UserError(f"{len(params)} sampling settings for {len(prompt_ids)} prompts")
             for p in params:
                 p.validate()
-            budgets = [p.max_new_tokens for p in params]
-            if max_new_tokens is not None:
-                if len(max_new_tokens) != len(prompt_ids):
-                    raise UserError(f"max_new_tokens has {len(max_new_tokens)} budgets for {len(prompt_ids)} prompts")
-                budgets = [min(a, b) for a, b in zip(budgets, max_new_tokens, strict=True)]
             settings = params
-            params = dataclasses.replace(params[0], max_new_tokens=max(budgets)) if params else SamplingParams()
-            max_new_tokens = budgets
-        else:
-            params = params or SamplingParams()
-            settings = None
+            longest = max((p.max_new_tokens for p in params), default=1)
+            params = dataclasses.replace(params[0], max_new_tokens=longest) if params else SamplingParams()
+        params = params or SamplingParams()
         ids, valid, budgets = self.prepare(prompt_ids, params, max_new_tokens, samples)
+        if settings is not None:  # each prompt's own budget
+            budgets = torch.minimum(budgets, torch.tensor([p.max_new_tokens for p in settings], dtype=budgets.dtype))
         if self._shared is None:
             self._shared = torch.Generator(device=ids.device)
             self._shared.seed()
@@ -220,19 +216,25 @@ class DecodeBatch:
         self._slots, self._alive, self._joining = [], [], []
 
     def _merge_joining(self) -> None:
-        """Merge the groups prefilled since the last step into the running cache, in one copy (finished rows'
-        slots dropped on the way)."""
+        """Merge the groups prefilled since the last step into the running cache, in one `forward.merge` (finished
+        rows dropped on the way)."""
         if not self._joining:
             return
         with torch.inference_mode():
-            keep = self._live_slots()
-            keep_t = torch.tensor(keep, dtype=torch.long, device=self._logits.device)
+            keep = self._compact()
             extra = max(row.left for row in self._rows.values())
-            self._state = self.forward.merge(self._state, keep_t, [st for st, *_ in self._joining], extra)
-            self._logits = torch.cat([self._logits[keep_t], *(logits for _, logits, _ in self._joining)])
-            self._slots = [self._slots[i] for i in keep] + [r for *_, new in self._joining for r in new]
+            self._state = self.forward.merge(self._state, keep, [st for st, *_ in self._joining], extra)
+            self._logits = torch.cat([self._logits[keep], *(logits for _, logits, _ in self._joining)])
+            self._slots += [r for *_, new in self._joining for r in new]
             self._alive = [True] * len(self._slots)
             self._joining = []
+
+    def _compact(self) -> torch.Tensor:
+        """Drop the finished slots from the bookkeeping; -> the kept slots' old indices (B',), for the forward's
+        `keep` or `merge` and for the per-slot tensors."""
+        keep = self._live_slots()
+        self._slots, self._alive = [self._slots[i] for i in keep], [True] * len(keep)
+        return torch.tensor(keep, dtype=torch.long, device=self._logits.device)
 
     def _live_slots(self) -> list[int]:
         """The slots still generating, in the order that moves the fewest cache rows when the batch is compacted
@@ -253,11 +255,9 @@ class DecodeBatch:
         with torch.inference_mode():
             dead = self._alive.count(False)
             if dead and dead >= self.compact_at * len(self._alive):
-                keep = self._live_slots()
-                keep_t = torch.tensor(keep, dtype=torch.long, device=tokens.device)
-                self.forward.keep(self._state, keep_t)
-                tokens = tokens[keep_t]
-                self._slots, self._alive = [self._slots[i] for i in keep], [True] * len(keep)
+                keep = self._compact()
+                self.forward.keep(self._state, keep)
+                tokens = tokens[keep]
             self._logits = self.forward.step(self._state, tokens)
 
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,6 +138,11 @@ class GateBody(BaseModel):
     labels_needed: int = Field(default=1, ge=1, le=100)
 
 
+def _prompt_messages(prompt: str | list[Turn]) -> list[dict[str, str]]:
+    """A task's prompt as messages: a text is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [t.model_dump() for t in prompt]
+
+
 class ModelBody(BaseModel):
     path: str = Field(min_length=1)
 
@@ -378,8 +383,7 @@ async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
         return {"created": ids, "skipped": 0}
     prompts: list[tuple[list[dict[str, str]], int | None, str]] = []
     for p in body.prompts:
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else [t.model_dump() for t in p]
-        prompts.append((messages, None, "prompt_set"))
+        prompts.append((_prompt_messages(p), None, "prompt_set"))
     if body.from_conversations:
         for messages, msg_id in await db(c.store.unused_chat_prompts, body.from_conversations):
             prompts.append((messages, msg_id, "conversation"))
@@ -429,12 +433,7 @@ async def create_gate_tasks(request: Request, body: GateBody) -> dict[str, Any]:
     c = ctx(request)
     ids = []
     for i, item in enumerate(body.items):
-        turns = (
-            [{"role": "user", "content": item.prompt}]
-            if isinstance(item.prompt, str)
-            else [t.model_dump() for t in item.prompt]
-        )
-        messages = check_messages_dicts(turns, end="user", field=f"items.{i}.prompt")
+        messages = check_messages_dicts(_prompt_messages(item.prompt), end="user", field=f"items.{i}.prompt")
         answers = [(a.text, a.model_version, a.model_path) for a in item.answers]
         ids.append(await db(c.store.create_gate_task, messages, answers, labels_needed=body.labels_needed))
     return {"tasks": ids}
