@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from flywheel.demo import PRESETS, DemoConfig, main, parse_demo_config
+from flywheel.demo.config import demo_command
 from flywheel.demo.evaluation import ppo_curve
 from flywheel.demo.report import result_table
 from flywheel.demo.stages import DemoRun
@@ -69,6 +70,23 @@ def test_presets_fill_unset_fields_only(monkeypatch):
     for flag in ("--ppo.lr", "--ppo.value-lr", "--rm.lr", "--sft.lr", "--pretrain.lr"):
         with pytest.raises(UserError, match=flag):
             parse_demo_config([flag, "0"]).resolved()
+
+
+def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkeypatch):
+    monkeypatch.setattr("flywheel.demo.config.bf16_is_fast", lambda: True)
+
+    def command(argv):
+        return demo_command(asdict(parse_demo_config(argv).resolved()))
+
+    assert command(["--seed", "3", "--out", "x", "--threads", "1"]) == "flywheel demo --seed 3"
+    assert command(["--quick", "--gate-every", "5", "--ppo.max-steps", "15"]) == "flywheel demo --quick --seed 0"
+    argv = ["--seed", "7", "--gate-every", "0", "--rm.rm-ensemble", "3", "--ppo.reward-ensemble-agg", "mean-std"]
+    assert command(argv) == (
+        "flywheel demo --seed 7 --gate-every 0 --rm.rm-ensemble 3 --ppo.reward-ensemble-agg mean-std"
+    )
+    assert command(["--preset", "fp32", "--rm-holdout", "0.3", "--ppo.kl-coef", "0.15"]) == (
+        "flywheel demo --preset fp32 --seed 0 --rm-holdout 0.3"
+    )
 
 
 def test_stage_settings_are_the_trainers_fields_documented_once(tmp_path):
@@ -160,7 +178,7 @@ def _labelers(**kw) -> LabelerSummary:
 def _summary(ppo_vs_sft: float, kl: float, ppo_loss: float) -> DemoSummary:
     win = dict(win_rate=0.6, ci95_low=0.5, ci95_high=0.7, wins=5, ties=2, losses=3)
     return DemoSummary(
-        config={"quick": True, "seed": 0, "preset": "quick", "size": "tiny", "bf16": False},
+        config=asdict(DemoConfig(quick=True).resolved()),
         timings_s={"total": 10.0},
         labelers=_labelers(),
         reward_model=_rm(),

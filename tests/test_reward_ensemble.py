@@ -138,6 +138,26 @@ def test_rm_ensemble_of_one_keeps_the_single_model_layout(ens, tmp_path):
     assert main(_rm_args(ens["base"], ens["data"], tmp_path / "zero", "--rm-ensemble", "0")) == 2
 
 
+def test_rm_ensemble_from_an_ensemble_fine_tunes_each_member_from_its_own(ens, tmp_path, capsys):
+    """The next round's reward model: `--model ENSEMBLE --rm-ensemble N` starts member i from member i (a step of lr
+    1e-6 keeps each head beside its own start, far from the other's); any other N is a one-line error."""
+    args = _rm_args(ens["final"], ens["data"], tmp_path / "next", "--rm-ensemble", "2", "--max-steps", "1")
+    assert main([*args, "--lr", "1e-6"]) == 0
+    start = [load_file(str(ens["final"] / f"member{i}" / "model.safetensors"))["score.weight"] for i in range(2)]
+    tuned = [
+        load_file(str(tmp_path / "next" / "final" / f"member{i}" / "model.safetensors"))["score.weight"]
+        for i in range(2)
+    ]
+    for i in range(2):
+        assert (tuned[i] - start[i]).abs().max() < 1e-4 < (tuned[i] - start[1 - i]).abs().max()
+    capsys.readouterr()
+    for n in ("3", "1"):
+        assert main(_rm_args(ens["final"], ens["data"], tmp_path / f"bad{n}", "--rm-ensemble", n)) == 2
+        err = capsys.readouterr().err
+        assert "is an ensemble of 2 reward models: fine-tune it with --rm-ensemble 2" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"bad{n}").exists()
+
+
 def test_rm_ensemble_resume_continues_the_member_in_progress(ens, tmp_path, caplog):
     """An ensemble run stopped during member 1 (its checkpoint at step 2 kept, no final) resumes that member from
     the checkpoint, keeps member 0, and assembles the same ensemble."""

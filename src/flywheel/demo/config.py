@@ -303,6 +303,35 @@ class DemoConfig:
                 )
 
 
+# Settings that do not change what a run computes (or say where it goes): left out of its command line.
+_NOT_IN_COMMAND = ("out", "threads", "progress", "resume", "quick", "preset", "seed", "bf16")
+
+
+def demo_command(cfg: dict[str, Any]) -> str:
+    """The command line of a resolved run (`asdict(DemoConfig.resolved())`): `--quick` or the seed, and every setting
+    that differs from its preset's (or, for a field no preset sets, from its default), so a report names exactly
+    what was changed."""
+    preset = PRESETS[cfg["preset"]]
+    parts = ["flywheel demo", "--quick" if cfg["preset"] == "quick" else "", f"--seed {cfg['seed']}"]
+    for f in fields(DemoConfig):
+        value = cfg[f.name]
+        if f.name in STAGES:
+            parts += [
+                f"--{f.name}.{k.replace('_', '-')} {_flag_value(v)}"
+                for k, v in value.items()
+                if preset.get(f.name, {}).get(k, _PLACEHOLDER) != v
+            ]
+        elif f.name not in _NOT_IN_COMMAND and value != preset.get(f.name, f.default):
+            parts.append(f"--{f.name.replace('_', '-')} {_flag_value(value)}")
+    if cfg["preset"] not in ("quick", "default"):
+        parts.insert(1, f"--preset {cfg['preset']}")
+    return " ".join(p for p in parts if p)
+
+
+def _flag_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def check_overrides(stage: str, values: Any) -> dict[str, Any]:
     """A stage's overrides checked against its trainer's config: known, not wired by the demo, of the field's type."""
     flag = f"--{stage}."

@@ -733,13 +733,29 @@ def train_reward(cfg: RewardConfig) -> Path:
     """Train the reward model (or, with --rm-ensemble N, the N members of an ensemble); returns the run directory."""
     if cfg.rm_ensemble > 1:
         return train_reward_ensemble(cfg)
+    ensemble_starts(cfg)  # an ensemble --model is refused with one line
     return train_one_reward(cfg)
+
+
+def ensemble_starts(cfg: RewardConfig) -> list[str]:
+    """Where each of the --rm-ensemble members starts: --model for every member, or, where --model is itself an
+    ensemble directory (the next round's fine-tuning), member i from its member i, which needs as many members."""
+    members = ensemble_members(cfg.model) if Path(cfg.model).is_dir() else None
+    if members is None:
+        return [cfg.model] * cfg.rm_ensemble
+    if len(members) != cfg.rm_ensemble:
+        raise UserError(
+            f"--model {cfg.model} is an ensemble of {len(members)} reward models: fine-tune it with "
+            f"--rm-ensemble {len(members)} (each member from its own), got --rm-ensemble {cfg.rm_ensemble}"
+        )
+    return [str(m) for m in members]
 
 
 def train_reward_ensemble(cfg: RewardConfig) -> Path:
     """--rm-ensemble N: member i is a plain `flywheel rm` run in OUT/member<i>/ with seed --seed + i (head init and
     data order) and the held-out split and references of --seed; `final/` is assembled from their finals at the end.
     With --resume, members with a final model are kept and the one in progress continues from its checkpoint."""
+    starts = ensemble_starts(cfg)
     run_dir = prepare_run_dir(cfg)
     finals, info = [], []
     for i in range(cfg.rm_ensemble):
@@ -749,7 +765,7 @@ def train_reward_ensemble(cfg: RewardConfig) -> Path:
             log.info("rm: ensemble member %d of %d is trained already (%s)", i + 1, cfg.rm_ensemble, member_dir)
         else:
             log.info("rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, seed, member_dir)
-            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1)
+            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1, model=str(starts[i]))
             train_one_reward(member, data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
         finals.append(member_dir / "final")
         extra_path = member_dir / "final" / "flywheel.json"
