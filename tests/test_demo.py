@@ -16,7 +16,7 @@ import yaml
 from flywheel.demo import PRESETS, DemoConfig, main, parse_demo_config
 from flywheel.demo.config import demo_command
 from flywheel.demo.evaluation import ppo_curve
-from flywheel.demo.report import result_table
+from flywheel.demo.report import _ensemble, result_table
 from flywheel.demo.stages import DemoRun
 from flywheel.demo.state import RunState
 from flywheel.demo.summary import (
@@ -80,12 +80,19 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
 
     assert command(["--seed", "3", "--out", "x", "--threads", "1"]) == "flywheel demo --seed 3"
     assert command(["--quick", "--gate-every", "5", "--ppo.max-steps", "15"]) == "flywheel demo --quick --seed 0"
-    argv = ["--seed", "7", "--gate-every", "0", "--rm.rm-ensemble", "3", "--ppo.reward-ensemble-agg", "mean-std"]
-    assert command(argv) == (
-        "flywheel demo --seed 7 --gate-every 0 --rm.rm-ensemble 3 --ppo.reward-ensemble-agg mean-std"
-    )
+    argv = ["--seed", "7", "--gate-every", "0", "--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]
+    assert command(argv) == "flywheel demo --seed 7 --gate-every 0 --rm.rm-ensemble 1 --ppo.reward-ensemble-agg mean"
+    assert command([*argv[:4], "--rm.rm-ensemble", "3"]) == "flywheel demo --seed 7 --gate-every 0"
     assert command(["--preset", "fp32", "--rm-holdout", "0.3", "--ppo.kl-coef", "0.15"]) == (
         "flywheel demo --preset fp32 --seed 0 --rm-holdout 0.3"
+    )
+    # The default preset's conservative reward, named on the report's reward-model line; one model names nothing.
+    default = asdict(DemoConfig().resolved())
+    assert (default["rm"]["rm_ensemble"], default["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
+    assert _ensemble(default) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
+    assert (
+        _ensemble(asdict(parse_demo_config(["--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]).resolved()))
+        == ""
     )
 
 

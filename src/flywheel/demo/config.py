@@ -84,7 +84,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),  # fmt: skip
         pretrain=dict(epochs=3.0, seq_len=256, lr=2e-3, batch_size=4),
         sft=dict(epochs=3.0, lr=5e-4, batch_size=8),
-        rm=dict(epochs=1.5, lr=2e-4),
+        # Conservative rewards: three reward models (seeds S, S+1, S+2), PPO optimises mean - 1 std of their
+        # scores (docs/demo.md, the ablation: seeds 100-104).
+        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
         ppo=dict(
             max_steps=32,
             rollout_batch_size=32,
@@ -94,6 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             value_lr=2e-4,
             kl_coef=0.1,
             ptx_coef=0.05,
+            reward_ensemble_agg="mean-std",
         ),  # fmt: skip
     ),
     "fp32": dict(

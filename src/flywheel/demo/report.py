@@ -71,7 +71,8 @@ def result_table(s: DemoSummary) -> str:
     lines.append("")
     lo, hi = rm.accuracy_informative_ci95
     lines.append(
-        f"Reward model: held-out accuracy {_pct(rm.accuracy_informative)} [{_pct(lo)}, {_pct(hi)}] on "
+        f"Reward model{_ensemble(s.config)}: held-out accuracy {_pct(rm.accuracy_informative)} [{_pct(lo)}, "
+        f"{_pct(hi)}] on "
         f"{rm.pairs_informative} pairs the oracle does not tie, vs labeler agreement {_pct(rm.labeler_agreement)} on "
         f"the same sets ({_pct(rm.accuracy)} on all {rm.pairs} labelled pairs)."
     )
@@ -108,6 +109,17 @@ def _labelers_line(s: DemoSummary) -> str:
 
 def _fewshot(p: PolicyResult, k: str) -> str:
     return _pct(p.fewshot_accuracy[k])
+
+
+def _ensemble(cfg: dict[str, Any]) -> str:
+    """' (an ensemble of 3, PPO optimising mean - 1 std)' for a run with --rm.rm-ensemble 3; '' for one model."""
+    n = cfg.get("rm", {}).get("rm_ensemble", 1)
+    if n <= 1:
+        return ""
+    ppo = cfg.get("ppo", {})
+    agg = ppo.get("reward_ensemble_agg", "mean")
+    agg = f"mean - {ppo.get('reward_ensemble_lambda', 1.0):g} std" if agg == "mean-std" else agg
+    return f" (an ensemble of {n}, scored by their mean; PPO optimises their {agg})"
 
 
 def write_report(s: DemoSummary, out: Path) -> None:
