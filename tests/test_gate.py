@@ -88,3 +88,4 @@ def test_gate_flags_are_checked():
     assert parse_demo_config(["--quick"]).resolved().gate_every == 5
     assert parse_demo_config(["--quick", "--gate-every", "0"]).resolved().gate_every == 0
     assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 8
+    assert parse_demo_config(["--preset", "fp32"]).resolved().gate_every == 8
