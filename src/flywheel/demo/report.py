@@ -112,7 +112,8 @@ def _fewshot(p: PolicyResult, k: str) -> str:
 
 
 def _ensemble(cfg: dict[str, Any]) -> str:
-    """' (an ensemble of 3, PPO optimising mean - 1 std)' for a run with --rm.rm-ensemble 3; '' for one model."""
+    """What the reward-model line says of a run with --rm.rm-ensemble N > 1 (how its members' scores are read); ''
+    for one model."""
     n = cfg.get("rm", {}).get("rm_ensemble", 1)
     if n <= 1:
         return ""
