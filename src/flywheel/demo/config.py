@@ -322,7 +322,7 @@ def demo_command(cfg: dict[str, Any]) -> str:
             parts += [
                 f"--{f.name}.{k.replace('_', '-')} {_flag_value(v)}"
                 for k, v in value.items()
-                if preset.get(f.name, {}).get(k, _PLACEHOLDER) != v
+                if k not in preset.get(f.name, {}) or preset[f.name][k] != v
             ]
         elif f.name not in _NOT_IN_COMMAND and value != preset.get(f.name, f.default):
             parts.append(f"--{f.name.replace('_', '-')} {_flag_value(value)}")

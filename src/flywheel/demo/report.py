@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flywheel.demo.config import demo_command
+from flywheel.demo.config import STAGES, demo_command
 from flywheel.demo.gate import GateResult
 from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline
 from flywheel.utils import atomic_write_text, log
@@ -114,12 +114,13 @@ def _fewshot(p: PolicyResult, k: str) -> str:
 def _ensemble(cfg: dict[str, Any]) -> str:
     """What the reward-model line says of a run with --rm.rm-ensemble N > 1 (how its members' scores are read); ''
     for one model."""
-    n = cfg.get("rm", {}).get("rm_ensemble", 1)
+    n = cfg["rm"].get("rm_ensemble", STAGES["rm"].rm_ensemble)
     if n <= 1:
         return ""
-    ppo = cfg.get("ppo", {})
-    agg = ppo.get("reward_ensemble_agg", "mean")
-    agg = f"mean - {ppo.get('reward_ensemble_lambda', 1.0):g} std" if agg == "mean-std" else agg
+    ppo, defaults = cfg["ppo"], STAGES["ppo"]
+    agg = ppo.get("reward_ensemble_agg", defaults.reward_ensemble_agg)
+    if agg == "mean-std":
+        agg = f"mean - {ppo.get('reward_ensemble_lambda', defaults.reward_ensemble_lambda):g} std"
     return f" (an ensemble of {n}, scored by their mean; PPO optimises their {agg})"
 
 

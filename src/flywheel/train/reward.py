@@ -731,9 +731,9 @@ def describe(groups: Sequence[RankingGroup]) -> str:
 
 def train_reward(cfg: RewardConfig) -> Path:
     """Train the reward model (or, with --rm-ensemble N, the N members of an ensemble); returns the run directory."""
+    starts = ensemble_starts(cfg)  # before anything is written: a mismatched ensemble --model is one line
     if cfg.rm_ensemble > 1:
-        return train_reward_ensemble(cfg)
-    ensemble_starts(cfg)  # an ensemble --model is refused with one line
+        return train_reward_ensemble(cfg, starts)
     return train_one_reward(cfg)
 
 
@@ -751,11 +751,11 @@ def ensemble_starts(cfg: RewardConfig) -> list[str]:
     return [str(m) for m in members]
 
 
-def train_reward_ensemble(cfg: RewardConfig) -> Path:
+def train_reward_ensemble(cfg: RewardConfig, starts: Sequence[str]) -> Path:
     """--rm-ensemble N: member i is a plain `flywheel rm` run in OUT/member<i>/ with seed --seed + i (head init and
     data order) and the held-out split and references of --seed; `final/` is assembled from their finals at the end.
-    With --resume, members with a final model are kept and the one in progress continues from its checkpoint."""
-    starts = ensemble_starts(cfg)
+    With --resume, members with a final model are kept and the one in progress continues from its checkpoint.
+    starts: where each member starts (`ensemble_starts`)."""
     run_dir = prepare_run_dir(cfg)
     finals, info = [], []
     for i in range(cfg.rm_ensemble):
@@ -765,7 +765,7 @@ def train_reward_ensemble(cfg: RewardConfig) -> Path:
             log.info("rm: ensemble member %d of %d is trained already (%s)", i + 1, cfg.rm_ensemble, member_dir)
         else:
             log.info("rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, seed, member_dir)
-            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1, model=str(starts[i]))
+            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1, model=starts[i])
             train_one_reward(member, data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
         finals.append(member_dir / "final")
         extra_path = member_dir / "final" / "flywheel.json"
