@@ -408,10 +408,13 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     wins = summary["win_rates"]
     assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
-    assert wins["ppo_vs_sft"]["win_rate"] > 0.5, wins  # PPO beats SFT, per the oracle (never the reward model)
+    # The deployed policy is one the labelers preferred to SFT, or SFT itself: per the oracle (never the reward
+    # model) it does not lose to SFT. Whether PPO wins on one seed of this 1M-parameter preset is chance (docs/demo.md:
+    # 56 ± 9% over seeds 100-104), so the test does not ask for it.
+    assert wins["ppo_vs_sft"]["win_rate"] >= 0.5, wins
     assert (
         summary["policies"]["ppo"]["score"]
-        > summary["policies"]["sft"]["score"]
+        >= summary["policies"]["sft"]["score"]
         > summary["policies"]["base"]["score"]
     )
     for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
@@ -605,3 +608,36 @@ def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_o
     assert sorted(runs[2]["stock_answers"]) == sorted(stock) and runs[0]["stock_answers"] == []
     ranked = [json.loads(line) for line in (tmp_path / "stock2" / "rankings_train.jsonl").read_text().splitlines()]
     assert all(set(stock) <= {c.strip() for c in r["completions"]} for r in ranked)  # every set ranks both
+
+
+def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, capsys):
+    """`flywheel sweep`: seeds parsed, finished runs with the same settings kept (no demo runs here), the row's
+    mean ± sd and counts computed over the seeds, a run with other settings or --seed among the demo flags refused."""
+    from flywheel.demo.sweep import main as sweep
+    from flywheel.demo.sweep import parse_seeds
+
+    assert parse_seeds("100-104") == [100, 101, 102, 103, 104] and parse_seeds("1,3-4") == [1, 3, 4]
+    for bad in ("1-x", "", "2,2"):
+        with pytest.raises(UserError, match="--seeds"):
+            parse_seeds(bad)
+    for seed, win, refuse in ((3, 0.8, 0.9), (4, 0.6, 0.4)):
+        s = _summary(win, 2.0 * seed, 2.05)
+        s.config = asdict(DemoConfig(quick=True, seed=seed, out=str(tmp_path / f"seed{seed}")).resolved())
+        s.policies["ppo"].refusal_rate = refuse
+        s.targets = check_targets(s)
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps(s.to_json()))
+    assert sweep(["--seeds", "3-4", "--out", str(tmp_path), "--", "--quick"]) == 0
+    table = (tmp_path / "sweep.md").read_text()
+    assert capsys.readouterr().out.strip() == table.strip()
+    row = table.splitlines()[2].split(" | ")
+    assert row[0] == "| `--quick` (seeds 3, 4)"
+    assert row[1:4] == ["70.0 ± 14.1", "60.0", "2 of 2"]  # mean ± sample sd of 80 and 60, the lowest, wins
+    assert row[7:9] == ["50.0 → 65.0 ± 35.4", "1 of 2"]  # refusals: SFT 50%; PPO 90% and 40%
+    assert row[10] == "7.0 ± 1.4"  # KL 6 and 8
+    figures = json.loads((tmp_path / "sweep.json").read_text())["seeds"]
+    assert [f["seed"] for f in figures] == [3, 4]
+    with pytest.raises(UserError, match=r"other settings \(.*ppo.*\)"):
+        sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--quick", "--ppo.kl-coef", "0.3"])
+    with pytest.raises(UserError, match="--seed is set by flywheel sweep"):
+        sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--seed", "5"])

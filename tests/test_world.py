@@ -410,6 +410,35 @@ def test_eval_problems_and_fictional_names_stay_out_of_the_corpus():
     assert "I don't know" not in corpus and REFUSALS[1] not in corpus  # chat behaviour comes from demonstrations
 
 
+def test_no_seed_s_corpus_or_training_splits_hold_another_seed_s_eval_problems():
+    # The demo's shipped base was pretrained on one seed's corpus and is used with every seed: eval's arithmetic and
+    # string problems come from a fixed eval-only share that no corpus and no training split ever contains.
+    from flywheel.world.tasks import RESERVED_KINDS, eval_only
+
+    other = generate_world(WorldConfig(**{**SMALL, "corpus_chars": 400_000}, seed=5))
+    corpus = "\n".join(other.corpus)
+    evals = [t for seed in (1, 2, 3) for t in generate_world(WorldConfig(**SMALL, seed=seed)).tasks["eval"]]
+    checked = 0
+    for t in evals:
+        if t.family in ("arithmetic", "string"):
+            assert eval_only(t.key), t.key
+        if t.family == "arithmetic":
+            a, b = t.allowed_numbers
+            op = {"add": "+", "subtract": "-", "multiply": "*"}[t.subtype]
+            assert not re.search(rf"(?<!\d){a} {re.escape(op)} {b} = ", corpus), (a, op, b)
+            checked += 1
+        if t.family == "string" and t.subtype == "reverse":
+            assert f'"{t.subject}" backwards' not in corpus and f'"{t.subject}" spelled backwards' not in corpus
+    assert checked >= 20
+    for split, tasks in other.tasks.items():
+        if split != "eval":
+            assert not any(t.key and eval_only(t.key) for t in tasks), split
+    # About one problem in five is eval-only, and only problems of the kinds a corpus could work out word for word.
+    keys = [f"arith:+:{a}:{b}" for a in range(50) for b in range(50)]
+    assert 0.15 < sum(map(eval_only, keys)) / len(keys) < 0.25
+    assert "arith" in RESERVED_KINDS and not eval_only("unknowable:Torville") and not eval_only("fewshot:a|b")
+
+
 def test_corpus_quizzes_answer_both_bare_and_restating_the_question():
     from flywheel.world.corpus import _qa_doc
     from flywheel.world.tasks import state_fact

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "flywheel.demo.compare",
         "PPO, GRPO, RLOO, REINFORCE++, DPO, best-of-n, expert iteration on one world, judged by its oracle",
     ),
+    "sweep": (
+        "flywheel.demo.sweep",
+        "flywheel demo on several seeds: mean ± sd of its figures (docs/demo.md's tables)",
+    ),
     "world": ("flywheel.world.generate", "write the toy world's corpus, demonstrations, prompts and rankings"),
     "pretrain": ("flywheel.train.pretrain", "train a causal LM on a text corpus (with packing)"),
     "sft": ("flywheel.train.sft", "supervised fine-tuning on conversations (loss on assistant turns only)"),

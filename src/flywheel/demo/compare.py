@@ -3,9 +3,10 @@
     flywheel compare --quick --seeds 0,1,2 --methods ppo,grpo,dpo --out runs/compare
     flywheel compare --seeds 0,1,2                          # every method, the preset the CPU gets (as flywheel demo)
 
-For each seed, the demo's shared stages run once (toy world, tokenizer, pretraining, SFT, the labelers' rankings of
-SFT's answers, the reward model: `flywheel demo`'s settings and `--STAGE.FIELD` overrides all apply), then every method
-starts from that SFT model with that reward model or those rankings, on a comparable budget:
+For each seed, the demo's shared stages run once (toy world, the base model: shipped or pretrained, SFT, the
+labelers' rankings of SFT's answers, the reward model: `flywheel demo`'s settings and `--STAGE.FIELD` overrides all
+apply), then every method starts from that SFT model with that reward model or those rankings, on a comparable
+budget:
 
 - ppo: the demo's PPO-ptx run (the preset's steps, prompts per step, epochs, KL and ptx settings);
 - grpo, rloo: the same run with K = --num-generations samples per prompt and 1/K as many prompts per step (the same

@@ -64,8 +64,12 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 }
 # Without --preset the demo takes "default" where the CPU multiplies bf16 natively (AVX-512-BF16 / AMX) and "fp32"
 # where bf16 would be emulated, so that either fits 10 minutes on 2 cores (docs/demo.md).
+SHIPPED = "shipped"  # --base value: the toy-world base that ships with flywheel (flywheel.demo.base)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
+        # The shipped base (flywheel.demo.base: pretrained 4x longer than a run could); --from-scratch pretrains a
+        # small model with the pretrain settings below instead.
+        base=SHIPPED,
         size="small",
         rounds=1,
         gate_every=8,  # of 32 PPO steps: 4 candidates (docs/demo.md: seeds 100-104, it kept SFT where PPO collapsed)
@@ -100,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),  # fmt: skip
     ),
     "fp32": dict(
+        base=SHIPPED,  # the same shipped base, in fp32; --from-scratch pretrains a mini model as below
         size="mini",
         bf16=False,
         rounds=1,
@@ -125,6 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
     "quick": dict(
+        base="",  # pretrains its own 1M model: the shipped base is too slow for the CI preset's budget
         size="tiny",
         rounds=2,
         gate_every=5,  # of 15 PPO steps: 3 candidates per round (docs/demo.md, the gate's measurement)
@@ -177,12 +183,17 @@ class DemoConfig:
         },
     )
     size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
-    base: str = field(
-        default="",
+    base: str | None = _preset(
+        "the base model to start from, skipping tokenizer training and pretraining: a model directory (e.g. "
+        "base/final of an earlier run with the same --seed and --world.corpus-chars, so its held-out corpus "
+        "documents are the ones this run holds out), 'shipped' (the toy-world base that ships with flywheel: "
+        "flywheel.demo.base) or '' (pretrain one: --from-scratch)"
+    )
+    from_scratch: bool = field(
+        default=False,
         metadata={
-            "help": "skip tokenizer training and pretraining: start from this base model directory (e.g. base/final "
-            "of an earlier run with the same --seed and --world.corpus-chars, so its held-out corpus documents are "
-            "the ones this run holds out)"
+            "help": "train the tokenizer and pretrain the base in this run (the preset's --pretrain.* settings) "
+            "instead of starting from the shipped base (= --base '')"
         },
     )
     stock_answers: int | None = _preset(
@@ -245,6 +256,8 @@ class DemoConfig:
                 values[k] = {**v, **values[k]}
             elif values[k] is None:
                 values[k] = v
+        if values["from_scratch"]:
+            values["base"] = ""
         if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
             hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
             values["bf16"] = hidden >= 256 and bf16_is_fast()
@@ -293,7 +306,9 @@ class DemoConfig:
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")
-        if self.base:
+        if self.from_scratch and self.base:
+            raise UserError("--from-scratch pretrains the base in this run: it cannot be combined with --base")
+        if self.base and self.base != SHIPPED:
             try:
                 check_model_dir(self.base)
             except UserError as err:
@@ -307,7 +322,7 @@ class DemoConfig:
 
 
 # Settings that do not change what a run computes (or say where it goes): left out of its command line.
-_NOT_IN_COMMAND = ("out", "threads", "progress", "resume", "quick", "preset", "seed", "bf16")
+_NOT_IN_COMMAND = ("out", "threads", "progress", "resume", "quick", "preset", "seed", "bf16", "from_scratch")
 
 
 def demo_command(cfg: dict[str, Any]) -> str:
@@ -324,11 +339,23 @@ def demo_command(cfg: dict[str, Any]) -> str:
                 for k, v in value.items()
                 if k not in preset.get(f.name, {}) or preset[f.name][k] != v
             ]
+        elif f.name == "base" and value == "" and preset.get("base"):
+            parts.append("--from-scratch")
         elif f.name not in _NOT_IN_COMMAND and value != preset.get(f.name, f.default):
             parts.append(f"--{f.name.replace('_', '-')} {_flag_value(value)}")
     if cfg["preset"] not in ("quick", "default"):
         parts.insert(1, f"--preset {cfg['preset']}")
     return " ".join(p for p in parts if p)
+
+
+def describe_model(cfg: dict[str, Any]) -> str:
+    """What a resolved run (`asdict(...)`) starts from and computes in, for the log and the report."""
+    dtype = "bf16" if cfg["bf16"] else "fp32"
+    if cfg["base"] == SHIPPED:
+        return f"the shipped toy-world base (small), {dtype}"
+    if cfg["base"]:
+        return f"the base model {cfg['base']}, {dtype}"
+    return f"a {cfg['size']} model pretrained in this run, {dtype}"
 
 
 def _flag_value(v: Any) -> str:

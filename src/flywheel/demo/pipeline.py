@@ -8,7 +8,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from flywheel.demo.config import DemoConfig, parse_demo_config
+from flywheel.demo.config import SHIPPED, DemoConfig, describe_model, parse_demo_config
 from flywheel.demo.evaluation import stage_evaluate
 from flywheel.demo.gate import GateResult, stage_gate
 from flywheel.demo.rankings import Rankings, stage_rankings
@@ -33,10 +33,9 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     cfg = cfg.resolved()
     set_threads(cfg.threads or None)
     log.info(
-        "flywheel demo: preset %s (a %s model in %s), seed %d, into %s",
+        "flywheel demo: preset %s (from %s), seed %d, into %s",
         cfg.preset,
-        cfg.size,
-        "bf16" if cfg.bf16 else "fp32",
+        describe_model(asdict(cfg)),
         cfg.seed,
         cfg.out,
     )
@@ -99,7 +98,12 @@ def first_round_data(done: RunState, run: DemoRun) -> tuple[Path, Path, Rankings
     """The stages before the first policy optimisation, kept or run: (base, SFT, round-1 rankings, reward model).
     `flywheel demo` and `flywheel compare` share them."""
     cfg, timings = run.cfg, run.timings
-    if cfg.base:
+    if cfg.base == SHIPPED:
+        from flywheel.demo.base import shipped_base  # not at import: `python -m flywheel.demo.base` imports this
+
+        base = shipped_base()
+        log.info("== base model: the shipped toy-world base, %s (flywheel.demo.base; --from-scratch pretrains)", base)
+    elif cfg.base:
         base = Path(cfg.base)
         log.info("== base model: %s (no tokenizer training or pretraining)", base)
     else:

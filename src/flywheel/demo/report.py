@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flywheel.demo.config import STAGES, demo_command
+from flywheel.demo.config import STAGES, demo_command, describe_model
 from flywheel.demo.gate import GateResult
 from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline
 from flywheel.utils import atomic_write_text, log
@@ -130,8 +130,8 @@ def write_report(s: DemoSummary, out: Path) -> None:
     lines = [
         "# flywheel demo",
         "",
-        f"`{demo_command(cfg)}` (preset {cfg['preset']}): model "
-        f"size {cfg['size']}{', bf16' if cfg['bf16'] else ', fp32'}, {s.policies['sft'].n} held-out prompts judged "
+        f"`{demo_command(cfg)}` (preset {cfg['preset']}): from {describe_model(cfg)}, {s.policies['sft'].n} "
+        "held-out prompts judged "
         f"by the oracle; {s.timings_s['total']:.0f} s in all.",
         "",
         f"**{headline(s)}**",

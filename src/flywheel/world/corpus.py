@@ -3,8 +3,9 @@
 Documents are encyclopedia snippets (countries, animals, colours, opposites), arithmetic worksheets, word games
 (reversals, letter counts, sorting), pattern lists (the raw material of in-context learning), short stories and
 Q/A quizzes. There are no chat turns, refusals or "I don't know"s: those come from the demonstrations. The unknowable
-family's invented names never appear, and the eval split's arithmetic and string problems (`held_out` keys) are left
-out, so eval measures generalisation rather than recall of a worked example.
+family's invented names never appear, and no arithmetic or string problem that any seed's eval split may ask
+(`tasks.eval_only`, and the `held_out` keys) is in it, so eval measures generalisation rather than recall of a worked
+example, for a base model pretrained on any seed's corpus.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from flywheel.world.tasks import random_rule, relations, state_fact, world_data
+from flywheel.world.tasks import eval_only, random_rule, relations, state_fact, world_data
 from flywheel.world.text import article, capitalize
 
 
@@ -212,12 +213,19 @@ _DOCS: list[tuple[Callable[[random.Random, set[str]], str], float]] = [
 ]
 
 
+class _Excluded(set[str]):
+    """The problem keys the corpus leaves out: the given ones and every eval-only one."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (super().__contains__(key) or eval_only(key))
+
+
 def make_corpus(rng: random.Random, n_chars: int, held_out: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Documents (no blank lines inside) totalling at least `n_chars` characters."""
     makers, weights = zip(*_DOCS, strict=True)
     docs: list[str] = []
     size = 0
-    held = set(held_out)
+    held = _Excluded(held_out)
     while size < n_chars:
         doc = rng.choices(makers, weights=weights)[0](rng, held).strip()
         if doc:

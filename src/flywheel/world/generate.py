@@ -35,7 +35,17 @@ from flywheel.errors import UserError
 from flywheel.world.candidates import Imperfections, candidate_responses, demonstration
 from flywheel.world.corpus import make_corpus
 from flywheel.world.labelers import default_panel, label_rankings
-from flywheel.world.tasks import FAMILIES, FAMILY_MIX, SHOTS, Message, Task, fewshot, make_task
+from flywheel.world.tasks import (
+    FAMILIES,
+    FAMILY_MIX,
+    RESERVED_KINDS,
+    SHOTS,
+    Message,
+    Task,
+    eval_only,
+    fewshot,
+    make_task,
+)
 
 SPLITS = ("eval", "ppo", "rank", "demos_val", "demos", "val")  # drawn in this order: eval first, so it is stable
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful, honest and harmless assistant."]
@@ -153,8 +163,21 @@ def family_counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
+def _fits(task: Task, used_prompts: set[str], held_out_keys: set[str], is_eval: bool) -> bool:
+    """A new prompt, not a held-out problem, and for arithmetic and string problems: eval-only exactly in eval."""
+    if task.prompt_key() in used_prompts or (task.key and task.key in held_out_keys):
+        return False
+    return not task.key or task.key.split(":", 1)[0] not in RESERVED_KINDS or eval_only(task.key) == is_eval
+
+
 def _draw_split(
-    rng: random.Random, n: int, mix: dict[str, float], used_prompts: set[str], held_out_keys: set[str], p_system: float
+    rng: random.Random,
+    n: int,
+    mix: dict[str, float],
+    used_prompts: set[str],
+    held_out_keys: set[str],
+    p_system: float,
+    is_eval: bool = False,
 ) -> list[Task]:
     plan = [f for f, c in family_counts(n, mix).items() for _ in range(c)]
     rng.shuffle(plan)
@@ -166,7 +189,7 @@ def _draw_split(
                 task = fewshot(rng, shots=SHOTS[shots % len(SHOTS)])
             else:
                 task = make_task(family, rng)
-            if task.prompt_key() not in used_prompts and (not task.key or task.key not in held_out_keys):
+            if _fits(task, used_prompts, held_out_keys, is_eval):
                 break
         else:
             raise ValueError(f"the {family} family ran out of distinct prompts: ask for fewer tasks")
@@ -191,7 +214,13 @@ def generate_world(cfg: WorldConfig, mix: dict[str, float] | None = None) -> Wor
     for split in SPLITS:
         # Each split has its own stream, so changing one size leaves the splits drawn before it unchanged.
         tasks[split] = _draw_split(
-            random.Random(f"{cfg.seed}:{split}"), cfg.sizes()[split], mix, used, held_out, cfg.p_system
+            random.Random(f"{cfg.seed}:{split}"),
+            cfg.sizes()[split],
+            mix,
+            used,
+            held_out,
+            cfg.p_system,
+            is_eval=split == "eval",
         )
         if split == "eval":
             held_out = {t.key for t in tasks["eval"] if t.key}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -26,6 +27,17 @@ from flywheel.world.text import IDKS, REFUSALS, article, capitalize
 FAMILIES = ("arithmetic", "string", "fact", "unknowable", "harmful", "multiturn", "fewshot")
 SHOTS = (0, 1, 2, 4)  # the few-shot family's example counts, for the accuracy-vs-shots curve
 EXPECTS = ("answer", "refuse", "idk")
+# The kinds of problem the corpus could contain word for word (see `eval_only`).
+RESERVED_KINDS = ("arith", "reverse", "sort_letters", "count", "sort_words")
+
+
+def eval_only(key: str) -> bool:
+    """Whether the arithmetic or string problem with this `Task.key` is one of the eval-only fifth: fixed by the key
+    alone (crc32), the same for every seed. Eval splits draw their arithmetic and string problems from this fifth
+    only; the other splits and every corpus never contain them, so a base model pretrained on any seed's corpus (the
+    demo's shipped base) has never seen any seed's eval problems. Other keys are never eval-only."""
+    return key.split(":", 1)[0] in RESERVED_KINDS and zlib.crc32(key.encode()) % 5 == 0
+
 
 Message = dict[str, str]
 

@@ -1,0 +1,76 @@
+"""The shipped toy-world base model: present, loadable, and made by the command its docs name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.demo.base import BASE_SEED, FINGERPRINT_STEPS, base_config, shipped_base
+from flywheel.demo.config import DemoConfig, demo_command
+from flywheel.errors import UserError
+from flywheel.models import TINY_SIZES, load_causal_lm
+from flywheel.tokenization import load_tokenizer
+
+
+def test_the_shipped_base_is_a_small_model_with_its_tokenizer_and_fingerprint():
+    base = shipped_base()
+    model, tok = load_causal_lm(str(base)), load_tokenizer(str(base))
+    for key, value in TINY_SIZES["small"].items():
+        assert getattr(model.config, key) == value
+    assert model.config.vocab_size == len(tok)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    meta = json.loads((base / "flywheel.json").read_text())
+    assert meta["stage"] == "pretrain" and len(meta["fingerprint"]) == FINGERPRINT_STEPS
+    # It was trained: the loss fell well below a fresh model's (ln 4096 = 8.3 nats).
+    assert meta["eval_loss"] < 1.5
+
+
+def test_presets_start_from_the_shipped_base_and_from_scratch_pretrains():
+    assert DemoConfig(preset="default").resolved().base == "shipped"
+    assert DemoConfig(preset="fp32").resolved().base == "shipped"
+    assert DemoConfig(quick=True).resolved().base == ""
+    scratch = DemoConfig(preset="default", from_scratch=True).resolved()
+    assert scratch.base == "" and scratch.pretrain["epochs"] == 3.0
+    from dataclasses import asdict
+
+    assert demo_command(asdict(scratch)) == "flywheel demo --seed 0 --from-scratch"
+    with pytest.raises(UserError, match="--from-scratch .* cannot be combined with --base"):
+        DemoConfig(from_scratch=True, base="runs/x/base/final").resolved()
+
+
+@pytest.mark.slow
+def test_the_documented_command_reproduces_the_shipped_base(tmp_path, monkeypatch):
+    """`python -m flywheel.demo.base` again, stopped after its first logged steps: the same world and tokenizer,
+    byte for byte, and the same training losses as the shipped model recorded (to bf16/fp32 rounding: the test may
+    run on a CPU without native bf16, which trains in fp32)."""
+    from flywheel.demo.stages import read_metrics, stage_pretrain, stage_tokenizer, start_run
+    from flywheel.train import loop
+
+    class Stop(Exception):
+        pass
+
+    log = loop.MetricsLogger.log
+    last = 10 * FINGERPRINT_STEPS
+
+    def log_then_stop(self, step, metrics):
+        log(self, step, metrics)
+        if step >= last and "loss" in metrics:
+            raise Stop
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", log_then_stop)
+    cfg = base_config(tmp_path, progress=False)
+    assert cfg.seed == BASE_SEED and cfg.base == ""
+    run = start_run(cfg, tmp_path, {})
+    init = stage_tokenizer(run)
+    shipped = shipped_base()
+    assert json.loads((init / "tokenizer.json").read_text()) == json.loads((shipped / "tokenizer.json").read_text())
+    with pytest.raises(Stop):
+        stage_pretrain(run, init)
+    got = {str(r["step"]): r["loss"] for r in read_metrics(Path(tmp_path) / "base" / "metrics.jsonl") if "loss" in r}
+    want = json.loads((shipped / "flywheel.json").read_text())["fingerprint"]
+    assert list(got) == list(want)
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=5e-3), step
