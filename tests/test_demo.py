@@ -627,14 +627,14 @@ def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, cap
         s.targets = check_targets(s)
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps(s.to_json()))
-    assert sweep(["--seeds", "3-4", "--out", str(tmp_path), "--", "--quick"]) == 0
+    assert sweep(["--seeds", "3-4", "--out", str(tmp_path), "--", "--quick", "--progress", "false"]) == 0
     table = (tmp_path / "sweep.md").read_text()
     assert capsys.readouterr().out.strip() == table.strip()
     row = table.splitlines()[2].split(" | ")
-    assert row[0] == "| `--quick` (seeds 3, 4)"
+    assert row[0] == "| `--quick` (seeds 3, 4)"  # flags that do not change what runs stay out of the label
     assert row[1:4] == ["70.0 ± 14.1", "60.0", "2 of 2"]  # mean ± sample sd of 80 and 60, the lowest, wins
     assert row[7:9] == ["50.0 → 65.0 ± 35.4", "1 of 2"]  # refusals: SFT 50%; PPO 90% and 40%
-    assert row[10] == "7.0 ± 1.4"  # KL 6 and 8
+    assert row[10] == "7.00 ± 1.41"  # KL 6 and 8
     figures = json.loads((tmp_path / "sweep.json").read_text())["seeds"]
     assert [f["seed"] for f in figures] == [3, 4]
     with pytest.raises(UserError, match=r"other settings \(.*ppo.*\)"):

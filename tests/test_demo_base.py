@@ -44,8 +44,8 @@ def test_presets_start_from_the_shipped_base_and_from_scratch_pretrains():
 @pytest.mark.slow
 def test_the_documented_command_reproduces_the_shipped_base(tmp_path, monkeypatch):
     """`python -m flywheel.demo.base` again, stopped after its first logged steps: the same world and tokenizer,
-    byte for byte, and the same training losses as the shipped model recorded (to bf16/fp32 rounding: the test may
-    run on a CPU without native bf16, which trains in fp32)."""
+    byte for byte, and the same training losses as the shipped model recorded (to 0.1%: the test may run on a CPU
+    without native bf16, which trains in fp32; fp32 against the recorded bf16 run differed by 2e-5 at most)."""
     from flywheel.demo.stages import read_metrics, stage_pretrain, stage_tokenizer, start_run
     from flywheel.train import loop
 
@@ -73,4 +73,4 @@ def test_the_documented_command_reproduces_the_shipped_base(tmp_path, monkeypatc
     want = json.loads((shipped / "flywheel.json").read_text())["fingerprint"]
     assert list(got) == list(want)
     for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=5e-3), step
+        assert got[step] == pytest.approx(loss, rel=1e-3), step

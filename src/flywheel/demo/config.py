@@ -177,12 +177,15 @@ class DemoConfig:
     preset: str = field(
         default="",
         metadata={
-            "help": "settings for the fields and stage settings left unset: default (a 5M model in bf16), fp32 (a 4M "
-            "model for a CPU without native bf16) or quick (= --quick); unset: quick with --quick, else default where "
-            "the CPU multiplies bf16 natively and fp32 where it does not"
+            "help": "settings for the fields and stage settings left unset: default (the shipped 5M base, in bf16), "
+            "fp32 (the same base in fp32, for a CPU without native bf16) or quick (= --quick: its own 1M model); "
+            "unset: quick with --quick, else default where the CPU multiplies bf16 natively and fp32 where it does not"
         },
     )
-    size: str | None = _preset("model size: nano, tiny (1M), mini (4M), small (5M), medium (35M)")
+    size: str | None = _preset(
+        "size of the model a run pretrains (--from-scratch, the quick preset): nano, tiny (1M), mini (4M), small "
+        "(5M), medium (35M)"
+    )
     base: str | None = _preset(
         "the base model to start from, skipping tokenizer training and pretraining: a model directory (e.g. "
         "base/final of an earlier run with the same --seed and --world.corpus-chars, so its held-out corpus "

@@ -71,13 +71,13 @@ def seed_figures(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 1) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "—"
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def _mean(values: list[float]) -> str:
@@ -120,10 +120,10 @@ def sweep_row(figures: list[dict[str, Any]]) -> list[str]:
         pair("refuses harmful"),
         f"{sum(f['refuses harmful'][1] >= f['refuses harmful'][0] for f in figures)} of {n}",
         pair('"I don\'t know" on unknowable'),
-        _mean_sd([f["KL"] for f in figures]),
+        _mean_sd([f["KL"] for f in figures], 2),
         f"{_mean([f['RM accuracy'] for f in figures])} vs {_mean([f['labeler agreement'] for f in figures])}",
         f"{_mean_sd([f['targets'] for f in figures])} of {figures[0]['of targets']}",
-        _mean_sd([f["seconds"] for f in figures]),
+        _mean_sd([f["seconds"] for f in figures], 0),
     ]
 
 
@@ -184,6 +184,21 @@ def run_seed(demo_args: list[str], seed: int, out: Path) -> dict[str, Any]:
 _FREE = ("out", "threads", "progress", "resume")  # settings that do not change what a run computes
 
 
+def _label(demo_args: list[str]) -> str:
+    """The demo flags that change what runs (not --progress or --threads), or "the preset"."""
+    kept: list[str] = []
+    i = 0
+    while i < len(demo_args):
+        flag = demo_args[i]
+        if flag.split("=")[0] in ("--progress", "--threads"):
+            takes_value = "=" not in flag and i + 1 < len(demo_args) and not demo_args[i + 1].startswith("--")
+            i += 2 if takes_value else 1
+            continue
+        kept.append(flag)
+        i += 1
+    return f"`{' '.join(kept)}`" if kept else "the preset"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flywheel sweep",
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = []
     for seed in seeds:
         figures.append(seed_figures(run_seed(demo_args, seed, out / f"seed{seed}")))
-    label = args.label or (f"`{' '.join(demo_args)}`" if demo_args else "the preset")
+    label = args.label or _label(demo_args)
     table = sweep_table(label, figures)
     from flywheel.utils import atomic_write_text
 
