@@ -393,6 +393,7 @@ def test_rename_and_delete_conversations_in_the_sidebar(site, page):
     item.locator("button.delete").click()
     page.wait_for_selector(f"#conversations li[data-id='{conv}']", state="detached")
     assert page.locator(".msg").count() == 0  # the open conversation was the deleted one
+    page.wait_for_selector("#conversations li .title:has-text('keep me')")  # the list reloaded after the delete
     assert page.locator("#conversations li .title").all_inner_texts() == ["keep me"]
     from flywheel.feedback.store import NotFound
 

@@ -178,8 +178,11 @@ function conversationItem(c) {
   return li;
 }
 
+let listLoads = 0;
 async function loadConversations() {
+  const load = ++listLoads;
   const data = await fw.call("GET", "/api/conversations");
+  if (load !== listLoads) return;  // a later load started meanwhile: an older answer must not overwrite its list
   document.getElementById("conversations").replaceChildren(...data.conversations.map(conversationItem));
 }
 
