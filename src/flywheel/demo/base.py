@@ -33,12 +33,25 @@ BASE_SEED = 271828
 # The flags of `flywheel demo --from-scratch` that make the shipped base (besides --seed BASE_SEED).
 BASE_SETTINGS: dict[str, dict[str, Any]] = {"pretrain": {"epochs": 12.0, "log_every": 10}}
 FINGERPRINT_STEPS = 4  # logged losses (every 10 steps) the shipped model records and the test trains again
-_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# What a pretraining run's final/ holds, and so what ships.
+_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "flywheel.json",
+)
+
+
+def _package_dir() -> Path:
+    return Path(str(resources.files("flywheel.demo") / "base_model"))
 
 
 def shipped_base() -> Path:
     """The directory of the shipped base model (a plain Hugging Face model directory with its tokenizer)."""
-    path = Path(str(resources.files("flywheel.demo") / "base_model"))
+    path = _package_dir()
     if not (path / "model.safetensors").is_file():
         raise UserError(
             f"the shipped base model is missing from {path}: reinstall flywheel, build it with "
@@ -85,9 +98,9 @@ def build_base(out: str | Path, *, progress: bool = True, threads: int = 0) -> P
 
 def install(final: Path) -> Path:
     """Copy a built base (`build_base`'s result) over the shipped one."""
-    dest = Path(str(resources.files("flywheel.demo") / "base_model"))
+    dest = _package_dir()
     dest.mkdir(exist_ok=True)
-    for name in (*_FILES, "flywheel.json", "chat_template.jinja"):
+    for name in _FILES:
         if (final / name).is_file():
             shutil.copyfile(final / name, dest / name)
     return dest

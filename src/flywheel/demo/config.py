@@ -328,12 +328,12 @@ class DemoConfig:
 _NOT_IN_COMMAND = ("out", "threads", "progress", "resume", "quick", "preset", "seed", "bf16", "from_scratch")
 
 
-def demo_command(cfg: dict[str, Any]) -> str:
-    """The command line of a resolved run (`asdict(DemoConfig.resolved())`): `--quick` or the seed, and every setting
-    that differs from its preset's (or, for a field no preset sets, from its default), so a report names exactly
-    what was changed."""
+def demo_command(cfg: dict[str, Any], *, seed: bool = True) -> str:
+    """The command line of a resolved run (`asdict(DemoConfig.resolved())`): `--quick` or the seed (unless `seed` is
+    False), and every setting that differs from its preset's (or, for a field no preset sets, from its default), so
+    a report names exactly what was changed."""
     preset = PRESETS[cfg["preset"]]
-    parts = ["flywheel demo", "--quick" if cfg["preset"] == "quick" else "", f"--seed {cfg['seed']}"]
+    parts = ["flywheel demo", "--quick" if cfg["preset"] == "quick" else "", f"--seed {cfg['seed']}" if seed else ""]
     for f in fields(DemoConfig):
         value = cfg[f.name]
         if f.name in STAGES:

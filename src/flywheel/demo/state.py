@@ -62,6 +62,18 @@ class RunState:
         self.kept: list[str] = []
 
     @classmethod
+    def changed_settings(cls, cfg: Any, saved: dict[str, Any]) -> list[str]:
+        """Each setting of `cfg` (a resolved DemoConfig) that differs from a run's recorded `saved` config (its
+        demo_state.json or summary.json), with both values; the volatile ones are not compared."""
+        config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
+        saved = {k: v for k, v in saved.items() if k not in cls.VOLATILE}
+        return [
+            f"{k} {config.get(k)!r} (the run's: {saved.get(k)!r})"
+            for k in sorted(set(config) | set(saved))
+            if config.get(k) != saved.get(k)
+        ]
+
+    @classmethod
     def open(cls, out: Path, cfg: Any) -> RunState:
         config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
         path = out / cls.FILE
@@ -87,11 +99,7 @@ class RunState:
             saved_config, stages = saved["config"], saved["stages"]
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"--resume: {path} is not a demo state file ({err})") from None
-        changed = [
-            f"{k} {config.get(k)!r} (the run's: {saved_config.get(k)!r})"
-            for k in sorted(set(config) | set(saved_config))
-            if config.get(k) != saved_config.get(k)
-        ]
+        changed = cls.changed_settings(cfg, saved_config)
         if changed:
             raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
         log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from flywheel.errors import UserError
+from flywheel.eval.policy import mean_and_spread
 
-# (column, how to read it from a summary.json: SFT's value or None, PPO's value), rates as fractions
+# column -> the policy's rate in summary.json (a PolicyResult key, or (key, family)); the sweep shows SFT's and PPO's
 _RATES = {
     "over-refusal": "over_refusal",
     "correct on answerable": "accuracy",
@@ -75,8 +75,7 @@ def _mean_sd(values: list[float], digits: int = 1) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "—"
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    mean, sd = mean_and_spread(values)
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
@@ -163,17 +162,15 @@ def run_seed(demo_args: list[str], seed: int, out: Path) -> dict[str, Any]:
     """Seed `seed`'s finished run under `out` (kept if its settings match, resumed if interrupted, else run)."""
     from flywheel.demo.config import parse_demo_config
     from flywheel.demo.pipeline import run_demo
+    from flywheel.demo.state import RunState
 
     args = [*demo_args, "--seed", str(seed), "--out", str(out)]
     summary_path = out / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        resolved = json.loads(json.dumps(asdict(parse_demo_config(args).resolved())))
-        want = {k: v for k, v in resolved.items() if k not in _FREE}
-        got = {k: v for k, v in summary["config"].items() if k not in _FREE}
-        if want != got:
-            changed = sorted(k for k in want if want[k] != got.get(k))
-            raise UserError(f"{out} holds a run with other settings ({', '.join(changed)}): use another --out")
+        changed = RunState.changed_settings(parse_demo_config(args).resolved(), summary["config"])
+        if changed:
+            raise UserError(f"{out} holds a run with other settings ({'; '.join(changed)}): use another --out")
         return summary
     if (out / "demo_state.json").is_file():
         args.append("--resume")
@@ -181,22 +178,13 @@ def run_seed(demo_args: list[str], seed: int, out: Path) -> dict[str, Any]:
     return json.loads(summary_path.read_text())
 
 
-_FREE = ("out", "threads", "progress", "resume")  # settings that do not change what a run computes
+def _label(config: dict[str, Any]) -> str:
+    """A run's settings as its demo command gives them, less the seed ("--preset fp32 --gate-every 0"), or "the
+    preset"."""
+    from flywheel.demo.config import demo_command
 
-
-def _label(demo_args: list[str]) -> str:
-    """The demo flags that change what runs (not --progress or --threads), or "the preset"."""
-    kept: list[str] = []
-    i = 0
-    while i < len(demo_args):
-        flag = demo_args[i]
-        if flag.split("=")[0] in ("--progress", "--threads"):
-            takes_value = "=" not in flag and i + 1 < len(demo_args) and not demo_args[i + 1].startswith("--")
-            i += 2 if takes_value else 1
-            continue
-        kept.append(flag)
-        i += 1
-    return f"`{' '.join(kept)}`" if kept else "the preset"
+    flags = demo_command(config, seed=False).removeprefix("flywheel demo").strip()
+    return f"`{flags}`" if flags else "the preset"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,10 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} is set by flywheel sweep for each seed: leave it out of the demo flags")
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
-    figures = []
-    for seed in seeds:
-        figures.append(seed_figures(run_seed(demo_args, seed, out / f"seed{seed}")))
-    label = args.label or _label(demo_args)
+    summaries = [run_seed(demo_args, seed, out / f"seed{seed}") for seed in seeds]
+    figures = [seed_figures(s) for s in summaries]
+    label = args.label or _label(summaries[0]["config"])
     table = sweep_table(label, figures)
     from flywheel.utils import atomic_write_text
 
