@@ -591,6 +591,26 @@ def test_suggest_applies_the_same_message_rules_as_v1(served):
     assert_healthy(served)
 
 
+def test_a_suggestion_is_recorded_as_the_workbench_shows_it(served, monkeypatch):
+    """A sampled draft may hold CR or CRLF and surrounding blanks; a textarea shows CR as LF and the page trims a turn,
+    so /api/label/suggest returns that text: an untouched draft then is not recorded as an edit."""
+    from types import SimpleNamespace
+
+    from flywheel.serve import web_api
+
+    class Sampled:
+        def __init__(self, *args):
+            pass
+
+        async def collect(self):
+            return SimpleNamespace(texts=[" Paris.\r\nIt is\rbig. \n"], version="v1", finish_reasons=["stop"])
+
+    monkeypatch.setattr(web_api, "Run", Sampled)
+    auth = {"authorization": f"Bearer {served.labeler}"}
+    r = served.http.post("/api/label/suggest", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+    assert r.status_code == 200 and r.json()["text"] == "Paris.\nIt is\nbig."
+
+
 @pytest.mark.parametrize("batching", ["continuous", "dynamic"])
 def test_a_short_request_joins_the_running_batch(tiny_model, tokenizer, batching):
     """Continuous batching: a short request sent while a long one decodes joins at the next step and ends first;

@@ -306,6 +306,12 @@ async def next_task(request: Request, kind: Literal["ranking", "roleplay"] = "ra
     return {"task": await db(ctx(request).store.next_task, user.id, kind)}
 
 
+def as_draft(text: str) -> str:
+    """A model's draft as the workbench shows and submits it: a textarea turns CR and CRLF into LF, and the page trims
+    a turn, so the recorded suggestion is that text (else an untouched draft would count as edited)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
 @router.post("/label/suggest")
 async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
     """The model's draft of the next assistant turn (role-play starts from it; the labeler may edit it)."""
@@ -315,7 +321,7 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
     messages = check_messages_dicts([t.model_dump() for t in body.messages], end="user")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     result = await Run(c.worker, messages, params).collect()
-    return {"text": result.texts[0], "model_version": result.version, "finish_reason": result.finish_reasons[0]}
+    return {"text": as_draft(result.texts[0]), "model_version": result.version, "finish_reason": result.finish_reasons[0]}
 
 
 @router.post("/label/rankings")
