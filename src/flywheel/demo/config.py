@@ -87,7 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             p_refuse_idk=0.0,
         ),  # fmt: skip
         pretrain=dict(epochs=3.0, seq_len=256, lr=2e-3, batch_size=4),
-        sft=dict(epochs=3.0, lr=5e-4, batch_size=8),
+        # 5 epochs, not 3: the facts the base knows come out in chat (seed 100: 49% -> 65% of the fact questions;
+        # docs/log.md)
+        sft=dict(epochs=5.0, lr=5e-4, batch_size=8),
         # Conservative rewards: three reward models (seeds S, S+1, S+2), PPO optimises mean - 1 std of their
         # scores (docs/demo.md, the ablation: seeds 100-104).
         rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
@@ -111,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         gate_every=8,  # of 32 PPO steps, as the default preset (docs/demo.md: the ablation, seeds 100-104)
         n_rank_next=300,
         max_new_tokens=40,
-        stock_answers=0,
+        stock_answers=2,  # as the default preset: the reward model sees both deflections on every prompt
         world=dict(
             corpus_chars=1_200_000,
             n_demos=3000,
@@ -119,11 +121,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             n_ppo=600,
             n_eval=300,
             p_verbose=0.85,
-            p_deflect=0.1,
-            p_refuse_idk=0.1,
+            p_deflect=0.0,  # the default preset's demonstrators: they never cross the two deflections (with 0.1
+            p_refuse_idk=0.0,  # each, PPO moved seed 100's harmful requests to "I don't know": docs/demo.md)
         ),  # fmt: skip
         pretrain=dict(epochs=1.15, seq_len=256, lr=2e-3, batch_size=4),
-        sft=dict(epochs=1.75, lr=5e-4, batch_size=8),
+        # 3.5 epochs, as many as fp32 fits in 10 minutes (the default preset's 5 would not): more SFT elicits more
+        # of the base's facts (docs/log.md)
+        sft=dict(epochs=3.5, lr=5e-4, batch_size=8),
         rm=dict(epochs=1.5, lr=2e-4),
         ppo=dict(
             max_steps=32, rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=2e-5, kl_coef=0.15, ptx_coef=0.05
