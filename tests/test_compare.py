@@ -28,6 +28,7 @@ TINY = [
 def test_arguments_are_checked_before_anything_runs():
     settings, demo = parse_compare_args(["--methods", "grpo,dpo", "--seeds", "3,4", "--quick"])
     assert settings.methods == ["grpo", "dpo"] and settings.seeds == [3, 4] and demo.out == "runs/compare"
+    assert parse_compare_args(["--seeds", "100-102,7"])[0].seeds == [100, 101, 102, 7]  # as flywheel sweep's
     for argv, message in [
         (["--methods", "ppo,sgd"], "unknown method"),
         (["--methods", "ppo,ppo"], "twice"),

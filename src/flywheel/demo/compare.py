@@ -38,6 +38,7 @@ from flywheel.demo.pipeline import first_round_data
 from flywheel.demo.rankings import Rankings
 from flywheel.demo.stages import DemoRun, RewardModelResult, stage_ppo, start_run
 from flywheel.demo.state import RunState, Stage
+from flywheel.demo.sweep import parse_seeds
 from flywheel.errors import UserError
 from flywheel.eval.policy import (
     AXES,
@@ -104,24 +105,21 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
     parser = argparse.ArgumentParser(
         prog="flywheel compare",
         description=__doc__.splitlines()[0],
-        usage="flywheel compare [--methods M,M] [--seeds S,S] [flywheel demo's flags]",
+        usage="flywheel compare [--methods M,M] [--seeds S,S|S-S] [flywheel demo's flags]",
         epilog="Every other flag is flywheel demo's (see flywheel demo --help): --quick, --preset, --out, --resume, "
         "--STAGE.FIELD ...",
         allow_abbrev=False,  # --seed must not pass for --seeds
     )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds: each runs every stage and method")
+    parser.add_argument("--seeds", default="0", help="seeds, as 0,1,2 or 100-104: each runs every stage and method")
     parser.add_argument("--num-generations", type=int, default=4, help="K samples per prompt (group methods, n)")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
     parser.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO's passes over the labelers' rankings")
     parser.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO's peak learning rate (PPO's default)")
     own, rest = parser.parse_known_args(argv)
     if "--seed" in rest:
-        raise UserError("flywheel compare takes --seeds (comma-separated), not --seed")
-    try:
-        seeds = [int(s) for s in own.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got {own.seeds!r}") from None
+        raise UserError("flywheel compare takes --seeds (0,1,2 or 100-104), not --seed")
+    seeds = parse_seeds(own.seeds)  # as flywheel sweep's
     if not any(a == "--out" or a.startswith("--out=") for a in rest):
         rest += ["--out", "runs/compare"]
     settings = CompareSettings(
