@@ -321,7 +321,11 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
     messages = check_messages_dicts([t.model_dump() for t in body.messages], end="user")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     result = await Run(c.worker, messages, params).collect()
-    return {"text": as_draft(result.texts[0]), "model_version": result.version, "finish_reason": result.finish_reasons[0]}
+    return {
+        "text": as_draft(result.texts[0]),
+        "model_version": result.version,
+        "finish_reason": result.finish_reasons[0],
+    }
 
 
 @router.post("/label/rankings")
