@@ -287,7 +287,13 @@ def test_stop_button_cancels_and_keeps_what_was_generated(site, page):
         )
         assert page.inner_text("#send") == "Stop" and page.get_attribute("#send", "aria-label") == "stop generating"
         page.click("#send")
-        page.wait_for_selector(".msg.assistant[data-id] .tag.stopped", timeout=10_000)
+        try:  # the page polls for the stored answer for up to 30 s
+            page.wait_for_selector(".msg.assistant[data-id] .tag.stopped", timeout=30_000)
+        except Exception as err:  # say what the server stored and what the page showed
+            conv = page.evaluate("chat.conv")
+            raise AssertionError(
+                f"{err}; stored: {messages(site, conv) if conv else None}; status: {page.inner_text('#status')!r}"
+            ) from None
         produced = site.engine.produced - start
         page.wait_for_timeout(500)
         # nothing more after the stop, and well short of the budget (400 tokens take 12 s at this delay; how soon

@@ -293,17 +293,20 @@ async function run(path, body) {
 }
 
 async function fetchStopped(before) {
+  // The server stores the stopped answer once it sees the request end: poll for it, more slowly as time passes (a
+  // loaded server can take seconds), for up to 30 s.
   fw.status("Stopped.");
-  for (let attempt = 0; attempt < 40 && chat.conv !== null; attempt++) {
+  const deadline = Date.now() + 30_000;
+  for (let wait = 100; chat.conv !== null; wait = Math.min(wait * 1.5, 1000)) {
     const data = await fw.call("GET", `/api/conversations/${chat.conv}`);
     const fresh = data.messages.filter(m => !before.has(m.id));
-    if (fresh.some(m => m.role === "assistant") || attempt === 39) {
+    if (fresh.some(m => m.role === "assistant") || Date.now() > deadline) {
       chat.messages = data.messages;
       fresh.forEach(show);
       render();
       return;
     }
-    await new Promise(resolve => setTimeout(resolve, 100));
+    await new Promise(resolve => setTimeout(resolve, wait));
   }
 }
 
