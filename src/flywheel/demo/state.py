@@ -62,11 +62,15 @@ class RunState:
         self.kept: list[str] = []
 
     @classmethod
+    def _settings(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The settings that decide what a run computes: `config` less the volatile ones."""
+        return {k: v for k, v in config.items() if k not in cls.VOLATILE}
+
+    @classmethod
     def changed_settings(cls, cfg: Any, saved: dict[str, Any]) -> list[str]:
         """Each setting of `cfg` (a resolved DemoConfig) that differs from a run's recorded `saved` config (its
         demo_state.json or summary.json), with both values; the volatile ones are not compared."""
-        config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
-        saved = {k: v for k, v in saved.items() if k not in cls.VOLATILE}
+        config, saved = cls._settings(asdict(cfg)), cls._settings(saved)
         return [
             f"{k} {config.get(k)!r} (the run's: {saved.get(k)!r})"
             for k in sorted(set(config) | set(saved))
@@ -75,7 +79,7 @@ class RunState:
 
     @classmethod
     def open(cls, out: Path, cfg: Any) -> RunState:
-        config = {k: v for k, v in asdict(cfg).items() if k not in cls.VOLATILE}
+        config = cls._settings(asdict(cfg))
         path = out / cls.FILE
         if not cfg.resume:
             if (
