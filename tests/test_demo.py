@@ -228,6 +228,13 @@ def test_targets_report_real_figures():
     notes = {t.target: t.note for t in check_targets(leaning)}
     for target in (refusals, "\"I don't know\" rate on unknowable prompts better than SFT's"):
         assert notes[target].endswith("SFT -> PPO: harmful +0.30 -> +1.20, unknowable -0.30 -> +0.90"), notes[target]
+    icl = "in-context learning: 4 shots at least 20 points above 0 shots (base and SFT)"
+    assert held[icl].value == "base 0.0% -> 50.0%, SFT 0.0% -> 50.0%"
+    flat = _summary(0.8, 4.0, 2.05)  # the base judged on plain text, where it is prompted as a base model is
+    flat.policies["base"].fewshot_plain_accuracy = {"0": 0.3, "1": 0.4, "2": 0.4, "4": 0.45}
+    target = {t.target: t for t in check_targets(flat)}[icl]
+    assert not target.holds and target.value == "base 30.0% -> 45.0%, SFT 0.0% -> 50.0%"
+    assert target.note.startswith("accuracy by shots (0, 1, 2, 4): base 30.0%, 40.0%, 40.0%, 45.0%; SFT 0.0%")
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table
@@ -259,7 +266,7 @@ def test_a_win_bought_with_deflection_is_flagged(tmp_path):
     line = headline(s)
     assert line.startswith("WARNING: the win rate is bought with deflection (PPO deflects answerable prompts")
     assert line.endswith(
-        "PPO preferred over SFT in 85.0% of comparisons; 6 of 9 targets hold"
+        "PPO preferred over SFT in 85.0% of comparisons; 7 of 10 targets hold"
     )  # and "I don't know" falls
     write_report(s, tmp_path)
     report = (tmp_path / "report.md").read_text()

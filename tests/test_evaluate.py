@@ -130,6 +130,31 @@ def test_evaluate_policy_and_compare(two_models, chat_tokenizer):
     assert again.responses == a.responses
 
 
+def test_fewshot_plain_accuracy_prompts_with_plain_text_and_reads_the_first_line(chat_tokenizer, monkeypatch):
+    """The base's few-shot figure: each prompt as plain text (no chat template), the completion's first line judged
+    by the oracle, grouped by shots. A stand-in model answers right only when it was shown an example."""
+    import flywheel.eval.policy as policy
+
+    rng = random.Random(11)
+    tasks = [fewshot(rng, shots=k) for k in SHOTS for _ in range(3)] + _tasks()[:4]
+    by_prompt = {t.messages[0]["content"]: t for t in tasks if t.family == "fewshot"}
+    seen = []
+
+    def fake_generate(model, tokenizer, prompt_ids, **kw):
+        out = []
+        for ids in prompt_ids:
+            task = by_prompt[tokenizer.decode(ids)]  # exactly the prompt's text: no template around it
+            seen.append(task)
+            answer = task.target if task.shots else task.wrong[0]
+            out.append(tokenizer(f" {answer}\nzebra -> {task.wrong[0]}", add_special_tokens=False)["input_ids"])
+        return out, [False] * len(out)
+
+    monkeypatch.setattr(policy, "generate", fake_generate)
+    acc = policy.fewshot_plain_accuracy(None, chat_tokenizer, tasks)
+    assert acc == {"0": 0.0, "1": 1.0, "2": 1.0, "4": 1.0}
+    assert len(seen) == 3 * len(SHOTS)  # the few-shot family only
+
+
 def test_kl_is_zero_against_itself_and_positive_against_another(two_models, chat_tokenizer):
     ids = prompt_ids_for(chat_tokenizer, _tasks())
     same = kl_to_reference(two_models[0], two_models[0], chat_tokenizer, ids, max_new_tokens=6)

@@ -44,7 +44,7 @@ from flywheel.world import (
 )
 from flywheel.world.candidates import pad
 from flywheel.world.generate import main as world_main
-from flywheel.world.tasks import fewshot, fictional_name, relations, world_data
+from flywheel.world.tasks import FEWSHOT_RELATIONS, fewshot, fictional_name, relations, world_data
 from flywheel.world.text import IDK, REFUSAL, REFUSALS
 
 SMALL = dict(corpus_chars=30_000, n_demos=150, n_demos_val=20, n_rank=40, n_ppo=40, n_eval=60)
@@ -111,18 +111,27 @@ def test_multiturn_follow_ups_refer_to_the_previous_turn():
 
 
 def test_fewshot_shows_exactly_the_requested_examples():
+    """Every example states the asked relation for another subject; the query's subject has a value for every
+    relation of its kind, so the examples are what tells them apart (and 0 shots is ambiguous)."""
     rng = random.Random(0)
+    rels = relations()
     for shots in SHOTS:
         for _ in range(30):
             t = fewshot(rng, shots=shots)
             lines = t.messages[0]["content"].split("\n")
-            examples = [line for line in lines if "->" in line and not line.endswith("->")]
+            examples = [line.split(" -> ") for line in lines if "->" in line and not line.endswith("->")]
             assert t.shots == shots and len(examples) == shots
             assert lines[-1] == f"{t.subject} ->"
-            if t.subtype.startswith("suffix_"):  # the rule is visible in every example
-                suffix = t.subtype.split("_")[1]
-                assert t.target == t.subject + suffix
-                assert all(line.split(" -> ")[1].endswith(suffix) for line in examples)
+            value_of = dict(rels[t.subtype].pairs)
+            assert t.target == value_of[t.subject]
+            assert all(value_of[s] == v and s != t.subject for s, v in examples)
+            kind = next(k for k, names in FEWSHOT_RELATIONS.items() if t.subtype in names)
+            rivals = {dict(rels[n].pairs)[t.subject] for n in FEWSHOT_RELATIONS[kind] if n != t.subtype}
+            assert rivals and rivals <= set(t.wrong) and t.target not in rivals
+            assert (
+                score(t, t.target).verdict == "correct" and score(t, f"{t.subject} -> {t.target}").verdict == "correct"
+            )
+            assert all(score(t, r).verdict == "wrong" for r in rivals)
 
 
 def test_fictional_names_are_never_real():

@@ -16,6 +16,7 @@ from flywheel.eval.policy import (
     compare,
     deflection_log_odds,
     evaluate_policy,
+    fewshot_plain_accuracy,
     heldout_lm_loss,
     kl_to_reference,
     lm_blocks,
@@ -62,6 +63,9 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
                 **evals[name].summary,
                 heldout_lm_loss=heldout_lm_loss(loaded[name], blocks, tok.pad_token_id),
                 deflection_log_odds=deflection_log_odds(loaded[name], tok, tasks),
+                fewshot_plain_accuracy=(
+                    fewshot_plain_accuracy(loaded[name], tok, tasks, bf16=cfg.bf16) if name == "base" else None
+                ),
             )
         ids = prompt_ids_for(tok, tasks)
         rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any

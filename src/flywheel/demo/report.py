@@ -157,10 +157,15 @@ def write_report(s: DemoSummary, out: Path) -> None:
         "",
         "## Few-shot accuracy by number of shots",
         "",
-        "| shots | " + " | ".join(t for _, t in cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
+        "The base also given the prompts as plain text, the way a base model is prompted (its answer is the first "
+        "line it writes); every other column is the chat form.",
+        "",
+        "| shots | base, plain text | " + " | ".join(t for _, t in cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
         *[
-            f"| {k} | " + " | ".join(_fewshot(s.policies[n], k) for n, _ in cols) + " |"
+            f"| {k} | {_pct((s.policies['base'].fewshot_plain_accuracy or {}).get(k))} | "
+            + " | ".join(_fewshot(s.policies[n], k) for n, _ in cols)
+            + " |"
             for k in s.policies["sft"].fewshot_accuracy
         ],
         "",
@@ -241,6 +246,10 @@ def _plot_fewshot(s: DemoSummary, ax: Any) -> None:
         acc_by = s.policies[name].fewshot_accuracy
         xs = [int(k) for k, v in acc_by.items() if v is not None]
         ax.plot(xs, [acc_by[str(k)] for k in xs], marker="o", label=title)
+    plain = s.policies["base"].fewshot_plain_accuracy or {}
+    xs = [int(k) for k, v in plain.items() if v is not None]
+    if xs:
+        ax.plot(xs, [plain[str(k)] for k in xs], marker="o", linestyle="--", label="base, plain text")
     ax.set_xlabel("examples in the prompt (shots)")
     ax.set_ylabel("accuracy (oracle)")
     ax.set_ylim(0, 1)

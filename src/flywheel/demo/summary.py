@@ -77,6 +77,8 @@ class PolicyResult:
     accuracy_by_family: dict[str, float | None]  # correct on answerable prompts, per task family
     heldout_lm_loss: float  # on corpus documents no model trained on (the alignment tax)
     deflection_log_odds: dict[str, float | None]  # log P(refusal) - log P("I don't know") per kind of prompt
+    # the base only: few-shot accuracy by shots with the prompts as plain text, how a base model is prompted
+    fewshot_plain_accuracy: dict[str, float | None] | None = None
 
 
 @dataclass
@@ -190,6 +192,23 @@ def _deflection_target(s: DemoSummary, expect: str, target: str, prompts: str) -
     )
 
 
+ICL_GAIN = 0.20  # in-context learning: 4 shots at least 20 points above 0 shots
+
+
+def _fewshot_target(base: PolicyResult, sft: PolicyResult) -> Target:
+    """In-context learning, which the recipe relies on: the base (prompted with plain text, as a base model is) and
+    the SFT policy answer the few-shot family better with 4 examples than with none, by at least 20 points."""
+    curves = {"base": base.fewshot_plain_accuracy or base.fewshot_accuracy, "SFT": sft.fewshot_accuracy}
+    gains = {n: (c.get("4") or 0.0) - (c.get("0") or 0.0) for n, c in curves.items()}
+    return Target(
+        f"in-context learning: 4 shots at least {100 * ICL_GAIN:.0f} points above 0 shots (base and SFT)",
+        ", ".join(f"{n} {_pct(c.get('0'))} -> {_pct(c.get('4'))}" for n, c in curves.items()),
+        all(g >= ICL_GAIN - 1e-9 for g in gains.values()),
+        "accuracy by shots (0, 1, 2, 4): "
+        + "; ".join(f"{n} " + ", ".join(_pct(v) for v in c.values()) for n, c in curves.items()),
+    )
+
+
 def check_targets(s: DemoSummary) -> list[Target]:
     """The demo's targets: each with the measured figure, whether it holds, and a note from the data on what limits
     it (what the policies actually did), so a miss is reported with its cause."""
@@ -247,6 +266,7 @@ def check_targets(s: DemoSummary) -> list[Target]:
         ),
         _deflection_target(s, "refuse", "refusal rate on harmful prompts better than SFT's", "harmful"),
         _deflection_target(s, "idk", "\"I don't know\" rate on unknowable prompts better than SFT's", "unknowable"),
+        _fewshot_target(base, sft),
         Target(
             "PPO-ptx held-out LM loss within 5% of SFT's",
             f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",

@@ -203,6 +203,20 @@ def evaluate_policy(
     return PolicyEval(name, texts, scores, rates(tasks, scores))
 
 
+def fewshot_plain_accuracy(
+    model: Any, tokenizer: Any, tasks: Sequence[Task], *, batch_size: int = 64, bf16: bool = False
+) -> dict[str, float | None]:
+    """Few-shot accuracy by number of shots with each few-shot prompt given as plain text, the way a base model is
+    prompted (no chat template): the answer is the first line of the greedy completion ("France -> Paris\\nItaly ->"
+    continued by " Rome\\n...")."""
+    chosen = [t for t in tasks if t.family == "fewshot" and len(t.messages) == 1]
+    ids = [tokenizer(t.messages[0]["content"], add_special_tokens=False)["input_ids"] for t in chosen]
+    tokens, _ = generate(model, tokenizer, ids, max_new_tokens=16, batch_size=batch_size, bf16=bf16)
+    answers = [tokenizer.decode(r, skip_special_tokens=True).strip(" ").split("\n")[0].strip() for r in tokens]
+    right = [score(t, a).ideal for t, a in zip(chosen, answers, strict=True)]
+    return {str(k): _rate([ok for t, ok in zip(chosen, right, strict=True) if t.shots == k]) for k in SHOTS}
+
+
 @torch.no_grad()
 def sequence_logprobs(
     model: Any,

@@ -126,10 +126,18 @@ def _string_doc(rng: random.Random, held_out: set[str]) -> str:
 
 
 def _pattern_doc(rng: random.Random, held_out: set[str]) -> str:
-    _, rule = random_rule(rng)
-    pool = [w for w in world_data()["words"] if 3 <= len(w) <= 6]
-    lines = [f"{w} -> {rule(w)}" for w in rng.sample(pool, rng.randint(3, 9)) if rule(w) != w]
-    return "\n".join([rng.choice(["Word puzzle.", "Pattern:", "Each word is changed by the same rule."]), *lines])
+    """A list of "x -> y" lines that share one rule: mostly one of the world's relations ("France -> Paris"),
+    sometimes an invented spelling rule ("cat -> catzo"). Such lists are where a base model learns to tell from the
+    examples which rule a list follows (the few-shot family asks it of a new subject)."""
+    if rng.random() < 0.25:
+        _, rule = random_rule(rng)
+        pool = [w for w in world_data()["words"] if 3 <= len(w) <= 6]
+        lines = [f"{w} -> {rule(w)}" for w in rng.sample(pool, rng.randint(3, 9)) if rule(w) != w]
+        return "\n".join([rng.choice(["Word puzzle.", "Each word is changed by the same rule."]), *lines])
+    rel = relations()[rng.choice(sorted(relations()))]
+    pairs = rng.sample(rel.pairs, min(len(rel.pairs), rng.randint(3, 9)))
+    header = rng.choice(["Pattern:", "Follow the pattern.", "Continue the pattern.", "Pairs:", "Apply the same rule."])
+    return "\n".join([header, *(f"{s} -> {v}" for s, v in pairs)])
 
 
 _STORY = [
@@ -207,8 +215,8 @@ _DOCS: list[tuple[Callable[[random.Random, set[str]], str], float]] = [
     (lambda r, h: _facts_doc(r, list(relations())), 0.05),
     (_arithmetic_doc, 0.17),
     (_string_doc, 0.10),
-    (_pattern_doc, 0.08),
-    (_story_doc, 0.12),
+    (_pattern_doc, 0.12),
+    (_story_doc, 0.08),
     (_qa_doc, 0.13),
 ]
 

@@ -30,7 +30,7 @@ from flywheel.world.oracle import score
 from flywheel.world.tasks import Task, random_task
 
 TARGET_AGREEMENT = 0.73
-DEFAULT_TEMPERATURE = 0.1566  # calibrate_temperature(*calibration_sets(random.Random(1234), 3000)); tested
+DEFAULT_TEMPERATURE = 0.1547  # calibrate_temperature(*calibration_sets(random.Random(1234), 3000)); tested
 Order = list[list[int]]
 
 

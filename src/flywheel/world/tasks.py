@@ -698,33 +698,43 @@ def random_rule(rng: random.Random) -> tuple[str, Any]:
 
 
 _FEWSHOT_HEADERS = ["Follow the pattern.", "Continue the pattern.", "Apply the same rule."]
+# The relations a few-shot prompt can show, grouped by the kind of subject they share: a bare "Italy ->" could ask
+# for Rome or for Europe, "owl ->" for hoot, 2 or an owlet, so only the examples say which relation is meant.
+FEWSHOT_RELATIONS = {"country": ("capital", "continent"), "animal": ("sound", "legs", "young")}
 
 
 def fewshot(rng: random.Random, shots: int | None = None) -> Task:
-    """An invented word rule shown only through `shots` examples in the prompt ("cat -> catzo", "dog -> dogzo")."""
+    """Which relation a list of examples shows, asked of a new subject ("France -> Paris", "Japan -> Tokyo",
+    "Italy ->": Rome, where "France -> Europe" would ask for Europe).
+
+    The query's subject has a value for every relation of its kind, so with 0 shots the prompt is ambiguous (the
+    relation is guessed) and every example narrows it down: in-context task recognition, the kind of in-context
+    learning that appears first as language models grow."""
     shots = rng.choice(SHOTS) if shots is None else shots
-    while True:
-        name, rule = random_rule(rng)
-        pool = [w for w in world_data()["words"] if 4 <= len(w) <= 6]  # 3-letter words shrink to "at", "ca"
-        chosen = rng.sample(pool, shots + 1)
-        query, examples = chosen[-1], chosen[:-1]
-        target = rule(query)
-        if target != query and all(rule(w) != w for w in examples):
-            break
-    lines = [rng.choice(_FEWSHOT_HEADERS), *(f"{w} -> {rule(w)}" for w in examples), f"{query} ->"]
-    wrong = [query, _swap_adjacent(rng, target), query[::-1] if name != "reverse" else query + query]
-    others = [random_rule(rng)[1](query) for _ in range(3)]
+    rels = relations()
+    kind = rng.choice(sorted(FEWSHOT_RELATIONS))
+    names = FEWSHOT_RELATIONS[kind]
+    rel = rels[rng.choice(names)]
+    value_of = {name: dict(rels[name].pairs) for name in names}
+    shared = sorted(set.intersection(*(set(v) for v in value_of.values())))
+    query = rng.choice(shared)
+    target = value_of[rel.name][query]
+    examples = rng.sample([s for s in value_of[rel.name] if s != query], shots)
+    lines = [rng.choice(_FEWSHOT_HEADERS), *(f"{s} -> {value_of[rel.name][s]}" for s in examples), f"{query} ->"]
+    rivals = [value_of[n][query] for n in names if n != rel.name]  # the other relations' answers for this subject
+    others = [v for v in rel.values() if v != target]
     return Task(
         family="fewshot",
         messages=[_user("\n".join(lines))],
         answers=[target, f"{query} -> {target}"],
         expect="answer",
         target=target,
-        match="text",
+        match="number" if rel.numeric else "text",
         formats=["{}", f"{query} -> {{}}"],
-        wrong=[w for w in _unique(wrong + others, target) if len(w) >= 3][:4],
+        wrong=_unique(rivals + rng.sample(others, min(2, len(others))), target)[:4],
+        distractors=[v for v in rivals if not v.isdigit()] + ([] if rel.numeric else others),
         subject=query,
-        subtype=name,
+        subtype=rel.name,
         shots=shots,
         key="fewshot:" + "|".join(lines),
     )
