@@ -105,6 +105,8 @@ def test_stage_settings_are_the_trainers_fields_documented_once(tmp_path):
     kl_help = next(f for f in dataclasses.fields(PPOConfig) if f.name == "kl_coef").metadata["help"]
     assert "--ppo.kl-coef" in help_text and kl_help in help_text
     assert "--ppo.model" not in help_text and "--kl-coef" not in help_text.replace("--ppo.kl-coef", "")
+    flat = " ".join(help_text.split())  # a setting whose help says its default in words says it once
+    assert "(default: the preset's)" in flat and "(default: the preset's) (default:" not in flat
     with pytest.raises(UserError, match=r"--ppo\.model is set by the demo"):
         DemoConfig(ppo={"model": "x"})
     with pytest.raises(UserError, match=r"--sft\.nope: SFTConfig has no field"):
@@ -640,8 +642,9 @@ def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, cap
     row = table.splitlines()[2].split(" | ")
     assert row[0] == "| `--quick` (seeds 3, 4)"  # flags that do not change what runs stay out of the label
     assert row[1:4] == ["70.0 ± 14.1", "60.0", "2 of 2"]  # mean ± sample sd of 80 and 60, the lowest, wins
-    assert row[7:9] == ["50.0 → 65.0 ± 35.4", "1 of 2"]  # refusals: SFT 50%; PPO 90% and 40%
-    assert row[10] == "7.00 ± 1.41"  # KL 6 and 8
+    assert row[6:8] == ["30.0 → 30.0 ± 0.0", "— → —"]  # facts; no few-shot prompt among these runs' families
+    assert row[8:10] == ["50.0 → 65.0 ± 35.4", "1 of 2"]  # refusals: SFT 50%; PPO 90% and 40%
+    assert row[11] == "7.00 ± 1.41"  # KL 6 and 8
     figures = json.loads((tmp_path / "sweep.json").read_text())["seeds"]
     assert [f["seed"] for f in figures] == [3, 4]
     with pytest.raises(UserError, match=r"other settings \(.*ppo.*\)"):

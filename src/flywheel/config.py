@@ -132,7 +132,8 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        if "(default:" not in help_text:  # a help text may say its default in words ("the preset's")
+            help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if scalar is bool:
             kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}

@@ -726,11 +726,13 @@ def fewshot(rng: random.Random, shots: int | None = None) -> Task:
     return Task(
         family="fewshot",
         messages=[_user("\n".join(lines))],
-        answers=[target, f"{query} -> {target}"],
+        # The demonstrators continue the pattern ("Italy -> Rome"), which carries the subject into the answer, as
+        # the fact family's answers restate the question; a bare "Rome" scores the same.
+        answers=[f"{query} -> {target}", target],
         expect="answer",
         target=target,
         match="number" if rel.numeric else "text",
-        formats=["{}", f"{query} -> {{}}"],
+        formats=[f"{query} -> {{}}", "{}"],
         wrong=_unique(rivals + rng.sample(others, min(2, len(others))), target)[:4],
         distractors=[v for v in rivals if not v.isdigit()] + ([] if rel.numeric else others),
         subject=query,
