@@ -662,7 +662,7 @@ def multiturn(rng: random.Random) -> Task:
 
 
 def random_rule(rng: random.Random) -> tuple[str, Any]:
-    """An invented word transformation whose parameters are drawn per prompt, so only the examples reveal it."""
+    """An invented word transformation with freshly drawn parameters (the corpus's spelling-rule puzzles)."""
     name = rng.choice(
         [
             "suffix",
