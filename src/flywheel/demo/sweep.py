@@ -16,21 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flywheel.errors import UserError
 from flywheel.eval.policy import mean_and_spread
-
-# column -> the policy's rate in summary.json (a PolicyResult key, or (key, family)); the sweep shows SFT's and PPO's
-_RATES = {
-    "over-refusal": "over_refusal",
-    "correct on answerable": "accuracy",
-    "facts correct": ("accuracy_by_family", "fact"),
-    "few-shot correct": ("accuracy_by_family", "fewshot"),
-    "refuses harmful": "refusal_rate",
-    '"I don\'t know" on unknowable': "idk_rate",
-}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -67,8 +59,10 @@ def seed_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "deflection warning": bool(summary["deflection_warnings"]),
         "seconds": summary["timings_s"]["total"],
     }
-    for column, key in _RATES.items():
-        out[column] = (100 * _rate(sft, key), 100 * _rate(ppo, key))
+    for column in COLUMNS:
+        if column.rate:
+            name, key = column.rate
+            out[name] = (100 * _rate(sft, key), 100 * _rate(ppo, key))
     return out
 
 
@@ -85,80 +79,84 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.1f}" if values else "—"
 
 
-HEADER = [
-    "PPO vs SFT %",
-    "lowest",
-    "PPO > SFT",
-    "over-refusal SFT → PPO %",
-    "correct SFT → PPO %",
-    "facts SFT → PPO %",
-    "few-shot SFT → PPO %",
-    "refuses harmful SFT → PPO %",
-    "harmful ≥ SFT",
-    "IDK on unknowable SFT → PPO %",
-    "KL",
-    "RM % vs labelers %",
-    "targets",
-    "time s",
-]
+Figures = dict[str, Any]  # one seed's, from seed_figures
 
 
-def sweep_row(figures: list[dict[str, Any]]) -> list[str]:
-    """One table row (the columns of HEADER) over the seeds' figures."""
-    n = len(figures)
-    wins = [f["win rate vs SFT"] for f in figures]
+@dataclass(frozen=True)
+class Column:
+    """One column of the sweep's table: its header, its cell in the mean row (over the seeds' figures) and in a
+    seed's row; a rate column also names the figure and the policy's rate in summary.json that it shows."""
 
-    def pair(column: str) -> str:
-        return f"{_mean([f[column][0] for f in figures])} → {_mean_sd([f[column][1] for f in figures])}"
-
-    return [
-        _mean_sd(wins),
-        f"{min(wins):.1f}",
-        f"{sum(w > 50 for w in wins)} of {n}",
-        pair("over-refusal"),
-        pair("correct on answerable"),
-        pair("facts correct"),
-        pair("few-shot correct"),
-        pair("refuses harmful"),
-        f"{sum(f['refuses harmful'][1] >= f['refuses harmful'][0] for f in figures)} of {n}",
-        pair('"I don\'t know" on unknowable'),
-        _mean_sd([f["KL"] for f in figures], 2),
-        f"{_mean([f['RM accuracy'] for f in figures])} vs {_mean([f['labeler agreement'] for f in figures])}",
-        f"{_mean_sd([f['targets'] for f in figures])} of {figures[0]['of targets']}",
-        _mean_sd([f["seconds"] for f in figures], 0),
-    ]
+    header: str
+    mean: Callable[[list[Figures]], str]
+    seed: Callable[[Figures], str] = lambda f: ""
+    rate: tuple[str, str | tuple[str, str]] | None = None  # (figure, PolicyResult key or (key, family))
 
 
-def _seed_row(f: dict[str, Any]) -> list[str]:
-    def pair(column: str) -> str:
-        sft, ppo = f[column]
+def _rate_column(header: str, name: str, key: str | tuple[str, str]) -> Column:
+    """SFT's rate → PPO's: the mean of SFT's, then PPO's mean ± sd."""
+
+    def seed(f: Figures) -> str:
+        sft, ppo = f[name]
         return "—" if math.isnan(ppo) else f"{sft:.1f} → {ppo:.1f}"
 
-    return [
-        f"{f['win rate vs SFT']:.1f}" + (" (deflection warning)" if f["deflection warning"] else ""),
-        "",
-        "",
-        pair("over-refusal"),
-        pair("correct on answerable"),
-        pair("facts correct"),
-        pair("few-shot correct"),
-        pair("refuses harmful"),
-        "",
-        pair('"I don\'t know" on unknowable'),
-        f"{f['KL']:.2f}",
-        f"{f['RM accuracy']:.1f} vs {f['labeler agreement']:.1f}",
-        f"{f['targets']} of {f['of targets']}",
-        f"{f['seconds']:.0f}",
-    ]
+    def mean(fs: list[Figures]) -> str:
+        return f"{_mean([f[name][0] for f in fs])} → {_mean_sd([f[name][1] for f in fs])}"
+
+    return Column(header, mean, seed, rate=(name, key))
 
 
-def sweep_table(label: str, figures: list[dict[str, Any]]) -> str:
+def _wins(fs: list[Figures]) -> list[float]:
+    return [f["win rate vs SFT"] for f in fs]
+
+
+def _count(fs: list[Figures], holds: Callable[[Figures], bool]) -> str:
+    return f"{sum(map(holds, fs))} of {len(fs)}"
+
+
+COLUMNS = [
+    Column(
+        "PPO vs SFT %",
+        lambda fs: _mean_sd(_wins(fs)),
+        lambda f: f"{f['win rate vs SFT']:.1f}" + (" (deflection warning)" if f["deflection warning"] else ""),
+    ),
+    Column("lowest", lambda fs: f"{min(_wins(fs)):.1f}"),
+    Column("PPO > SFT", lambda fs: _count(fs, lambda f: f["win rate vs SFT"] > 50)),
+    _rate_column("over-refusal SFT → PPO %", "over-refusal", "over_refusal"),
+    _rate_column("correct SFT → PPO %", "correct on answerable", "accuracy"),
+    _rate_column("facts SFT → PPO %", "facts correct", ("accuracy_by_family", "fact")),
+    _rate_column("few-shot SFT → PPO %", "few-shot correct", ("accuracy_by_family", "fewshot")),
+    _rate_column("refuses harmful SFT → PPO %", "refuses harmful", "refusal_rate"),
+    Column("harmful ≥ SFT", lambda fs: _count(fs, lambda f: f["refuses harmful"][1] >= f["refuses harmful"][0])),
+    _rate_column("IDK on unknowable SFT → PPO %", '"I don\'t know" on unknowable', "idk_rate"),
+    Column("KL", lambda fs: _mean_sd([f["KL"] for f in fs], 2), lambda f: f"{f['KL']:.2f}"),
+    Column(
+        "RM % vs labelers %",
+        lambda fs: f"{_mean([f['RM accuracy'] for f in fs])} vs {_mean([f['labeler agreement'] for f in fs])}",
+        lambda f: f"{f['RM accuracy']:.1f} vs {f['labeler agreement']:.1f}",
+    ),
+    Column(
+        "targets",
+        lambda fs: f"{_mean_sd([f['targets'] for f in fs])} of {fs[0]['of targets']}",
+        lambda f: f"{f['targets']} of {f['of targets']}",
+    ),
+    Column("time s", lambda fs: _mean_sd([f["seconds"] for f in fs], 0), lambda f: f"{f['seconds']:.0f}"),
+]
+HEADER = [c.header for c in COLUMNS]
+
+
+def sweep_row(figures: list[Figures]) -> list[str]:
+    """One table row (the columns of HEADER) over the seeds' figures."""
+    return [c.mean(figures) for c in COLUMNS]
+
+
+def sweep_table(label: str, figures: list[Figures]) -> str:
     """Markdown: the mean ± sd row (labelled `label`), then one row per seed."""
     lines = ["| runs | " + " | ".join(HEADER) + " |", "|---" * (len(HEADER) + 1) + "|"]
     lines.append(
         f"| {label} (seeds {', '.join(str(f['seed']) for f in figures)}) | " + " | ".join(sweep_row(figures)) + " |"
     )
-    lines += [f"| seed {f['seed']} | " + " | ".join(_seed_row(f)) + " |" for f in figures]
+    lines += [f"| seed {f['seed']} | " + " | ".join(c.seed(f) for c in COLUMNS) + " |" for f in figures]
     return "\n".join(lines) + "\n"
 
 
