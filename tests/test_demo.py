@@ -581,6 +581,20 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         RunState.open(tmp_path / "none", DemoConfig(out=str(tmp_path / "none"), resume=True).resolved())
 
 
+def test_changed_settings_compares_settings_as_the_run_file_saved_them():
+    """A run's settings come back from JSON: a tuple setting is the list it was written as, not a change."""
+
+    @dataclasses.dataclass
+    class Settings:
+        seed: int = 0
+        shots: tuple[int, ...] = (0, 1, 2)
+        out: str = "a"
+
+    saved = json.loads(json.dumps(asdict(Settings())))
+    assert RunState.changed_settings(Settings(out="b"), saved) == []  # "out" is volatile
+    assert RunState.changed_settings(Settings(shots=(0, 4)), saved) == ["shots [0, 4] (the run's: [0, 1, 2])"]
+
+
 def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_own_answers(tmp_path, monkeypatch):
     """The labelers' temperature is calibrated on the sets they rank (stock answers included); the agreement on the
     policy's own answers alone is reported beside it, and the stock answers are ranked in every set."""

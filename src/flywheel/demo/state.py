@@ -70,7 +70,8 @@ class RunState:
     def changed_settings(cls, cfg: Any, saved: dict[str, Any]) -> list[str]:
         """Each setting of `cfg` (a resolved DemoConfig) that differs from a run's recorded `saved` config (its
         demo_state.json or summary.json), with both values; the volatile ones are not compared."""
-        config, saved = cls._settings(asdict(cfg)), cls._settings(saved)
+        # Through JSON, as the run's file was written: a tuple setting equals the list it was saved as.
+        config, saved = cls._settings(json.loads(json.dumps(asdict(cfg)))), cls._settings(saved)
         return [
             f"{k} {config.get(k)!r} (the run's: {saved.get(k)!r})"
             for k in sorted(set(config) | set(saved))
