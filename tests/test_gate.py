@@ -30,6 +30,10 @@ def test_labelers_prefer_the_right_answer_and_tie_identical_ones():
     assert labeler_outcomes(tasks, right, [f" {a} " for a in right], careful, random.Random(0)) == [0.5] * 60
     noisy = labeler_outcomes(tasks, wrong, right, default_panel(5.0), random.Random(0))
     assert 0.2 < sum(noisy) / len(noisy) < 0.8  # very noisy labelers are near a coin flip
+    # Every one of the five labelers votes on every pair: the outcome is the share preferring the candidate.
+    shares = labeler_outcomes(tasks, wrong, right, default_panel(0.5), random.Random(0))
+    assert all(abs(5 * x - round(5 * x)) < 1e-9 for x in shares) and any(0 < x < 1 for x in shares)
+    assert sum(shares) / len(shares) > 0.6
 
 
 def test_judge_and_choose_keep_the_incumbent_without_confidence():

@@ -5,8 +5,8 @@ score, which PPO optimises and so overstates (`flywheel.eval.gate` decides; `fly
 same gate with people ranking in the workbench). Here PPO saves its policy every N steps; the simulated labelers (the
 panel that ranked the round's samples, never the oracle itself) compare each saved policy's greedy answers with the
 incumbent's (the SFT policy in round 1, the policy deployed by the round before later) on validation prompts held out
-from training and evaluation. The deployed policy is the candidate they prefer most among those whose win rate's 95%
-interval lies above 50%; where none does, the incumbent stays.
+from training and evaluation, every labeler voting on every pair. The deployed policy is the candidate they prefer
+most among those whose win rate's 95% interval lies above 50%; where none does, the incumbent stays.
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ from flywheel.world import Labeler, Task, default_panel, load_tasks
 def labeler_outcomes(
     tasks: list[Task], incumbent: list[str], candidate: list[str], panel: list[Labeler], rng: random.Random
 ) -> list[float]:
-    """Per prompt, one labeler of the panel compares the two answers: 1 = the candidate's is preferred, 0 = the
-    incumbent's, 0.5 = the same answer (up to surrounding whitespace: there is nothing to prefer)."""
+    """Per prompt, every labeler of the panel compares the two answers; the outcome is the share of them who prefer
+    the candidate's (1 = all of them, 0 = none), 0.5 for the same answer (up to surrounding whitespace: there is
+    nothing to prefer). The share's expectation is the vote of one labeler drawn from the panel, so the win rate
+    means what it would with one labeler per pair; the whole panel takes out most of the labelers' noise, which on a
+    few hundred prompts would otherwise decide between saved policies a few points apart."""
     out = []
     for task, a, b in zip(tasks, incumbent, candidate, strict=True):
         if a.strip() == b.strip():
             out.append(0.5)
             continue
-        order = rng.choice(panel).rank(task, [a, b], rng)
-        out.append(1.0 if order[0] == [1] else 0.0)
+        out.append(sum(labeler.rank(task, [a, b], rng)[0] == [1] for labeler in panel) / len(panel))
     return out
 
 
