@@ -89,6 +89,20 @@ def test_anonymous_clients_see_only_their_own(site):
     assert [e["type"] for e in sse(r)][-1] == "done"
 
 
+def test_every_answer_carries_the_security_headers(site):
+    """Pages, API answers, errors and streamed answers: nosniff and no referrer; pages also a CSP and no framing."""
+    page = httpx.get(site.url + "/")
+    assert page.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+    assert page.headers["x-frame-options"] == "DENY"
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=CLIENT_A).json()["id"]
+    stream = httpx.post(f"{site.url}/api/conversations/{conv}/messages", json={"content": "hi"}, headers=CLIENT_A)
+    assert [e for e in sse(stream) if e["type"] == "done"]
+    missing = httpx.get(site.url + "/api/conversations/999999", headers=CLIENT_A)
+    for r in (page, stream, missing, httpx.get(site.url + "/health")):
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+    assert missing.status_code == 404 and "content-security-policy" not in missing.headers
+
+
 def test_chat_needs_an_unguessable_identity(site):
     for headers in ({}, {"X-Client-Id": "short-id"}, {"X-Client-Id": "x" * 21}, {"X-Client-Id": "a" * 30 + "!"}):
         for method, path in (("GET", "/api/conversations"), ("POST", "/api/conversations")):

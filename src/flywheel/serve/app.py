@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -358,15 +359,31 @@ class CatchAll:
             await response(scope, receive, send)
 
 
-async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    response = await call_next(request)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
-    if response.headers.get("content-type", "").startswith("text/html"):
-        # No inline scripts or styles anywhere: user text can never run as code even if some of it were mis-escaped.
-        response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
-        response.headers["X-Frame-Options"] = "DENY"
-    return response
+class SecurityHeaders:
+    """`nosniff` and no referrer on every response; on HTML pages also a Content-Security-Policy with no inline
+    scripts or styles anywhere (user text can never run as code even if some of it were mis-escaped) and no framing.
+
+    Plain ASGI, not Starlette's `BaseHTTPMiddleware`: that one relays a streamed body through a queue and ends it
+    cleanly when the app under it fails, so a client of a broken stream would see a complete, shortened answer."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                if headers.get("content-type", "").startswith("text/html"):
+                    headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+                    headers["X-Frame-Options"] = "DENY"
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def create_app(settings: ServeSettings, *, model: ServedModel | None = None, store: Store | None = None) -> FastAPI:
@@ -437,7 +454,6 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
         }
         return JSONResponse(body, status_code=200 if engine["alive"] else 503)
 
-    app.middleware("http")(security_headers)
     app.include_router(openai_api.router)
     app.include_router(web_api.router)
     for page, name in (("/", "chat.html"), ("/label", "label.html"), ("/admin", "admin.html")):
@@ -456,6 +472,7 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
     app.add_middleware(TextCheck)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CatchAll)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     return app
 
 
