@@ -103,6 +103,21 @@ def test_every_answer_carries_the_security_headers(site):
     assert missing.status_code == 404 and "content-security-policy" not in missing.headers
 
 
+def test_a_stream_that_breaks_does_not_reach_the_client_as_complete(site, monkeypatch):
+    """A server-side failure after the answer started streaming cuts the HTTP body off, so the client sees an error,
+    never a well-formed answer that just stops."""
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=CLIENT_A).json()["id"]
+    monkeypatch.setattr("flywheel.serve.web_api._store_answer", broken)
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{site.url}/api/conversations/{conv}/messages", json={"content": "hi"}, headers=CLIENT_A)
+    monkeypatch.undo()
+    assert chat(site, CLIENT_A)  # the server goes on answering
+
+
 def test_chat_needs_an_unguessable_identity(site):
     for headers in ({}, {"X-Client-Id": "short-id"}, {"X-Client-Id": "x" * 21}, {"X-Client-Id": "a" * 30 + "!"}):
         for method, path in (("GET", "/api/conversations"), ("POST", "/api/conversations")):
