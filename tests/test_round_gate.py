@@ -93,6 +93,28 @@ def _gate_config(tmp_path, served_dir, url: str, prompts, **gate):
     )
 
 
+def test_a_prompt_ranked_by_several_labelers_counts_once():
+    """Two labelers who rank alike judge the same pair of answers: 11 of 16 prompts for the candidate is not enough
+    for 95% confidence, however many labelers repeat it (counted per ranking, 22 of 32 would be)."""
+    from flywheel.eval.gate import choose, judge, prompt_outcome, ranking_outcome
+    from flywheel.eval.policy import mean_interval
+
+    better, worse = [[0], [1]], [[1], [0]]  # rankings of (candidate 0, incumbent 1), best first
+    prompts = [[better, better]] * 11 + [[worse, worse]] * 5
+    outcomes = [prompt_outcome(orders, 0, 1) for orders in prompts]
+    assert outcomes == [1.0] * 11 + [0.0] * 5
+    candidate = judge("step-4", 4, outcomes)
+    assert (candidate.ci95_low, candidate.ci95_high) == pytest.approx(mean_interval(outcomes))
+    assert candidate.ci95_low < 0.5 and choose([candidate]) is None
+    per_ranking = [ranking_outcome(order, 0, 1) for orders in prompts for order in orders]
+    assert choose([judge("step-4", 4, per_ranking)]) is not None  # what counting rankings would have deployed
+    # labelers who disagree on a prompt make it half a win; a tie within one ranking is half of that ranking
+    assert prompt_outcome([better, worse], 0, 1) == 0.5
+    assert prompt_outcome([better, [[0, 1]]], 0, 1) == 0.75
+    with pytest.raises(ValueError):
+        prompt_outcome([], 0, 1)
+
+
 @pytest.mark.parametrize("preferred", ["final", "served"])
 def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
     tmp_path, served_dir, candidate_dir, monkeypatch, preferred
@@ -132,7 +154,8 @@ def test_the_labelers_choice_is_deployed_or_the_served_policy_stays(
                 bot.join()
         assert gate["prompts"] == 8 and len(gate["tasks"]) >= 6  # some prompts may get the same answer from all
         assert [c["step"] for c in gate["candidates"]] == [2, 4]
-        assert gate["comparisons"] == 2 * 8  # two rankings per prompt (a prompt without a task: two ties)
+        assert gate["judged_prompts"] == 8  # one outcome per prompt (a prompt without a task: a tie)
+        assert gate["rankings"] == 2 * len(gate["tasks"])
         by_step = {c["step"]: c for c in gate["candidates"]}
         if preferred == "final":
             assert gate["deployed"] == str(candidate_dir)
@@ -164,7 +187,7 @@ def test_no_rankings_before_the_timeout_keeps_the_served_policy(tmp_path, served
             str(served_dir),
             str(candidate_dir),
         )
-    assert gate["deployed"] == str(served_dir) and gate["candidates"] == [] and gate["comparisons"] == 0
+    assert gate["deployed"] == str(served_dir) and gate["candidates"] == [] and gate["judged_prompts"] == 0
     store.close()
 
 

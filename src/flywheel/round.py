@@ -18,7 +18,8 @@ chose its policies: the served policy's and each PPO policy's greedy answers (PP
 final one) to every prompt become a ranking task in the workbench (`POST /api/admin/gate`; the answers in random
 order, the labelers blind to which policy wrote which). Once every task has `--gate-labels` rankings (or after
 `--gate-timeout` seconds: then on those given), the policy the labelers prefer to the served one with 95% confidence
-is deployed, the most preferred among several (`flywheel.eval.gate`); if none is, the served policy stays.
+is deployed, the most preferred among several (`flywheel.eval.gate`; each prompt counts once, its outcome the mean
+over its rankings); if none is, the served policy stays.
 
 Each stage's settings can be given as YAML (`--sft-config`, `--rm-config`, `--ppo-config`: the trainers' own fields);
 `--max-steps` caps every stage (smoke tests). OUT/round.json records what ran and what is served.
@@ -161,10 +162,10 @@ MAX_GATE_CANDIDATES = 8  # with the served policy, 9 answers: the most a ranking
 
 def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, Any]:
     """The labelers' gate (module doc): ranking tasks of greedy answers on the server, their rankings, the choice.
-    Returns what round.json records: the candidates' win rates and intervals, the prompts, the tasks, the number of
-    comparisons behind each win rate, and the deployed path."""
+    Returns what round.json records: the candidates' win rates and intervals, the prompts, the tasks, the prompts
+    behind each win rate (each one outcome: the mean over its rankings), the rankings given, and the deployed path."""
     from flywheel.data.io import read_prompts
-    from flywheel.eval.gate import choose, judge, ranking_outcome, saved_policies
+    from flywheel.eval.gate import choose, judge, prompt_outcome, saved_policies
 
     prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.gate_prompts)]
     if not prompts:
@@ -196,7 +197,8 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
             tasks[i] = task_id
     log.info("round: gate: %d ranking tasks for the labelers in the workbench", sum(t is not None for t in tasks))
     results = _await_rankings(cfg, [t for t in tasks if t is not None])
-    outcomes: list[list[float]] = [[] for _ in candidates]
+    outcomes: list[list[float]] = [[] for _ in candidates]  # per candidate, one outcome per judged prompt
+    rankings = 0
     by_task = {r["id"]: r for r in results}
     for i, task_id in enumerate(tasks):
         texts = [answers[j][i].strip() for j in range(len(policies))]
@@ -204,14 +206,17 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
             for c in range(len(candidates)):
                 outcomes[c].append(_unranked_outcome(texts[c + 1], texts[0]))
             continue
+        orders = [ranking["order"] for ranking in by_task[task_id]["rankings"]]
+        rankings += len(orders)
+        if not orders:  # not ranked before --gate-timeout: the prompt does not count
+            continue
         position = {c["text"].strip(): c["position"] for c in by_task[task_id]["candidates"]}
-        for ranking in by_task[task_id]["rankings"]:
-            for c in range(len(candidates)):
-                mine, theirs = position.get(texts[c + 1]), position.get(texts[0])
-                if mine is None or theirs is None:  # an empty answer was not put to the labelers
-                    outcomes[c].append(_unranked_outcome(texts[c + 1], texts[0]))
-                else:
-                    outcomes[c].append(ranking_outcome(ranking["order"], mine, theirs))
+        for c in range(len(candidates)):
+            mine, theirs = position.get(texts[c + 1]), position.get(texts[0])
+            if mine is None or theirs is None:  # an empty answer was not put to the labelers
+                outcomes[c].append(_unranked_outcome(texts[c + 1], texts[0]))
+            else:  # one outcome per prompt, however many labelers ranked it
+                outcomes[c].append(prompt_outcome(orders, mine, theirs))
     if not outcomes[0]:
         log.warning("round: gate: no rankings arrived; the served policy stays")
         judged = []
@@ -230,7 +235,8 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
     return {
         "prompts": len(prompts),
         "tasks": [t for t in tasks if t is not None],
-        "comparisons": len(outcomes[0]),  # per policy: one per ranking, and one per prompt without a task
+        "judged_prompts": len(outcomes[0]),  # behind each win rate: ranked prompts and those without a task
+        "rankings": rankings,
         "candidates": [asdict(c) for c in judged],
         "deployed": chosen.policy if chosen else incumbent,
     }

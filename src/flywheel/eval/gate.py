@@ -49,6 +49,15 @@ def ranking_outcome(order: Sequence[Sequence[int]], candidate: int, incumbent: i
     return 1.0 if rank[candidate] < rank[incumbent] else 0.0
 
 
+def prompt_outcome(orders: Sequence[Sequence[Sequence[int]]], candidate: int, incumbent: int) -> float:
+    """One prompt's outcome from all its rankings (`ranking_outcome` of each, averaged). The prompt is the unit the
+    win rate's interval counts: several labelers ranking one prompt's answers judge the same pair of answers, so
+    counting each ranking as an outcome of its own would narrow the interval as if there were more prompts."""
+    if not orders:
+        raise ValueError("a prompt's outcome needs at least one ranking")
+    return sum(ranking_outcome(order, candidate, incumbent) for order in orders) / len(orders)
+
+
 def saved_policies(ppo_final: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the policies a PPO run saved (`policies/step-N`, PPO's `save_policy_every`), then its
     final policy, in step order."""
