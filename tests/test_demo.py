@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import shutil
@@ -29,7 +30,7 @@ from flywheel.demo.summary import (
     check_targets,
 )
 from flywheel.errors import UserError
-from flywheel.eval.reward import deflection_contrasts
+from flywheel.eval.reward import deflection_contrasts, knowledge_contrasts
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.sft import SFTConfig
 
@@ -287,7 +288,8 @@ def test_summary_json_keeps_its_keys(tmp_path):
         "config", "timings_s", "labelers", "reward_model", "rounds", "final_policy", "policies", "win_rates",
         "kl_ppo_sft", "kl_to_sft", "ppo_curve", "targets", "deflection_warnings",
     ]  # fmt: skip
-    assert "round1_heldout" not in got["reward_model"] and "resumed" not in got
+    assert "round1_heldout" not in got["reward_model"] and "knowledge" not in got["reward_model"]
+    assert "resumed" not in got
     assert got["win_rates"]["ppo_vs_sft"]["win_rate"] == 0.8 and got["targets"][0]["holds"] is True
     assert json.loads(json.dumps(got)) == got  # plain JSON all the way down
     s.resumed = {"kept_stages": ["sft"]}
@@ -419,8 +421,11 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
     # The deployed policy is one the labelers preferred to SFT, or SFT itself: per the oracle (never the reward
     # model) it does not lose to SFT. Whether PPO wins on one seed of this 1M-parameter preset is chance (docs/demo.md:
-    # 56 ± 9% over seeds 100-104), so the test does not ask for it.
+    # 57 ± 7% over seeds 100-104), so the test does not ask for it.
     assert wins["ppo_vs_sft"]["win_rate"] >= 0.5, wins
+    knowledge = summary["reward_model"]["knowledge"]  # how the reward model orders correct answers, held out
+    assert set(knowledge) == {"wrong", "deflection"}
+    assert all(k["accuracy"] is None or 0 <= k["accuracy"] <= 1 for k in knowledge.values())
     assert (
         summary["policies"]["ppo"]["score"]
         >= summary["policies"]["sft"]["score"]
@@ -665,3 +670,43 @@ def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, cap
         sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--quick", "--ppo.kl-coef", "0.3"])
     with pytest.raises(UserError, match="--seed is set by flywheel sweep"):
         sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--seed", "5"])
+
+
+def test_knowledge_contrasts_match_a_brute_force_count():
+    """Correct answers against wrong ones and against deflections, per set, counted against every ordered pair of
+    answers by brute force on random sets (a tie in score counts half; prompts that are not answerable: None)."""
+    rng = random.Random(7)
+    kinds = ["correct", "wrong", "refused", "idk", "made_up", "hedged", "complied", "empty"]
+    verdicts, scores = [], []
+    for _ in range(200):
+        k = rng.randint(2, 9)
+        answerable = rng.random() < 0.8
+        verdicts.append([rng.choice(kinds) if answerable else None for _ in range(k)])
+        scores.append([float(rng.randint(0, 3)) for _ in range(k)])  # small range: ties in score occur
+    got = knowledge_contrasts(verdicts, scores)
+    for kind, others in (("wrong", {"wrong"}), ("deflection", {"refused", "idk"})):
+        wins = pairs = 0.0
+        for vs, ss in zip(verdicts, scores, strict=True):
+            for i, j in itertools.permutations(range(len(vs)), 2):
+                if vs[i] == "correct" and vs[j] in others:
+                    pairs += 1
+                    wins += (ss[i] > ss[j]) + 0.5 * (ss[i] == ss[j])
+        assert got[kind]["pairs"] == pairs > 0
+        assert got[kind]["accuracy"] == pytest.approx(wins / pairs)
+    assert knowledge_contrasts([[None, None], ["correct", "made_up"]], [[1.0, 0.0], [1.0, 0.0]]) == {
+        "wrong": {"pairs": 0, "accuracy": None},
+        "deflection": {"pairs": 0, "accuracy": None},
+    }
+    summary = _summary(0.8, 4.0, 2.05)
+    summary.reward_model.knowledge = {
+        "wrong": {"pairs": 40, "accuracy": 0.6},
+        "deflection": {"pairs": 20, "accuracy": 0.25},
+    }
+    note = {t.target: t.note for t in check_targets(summary)}["correct on answerable prompts at least SFT's"]
+    assert note.endswith(
+        'scores a correct answer above a wrong one on 60.0% of 40 pairs and above a refusal or "I don\'t know" on '
+        "25.0% of 20 pairs (the oracle: every time)"
+    )
+    summary.reward_model.knowledge["deflection"] = {"pairs": 0, "accuracy": None}  # no such pair held out
+    note = {t.target: t.note for t in check_targets(summary)}["correct on answerable prompts at least SFT's"]
+    assert note.endswith("a correct answer above a wrong one on 60.0% of 40 pairs (the oracle: every time)")

@@ -44,6 +44,7 @@ class RewardModelSummary:
     oracle_ranker_accuracy: float | None
     round1_heldout: dict[str, Any] | None = None  # later rounds: still right on round 1's held-out rankings?
     deflections_train: dict[str, dict[str, Any]] | None = None  # refusal vs "I don't know" per kind of prompt
+    knowledge: dict[str, dict[str, Any]] | None = None  # held out: correct answers vs wrong ones and vs deflections
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL}
@@ -53,7 +54,11 @@ class RewardModelSummary:
         return cls(**data)
 
 
-_OPTIONAL = ("round1_heldout", "deflections_train")  # absent from the JSON where a round does not measure them
+_OPTIONAL = (
+    "round1_heldout",
+    "deflections_train",
+    "knowledge",
+)  # absent from the JSON where a round does not measure them
 
 
 @dataclass
@@ -161,6 +166,24 @@ def _contrasts(rm: RewardModelSummary, expect: str, prompts: str) -> str:
     )
 
 
+def _knowledge(rm: RewardModelSummary) -> str:
+    """How the reward model orders correct answers on held-out answerable prompts (see knowledge_contrasts); the
+    kinds of pair the held-out sets hold."""
+    k = rm.knowledge or {}
+    parts = [
+        f"above {what} on {_pct(k[kind]['accuracy'])} of {k[kind]['pairs']} pairs"
+        for kind, what in (("wrong", "a wrong one"), ("deflection", 'a refusal or "I don\'t know"'))
+        if (k.get(kind) or {}).get("accuracy") is not None
+    ]
+    if not parts:
+        return ""
+    return (
+        "; on held-out answerable prompts the reward model scores a correct answer "
+        + " and ".join(parts)
+        + " (the oracle: every time)"
+    )
+
+
 def _leaning(sft: PolicyResult, ppo: PolicyResult) -> str:
     """How PPO moved the policy's odds of the stock refusal over "I don't know" on each kind of prompt (where the
     shift is the same everywhere, PPO moved the deflection without reading the prompt; see deflection_log_odds)."""
@@ -230,9 +253,8 @@ def check_targets(s: DemoSummary) -> list[Target]:
             _pct(pvs.win_rate),
             pvs.win_rate >= 0.75,
             f"PPO wins {pvs.wins}, ties {pvs.ties}, loses {pvs.losses}; correct on answerable prompts: SFT "
-            f"{_pct(sft.accuracy)}, PPO {_pct(ppo.accuracy)} (the reward model cannot teach what the policy does not "
-            f'know); "I don\'t know" or a refusal on answerable prompts: SFT {_pct(sft.over_refusal)}, PPO '
-            f"{_pct(ppo.over_refusal)}",
+            f'{_pct(sft.accuracy)}, PPO {_pct(ppo.accuracy)}; "I don\'t know" or a refusal on answerable prompts: SFT '
+            f"{_pct(sft.over_refusal)}, PPO {_pct(ppo.over_refusal)}",
         ),
         Target(
             "over-refusal on answerable prompts at most SFT's + 3 points",
@@ -249,7 +271,8 @@ def check_targets(s: DemoSummary) -> list[Target]:
             "per family, SFT -> PPO: "
             + ", ".join(
                 f"{f} {_pct(a)} -> {_pct(ppo.accuracy_by_family.get(f))}" for f, a in sft.accuracy_by_family.items()
-            ),
+            )
+            + _knowledge(rm),
         ),
         Target("SFT preferred over the base (> 50%)", _pct(svb.win_rate), svb.win_rate > 0.5, ""),
         Target(

@@ -1,5 +1,6 @@
 """Reward model evaluation on held-out rankings: pairwise accuracy with a 95% interval, Kendall tau, score histogram;
-and the diagnostics the demo reports against the hidden oracle (`heldout_accuracy`, `deflection_contrasts`).
+and the diagnostics the demo reports against the hidden oracle (`heldout_accuracy`, `deflection_contrasts`,
+`knowledge_contrasts`).
 
     flywheel eval rm --model runs/rm/final --data heldout.jsonl --out runs/rm/eval
 
@@ -95,11 +96,16 @@ def pairwise_accuracy(
 
 def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[dict[str, Any]]]) -> dict[str, Any]:
     """The reward model's pairwise accuracy against the labelers' held-out rankings, on all labelled pairs and on the
-    pairs the oracle does not tie (the ones labeler agreement is measured on)."""
+    pairs the oracle does not tie (the ones labeler agreement is measured on); and under "knowledge", how it orders
+    correct answers against the others (`knowledge_contrasts`)."""
     correct = pairs = correct_inf = pairs_inf = 0.0
+    all_scores, all_verdicts = [], []
     for task, texts, rec in zip(*heldout, strict=True):
         scores = rm.score([task.messages] * len(texts), texts).tolist()
-        totals = [score(task, t).total for t in texts]
+        judged = [score(task, t) for t in texts]
+        totals = [j.total for j in judged]
+        all_scores.append(scores)
+        all_verdicts.append([j.verdict if task.expect == "answer" else None for j in judged])
         informative = {(i, j) for i in range(len(texts)) for j in range(len(texts)) if totals[i] != totals[j]}
         c, n = pairwise_accuracy(scores, rec["order"])
         correct, pairs = correct + c, pairs + n
@@ -111,7 +117,32 @@ def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[di
         "accuracy_informative": correct_inf / max(pairs_inf, 1),
         "pairs_informative": int(pairs_inf),
         "accuracy_informative_ci95": list(wilson_interval(correct_inf, int(pairs_inf))),
+        "knowledge": knowledge_contrasts(all_verdicts, all_scores),
     }
+
+
+def knowledge_contrasts(verdicts: Sequence[Sequence[str | None]], scores: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """How often the reward model scores a correct answer above another answer to the same prompt: above a wrong one
+    ("wrong": can it tell what is true?) and above a refusal or "I don't know" ("deflection": does it prefer an answer
+    that is right to declining?). PPO can raise correct answers only as far as the reward model tells them apart;
+    where it prefers a deflection to a correct answer, PPO learns to deflect.
+
+    verdicts: per answer set, the oracle's verdict of each answer (None for answers to prompts that are not
+    answerable: those do not count); scores: the reward model's. Judged against the oracle's verdicts, which the
+    labelers follow up to their noise; a tie in score counts half. Returns {"wrong": {"pairs", "accuracy"},
+    "deflection": {...}}, accuracy None where there is no such pair."""
+    other = {"wrong": ("wrong",), "deflection": ("refused", "idk")}
+    tally = {kind: [0.0, 0] for kind in other}
+    for vs, ss in zip(verdicts, scores, strict=True):
+        for i, vi in enumerate(vs):
+            if vi != "correct":
+                continue
+            for j, vj in enumerate(vs):
+                for kind, names in other.items():
+                    if vj in names:
+                        tally[kind][0] += 1.0 if ss[i] > ss[j] else 0.5 if ss[i] == ss[j] else 0.0
+                        tally[kind][1] += 1
+    return {kind: {"pairs": n, "accuracy": c / n if n else None} for kind, (c, n) in tally.items()}
 
 
 def deflection_contrasts(rm: Any, tasks: list[Any], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
