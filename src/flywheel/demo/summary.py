@@ -54,11 +54,8 @@ class RewardModelSummary:
         return cls(**data)
 
 
-_OPTIONAL = (
-    "round1_heldout",
-    "deflections_train",
-    "knowledge",
-)  # absent from the JSON where a round does not measure them
+# Absent from the JSON where a round does not measure them.
+_OPTIONAL = ("round1_heldout", "deflections_train", "knowledge")
 
 
 @dataclass
