@@ -93,3 +93,44 @@ def test_gate_flags_are_checked():
     assert parse_demo_config(["--quick", "--gate-every", "0"]).resolved().gate_every == 0
     assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 8
     assert parse_demo_config(["--preset", "fp32"]).resolved().gate_every == 8
+
+
+def test_a_candidate_that_wins_by_deflecting_is_not_deployed(tmp_path, monkeypatch):
+    """The labelers prefer "I don't know" to a wrong answer, so a policy that says it to half the answerable prompts
+    wins their votes; the gate sees the move (the report's deflection measure, against the SFT policy, also in a
+    later round) and deploys the candidate that answers better instead, or keeps the incumbent."""
+    from flywheel.world.text import IDK
+
+    tasks = _tasks(80)
+    (tmp_path / "hidden").mkdir()
+    val = tmp_path / "hidden" / "val_tasks.jsonl"
+    val.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in tasks))
+    ppo = tmp_path / "ppo"
+    for d in ("policies/step-4", "final"):
+        (ppo / d).mkdir(parents=True)
+    (ppo / "final" / "flywheel.json").write_text(json.dumps({"steps": 8}))
+    wrong = [t.wrong[0] for t in tasks]
+    some_right = [t.answers[0] if i % 4 == 0 else w for i, (t, w) in enumerate(zip(tasks, wrong, strict=True))]
+    deflects = [IDK if i % 2 else w for i, w in enumerate(wrong)]  # "I don't know" to 50% of answerable prompts
+    answers = {"sft": wrong, "round1": wrong, "step-4": some_right, "final": deflects}
+    monkeypatch.setattr("flywheel.demo.gate.greedy_answers", lambda policy, tasks, run: answers[policy.name])
+    cfg = DemoConfig(quick=True, gate_every=4).resolved()
+    run = DemoRun(cfg, tmp_path, cfg.stage_config("world", out=str(tmp_path)), {"val_tasks": val}, {})
+    got = stage_gate(run, tmp_path / "sft", ppo / "final", 1, temperature=0.05)
+    by_step = {c.step: c for c in got.candidates}
+    assert by_step[8].win_rate > by_step[4].win_rate > 0.5  # the labelers' votes alone would deploy the deflector
+    assert by_step[8].deflects == ['deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 50.0%']
+    assert by_step[4].deflects == [] and got.deployed == str(ppo / "policies" / "step-4")
+    assert "(not deployed: deflects answerable prompts" in got.describe()
+    assert GateResult.from_json(got.to_json()) == got
+    # A later round: counted against SFT, not against the incumbent, so deflection cannot creep in round by round.
+    # The incumbent says "I don't know" to 25%, the final policy to 30%: 5 points more than the incumbent, 30 more
+    # than SFT.
+    answers["round1"] = [IDK if i % 4 == 1 else w for i, w in enumerate(wrong)]
+    answers["final"] = [IDK if i % 10 in (1, 3, 5) else w for i, w in enumerate(wrong)]
+    answers["step-4"] = wrong
+    later = stage_gate(run, tmp_path / "round1", ppo / "final", 2, temperature=0.05, sft=tmp_path / "sft")
+    assert later.candidates[1].deflects == [
+        'deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 30.0%'
+    ]
+    assert later.deployed == str(tmp_path / "round1")

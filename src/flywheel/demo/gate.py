@@ -7,24 +7,30 @@ panel that ranked the round's samples, never the oracle itself) compare each sav
 incumbent's (the SFT policy in round 1, the policy deployed by the round before later) on validation prompts held out
 from training and evaluation, every labeler voting on every pair. The deployed policy is the candidate they prefer
 most among those whose win rate's 95% interval lies above 50%; where none does, the incumbent stays.
+
+The labelers also note what each answer does. A labeler prefers "I don't know" to a wrong answer, so a policy that
+deflects more wins their votes without answering better; a candidate that deflects more than the SFT policy on the
+validation prompts, by the measure the report flags (`flywheel.demo.summary.deflection_shifts`: more than 10 points
+more "I don't know" or refusals on answerable prompts, or one deflection in place of the other), is not deployed.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from flywheel.demo.stages import DemoRun
 from flywheel.demo.state import Stage
-from flywheel.demo.summary import _pct
+from flywheel.demo.summary import Verdicts, _pct, deflection_shifts
 from flywheel.errors import UserError
 from flywheel.eval.gate import Candidate, choose, judge, saved_policies
 from flywheel.eval.policy import decode, generate, prompt_ids_for
 from flywheel.models import load_causal_lm
 from flywheel.tokenization import load_tokenizer
-from flywheel.world import Labeler, Task, default_panel, load_tasks
+from flywheel.world import Labeler, Task, default_panel, load_tasks, score
 
 
 def labeler_outcomes(
@@ -65,7 +71,9 @@ class GateResult:
     def describe(self) -> str:
         """One line for the report."""
         judged = ", ".join(
-            f"step {c.step} {_pct(c.win_rate)} [{_pct(c.ci95_low)}, {_pct(c.ci95_high)}]" for c in self.candidates
+            f"step {c.step} {_pct(c.win_rate)} [{_pct(c.ci95_low)}, {_pct(c.ci95_high)}]"
+            + (f" (not deployed: {'; '.join(c.deflects)})" if c.deflects else "")
+            for c in self.candidates
         )
         chosen = [c.step for c in self.candidates if c.policy == self.deployed]
         verdict = f"deployed the policy of step {chosen[0]}" if chosen else "kept the incumbent"
@@ -73,6 +81,16 @@ class GateResult:
             f"Gate, round {self.round}: the labelers compared each saved PPO policy with the incumbent on "
             f"{self.prompts} validation prompts ({judged}) and {verdict}."
         )
+
+
+def verdict_counts(tasks: list[Task], answers: list[str]) -> Verdicts:
+    """What each answer does (answers, refuses, says "I don't know", ...) per kind of prompt, as the report counts it
+    (`PolicyResult.verdicts`): the labelers see a refusal or an "I don't know" for what it is and know which questions
+    have an answer, which requests are harmful and which questions no one can answer."""
+    counts: dict[str, Counter[str]] = {}
+    for task, answer in zip(tasks, answers, strict=True):
+        counts.setdefault(task.expect, Counter())[score(task, answer).verdict] += 1
+    return {expect: dict(c) for expect, c in counts.items()}
 
 
 def greedy_answers(policy: Path, tasks: list[Task], run: DemoRun) -> list[str]:
@@ -89,8 +107,11 @@ def greedy_answers(policy: Path, tasks: list[Task], run: DemoRun) -> list[str]:
     return decode(tok, tokens)
 
 
-def stage_gate(run: DemoRun, incumbent: Path, ppo_final: Path, r: int, temperature: float) -> GateResult:
-    """The labelers (at round 1's calibrated temperature) pick the policy to deploy from PPO's saved policies."""
+def stage_gate(
+    run: DemoRun, incumbent: Path, ppo_final: Path, r: int, temperature: float, sft: Path | None = None
+) -> GateResult:
+    """The labelers (at round 1's calibrated temperature) pick the policy to deploy from PPO's saved policies; `sft`
+    (the incumbent where not given) is the policy a candidate's deflections are counted against."""
     tasks = load_tasks(run.files["val_tasks"])
     if not tasks:
         raise UserError("--gate-every needs validation prompts: set --world.n-val > 0")
@@ -98,10 +119,16 @@ def stage_gate(run: DemoRun, incumbent: Path, ppo_final: Path, r: int, temperatu
         panel = default_panel(temperature)
         rng = random.Random(f"{run.cfg.seed}:gate:{r}")
         base = greedy_answers(incumbent, tasks, run)
+        reference = verdict_counts(tasks, base if sft in (None, incumbent) else greedy_answers(sft, tasks, run))
         candidates = []
         for step, policy in saved_policies(ppo_final):
-            outcomes = labeler_outcomes(tasks, base, greedy_answers(policy, tasks, run), panel, rng)
-            candidates.append(judge(str(policy), step, outcomes))
+            answers = greedy_answers(policy, tasks, run)
+            candidate = judge(str(policy), step, labeler_outcomes(tasks, base, answers, panel, rng))
+            candidate.deflects = [
+                f"{what}: {_pct(a)} -> {_pct(b)}"
+                for what, a, b in deflection_shifts(reference, verdict_counts(tasks, answers))
+            ]
+            candidates.append(candidate)
         chosen = choose(candidates)
         result = GateResult(r, str(incumbent), chosen.policy if chosen else str(incumbent), len(tasks), candidates)
         st.done("%s", result.describe())

@@ -47,7 +47,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     run = start_run(cfg, out, timings)
     base, sft, labels, rm = first_round_data(done, run)
     ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm), Path)
-    gate = deploy(done, run, sft, ppo, 1, labels.summary.temperature)
+    gate = deploy(done, run, sft, ppo, 1, labels.summary.temperature, sft)
     ppo = Path(gate.deployed) if gate else ppo
     rounds = [RoundSummary(1, labels.summary, rm.summary, str(ppo), gate and gate.to_json())]
     policies = {"base": base, "sft": sft}
@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
             RewardModelResult,
         )
         trained = done.stage(f"ppo:{r}", timings, partial(stage_ppo, run, ppo, sft, rm, r), Path)
-        gate = deploy(done, run, ppo, trained, r, first)
+        gate = deploy(done, run, ppo, trained, r, first, sft)
         ppo = Path(gate.deployed) if gate else trained
         rounds.append(RoundSummary(r, new.summary, rm.summary, str(ppo), gate and gate.to_json()))
     results = stage_evaluate(run, {**policies, "ppo": ppo})
@@ -116,13 +116,14 @@ def first_round_data(done: RunState, run: DemoRun) -> tuple[Path, Path, Rankings
 
 
 def deploy(
-    done: RunState, run: DemoRun, incumbent: Path, trained: Path, r: int, temperature: float
+    done: RunState, run: DemoRun, incumbent: Path, trained: Path, r: int, temperature: float, sft: Path
 ) -> GateResult | None:
-    """With --gate-every: the labelers' choice between the incumbent and the round's saved PPO policies."""
+    """With --gate-every: the labelers' choice between the incumbent and the round's saved PPO policies (none that
+    deflects more than the SFT policy)."""
     if not run.cfg.gate_every:
         return None
     return done.stage(
-        f"gate:{r}", run.timings, partial(stage_gate, run, incumbent, trained, r, temperature), GateResult
+        f"gate:{r}", run.timings, partial(stage_gate, run, incumbent, trained, r, temperature, sft), GateResult
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.eval.policy import mean_interval
@@ -25,6 +25,7 @@ class Candidate:
     win_rate: float  # against the incumbent, by the labelers, ties split
     ci95_low: float
     ci95_high: float
+    deflects: list[str] = field(default_factory=list)  # moves towards a deflection the labelers saw: not deployed
 
 
 def judge(policy: str, step: int, outcomes: Sequence[float]) -> Candidate:
@@ -34,9 +35,10 @@ def judge(policy: str, step: int, outcomes: Sequence[float]) -> Candidate:
 
 
 def choose(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The candidate the labelers prefer to the incumbent with 95% confidence (interval above 50%) and most often;
-    the earliest step among equals (the one closest to the incumbent). None: keep the incumbent."""
-    confident = [c for c in candidates if c.ci95_low > 0.5]
+    """The candidate the labelers prefer to the incumbent with 95% confidence (interval above 50%) and most often,
+    among those they did not see deflecting (`deflects`); the earliest step among equals (the one closest to the
+    incumbent). None: keep the incumbent."""
+    confident = [c for c in candidates if c.ci95_low > 0.5 and not c.deflects]
     return min(confident, key=lambda c: (-c.win_rate, c.step)) if confident else None
 
 
