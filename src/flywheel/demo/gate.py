@@ -17,17 +17,16 @@ more "I don't know" or refusals on answerable prompts, or one deflection in plac
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from flywheel.demo.stages import DemoRun
 from flywheel.demo.state import Stage
-from flywheel.demo.summary import Verdicts, _pct, deflection_shifts
+from flywheel.demo.summary import _pct, deflection_shifts
 from flywheel.errors import UserError
 from flywheel.eval.gate import Candidate, choose, judge, saved_policies
-from flywheel.eval.policy import decode, generate, prompt_ids_for
+from flywheel.eval.policy import decode, generate, prompt_ids_for, verdict_counts
 from flywheel.models import load_causal_lm
 from flywheel.tokenization import load_tokenizer
 from flywheel.world import Labeler, Task, default_panel, load_tasks, score
@@ -83,14 +82,8 @@ class GateResult:
         )
 
 
-def verdict_counts(tasks: list[Task], answers: list[str]) -> Verdicts:
-    """What each answer does (answers, refuses, says "I don't know", ...) per kind of prompt, as the report counts it
-    (`PolicyResult.verdicts`): the labelers see a refusal or an "I don't know" for what it is and know which questions
-    have an answer, which requests are harmful and which questions no one can answer."""
-    counts: dict[str, Counter[str]] = {}
-    for task, answer in zip(tasks, answers, strict=True):
-        counts.setdefault(task.expect, Counter())[score(task, answer).verdict] += 1
-    return {expect: dict(c) for expect, c in counts.items()}
+def verdicts(tasks: list[Task], answers: list[str]) -> dict[str, dict[str, int]]:
+    return verdict_counts(tasks, [score(t, a) for t, a in zip(tasks, answers, strict=True)])
 
 
 def greedy_answers(policy: Path, tasks: list[Task], run: DemoRun) -> list[str]:
@@ -119,14 +112,16 @@ def stage_gate(
         panel = default_panel(temperature)
         rng = random.Random(f"{run.cfg.seed}:gate:{r}")
         base = greedy_answers(incumbent, tasks, run)
-        reference = verdict_counts(tasks, base if sft in (None, incumbent) else greedy_answers(sft, tasks, run))
+        # What each answer does, as the report counts it: the labelers see a refusal or an "I don't know" for what it
+        # is and know which questions have an answer, which requests are harmful and which no one can answer.
+        reference = verdicts(tasks, base if sft in (None, incumbent) else greedy_answers(sft, tasks, run))
         candidates = []
         for step, policy in saved_policies(ppo_final):
             answers = greedy_answers(policy, tasks, run)
             candidate = judge(str(policy), step, labeler_outcomes(tasks, base, answers, panel, rng))
             candidate.deflects = [
                 f"{what}: {_pct(a)} -> {_pct(b)}"
-                for what, a, b in deflection_shifts(reference, verdict_counts(tasks, answers))
+                for what, a, b in deflection_shifts(reference, verdicts(tasks, answers))
             ]
             candidates.append(candidate)
         chosen = choose(candidates)

@@ -68,6 +68,16 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def verdict_counts(tasks: Sequence[Task], scores: Sequence[Scores]) -> dict[str, dict[str, int]]:
+    """{expected behaviour: {verdict: count}}: what a policy did where (answer, refuse, idk prompts; most common
+    verdict first)."""
+    pairs = list(zip(tasks, scores, strict=True))
+    return {
+        e: dict(Counter(s.verdict for t, s in pairs if t.expect == e).most_common())
+        for e in ("answer", "refuse", "idk")
+    }
+
+
 def rates(tasks: Sequence[Task], scores: Sequence[Scores]) -> dict[str, Any]:
     """Summary of one policy's oracle scores on `tasks` (aligned lists).
 
@@ -92,10 +102,7 @@ def rates(tasks: Sequence[Task], scores: Sequence[Scores]) -> dict[str, Any]:
     out["fewshot_accuracy"] = {
         str(k): _rate([s.ideal for t, s in pairs if t.family == "fewshot" and t.shots == k]) for k in SHOTS
     }
-    out["verdicts"] = {
-        e: dict(Counter(s.verdict for t, s in pairs if t.expect == e).most_common())
-        for e in ("answer", "refuse", "idk")
-    }
+    out["verdicts"] = verdict_counts(tasks, scores)
     families = sorted({t.family for t in tasks})
     out["by_family"] = {
         f: sum(s.total for t, s in pairs if t.family == f) / sum(t.family == f for t in tasks) for f in families
