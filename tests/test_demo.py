@@ -87,9 +87,11 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     assert command(["--preset", "fp32", "--rm-holdout", "0.3", "--ppo.kl-coef", "0.15"]) == (
         "flywheel demo --preset fp32 --seed 0 --rm-holdout 0.3"
     )
-    # The default preset's conservative reward, named on the report's reward-model line; one model names nothing.
+    # The conservative reward of both presets a CPU picks by itself, named on the report's reward-model line; one
+    # model names nothing.
     default = asdict(DemoConfig().resolved())
-    assert (default["rm"]["rm_ensemble"], default["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
+    for cfg in (default, asdict(DemoConfig(preset="fp32").resolved())):
+        assert (cfg["rm"]["rm_ensemble"], cfg["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
     assert _ensemble(default) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
     assert (
         _ensemble(asdict(parse_demo_config(["--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]).resolved()))

@@ -129,10 +129,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         # default preset's 5 would leave too little of the 10 minutes): more SFT elicits more
         # of the base's facts (docs/log.md)
         sft=dict(epochs=3.5, lr=5e-4, batch_size=8),
-        rm=dict(epochs=1.5, lr=2e-4),
+        # Conservative rewards, as the default preset: with one reward model PPO gamed it on seeds 201 and 202
+        # (padding with pleasantries); three and their mean - 1 std: 61.3 -> 71.4% on seeds 200-204, 66.8 -> 69.2%
+        # on 100-104, ~125 s more (docs/log.md, 2026-12-05)
+        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
         ppo=dict(
-            max_steps=32, rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=2e-5, kl_coef=0.15, ptx_coef=0.05
-        ),
+            max_steps=32,
+            rollout_batch_size=32,
+            batch_size=16,
+            ppo_epochs=2,
+            lr=2e-5,
+            kl_coef=0.15,
+            ptx_coef=0.05,
+            reward_ensemble_agg="mean-std",
+        ),  # fmt: skip
     ),
     "quick": dict(
         base="",  # pretrains its own 1M model: the shipped base is too slow for the CI preset's budget
