@@ -125,9 +125,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             p_refuse_idk=0.0,  # each, PPO moved seed 100's harmful requests to "I don't know": docs/demo.md)
         ),  # fmt: skip
         pretrain=dict(epochs=1.15, seq_len=256, lr=2e-3, batch_size=4),
-        # 3.5 epochs (400 s in all in fp32 on an AVX-512 EPYC; AVX2 CPUs, not measured, may be slower, so the
-        # default preset's 5 would leave too little of the 10 minutes): more SFT elicits more
-        # of the base's facts (docs/log.md)
+        # 3.5 epochs (~550 s in all with the three reward models, in fp32 on an AVX-512 EPYC with AVX-512 switched
+        # off; AVX2 CPUs, not measured, may be slower, so the default preset's 5 would leave too little of the 10
+        # minutes): more SFT elicits more of the base's facts (docs/log.md)
         sft=dict(epochs=3.5, lr=5e-4, batch_size=8),
         # Conservative rewards, as the default preset: with one reward model PPO gamed it on seeds 201 and 202
         # (padding with pleasantries); three and their mean - 1 std: 61.3 -> 71.4% on seeds 200-204, 66.8 -> 69.2%
