@@ -573,6 +573,37 @@ def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
     assert picks == [is_held_out(f"labeler-{i}", cfg) for i in range(200)] and 60 < sum(picks) < 140
 
 
+def test_an_empty_answer_is_stored_as_given_but_is_no_training_data(store, tmp_path, db_url):
+    """A model may end its answer at once: the chat keeps that answer (it can be voted on, regenerated and talked
+    past), but neither the upvoted demonstrations nor the prompts that export writes take a branch holding it."""
+    from flywheel.data.io import read_conversations, read_prompts
+    from flywheel.errors import UserError
+    from flywheel.feedback.export import ExportConfig, export
+
+    owner = "client:abc"
+    conv = store.create_conversation(owner)
+    _, user = store.add_user_turn(conv, owner, None, "hello", system="Be brief.")
+    empty = store.add_message(conv, owner, user["id"], "assistant", "", "v1", "stop")
+    stopped = store.add_message(conv, owner, user["id"], "assistant", "", "v1", "cancelled")
+    good = store.add_message(conv, owner, user["id"], "assistant", "Hi!", "v1", "stop")
+    assert [m["content"] for m in store.branch(empty["id"])] == ["Be brief.", "hello", ""]
+    later = store.add_message(conv, owner, empty["id"], "user", "Say something.")  # the chat goes on past it
+    store.add_message(conv, owner, later["id"], "assistant", "Something.", "v1", "stop")
+    for bad in ("", " \n"):  # a person's turn still needs text
+        with pytest.raises(UserError, match=r"messages\[3\] \(user\) has empty content"):
+            store.add_message(conv, owner, good["id"], "user", bad)
+    for answer in (empty, stopped, good):
+        store.vote(answer["id"], owner, 1, "", f"k-{answer['id']}")
+    unrelated = store.create_conversation(owner)
+    store.add_message(unrelated, owner, None, "user", "Count to 3.")
+    assert [m[-1]["content"] for m, _ in store.unused_chat_prompts(10)] == ["Count to 3.", "hello"]
+    export(ExportConfig(db=db_url, out=str(tmp_path / "out"), include_upvoted=True, eval_fraction=0))
+    demos = read_conversations(tmp_path / "out" / "demos.jsonl")
+    assert [[m.content for m in c.messages] for c in demos] == [["Be brief.", "hello", "Hi!"]]
+    prompts = read_prompts(tmp_path / "out" / "prompts.jsonl")
+    assert [[m.content for m in p] for p in prompts] == [["Be brief.", "hello"], ["Count to 3."]]
+
+
 def test_db_cli_creates_users(tmp_path, capsys):
     from flywheel.cli import main
     from flywheel.feedback.store import Store

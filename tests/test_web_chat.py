@@ -44,8 +44,8 @@ def last_user_turn(prompt: str) -> str:
 
 
 class Script:
-    """Answers by the last user turn: Markdown, a long answer, or "Answer N to: <question>" (N counts answers, so a
-    regenerated answer differs from the one before)."""
+    """Answers by the last user turn: Markdown, a long answer, an empty one, or "Answer N to: <question>" (N counts
+    answers, so a regenerated answer differs from the one before)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -57,6 +57,8 @@ class Script:
             return MARKDOWN
         if "long story" in question:
             return LONG
+        if "say nothing" in question:
+            return ""
         return f"Answer {self.count} to: {question}"
 
 
@@ -273,6 +275,31 @@ def test_a_stopped_answer_is_no_demonstration(site, tmp_path):
     demos = [json.loads(line)["messages"] for line in (tmp_path / "demos.jsonl").read_text().splitlines()]
     assert [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer["content"]}] in demos
     assert not any(m["content"] == "Half an ans" for d in demos for m in d)
+
+
+def test_an_empty_answer_is_stored_shown_and_talked_past(site, page):
+    """A model that ends its answer at once: the answer is stored empty (not a failed request), tagged on the page,
+    and the conversation goes on from it."""
+    headers = client()
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=headers).json()["id"]
+    r = httpx.post(f"{site.url}/api/conversations/{conv}/messages", json={"content": "say nothing"}, headers=headers)
+    events = sse(r)
+    assert r.status_code == 200 and [e["type"] for e in events] == ["user", "done"], r.text
+    empty = events[-1]["message"]
+    assert (empty["content"], empty["finish_reason"]) == ("", "stop") and messages(site, conv)[-1] == empty
+    r = httpx.post(
+        f"{site.url}/api/conversations/{conv}/messages",
+        json={"content": "go on", "parent_id": empty["id"]},
+        headers=headers,
+    )
+    types = [e["type"] for e in sse(r)]
+    assert (types[0], types[-1]) == ("user", "done") and sse(r)[-1]["message"]["content"].endswith("go on")
+    r = httpx.post(f"{site.url}/api/messages/{empty['id']}/regenerate", json={}, headers=headers)
+    assert [e["type"] for e in sse(r)] == ["done"] and sse(r)[-1]["message"]["content"] == ""
+    ask(page, "say nothing")
+    assert page.inner_text(".msg.assistant .tag.empty") == "empty answer"
+    ask(page, "and now?")
+    assert shown(page)[-1].startswith("Answer ") and page.query_selector_all(".tag.empty") != []
 
 
 def test_stop_button_cancels_and_keeps_what_was_generated(site, page):

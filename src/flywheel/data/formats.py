@@ -146,26 +146,34 @@ def check_messages(
     """
     if not isinstance(messages, (list, tuple)):
         raise RecordError(f"{field} must be a list of messages, found {type_name(messages)}", reason="wrong type")
-    if not messages:
-        raise RecordError(f"{field} has no messages", reason="empty conversation")
-    prev = after
     for i, msg in enumerate(messages):
         if not isinstance(msg, Message):
             raise RecordError(f"{field}[{i}] must be a Message, found {type_name(msg)}", reason="wrong type")
-        if msg.role == "system":
+    check_turn_order([m.role for m in messages], field=field, after=after, end=end)
+
+
+def check_turn_order(
+    roles: Sequence[str], *, field: str = "messages", after: str | None = None, end: str | None = None
+) -> None:
+    """`check_messages`'s rules on the roles alone (for stored chats, whose answers may be empty)."""
+    if not roles:
+        raise RecordError(f"{field} has no messages", reason="empty conversation")
+    prev = after
+    for i, role in enumerate(roles):
+        if role == "system":
             if i > 0 or after is not None:
                 raise RecordError(
                     f"{field}[{i}] is a system message: only the first message may be one", reason="roles out of order"
                 )
         else:
             expected = "assistant" if prev == "user" else "user"
-            if msg.role != expected:
+            if role != expected:
                 raise RecordError(
-                    f"{field}[{i}] has role {msg.role!r} where {expected!r} was expected "
+                    f"{field}[{i}] has role {role!r} where {expected!r} was expected "
                     "(after an optional system message, user and assistant turns alternate, starting with user)",
                     reason="roles out of order",
                 )
-        prev = msg.role
+        prev = role
     if prev == "system":
         raise RecordError(
             f"{field} has only a system message: a user message must follow it", reason="empty conversation"

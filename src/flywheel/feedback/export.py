@@ -35,7 +35,7 @@ from flywheel.data.formats import Ranking, RecordError
 from flywheel.errors import UserError
 from flywheel.feedback.db import safe_url
 from flywheel.feedback.models import Candidate, Demonstration, Message, RankingLabel, Task, User, Vote
-from flywheel.feedback.store import Store
+from flywheel.feedback.store import Store, check_messages_dicts
 from flywheel.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class ExportConfig:
     include_upvoted: bool = field(
         default=False,
         metadata={
-            "help": "also export thumbs-up chat answers (with their context) as demonstrations; not stopped ones"
+            "help": "also export thumbs-up chat answers (with their context) as demonstrations; not stopped ones, "
+            "nor a branch that holds an empty answer"
         },
     )
 
@@ -186,11 +187,17 @@ def _upvoted(s: Any, store: Store) -> list[tuple[str, list[dict[str, str]], int]
         messages = [{"role": m.role, "content": m.content} for m in branch]
         # an answer its user stopped (finish_reason "cancelled") is unfinished: no demonstration
         if (
-            isinstance(branch[-1], Message)
-            and branch[-1].role == "assistant"
-            and branch[-1].finish_reason != "cancelled"
+            not isinstance(branch[-1], Message)
+            or branch[-1].role != "assistant"
+            or branch[-1].finish_reason == "cancelled"
         ):
-            out.append((vote.voter, messages, 1_000_000_000 + vote.id))
+            continue
+        try:  # the trainers' own validation (a model's empty answer is stored, but SFT cannot learn from it)
+            check_messages_dicts(messages, end="assistant")
+        except UserError as err:
+            log.warning("export: the upvoted answer %d skipped: %s", vote.message_id, err.message)
+            continue
+        out.append((vote.voter, messages, 1_000_000_000 + vote.id))
     return out
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from flywheel.data.formats import Message as MessageRecord
-from flywheel.data.formats import RecordError, check_messages
+from flywheel.data.formats import RecordError, check_messages, check_turn_order
 from flywheel.errors import UserError
 from flywheel.feedback.db import connect
 from flywheel.feedback.models import (
@@ -266,7 +266,11 @@ class Store:
         with self.session(write=True) as s:
             conv = self._owned(s, conv_id, owner)
             out = []
-            if system is not None:  # checked with the user's turn below (a system message alone is no branch)
+            if system is not None:  # its turn order is checked with the user's turn below (alone it is no branch)
+                try:
+                    MessageRecord.make("system", system, where="messages[0]")
+                except RecordError as err:
+                    raise UserError(err.message) from None
                 out.append(Message(conversation_id=conv.id, parent_id=None, role="system", content=system))
                 s.add(out[0])
                 s.flush()
@@ -288,7 +292,12 @@ class Store:
         branch = self._branch(s, parent_id) if parent_id is not None else []
         if branch and branch[0].conversation_id != conv.id:
             raise NotFound(f"no message {parent_id} in conversation {conv.id}")
-        check_messages_dicts([_turn(m) for m in branch] + [{"role": role, "content": content}], end=None)
+        try:  # a model's answer is stored as it was given, even empty (the API logs it so too); a turn needs text
+            if role != "assistant":
+                MessageRecord.make(role, content, where=f"messages[{len(branch)}]")
+            check_turn_order([m.role for m in branch] + [role])
+        except RecordError as err:
+            raise UserError(err.message) from None
         msg = Message(
             conversation_id=conv.id,
             parent_id=parent_id,
@@ -524,7 +533,8 @@ class Store:
             return task.id
 
     def unused_chat_prompts(self, limit: int) -> list[tuple[list[dict[str, str]], int]]:
-        """The contexts of the latest logged user messages that no task was made from yet: (messages, message id)."""
+        """The contexts of the latest logged user messages that no task was made from yet: (messages, message id).
+        A context that holds an empty answer (a model's, kept as given) is no prompt for the trainers: skipped."""
         with self.session() as s:
             used = select(Task.source_message_id).where(Task.source_message_id.is_not(None))
             rows = s.scalars(
@@ -533,7 +543,8 @@ class Store:
                 .order_by(Message.id.desc())
                 .limit(limit)
             ).all()
-            return [([_turn(m) for m in self._branch(s, row.id)], row.id) for row in rows]
+            branches = [(self._branch(s, row.id), row.id) for row in rows]
+            return [([_turn(m) for m in b], i) for b, i in branches if all(m.content.strip() for m in b)]
 
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
         """The oldest task of `kind` that still needs labels and that this user has not labeled."""

@@ -259,7 +259,7 @@ async def _store_answer(
     c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], text: str, version: str, finish: str | None
 ) -> dict[str, Any] | None:
     try:
-        return await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text or " ", version, finish)
+        return await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text, version, finish)
     except NotFound:  # the conversation was deleted meanwhile
         return None
 

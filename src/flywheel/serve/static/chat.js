@@ -142,6 +142,7 @@ function messageNode({ message: m, siblings, index }, last) {
     meta.append(fw.el("span", {}, m.model_version || ""));
     if (m.finish_reason === "cancelled") meta.append(fw.el("span", { class: "tag stopped" }, "stopped"));
     if (m.finish_reason === "length") meta.append(fw.el("span", { class: "tag" }, "cut at max tokens"));
+    if (!m.content.trim()) meta.append(fw.el("span", { class: "tag empty" }, "empty answer"));
     if (siblings.length > 1) meta.append(branchNav(siblings, index, "answer"));
     meta.append(...voteBox(m));
     if (last) meta.append(fw.el("button", { class: "secondary regenerate", onclick: () => regenerate(m) }, "Regenerate"));
