@@ -34,7 +34,7 @@ from flywheel.data.formats import Message as MessageRecord
 from flywheel.data.formats import Ranking, RecordError
 from flywheel.errors import UserError
 from flywheel.feedback.db import safe_url
-from flywheel.feedback.models import Candidate, Demonstration, Message, RankingLabel, Task, User, Vote
+from flywheel.feedback.models import Candidate, Demonstration, RankingLabel, Task, User, Vote
 from flywheel.feedback.store import Store, check_messages_dicts
 from flywheel.utils import atomic_write_text
 
@@ -185,12 +185,7 @@ def _upvoted(s: Any, store: Store) -> list[tuple[str, list[dict[str, str]], int]
     for vote in s.scalars(select(Vote).where(Vote.value == 1).order_by(Vote.id)):
         branch = store._branch(s, vote.message_id)
         messages = [{"role": m.role, "content": m.content} for m in branch]
-        # an answer its user stopped (finish_reason "cancelled") is unfinished: no demonstration
-        if (
-            not isinstance(branch[-1], Message)
-            or branch[-1].role != "assistant"
-            or branch[-1].finish_reason == "cancelled"
-        ):
+        if branch[-1].finish_reason == "cancelled":  # an answer its user stopped is unfinished: no demonstration
             continue
         try:  # the trainers' own validation (a model's empty answer is stored, but SFT cannot learn from it)
             check_messages_dicts(messages, end="assistant")

@@ -79,15 +79,22 @@ def client_owner(client_id: str) -> str:
     return "client:" + hashlib.sha256(client_id.encode()).hexdigest()[:40]
 
 
+@contextmanager
+def record_errors() -> Iterator[None]:
+    """The data formats' RecordError as the UserError that the server answers with a 400."""
+    try:
+        yield
+    except RecordError as err:
+        raise UserError(err.message) from None
+
+
 def check_messages_dicts(messages: Any, *, end: str | None, field: str = "messages") -> list[dict[str, str]]:
     """Validate `[{"role", "content"}]` with the trainers' rules (turn order, non-empty content)."""
     if not isinstance(messages, list):
         raise UserError(f"{field} must be a list of messages")
-    try:
+    with record_errors():
         parsed = [MessageRecord.from_dict(m, where=f"{field}[{i}]") for i, m in enumerate(messages)]
         check_messages(parsed, field=field, end=end)
-    except RecordError as err:
-        raise UserError(err.message) from None
     return [m.as_dict() for m in parsed]
 
 
@@ -267,10 +274,8 @@ class Store:
             conv = self._owned(s, conv_id, owner)
             out = []
             if system is not None:  # its turn order is checked with the user's turn below (alone it is no branch)
-                try:
+                with record_errors():
                     MessageRecord.make("system", system, where="messages[0]")
-                except RecordError as err:
-                    raise UserError(err.message) from None
                 out.append(Message(conversation_id=conv.id, parent_id=None, role="system", content=system))
                 s.add(out[0])
                 s.flush()
@@ -292,12 +297,12 @@ class Store:
         branch = self._branch(s, parent_id) if parent_id is not None else []
         if branch and branch[0].conversation_id != conv.id:
             raise NotFound(f"no message {parent_id} in conversation {conv.id}")
-        try:  # a model's answer is stored as it was given, even empty (the API logs it so too); a turn needs text
+        with (
+            record_errors()
+        ):  # a model's answer is stored as given, even empty (as the API logs it); a turn needs text
             if role != "assistant":
                 MessageRecord.make(role, content, where=f"messages[{len(branch)}]")
             check_turn_order([m.role for m in branch] + [role])
-        except RecordError as err:
-            raise UserError(err.message) from None
         msg = Message(
             conversation_id=conv.id,
             parent_id=parent_id,
