@@ -460,17 +460,24 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     assert f"flywheel serve {final}" in printed
     with pytest.raises(UserError):  # a second run does not overwrite the first
         main(["--quick", "--out", str(out)])
-    # --base: a run that starts from this run's base model (a short one: the point is the plumbing)
+    assert not (out / "base").exists() and "pretrain" not in summary["timings_s"]  # the shipped 0.8M base
+    # --from-scratch: tokenizer and pretraining in the run; then --base: a run that starts from that run's base model
+    # (short ones: the point is the plumbing)
+    shrink = ["--rounds", "1", "--sft.epochs", "0.3", "--world.n-rank", "40", "--ppo.max-steps", "2"]
+    shrink += ["--world.n-eval", "150", "--progress", "false"]
+    scratch = tmp_path / "scratch"
+    assert main(["--quick", "--out", str(scratch), "--from-scratch", "--pretrain.epochs", "0.3", *shrink]) == 0
+    pretrained = json.loads((scratch / "summary.json").read_text())
+    assert (scratch / "init" / "tokenizer.json").is_file() and (scratch / "base" / "final" / "config.json").is_file()
+    assert {"tokenizer", "pretrain"} <= set(pretrained["timings_s"])
     again = tmp_path / "again"
-    short = ["--quick", "--out", str(again), "--progress", "false", "--base", str(out / "base" / "final")]
-    short += ["--rounds", "1", "--sft.epochs", "0.3", "--world.n-rank", "40", "--ppo.max-steps", "2"]
-    short += ["--world.n-eval", "150"]
+    short = ["--quick", "--out", str(again), "--base", str(scratch / "base" / "final"), *shrink]
     assert main(short) == 0
     reused = json.loads((again / "summary.json").read_text())
     assert not (again / "base").exists() and not (again / "init").exists()  # no tokenizer, no pretraining
     assert "pretrain" not in reused["timings_s"]
     # the same seed and corpus: the same held-out documents and eval prompts, so the same base figures
-    first_base, reused_base = summary["policies"]["base"], reused["policies"]["base"]
+    first_base, reused_base = pretrained["policies"]["base"], reused["policies"]["base"]
     assert reused_base["heldout_lm_loss"] == pytest.approx(first_base["heldout_lm_loss"])
     assert reused_base["score"] == pytest.approx(first_base["score"])
     # --resume after an interruption during PPO: the finished stages are kept, PPO and evaluation run again, and the

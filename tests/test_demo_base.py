@@ -1,4 +1,4 @@
-"""The shipped toy-world base model: present, loadable, and made by the command its docs name."""
+"""The shipped toy-world base models: present, loadable, and made by the command their docs name."""
 
 from __future__ import annotations
 
@@ -9,43 +9,52 @@ import pytest
 import torch
 
 from flywheel.demo.base import BASE_SEED, FINGERPRINT_STEPS, base_config, shipped_base
-from flywheel.demo.config import DemoConfig, demo_command
+from flywheel.demo.config import SHIPPED_BASES, DemoConfig, demo_command, describe_model
 from flywheel.errors import UserError
 from flywheel.models import TINY_SIZES, load_causal_lm
 from flywheel.tokenization import load_tokenizer
 
 
-def test_the_shipped_base_is_a_small_model_with_its_tokenizer_and_fingerprint():
-    base = shipped_base()
+@pytest.mark.parametrize("name", list(SHIPPED_BASES))
+def test_a_shipped_base_is_a_model_of_its_size_with_its_tokenizer_and_fingerprint(name):
+    base = shipped_base(name)
     model, tok = load_causal_lm(str(base)), load_tokenizer(str(base))
-    for key, value in TINY_SIZES["small"].items():
+    for key, value in TINY_SIZES[SHIPPED_BASES[name].size].items():
         assert getattr(model.config, key) == value
     assert model.config.vocab_size == len(tok)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     meta = json.loads((base / "flywheel.json").read_text())
     assert meta["stage"] == "pretrain" and len(meta["fingerprint"]) == FINGERPRINT_STEPS
-    # It was trained: the loss fell well below a fresh model's (ln 4096 = 8.3 nats).
+    assert meta["command"] == f"python -m flywheel.demo.base --out DIR --base {name}"
+    # It was trained: the loss fell well below a fresh model's (ln 2048 = 7.6 nats, ln 4096 = 8.3).
     assert meta["eval_loss"] < 1.5
 
 
-def test_presets_start_from_the_shipped_base_and_from_scratch_pretrains():
-    assert DemoConfig(preset="default").resolved().base == "shipped"
-    assert DemoConfig(preset="fp32").resolved().base == "shipped"
-    assert DemoConfig(quick=True).resolved().base == ""
-    scratch = DemoConfig(preset="default", from_scratch=True).resolved()
-    assert scratch.base == "" and scratch.pretrain["epochs"] == 3.0
+def test_presets_start_from_a_shipped_base_and_from_scratch_pretrains():
     from dataclasses import asdict
 
+    assert DemoConfig(preset="default").resolved().base == "shipped"
+    assert DemoConfig(preset="fp32").resolved().base == "shipped"
+    quick = DemoConfig(quick=True).resolved()
+    assert quick.base == "shipped-tiny"
+    assert describe_model(asdict(quick)) == "the shipped toy-world base (tiny), fp32"
+    scratch = DemoConfig(preset="default", from_scratch=True).resolved()
+    assert scratch.base == "" and scratch.pretrain["epochs"] == 3.0
     assert demo_command(asdict(scratch)) == "flywheel demo --seed 0 --from-scratch"
+    quick_scratch = DemoConfig(quick=True, from_scratch=True).resolved()
+    assert quick_scratch.base == "" and quick_scratch.size == "tiny"
+    assert demo_command(asdict(quick_scratch)) == "flywheel demo --quick --seed 0 --from-scratch"
     with pytest.raises(UserError, match="--from-scratch .* cannot be combined with --base"):
         DemoConfig(from_scratch=True, base="runs/x/base/final").resolved()
 
 
 @pytest.mark.slow
-def test_the_documented_command_reproduces_the_shipped_base(tmp_path, monkeypatch):
-    """`python -m flywheel.demo.base` again, stopped after its first logged steps: the same world and tokenizer,
-    byte for byte, and the same training losses as the shipped model recorded (to 0.1%: the test may run on a CPU
-    without native bf16, which trains in fp32; fp32 against the recorded bf16 run differed by 2e-5 at most)."""
+@pytest.mark.parametrize("name", list(SHIPPED_BASES))
+def test_the_documented_command_reproduces_a_shipped_base(tmp_path, monkeypatch, name):
+    """`python -m flywheel.demo.base --base NAME` again, stopped after its first logged steps: the same world and
+    tokenizer, byte for byte, and the same training losses as the shipped model recorded (to 0.1%: the test may run on
+    a CPU without native bf16, which trains the small base in fp32; fp32 against the recorded bf16 run differed by
+    2e-5 at most)."""
     from flywheel.demo.stages import read_metrics, stage_pretrain, stage_tokenizer, start_run
     from flywheel.train import loop
 
@@ -61,11 +70,11 @@ def test_the_documented_command_reproduces_the_shipped_base(tmp_path, monkeypatc
             raise Stop
 
     monkeypatch.setattr(loop.MetricsLogger, "log", log_then_stop)
-    cfg = base_config(tmp_path, progress=False)
-    assert cfg.seed == BASE_SEED and cfg.base == ""
+    cfg = base_config(tmp_path, name, progress=False)
+    assert cfg.seed == BASE_SEED and cfg.base == "" and cfg.size == SHIPPED_BASES[name].size
     run = start_run(cfg, tmp_path, {})
     init = stage_tokenizer(run)
-    shipped = shipped_base()
+    shipped = shipped_base(name)
     assert json.loads((init / "tokenizer.json").read_text()) == json.loads((shipped / "tokenizer.json").read_text())
     with pytest.raises(Stop):
         stage_pretrain(run, init)

@@ -2,7 +2,7 @@
 
     flywheel demo                      # <= 10 min on 2 cores, from the shipped 5M-parameter base (demo/base.py)
     flywheel demo --from-scratch       # pretrain the base in the run too
-    flywheel demo --quick              # ~2 min (CI): 1M-parameter model, smaller world, two rounds
+    flywheel demo --quick              # ~1 min (CI): the shipped 0.8M base, smaller world, two rounds
     flywheel demo --seed 3 --out runs/demo-3 --ppo.kl-coef 0.2    # a trainer setting: --STAGE.FIELD
     flywheel demo --seed 3 --out runs/demo-3 --resume   # continue an interrupted run: finished stages are kept
 
@@ -14,7 +14,7 @@ round has the last PPO policy answer new prompts, the same labelers rank those a
 on them and PPO continues, still held to SFT] -> oracle evaluation of base, SFT and every round's PPO policy on
 held-out prompts. The reward model never sees the oracle and the oracle alone decides whether the policy improved.
 
-`base.py` makes the shipped base (`python -m flywheel.demo.base`), `sweep.py` runs the demo over seeds (`flywheel
+`base.py` makes the shipped bases (`python -m flywheel.demo.base`), `sweep.py` runs the demo over seeds (`flywheel
 sweep`), `config.py` holds the demo's settings and presets (trainer settings are per-stage overrides of the trainers'
 own configs), `state.py` what `--resume` keeps, `summary.py` the typed `DemoSummary` and the targets, `report.py`
 report.md and the plots, `pipeline.py` the order of the stages (`run_demo`) and the command line (`main`).

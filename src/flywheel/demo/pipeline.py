@@ -8,7 +8,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from flywheel.demo.config import SHIPPED, DemoConfig, describe_model, parse_demo_config
+from flywheel.demo.config import SHIPPED_BASES, DemoConfig, describe_model, parse_demo_config
 from flywheel.demo.evaluation import stage_evaluate
 from flywheel.demo.gate import GateResult, stage_gate
 from flywheel.demo.rankings import Rankings, stage_rankings
@@ -98,10 +98,10 @@ def first_round_data(done: RunState, run: DemoRun) -> tuple[Path, Path, Rankings
     """The stages before the first policy optimisation, kept or run: (base, SFT, round-1 rankings, reward model).
     `flywheel demo` and `flywheel compare` share them."""
     cfg, timings = run.cfg, run.timings
-    if cfg.base == SHIPPED:
+    if cfg.base in SHIPPED_BASES:
         from flywheel.demo.base import shipped_base  # not at import: `python -m flywheel.demo.base` imports this
 
-        base = shipped_base()
+        base = shipped_base(cfg.base)
         log.info("== base model: the shipped toy-world base, %s (flywheel.demo.base; --from-scratch pretrains)", base)
     elif cfg.base:
         base = Path(cfg.base)
