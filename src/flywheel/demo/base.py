@@ -95,7 +95,7 @@ def build_base(out: str | Path, name: str = SHIPPED, *, progress: bool = True, t
     losses = [r for r in read_metrics(Path(out) / "base" / "metrics.jsonl") if "loss" in r][:FINGERPRINT_STEPS]
     meta = json.loads((final / "flywheel.json").read_text())
     meta["fingerprint"] = {str(r["step"]): r["loss"] for r in losses}
-    meta["command"] = f"python -m flywheel.demo.base --out DIR --base {name}"
+    meta["command"] = "python -m flywheel.demo.base --out DIR" + (f" --base {name}" if name != SHIPPED else "")
     meta["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_text(final / "flywheel.json", json.dumps(meta, indent=2) + "\n")
     return final
