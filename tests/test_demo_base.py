@@ -25,7 +25,9 @@ def test_a_shipped_base_is_a_model_of_its_size_with_its_tokenizer_and_fingerprin
     assert all(p.dtype == torch.float32 for p in model.parameters())
     meta = json.loads((base / "flywheel.json").read_text())
     assert meta["stage"] == "pretrain" and len(meta["fingerprint"]) == FINGERPRINT_STEPS
-    assert meta["command"] == "python -m flywheel.demo.base --out DIR" + (f" --base {name}" if name != "shipped" else "")
+    assert meta["command"] == "python -m flywheel.demo.base --out DIR" + (
+        f" --base {name}" if name != "shipped" else ""
+    )
     # It was trained: the loss fell well below a fresh model's (ln 2048 = 7.6 nats, ln 4096 = 8.3).
     assert meta["eval_loss"] < 1.5
 
