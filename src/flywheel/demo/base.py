@@ -105,9 +105,9 @@ def install(final: Path, name: str = SHIPPED) -> Path:
     """Copy a built base (`build_base`'s result) over the shipped one of that name."""
     dest = _package_dir(name)
     dest.mkdir(exist_ok=True)
-    for name in _FILES:
-        if (final / name).is_file():
-            shutil.copyfile(final / name, dest / name)
+    for file in _FILES:
+        if (final / file).is_file():
+            shutil.copyfile(final / file, dest / file)
     return dest
 
 
