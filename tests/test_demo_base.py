@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flywheel.demo import config
 from flywheel.demo.base import BASE_SEED, FINGERPRINT_STEPS, base_config, shipped_base
 from flywheel.demo.config import SHIPPED_BASES, DemoConfig, demo_command, describe_model
 from flywheel.errors import UserError
@@ -32,7 +33,7 @@ def test_a_shipped_base_is_a_model_of_its_size_with_its_tokenizer_and_fingerprin
     assert meta["eval_loss"] < 1.5
 
 
-def test_presets_start_from_a_shipped_base_and_from_scratch_pretrains():
+def test_presets_start_from_a_shipped_base_and_from_scratch_pretrains(monkeypatch):
     from dataclasses import asdict
 
     assert DemoConfig(preset="default").resolved().base == "shipped"
@@ -43,6 +44,10 @@ def test_presets_start_from_a_shipped_base_and_from_scratch_pretrains():
     scratch = DemoConfig(preset="default", from_scratch=True).resolved()
     assert scratch.base == "" and scratch.pretrain["epochs"] == 3.0
     assert demo_command(asdict(scratch)) == "flywheel demo --seed 0 --from-scratch"
+    # bf16 follows the shipped base's own size: the 0.8M one stays in fp32 under the default preset too
+    monkeypatch.setattr(config, "bf16_is_fast", lambda: True)
+    assert DemoConfig(preset="default", base="shipped-tiny").resolved().bf16 is False
+    assert DemoConfig(quick=True, base="shipped").resolved().bf16 is True
     quick_scratch = DemoConfig(quick=True, from_scratch=True).resolved()
     assert quick_scratch.base == "" and quick_scratch.size == "tiny"
     assert demo_command(asdict(quick_scratch)) == "flywheel demo --quick --seed 0 --from-scratch"

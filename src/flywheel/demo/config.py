@@ -306,7 +306,8 @@ class DemoConfig:
         if values["from_scratch"]:
             values["base"] = ""
         if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
-            hidden = TINY_SIZES.get(values["size"], {}).get("hidden_size", 0)
+            shipped = SHIPPED_BASES.get(values["base"])  # a shipped base is of its own size, whatever --size says
+            hidden = TINY_SIZES.get(shipped.size if shipped else values["size"], {}).get("hidden_size", 0)
             values["bf16"] = hidden >= 256 and bf16_is_fast()
         cfg = DemoConfig(**values)
         if cfg.gate_every and not cfg.stage_config("world", out=_PLACEHOLDER).n_val:
