@@ -498,9 +498,11 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     assert resumed["timings_s"]["sft"] == reused["timings_s"]["sft"]  # the kept stage's own time
 
 
-def test_base_must_be_a_model_directory(tmp_path):
+def test_base_must_be_a_model_directory_or_a_shipped_base(tmp_path):
     with pytest.raises(UserError, match="--base"):
         parse_demo_config(["--base", str(tmp_path)])
+    with pytest.raises(UserError, match="--base: .*shipped-small.*or a shipped base: shipped, shipped-tiny"):
+        parse_demo_config(["--base", "shipped-small"])
 
 
 def test_rounds_flags_are_checked():

@@ -360,7 +360,7 @@ class DemoConfig:
             try:
                 check_model_dir(self.base)
             except UserError as err:
-                raise UserError(f"--base: {err}") from None
+                raise UserError(f"--base: {err} (or a shipped base: {', '.join(SHIPPED_BASES)})") from None
         n_ppo = self.world.get("n_ppo")
         if self.n_rank_next is not None and n_ppo is not None and (self.rounds or 1) > 1:
             if not 2 <= self.n_rank_next <= n_ppo:
