@@ -33,6 +33,14 @@ def test_a_shipped_base_is_a_model_of_its_size_with_its_tokenizer_and_fingerprin
     assert meta["eval_loss"] < 1.5
 
 
+def test_a_missing_shipped_base_is_a_user_error_that_says_how_to_get_it(tmp_path, monkeypatch):
+    from flywheel.demo import base
+
+    monkeypatch.setattr(base, "_package_dir", lambda name: tmp_path / name)
+    with pytest.raises(UserError, match="'shipped-tiny' is missing .*--base shipped-tiny --install.*--from-scratch"):
+        shipped_base("shipped-tiny")
+
+
 def test_presets_start_from_a_shipped_base_and_from_scratch_pretrains(monkeypatch):
     from dataclasses import asdict
 
