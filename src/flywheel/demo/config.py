@@ -73,21 +73,21 @@ class ShippedBase:
     """A toy-world base model that ships with flywheel: `flywheel demo --preset PRESET --from-scratch --seed 271828`
     with these stage settings, stopped after pretraining, made it (`python -m flywheel.demo.base`)."""
 
-    size: str
     directory: str  # under flywheel/demo/
     preset: str
     settings: dict[str, dict[str, Any]]
 
+    @property
+    def size(self) -> str:
+        """The model size its preset pretrains (`--size`)."""
+        return PRESETS[self.preset]["size"]
+
 
 # Both pretrained on the default preset's 1.2M-character corpus for 12 epochs, four times what a run could.
+_LONGER = {"epochs": 12.0, "log_every": 10}
 SHIPPED_BASES: dict[str, ShippedBase] = {
-    SHIPPED: ShippedBase("small", "base_model", "default", {"pretrain": {"epochs": 12.0, "log_every": 10}}),
-    SHIPPED_TINY: ShippedBase(
-        "tiny",
-        "base_model_tiny",
-        "quick",
-        {"world": {"corpus_chars": 1_200_000}, "pretrain": {"epochs": 12.0, "log_every": 10}},
-    ),
+    SHIPPED: ShippedBase("base_model", "default", {"pretrain": _LONGER}),
+    SHIPPED_TINY: ShippedBase("base_model_tiny", "quick", {"world": {"corpus_chars": 1_200_000}, "pretrain": _LONGER}),
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(

@@ -297,9 +297,8 @@ class Store:
         branch = self._branch(s, parent_id) if parent_id is not None else []
         if branch and branch[0].conversation_id != conv.id:
             raise NotFound(f"no message {parent_id} in conversation {conv.id}")
-        with (
-            record_errors()
-        ):  # a model's answer is stored as given, even empty (as the API logs it); a turn needs text
+        # a model's answer is stored as given, even empty (as the API logs it); a person's turn needs text
+        with record_errors():
             if role != "assistant":
                 MessageRecord.make(role, content, where=f"messages[{len(branch)}]")
             check_turn_order([m.role for m in branch] + [role])
