@@ -17,7 +17,7 @@ import yaml
 from flywheel.demo import PRESETS, DemoConfig, main, parse_demo_config
 from flywheel.demo.config import demo_command
 from flywheel.demo.evaluation import ppo_curve
-from flywheel.demo.report import _ensemble, result_table
+from flywheel.demo.report import _ensemble, _labelers_line, result_table
 from flywheel.demo.stages import DemoRun
 from flywheel.demo.state import RunState
 from flywheel.demo.summary import (
@@ -388,6 +388,47 @@ def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     assert add_stock_answers(sets, 0)[1] == []
 
 
+def test_off_topic_answers_come_from_the_most_alike_prompts_and_never_repeat_an_answer():
+    import random
+
+    from flywheel.demo.rankings import add_off_topic_answers
+
+    questions = [
+        "Which continent is India in?",
+        "Which continent is Vietnam in?",
+        "What is 3 + 8?",
+        "What is 3 + 9?",
+        "Which continent is India in?",  # the same question asked twice: never each other's off-topic source
+    ]
+    own = [["India is in Asia."], ["Vietnam is in Europe.", "Europe."], ["11."], ["3 + 9 = 12."], ["Asia."]]
+    sets = [s + ["I don't know."] for s in own]
+    out, added = add_off_topic_answers(questions, sets, own, 1, random.Random(0))
+    assert added == 5
+    assert out[2] == ["11.", "I don't know.", "3 + 9 = 12."]  # "What is 3 + 9?" shares 3 of its 5 words
+    assert out[3] == ["3 + 9 = 12.", "I don't know.", "11."]
+    assert out[0][-1] in own[1] and out[4][-1] in own[1]  # Vietnam's question, not the repeated India one
+    assert out[1][-1] in ("India is in Asia.", "Asia.")
+    assert sets[0] == ["India is in Asia.", "I don't know."]  # the input is not changed
+    # an answer the set holds already is not added twice: the next most alike prompt gives one instead
+    again, _ = add_off_topic_answers(
+        questions[:2], [["Europe.", "x"], ["y"]], [["z"], ["Europe."]], 1, random.Random(0)
+    )
+    assert again == [["Europe.", "x"], ["y", "z"]]
+    # two per set: the two most alike prompts', each once; the same seed draws the same answers
+    two, added = add_off_topic_answers(questions, sets, own, 2, random.Random(1))
+    assert added == 10 and two[2][-2:] == ["3 + 9 = 12.", two[2][-1]] and two[2][-1] != "3 + 9 = 12."
+    assert two == add_off_topic_answers(questions, sets, own, 2, random.Random(1))[0]
+    assert add_off_topic_answers(questions, sets, own, 0, random.Random(0)) == (sets, 0)
+
+
+def test_negative_answer_counts_are_refused():
+    from flywheel.errors import UserError
+
+    for name in ("stock_answers", "off_topic_answers"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be >= 0"):
+            DemoConfig(**{name: -1}).resolved()
+
+
 def test_ppo_takes_the_demo_s_value_learning_rate(tmp_path, monkeypatch):
     from flywheel.demo.stages import RewardModelResult, stage_ppo
 
@@ -422,8 +463,8 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     wins = summary["win_rates"]
     assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
     # The deployed policy is one the labelers preferred to SFT, or SFT itself: per the oracle (never the reward
-    # model) it does not lose to SFT. PPO beats SFT by a few points on 13-14 of 15 seeds of this 0.8M preset, by CPU
-    # (docs/demo.md, Results: 56-66% by seed set; the gate kept SFT on the others), so the test does not ask for a win.
+    # model) it does not lose to SFT. PPO beats SFT by a few points on 14 of 15 seeds of this 0.8M preset
+    # (docs/demo.md, Results: 57-67% by seed set; the gate kept SFT on the other), so the test does not ask for a win.
     assert wins["ppo_vs_sft"]["win_rate"] >= 0.5, wins
     knowledge = summary["reward_model"]["knowledge"]  # how the reward model orders correct answers, held out
     assert set(knowledge) == {"wrong", "deflection"}
@@ -632,7 +673,9 @@ def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_o
     ranked_sets = [s + [a for a in stock if a not in s] for _, s in kept]
     runs = {}
     for n in (0, 2):
-        cfg = DemoConfig(quick=True, stock_answers=n, world={"n_rank": len(tasks)}, progress=False).resolved()
+        cfg = DemoConfig(
+            quick=True, stock_answers=n, off_topic_answers=0, world={"n_rank": len(tasks)}, progress=False
+        ).resolved()
         out = tmp_path / f"stock{n}"
         run = DemoRun(cfg, out, cfg.stage_config("world", out=str(out)), {"rank_tasks": path}, {})
         runs[n] = asdict(stage_rankings(run, tmp_path / "sft").summary)
@@ -647,6 +690,22 @@ def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_o
     assert sorted(runs[2]["stock_answers"]) == sorted(stock) and runs[0]["stock_answers"] == []
     ranked = [json.loads(line) for line in (tmp_path / "stock2" / "rankings_train.jsonl").read_text().splitlines()]
     assert all(set(stock) <= {c.strip() for c in r["completions"]} for r in ranked)  # every set ranks both
+    # Off-topic answers join every set, but the labelers are the same people: their temperature is not recalibrated.
+    cfg = DemoConfig(quick=True, stock_answers=2, off_topic_answers=1, world={"n_rank": len(tasks)}, progress=False)
+    cfg = cfg.resolved()
+    run = DemoRun(cfg, tmp_path / "ot", cfg.stage_config("world", out=str(tmp_path / "ot")), {"rank_tasks": path}, {})
+    off = stage_rankings(run, tmp_path / "sft").summary
+    assert off.temperature == runs[2]["temperature"]
+    assert off.off_topic_answers == len(kept) and off.answers == runs[2]["answers"] + len(kept)
+
+    def sizes(run_dir):  # prompt -> answers ranked, over both splits (which differ: the labelers drew more)
+        lines = [x for f in ("train", "heldout") for x in (run_dir / f"rankings_{f}.jsonl").read_text().splitlines()]
+        return {json.dumps(r["prompt"]): len(r["completions"]) for r in map(json.loads, lines)}
+
+    assert sizes(tmp_path / "ot") == {p: n + 1 for p, n in sizes(tmp_path / "stock2").items()}
+    assert f"{len(kept)} of them its answers to other, alike prompts" in _labelers_line(
+        dataclasses.replace(_summary(0.6, 1.0, 2.0), labelers=off)
+    )
 
 
 def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, capsys):

@@ -100,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=2,
+        off_topic_answers=0,
         world=dict(
             corpus_chars=1_200_000,
             n_demos=3000,
@@ -138,6 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=2,  # as the default preset: the reward model sees both deflections on every prompt
+        off_topic_answers=0,
         world=dict(
             corpus_chars=1_200_000,
             n_demos=3000,
@@ -178,6 +180,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_rank_next=100,
         max_new_tokens=32,
         stock_answers=0,
+        # One of the policy's answers to the most alike other prompt in every ranked set: PPO > SFT on 14 of seeds
+        # 100-104, 200-204, 300-304 instead of 13, 3 runs flagged instead of 4 (docs/log.md, 2026-12-05)
+        off_topic_answers=1,
         world=dict(
             corpus_chars=300_000,
             n_demos=1500,
@@ -245,6 +250,10 @@ class DemoConfig:
     )
     stock_answers: int | None = _preset(
         "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"
+    )
+    off_topic_answers: int | None = _preset(
+        "add to every ranked set N of the policy's answers to other prompts (the most alike ones), so that the "
+        "reward model learns that an answer to another question is not an answer to this one"
     )
     rm_holdout: float = field(default=0.2, metadata={"help": "fraction of rankings held out for RM accuracy"})
     rounds: int | None = _preset(
@@ -349,8 +358,9 @@ class DemoConfig:
             raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
-        if self.gate_every is not None and self.gate_every < 0:
-            raise UserError("--gate-every must be >= 0")
+        for name in ("gate_every", "stock_answers", "off_topic_answers"):
+            if (getattr(self, name) or 0) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
         # Fields left to the preset are still None here (the CLI validates before `resolved()` fills them).
         if self.rounds is not None and self.rounds < 1:
             raise UserError("--rounds must be >= 1")

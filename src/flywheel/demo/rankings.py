@@ -29,6 +29,7 @@ from flywheel.world import (
     read_jsonl,
     score,
 )
+from flywheel.world.text import tokens
 
 
 def sample_answers(
@@ -82,6 +83,43 @@ def add_stock_answers(sets: list[list[str]], n: int) -> tuple[list[list[str]], l
     ranked = sorted(counts, key=lambda a: (-counts[a], a))  # ties by text: the same choice on every run
     stock = [a for a in ranked[:n] if counts[a] >= 2]
     return [s + [a for a in stock if a not in seen] for s, seen in zip(sets, distinct, strict=True)], stock
+
+
+def add_off_topic_answers(
+    questions: list[str], sets: list[list[str]], own: list[list[str]], n: int, rng: random.Random
+) -> tuple[list[list[str]], int]:
+    """Each set with n more answers: for each of the n prompts most alike to its own (by the words its last user turn
+    shares with theirs; ties at random), one of the policy's own answers to that prompt (`own[j]`), unless the set
+    holds it already. Returns the sets and how many answers were added.
+
+    The labelers rank an answer to another question as what it is after this one, mostly a wrong or made-up value.
+    Without such answers the reward model never sees one, and PPO finds that a stock fact ("The mayor of Takton is
+    Ida000.") scores well after any question of its kind. The choice sees the prompts' text alone, never the hidden
+    tasks."""
+    if n <= 0:
+        return sets, 0
+    bags = [frozenset(tokens(q).split()) for q in questions]
+    out, added = [], 0
+    for i, s in enumerate(sets):
+        seen = {x.strip() for x in s}
+
+        def alike(j: int, i: int = i) -> float:
+            union = len(bags[i] | bags[j])
+            return len(bags[i] & bags[j]) / union if union else 0.0
+
+        others = [j for j in range(len(sets)) if own[j] and questions[j] != questions[i]]
+        keys = {j: (-alike(j), rng.random()) for j in others}
+        extra = []
+        for j in sorted(others, key=keys.__getitem__):
+            if len(extra) == n:
+                break
+            choice = rng.choice(own[j])
+            if choice.strip() not in seen:
+                seen.add(choice.strip())
+                extra.append(choice)
+        out.append(s + extra)
+        added += len(extra)
+    return out, added
 
 
 @dataclass
@@ -155,9 +193,18 @@ def stage_rankings(run: DemoRun, policy: Path, r: int = 1, temperature: float | 
         answers, asked = sum(len(s) for s in sets), len(sets)
         own = [i for i, s in enumerate(sets) if len(s) >= 2]  # the policy's own answers, before the stock ones
         own_tasks, own_sets = [tasks[i] for i in own], [sets[i] for i in own]
+        policy_sets = sets
         sets, stock = add_stock_answers(sets, cfg.stock_answers)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
+        calibration_sets = sets  # the labelers' noise is theirs: the off-topic answers below do not change it
+        sets, off_topic = add_off_topic_answers(
+            [t.messages[-1]["content"] for t in tasks],
+            sets,
+            [policy_sets[i] for i in keep],
+            cfg.off_topic_answers,
+            random.Random(f"{cfg.seed}:demo-off-topic:{r}"),
+        )
         if not any(len({score(t, x).total for x in s}) > 1 for t, s in zip(tasks, sets, strict=True)):
             # Nothing to rank: every prompt got one answer, or all answers are equally good. After round 1 the policy
             # has collapsed; the run goes on with what it has.
@@ -178,7 +225,7 @@ def stage_rankings(run: DemoRun, policy: Path, r: int = 1, temperature: float | 
             # On the sets the labelers rank, stock answers included: 73% is their agreement on what they rank. The
             # stock pairs are clear-cut, so the labelers come out noisier on the policy's own answers (reported).
             try:
-                temperature = calibrate_temperature(tasks, sets)
+                temperature = calibrate_temperature(tasks, calibration_sets)
             except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
                 log.warning("labeler calibration failed on the SFT samples (%s): using the default temperature", err)
                 temperature = DEFAULT_TEMPERATURE
@@ -215,6 +262,7 @@ def stage_rankings(run: DemoRun, policy: Path, r: int = 1, temperature: float | 
             train_rankings=len(train),
             heldout_rankings=len(held),
             stock_answers=stock,
+            off_topic_answers=off_topic,
         )
         st.done(
             "%d answers to %d prompts (%.1f distinct each), labeler T=%.3f, agreement %.1f%% (held-out %s)",

@@ -101,6 +101,8 @@ def _labelers_line(s: DemoSummary) -> str:
         if stock
         else f"{lab.answers} SFT answers to {lab.prompts} prompts ({per_prompt})"
     )
+    if lab.off_topic_answers:
+        ranked += f", {lab.off_topic_answers} of them its answers to other, alike prompts"
     return (
         f"Labelers (temperature recalibrated on the {'sets they rank' if stock else 'SFT samples'}: "
         f"T = {lab.temperature:.3f}) agree on {_pct(lab.agreement_sampled)} of pairs of {ranked}."

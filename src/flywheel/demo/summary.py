@@ -29,6 +29,7 @@ class LabelerSummary:
     train_rankings: int
     heldout_rankings: int
     stock_answers: list[str]
+    off_topic_answers: int = 0  # answers to other prompts added to the sets (--off-topic-answers)
 
 
 @dataclass
