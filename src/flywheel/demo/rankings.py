@@ -197,14 +197,6 @@ def stage_rankings(run: DemoRun, policy: Path, r: int = 1, temperature: float | 
         sets, stock = add_stock_answers(sets, cfg.stock_answers)
         keep = [i for i, s in enumerate(sets) if len(s) >= 2]
         tasks, sets = [tasks[i] for i in keep], [sets[i] for i in keep]
-        calibration_sets = sets  # the labelers' noise is theirs: the off-topic answers below do not change it
-        sets, off_topic = add_off_topic_answers(
-            [t.messages[-1]["content"] for t in tasks],
-            sets,
-            [policy_sets[i] for i in keep],
-            cfg.off_topic_answers,
-            random.Random(f"{cfg.seed}:demo-off-topic:{r}"),
-        )
         if not any(len({score(t, x).total for x in s}) > 1 for t, s in zip(tasks, sets, strict=True)):
             # Nothing to rank: every prompt got one answer, or all answers are equally good. After round 1 the policy
             # has collapsed; the run goes on with what it has.
@@ -225,10 +217,19 @@ def stage_rankings(run: DemoRun, policy: Path, r: int = 1, temperature: float | 
             # On the sets the labelers rank, stock answers included: 73% is their agreement on what they rank. The
             # stock pairs are clear-cut, so the labelers come out noisier on the policy's own answers (reported).
             try:
-                temperature = calibrate_temperature(tasks, calibration_sets)
+                temperature = calibrate_temperature(tasks, sets)
             except ValueError as err:  # no set with two different oracle totals: the SFT samples are all alike
                 log.warning("labeler calibration failed on the SFT samples (%s): using the default temperature", err)
                 temperature = DEFAULT_TEMPERATURE
+        # Added after the collapse check and the calibration: neither is about answers to other prompts (the labelers'
+        # noise is theirs, and a policy whose own answers are all alike has nothing to rank).
+        sets, off_topic = add_off_topic_answers(
+            [t.messages[-1]["content"] for t in tasks],
+            sets,
+            [policy_sets[i] for i in keep],
+            cfg.off_topic_answers,
+            random.Random(f"{cfg.seed}:demo-off-topic:{r}"),
+        )
         panel = default_panel(temperature)
         records = label_rankings(tasks, sets, rng, panel)
         assert len(records) == len(tasks), "every kept set has two answers that differ to the labelers too"
