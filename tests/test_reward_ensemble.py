@@ -292,7 +292,7 @@ def test_ppo_with_an_ensemble_scores_the_min_of_its_members_and_logs_their_disag
     end = trainer.reward.turn_end
     alone = torch.stack(
         [
-            Reward(m, bias=b, turn_end=end).forward(*args)
+            Reward(m, bias=b, turn_end=end, close_cut=True).forward(*args)
             for m, b in zip(trainer.reward.members, [0.0, 0.5], strict=True)
         ]
     )

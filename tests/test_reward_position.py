@@ -214,11 +214,18 @@ def test_training_and_generation_time_scores_are_equal(name, tmp_path):
 
     best_of_n = RewardModel(model, tok).score_ids(prompts, responses)
     torch.testing.assert_close(best_of_n, training, atol=1e-5, rtol=0)
-    # a response cut at the length limit (no end-of-turn token) is read where it stops, in both places
+    # a response cut at the length limit (no end-of-turn token) is read as an answer that ends there, as training
+    # reads a ranked answer of that text (here the cut answers are the full ones less their end-of-turn token)
     cut = [r[:-1] for r in responses]
     s = build_sequences(prompts, cut, [False] * len(cut), tok.pad_token_id)
-    ppo_cut = reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
-    torch.testing.assert_close(ppo_cut, RewardModel(model, tok).score_ids(prompts, cut), atol=1e-5, rtol=0)
+    rows = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
+    closing = Reward(model, bias=offset, turn_end=turn_end(tok), close_cut=True)
+    torch.testing.assert_close(closing.forward(*rows), training, atol=1e-5, rtol=0)
+    torch.testing.assert_close(RewardModel(model, tok).score_ids(prompts, cut), training, atol=1e-5, rtol=0)
+    # or where it stops (close_cut=False), in both places: a position training never reads
+    ppo_cut = reward.forward(*rows)
+    rm_cut = RewardModel(model, tok).score_ids(prompts, cut, close_cut=False)
+    torch.testing.assert_close(ppo_cut, rm_cut, atol=1e-5, rtol=0)
     assert not torch.allclose(ppo_cut, ppo, atol=1e-4)
 
 
@@ -320,3 +327,40 @@ def test_complete_turns_appends_the_tail_to_rows_that_end_with_the_end_of_turn_t
     assert lengths.tolist() == [4, 3, 3]
     assert TurnEnd(eot, (10, 11)).complete([7, eot]) == [7, eot, 10, 11]
     assert TurnEnd(None, ()).complete([7, eot]) == [7, eot]
+
+
+def test_close_cut_ends_a_cut_response_with_the_end_of_turn_token_and_the_tail():
+    from flywheel.tokenization import TurnEnd
+    from flywheel.train.ppo.roles import complete_turns
+    from flywheel.train.ppo.rollout import build_sequences
+
+    eot, pad = 9, 0
+    s = build_sequences([[5, 6], [4, 5, 6], [3]], [[7, eot], [7, 8, 8], [eot]], [True, False, True], pad)
+    seq, attn, pos, lengths = complete_turns(
+        s.sequences,
+        s.attention_mask,
+        s.position_ids,
+        s.prompt_len,
+        s.response_mask.sum(1),
+        TurnEnd(eot, (10, 11)),
+        close_cut=True,
+    )
+    assert seq.tolist() == [
+        [0, 5, 6, 7, eot, 10, 11, 0, 0],
+        [4, 5, 6, 7, 8, 8, eot, 10, 11],
+        [0, 0, 3, eot, 10, 11, 0, 0, 0],
+    ]
+    assert [p[m.bool()].tolist() for p, m in zip(pos, attn, strict=True)] == [
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        [0, 1, 2, 3],
+    ]
+    assert lengths.tolist() == [4, 6, 3]
+    end = TurnEnd(eot, (10, 11))
+    assert end.close([7, 8]) == [7, 8, eot, 10, 11] and end.close([7, eot]) == end.complete([7, eot])
+    assert end.close([]) == [] and TurnEnd(None, ()).close([7, 8]) == [7, 8]
+    # no end-of-turn token in the template: nothing to close with, the rows stay as they are
+    same = complete_turns(
+        s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask.sum(1), TurnEnd(None, ())
+    )
+    assert torch.equal(same[0], s.sequences)

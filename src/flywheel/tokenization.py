@@ -244,6 +244,14 @@ class TurnEnd:
         ended = len(response) > 0 and self.token_id is not None and response[-1] == self.token_id
         return list(response) + list(self.tail) if ended else list(response)
 
+    def close(self, response: Sequence[int]) -> list[int]:
+        """`response` as an answer that ends where it stops: one cut at a length limit (no end-of-turn token) gets
+        the end-of-turn token and the tail, as the template renders a finished answer of that text; any other is
+        `complete`d. Unchanged where the template has no end-of-turn token or the response is empty."""
+        if not response or self.token_id is None or response[-1] == self.token_id:
+            return self.complete(response)
+        return [*response, self.token_id, *self.tail]
+
 
 def turn_end(tokenizer: Any) -> TurnEnd:
     """The template's `TurnEnd`, from the rendering of a one-question conversation."""

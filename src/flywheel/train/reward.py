@@ -593,18 +593,25 @@ class RewardModel:
         return out
 
     def score_ids(
-        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *, normalize: bool = True
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        normalize: bool = True,
+        close_cut: bool = True,
     ) -> torch.Tensor:
         """(B,) scores of response i after prompt i, as the engine returns them. A response that ends with the
         template's end-of-turn token gets the markup the template writes after it (`TurnEnd`), so it is read where
-        training and plain transformers read it; a response without one (cut at a length limit) is read where it
-        stops."""
+        training and plain transformers read it. A response without one (cut at a length limit) is read as an answer
+        that ends there (`TurnEnd.close`: as the rankings a reward model learns from show such an answer);
+        `close_cut=False` reads it where it stops, a position the reward model never trained at."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         for i, r in enumerate(response_ids):
             if len(r) == 0:
                 raise UserError(f"response {i} is empty: there is no token to read its reward at")
-        return self._score_rows(prompt_ids, [self.turn_end.complete(r) for r in response_ids], normalize)
+        read = self.turn_end.close if close_cut else self.turn_end.complete
+        return self._score_rows(prompt_ids, [read(r) for r in response_ids], normalize)
 
     def _score_rows(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], normalize: bool

@@ -75,6 +75,15 @@ class PPOConfig(TrainConfig):
     missing_eos_penalty: float = field(
         default=1.0, metadata={"help": "subtracted from the score of a response that never emits EOS (0 = off)"}
     )
+    close_truncated: bool = field(
+        default=True,
+        metadata={
+            "help": "read the reward of a response cut at --max-new-tokens as that of an answer ending there (the "
+            "end-of-turn token appended: where the reward model learned to read, as the rankings show such an "
+            "answer); false: at its last token, a position the reward model never trained at, which PPO can learn "
+            "to exploit by not stopping. --missing-eos-penalty applies either way"
+        },
+    )
     value_lr: float | None = field(default=None, metadata={"help": "value model learning rate (default: --lr)"})
     lr: float = field(default=1e-5, metadata={"help": "policy learning rate"})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5, per the N+ details)"})

@@ -149,33 +149,47 @@ class Critic(Role):
 
 
 def complete_turns(
-    seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, lengths: torch.Tensor, end: TurnEnd
+    seq: torch.Tensor,
+    attn: torch.Tensor,
+    pos: torch.Tensor,
+    prompt_len: int,
+    lengths: torch.Tensor,
+    end: TurnEnd,
+    close_cut: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append the template's tail to every response that ends with its end-of-turn token (`TurnEnd.complete` on a
-    batch): (seq, attn, pos) widened by len(tail) columns, and the new response lengths (B,). Rows: a left-padded
-    prompt in columns [0, P), then the response, right-padded."""
-    t = len(end.tail)
+    batch) and, with `close_cut`, the end-of-turn token and the tail to every other non-empty response (one cut at
+    the length limit: read as an answer that ends there, `TurnEnd.close`): (seq, attn, pos) widened by the longest
+    such suffix, and the new response lengths (B,). Rows: a left-padded prompt in columns [0, P), then the response,
+    right-padded."""
     b = seq.shape[0]
     rows = torch.arange(b, device=seq.device)
     last = seq[rows, prompt_len + lengths - 1]  # (B,) each response's last token
     ended = (lengths > 0) & (last == (-1 if end.token_id is None else end.token_id))
-    if t == 0 or not bool(ended.any()):
+    cut = (lengths > 0) & ~ended if close_cut and end.token_id is not None else torch.zeros_like(ended)
+    suffixes = {i: end.tail for i in ended.nonzero().flatten().tolist() if end.tail}
+    suffixes |= {i: (end.token_id, *end.tail) for i in cut.nonzero().flatten().tolist()}
+    if not suffixes:
         return seq, attn, pos, lengths
-    pad = seq.new_zeros((b, t))
+    width = max(len(x) for x in suffixes.values())
+    pad = seq.new_zeros((b, width))
     seq, attn, pos = torch.cat([seq, pad], 1), torch.cat([attn, pad], 1), torch.cat([pos, pad], 1)
-    tail = torch.tensor(end.tail, dtype=seq.dtype, device=seq.device)
-    for i in ended.nonzero().flatten().tolist():
-        start = prompt_len + int(lengths[i])
-        seq[i, start : start + t] = tail
+    lengths = lengths.clone()
+    for i, suffix in suffixes.items():
+        t, start = len(suffix), prompt_len + int(lengths[i])
+        seq[i, start : start + t] = torch.tensor(suffix, dtype=seq.dtype, device=seq.device)
         attn[i, start : start + t] = 1
         pos[i, start : start + t] = pos[i, start - 1] + 1 + torch.arange(t, device=seq.device)
-    return seq, attn, pos, lengths + t * ended.long()
+        lengths[i] += t
+    return seq, attn, pos, lengths
 
 
 class Reward(Role):
     """A frozen reward model (or an ensemble of them), a Python function of the token ids, or both (their sum). A
     model's score is read at the last token of each response completed with the chat template's tail
-    (`complete_turns`: where `flywheel rm` trained it to read), minus its normalisation bias. An ensemble (`module` a
+    (`complete_turns`: where `flywheel rm` trained it to read; with `close_cut`, a response cut at the length limit is
+    closed with the end-of-turn token first, as the rankings present such an answer), minus its normalisation bias.
+    An ensemble (`module` a
     list, `bias` one per member) scores with every member and combines the (N, B) scores with `aggregate_rewards`
     (`agg`, `lam`); `last` then holds the batch's `reward_ensemble_std` (disagreement: the mean over responses of
     the std across members) and `reward_ensemble_mean` (the members' mean score) for the step's metrics."""
@@ -188,6 +202,7 @@ class Reward(Role):
         *,
         offload: bool = False,
         turn_end: TurnEnd | None = None,
+        close_cut: bool = False,
         agg: str = "mean",
         lam: float = 1.0,
     ):
@@ -206,6 +221,7 @@ class Reward(Role):
         self.bias = self.biases[0] if len(self.biases) == 1 else None  # a single model's (None for an ensemble)
         self.fn = fn
         self.turn_end = turn_end
+        self.close_cut = close_cut
         self.agg, self.lam = agg, lam
         self.last: dict[str, float] = {}
 
@@ -224,7 +240,9 @@ class Reward(Role):
             if self.module is None:
                 return fn_scores
         if self.turn_end is not None:
-            seq, attn, pos, lengths = complete_turns(seq, attn, pos, prompt_len, lengths, self.turn_end)
+            seq, attn, pos, lengths = complete_turns(
+                seq, attn, pos, prompt_len, lengths, self.turn_end, self.close_cut
+            )
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         rows = torch.arange(len(seq), device=seq.device)
         member_scores = []

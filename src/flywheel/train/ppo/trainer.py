@@ -222,6 +222,7 @@ class PPOTrainer:
                 bias=[reward_offset(rm.config) for rm in rms],
                 offload=cfg.offload_frozen,
                 turn_end=end,
+                close_cut=cfg.close_truncated,
                 agg=cfg.reward_ensemble_agg,
                 lam=cfg.reward_ensemble_lambda,
             )
