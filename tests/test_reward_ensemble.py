@@ -297,6 +297,15 @@ def test_ppo_with_an_ensemble_scores_the_min_of_its_members_and_logs_their_disag
         ]
     )
     torch.testing.assert_close(got, alone.min(0).values)
+    # --close-truncated false: the cut responses (here every one: 6 tokens) are read where they stop
+    cut = ~s.finished
+    assert cut.any()
+    open_cfg = _cfg(tmp_path, model_dir, prompts_file, "open", reward_model=str(ens_dir), close_truncated=False)
+    where_stopped = PPOTrainer(open_cfg).reward.forward(*args)
+    members, biases = trainer.reward.members, [0.0, 0.5]
+    closed = Reward(members, bias=biases, turn_end=end, close_cut=True).forward(*args)
+    torch.testing.assert_close(where_stopped, Reward(members, bias=biases, turn_end=end).forward(*args))
+    assert not torch.allclose(where_stopped[cut], closed[cut])
     assert trainer.reward.last["reward_ensemble_std"] == pytest.approx(float(alone.std(0, correction=0).mean()))
     # the CLI: two steps, the disagreement in every metrics line
     out = tmp_path / "ppo"

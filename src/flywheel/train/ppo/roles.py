@@ -189,10 +189,10 @@ class Reward(Role):
     model's score is read at the last token of each response completed with the chat template's tail
     (`complete_turns`: where `flywheel rm` trained it to read; with `close_cut`, a response cut at the length limit is
     closed with the end-of-turn token first, as the rankings present such an answer), minus its normalisation bias.
-    An ensemble (`module` a
-    list, `bias` one per member) scores with every member and combines the (N, B) scores with `aggregate_rewards`
-    (`agg`, `lam`); `last` then holds the batch's `reward_ensemble_std` (disagreement: the mean over responses of
-    the std across members) and `reward_ensemble_mean` (the members' mean score) for the step's metrics."""
+    An ensemble (`module` a list, `bias` one per member) scores with every member and combines the (N, B) scores with
+    `aggregate_rewards` (`agg`, `lam`); `last` then holds the batch's `reward_ensemble_std` (disagreement: the mean
+    over responses of the std across members) and `reward_ensemble_mean` (the members' mean score) for the step's
+    metrics."""
 
     def __init__(
         self,
