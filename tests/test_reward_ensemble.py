@@ -292,7 +292,7 @@ def test_ppo_with_an_ensemble_scores_the_min_of_its_members_and_logs_their_disag
     end = trainer.reward.turn_end
     alone = torch.stack(
         [
-            Reward(m, bias=b, turn_end=end, close_cut=True).forward(*args)
+            Reward(m, bias=b, turn_end=end).forward(*args)
             for m, b in zip(trainer.reward.members, [0.0, 0.5], strict=True)
         ]
     )
@@ -303,8 +303,9 @@ def test_ppo_with_an_ensemble_scores_the_min_of_its_members_and_logs_their_disag
     open_cfg = _cfg(tmp_path, model_dir, prompts_file, "open", reward_model=str(ens_dir), close_truncated=False)
     where_stopped = PPOTrainer(open_cfg).reward.forward(*args)
     members, biases = trainer.reward.members, [0.0, 0.5]
-    closed = Reward(members, bias=biases, turn_end=end, close_cut=True).forward(*args)
-    torch.testing.assert_close(where_stopped, Reward(members, bias=biases, turn_end=end).forward(*args))
+    closed = Reward(members, bias=biases, turn_end=end).forward(*args)
+    expected = Reward(members, bias=biases, turn_end=end, close_cut=False).forward(*args)
+    torch.testing.assert_close(where_stopped, expected)
     assert not torch.allclose(where_stopped[cut], closed[cut])
     assert trainer.reward.last["reward_ensemble_std"] == pytest.approx(float(alone.std(0, correction=0).mean()))
     # the CLI: two steps, the disagreement in every metrics line

@@ -219,11 +219,10 @@ def test_training_and_generation_time_scores_are_equal(name, tmp_path):
     cut = [r[:-1] for r in responses]
     s = build_sequences(prompts, cut, [False] * len(cut), tok.pad_token_id)
     rows = (s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
-    closing = Reward(model, bias=offset, turn_end=turn_end(tok), close_cut=True)
-    torch.testing.assert_close(closing.forward(*rows), training, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reward.forward(*rows), training, atol=1e-5, rtol=0)
     torch.testing.assert_close(RewardModel(model, tok).score_ids(prompts, cut), training, atol=1e-5, rtol=0)
     # or where it stops (close_cut=False), in both places: a position training never reads
-    ppo_cut = reward.forward(*rows)
+    ppo_cut = Reward(model, bias=offset, turn_end=turn_end(tok), close_cut=False).forward(*rows)
     rm_cut = RewardModel(model, tok).score_ids(prompts, cut, close_cut=False)
     torch.testing.assert_close(ppo_cut, rm_cut, atol=1e-5, rtol=0)
     assert not torch.allclose(ppo_cut, ppo, atol=1e-4)

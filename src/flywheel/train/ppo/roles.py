@@ -202,7 +202,7 @@ class Reward(Role):
         *,
         offload: bool = False,
         turn_end: TurnEnd | None = None,
-        close_cut: bool = False,
+        close_cut: bool = True,
         agg: str = "mean",
         lam: float = 1.0,
     ):
