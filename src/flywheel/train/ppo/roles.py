@@ -174,10 +174,11 @@ def complete_turns(
     width = max(len(x) for x in suffixes.values())
     pad = seq.new_zeros((b, width))
     seq, attn, pos = torch.cat([seq, pad], 1), torch.cat([attn, pad], 1), torch.cat([pos, pad], 1)
+    ids = {x: torch.tensor(x, dtype=seq.dtype, device=seq.device) for x in set(suffixes.values())}  # at most two
     lengths = lengths.clone()
     for i, suffix in suffixes.items():
         t, start = len(suffix), prompt_len + int(lengths[i])
-        seq[i, start : start + t] = torch.tensor(suffix, dtype=seq.dtype, device=seq.device)
+        seq[i, start : start + t] = ids[suffix]
         attn[i, start : start + t] = 1
         pos[i, start : start + t] = pos[i, start - 1] + 1 + torch.arange(t, device=seq.device)
         lengths[i] += t
