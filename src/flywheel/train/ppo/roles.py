@@ -162,27 +162,26 @@ def complete_turns(
     the length limit: read as an answer that ends there, `TurnEnd.close`): (seq, attn, pos) widened by the longest
     such suffix, and the new response lengths (B,). Rows: a left-padded prompt in columns [0, P), then the response,
     right-padded."""
-    b = seq.shape[0]
-    rows = torch.arange(b, device=seq.device)
-    last = seq[rows, prompt_len + lengths - 1]  # (B,) each response's last token
-    ended = (lengths > 0) & (last == (-1 if end.token_id is None else end.token_id))
-    cut = (lengths > 0) & ~ended if close_cut and end.token_id is not None else torch.zeros_like(ended)
-    suffixes = {i: end.tail for i in ended.nonzero().flatten().tolist() if end.tail}
-    suffixes |= {i: (end.token_id, *end.tail) for i in cut.nonzero().flatten().tolist()}
+    read = end.close if close_cut else end.complete  # the rule for one response lives in TurnEnd
+    ns = lengths.tolist()
+    suffixes: dict[int, tuple[int, ...]] = {}
+    for i, (row, n) in enumerate(zip(seq[:, prompt_len:].tolist(), ns, strict=True)):
+        extra = tuple(read(row[:n])[n:])
+        if extra:
+            suffixes[i] = extra
     if not suffixes:
         return seq, attn, pos, lengths
     width = max(len(x) for x in suffixes.values())
-    pad = seq.new_zeros((b, width))
+    pad = seq.new_zeros((seq.shape[0], width))
     seq, attn, pos = torch.cat([seq, pad], 1), torch.cat([attn, pad], 1), torch.cat([pos, pad], 1)
     ids = {x: torch.tensor(x, dtype=seq.dtype, device=seq.device) for x in set(suffixes.values())}  # at most two
-    lengths = lengths.clone()
     for i, suffix in suffixes.items():
-        t, start = len(suffix), prompt_len + int(lengths[i])
+        t, start = len(suffix), prompt_len + ns[i]
         seq[i, start : start + t] = ids[suffix]
         attn[i, start : start + t] = 1
         pos[i, start : start + t] = pos[i, start - 1] + 1 + torch.arange(t, device=seq.device)
-        lengths[i] += t
-    return seq, attn, pos, lengths
+    added = torch.tensor([len(suffixes.get(i, ())) for i in range(len(ns))], dtype=lengths.dtype)
+    return seq, attn, pos, lengths + added.to(lengths.device)
 
 
 class Reward(Role):
