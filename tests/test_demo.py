@@ -537,6 +537,20 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     for key in ("policies", "win_rates", "kl_ppo_sft", "reward_model", "labelers"):
         assert resumed[key] == reused[key], key
     assert resumed["timings_s"]["sft"] == reused["timings_s"]["sft"]  # the kept stage's own time
+    # --reuse-from (flywheel sweep): a run with other PPO settings starts from this run's SFT, rankings and reward
+    # model, and computes what the same settings compute from scratch
+    fresh, reusing = tmp_path / "fresh", tmp_path / "reusing"
+    other = ["--ppo.max-steps", "3", "--gate-every", "0"]
+    assert main([*short, *other, "--out", str(fresh)]) == 0
+    kept = RunState.reuse(again, reusing, parse_demo_config([*short, *other, "--out", str(reusing)]).resolved())
+    assert kept == ["sft", "rankings:1", "reward model:1"]
+    assert main([*short, *other, "--out", str(reusing), "--resume"]) == 0
+    want, got = (json.loads((d / "summary.json").read_text()) for d in (fresh, reusing))
+    assert got["resumed"] == {"kept_stages": kept, "reused_from": str(again)}
+    for key in ("policies", "win_rates", "kl_ppo_sft", "reward_model", "labelers"):
+        assert json.dumps(got[key]).replace(str(reusing), str(fresh)) == json.dumps(want[key]), key
+    untimed = [[{k: v for k, v in row.items() if "time" not in k} for row in s["ppo_curve"]] for s in (got, want)]
+    assert untimed[0] == untimed[1]  # the same PPO steps (their wall times aside)
 
 
 def test_base_must_be_a_model_directory_or_a_shipped_base(tmp_path):
@@ -636,6 +650,69 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="no interrupted demo run"):
         RunState.open(tmp_path / "none", DemoConfig(out=str(tmp_path / "none"), resume=True).resolved())
+
+
+def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(tmp_path):
+    """`flywheel sweep --reuse-from`: the stages a changed setting cannot have touched are copied (their files too, the
+    paths in their results pointing into the new run), the others are left to run; an unknown change keeps none."""
+    from flywheel.demo.rankings import Rankings
+    from flywheel.demo.stages import RewardModelResult
+    from flywheel.demo.state import FIRST_STAGE_CHANGED, stage_order
+
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    assert set(FIRST_STAGE_CHANGED) <= fields  # no stale names
+    assert all(s is None or stage_order(s) for s in FIRST_STAGE_CHANGED.values())
+    assert sorted(["ppo:2", "gate:1", "sft", "rankings:2", "reward model:1"], key=stage_order) == [
+        "sft",
+        "reward model:1",
+        "gate:1",
+        "rankings:2",
+        "ppo:2",
+    ]
+    src = tmp_path / "src"
+    cfg = DemoConfig(out=str(src), quick=True).resolved()
+    state = RunState.open(src, cfg)
+    for d in ("sft/final", "rm/final", "ppo/final"):
+        (src / d).mkdir(parents=True)
+        (src / d / "model.txt").write_text(d)
+    (src / "sft" / "metrics.jsonl").write_text("{}\n")
+    (src / "train.jsonl").write_text("")
+    (src / "heldout.jsonl").write_text("")
+    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
+    labels = Rankings(_labelers(policy=str(src / "sft" / "final")), [], [], src / "train.jsonl", src / "heldout.jsonl")
+    state.stage("rankings:1", {}, lambda: labels, Rankings)
+    state.stage(
+        "reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm(accuracy=0.7)), RewardModelResult
+    )
+    state.stage("ppo:1", {}, lambda: src / "ppo" / "final", Path)
+
+    def reuse(out: str, **changes) -> list[str]:
+        return RunState.reuse(src, tmp_path / out, dataclasses.replace(cfg, out=str(tmp_path / out), **changes))
+
+    ppo = {**cfg.ppo, "kl_coef": cfg.ppo["kl_coef"] + 0.1}
+    assert reuse("kl", ppo=ppo) == ["sft", "rankings:1", "reward model:1"]
+    new = tmp_path / "kl"
+    assert (new / "sft" / "final" / "model.txt").read_text() == "sft/final"  # the whole stage directory
+    assert (new / "sft" / "metrics.jsonl").is_file() and (new / "heldout.jsonl").is_file()
+    assert not (new / "ppo").exists()
+    # the new run resumes from them, reading its own copies
+    again = RunState.open(new, DemoConfig(out=str(new), quick=True, ppo=ppo, resume=True).resolved())
+    assert again.reused_from == str(src)
+    assert again.stage("sft", {}, lambda: pytest.fail("sft ran again"), Path) == new / "sft" / "final"
+    kept = again.stage("rankings:1", {}, lambda: pytest.fail("ranked again"), Rankings)
+    assert kept.train == new / "train.jsonl" and kept.heldout_file == new / "heldout.jsonl"
+    assert kept.summary.policy == str(new / "sft" / "final")
+    rm = again.stage("reward model:1", {}, lambda: pytest.fail("trained again"), RewardModelResult)
+    assert rm.dir == new / "rm" / "final"
+    assert "ppo:1" not in again.stages
+
+    rm_cfg = {**cfg.rm, "lr": cfg.rm["lr"] * 2}
+    assert reuse("rm", rm=rm_cfg) == ["sft", "rankings:1"] and not (tmp_path / "rm" / "rm").exists()
+    assert reuse("stock", stock_answers=cfg.stock_answers + 1) == ["sft"]
+    assert reuse("eval", eval_temperature=0.7) == ["sft", "rankings:1", "reward model:1", "ppo:1"]
+    assert reuse("seed", seed=1) == [] and not (tmp_path / "seed").exists()  # another seed: nothing to keep
+    with pytest.raises(UserError, match="holds no demo run"):
+        RunState.reuse(tmp_path / "none", tmp_path / "x", cfg)
 
 
 def test_changed_settings_compares_settings_as_the_run_file_saved_them():

@@ -85,7 +85,11 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         kl_ppo_sft=results.kl_ppo_sft,
         kl_to_sft=results.kl_to_sft,
         ppo_curve=results.ppo_curve,
-        resumed={"kept_stages": done.kept} if done.kept else None,
+        resumed=(
+            {"kept_stages": done.kept, **({"reused_from": done.reused_from} if done.reused_from else {})}
+            if done.kept
+            else None
+        ),
     )
     summary.targets = check_targets(summary)
     summary.deflection_warnings = deflection_warnings(summary)

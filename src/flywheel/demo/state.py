@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,6 +26,33 @@ class StageResult(Protocol):
 
 
 R = TypeVar("R")
+
+# The first stage, in run order, whose result each setting of a run changes; a setting not named here (the seed,
+# the world, the base, the dtype, ...) changes every stage. `flywheel sweep --reuse-from` keeps the stages before it.
+FIRST_STAGE_CHANGED: dict[str, str | None] = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "stock_answers": "rankings:1",
+    "off_topic_answers": "rankings:1",
+    "rm_holdout": "rankings:1",
+    "max_new_tokens": "rankings:1",  # sampling for the rankings, then PPO, the gate and the evaluation
+    "rm": "reward model:1",
+    "ppo": "ppo:1",
+    "gate_every": "ppo:1",  # PPO saves a policy for the gate every N steps
+    "rounds": "rankings:2",
+    "n_rank_next": "rankings:2",
+    "eval_temperature": None,  # the evaluation only, which is not a kept stage: every run does it again
+}
+_FIRST_STAGES = ("tokenizer", "pretrain", "sft")
+_ROUND_STAGES = ("rankings", "reward model", "ppo", "gate")
+
+
+def stage_order(key: str) -> tuple[int, int]:
+    """Where a stage ("sft", "ppo:2", ...) runs: (round, place in the round), the stages before round 1 in round 0."""
+    if key in _FIRST_STAGES:
+        return 0, _FIRST_STAGES.index(key)
+    name, _, r = key.rpartition(":")
+    return int(r), _ROUND_STAGES.index(name)
 
 
 class Stage:
@@ -57,8 +85,9 @@ class RunState:
     FILE = "demo_state.json"
     VOLATILE = ("out", "resume", "progress", "threads")  # may differ between the run and its resume
 
-    def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any]):
+    def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any], reused_from: str | None = None):
         self.path, self.config, self.stages = path, config, stages
+        self.reused_from = reused_from  # the finished run whose stages this one started from (--reuse-from)
         self.kept: list[str] = []
 
     @classmethod
@@ -108,7 +137,70 @@ class RunState:
         if changed:
             raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
         log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")
-        return cls(path, config, stages)
+        return cls(path, config, stages, saved.get("reused_from"))
+
+    @classmethod
+    def reuse(cls, src: Path, out: Path, cfg: Any) -> list[str]:
+        """Start the run `cfg` in `out` (which must not hold one) from the finished stages of the run in `src` that
+        its settings leave unchanged (FIRST_STAGE_CHANGED): their files are copied into `out` and recorded there as
+        finished, so that `--resume` runs only the later stages. Returns the stages kept (none: `out` is left
+        untouched). The kept stages' timings are the source run's."""
+        path = src / cls.FILE
+        try:
+            saved = json.loads(path.read_text())
+            saved_config, stages = saved["config"], saved["stages"]
+        except FileNotFoundError:
+            raise UserError(f"--reuse-from: {src} holds no demo run (no {cls.FILE})") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--reuse-from: {path} is not a demo state file ({err})") from None
+        config = cls._settings(json.loads(json.dumps(asdict(cfg))))
+        saved_config = cls._settings(saved_config)
+        changed = [k for k in sorted(set(config) | set(saved_config)) if config.get(k) != saved_config.get(k)]
+        firsts = [FIRST_STAGE_CHANGED.get(k, "tokenizer") for k in changed]  # an unnamed setting: every stage
+        cut = min((stage_order(f) for f in firsts if f is not None), default=None)
+        kept = {k: v for k, v in stages.items() if cut is None or stage_order(k) < cut}
+        if not kept:
+            return []
+        root = src.resolve()
+        copied: list[Path] = []
+
+        def moved(value: Any) -> Any:
+            """The stage result with each path into the source run mapped to `out` (its directory copied)."""
+            if isinstance(value, dict):
+                return {k: moved(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [moved(v) for v in value]
+            if not isinstance(value, str) or not value:
+                return value
+            where = Path(value).resolve()
+            if not where.is_relative_to(root) or where == root or not where.exists():
+                return value
+            rel = where.relative_to(root)
+            # The whole stage directory (sft/, rm/, round2/ppo/...): later stages read more than the final model.
+            top = Path(*rel.parts[: 2 if rel.parts[0].startswith("round") else 1])
+            if not any(top.is_relative_to(c) for c in copied):
+                target = out / top
+                if (root / top).is_dir():
+                    shutil.copytree(root / top, target, dirs_exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(root / top, target)
+                copied.append(top)
+            return str(out / rel)
+
+        out.mkdir(parents=True, exist_ok=True)
+        entries = {k: {**v, "result": moved(v["result"])} for k, v in kept.items()}
+        state = cls(out / cls.FILE, cls._settings(asdict(cfg)), entries, str(src))
+        state._save()
+        log.info(
+            "%s: %d stage(s) of %s kept (%s); settings changed: %s",
+            out,
+            len(entries),
+            src,
+            ", ".join(entries),
+            ", ".join(changed) or "none",
+        )
+        return list(entries)
 
     def stage(self, key: str, timings: dict[str, float], run: Callable[[], R], kind: type[R]) -> R:
         """The stage's result: kept from the interrupted run if it finished there, else `run()` (then recorded).
@@ -119,7 +211,7 @@ class RunState:
             entry = self.stages[key]
             timings.update(entry["timings"])
             self.kept.append(key)
-            log.info("== %s: kept from the interrupted run", key.removesuffix(":1"))
+            log.info("== %s: kept from %s", key.removesuffix(":1"), self.reused_from or "the interrupted run")
             try:  # decoding reads files of the run (the held-out rankings)
                 result = None if entry["result"] is None else _decode(entry["result"], kind)
                 missing = [where for where in _paths(result) if not where.exists()]
@@ -147,7 +239,10 @@ class RunState:
         )
 
     def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"config": self.config, "stages": self.stages}, indent=1) + "\n")
+        saved: dict[str, Any] = {"config": self.config, "stages": self.stages}
+        if self.reused_from:
+            saved["reused_from"] = self.reused_from
+        atomic_write_text(self.path, json.dumps(saved, indent=1) + "\n")
 
 
 def _encode(result: Any) -> Any:

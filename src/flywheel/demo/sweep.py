@@ -3,12 +3,16 @@
     flywheel sweep --seeds 100-104 --out runs/sweep                       # the preset the CPU gets
     flywheel sweep --seeds 100-104 --out runs/sweep-nogate -- --gate-every 0 --rm.rm-ensemble 1
     flywheel sweep --seeds 100-104 --out runs/sweep                       # again: finished seeds are kept
+    flywheel sweep --seeds 100-104 --out runs/sweep-kl --reuse-from runs/sweep -- --ppo.kl-coef 0.2
 
 Every flag after `--` is a `flywheel demo` flag, the same for every seed (never `--seed` or `--out`). Seed S runs
 into --out/seed<S>/; a seed whose run finished with the same settings is kept, an interrupted one resumes, one with
-other settings is refused. Writes sweep.md (one row of the ablation tables in docs/demo.md, then a row per seed) and
-sweep.json (the row's figures) under --out, and prints the table. What each column means: docs/demo.md, "How to read
-the report"; "lowest" is the lowest seed's win rate, "≥ SFT" counts the seeds where PPO's rate is at least SFT's.
+other settings is refused. With --reuse-from, a new run starts from the finished stages of the earlier sweep's run
+of its seed that its settings leave unchanged (copied, with their recorded times: a row that changes only PPO
+settings runs PPO, the gate and the evaluation). Writes sweep.md (one row of the ablation tables in docs/demo.md,
+then a row per seed) and sweep.json (the row's figures) under --out, and prints the table. What each column means:
+docs/demo.md, "How to read the report"; "lowest" is the lowest seed's win rate, "≥ SFT" counts the seeds where
+PPO's rate is at least SFT's.
 """
 
 from __future__ import annotations
@@ -160,8 +164,9 @@ def sweep_table(label: str, figures: list[Figures]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_seed(demo_args: list[str], seed: int, out: Path) -> dict[str, Any]:
-    """Seed `seed`'s finished run under `out` (kept if its settings match, resumed if interrupted, else run)."""
+def run_seed(demo_args: list[str], seed: int, out: Path, reuse_from: Path | None = None) -> dict[str, Any]:
+    """Seed `seed`'s finished run under `out` (kept if its settings match, resumed if interrupted, else run; a new
+    run starts from the stages of `reuse_from`'s run that its settings leave unchanged)."""
     from flywheel.demo.config import parse_demo_config
     from flywheel.demo.pipeline import run_demo
     from flywheel.demo.state import RunState
@@ -174,6 +179,8 @@ def run_seed(demo_args: list[str], seed: int, out: Path) -> dict[str, Any]:
         if changed:
             raise UserError(f"{out} holds a run with other settings ({'; '.join(changed)}): use another --out")
         return summary
+    if not (out / "demo_state.json").is_file() and reuse_from is not None:
+        RunState.reuse(reuse_from, out, parse_demo_config(args).resolved())
     if (out / "demo_state.json").is_file():
         args.append("--resume")
     run_demo(parse_demo_config(args))
@@ -198,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", required=True, help="seeds: 100-104, or 1,5,9")
     parser.add_argument("--out", required=True, help="directory: seed<S>/ per run, sweep.md, sweep.json")
     parser.add_argument("--label", default="", help="the row's label (default: the demo flags, or 'preset')")
+    parser.add_argument(
+        "--reuse-from",
+        default="",
+        help="an earlier sweep's --out: each new run starts from the finished stages of that sweep's run of its seed "
+        "that the demo flags leave unchanged (e.g. SFT, rankings and reward models when only --ppo.* flags differ)",
+    )
     argv = list(argv or [])
     demo_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -206,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} is set by flywheel sweep for each seed: leave it out of the demo flags")
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
-    summaries = [run_seed(demo_args, seed, out / f"seed{seed}") for seed in seeds]
+    reuse = Path(args.reuse_from) if args.reuse_from else None
+    if reuse is not None and reuse.resolve() == out.resolve():
+        raise UserError("--reuse-from: give the earlier sweep's directory, not this one's --out")
+    summaries = [run_seed(demo_args, seed, out / f"seed{seed}", reuse and reuse / f"seed{seed}") for seed in seeds]
     figures = [seed_figures(s) for s in summaries]
     label = args.label or _label(summaries[0]["config"])
     table = sweep_table(label, figures)
