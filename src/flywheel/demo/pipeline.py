@@ -70,6 +70,9 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         ppo = Path(gate.deployed) if gate else trained
         rounds.append(RoundSummary(r, new.summary, rm.summary, str(ppo), gate and gate.to_json()))
     results = stage_evaluate(run, {**policies, "ppo": ppo})
+    resumed = {"kept_stages": done.kept} if done.kept else None
+    if resumed and done.reused_from:
+        resumed["reused_from"] = done.reused_from
     # A resumed run's total adds the kept stages' own times to this process's.
     timings["total"] = round(time.perf_counter() - t_start + done.kept_seconds(), 1)
     timings["total (cpu)"] = round(time.process_time() - c_start + done.kept_seconds(cpu=True), 1)
@@ -85,11 +88,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         kl_ppo_sft=results.kl_ppo_sft,
         kl_to_sft=results.kl_to_sft,
         ppo_curve=results.ppo_curve,
-        resumed=(
-            {"kept_stages": done.kept, **({"reused_from": done.reused_from} if done.reused_from else {})}
-            if done.kept
-            else None
-        ),
+        resumed=resumed,
     )
     summary.targets = check_targets(summary)
     summary.deflection_warnings = deflection_warnings(summary)

@@ -99,13 +99,25 @@ class RunState:
     def changed_settings(cls, cfg: Any, saved: dict[str, Any]) -> list[str]:
         """Each setting of `cfg` (a resolved DemoConfig) that differs from a run's recorded `saved` config (its
         demo_state.json or summary.json), with both values; the volatile ones are not compared."""
+        return [f"{k} {new!r} (the run's: {old!r})" for k, new, old in cls._changed(cfg, saved)]
+
+    @classmethod
+    def _changed(cls, cfg: Any, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(name, value, the run's value) of each setting of `cfg` that differs from a run's `saved` config."""
         # Through JSON, as the run's file was written: a tuple setting equals the list it was saved as.
         config, saved = cls._settings(json.loads(json.dumps(asdict(cfg)))), cls._settings(saved)
         return [
-            f"{k} {config.get(k)!r} (the run's: {saved.get(k)!r})"
-            for k in sorted(set(config) | set(saved))
-            if config.get(k) != saved.get(k)
+            (k, config.get(k), saved.get(k)) for k in sorted(set(config) | set(saved)) if config.get(k) != saved.get(k)
         ]
+
+    @classmethod
+    def _read(cls, path: Path, flag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """A state file's (whole content, settings, finished stages); a file that is not one is a one-line error."""
+        try:
+            saved = json.loads(path.read_text())
+            return saved, saved["config"], saved["stages"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{flag}: {path} is not a demo state file ({err})") from None
 
     @classmethod
     def open(cls, out: Path, cfg: Any) -> RunState:
@@ -128,11 +140,7 @@ class RunState:
             raise UserError(f"--resume: {out} holds a finished demo run (summary.json): nothing to resume")
         if not path.exists():
             raise UserError(f"--resume: {out} holds no interrupted demo run (no {cls.FILE})")
-        try:
-            saved = json.loads(path.read_text())
-            saved_config, stages = saved["config"], saved["stages"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"--resume: {path} is not a demo state file ({err})") from None
+        saved, saved_config, stages = cls._read(path, "--resume")
         changed = cls.changed_settings(cfg, saved_config)
         if changed:
             raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
@@ -146,16 +154,10 @@ class RunState:
         finished, so that `--resume` runs only the later stages. Returns the stages kept (none: `out` is left
         untouched). The kept stages' timings are the source run's."""
         path = src / cls.FILE
-        try:
-            saved = json.loads(path.read_text())
-            saved_config, stages = saved["config"], saved["stages"]
-        except FileNotFoundError:
-            raise UserError(f"--reuse-from: {src} holds no demo run (no {cls.FILE})") from None
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"--reuse-from: {path} is not a demo state file ({err})") from None
-        config = cls._settings(json.loads(json.dumps(asdict(cfg))))
-        saved_config = cls._settings(saved_config)
-        changed = [k for k in sorted(set(config) | set(saved_config)) if config.get(k) != saved_config.get(k)]
+        if not path.is_file():
+            raise UserError(f"--reuse-from: {src} holds no demo run (no {cls.FILE})")
+        _, saved_config, stages = cls._read(path, "--reuse-from")
+        changed = [k for k, _, _ in cls._changed(cfg, saved_config)]
         firsts = [FIRST_STAGE_CHANGED.get(k, "tokenizer") for k in changed]  # an unnamed setting: every stage
         cut = min((stage_order(f) for f in firsts if f is not None), default=None)
         kept = {k: v for k, v in stages.items() if cut is None or stage_order(k) < cut}

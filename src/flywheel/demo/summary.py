@@ -132,9 +132,7 @@ class DemoSummary:
     kl_ppo_sft: dict[str, float]  # flywheel.eval.policy.kl_to_reference of the final policy
     kl_to_sft: dict[str, float]  # per PPO policy, nats per response
     ppo_curve: list[dict[str, Any]]  # every round's PPO metric rows, steps running on across rounds
-    resumed: dict[str, Any] | None = (
-        None  # {"kept_stages": [...], "reused_from": DIR (--reuse-from)} for a resumed run
-    )
+    resumed: dict[str, Any] | None = None  # {"kept_stages": [...], "reused_from": DIR} for a resumed run
     targets: list[Target] = field(default_factory=list)
     deflection_warnings: list[str] = field(default_factory=list)  # see deflection_warnings()
 
