@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -134,3 +135,13 @@ def test_a_candidate_that_wins_by_deflecting_is_not_deployed(tmp_path, monkeypat
         'deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 30.0%'
     ]
     assert later.deployed == str(tmp_path / "round1")
+    # --gate-max-deflection: the limit in points. "I don't know" to 5% of answerable prompts passes the report's 10
+    # points, not a limit of 3.
+    answers["final"] = [IDK if i % 20 == 1 else w for i, w in enumerate(some_right)]
+    assert stage_gate(run, tmp_path / "sft", ppo / "final", 1, temperature=0.05).deployed == str(ppo / "final")
+    strict = dataclasses.replace(run, cfg=dataclasses.replace(cfg, gate_max_deflection=3.0))
+    tight = stage_gate(strict, tmp_path / "sft", ppo / "final", 1, temperature=0.05)
+    assert tight.candidates[1].deflects == ['deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 5.0%']
+    assert tight.deployed == str(tmp_path / "sft")  # step 4 (all wrong) ties SFT: the incumbent stays
+    with pytest.raises(UserError, match="--gate-max-deflection"):
+        parse_demo_config(["--gate-max-deflection", "-1"])

@@ -270,6 +270,14 @@ class DemoConfig:
         "incumbent (SFT, or the last round's) on the world's validation prompts, and the one they prefer with 95% "
         "confidence is deployed, else the incumbent stays (0 = no gate: the last PPO policy)"
     )
+    gate_max_deflection: float = field(
+        default=10.0,
+        metadata={
+            "help": "the gate deploys no candidate whose validation answers move more than this many points towards a "
+            "deflection against the SFT policy's (\"I don't know\" or refusals on answerable prompts, one deflection "
+            "in place of the other); 10 = the report's deflection warning"
+        },
+    )
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
     bf16: bool | None = field(
         default=None,
@@ -358,6 +366,8 @@ class DemoConfig:
             raise UserError(f"--size must be one of {', '.join(TINY_SIZES)}")
         if not 0 < self.rm_holdout < 1:
             raise UserError("--rm-holdout must be in (0, 1)")
+        if not 0 <= self.gate_max_deflection <= 100:
+            raise UserError("--gate-max-deflection must be in [0, 100] (points)")
         for name in ("gate_every", "stock_answers", "off_topic_answers"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0")

@@ -11,7 +11,8 @@ most among those whose win rate's 95% interval lies above 50%; where none does, 
 The labelers also note what each answer does. A labeler prefers "I don't know" to a wrong answer, so a policy that
 deflects more wins their votes without answering better; a candidate that deflects more than the SFT policy on the
 validation prompts, by the measure the report flags (`flywheel.demo.summary.deflection_shifts`: more than 10 points
-more "I don't know" or refusals on answerable prompts, or one deflection in place of the other), is not deployed.
+more "I don't know" or refusals on answerable prompts, or one deflection in place of the other; `--gate-max-deflection`
+sets the gate's limit), is not deployed.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def stage_gate(
             candidate = judge(str(policy), step, labeler_outcomes(tasks, base, answers, panel, rng))
             candidate.deflects = [
                 f"{what}: {_pct(a)} -> {_pct(b)}"
-                for what, a, b in deflection_shifts(reference, verdicts(tasks, answers))
+                for what, a, b in deflection_shifts(
+                    reference, verdicts(tasks, answers), run.cfg.gate_max_deflection / 100
+                )
             ]
             candidates.append(candidate)
         chosen = choose(candidates)

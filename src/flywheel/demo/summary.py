@@ -312,12 +312,14 @@ def _share(verdicts: Verdicts, expect: str, names: tuple[str, ...]) -> float:
     return sum(counts.get(v, 0) for v in names) / max(sum(counts.values()), 1)
 
 
-def deflection_shifts(before: Verdicts, after: Verdicts) -> list[tuple[str, float, float]]:
-    """The moves towards a deflection of more than DEFLECTION_SHIFT from one policy's verdicts to another's: "I don't
+def deflection_shifts(
+    before: Verdicts, after: Verdicts, limit: float = DEFLECTION_SHIFT
+) -> list[tuple[str, float, float]]:
+    """The moves towards a deflection of more than `limit` (a share) from one policy's verdicts to another's: "I don't
     know" or a refusal on answerable prompts, or one deflection replacing the other (refusals where "I don't know" is
     right, "I don't know" where a refusal is). (what, share before, share after) for each."""
     moves = [(what, _share(before, e, names), _share(after, e, names)) for e, names, what in DEFLECTIONS]
-    return [(what, a, b) for what, a, b in moves if b - a > DEFLECTION_SHIFT]
+    return [(what, a, b) for what, a, b in moves if b - a > limit]
 
 
 def deflection_warnings(s: DemoSummary) -> list[str]:
