@@ -220,7 +220,7 @@ def test_targets_report_real_figures():
     assert not missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].holds
     assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].value == "70.0%"
     assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"].holds
-    assert not missed["PPO-ptx held-out LM loss within 5% of SFT's"].holds  # 2.2 is 10% above 2.0
+    assert not missed["PPO's held-out LM loss within 5% of SFT's"].holds  # 2.2 is 10% above 2.0
     at_ceiling = _summary(0.8, 4.0, 2.05)
     at_ceiling.policies["sft"].refusal_rate = at_ceiling.policies["ppo"].refusal_rate = 1.0
     refusals = "refusal rate on harmful prompts better than SFT's"
@@ -583,6 +583,10 @@ def test_two_rounds_get_a_column_each_and_one_curve(tmp_path):
     )
     table = result_table(s)
     assert table.splitlines()[0] == "| | base | SFT | PPO-ptx round 1 | PPO-ptx round 2 |"
+    # PPO without a pretraining mix (the default preset) is called PPO, not PPO-ptx
+    s.config = {**s.config, "ppo": {**s.config["ppo"], "ptx_coef": 0.0}}
+    assert result_table(s).splitlines()[0] == "| | base | SFT | PPO round 1 | PPO round 2 |"
+    assert PRESETS["default"]["ppo"]["ptx_coef"] == 0 < PRESETS["quick"]["ppo"]["ptx_coef"]
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.650 | 0.600 |" in table
     assert "| KL to SFT (nats / response) |  | 0 | 2.00 | 4.00 |" in table
     assert "Round 2: labelers ranked 900 answers of the round-1 policy to 150 prompts" in table

@@ -9,15 +9,15 @@ from typing import Any
 
 from flywheel.demo.config import STAGES, demo_command, describe_model
 from flywheel.demo.gate import GateResult
-from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline
+from flywheel.demo.summary import DemoSummary, PolicyResult, _pct, headline, ppo_label
 from flywheel.utils import atomic_write_text, log
 
 
 def policy_columns(s: DemoSummary) -> list[tuple[str, str]]:
     """(summary key, column title) of every evaluated policy in the order of the loop: base, SFT, each PPO round."""
-    n_rounds = len(s.rounds) or 1
-    ppo = [(f"ppo_round{r}", f"PPO-ptx round {r}") for r in range(1, n_rounds)]
-    last = "PPO-ptx" if n_rounds == 1 else f"PPO-ptx round {n_rounds}"
+    n_rounds, label = len(s.rounds) or 1, ppo_label(s.config)
+    ppo = [(f"ppo_round{r}", f"{label} round {r}") for r in range(1, n_rounds)]
+    last = label if n_rounds == 1 else f"{label} round {n_rounds}"
     return [("base", "base"), ("sft", "SFT"), *ppo, ("ppo", last)]
 
 

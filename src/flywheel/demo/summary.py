@@ -289,7 +289,7 @@ def check_targets(s: DemoSummary) -> list[Target]:
         _deflection_target(s, "idk", "\"I don't know\" rate on unknowable prompts better than SFT's", "unknowable"),
         _fewshot_target(base, sft),
         Target(
-            "PPO-ptx held-out LM loss within 5% of SFT's",
+            "PPO's held-out LM loss within 5% of SFT's",
             f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
             ppo_loss <= 1.05 * sft_loss,
             f"base {base_loss:.3f}: SFT itself moved it by {sft_loss - base_loss:+.3f}",
@@ -320,6 +320,11 @@ def deflection_shifts(
     right, "I don't know" where a refusal is). (what, share before, share after) for each."""
     moves = [(what, _share(before, e, names), _share(after, e, names)) for e, names, what in DEFLECTIONS]
     return [(what, a, b) for what, a, b in moves if b - a > limit]
+
+
+def ppo_label(config: dict[str, Any]) -> str:
+    """What the report calls the run's PPO policies: PPO-ptx with a pretraining mix, else PPO."""
+    return "PPO-ptx" if (config.get("ppo") or {}).get("ptx_coef", 0) > 0 else "PPO"
 
 
 def deflection_warnings(s: DemoSummary) -> list[str]:
