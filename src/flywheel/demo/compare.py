@@ -8,7 +8,7 @@ labelers' rankings of SFT's answers, the reward model: `flywheel demo`'s setting
 apply), then every method starts from that SFT model with that reward model or those rankings, on a comparable
 budget:
 
-- ppo: the demo's PPO-ptx run (the preset's steps, prompts per step, epochs, KL and ptx settings);
+- ppo: the demo's PPO run (the preset's steps, prompts per step, epochs, KL and pretraining-mix settings);
 - grpo, rloo: the same run with K = --num-generations samples per prompt and 1/K as many prompts per step (the same
   responses per step), group-relative advantages, no critic; reinforce++: one sample per prompt, batch-normalised;
 - dpo: DPO on the labelers' rankings the reward model learned from (--dpo-epochs, --dpo-beta, --dpo-lr);
