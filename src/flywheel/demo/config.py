@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             value_lr=2e-4,
             kl_coef=0.1,
             # Plain PPO, no pretraining mix: as good or better on seeds 100-104 and 200-204 (over-refusal, correct
-            # answers, few-shot) in half PPO's time (docs/demo.md, the ablation; docs/log.md).
+            # answers, few-shot), and PPO is shorter by the mix's second pass (docs/demo.md, the ablation; log.md).
             ptx_coef=0.0,
             reward_ensemble_agg="mean-std",
         ),  # fmt: skip
