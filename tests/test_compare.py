@@ -37,6 +37,8 @@ def test_arguments_are_checked_before_anything_runs():
         (["--num-generations", "1"], "--num-generations"),
         (["--rounds", "2"], "one round"),
         (["--ppo.lr", "-1"], "--ppo.lr"),
+        (["--reuse-from", "nowhere"], "nowhere holds no demo run for seed0"),
+        (["--reuse-from", "runs/x", "--out", "runs/x"], "not this one's --out"),
     ]:
         with pytest.raises(UserError, match=message):
             parse_compare_args(argv)
@@ -75,3 +77,15 @@ def test_two_methods_on_two_seeds_end_to_end(tmp_path):
     with pytest.raises(UserError, match="--resume"):  # the runs are there: a second run must say --resume
         main(argv)
     assert main([*argv, "--resume"]) == 0  # every stage kept, the table written again
+    # --reuse-from: seed 1's world, SFT, rankings and reward model are those of the run above (copied, not trained
+    # again), and GRPO from them gives what it gave there
+    again = tmp_path / "again"
+    assert main([*TINY, "--methods", "grpo", "--seeds", "1", "--reuse-from", str(out), "--out", str(again)]) == 0
+    state = json.loads((again / "seed1" / "demo_state.json").read_text())
+    assert state["reused_from"] == str(out / "seed1")
+    assert set(state["stages"]) == {"sft", "rankings:1", "reward model:1", "method:grpo"}
+    assert (again / "seed1" / "sft" / "final" / "config.json").exists()
+    before = {r["method"]: r for r in rows if r["seed"] == 1}
+    for r in json.loads((again / "compare.json").read_text()):
+        for key in ("win_rate", "score", "accuracy", "over_refusal", "kl"):
+            assert r[key] == pytest.approx(before[r["method"]][key]), (r["method"], key)

@@ -689,9 +689,11 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
         "reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm(accuracy=0.7)), RewardModelResult
     )
     state.stage("ppo:1", {}, lambda: src / "ppo" / "final", Path)
+    state.stage("method:grpo", {}, lambda: src / "ppo" / "final", Path)  # a stage of flywheel compare's
 
-    def reuse(out: str, **changes) -> list[str]:
-        return RunState.reuse(src, tmp_path / out, dataclasses.replace(cfg, out=str(tmp_path / out), **changes))
+    def reuse(out: str, before: str | None = None, **changes) -> list[str]:
+        new_cfg = dataclasses.replace(cfg, out=str(tmp_path / out), **changes)
+        return RunState.reuse(src, tmp_path / out, new_cfg, before)
 
     ppo = {**cfg.ppo, "kl_coef": cfg.ppo["kl_coef"] + 0.1}
     assert reuse("kl", ppo=ppo) == ["sft", "rankings:1", "reward model:1"]
@@ -714,6 +716,9 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
     assert reuse("rm", rm=rm_cfg) == ["sft", "rankings:1"] and not (tmp_path / "rm" / "rm").exists()
     assert reuse("stock", stock_answers=cfg.stock_answers + 1) == ["sft"]
     assert reuse("eval", eval_temperature=0.7) == ["sft", "rankings:1", "reward model:1", "ppo:1"]
+    # flywheel compare --reuse-from: the shared stages only, up to the reward model, whatever else is alike
+    assert reuse("cmp", before="ppo:1") == ["sft", "rankings:1", "reward model:1"]
+    assert not (tmp_path / "cmp" / "ppo").exists()
     assert reuse("seed", seed=1) == [] and not (tmp_path / "seed").exists()  # another seed: nothing to keep
     with pytest.raises(UserError, match="holds no demo run"):
         RunState.reuse(tmp_path / "none", tmp_path / "x", cfg)

@@ -2,6 +2,7 @@
 
     flywheel compare --quick --seeds 0,1,2 --methods ppo,grpo,dpo --out runs/compare
     flywheel compare --seeds 0,1,2                          # every method, the preset the CPU gets (as flywheel demo)
+    flywheel compare --seeds 100-104 --reuse-from runs/sweep  # the SFT models and reward models of a sweep's runs
 
 For each seed, the demo's shared stages run once (toy world, the base model: shipped or pretrained, SFT, the
 labelers' rankings of SFT's answers, the reward model: `flywheel demo`'s settings and `--STAGE.FIELD` overrides all
@@ -20,6 +21,9 @@ with its 95% interval, oracle score and its axes, correct answers on answerable 
 harmful requests, "I don't know" on unknowable ones, KL to SFT (sampled; best-of-n's is the analytic bound
 log K - (K-1)/K), and the method's wall seconds. Writes compare.md (mean +- sd over the seeds), compare.json and
 compare.png (win rate against KL) under --out; each seed's run is in --out/seed<S>/ (resumable with --resume).
+With --reuse-from DIR, each seed starts from DIR/seed<S>/'s world, SFT model, rankings and reward model (a `flywheel
+sweep` or compare run of that seed whose flags leave them unchanged; their files are copied), so the methods are
+compared on exactly the models the demo's runs trained, and a comparison costs only the methods' training.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class CompareSettings:
     dpo_beta: float = 0.1
     dpo_epochs: float = 1.0
     dpo_lr: float = 2e-5
+    reuse_from: str = ""  # an earlier flywheel sweep's or compare's --out: its seed<S>/ runs give SFT and the RM
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -116,6 +121,12 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
     parser.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO's passes over the labelers' rankings")
     parser.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO's peak learning rate (PPO's default)")
+    parser.add_argument(
+        "--reuse-from",
+        default="",
+        help="an earlier flywheel sweep's (or compare's) --out: each seed starts from the world, SFT, rankings and "
+        "reward model of that directory's seed<S>/ run where the demo flags leave them unchanged",
+    )
     own, rest = parser.parse_known_args(argv)
     if "--seed" in rest:
         raise UserError("flywheel compare takes --seeds (0,1,2 or 100-104), not --seed")
@@ -129,12 +140,20 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
         dpo_beta=own.dpo_beta,
         dpo_epochs=own.dpo_epochs,
         dpo_lr=own.dpo_lr,
+        reuse_from=own.reuse_from,
     )
     settings.validate()
     demo = parse_demo_config(rest, "flywheel compare")
     if demo.gate_every or (demo.rounds or 1) > 1:
         raise UserError("flywheel compare runs one round without the gate: leave --rounds and --gate-every unset")
     demo.resolved()  # every stage's settings checked before the first stage runs
+    if settings.reuse_from:
+        src = Path(settings.reuse_from)
+        if src.resolve() == Path(demo.out).resolve():
+            raise UserError("--reuse-from: give the earlier sweep's directory, not this one's --out")
+        missing = [f"seed{s}" for s in seeds if not (src / f"seed{s}" / RunState.FILE).is_file()]
+        if missing:
+            raise UserError(f"--reuse-from: {src} holds no demo run for {', '.join(missing)} (no {RunState.FILE})")
     return settings, demo
 
 
@@ -144,6 +163,14 @@ def run_seed(settings: CompareSettings, demo: DemoConfig, seed: int) -> list[Met
     cfg = replace(demo, seed=seed, out=str(out), rounds=1).resolved()
     set_threads(cfg.threads or None)
     seed_everything(seed)
+    if settings.reuse_from and not (out / RunState.FILE).is_file():
+        # The shared stages of the earlier run of this seed (the methods start after the reward model).
+        if RunState.reuse(Path(settings.reuse_from) / f"seed{seed}", out, cfg, before="ppo:1"):
+            cfg = replace(cfg, resume=True)
+        else:
+            log.warning(
+                "--reuse-from: seed %d's run there has other settings from its first stage: every stage runs", seed
+            )
     done = RunState.open(out, cfg)
     timings: dict[str, float] = {}
     run = start_run(cfg, out, timings)

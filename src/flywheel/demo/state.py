@@ -48,6 +48,12 @@ _FIRST_STAGES = ("tokenizer", "pretrain", "sft")
 _ROUND_STAGES = ("rankings", "reward model", "ppo", "gate")
 
 
+def is_stage(key: str) -> bool:
+    """Whether `key` names a demo stage ("sft", "ppo:2", ...), not another command's ("method:grpo")."""
+    name, _, r = key.rpartition(":")
+    return key in _FIRST_STAGES or (name in _ROUND_STAGES and r.isdigit())
+
+
 def stage_order(key: str) -> tuple[int, int]:
     """Where a stage ("sft", "ppo:2", ...) runs: (round, place in the round), the stages before round 1 in round 0."""
     if key in _FIRST_STAGES:
@@ -149,19 +155,21 @@ class RunState:
         return cls(path, config, stages, saved.get("reused_from"))
 
     @classmethod
-    def reuse(cls, src: Path, out: Path, cfg: Any) -> list[str]:
+    def reuse(cls, src: Path, out: Path, cfg: Any, before: str | None = None) -> list[str]:
         """Start the run `cfg` in `out` (which must not hold one) from the finished stages of the run in `src` that
-        its settings leave unchanged (FIRST_STAGE_CHANGED): their files are copied into `out` and recorded there as
-        finished, so that `--resume` runs only the later stages. Returns the stages kept (none: `out` is left
-        untouched). The kept stages' timings are the source run's."""
+        its settings leave unchanged (FIRST_STAGE_CHANGED), and that run before the stage `before` where given
+        (`flywheel compare` keeps the stages up to the reward model): their files are copied into `out` and recorded
+        there as finished, so that `--resume` runs only the later stages. Returns the stages kept (none: `out` is
+        left untouched). The kept stages' timings are the source run's; stages of other commands (compare's
+        methods) are never kept."""
         path = src / cls.FILE
         if not path.is_file():
             raise UserError(f"--reuse-from: {src} holds no demo run (no {cls.FILE})")
         _, saved_config, stages = cls._read(path, "--reuse-from")
         changed = [k for k, _, _ in cls._changed(cfg, saved_config)]
         firsts = [FIRST_STAGE_CHANGED.get(k, "tokenizer") for k in changed]  # an unnamed setting: every stage
-        cut = min((stage_order(f) for f in firsts if f is not None), default=None)
-        kept = {k: v for k, v in stages.items() if cut is None or stage_order(k) < cut}
+        cut = min((stage_order(f) for f in [*firsts, before] if f is not None), default=None)
+        kept = {k: v for k, v in stages.items() if is_stage(k) and (cut is None or stage_order(k) < cut)}
         if not kept:
             return []
         root = src.resolve()
