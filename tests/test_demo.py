@@ -724,6 +724,25 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
         RunState.reuse(tmp_path / "none", tmp_path / "x", cfg)
 
 
+def test_reuse_finds_the_paths_a_run_recorded_from_another_working_directory(tmp_path, monkeypatch):
+    """A run started with a relative --out records relative paths; --reuse-from from elsewhere still copies them."""
+    monkeypatch.chdir(tmp_path)
+    src = Path("runs") / "sweep" / "seed1"
+    cfg = DemoConfig(out=str(src), quick=True, seed=1).resolved()
+    state = RunState.open(src, cfg)
+    (src / "sft" / "final").mkdir(parents=True)
+    (src / "sft" / "final" / "model.txt").write_text("sft")
+    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
+    assert json.loads((src / RunState.FILE).read_text())["stages"]["sft"]["result"] == "runs/sweep/seed1/sft/final"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    new = tmp_path / "new"
+    rm = {**cfg.rm, "lr": cfg.rm["lr"] * 2}
+    assert RunState.reuse(tmp_path / src, new, dataclasses.replace(cfg, out=str(new), rm=rm)) == ["sft"]
+    assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == str(new / "sft" / "final")
+    assert (new / "sft" / "final" / "model.txt").read_text() == "sft"
+
+
 def test_changed_settings_compares_settings_as_the_run_file_saved_them():
     """A run's settings come back from JSON: a tuple setting is the list it was written as, not a change."""
 

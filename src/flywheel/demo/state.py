@@ -54,6 +54,16 @@ def is_stage(key: str) -> bool:
     return key in _FIRST_STAGES or (name in _ROUND_STAGES and r.isdigit())
 
 
+def _inside(run: Path, path: Path) -> Path | None:
+    """A relative `path` that a run in `run` recorded from its own working directory ("runs/sweep/seed1/sft/final"),
+    found under `run` when read from another one: the part after a directory named as the run's, if it exists."""
+    parts = path.parts
+    for i in range(1, len(parts)):
+        if parts[i - 1] == run.name and (run / Path(*parts[i:])).exists():
+            return run / Path(*parts[i:])
+    return None
+
+
 def stage_order(key: str) -> tuple[int, int]:
     """Where a stage ("sft", "ppo:2", ...) runs: (round, place in the round), the stages before round 1 in round 0."""
     if key in _FIRST_STAGES:
@@ -183,7 +193,10 @@ class RunState:
                 return [moved(v) for v in value]
             if not isinstance(value, str) or not value:
                 return value
-            where = Path(value).resolve()
+            where = Path(value)
+            if not where.is_absolute() and not where.exists():
+                where = _inside(root, where) or where
+            where = where.resolve()
             if not where.is_relative_to(root) or where == root or not where.exists():
                 return value
             rel = where.relative_to(root)
