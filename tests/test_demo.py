@@ -845,6 +845,11 @@ def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, cap
         sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--quick", "--ppo.kl-coef", "0.3"])
     with pytest.raises(UserError, match="--seed is set by flywheel sweep"):
         sweep(["--seeds", "3", "--out", str(tmp_path), "--", "--seed", "5"])
+    # --reuse-from is checked before any seed runs: not this --out, and a demo run there for every seed
+    with pytest.raises(UserError, match="not this one's --out"):
+        sweep(["--seeds", "3", "--out", str(tmp_path), "--reuse-from", str(tmp_path), "--", "--quick"])
+    with pytest.raises(UserError, match="holds no demo run for seed3, seed4"):
+        sweep(["--seeds", "3-4", "--out", str(tmp_path / "new"), "--reuse-from", str(tmp_path), "--", "--quick"])
 
 
 def test_knowledge_contrasts_match_a_brute_force_count():

@@ -42,7 +42,7 @@ from flywheel.demo.pipeline import first_round_data
 from flywheel.demo.rankings import Rankings
 from flywheel.demo.stages import DemoRun, RewardModelResult, stage_ppo, start_run
 from flywheel.demo.state import RunState, Stage
-from flywheel.demo.sweep import parse_seeds
+from flywheel.demo.sweep import parse_seeds, reuse_source
 from flywheel.errors import UserError
 from flywheel.eval.policy import (
     AXES,
@@ -147,13 +147,7 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
     if demo.gate_every or (demo.rounds or 1) > 1:
         raise UserError("flywheel compare runs one round without the gate: leave --rounds and --gate-every unset")
     demo.resolved()  # every stage's settings checked before the first stage runs
-    if settings.reuse_from:
-        src = Path(settings.reuse_from)
-        if src.resolve() == Path(demo.out).resolve():
-            raise UserError("--reuse-from: give the earlier sweep's directory, not this one's --out")
-        missing = [f"seed{s}" for s in seeds if not (src / f"seed{s}" / RunState.FILE).is_file()]
-        if missing:
-            raise UserError(f"--reuse-from: {src} holds no demo run for {', '.join(missing)} (no {RunState.FILE})")
+    reuse_source(settings.reuse_from, Path(demo.out), seeds)  # checked before anything runs
     return settings, demo
 
 

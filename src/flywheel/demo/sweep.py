@@ -187,6 +187,22 @@ def run_seed(demo_args: list[str], seed: int, out: Path, reuse_from: Path | None
     return json.loads(summary_path.read_text())
 
 
+def reuse_source(reuse_from: str, out: Path, seeds: list[int]) -> Path | None:
+    """--reuse-from's directory (None where not given), checked before anything runs: not this run's --out, and
+    holding a demo run (`seed<S>/demo_state.json`) for every seed."""
+    from flywheel.demo.state import RunState
+
+    if not reuse_from:
+        return None
+    src = Path(reuse_from)
+    if src.resolve() == out.resolve():
+        raise UserError("--reuse-from: give the earlier sweep's directory, not this one's --out")
+    missing = [f"seed{s}" for s in seeds if not (src / f"seed{s}" / RunState.FILE).is_file()]
+    if missing:
+        raise UserError(f"--reuse-from: {src} holds no demo run for {', '.join(missing)} (no {RunState.FILE})")
+    return src
+
+
 def _label(config: dict[str, Any]) -> str:
     """A run's settings as its demo command gives them, less the seed ("--preset fp32 --gate-every 0"), or "the
     preset"."""
@@ -219,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} is set by flywheel sweep for each seed: leave it out of the demo flags")
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
-    reuse = Path(args.reuse_from) if args.reuse_from else None
-    if reuse is not None and reuse.resolve() == out.resolve():
-        raise UserError("--reuse-from: give the earlier sweep's directory, not this one's --out")
+    reuse = reuse_source(args.reuse_from, out, seeds)
     summaries = [run_seed(demo_args, seed, out / f"seed{seed}", reuse and reuse / f"seed{seed}") for seed in seeds]
     figures = [seed_figures(s) for s in summaries]
     label = args.label or _label(summaries[0]["config"])
