@@ -724,23 +724,84 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
         RunState.reuse(tmp_path / "none", tmp_path / "x", cfg)
 
 
-def test_reuse_finds_the_paths_a_run_recorded_from_another_working_directory(tmp_path, monkeypatch):
-    """A run started with a relative --out records relative paths; --reuse-from from elsewhere still copies them."""
+def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, monkeypatch):
+    """The state file names the run's files relative to the run directory: a run started with a relative --out
+    resumes, and is reused, from another working directory, and a moved run directory resumes where it is now."""
+    from flywheel.demo.rankings import Rankings
+    from flywheel.demo.stages import RewardModelResult
+
     monkeypatch.chdir(tmp_path)
     src = Path("runs") / "sweep" / "seed1"
     cfg = DemoConfig(out=str(src), quick=True, seed=1).resolved()
     state = RunState.open(src, cfg)
+    for d in ("sft/final", "rm/final"):
+        (src / d).mkdir(parents=True)
+        (src / d / "model.txt").write_text(d)
+    (src / "train.jsonl").write_text("")
+    (src / "heldout.jsonl").write_text("")
+    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
+    labels = Rankings(_labelers(policy=str(src / "sft" / "final")), [], [], src / "train.jsonl", src / "heldout.jsonl")
+    state.stage("rankings:1", {}, lambda: labels, Rankings)
+    state.stage("reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm()), RewardModelResult)
+    saved = json.loads((src / RunState.FILE).read_text())
+    assert saved["format"] == RunState.FORMAT and saved["stages"]["sft"]["result"] == "sft/final"
+    assert saved["stages"]["rankings:1"]["result"]["summary"]["policy"] == "sft/final"
+    assert saved["stages"]["reward model:1"]["result"]["dir"] == "rm/final"
+
+    def resumed(out: Path) -> tuple[Path, Rankings, RewardModelResult]:
+        again = RunState.open(out, dataclasses.replace(cfg, out=str(out), resume=True))
+        never = lambda: pytest.fail("ran again")  # noqa: E731
+        sft = again.stage("sft", {}, never, Path)
+        return (
+            sft,
+            again.stage("rankings:1", {}, never, Rankings),
+            again.stage("reward model:1", {}, never, RewardModelResult),
+        )
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for out in (tmp_path / src, Path("..") / src):  # the same run, named from another working directory
+        sft, kept, rm = resumed(out)
+        assert sft == out / "sft" / "final" and (sft / "model.txt").read_text() == "sft/final"
+        assert kept.train == out / "train.jsonl" and kept.summary.policy == str(out / "sft" / "final")
+        assert rm.dir == out / "rm" / "final"
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / src, moved)
+    sft, kept, rm = resumed(moved)
+    assert (sft / "model.txt").read_text() == "sft/final" and kept.heldout_file == moved / "heldout.jsonl"
+    new = tmp_path / "new"
+    rm_cfg = {**cfg.rm, "lr": cfg.rm["lr"] * 2}
+    assert RunState.reuse(moved, new, dataclasses.replace(cfg, out=str(new), rm=rm_cfg)) == ["sft", "rankings:1"]
+    assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
+    assert (new / "sft" / "final" / "model.txt").read_text() == "sft/final" and (new / "train.jsonl").is_file()
+    assert not (new / "rm").exists()
+
+
+def test_a_state_file_written_before_run_relative_paths_still_resumes_and_is_reused(tmp_path, monkeypatch):
+    """Format 1 (no "format" key): the paths as the run's working directory saw them. A resume from there, and a
+    reuse from anywhere, read them; the resumed run's file is rewritten in the current format."""
+    monkeypatch.chdir(tmp_path)
+    src = Path("runs") / "sweep" / "seed1"
+    cfg = DemoConfig(out=str(src), quick=True, seed=1).resolved()
     (src / "sft" / "final").mkdir(parents=True)
     (src / "sft" / "final" / "model.txt").write_text("sft")
-    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
-    assert json.loads((src / RunState.FILE).read_text())["stages"]["sft"]["result"] == "runs/sweep/seed1/sft/final"
+    old = {"config": RunState._settings(dataclasses.asdict(cfg))}
+    old["stages"] = {"sft": {"result": "runs/sweep/seed1/sft/final", "timings": {"sft": 1.0}}}
+    (src / RunState.FILE).write_text(json.dumps(old))
+    again = RunState.open(src, dataclasses.replace(cfg, resume=True))
+    assert again.stage("sft", {}, lambda: pytest.fail("ran again"), Path) == src / "sft" / "final"
+    assert json.loads((src / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
+    (src / RunState.FILE).write_text(json.dumps(old))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     new = tmp_path / "new"
     rm = {**cfg.rm, "lr": cfg.rm["lr"] * 2}
     assert RunState.reuse(tmp_path / src, new, dataclasses.replace(cfg, out=str(new), rm=rm)) == ["sft"]
-    assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == str(new / "sft" / "final")
+    assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
     assert (new / "sft" / "final" / "model.txt").read_text() == "sft"
+    (tmp_path / src / RunState.FILE).write_text(json.dumps({**old, "format": 9}))
+    with pytest.raises(UserError, match="format 9"):
+        RunState.reuse(tmp_path / src, tmp_path / "x", cfg)
 
 
 def test_changed_settings_compares_settings_as_the_run_file_saved_them():

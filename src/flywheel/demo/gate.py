@@ -18,6 +18,7 @@ sets the gate's limit), is not deployed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,19 @@ class GateResult:
     prompts: int  # validation prompts compared on
     candidates: list[Candidate]
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self, rel: Callable[[Path], str] = str) -> dict[str, Any]:
+        data = asdict(self)
+        for record in (data, *data["candidates"]):
+            for key in ("incumbent", "deployed", "policy"):
+                if key in record:
+                    record[key] = rel(Path(record[key]))
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GateResult:
-        return cls(**{**data, "candidates": [Candidate(**c) for c in data["candidates"]]})
+    def from_json(cls, data: dict[str, Any], at: Callable[[str], Path] = Path) -> GateResult:
+        candidates = [Candidate(**{**c, "policy": str(at(c["policy"]))}) for c in data["candidates"]]
+        paths = {key: str(at(data[key])) for key in ("incumbent", "deployed")}
+        return cls(**{**data, **paths, "candidates": candidates})
 
     def paths(self) -> list[Path]:
         return [Path(self.deployed)]

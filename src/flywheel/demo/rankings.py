@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,23 +139,23 @@ class Rankings:
         """(tasks, answer sets, ranking records) of the held-out rankings, aligned."""
         return self.held_tasks, self.held_sets, read_jsonl(self.heldout_file)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, rel: Callable[[Path], str] = str) -> dict[str, Any]:
         return {
-            "summary": asdict(self.summary),
+            "summary": {**asdict(self.summary), "policy": rel(Path(self.summary.policy))},
             "held_tasks": [t.to_dict() for t in self.held_tasks],
             "held_sets": self.held_sets,
-            "train": str(self.train),
-            "heldout_file": str(self.heldout_file),
+            "train": rel(self.train),
+            "heldout_file": rel(self.heldout_file),
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Rankings:
+    def from_json(cls, data: dict[str, Any], at: Callable[[str], Path] = Path) -> Rankings:
         return cls(
-            LabelerSummary(**data["summary"]),
+            LabelerSummary(**{**data["summary"], "policy": str(at(data["summary"]["policy"]))}),
             [Task.from_dict(t) for t in data["held_tasks"]],
             data["held_sets"],
-            Path(data["train"]),
-            Path(data["heldout_file"]),
+            at(data["train"]),
+            at(data["heldout_file"]),
         )
 
     def paths(self) -> list[Path]:

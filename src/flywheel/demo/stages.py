@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,12 +134,12 @@ class RewardModelResult:
     dir: Path
     summary: RewardModelSummary
 
-    def to_json(self) -> dict[str, Any]:
-        return {"dir": str(self.dir), "summary": self.summary.to_json()}
+    def to_json(self, rel: Callable[[Path], str] = str) -> dict[str, Any]:
+        return {"dir": rel(self.dir), "summary": self.summary.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RewardModelResult:
-        return cls(Path(data["dir"]), RewardModelSummary.from_json(data["summary"]))
+    def from_json(cls, data: dict[str, Any], at: Callable[[str], Path] = Path) -> RewardModelResult:
+        return cls(at(data["dir"]), RewardModelSummary.from_json(data["summary"]))
 
     def paths(self) -> list[Path]:
         return [self.dir]

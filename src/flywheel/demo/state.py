@@ -15,12 +15,15 @@ from flywheel.utils import atomic_write_text, log
 
 
 class StageResult(Protocol):
-    """A stage's typed result: written to the state file as JSON when the stage ends, read back by a resume."""
+    """A stage's typed result: written to the state file as JSON when the stage ends, read back by a resume.
 
-    def to_json(self) -> dict[str, Any]: ...
+    Each path in it is written as `rel(path)` and read back as `at(text)`; the state file passes functions that
+    name the run's files relative to the run directory: a run resumes from any working directory, and can be moved."""
+
+    def to_json(self, rel: Callable[[Path], str] = str) -> dict[str, Any]: ...
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StageResult: ...
+    def from_json(cls, data: dict[str, Any], at: Callable[[str], Path] = Path) -> StageResult: ...
 
     def paths(self) -> list[Path]: ...  # the files and directories a later stage reads
 
@@ -55,8 +58,9 @@ def is_stage(key: str) -> bool:
 
 
 def _inside(run: Path, path: Path) -> Path | None:
-    """A relative `path` that a run in `run` recorded from its own working directory ("runs/sweep/seed1/sft/final"),
-    found under `run` when read from another one: the part after a directory named as the run's, if it exists."""
+    """A relative `path` that a run in `run` recorded from its own working directory ("runs/sweep/seed1/sft/final";
+    state files written before FORMAT 2), found under `run` when read from another one: the part after a directory
+    named as the run's, if it exists."""
     parts = path.parts
     for i in range(1, len(parts)):
         if parts[i - 1] == run.name and (run / Path(*parts[i:])).exists():
@@ -97,13 +101,19 @@ class RunState:
 
     Each finished stage's result (the paths and summaries the later stages read) and its timings are written
     atomically as it ends; a stage that was interrupted has no entry and runs again from its start. The file also
-    holds the run's settings: a resume with different ones would mix two runs, so it is refused."""
+    holds the run's settings: a resume with different ones would mix two runs, so it is refused. The results name the
+    run's own files relative to the run directory (FORMAT 2), so the run resumes from any working directory, and a
+    run directory that was moved or copied resumes there."""
 
     FILE = "demo_state.json"
+    # 2: stage results name the run's files relative to the run directory. Files without "format" (written before)
+    # name them as the run's working directory saw them; they are rewritten in format 2 when read.
+    FORMAT = 2
     VOLATILE = ("out", "resume", "progress", "threads")  # may differ between the run and its resume
 
     def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any], reused_from: str | None = None):
         self.path, self.config, self.stages = path, config, stages
+        self.root = path.parent  # the run directory, as this process names it
         self.reused_from = reused_from  # the finished run whose stages this one started from (--reuse-from)
         self.kept: list[str] = []
 
@@ -129,11 +139,18 @@ class RunState:
 
     @classmethod
     def _read(cls, path: Path, flag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """A state file's (whole content, settings, finished stages); a file that is not one is a one-line error."""
+        """A state file's (whole content, settings, finished stages, in FORMAT 2); a file that is not one is a
+        one-line error."""
         try:
             saved = json.loads(path.read_text())
-            return saved, saved["config"], saved["stages"]
-        except (ValueError, KeyError, TypeError) as err:
+            config, stages, version = saved["config"], saved["stages"], saved.get("format", 1)
+            if version not in (1, cls.FORMAT):
+                raise ValueError(f"format {version!r}, not one this version of flywheel reads")
+            if version == 1:
+                root = path.parent.resolve()
+                stages = {k: {**v, "result": _run_relative(v["result"], root)} for k, v in stages.items()}
+            return saved, config, stages
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{flag}: {path} is not a demo state file ({err})") from None
 
     @classmethod
@@ -162,7 +179,9 @@ class RunState:
         if changed:
             raise UserError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
         log.info("resuming %s: %d finished stage(s) kept (%s)", out, len(stages), ", ".join(stages) or "none")
-        return cls(path, config, stages, saved.get("reused_from"))
+        state = cls(path, config, stages, saved.get("reused_from"))
+        state._save()  # a file of an earlier format is rewritten in the current one
+        return state
 
     @classmethod
     def reuse(cls, src: Path, out: Path, cfg: Any, before: str | None = None) -> list[str]:
@@ -182,49 +201,35 @@ class RunState:
         kept = {k: v for k, v in stages.items() if is_stage(k) and (cut is None or stage_order(k) < cut)}
         if not kept:
             return []
-        root = src.resolve()
-        copied: list[Path] = []
-
-        def moved(value: Any) -> Any:
-            """The stage result with each path into the source run mapped to `out` (its directory copied)."""
-            if isinstance(value, dict):
-                return {k: moved(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [moved(v) for v in value]
-            if not isinstance(value, str) or not value:
-                return value
-            where = Path(value)
-            if not where.is_absolute() and not where.exists():
-                where = _inside(root, where) or where
-            where = where.resolve()
-            if not where.is_relative_to(root) or where == root or not where.exists():
-                return value
-            rel = where.relative_to(root)
-            # The whole stage directory (sft/, rm/, round2/ppo/...): later stages read more than the final model.
-            top = Path(*rel.parts[: 2 if rel.parts[0].startswith("round") else 1])
-            if not any(top.is_relative_to(c) for c in copied):
-                target = out / top
-                if (root / top).is_dir():
-                    shutil.copytree(root / top, target, dirs_exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(root / top, target)
-                copied.append(top)
-            return str(out / rel)
-
         out.mkdir(parents=True, exist_ok=True)
-        entries = {k: {**v, "result": moved(v["result"])} for k, v in kept.items()}
-        state = cls(out / cls.FILE, cls._settings(asdict(cfg)), entries, str(src))
+        copied: list[Path] = []
+        for entry in kept.values():
+            for rel in _strings(entry["result"]):
+                # The whole stage directory (sft/, rm/, round2/ppo/...): later stages read more than the final model.
+                parts = Path(rel).parts
+                if Path(rel).is_absolute() or not parts or ".." in parts or not _exists(src / rel):
+                    continue
+                top = Path(*parts[: 2 if parts[0].startswith("round") else 1])
+                if any(top.is_relative_to(c) for c in copied):
+                    continue
+                if (src / top).is_dir():
+                    shutil.copytree(src / top, out / top, dirs_exist_ok=True)
+                else:
+                    (out / top).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / top, out / top)
+                copied.append(top)
+        # The results name the files relative to the run directory: the same names hold in the copy.
+        state = cls(out / cls.FILE, cls._settings(asdict(cfg)), kept, str(src))
         state._save()
         log.info(
             "%s: %d stage(s) of %s kept (%s); settings changed: %s",
             out,
-            len(entries),
+            len(kept),
             src,
-            ", ".join(entries),
+            ", ".join(kept),
             ", ".join(changed) or "none",
         )
-        return list(entries)
+        return list(kept)
 
     def stage(self, key: str, timings: dict[str, float], run: Callable[[], R], kind: type[R]) -> R:
         """The stage's result: kept from the interrupted run if it finished there, else `run()` (then recorded).
@@ -237,7 +242,7 @@ class RunState:
             self.kept.append(key)
             log.info("== %s: kept from %s", key.removesuffix(":1"), self.reused_from or "the interrupted run")
             try:  # decoding reads files of the run (the held-out rankings)
-                result = None if entry["result"] is None else _decode(entry["result"], kind)
+                result = None if entry["result"] is None else _decode(entry["result"], kind, self._at)
                 missing = [where for where in _paths(result) if not where.exists()]
             except FileNotFoundError as err:
                 missing = [err.filename]
@@ -250,7 +255,7 @@ class RunState:
         before = dict(timings)
         result = run()
         self.stages[key] = {
-            "result": None if result is None else _encode(result),
+            "result": None if result is None else _encode(result, self._rel),
             "timings": {k: v for k, v in timings.items() if before.get(k) != v},
         }
         self._save()
@@ -262,19 +267,63 @@ class RunState:
             v for key in self.kept for k, v in self.stages[key]["timings"].items() if k.endswith(" (cpu)") == cpu
         )
 
+    def _rel(self, path: Path | str) -> str:
+        """How the state file names `path`: relative to the run directory if inside it, else absolute."""
+        where, root = Path(path).resolve(), self.root.resolve()
+        return where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where)
+
+    def _at(self, name: str) -> Path:
+        """The path the state file's `name` stands for, as this process reaches it."""
+        return self.root / name
+
     def _save(self) -> None:
-        saved: dict[str, Any] = {"config": self.config, "stages": self.stages}
+        saved: dict[str, Any] = {"format": self.FORMAT, "config": self.config, "stages": self.stages}
         if self.reused_from:
             saved["reused_from"] = self.reused_from
         atomic_write_text(self.path, json.dumps(saved, indent=1) + "\n")
 
 
-def _encode(result: Any) -> Any:
-    return str(result) if isinstance(result, Path) else result.to_json()
+def _encode(result: Any, rel: Callable[[Path], str]) -> Any:
+    return rel(result) if isinstance(result, Path) else result.to_json(rel)
 
 
-def _decode(data: Any, kind: type) -> Any:
-    return Path(data) if kind is Path else kind.from_json(data)  # type: ignore[attr-defined]
+def _decode(data: Any, kind: type, at: Callable[[str], Path]) -> Any:
+    return at(data) if kind is Path else kind.from_json(data, at)  # type: ignore[attr-defined]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # not a path (too long, a NUL byte): an answer's text
+        return False
+
+
+def _run_relative(value: Any, root: Path) -> Any:
+    """A stage result of a state file written before FORMAT 2, its paths into the run (`root`, resolved) named
+    relative to it: a path as the run's working directory saw it (or, read from elsewhere, found by `_inside`).
+    Stage results name no file outside their run; any other string is left as it is."""
+    if isinstance(value, dict):
+        return {k: _run_relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(v, root) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    where = Path(value)
+    if not where.is_absolute() and not _exists(where):
+        where = _inside(root, where) or where
+    if not _exists(where):
+        return value
+    where = where.resolve()
+    return where.relative_to(root).as_posix() if where.is_relative_to(root) and where != root else value
 
 
 def _paths(result: Any) -> list[Path]:
