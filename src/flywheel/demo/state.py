@@ -203,13 +203,13 @@ class RunState:
             return []
         out.mkdir(parents=True, exist_ok=True)
         copied: list[Path] = []
-        for entry in kept.values():
-            for rel in _strings(entry["result"]):
+        for key, entry in kept.items():
+            result = None if entry["result"] is None else _decode(entry["result"], _result_type(key), Path)
+            for rel in _paths(result):  # relative to the run directory
+                if rel.is_absolute():
+                    continue  # outside the run: nothing to copy
                 # The whole stage directory (sft/, rm/, round2/ppo/...): later stages read more than the final model.
-                parts = Path(rel).parts
-                if Path(rel).is_absolute() or not parts or ".." in parts or not _exists(src / rel):
-                    continue
-                top = Path(*parts[: 2 if parts[0].startswith("round") else 1])
+                top = Path(*rel.parts[: 2 if rel.parts[0].startswith("round") else 1])
                 if any(top.is_relative_to(c) for c in copied):
                     continue
                 if (src / top).is_dir():
@@ -291,13 +291,14 @@ def _decode(data: Any, kind: type, at: Callable[[str], Path]) -> Any:
     return at(data) if kind is Path else kind.from_json(data, at)  # type: ignore[attr-defined]
 
 
-def _strings(value: Any) -> list[str]:
-    """Every string in a JSON value."""
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return [value] if isinstance(value, str) else []
+def _result_type(key: str) -> type:
+    """The type of a demo stage's result (what `RunState.stage` is given as `kind` for it)."""
+    from flywheel.demo.gate import GateResult  # not at import: these modules import this one
+    from flywheel.demo.rankings import Rankings
+    from flywheel.demo.stages import RewardModelResult
+
+    name = key.rpartition(":")[0] or key
+    return {"rankings": Rankings, "reward model": RewardModelResult, "gate": GateResult}.get(name, Path)
 
 
 def _exists(path: Path) -> bool:
