@@ -727,6 +727,7 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
 def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, monkeypatch):
     """The state file names the run's files relative to the run directory: a run started with a relative --out
     resumes, and is reused, from another working directory, and a moved run directory resumes where it is now."""
+    from flywheel.demo.gate import Candidate, GateResult
     from flywheel.demo.rankings import Rankings
     from flywheel.demo.stages import RewardModelResult
 
@@ -743,15 +744,25 @@ def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, mon
     labels = Rankings(_labelers(policy=str(src / "sft" / "final")), [], [], src / "train.jsonl", src / "heldout.jsonl")
     state.stage("rankings:1", {}, lambda: labels, Rankings)
     state.stage("reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm()), RewardModelResult)
+    step = src / "ppo" / "policies" / "step-8"
+    step.mkdir(parents=True)
+    gate = GateResult(1, str(src / "sft" / "final"), str(step), 10, [Candidate(str(step), 8, 0.6, 0.55, 0.65)])
+    state.stage("gate:1", {}, lambda: gate, GateResult)
     saved = json.loads((src / RunState.FILE).read_text())
     assert saved["format"] == RunState.FORMAT and saved["stages"]["sft"]["result"] == "sft/final"
     assert saved["stages"]["rankings:1"]["result"]["summary"]["policy"] == "sft/final"
     assert saved["stages"]["reward model:1"]["result"]["dir"] == "rm/final"
+    recorded = saved["stages"]["gate:1"]["result"]
+    assert (recorded["incumbent"], recorded["deployed"]) == ("sft/final", "ppo/policies/step-8")
+    assert recorded["candidates"][0]["policy"] == "ppo/policies/step-8"
 
     def resumed(out: Path) -> tuple[Path, Rankings, RewardModelResult]:
         again = RunState.open(out, dataclasses.replace(cfg, out=str(out), resume=True))
         never = lambda: pytest.fail("ran again")  # noqa: E731
         sft = again.stage("sft", {}, never, Path)
+        deployed = again.stage("gate:1", {}, never, GateResult)
+        assert deployed.deployed == deployed.candidates[0].policy == str(out / "ppo" / "policies" / "step-8")
+        assert deployed.incumbent == str(sft)
         return (
             sft,
             again.stage("rankings:1", {}, never, Rankings),
@@ -774,7 +785,7 @@ def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, mon
     assert RunState.reuse(moved, new, dataclasses.replace(cfg, out=str(new), rm=rm_cfg)) == ["sft", "rankings:1"]
     assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
     assert (new / "sft" / "final" / "model.txt").read_text() == "sft/final" and (new / "train.jsonl").is_file()
-    assert not (new / "rm").exists()
+    assert not (new / "rm").exists() and not (new / "ppo").exists()
 
 
 def test_a_state_file_written_before_run_relative_paths_still_resumes_and_is_reused(tmp_path, monkeypatch):

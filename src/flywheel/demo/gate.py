@@ -61,10 +61,9 @@ class GateResult:
 
     def to_json(self, rel: Callable[[Path], str] = str) -> dict[str, Any]:
         data = asdict(self)
-        for record in (data, *data["candidates"]):
-            for key in ("incumbent", "deployed", "policy"):
-                if key in record:
-                    record[key] = rel(Path(record[key]))
+        data.update({key: rel(Path(data[key])) for key in ("incumbent", "deployed")})
+        for candidate in data["candidates"]:
+            candidate["policy"] = rel(Path(candidate["policy"]))
         return data
 
     @classmethod
