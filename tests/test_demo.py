@@ -810,6 +810,11 @@ def test_a_state_file_written_before_run_relative_paths_still_resumes_and_is_reu
     assert RunState.reuse(tmp_path / src, new, dataclasses.replace(cfg, out=str(new), rm=rm)) == ["sft"]
     assert json.loads((new / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
     assert (new / "sft" / "final" / "model.txt").read_text() == "sft"
+    # a string that is no path (an answer's text) is left as it is, even one no file system could look up
+    from flywheel.demo.state import _run_relative
+
+    text = f"seed1/{'q' * 300}"
+    assert _run_relative({"held_sets": [[text, "sft"]]}, (tmp_path / src).resolve()) == {"held_sets": [[text, "sft"]]}
     (tmp_path / src / RunState.FILE).write_text(json.dumps({**old, "format": 9}))
     with pytest.raises(UserError, match="format 9"):
         RunState.reuse(tmp_path / src, tmp_path / "x", cfg)

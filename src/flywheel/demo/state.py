@@ -63,7 +63,7 @@ def _inside(run: Path, path: Path) -> Path | None:
     named as the run's, if it exists."""
     parts = path.parts
     for i in range(1, len(parts)):
-        if parts[i - 1] == run.name and (run / Path(*parts[i:])).exists():
+        if parts[i - 1] == run.name and _exists(run / Path(*parts[i:])):
             return run / Path(*parts[i:])
     return None
 
