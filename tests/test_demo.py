@@ -614,33 +614,36 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         timings["sft"], timings["sft (cpu)"] = 3.0, 5.0
         return out / "sft"
 
-    assert state.stage("sft", timings, run_sft, Path) == out / "sft" and calls == ["sft"]
+    assert state.stage("sft", timings, run_sft) == out / "sft" and calls == ["sft"]
     with pytest.raises(UserError, match="--resume"):  # without --resume a second run is refused
         RunState.open(out, cfg)
 
     # The resume keeps the finished stage (not run again, its timings restored) and runs the others.
     again = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, progress=False).resolved())
     timings = {}
-    assert again.stage("sft", timings, run_sft, Path) == out / "sft" and calls == ["sft"]
+    assert again.stage("sft", timings, run_sft) == out / "sft" and calls == ["sft"]
     assert timings == {"sft": 3.0, "sft (cpu)": 5.0}
     from flywheel.demo.stages import RewardModelResult
 
-    rm = again.stage("rm", timings, lambda: RewardModelResult(out / "sft", _rm(accuracy=0.7)), RewardModelResult)
+    rm = again.stage("reward model:1", timings, lambda: RewardModelResult(out / "sft", _rm(accuracy=0.7)))
     assert rm.summary.accuracy == 0.7
     assert (
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved()).stage(
-            "rm", {}, run_sft, RewardModelResult
+            "reward model:1", {}, run_sft
         )
         == rm
     )  # kept: read back as the same typed result
     assert again.kept == ["sft"] and again.kept_seconds() == 3.0 and again.kept_seconds(cpu=True) == 5.0
+    with pytest.raises(TypeError, match="result_type"):  # a stage's result must be the type its key declares
+        again.stage("ppo:1", {}, lambda: RewardModelResult(out / "sft", _rm()))
+    assert "ppo:1" not in again.stages
 
     with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, seed=1).resolved())
     (out / "sft").rmdir()  # a finished stage's output removed since: refused, not silently rerun
     third = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="is missing"):
-        third.stage("sft", {}, run_sft, Path)
+        third.stage("sft", {}, run_sft)
     # a kept rankings stage whose held-out file is gone: the same error, not a traceback from reading it
     from flywheel.demo.rankings import Rankings
 
@@ -648,7 +651,7 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     gone = Rankings(_labelers(), [], [], out / "sft", out / "gone.jsonl").to_json()
     fourth = RunState(third.path, third.config, {"rankings:1": {"timings": {}, "result": gone}})
     with pytest.raises(UserError, match="gone.jsonl.*is missing"):
-        fourth.stage("rankings:1", {}, run_sft, Rankings)
+        fourth.stage("rankings:1", {}, run_sft)
     (out / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="finished demo run"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
@@ -682,14 +685,12 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
     (src / "sft" / "metrics.jsonl").write_text("{}\n")
     (src / "train.jsonl").write_text("")
     (src / "heldout.jsonl").write_text("")
-    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
+    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final")
     labels = Rankings(_labelers(policy=str(src / "sft" / "final")), [], [], src / "train.jsonl", src / "heldout.jsonl")
-    state.stage("rankings:1", {}, lambda: labels, Rankings)
-    state.stage(
-        "reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm(accuracy=0.7)), RewardModelResult
-    )
-    state.stage("ppo:1", {}, lambda: src / "ppo" / "final", Path)
-    state.stage("method:grpo", {}, lambda: src / "ppo" / "final", Path)  # a stage of flywheel compare's
+    state.stage("rankings:1", {}, lambda: labels)
+    state.stage("reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm(accuracy=0.7)))
+    state.stage("ppo:1", {}, lambda: src / "ppo" / "final")
+    state.stage("method:grpo", {}, lambda: src / "ppo" / "final")  # a stage of flywheel compare's
 
     def reuse(out: str, before: str | None = None, **changes) -> list[str]:
         new_cfg = dataclasses.replace(cfg, out=str(tmp_path / out), **changes)
@@ -704,11 +705,11 @@ def test_reuse_keeps_the_stages_before_the_first_one_a_changed_setting_touches(t
     # the new run resumes from them, reading its own copies
     again = RunState.open(new, DemoConfig(out=str(new), quick=True, ppo=ppo, resume=True).resolved())
     assert again.reused_from == str(src)
-    assert again.stage("sft", {}, lambda: pytest.fail("sft ran again"), Path) == new / "sft" / "final"
-    kept = again.stage("rankings:1", {}, lambda: pytest.fail("ranked again"), Rankings)
+    assert again.stage("sft", {}, lambda: pytest.fail("sft ran again")) == new / "sft" / "final"
+    kept = again.stage("rankings:1", {}, lambda: pytest.fail("ranked again"))
     assert kept.train == new / "train.jsonl" and kept.heldout_file == new / "heldout.jsonl"
     assert kept.summary.policy == str(new / "sft" / "final")
-    rm = again.stage("reward model:1", {}, lambda: pytest.fail("trained again"), RewardModelResult)
+    rm = again.stage("reward model:1", {}, lambda: pytest.fail("trained again"))
     assert rm.dir == new / "rm" / "final"
     assert "ppo:1" not in again.stages
 
@@ -740,14 +741,14 @@ def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, mon
         (src / d / "model.txt").write_text(d)
     (src / "train.jsonl").write_text("")
     (src / "heldout.jsonl").write_text("")
-    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final", Path)
+    state.stage("sft", {"sft": 1.0}, lambda: src / "sft" / "final")
     labels = Rankings(_labelers(policy=str(src / "sft" / "final")), [], [], src / "train.jsonl", src / "heldout.jsonl")
-    state.stage("rankings:1", {}, lambda: labels, Rankings)
-    state.stage("reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm()), RewardModelResult)
+    state.stage("rankings:1", {}, lambda: labels)
+    state.stage("reward model:1", {}, lambda: RewardModelResult(src / "rm" / "final", _rm()))
     step = src / "ppo" / "policies" / "step-8"
     step.mkdir(parents=True)
     gate = GateResult(1, str(src / "sft" / "final"), str(step), 10, [Candidate(str(step), 8, 0.6, 0.55, 0.65)])
-    state.stage("gate:1", {}, lambda: gate, GateResult)
+    state.stage("gate:1", {}, lambda: gate)
     saved = json.loads((src / RunState.FILE).read_text())
     assert saved["format"] == RunState.FORMAT and saved["stages"]["sft"]["result"] == "sft/final"
     assert saved["stages"]["rankings:1"]["result"]["summary"]["policy"] == "sft/final"
@@ -759,14 +760,14 @@ def test_a_run_resumes_from_any_working_directory_and_after_a_move(tmp_path, mon
     def resumed(out: Path) -> tuple[Path, Rankings, RewardModelResult]:
         again = RunState.open(out, dataclasses.replace(cfg, out=str(out), resume=True))
         never = lambda: pytest.fail("ran again")  # noqa: E731
-        sft = again.stage("sft", {}, never, Path)
-        deployed = again.stage("gate:1", {}, never, GateResult)
+        sft = again.stage("sft", {}, never)
+        deployed = again.stage("gate:1", {}, never)
         assert deployed.deployed == deployed.candidates[0].policy == str(out / "ppo" / "policies" / "step-8")
         assert deployed.incumbent == str(sft)
         return (
             sft,
-            again.stage("rankings:1", {}, never, Rankings),
-            again.stage("reward model:1", {}, never, RewardModelResult),
+            again.stage("rankings:1", {}, never),
+            again.stage("reward model:1", {}, never),
         )
 
     (tmp_path / "elsewhere").mkdir()
@@ -800,7 +801,7 @@ def test_a_state_file_written_before_run_relative_paths_still_resumes_and_is_reu
     old["stages"] = {"sft": {"result": "runs/sweep/seed1/sft/final", "timings": {"sft": 1.0}}}
     (src / RunState.FILE).write_text(json.dumps(old))
     again = RunState.open(src, dataclasses.replace(cfg, resume=True))
-    assert again.stage("sft", {}, lambda: pytest.fail("ran again"), Path) == src / "sft" / "final"
+    assert again.stage("sft", {}, lambda: pytest.fail("ran again")) == src / "sft" / "final"
     assert json.loads((src / RunState.FILE).read_text())["stages"]["sft"]["result"] == "sft/final"
     (src / RunState.FILE).write_text(json.dumps(old))
     (tmp_path / "elsewhere").mkdir()

@@ -174,7 +174,7 @@ def run_seed(settings: CompareSettings, demo: DemoConfig, seed: int) -> list[Met
         if method == "best-of-n":
             continue
         train = partial(TRAINERS[method], run, settings, sft, rm, labels)
-        policies[method] = done.stage(f"method:{method}", timings, train, Path)
+        policies[method] = done.stage(f"method:{method}", timings, train)
     results = evaluate_methods(run, settings, sft, rm, policies, timings)
     atomic_write_text(out / "compare.json", json.dumps([r.__dict__ for r in results], indent=1) + "\n")
     return results

@@ -46,7 +46,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     t_start, c_start = time.perf_counter(), time.process_time()
     run = start_run(cfg, out, timings)
     base, sft, labels, rm = first_round_data(done, run)
-    ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm), Path)
+    ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm))
     gate = deploy(done, run, sft, ppo, 1, labels.summary.temperature, sft)
     ppo = Path(gate.deployed) if gate else ppo
     rounds = [RoundSummary(1, labels.summary, rm.summary, str(ppo), gate and gate.to_json())]
@@ -56,16 +56,15 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         # learns from them (it has only seen SFT-like answers so far), and PPO continues, still held near SFT.
         policies[f"ppo_round{r - 1}"] = ppo
         first = rounds[0].labelers.temperature
-        new = done.stage(f"rankings:{r}", timings, partial(stage_rankings, run, ppo, r, first), Rankings)
+        new = done.stage(f"rankings:{r}", timings, partial(stage_rankings, run, ppo, r, first))
         if new is None:
             break
         rm = done.stage(
             f"reward model:{r}",
             timings,
             partial(stage_reward_model, run, rm.dir, new, r, labels.heldout),
-            RewardModelResult,
         )
-        trained = done.stage(f"ppo:{r}", timings, partial(stage_ppo, run, ppo, sft, rm, r), Path)
+        trained = done.stage(f"ppo:{r}", timings, partial(stage_ppo, run, ppo, sft, rm, r))
         gate = deploy(done, run, ppo, trained, r, first, sft)
         ppo = Path(gate.deployed) if gate else trained
         rounds.append(RoundSummary(r, new.summary, rm.summary, str(ppo), gate and gate.to_json()))
@@ -110,11 +109,11 @@ def first_round_data(done: RunState, run: DemoRun) -> tuple[Path, Path, Rankings
         base = Path(cfg.base)
         log.info("== base model: %s (no tokenizer training or pretraining)", base)
     else:
-        init = done.stage("tokenizer", timings, partial(stage_tokenizer, run), Path)
-        base = done.stage("pretrain", timings, partial(stage_pretrain, run, init), Path)
-    sft = done.stage("sft", timings, partial(stage_sft, run, base), Path)
-    labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft), Rankings)
-    rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels), RewardModelResult)
+        init = done.stage("tokenizer", timings, partial(stage_tokenizer, run))
+        base = done.stage("pretrain", timings, partial(stage_pretrain, run, init))
+    sft = done.stage("sft", timings, partial(stage_sft, run, base))
+    labels = done.stage("rankings:1", timings, partial(stage_rankings, run, sft))
+    rm = done.stage("reward model:1", timings, partial(stage_reward_model, run, sft, labels))
     return base, sft, labels, rm
 
 
@@ -125,9 +124,7 @@ def deploy(
     deflects more than the SFT policy)."""
     if not run.cfg.gate_every:
         return None
-    return done.stage(
-        f"gate:{r}", run.timings, partial(stage_gate, run, incumbent, trained, r, temperature, sft), GateResult
-    )
+    return done.stage(f"gate:{r}", run.timings, partial(stage_gate, run, incumbent, trained, r, temperature, sft))
 
 
 DESCRIPTION = "the whole ChatGPT loop on the toy world, judged by its hidden oracle, in minutes on a laptop CPU"

@@ -204,7 +204,7 @@ class RunState:
         out.mkdir(parents=True, exist_ok=True)
         copied: list[Path] = []
         for key, entry in kept.items():
-            result = None if entry["result"] is None else _decode(entry["result"], _result_type(key), Path)
+            result = None if entry["result"] is None else _decode(entry["result"], result_type(key), Path)
             for rel in _paths(result):  # relative to the run directory
                 if rel.is_absolute():
                     continue  # outside the run: nothing to copy
@@ -231,18 +231,18 @@ class RunState:
         )
         return list(kept)
 
-    def stage(self, key: str, timings: dict[str, float], run: Callable[[], R], kind: type[R]) -> R:
+    def stage(self, key: str, timings: dict[str, float], run: Callable[[], R]) -> R:
         """The stage's result: kept from the interrupted run if it finished there, else `run()` (then recorded).
 
-        kind: the result's type, `Path` (a stage whose result is one directory) or a `StageResult`; a stage may also
-        return None (nothing came of it), which is kept as such."""
+        The result's type follows from the key (`result_type`); a stage may also return None (nothing came of it),
+        which is kept as such."""
         if key in self.stages:
             entry = self.stages[key]
             timings.update(entry["timings"])
             self.kept.append(key)
             log.info("== %s: kept from %s", key.removesuffix(":1"), self.reused_from or "the interrupted run")
             try:  # decoding reads files of the run (the held-out rankings)
-                result = None if entry["result"] is None else _decode(entry["result"], kind, self._at)
+                result = None if entry["result"] is None else _decode(entry["result"], result_type(key), self._at)
                 missing = [where for where in _paths(result) if not where.exists()]
             except FileNotFoundError as err:
                 missing = [err.filename]
@@ -254,6 +254,8 @@ class RunState:
             return result  # type: ignore[return-value]
         before = dict(timings)
         result = run()
+        if result is not None and not isinstance(result, result_type(key)):
+            raise TypeError(f"stage {key!r} returned a {type(result).__name__}; result_type says {result_type(key)}")
         self.stages[key] = {
             "result": None if result is None else _encode(result, self._rel),
             "timings": {k: v for k, v in timings.items() if before.get(k) != v},
@@ -291,8 +293,11 @@ def _decode(data: Any, kind: type, at: Callable[[str], Path]) -> Any:
     return at(data) if kind is Path else kind.from_json(data, at)  # type: ignore[attr-defined]
 
 
-def _result_type(key: str) -> type:
-    """The type of a demo stage's result (what `RunState.stage` is given as `kind` for it)."""
+def result_type(key: str) -> type:
+    """The type of the result of the stage `key` ("sft", "rankings:2", "method:grpo", ...): `Path` (one directory)
+    unless the stage's name is one of those below, whose results are `StageResult`s. The one place a new kind of
+    stage result is declared: `RunState.stage` records and reads a stage's result with it, and `--reuse-from` copies
+    the directories the result names."""
     from flywheel.demo.gate import GateResult  # not at import: these modules import this one
     from flywheel.demo.rankings import Rankings
     from flywheel.demo.stages import RewardModelResult
