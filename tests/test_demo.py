@@ -476,6 +476,13 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     )
     for name in ("report.md", "ppo_score_kl.png", "rm_accuracy.png", "fewshot.png", "eval_samples.jsonl"):
         assert (out / name).is_file(), name
+    # in-context learning is measured on the held-out few-shot probe (50 per number of shots; fewer 0-shot prompts
+    # may be left), not on the eval split's ~5 of each
+    probe = summary["policies"]["sft"]["fewshot_prompts"]
+    assert {k: probe[k] for k in ("1", "2", "4")} == {"1": 50, "2": 50, "4": 50} and 10 <= probe["0"] <= 50
+    assert summary["policies"]["base"]["fewshot_plain_accuracy"].keys() == probe.keys()
+    assert "held-out few-shot prompts" in next(t["note"] for t in summary["targets"] if "in-context" in t["target"])
+    assert "On a probe of few-shot prompts held out from every split (" in (out / "report.md").read_text()
     # Two rounds: round 2 ranked the answers of the policy round 1 deployed (the labelers' gate: a saved PPO policy
     # or the SFT incumbent), fine-tuned the reward model, went on with PPO from it; the gate of round 2 chose the
     # final policy among round 2's saved policies and round 1's choice.

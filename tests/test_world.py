@@ -32,6 +32,7 @@ from flywheel.world import (
     demonstration,
     expected_agreement,
     family_counts,
+    fewshot_probe,
     generate_world,
     label_rankings,
     load_tasks,
@@ -400,6 +401,23 @@ def test_splits_do_not_overlap_at_default_sizes():
         assert {t.family for t in tasks} == set(FAMILIES)
     shots = Counter(t.shots for t in world.tasks["eval"] if t.family == "fewshot")
     assert set(shots) == set(SHOTS) and max(shots.values()) - min(shots.values()) <= 1
+
+
+def test_the_fewshot_probe_is_held_out_from_every_split_and_balanced_over_shots():
+    world = generate_world(WorldConfig(**SMALL, seed=4))
+    taken = {t.prompt_key() for tasks in world.tasks.values() for t in tasks}
+    probe = fewshot_probe(4, taken, 30)
+    assert probe == fewshot_probe(4, set(taken), 30)  # a function of the seed and the splits
+    assert probe != fewshot_probe(5, set(taken), 30)
+    assert all(t.family == "fewshot" and t.prompt_key() not in taken for t in probe)
+    assert len({t.prompt_key() for t in probe}) == len(probe)
+    assert Counter(t.shots for t in probe) == {k: 30 for k in SHOTS}
+    # 0-shot prompts are few (a header and a subject): with the first probe's taken too, that count falls short
+    # instead of looping, and the others are still full
+    again = fewshot_probe(4, taken | {t.prompt_key() for t in probe}, 200)
+    counts = Counter(t.shots for t in again)
+    assert 0 < counts[0] < 200 and all(counts[k] == 200 for k in SHOTS[1:])
+    assert not {t.prompt_key() for t in again} & {t.prompt_key() for t in probe}
 
 
 def test_eval_problems_and_fictional_names_stay_out_of_the_corpus():

@@ -1,4 +1,5 @@
-"""The demo's last stage: every policy judged by the hidden oracle on the held-out eval prompts."""
+"""The demo's last stage: every policy judged by the hidden oracle on the held-out eval prompts, and in-context
+learning measured on a few-shot probe held out from every split."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ from flywheel.eval.policy import (
 from flywheel.models import load_causal_lm
 from flywheel.tokenization import load_tokenizer
 from flywheel.utils import atomic_write_text
-from flywheel.world import load_tasks
+from flywheel.world import SHOTS, SPLITS, fewshot_probe, load_tasks
+
+# Few-shot prompts per number of shots in the in-context-learning probe. The eval split's ~10 per number of shots put
+# a standard error of ~20 points on the 4-shot minus 0-shot gain that the target compares with 20 points; 50 bring
+# it to ~10-12 (0 shots has fewer: `fewshot_probe`), for a few seconds of decoding per policy.
+FEWSHOT_PROBE_PER_SHOT = 50
 
 
 @dataclass
@@ -43,6 +49,8 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
     cfg = run.cfg
     with Stage(run.timings, "evaluate") as st:
         tasks = load_tasks(run.files["eval_tasks"])
+        taken = {t.prompt_key() for split in SPLITS for t in load_tasks(run.files[f"{split}_tasks"])}
+        probe = fewshot_probe(run.world.seed, taken, FEWSHOT_PROBE_PER_SHOT)
         tok = load_tokenizer(str(models["sft"]))
         _, held_docs = run.corpus_split()  # no model was trained on these
         blocks = lm_blocks(tok, held_docs, run.pretrain_config().seq_len)
@@ -59,13 +67,17 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
                 seed=cfg.seed,
                 bf16=cfg.bf16,
             )
+            on_probe = evaluate_policy(
+                loaded[name], tok, probe, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, bf16=cfg.bf16
+            )
             policies[name] = PolicyResult(
-                **evals[name].summary,
+                **{**evals[name].summary, "fewshot_accuracy": on_probe.summary["fewshot_accuracy"]},
                 heldout_lm_loss=heldout_lm_loss(loaded[name], blocks, tok.pad_token_id),
                 deflection_log_odds=deflection_log_odds(loaded[name], tok, tasks),
                 fewshot_plain_accuracy=(
-                    fewshot_plain_accuracy(loaded[name], tok, tasks, bf16=cfg.bf16) if name == "base" else None
+                    fewshot_plain_accuracy(loaded[name], tok, probe, bf16=cfg.bf16) if name == "base" else None
                 ),
+                fewshot_prompts={str(k): sum(t.shots == k for t in probe) for k in SHOTS},
             )
         ids = prompt_ids_for(tok, tasks)
         rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any

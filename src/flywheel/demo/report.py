@@ -109,6 +109,14 @@ def _labelers_line(s: DemoSummary) -> str:
     )
 
 
+def _probe_note(counts: dict[str, int] | None) -> str:
+    """Which prompts the few-shot table is measured on (none recorded: the eval prompts, as runs before the probe)."""
+    if not counts:
+        return ""
+    n = ", ".join(f"{v} with {k}" for k, v in counts.items())
+    return f"On a probe of few-shot prompts held out from every split ({n} examples), not the eval prompts. "
+
+
 def _fewshot(p: PolicyResult, k: str) -> str:
     return _pct(p.fewshot_accuracy[k])
 
@@ -159,7 +167,8 @@ def write_report(s: DemoSummary, out: Path) -> None:
         "",
         "## Few-shot accuracy by number of shots",
         "",
-        "The base also given the prompts as plain text, the way a base model is prompted (its answer is the first "
+        _probe_note(s.policies["sft"].fewshot_prompts)
+        + "The base also given the prompts as plain text, the way a base model is prompted (its answer is the first "
         "line it writes); every other column is the chat form.",
         "",
         "| shots | base, plain text | " + " | ".join(t for _, t in cols) + " |",

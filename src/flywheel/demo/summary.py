@@ -74,7 +74,8 @@ class PolicyResult:
     idk_rate: float | None  # unknowable questions answered "I don't know"
     over_refusal: float | None  # answerable prompts refused or answered "I don't know"
     accuracy: float | None  # answerable prompts answered correctly
-    fewshot_accuracy: dict[str, float | None]  # by number of shots
+    # by number of shots, on the few-shot probe held out from every split (evaluation.FEWSHOT_PROBE_PER_SHOT)
+    fewshot_accuracy: dict[str, float | None]
     verdicts: dict[str, dict[str, int]]  # expected behaviour -> what the policy did -> count
     by_family: dict[str, float]  # mean oracle total per task family
     accuracy_by_family: dict[str, float | None]  # correct on answerable prompts, per task family
@@ -82,6 +83,7 @@ class PolicyResult:
     deflection_log_odds: dict[str, float | None]  # log P(refusal) - log P("I don't know") per kind of prompt
     # the base only: few-shot accuracy by shots with the prompts as plain text, how a base model is prompted
     fewshot_plain_accuracy: dict[str, float | None] | None = None
+    fewshot_prompts: dict[str, int] | None = None  # the probe's prompts per number of shots
 
 
 @dataclass
@@ -226,7 +228,12 @@ def _fewshot_target(base: PolicyResult, sft: PolicyResult) -> Target:
         ", ".join(f"{n} {_pct(c.get('0'))} -> {_pct(c.get('4'))}" for n, c in curves.items()),
         all(g >= ICL_GAIN - 1e-9 for g in gains.values()),
         "accuracy by shots (0, 1, 2, 4): "
-        + "; ".join(f"{n} " + ", ".join(_pct(v) for v in c.values()) for n, c in curves.items()),
+        + "; ".join(f"{n} " + ", ".join(_pct(v) for v in c.values()) for n, c in curves.items())
+        + (
+            f" (on {', '.join(str(v) for v in sft.fewshot_prompts.values())} held-out few-shot prompts)"
+            if sft.fewshot_prompts
+            else ""
+        ),
     )
 
 

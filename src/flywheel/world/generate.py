@@ -201,6 +201,30 @@ def _draw_split(
     return tasks
 
 
+def fewshot_probe(seed: int, taken: set[str], per_shot: int) -> list[Task]:
+    """Few-shot prompts for measuring in-context learning: up to `per_shot` of each number of shots (SHOTS), none
+    whose prompt is in `taken` (every split's `Task.prompt_key()`: held out from training and evaluation alike).
+
+    The eval split holds ~10 few-shot prompts per number of shots, too few to tell a 20-point rise from noise; this
+    draws more from a stream of its own (the splits and the world are unchanged). There are few distinct 0-shot
+    prompts (a header and a subject), so that count can fall short of `per_shot` when the splits took most of them.
+    """
+    rng = random.Random(f"{seed}:fewshot-probe")
+    seen = set(taken)
+    tasks: list[Task] = []
+    for shots in SHOTS:
+        drawn = 0
+        for _ in range(100 * per_shot):
+            if drawn == per_shot:
+                break
+            task = fewshot(rng, shots=shots)
+            if task.prompt_key() not in seen:
+                seen.add(task.prompt_key())
+                tasks.append(task)
+                drawn += 1
+    return tasks
+
+
 def generate_world(cfg: WorldConfig, mix: dict[str, float] | None = None) -> World:
     """All splits, demonstrations, synthetic rankings and the corpus; a pure function of `cfg` (and `mix`)."""
     cfg.validate()
