@@ -51,6 +51,7 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
         tasks = load_tasks(run.files["eval_tasks"])
         taken = {t.prompt_key() for split in SPLITS for t in load_tasks(run.files[f"{split}_tasks"])}
         probe = fewshot_probe(run.world.seed, taken, FEWSHOT_PROBE_PER_SHOT)
+        probe_counts = {str(k): sum(t.shots == k for t in probe) for k in SHOTS}
         tok = load_tokenizer(str(models["sft"]))
         _, held_docs = run.corpus_split()  # no model was trained on these
         blocks = lm_blocks(tok, held_docs, run.pretrain_config().seq_len)
@@ -77,7 +78,7 @@ def stage_evaluate(run: DemoRun, models: dict[str, Path]) -> Evaluation:
                 fewshot_plain_accuracy=(
                     fewshot_plain_accuracy(loaded[name], tok, probe, bf16=cfg.bf16) if name == "base" else None
                 ),
-                fewshot_prompts={str(k): sum(t.shots == k for t in probe) for k in SHOTS},
+                fewshot_prompts=probe_counts,
             )
         ids = prompt_ids_for(tok, tasks)
         rounds = [n for n in models if n.startswith("ppo_round")]  # earlier rounds' policies, when there are any
