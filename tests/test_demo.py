@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import random
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -87,6 +88,18 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     assert command(["--preset", "fp32", "--rm-holdout", "0.3", "--ppo.kl-coef", "0.15"]) == (
         "flywheel demo --preset fp32 --seed 0 --rm-holdout 0.3"
     )
+    # A list setting takes several values and is named as typed, so the command runs again as it reads; its items
+    # get the field's type (a weight from a flag is a number, not text).
+    argv = ["--ppo.reward-fn", "flywheel.world.rewards:correct", "my rewards.py:f", "--ppo.reward-weights", "1", "0.5"]
+    printed = command(argv)
+    assert printed == (
+        "flywheel demo --seed 0 --ppo.reward-fn flywheel.world.rewards:correct 'my rewards.py:f' "
+        "--ppo.reward-weights 1.0 0.5"
+    )
+    assert parse_demo_config(argv).resolved().ppo["reward_weights"] == [1.0, 0.5]
+    assert command(shlex.split(printed.removeprefix("flywheel demo"))) == printed
+    with pytest.raises(UserError, match=r"--ppo.reward-weights: .*must be float, got 'x'"):
+        parse_demo_config(["--ppo.reward-weights", "x"])
     # The conservative reward of both presets a CPU picks by itself, named on the report's reward-model line; one
     # model names nothing.
     default = asdict(DemoConfig().resolved())

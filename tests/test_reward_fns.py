@@ -157,7 +157,11 @@ def test_reward_fn_errors_are_user_errors(tmp_path, model_dir, prompts_file, cap
         ("rl", [], "--reward-model or --reward-fn is required"),
         ("ppo", ["--reward-fn", "nope"], "expected module:function"),
         ("rl", ["--reward-fn", "tests.reward_functions:letter_e", "--reward-weights", "1", "2"], "2 values for 1"),
-        ("rl", ["--reward-fn", "tests.reward_functions:letter_e", "--reward-weights", "x"], "must be numbers"),
+        (
+            "rl",
+            ["--reward-fn", "tests.reward_functions:letter_e", "--reward-weights", "x"],
+            "'reward_weights[0]' must be float",
+        ),
     ):
         assert main([cmd, *base, *extra]) == 2, extra
         assert message in capsys.readouterr().err

@@ -103,7 +103,10 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
                 value = [value]
             if not isinstance(value, list):
                 raise TypeError
-            return list(value)
+            (item_type,) = typing.get_args(scalar) or (None,)  # list[float] from a flag: its items are text
+            if item_type is None:
+                return list(value)
+            return [coerce_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         pass
     if isinstance(value, scalar):

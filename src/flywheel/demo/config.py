@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -433,7 +434,13 @@ def describe_model(cfg: dict[str, Any]) -> str:
 
 
 def _flag_value(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
+    """A setting as the command line gives it: true/false, a list as its items (`--ppo.reward-fn a:f b:g`), a
+    string quoted where the shell would split it."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return " ".join(_flag_value(item) for item in v)
+    return shlex.quote(str(v))
 
 
 def check_overrides(stage: str, values: Any) -> dict[str, Any]:
@@ -464,6 +471,7 @@ def build_demo_parser(prog: str, description: str | None = None) -> argparse.Arg
         group = parser.add_argument_group(
             f"{stage} settings ({cls.__name__}; default: the preset's, else the demo's, else the trainer's)"
         )
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name in WIRED[stage]:
                 continue
@@ -471,8 +479,9 @@ def build_demo_parser(prog: str, description: str | None = None) -> argparse.Arg
             if default is dataclasses.MISSING:
                 default = None
             help_text = f"{f.metadata.get('help', '')} (without a preset: {default})".replace("%", "%%")
+            many = typing.get_origin(hints[f.name]) is list  # --ppo.reward-fn a:f b:g
             group.add_argument(f"--{stage}.{f.name.replace('_', '-')}", dest=f"{stage}.{f.name}", metavar="VALUE",
-                               help=help_text)  # fmt: skip
+                               help=help_text, nargs="*" if many else None)  # fmt: skip
     return parser
 
 
