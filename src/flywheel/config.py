@@ -71,6 +71,13 @@ def _field_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
+def is_list_field(tp: Any) -> bool:
+    """Whether a config field of type `tp` holds a list (`list`, `list[str]`, `list[float] | None`): its flag takes
+    several values."""
+    scalar, _ = _field_type(tp)
+    return scalar is list or typing.get_origin(scalar) is list
+
+
 def _parse_bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -98,7 +105,7 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
             return int(value)
         if scalar is str:
             return str(value)
-        if scalar is list or typing.get_origin(scalar) is list:
+        if is_list_field(scalar):
             if isinstance(value, str):  # YAML `report_to: wandb`: a one-item list
                 value = [value]
             if not isinstance(value, list):
@@ -140,7 +147,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if scalar is bool:
             kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}
-        elif scalar is list or typing.get_origin(scalar) is list:
+        elif is_list_field(scalar):
             kind = {"nargs": "*"}
         else:
             kind = {"metavar": scalar.__name__.upper()}

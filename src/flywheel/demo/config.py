@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flywheel.config import build_parser, coerce_value, load_yaml
+from flywheel.config import build_parser, coerce_value, is_list_field, load_yaml
 from flywheel.errors import UserError
 from flywheel.models import TINY_SIZES, check_model_dir
 from flywheel.train.ppo.config import PPOConfig
@@ -479,9 +479,8 @@ def build_demo_parser(prog: str, description: str | None = None) -> argparse.Arg
             if default is dataclasses.MISSING:
                 default = None
             help_text = f"{f.metadata.get('help', '')} (without a preset: {default})".replace("%", "%%")
-            many = typing.get_origin(hints[f.name]) is list  # --ppo.reward-fn a:f b:g
             group.add_argument(f"--{stage}.{f.name.replace('_', '-')}", dest=f"{stage}.{f.name}", metavar="VALUE",
-                               help=help_text, nargs="*" if many else None)  # fmt: skip
+                               help=help_text, nargs="*" if is_list_field(hints[f.name]) else None)  # fmt: skip
     return parser
 
 
