@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,43 @@ def test_rm_ensemble_from_an_ensemble_fine_tunes_each_member_from_its_own(ens, t
         err = capsys.readouterr().err
         assert "is an ensemble of 2 reward models: fine-tune it with --rm-ensemble 2" in err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"bad{n}").exists()
+
+
+def test_rm_ensemble_members_side_by_side_are_the_members_trained_one_after_another(ens, tmp_path):
+    """--parallel-members 2 with --threads 2 trains each member in its own process with 1 thread: byte for byte the
+    ensemble that --threads 1 trains one member after the other (the fixture's), with the same progress logs."""
+    out = tmp_path / "side"
+    args = _rm_args(
+        ens["base"], ens["data"], out, "--rm-ensemble", "2", "--save-every", "2", "--parallel-members", "2"
+    )
+    args[args.index("--threads") + 1] = "2"
+    assert main(args) == 0
+    ref = ens["root"] / "ens"
+    for i in range(2):
+        for name in ("model.safetensors", "config.json", "flywheel.json"):
+            want = (ref / "final" / f"member{i}" / name).read_bytes()
+            assert (out / "final" / f"member{i}" / name).read_bytes() == want, (i, name)
+        metrics = [(d / f"member{i}" / "metrics.jsonl").read_text().splitlines() for d in (out, ref)]
+        steps = [[json.loads(x)["step"] for x in m] for m in metrics]
+        assert steps[0] == steps[1] and "threads: 1" in (out / f"member{i}" / "config.yaml").read_text()
+    assert json.loads((out / "final" / MANIFEST).read_text()) == json.loads((ref / "final" / MANIFEST).read_text())
+
+
+def test_rm_ensemble_member_failing_in_its_process_is_one_line_and_leaves_nothing(tmp_path, ens, capsys):
+    """A member that stops on bad input in its own process: the parent prints its one-line error (file and line),
+    exits 2 and leaves no run directory; bad --parallel-members values are refused before anything runs."""
+    bad = tmp_path / "bad.jsonl"
+    rows = Path(ens["data"]).read_text().splitlines()
+    bad.write_text("\n".join([*rows[:5], "{not json", *rows[5:]]) + "\n")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(_rm_args(ens["base"], str(bad), out, "--rm-ensemble", "2", "--parallel-members", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:6" in err, err
+    assert not out.exists()
+    for more in (["--parallel-members", "0"], ["--parallel-members", "2", "--nproc", "2"]):
+        assert main(_rm_args(ens["base"], ens["data"], tmp_path / "no", "--rm-ensemble", "2", *more)) == 2
+        assert "--parallel-members" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 def test_rm_ensemble_resume_continues_the_member_in_progress(ens, tmp_path, caplog):

@@ -4,4 +4,5 @@ import sys
 
 from flywheel.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker (a reward-model ensemble's member) imports the main module
+    sys.exit(main())

@@ -25,7 +25,7 @@ from flywheel.demo.stages import (
 )
 from flywheel.demo.state import RunState
 from flywheel.demo.summary import DemoSummary, RoundSummary, check_targets, deflection_warnings, headline
-from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
+from flywheel.utils import atomic_write_text, cpu_seconds, log, seed_everything, set_threads
 
 
 def run_demo(cfg: DemoConfig) -> DemoSummary:
@@ -43,7 +43,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
     out = Path(cfg.out)
     done = RunState.open(out, cfg)
     timings: dict[str, float] = {}
-    t_start, c_start = time.perf_counter(), time.process_time()
+    t_start, c_start = time.perf_counter(), cpu_seconds()
     run = start_run(cfg, out, timings)
     base, sft, labels, rm = first_round_data(done, run)
     ppo = done.stage("ppo:1", timings, partial(stage_ppo, run, sft, sft, rm))
@@ -74,7 +74,7 @@ def run_demo(cfg: DemoConfig) -> DemoSummary:
         resumed["reused_from"] = done.reused_from
     # A resumed run's total adds the kept stages' own times to this process's.
     timings["total"] = round(time.perf_counter() - t_start + done.kept_seconds(), 1)
-    timings["total (cpu)"] = round(time.process_time() - c_start + done.kept_seconds(cpu=True), 1)
+    timings["total (cpu)"] = round(cpu_seconds() - c_start + done.kept_seconds(cpu=True), 1)
     summary = DemoSummary(
         config=asdict(cfg),
         timings_s=timings,

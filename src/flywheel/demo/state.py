@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from flywheel.errors import UserError
-from flywheel.utils import atomic_write_text, log
+from flywheel.utils import atomic_write_text, cpu_seconds, log
 
 
 class StageResult(Protocol):
@@ -84,13 +84,14 @@ class Stage:
 
     def __enter__(self) -> Stage:
         log.info("== %s", self.name)
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.t0, self.c0 = time.perf_counter(), cpu_seconds()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.timings[self.name] = round(time.perf_counter() - self.t0, 1)
-        # CPU seconds of this process: on a machine shared with other jobs, wall time overstates the stage's cost.
-        self.timings[f"{self.name} (cpu)"] = round(time.process_time() - self.c0, 1)
+        # CPU seconds of this process and its children: on a machine shared with other jobs, wall time overstates
+        # the stage's cost.
+        self.timings[f"{self.name} (cpu)"] = round(cpu_seconds() - self.c0, 1)
 
     def done(self, message: str, *args: Any) -> None:
         log.info("-> %s (%.0f s): " + message, self.name, time.perf_counter() - self.t0, *args)

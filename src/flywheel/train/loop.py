@@ -405,9 +405,11 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     desc: str = "train",
     lengths: Sequence[int] | None = None,
+    bar_position: int | None = None,
 ) -> LoopResult:
     """Run the optimisation. `loss_fn` returns (summed loss over the batch's `weight` terms, extra metric sums).
-    `lengths`: each sample's padded cost in tokens, for --group-by-length.
+    `lengths`: each sample's padded cost in tokens, for --group-by-length. `bar_position`: the progress bar's line
+    where several loops run side by side.
 
     Call `prepare_model` first for LoRA / gradient checkpointing. In a distributed run every rank calls this with the
     same arguments; `evaluate` runs on every rank (FSDP needs all of them for each forward) and rank 0 logs it."""
@@ -437,7 +439,15 @@ def train_loop(
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * n_proc
     order = DataOrder(len(samples), cfg.seed, lengths if cfg.group_by_length else None, group=per_step)
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not cfg.progress or rank > 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=desc,
+        disable=not cfg.progress or rank > 0,
+        dynamic_ncols=True,
+        position=bar_position,
+        leave=bar_position is None,
+    )
     last: dict[str, float] = {}
     window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0}
     extras: dict[str, float] = {}

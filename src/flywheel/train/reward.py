@@ -73,7 +73,7 @@ from flywheel.train.ensemble import (
     single_model_error,
 )
 from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
-from flywheel.utils import log, seed_everything
+from flywheel.utils import cpu_threads, log, seed_everything
 
 OFFSET_KEY = "flywheel_reward_offset"  # config key: RewardModel.score returns raw score - offset
 OVERLONG = ("drop", "truncate")
@@ -142,6 +142,14 @@ class RewardConfig(PreferenceConfig):
             "flywheel_ensemble.json manifest (1 = one plain reward model)"
         },
     )
+    parallel_members: int = field(
+        default=1,
+        metadata={
+            "help": "with --rm-ensemble N: train up to P members at once, each in its own process with --threads / P "
+            "threads (--threads 0: all cores); faster on a CPU whose cores a small model leaves idle. A member "
+            "trained with T threads is the same model whatever runs beside it (1 = one after another)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
@@ -149,6 +157,10 @@ class RewardConfig(PreferenceConfig):
         super().validate()
         if self.rm_ensemble < 1:
             raise UserError("--rm-ensemble must be >= 1")
+        if self.parallel_members < 1:
+            raise UserError("--parallel-members must be >= 1")
+        if self.parallel_members > 1 and self.nproc > 1:
+            raise UserError("--parallel-members trains members in separate processes: use it with --nproc 1")
 
 
 def reward_offset(config: Any) -> float:
@@ -761,23 +773,34 @@ def ensemble_starts(cfg: RewardConfig) -> list[str]:
 def train_reward_ensemble(cfg: RewardConfig, starts: Sequence[str]) -> Path:
     """--rm-ensemble N: member i is a plain `flywheel rm` run in OUT/member<i>/ with seed --seed + i (head init and
     data order) and the held-out split and references of --seed; `final/` is assembled from their finals at the end.
-    With --resume, members with a final model are kept and the one in progress continues from its checkpoint.
+    With --resume, members with a final model are kept and the ones in progress continue from their checkpoints.
+    With --parallel-members P, up to P members train at once (`_train_members_in_processes`).
     starts: where each member starts (`ensemble_starts`)."""
     run_dir = prepare_run_dir(cfg)
-    finals, info = [], []
-    for i in range(cfg.rm_ensemble):
-        member_dir = run_dir / f"member{i}"
-        seed = cfg.seed + i
-        if cfg.resume and (member_dir / "final" / "config.json").is_file():
-            log.info("rm: ensemble member %d of %d is trained already (%s)", i + 1, cfg.rm_ensemble, member_dir)
+    members = [
+        replace(cfg, out=str(run_dir / f"member{i}"), seed=cfg.seed + i, rm_ensemble=1, model=starts[i])
+        for i in range(cfg.rm_ensemble)
+    ]
+    todo = []
+    for i, member in enumerate(members):
+        if cfg.resume and (Path(member.out) / "final" / "config.json").is_file():
+            log.info("rm: ensemble member %d of %d is trained already (%s)", i + 1, cfg.rm_ensemble, member.out)
         else:
-            log.info("rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, seed, member_dir)
-            member = replace(cfg, out=str(member_dir), seed=seed, rm_ensemble=1, model=starts[i])
-            train_one_reward(member, data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
-        finals.append(member_dir / "final")
-        extra_path = member_dir / "final" / "flywheel.json"
-        extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
-        info.append({"seed": seed, **{k: v for k, v in extra.items() if k.startswith("eval_")}})
+            todo.append(i)
+    if cfg.parallel_members > 1 and len(todo) > 1:
+        _train_members_in_processes(cfg, members, todo)
+    else:
+        for i in todo:
+            log.info(
+                "rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, members[i].seed, members[i].out
+            )
+            train_one_reward(members[i], data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
+    finals, info = [], []
+    for member in members:
+        final = Path(member.out) / "final"
+        finals.append(final)
+        extra = json.loads((final / "flywheel.json").read_text()) if (final / "flywheel.json").is_file() else {}
+        info.append({"seed": member.seed, **{k: v for k, v in extra.items() if k.startswith("eval_")}})
     if distributed.is_main():
         assemble_ensemble(run_dir / "final", finals, {"member_info": info})
         log.info("rm: ensemble of %d reward models in %s", cfg.rm_ensemble, run_dir / "final")
@@ -785,9 +808,80 @@ def train_reward_ensemble(cfg: RewardConfig, starts: Sequence[str]) -> Path:
     return run_dir
 
 
-def train_one_reward(cfg: RewardConfig, *, data_seed: int | None = None, desc: str = "rm") -> Path:
+def _train_members_in_processes(cfg: RewardConfig, members: Sequence[RewardConfig], todo: Sequence[int]) -> None:
+    """Train members `todo` with up to --parallel-members at once, each in a fresh process (spawned: a forked
+    OpenMP runtime can hang) with --threads / P threads, its progress bar on its own line. The first member that
+    fails stops the others (their checkpoints stay for --resume); its error is raised here: a UserError as the
+    member's own one-line message, anything else (a crash, a kill) as the member's exit status."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    procs = min(cfg.parallel_members, len(todo))
+    threads = max(1, (cfg.threads or cpu_threads()) // procs)
+    log.info(
+        "rm: training ensemble members %s side by side, %d at a time with %d thread%s each",
+        ", ".join(str(i + 1) for i in todo),
+        procs,
+        threads,
+        "" if threads == 1 else "s",
+    )
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.RLock()  # the members' progress bars draw one at a time
+    waiting, running = list(todo), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < procs:
+                i = waiting.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                member = replace(members[i], threads=threads)
+                args = (member, cfg.seed, f"rm {i + 1}/{cfg.rm_ensemble}", i, lock, send)
+                proc = ctx.Process(target=_member_process, args=args, name=f"rm-member{i}")
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (i, proc, receive)
+            for sentinel in wait(list(running)):
+                i, proc, receive = running.pop(sentinel)
+                proc.join()
+                try:
+                    message = receive.recv() if proc.exitcode != 0 else None
+                except EOFError:  # it stopped without a word: a crash or a kill
+                    message = None
+                receive.close()
+                if proc.exitcode != 0:
+                    if message is not None:
+                        raise UserError(message)
+                    raise RuntimeError(
+                        f"reward-model ensemble member {i + 1} stopped with exit status {proc.exitcode}"
+                    )
+    finally:
+        for _, proc, _ in running.values():
+            proc.terminate()
+        for _, proc, _ in running.values():
+            proc.join()
+
+
+def _member_process(member: RewardConfig, data_seed: int, desc: str, line: int, lock: Any, send: Any) -> None:
+    """One ensemble member in its own process: its bad input goes back to the parent as the one-line message."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from flywheel.utils import setup_logging
+
+    setup_logging()
+    tqdm.set_lock(lock)
+    try:
+        train_one_reward(member, data_seed=data_seed, desc=desc, bar_position=line)
+    except UserError as err:
+        send.send(str(err))
+        sys.exit(2)
+
+
+def train_one_reward(
+    cfg: RewardConfig, *, data_seed: int | None = None, desc: str = "rm", bar_position: int | None = None
+) -> Path:
     """One reward model in --out: seeded by --seed, with the held-out split and references drawn with `data_seed`
-    (default --seed)."""
+    (default --seed); `bar_position`: the line of its progress bar when several train at once."""
     from flywheel.data.io import read_preferences
 
     run_dir = prepare_run_dir(cfg)
@@ -829,6 +923,7 @@ def train_one_reward(cfg: RewardConfig, *, data_seed: int | None = None, desc: s
         evaluate if eval_groups else None,
         desc=desc,
         lengths=[padded_tokens(g, cfg.share_prompt) for g in groups],
+        bar_position=bar_position,
     )
     extra: dict[str, Any] = {"stage": "rm", "steps": result.steps, "max_length": cfg.max_length, **result.eval_metrics}
     if cfg.normalize:
