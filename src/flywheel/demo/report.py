@@ -182,9 +182,9 @@ def write_report(s: DemoSummary, out: Path) -> None:
         "",
         "## Time per stage (s)",
         "",
-        "Wall-clock seconds, and CPU seconds of the demo's process and the reward models' processes (all threads; "
-        "about twice the wall time on 2 cores, less with OMP_WAIT_POLICY=PASSIVE): a busy machine stretches the "
-        "first, not the second.",
+        "Wall-clock seconds, and CPU seconds of the demo's process and of any it starts (all threads; about twice "
+        "the wall time on 2 cores, less with OMP_WAIT_POLICY=PASSIVE): a busy machine stretches the first, not the "
+        "second.",
         "",
         " · ".join(f"{k} {v:.0f}" for k, v in s.timings_s.items()),
         "",

@@ -875,6 +875,8 @@ def _member_process(member: RewardConfig, data_seed: int, desc: str, line: int, 
     except UserError as err:
         send.send(str(err))
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent reports it, once
+        sys.exit(130)
 
 
 def train_one_reward(
