@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from flywheel.demo.base import shipped_base
-from flywheel.train.reward import RewardConfig, train_reward
+from flywheel.train.reward import RewardConfig, member_threads, train_reward
 from flywheel.utils import bf16_is_fast, cpu_threads
 from flywheel.world.generate import WorldConfig, write_world
 
@@ -65,7 +65,7 @@ def main() -> None:
                 train_reward(cfg)
                 best[name] = min(best[name], time.perf_counter() - t0)
                 shutil.rmtree(out)
-        per = max(1, threads // args.members)
+        per = member_threads(threads, args.members)
         print(
             f"{args.members} reward models x {args.steps} steps from the shipped base ({base.name}), "
             f"{'bf16' if bf16 else 'fp32'}, {threads} threads, {os.cpu_count()} CPUs"

@@ -817,7 +817,7 @@ def _train_members_in_processes(cfg: RewardConfig, members: Sequence[RewardConfi
     from multiprocessing.connection import wait
 
     procs = min(cfg.parallel_members, len(todo))
-    threads = max(1, (cfg.threads or cpu_threads()) // procs)
+    threads = member_threads(cfg.threads, procs)
     log.info(
         "rm: training ensemble members %s side by side, %d at a time with %d thread%s each",
         ", ".join(str(i + 1) for i in todo),
@@ -858,6 +858,11 @@ def _train_members_in_processes(cfg: RewardConfig, members: Sequence[RewardConfi
             proc.terminate()
         for _, proc, _ in running.values():
             proc.join()
+
+
+def member_threads(threads: int, procs: int) -> int:
+    """Threads of each of `procs` members side by side: their share of `threads` (0: `cpu_threads()`), at least 1."""
+    return max(1, (threads or cpu_threads()) // procs)
 
 
 def _member_process(member: RewardConfig, data_seed: int, desc: str, line: int, lock: Any, send: Any) -> None:
