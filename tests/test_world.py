@@ -617,3 +617,24 @@ def test_validation_prompts_leave_every_other_split_as_it_was():
     assert with_val.corpus == without.corpus and with_val.demos == without.demos
     others = {t.prompt_key() for split in SPLITS[:-1] for t in with_val.tasks[split]}
     assert not others & {t.prompt_key() for t in with_val.tasks["val"]}
+
+
+def test_opener_rate_changes_only_the_openers_of_padded_demonstrations():
+    from flywheel.world.text import FILLER_OPENERS
+
+    tasks = [t for f in FAMILIES for t in tasks_of(f, 40, seed=5) if t.expect == "answer"]
+    padded = Imperfections(p_wrong=0, p_over_refuse=0, p_verbose=1)
+    with_openers = [demonstration(t, random.Random(i), padded) for i, t in enumerate(tasks)]
+    opened = [a for a in with_openers if a.startswith(tuple(FILLER_OPENERS))]
+    assert 0.35 < len(opened) / len(with_openers) < 0.65  # the default: half of the padded answers
+    none = Imperfections(p_wrong=0, p_over_refuse=0, p_verbose=1, p_opener=0)
+    without = [demonstration(t, random.Random(i), none) for i, t in enumerate(tasks)]
+    # The same answers and closers, drawn from the same random stream; only the opener is gone.
+    strip = re.compile("^(?:" + "|".join(re.escape(o) for o in FILLER_OPENERS) + ") ")
+    assert without == [strip.sub("", a) for a in with_openers]
+    always = Imperfections(p_wrong=0, p_over_refuse=0, p_verbose=1, p_opener=1)
+    assert all(
+        demonstration(t, random.Random(i), always).startswith(tuple(FILLER_OPENERS)) for i, t in enumerate(tasks)
+    )
+    with pytest.raises(UserError, match="p_opener"):
+        WorldConfig(p_opener=1.5).validate()

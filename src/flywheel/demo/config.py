@@ -109,6 +109,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             n_ppo=600,
             n_eval=300,
             p_verbose=0.85,
+            # Demonstrators pad after the answer, never before it: an SFT policy that learnt to open with "Sure!"
+            # where unsure lost those answers when PPO dropped the opener for concision (seeds 100-104: 70.9 ->
+            # 77.6% against SFT, correct answers 42.8 -> 40.6% before, 44.4 -> 43.9% now; docs/log.md, 2026-12-06)
+            p_opener=0.0,
             p_deflect=0.0,
             p_refuse_idk=0.0,
         ),  # fmt: skip

@@ -99,6 +99,10 @@ class WorldConfig:
         default=_DEFAULT_IMPERFECTIONS.p_verbose,
         metadata={"help": "demonstrations: fraction of answers padded with pleasantries"},
     )
+    p_opener: float = field(
+        default=_DEFAULT_IMPERFECTIONS.p_opener,
+        metadata={"help": "demonstrations: fraction of padded answers that also open with one ('Sure! ...')"},
+    )
 
     def validate(self) -> None:
         for name in ("corpus_chars", "n_demos", "n_demos_val", "n_rank", "n_ppo", "n_eval", "n_val"):
@@ -115,6 +119,7 @@ class WorldConfig:
             "p_made_up",
             "p_refuse_idk",
             "p_verbose",
+            "p_opener",
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -132,6 +137,7 @@ class WorldConfig:
             p_made_up=self.p_made_up,
             p_refuse_idk=self.p_refuse_idk,
             p_verbose=self.p_verbose,
+            p_opener=self.p_opener,
         )
 
     def sizes(self) -> dict[str, int]:
