@@ -154,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             n_ppo=600,
             n_eval=300,
             p_verbose=0.85,
-            p_opener=0.0,  # as the default preset (seeds 100-104, AVX-512 off: 70.5 -> 77.5%, 717 -> 437 s; log.md)
+            p_opener=0.0,  # as the default preset (seeds 100-104 with AVX-512 off: 70.5 -> 77.5% against SFT; log.md)
             p_deflect=0.0,  # the default preset's demonstrators: they never cross the two deflections (with 0.1
             p_refuse_idk=0.0,  # each, PPO moved seed 100's harmful requests to "I don't know": docs/demo.md)
         ),  # fmt: skip
