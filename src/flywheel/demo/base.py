@@ -14,14 +14,16 @@ A run that pretrains its own base (`flywheel demo --from-scratch`) gets one that
 
     python -m flywheel.demo.base --out runs/base [--base shipped-tiny] [--install]
 
-It is the demo's own world, tokenizer and pretraining stages with the settings of `flywheel demo [--quick]
+It is the demo's own world, tokenizer and pretraining stages with the settings of `flywheel demo --from-scratch --seed
+271828 --world.p-opener 0.5 --pretrain.epochs 12 --pretrain.log-every 10` (`shipped`) and `flywheel demo --quick
 --from-scratch --seed 271828 --world.corpus-chars 1200000 --pretrain.epochs 12 --pretrain.log-every 10`
-(`SHIPPED_BASES`): the world of seed `BASE_SEED` (no demo seed anyone uses by habit: a run with that seed would hold
-out corpus documents the base was trained on), a byte-level BPE on its corpus and demonstrations, and the preset's
-pretraining for 12 epochs (bf16 where the CPU multiplies it natively and the model is "small"). A shipped model's
-`flywheel.json` records its first logged training losses (`fingerprint`); `tests/test_demo_base.py` trains the same
-first steps again and checks them, and checks that the tokenizer comes out identical. No seed's eval problems are in
-the corpus (`flywheel.world.tasks.eval_only`), so every seed evaluates the base on problems it has never seen.
+(`shipped-tiny`), as `SHIPPED_BASES` records them: the world of seed `BASE_SEED` (no demo seed anyone uses by habit: a
+run with that seed would hold out corpus documents the base was trained on), a byte-level BPE on its corpus and
+demonstrations, and the preset's pretraining for 12 epochs (bf16 where the CPU multiplies it natively and the model is
+"small"). A shipped model's `flywheel.json` records its first logged training losses (`fingerprint`);
+`tests/test_demo_base.py` trains the same first steps again and checks them, and checks that the tokenizer comes out
+identical. No seed's eval problems are in the corpus (`flywheel.world.tasks.eval_only`), so every seed evaluates the
+base on problems it has never seen.
 """
 
 from __future__ import annotations
