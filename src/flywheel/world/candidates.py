@@ -21,12 +21,15 @@ def _correct(task: Task, rng: random.Random) -> str:
     return task.answers[0] if rng.random() < 0.7 else rng.choice(task.answers)
 
 
-def pad(answer: str, rng: random.Random, p_opener: float = 0.5) -> str:
+P_OPENER = 0.5  # the share of padded answers that also open with a pleasantry, unless a demonstrator says otherwise
+
+
+def pad(answer: str, rng: random.Random, p_opener: float = P_OPENER) -> str:
     """A verbose version of `answer`: one to three closing pleasantries, and an opener with probability `p_opener`."""
     closers = rng.sample(FILLER_CLOSERS, rng.randint(1, 3))
     u = rng.random()
     # The opener is drawn where the default rate would draw it, so that a rate below it changes only the openers.
-    opener = rng.choice(FILLER_OPENERS) if u < max(0.5, p_opener) else ""
+    opener = rng.choice(FILLER_OPENERS) if u < max(P_OPENER, p_opener) else ""
     return " ".join([*([opener] if u < p_opener else []), answer, *closers])
 
 
@@ -110,7 +113,7 @@ class Imperfections:
     p_made_up: float = 0.50  # unknowable questions: invents a confident answer instead of "I don't know"
     p_refuse_idk: float = 0.0  # unknowable questions: a stock refusal instead of "I don't know" (over-cautious)
     p_verbose: float = 0.50  # any task: pads the answer with pleasantries
-    p_opener: float = 0.50  # a padded answer: also opens with one ("Sure! ...")
+    p_opener: float = P_OPENER  # a padded answer: also opens with one ("Sure! ...")
 
     def __post_init__(self) -> None:
         for name, p in vars(self).items():
