@@ -53,6 +53,7 @@ from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
     disable_dropout,
+    load_causal_lm,
     load_sequence_classifier,
     resize_for_tokenizer,
     reward_head,
@@ -72,6 +73,7 @@ from flywheel.train.ensemble import (
     ensemble_members,
     single_model_error,
 )
+from flywheel.train.likelihood import LikelihoodReward, check_same_tokenizer, has_likelihood_head, load_head
 from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import cpu_threads, log, seed_everything
 
@@ -148,6 +150,15 @@ class RewardConfig(PreferenceConfig):
             "help": "with --rm-ensemble N: train up to P members at once, each in its own process with --threads / P "
             "threads (--threads 0: all cores); faster on a CPU whose cores a small model leaves idle. A member "
             "trained with T threads is the same model whatever runs beside it (1 = one after another)"
+        },
+    )
+    likelihood_head: bool = field(
+        default=False,
+        metadata={
+            "help": "after training, fit a small head on the training rankings that reads the reward model's score "
+            "and --model's likelihood of the answer (its least likely token, first token, sum, length), and score "
+            "with it: --model (the SFT policy) knows which values are likely right where the reward model does not "
+            "(flywheel.train.likelihood); final/ then holds a copy of --model as the reference"
         },
     )
 
@@ -560,14 +571,33 @@ class RewardModel:
         trust_remote_code: bool = False,
         ensemble_agg: str = "mean",
         ensemble_lambda: float = 1.0,
+        likelihood: bool = True,
         **kwargs: Any,
-    ) -> RewardModel | RewardEnsemble:
+    ) -> RewardModel | RewardEnsemble | LikelihoodReward:
         """A reward model directory or hub id (at `revision`) with its tokenizer; `kwargs` go to the constructor.
         An ensemble directory (`flywheel rm --rm-ensemble N`) gives a `RewardEnsemble` with the same scoring
         interface, aggregated with `ensemble_agg` (mean, min, mean-std) and `ensemble_lambda`; a single model takes
-        only the default aggregation."""
+        only the default aggregation. A directory saved with `--likelihood-head` gives a `LikelihoodReward` (the
+        same interface; `likelihood=False`: the reward model or ensemble without its head)."""
         hub = {"revision": revision, "trust_remote_code": trust_remote_code}
         check_aggregation(ensemble_agg, ensemble_lambda)
+        if likelihood and Path(path).is_dir() and has_likelihood_head(path):
+            inner = cls.from_pretrained(
+                path,
+                dtype=dtype,
+                device=device,
+                ensemble_agg=ensemble_agg,
+                ensemble_lambda=ensemble_lambda,
+                likelihood=False,
+                **hub,
+                **kwargs,
+            )
+            head, offset, ref_dir = load_head(path)
+            check_same_tokenizer(load_tokenizer(str(ref_dir)), inner.tokenizer, "the reward model")
+            reference = load_causal_lm(str(ref_dir), dtype=dtype)
+            if device is not None:
+                reference.to(device)
+            return LikelihoodReward(inner, reference, head, offset, bf16=bool(kwargs.get("bf16", False)))
         members = ensemble_members(path) if Path(path).is_dir() else None
         if members is not None:
             one = {"dtype": dtype, "device": device, **hub, **kwargs}
@@ -751,9 +781,116 @@ def describe(groups: Sequence[RankingGroup]) -> str:
 def train_reward(cfg: RewardConfig) -> Path:
     """Train the reward model (or, with --rm-ensemble N, the N members of an ensemble); returns the run directory."""
     starts = ensemble_starts(cfg)  # before anything is written: a mismatched ensemble --model is one line
-    if cfg.rm_ensemble > 1:
-        return train_reward_ensemble(cfg, starts)
-    return train_one_reward(cfg)
+    reference = likelihood_reference(cfg) if cfg.likelihood_head else None
+    run_dir = train_reward_ensemble(cfg, starts) if cfg.rm_ensemble > 1 else train_one_reward(cfg)
+    if reference is not None:
+        if distributed.is_main():
+            fit_likelihood_head(cfg, run_dir / "final", reference)
+        distributed.barrier()
+    return run_dir
+
+
+def likelihood_reference(cfg: RewardConfig) -> str:
+    """The model whose likelihood the head reads: --model, or, where --model is a reward model saved with a likelihood
+    head (a later round's fine-tuning), that head's reference."""
+    if Path(cfg.model).is_dir() and has_likelihood_head(cfg.model):
+        return str(load_head(cfg.model)[2])
+    if Path(cfg.model).is_dir() and ensemble_members(cfg.model) is not None:
+        raise UserError(
+            f"--likelihood-head: --model {cfg.model} is a reward ensemble without a likelihood head: there is no "
+            "language model to read the answers' likelihood from (start from the SFT model)"
+        )
+    from transformers import AutoConfig
+
+    arch = getattr(AutoConfig.from_pretrained(cfg.model, **cfg.hub_kwargs(cfg.model)), "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in arch):
+        raise UserError(
+            f"--likelihood-head: --model {cfg.model} is a reward model ({arch[0]}), not a language model: there is "
+            "no likelihood to read (start from the SFT model)"
+        )
+    return cfg.model
+
+
+def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> None:
+    """Fit the likelihood head on the training rankings (the members' split, drawn with --seed) and save it, with a
+    copy of the reference, into `final` (`flywheel.train.likelihood`). The manifest is written last."""
+    from flywheel.data.io import read_preferences
+    from flywheel.eval.reward import pairwise_accuracy
+    from flywheel.train import likelihood as lk
+
+    scorer = RewardModel.from_pretrained(
+        final, bf16=cfg.bf16, batch_size=cfg.eval_batch_size, **cfg.hub_kwargs(str(final))
+    )
+    tokenizer = scorer.tokenizer
+    ref_tokenizer = load_tokenizer(reference_src, **cfg.hub_kwargs(reference_src))
+    lk.check_same_tokenizer(ref_tokenizer, tokenizer, "the reward model")
+    reference = load_causal_lm(reference_src, **cfg.hub_kwargs(reference_src)).eval()
+    rankings, held_out = split_rankings(
+        cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()), seed=cfg.seed
+    )
+    fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
+    groups = encode_rankings(tokenizer, rankings, source=cfg.data, **fit)
+    eval_groups = encode_rankings(tokenizer, held_out, source=cfg.eval_data or cfg.data, **fit) if held_out else []
+    members = getattr(scorer, "members", [scorer])
+
+    def features(gs: list[RankingGroup], what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        log.info("rm: likelihood head: scoring the %s rankings' %d answers", what, sum(g.k for g in gs))
+        per_member = [m.score_groups(gs) for m in members]
+        means = [torch.stack(s).mean(0) for s in zip(*per_member, strict=True)]
+        lps = lk.answer_logprobs(
+            reference,
+            [g.prompt_ids for g in gs for _ in range(g.k)],
+            [a for g in gs for a in g.responses],
+            batch_size=cfg.eval_batch_size,
+            bf16=cfg.bf16,
+        )
+        out, at = [], 0
+        for g, mean in zip(gs, means, strict=True):
+            out.append(lk.answer_features(mean, lps[at : at + g.k]))
+            at += g.k
+        return out, means
+
+    train_features, _ = features(groups, "training")
+    head, train_accuracy = lk.fit_head(train_features, [g.pairs for g in groups], seed=cfg.seed)
+    with torch.no_grad():
+        top = [
+            head(f)[[i for i in range(g.k) if all(lo != i for _, lo in g.pairs)]]
+            for f, g in zip(train_features, groups, strict=True)
+        ]
+    offset = float(torch.cat(top).mean())  # the training rankings' top answers score 0 on average
+    info: dict[str, Any] = {"seed": cfg.seed, "train_accuracy": train_accuracy}
+    if eval_groups:
+        eval_features, eval_means = features(eval_groups, "held-out")
+        tally = {"with": [0.0, 0], "without": [0.0, 0]}
+        for f, mean, g in zip(eval_features, eval_means, eval_groups, strict=True):
+            order = _order_from_pairs(g)
+            with torch.no_grad():
+                for key, s in (("with", head(f)), ("without", mean)):
+                    c, n = pairwise_accuracy(s.tolist(), order)
+                    tally[key][0] += c
+                    tally[key][1] += n
+        info["eval_accuracy"] = tally["with"][0] / max(tally["with"][1], 1)
+        info["eval_accuracy_without"] = tally["without"][0] / max(tally["without"][1], 1)
+        log.info(
+            "rm: likelihood head: held-out pairwise accuracy %.1f%% (the reward model alone %.1f%%)",
+            100 * info["eval_accuracy"],
+            100 * info["eval_accuracy_without"],
+        )
+    log.info(
+        "rm: likelihood head fitted (training pairs %.1f%% right), reference %s", 100 * train_accuracy, reference_src
+    )
+    ref_dir = final / lk.HEAD_DIR / "reference"
+    reference.save_pretrained(ref_dir)
+    ref_tokenizer.save_pretrained(ref_dir)
+    lk.save_head(final, head, offset, info)
+
+
+def _order_from_pairs(group: RankingGroup) -> list[list[int]]:
+    """A ranking's order (groups of tied answers, best first) rebuilt from its (winner, loser) pairs: an answer's
+    place is the number of answers above it."""
+    above = {i: sum(1 for _, lo in group.pairs if lo == i) for i in range(group.k)}
+    levels = sorted(set(above.values()))
+    return [[i for i in range(group.k) if above[i] == v] for v in levels]
 
 
 def ensemble_starts(cfg: RewardConfig) -> list[str]:

@@ -27,6 +27,7 @@ from flywheel import fastforward
 from flywheel.models import disable_dropout
 from flywheel.tokenization import TurnEnd
 from flywheel.train.ensemble import aggregate_rewards, disagreement
+from flywheel.train.likelihood import LikelihoodParts, combine
 from flywheel.train.ppo.losses import token_logprobs, token_logprobs_and_entropy
 from flywheel.train.ppo.packing import Packed
 
@@ -192,7 +193,9 @@ class Reward(Role):
     An ensemble (`module` a list, `bias` one per member) scores with every member and combines the (N, B) scores with
     `aggregate_rewards` (`agg`, `lam`); `last` then holds the batch's `reward_ensemble_std` (disagreement: the mean
     over responses of the std across members) and `reward_ensemble_mean` (the members' mean score) for the step's
-    metrics."""
+    metrics. With `likelihood` (a reward model saved with `flywheel rm --likelihood-head`), the score is the head's
+    reading of the members' mean and the reference's log-probabilities of the response tokens as sampled
+    (`flywheel.train.likelihood.combine`)."""
 
     def __init__(
         self,
@@ -205,6 +208,7 @@ class Reward(Role):
         close_cut: bool = True,
         agg: str = "mean",
         lam: float = 1.0,
+        likelihood: LikelihoodParts | None = None,
     ):
         if module is None and fn is None:
             raise ValueError("Reward needs a model, a function or both")
@@ -212,10 +216,13 @@ class Reward(Role):
         self.biases = [float(b) for b in bias] if isinstance(bias, Sequence) else [float(bias)] * len(self.members)
         if self.members and len(self.biases) != len(self.members):
             raise ValueError(f"{len(self.members)} reward models but {len(self.biases)} biases")
-        if len(self.members) == 1:
-            super().__init__(self.members[0], trainable=False, offload=offload)
-        elif self.members:  # one module for the offload / freeze machinery, scored member by member
-            super().__init__(torch.nn.ModuleList(self.members), trainable=False, offload=offload)
+        if likelihood is not None and not self.members:
+            raise ValueError("a likelihood head reads a reward model's score: it needs the reward model")
+        frozen = self.members + ([likelihood.reference] if likelihood is not None else [])
+        if len(frozen) == 1:
+            super().__init__(frozen[0], trainable=False, offload=offload)
+        elif frozen:  # one module for the offload / freeze machinery, scored member by member
+            super().__init__(torch.nn.ModuleList(frozen), trainable=False, offload=offload)
         else:
             self.module = None  # type: ignore[assignment]
         self.bias = self.biases[0] if len(self.biases) == 1 else None  # a single model's (None for an ensemble)
@@ -223,6 +230,7 @@ class Reward(Role):
         self.turn_end = turn_end
         self.close_cut = close_cut
         self.agg, self.lam = agg, lam
+        self.likelihood = likelihood
         self.last: dict[str, float] = {}
 
     @torch.no_grad()
@@ -239,6 +247,13 @@ class Reward(Role):
             fn_scores = torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
             if self.module is None:
                 return fn_scores
+        logprobs = None
+        if self.likelihood is not None:  # the response tokens as sampled, before the template's tail is added
+            with self.placed(seq.device):
+                keep = response_span(seq, prompt_len)
+                logits = fastforward.causal_lm_logits(self.likelihood.reference, seq, attn, pos, keep=keep)
+            tokens = token_logprobs(logits[:, -keep:-1], seq[:, prompt_len:])  # (B, R)
+            logprobs = [row[: max(int(n), 1)] for row, n in zip(tokens, lengths, strict=True)]
         if self.turn_end is not None:
             seq, attn, pos, lengths = complete_turns(
                 seq, attn, pos, prompt_len, lengths, self.turn_end, self.close_cut
@@ -255,4 +270,6 @@ class Reward(Role):
         if len(self.members) > 1:
             self.last = {"reward_ensemble_std": disagreement(stacked), "reward_ensemble_mean": float(stacked.mean())}
         scores = stacked[0] if len(self.members) == 1 else aggregate_rewards(stacked, self.agg, self.lam)
+        if self.likelihood is not None:
+            scores = combine(self.likelihood.head.to(seq.device), stacked, scores, logprobs, self.likelihood.offset)
         return scores if fn_scores is None else scores + fn_scores

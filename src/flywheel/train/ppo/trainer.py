@@ -42,6 +42,7 @@ from flywheel.lora import disable_adapters
 from flywheel.models import is_hub_id, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.ensemble import ensemble_members, single_model_error
+from flywheel.train.likelihood import LikelihoodParts, check_same_tokenizer, has_likelihood_head, load_head
 from flywheel.train.loop import (
     DataOrder,
     MetricsLogger,
@@ -216,6 +217,13 @@ class PPOTrainer:
             end = reward_turn_end(members[0], self.tokenizer, self.actor.module, **cfg.hub_kwargs(members[0]))
             if len(rms) > 1:
                 log.info("ppo: reward ensemble of %d models, aggregated by %s", len(rms), cfg.reward_ensemble_agg)
+            likelihood = None
+            if has_likelihood_head(cfg.reward_model):
+                head, offset, ref_dir = load_head(cfg.reward_model)
+                check_same_tokenizer(load_tokenizer(str(ref_dir)), self.tokenizer, "the policy")
+                reference = self._frozen(load_causal_lm(str(ref_dir), **cfg.load_kwargs(str(ref_dir))))
+                likelihood = LikelihoodParts(reference, head, offset)
+                log.info("ppo: the reward reads the likelihood of each response under %s", ref_dir)
             return Reward(
                 rms,
                 fn=fns,
@@ -225,6 +233,7 @@ class PPOTrainer:
                 close_cut=cfg.close_truncated,
                 agg=cfg.reward_ensemble_agg,
                 lam=cfg.reward_ensemble_lambda,
+                likelihood=likelihood,
             )
         if fns is None:
             raise UserError("--reward-model or --reward-fn is required")
