@@ -90,7 +90,9 @@ def answer_logprobs(
     bf16: bool = False,
 ) -> list[torch.Tensor]:
     """The log-probability (temperature 1) of each answer token after its prompt under `model`, a causal LM: B
-    float32 CPU tensors. Batched by length, right-padded."""
+    float32 CPU tensors. Batched by length and left-padded, as PPO's rollouts are, so the LM head runs on the
+    answers' positions only (`fastforward.causal_lm_logits`, the reference role's forward)."""
+    from flywheel import fastforward
     from flywheel.train.loop import autocast
 
     if len(prompt_ids) != len(answer_ids):
@@ -102,18 +104,22 @@ def answer_logprobs(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = max(len(seqs[i]) for i in rows)
+        keep = max(len(answer_ids[i]) for i in rows) + 1  # the answers' positions and the one before each
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, : len(seqs[i])] = 1
+            ids[r, width - len(seqs[i]) :] = torch.tensor(seqs[i])
+            mask[r, width - len(seqs[i]) :] = 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
         with autocast(bf16):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
+            logits = fastforward.causal_lm_logits(model, ids.to(device), mask.to(device), pos.to(device), keep=keep)[
+                :, -keep:-1
+            ]
+        targets = ids[:, width - keep + 1 :].to(device)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0].cpu()
         for r, i in enumerate(rows):
-            p, n = len(prompt_ids[i]), len(answer_ids[i])
-            targets = ids[r, p : p + n].to(device)
-            out[i] = logp[r, p - 1 : p - 1 + n].gather(-1, targets[:, None])[:, 0].cpu()
+            n = len(answer_ids[i])
+            out[i] = logp[r, keep - 1 - n :]
     return out  # type: ignore[return-value]
 
 
