@@ -25,6 +25,7 @@ from flywheel.train.likelihood import (
     combine,
     fit_head,
     has_likelihood_head,
+    pair_accuracy,
 )
 from flywheel.train.reward import RankingGroup, RewardModel
 
@@ -68,6 +69,12 @@ def _synthetic_groups(n: int, seed: int) -> tuple[list[torch.Tensor], list[list[
         features.append(f)
         pairs.append([(order[i], order[j]) for i in range(k) for j in range(i + 1, k)])
     return features, pairs
+
+
+def test_pair_accuracy_counts_ties_half():
+    scores = [torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    assert pair_accuracy(scores, [[(0, 1), (0, 2), (2, 1)], [(1, 0)]]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    assert pair_accuracy([], []) == 0.0
 
 
 def test_fit_head_learns_a_nonlinear_order_and_is_deterministic_with_its_seed():

@@ -147,6 +147,16 @@ def bradley_terry_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torc
     return F.softplus(scores[losers] - scores[winners]).mean()
 
 
+def pair_accuracy(scores: Sequence[torch.Tensor], pairs: Sequence[Sequence[tuple[int, int]]]) -> float:
+    """Share of (winner, loser) pairs that `scores` order right, over groups (a tie in score counts half)."""
+    right = total = 0.0
+    for s, ps in zip(scores, pairs, strict=True):
+        for w, lo in ps:
+            right += 1.0 if s[w] > s[lo] else 0.5 if s[w] == s[lo] else 0.0
+            total += 1
+    return right / max(total, 1)
+
+
 def fit_head(
     features: Sequence[torch.Tensor], pairs: Sequence[Sequence[tuple[int, int]]], *, seed: int
 ) -> tuple[LikelihoodHead, float]:
@@ -175,9 +185,8 @@ def fit_head(
         opt.step()
     head.eval()
     with torch.no_grad():
-        s = head(flat)
-        accuracy = float(((s[win] > s[lose]).float() + 0.5 * (s[win] == s[lose]).float()).mean())
-    return head, accuracy
+        at = [head(f.float()) for f in features]
+    return head, pair_accuracy(at, pairs)
 
 
 def save_head(out_dir: Path, head: LikelihoodHead, offset: float, info: dict[str, Any]) -> None:

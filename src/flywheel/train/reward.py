@@ -815,12 +815,9 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
     """Fit the likelihood head on the training rankings (the members' split, drawn with --seed) and save it, with a
     copy of the reference, into `final` (`flywheel.train.likelihood`). The manifest is written last."""
     from flywheel.data.io import read_preferences
-    from flywheel.eval.reward import pairwise_accuracy
     from flywheel.train import likelihood as lk
 
-    scorer = RewardModel.from_pretrained(
-        final, bf16=cfg.bf16, batch_size=cfg.eval_batch_size, **cfg.hub_kwargs(str(final))
-    )
+    scorer = RewardModel.from_pretrained(final, bf16=cfg.bf16, batch_size=cfg.eval_batch_size, likelihood=False)
     tokenizer = scorer.tokenizer
     ref_tokenizer = load_tokenizer(reference_src, **cfg.hub_kwargs(reference_src))
     lk.check_same_tokenizer(ref_tokenizer, tokenizer, "the reward model")
@@ -861,16 +858,10 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
     info: dict[str, Any] = {"seed": cfg.seed, "train_accuracy": train_accuracy}
     if eval_groups:
         eval_features, eval_means = features(eval_groups, "held-out")
-        tally = {"with": [0.0, 0], "without": [0.0, 0]}
-        for f, mean, g in zip(eval_features, eval_means, eval_groups, strict=True):
-            order = _order_from_pairs(g)
-            with torch.no_grad():
-                for key, s in (("with", head(f)), ("without", mean)):
-                    c, n = pairwise_accuracy(s.tolist(), order)
-                    tally[key][0] += c
-                    tally[key][1] += n
-        info["eval_accuracy"] = tally["with"][0] / max(tally["with"][1], 1)
-        info["eval_accuracy_without"] = tally["without"][0] / max(tally["without"][1], 1)
+        pairs = [g.pairs for g in eval_groups]
+        with torch.no_grad():
+            info["eval_accuracy"] = lk.pair_accuracy([head(f) for f in eval_features], pairs)
+        info["eval_accuracy_without"] = lk.pair_accuracy(eval_means, pairs)
         log.info(
             "rm: likelihood head: held-out pairwise accuracy %.1f%% (the reward model alone %.1f%%)",
             100 * info["eval_accuracy"],
@@ -883,14 +874,6 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
     reference.save_pretrained(ref_dir)
     ref_tokenizer.save_pretrained(ref_dir)
     lk.save_head(final, head, offset, info)
-
-
-def _order_from_pairs(group: RankingGroup) -> list[list[int]]:
-    """A ranking's order (groups of tied answers, best first) rebuilt from its (winner, loser) pairs: an answer's
-    place is the number of answers above it."""
-    above = {i: sum(1 for _, lo in group.pairs if lo == i) for i in range(group.k)}
-    levels = sorted(set(above.values()))
-    return [[i for i in range(group.k) if above[i] == v] for v in levels]
 
 
 def ensemble_starts(cfg: RewardConfig) -> list[str]:
