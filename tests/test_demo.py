@@ -106,6 +106,11 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     for cfg in (default, asdict(DemoConfig(preset="fp32").resolved())):
         assert (cfg["rm"]["rm_ensemble"], cfg["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
     assert _ensemble(default) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
+    head = asdict(parse_demo_config(["--rm.likelihood-head", "true"]).resolved())
+    assert _ensemble(head) == (
+        " (an ensemble of 3, scored by a head over their mean score and the SFT policy's likelihood of the answer; "
+        "PPO optimises it less 1 std of theirs)"
+    )
     assert (
         _ensemble(asdict(parse_demo_config(["--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]).resolved()))
         == ""

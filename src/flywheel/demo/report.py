@@ -122,16 +122,27 @@ def _fewshot(p: PolicyResult, k: str) -> str:
 
 
 def _ensemble(cfg: dict[str, Any]) -> str:
-    """What the reward-model line says of a run with --rm.rm-ensemble N > 1 (how its members' scores are read); ''
-    for one model."""
+    """What the reward-model line says of how the reward models' scores are read: with --rm.rm-ensemble N > 1 (their
+    mean, and PPO's aggregate) and with --rm.likelihood-head (the head over them and the SFT policy's likelihood); ''
+    for one plain model."""
     n = cfg["rm"].get("rm_ensemble", STAGES["rm"].rm_ensemble)
+    head = cfg["rm"].get("likelihood_head", STAGES["rm"].likelihood_head)
+    read = "a head over their mean score and the SFT policy's likelihood of the answer" if head else "their mean"
     if n <= 1:
-        return ""
+        return " (read by a head with the SFT policy's likelihood of the answer)" if head else ""
     ppo, defaults = cfg["ppo"], STAGES["ppo"]
     agg = ppo.get("reward_ensemble_agg", defaults.reward_ensemble_agg)
+    lam = ppo.get("reward_ensemble_lambda", defaults.reward_ensemble_lambda)
+    if head:  # the aggregate's conservatism is applied outside the head (flywheel.train.likelihood.combine)
+        less = {
+            "mean": "",
+            "mean-std": f" less {lam:g} std of theirs",
+            "min": " less their mean's excess over their min",
+        }
+        return f" (an ensemble of {n}, scored by {read}; PPO optimises it{less[agg]})"
     if agg == "mean-std":
-        agg = f"mean - {ppo.get('reward_ensemble_lambda', defaults.reward_ensemble_lambda):g} std"
-    return f" (an ensemble of {n}, scored by their mean; PPO optimises their {agg})"
+        agg = f"mean - {lam:g} std"
+    return f" (an ensemble of {n}, scored by {read}; PPO optimises their {agg})"
 
 
 def write_report(s: DemoSummary, out: Path) -> None:
