@@ -220,3 +220,26 @@ def test_a_later_rounds_reward_model_keeps_the_first_reference(lik, tmp_path):
     second = RewardModel.from_pretrained(out / "final")
     for a, b in zip(first.reference.parameters(), second.reference.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_one_reward_model_with_a_head_scores_alike_from_text_ids_and_flywheel_score(lik, tmp_path):
+    out = tmp_path / "single"
+    assert main(_rm_args(lik["base"], lik["data"], out, "--likelihood-head", "true")) == 0
+    rm = RewardModel.from_pretrained(out / "final")
+    assert isinstance(rm, LikelihoodReward) and isinstance(rm.inner, RewardModel)
+    prompts, answers = _conversations(5)
+    by_text = rm.score(prompts, answers)
+    ids = [render_prompt(rm.tokenizer, p) for p in prompts]
+    answer_ids = [render_scored_response(rm.tokenizer, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    torch.testing.assert_close(rm.score_ids(ids, answer_ids), by_text, atol=1e-4, rtol=1e-4)
+    lps = answer_logprobs(rm.reference, ids, answer_ids)
+    plain = rm.inner.score(prompts, answers)
+    torch.testing.assert_close(by_text, combine(rm.head, plain[None], plain, lps, rm.offset))
+    data = write_jsonl(
+        tmp_path / "convs.jsonl",
+        [{"messages": [*p, {"role": "assistant", "content": a}]} for p, a in zip(prompts, answers, strict=True)],
+    )
+    scores = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(out / "final"), "--data", data, "--out", str(scores)]) == 0
+    got = [json.loads(line)["score"] for line in scores.read_text().splitlines()]
+    assert got == pytest.approx(by_text.tolist(), abs=1e-4)
