@@ -123,6 +123,26 @@ def answer_logprobs(
     return out  # type: ignore[return-value]
 
 
+def score_groups_with_logprobs(
+    members: Sequence[Any], reference: Any, groups: Sequence[Any], *, batch_size: int = 32, bf16: bool = False
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per `RankingGroup`: its answers' (N, K) member scores (each normalised) and the reference's token log-probs of
+    each answer, the log-probs of all groups batched together: what the head reads of a group."""
+    per_member = [m.score_groups(groups) for m in members]
+    lps = answer_logprobs(
+        reference,
+        [g.prompt_ids for g in groups for _ in range(g.k)],
+        [a for g in groups for a in g.responses],
+        batch_size=batch_size,
+        bf16=bf16,
+    )
+    out, at = [], 0
+    for g, scores in zip(groups, zip(*per_member, strict=True), strict=True):
+        out.append((torch.stack(scores), lps[at : at + g.k]))
+        at += g.k
+    return out
+
+
 class LikelihoodHead(torch.nn.Module):
     """Standardised features -> tanh MLP -> one score."""
 
@@ -253,6 +273,7 @@ class LikelihoodReward:
 
     def __init__(self, inner: Any, reference: Any, head: LikelihoodHead, offset: float, *, bf16: bool = False):
         self.inner = inner
+        self.members = list(getattr(inner, "members", [inner]))  # one plain reward model: a member of its own
         self.reference = reference.eval()
         self.head = head.eval()
         self.head_offset = offset
@@ -260,7 +281,7 @@ class LikelihoodReward:
         self.tokenizer = inner.tokenizer
         self.turn_end = inner.turn_end
         self.max_length = inner.max_length
-        self.batch_size = getattr(inner, "batch_size", None) or inner.members[0].batch_size
+        self.batch_size = self.members[0].batch_size
 
     @property
     def offset(self) -> float:
@@ -270,13 +291,10 @@ class LikelihoodReward:
     def device(self) -> torch.device:
         return self.inner.device
 
-    def _members(self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str]) -> tuple:
-        """(N, B) member scores and the (B,) aggregate, normalised as each member is."""
-        if hasattr(self.inner, "members"):
-            stacked = self.inner.score_members(prompts, responses)
-            return stacked, self.inner.aggregate(stacked)
-        one = self.inner.score(prompts, responses)
-        return one[None], one
+    def _combine(self, stacked: torch.Tensor, logprobs: Sequence[torch.Tensor], normalize: bool) -> torch.Tensor:
+        """The head's score of (N, B) normalised member scores, with the ensemble's aggregation outside it."""
+        agg = self.inner.aggregate(stacked) if len(self.members) > 1 else stacked[0]
+        return combine(self.head, stacked, agg, logprobs, self.head_offset if normalize else 0.0)
 
     def _logprobs(self, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> list:
         return answer_logprobs(self.reference, prompt_ids, answer_ids, batch_size=self.batch_size, bf16=self.bf16)
@@ -290,16 +308,8 @@ class LikelihoodReward:
         close_cut: bool = True,
     ) -> torch.Tensor:
         """As `RewardModel.score_ids`; the features read the response tokens as given."""
-        if hasattr(self.inner, "members"):
-            stacked = torch.stack(
-                [m.score_ids(prompt_ids, response_ids, close_cut=close_cut) for m in self.inner.members]
-            )
-            agg = self.inner.aggregate(stacked)
-        else:
-            agg = self.inner.score_ids(prompt_ids, response_ids, close_cut=close_cut)
-            stacked = agg[None]
-        lps = self._logprobs(prompt_ids, response_ids)
-        return combine(self.head, stacked, agg, lps, self.head_offset if normalize else 0.0)
+        stacked = torch.stack([m.score_ids(prompt_ids, response_ids, close_cut=close_cut) for m in self.members])
+        return self._combine(stacked, self._logprobs(prompt_ids, response_ids), normalize)
 
     def score(
         self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *, normalize: bool = True
@@ -307,22 +317,16 @@ class LikelihoodReward:
         """As `RewardModel.score`: the answers rendered as the model's next turn (end-of-turn token included)."""
         from flywheel.tokenization import render_prompt, render_scored_response
 
-        stacked, agg = self._members(prompts, responses)
+        stacked = torch.stack([m.score(prompts, responses) for m in self.members])
         prompt_ids = [render_prompt(self.tokenizer, list(p)) for p in prompts]
         answers = [
             render_scored_response(self.tokenizer, list(p), r)[0] for p, r in zip(prompts, responses, strict=True)
         ]
-        lps = self._logprobs(prompt_ids, answers)
-        return combine(self.head, stacked, agg, lps, self.head_offset if normalize else 0.0)
+        return self._combine(stacked, self._logprobs(prompt_ids, answers), normalize)
 
     def score_groups(self, groups: Sequence[Any], *, normalize: bool = True) -> list[torch.Tensor]:
         """As `RewardModel.score_groups` (`RankingGroup`s: the answers' ids without the template's tail)."""
-        members = getattr(self.inner, "members", [self.inner])
-        per_member = [m.score_groups(groups) for m in members]
-        out = []
-        for g, scores in zip(groups, zip(*per_member, strict=True), strict=True):
-            stacked = torch.stack(scores)
-            agg = self.inner.aggregate(stacked) if hasattr(self.inner, "members") else stacked[0]
-            lps = self._logprobs([g.prompt_ids] * g.k, g.responses)
-            out.append(combine(self.head, stacked, agg, lps, self.head_offset if normalize else 0.0))
-        return out
+        read = score_groups_with_logprobs(
+            self.members, self.reference, groups, batch_size=self.batch_size, bf16=self.bf16
+        )
+        return [self._combine(stacked, lps, normalize) for stacked, lps in read]

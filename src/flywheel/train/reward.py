@@ -832,20 +832,9 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
 
     def features(gs: list[RankingGroup], what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         log.info("rm: likelihood head: scoring the %s rankings' %d answers", what, sum(g.k for g in gs))
-        per_member = [m.score_groups(gs) for m in members]
-        means = [torch.stack(s).mean(0) for s in zip(*per_member, strict=True)]
-        lps = lk.answer_logprobs(
-            reference,
-            [g.prompt_ids for g in gs for _ in range(g.k)],
-            [a for g in gs for a in g.responses],
-            batch_size=cfg.eval_batch_size,
-            bf16=cfg.bf16,
-        )
-        out, at = [], 0
-        for g, mean in zip(gs, means, strict=True):
-            out.append(lk.answer_features(mean, lps[at : at + g.k]))
-            at += g.k
-        return out, means
+        read = lk.score_groups_with_logprobs(members, reference, gs, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
+        means = [stacked.mean(0) for stacked, _ in read]
+        return [lk.answer_features(mean, lps) for mean, (_, lps) in zip(means, read, strict=True)], means
 
     train_features, _ = features(groups, "training")
     head, train_accuracy = lk.fit_head(train_features, [g.pairs for g in groups], seed=cfg.seed)
