@@ -164,7 +164,31 @@ def test_the_likelihood_scorers_interfaces_agree_and_read_the_reference(lik):
     assert not torch.allclose(rm.score(prompts, answers), by_text)
 
 
-def test_ppo_reward_role_scores_rollouts_as_the_scorer_does(tmp_path, lik, prompts_file):
+def test_a_cut_response_is_read_closed_with_the_end_of_turn_token(lik):
+    rm = RewardModel.from_pretrained(lik["final"], ensemble_agg="mean-std")
+    prompts, answers = _conversations(4)
+    prompt_ids = [render_prompt(rm.tokenizer, p) for p in prompts]
+    full = [render_scored_response(rm.tokenizer, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    end = rm.turn_end.token_id
+    assert end is not None and all(a[-1] == end and len(a) > 3 for a in full)
+    cut = [a[:-2] for a in full]  # stopped by a length limit: no end-of-turn token
+    closed = [[*a, end] for a in cut]
+    assert [rm.turn_end.answer(a) for a in cut] == closed and rm.turn_end.answer(full[0]) == full[0]
+    assert rm.turn_end.answer(cut[0], close_cut=False) == cut[0]
+    members = torch.stack([m.score_ids(prompt_ids, cut) for m in rm.members])
+    want = combine(
+        rm.head, members, rm.inner.aggregate(members), answer_logprobs(rm.reference, prompt_ids, closed), rm.offset
+    )
+    torch.testing.assert_close(rm.score_ids(prompt_ids, cut), want)
+    # read where it stops: the features of the sampled tokens alone
+    members = torch.stack([m.score_ids(prompt_ids, cut, close_cut=False) for m in rm.members])
+    want = combine(
+        rm.head, members, rm.inner.aggregate(members), answer_logprobs(rm.reference, prompt_ids, cut), rm.offset
+    )
+    torch.testing.assert_close(rm.score_ids(prompt_ids, cut, close_cut=False), want)
+
+
+def test_ppo_reward_role_scores_rollouts_as_the_scorer_does(tmp_path, lik, prompts_file, monkeypatch):
     from tests.test_ppo import _cfg
 
     from flywheel.engine import SamplingParams
@@ -181,6 +205,15 @@ def test_ppo_reward_role_scores_rollouts_as_the_scorer_does(tmp_path, lik, promp
     scorer = RewardModel.from_pretrained(lik["final"], ensemble_agg="mean-std")
     want = scorer.score_ids(prompts, gen.tokens)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert any(r != "stop" for r in gen.finish_reasons)  # cut responses are read closed by both
+    # offloaded (--offload-frozen): the reference and the members visit the device together, once per batch
+    offloaded = PPOTrainer(_cfg(tmp_path, lik["base"], prompts_file, reward_model=str(lik["final"]),
+                                reward_ensemble_agg="mean-std", offload_frozen=True))  # fmt: skip
+    moves, move = [], offloaded.reward.module.to
+    monkeypatch.setattr(offloaded.reward.module, "to", lambda d: (moves.append(torch.device(d)), move(d))[1])
+    got = offloaded.reward.forward(s.sequences, s.attention_mask, s.position_ids, s.prompt_len, s.response_mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert moves == [s.sequences.device, torch.device("cpu")]
     # two PPO steps through the CLI
     out = tmp_path / "ppo"
     cli = ["ppo", "--model", str(lik["base"]), "--reward-model", str(lik["final"]), "--prompts", str(prompts_file)]
@@ -241,5 +274,28 @@ def test_one_reward_model_with_a_head_scores_alike_from_text_ids_and_flywheel_sc
     )
     scores = tmp_path / "scores.jsonl"
     assert main(["score", "--model", str(out / "final"), "--data", data, "--out", str(scores)]) == 0
-    got = [json.loads(line)["score"] for line in scores.read_text().splitlines()]
-    assert got == pytest.approx(by_text.tolist(), abs=1e-4)
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [r["score"] for r in rows] == pytest.approx(by_text.tolist(), abs=1e-4)
+    assert [r["reward_model_score"] for r in rows] == pytest.approx(plain.tolist(), abs=1e-4)
+    raw = tmp_path / "raw.jsonl"
+    assert (
+        main(["score", "--model", str(out / "final"), "--data", data, "--out", str(raw), "--normalize", "false"]) == 0
+    )
+    rows = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert [r["score"] for r in rows] == pytest.approx((by_text + rm.offset).tolist(), abs=1e-4)
+    assert [r["reward_model_score"] for r in rows] == pytest.approx((plain + rm.inner.offset).tolist(), abs=1e-4)
+
+
+def test_flywheel_score_on_an_ensemble_with_a_head_gives_each_members_score(lik, tmp_path):
+    rm = RewardModel.from_pretrained(lik["final"])
+    prompts, answers = _conversations(4)
+    data = write_jsonl(
+        tmp_path / "convs.jsonl",
+        [{"messages": [*p, {"role": "assistant", "content": a}]} for p, a in zip(prompts, answers, strict=True)],
+    )
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(lik["final"]), "--data", data, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"] for r in rows] == pytest.approx(rm.score(prompts, answers).tolist(), abs=1e-4)
+    members = rm.inner.score_members(prompts, answers)  # (2, B)
+    torch.testing.assert_close(torch.tensor([r["member_scores"] for r in rows]), members.T, atol=1e-4, rtol=1e-4)

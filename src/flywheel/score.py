@@ -8,7 +8,8 @@ assistant message). One output line per conversation, in input order: `{"message
 the normalised reward (`RewardModel.score`: raw head output minus `config.flywheel_reward_offset`, read at the last
 token of the chat template's rendering: the number plain transformers gives, docs/data-formats.md). An ensemble
 directory (`flywheel rm --rm-ensemble N`) gives the --reward-ensemble-agg of its members' scores as `score` and each
-member's as `member_scores`.
+member's as `member_scores`. A directory with a likelihood head (`flywheel rm --likelihood-head`) gives the head's
+score as `score`, and what it read: `member_scores` of an ensemble, `reward_model_score` of a single reward model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def score_conversations(cfg: ScoreConfig) -> list[dict[str, Any]]:
     --model is an ensemble)."""
     from flywheel.data.io import read_conversations
     from flywheel.train.ensemble import RewardEnsemble
+    from flywheel.train.likelihood import LikelihoodReward
     from flywheel.train.reward import RewardModel, scorable_conversations
 
     convs = read_conversations(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split())
@@ -74,11 +76,17 @@ def score_conversations(cfg: ScoreConfig) -> list[dict[str, Any]]:
     convs = scorable_conversations(rm.tokenizer, convs, skip_bad=cfg.skip_bad, source=cfg.data)
     messages = [c.as_dicts() for c in convs]
     prompts, answers = [m[:-1] for m in messages], [m[-1]["content"] for m in messages]
-    if not isinstance(rm, RewardEnsemble):
+    if isinstance(rm, LikelihoodReward):
+        scores, members = rm.score_with_members(prompts, answers, normalize=cfg.normalize)
+        if len(rm.members) == 1:
+            return [{"messages": m, "score": float(s), "reward_model_score": float(r)}
+                    for m, s, r in zip(messages, scores, members[0], strict=True)]  # fmt: skip
+    elif isinstance(rm, RewardEnsemble):
+        members = rm.score_members(prompts, answers, normalize=cfg.normalize)  # (N, B)
+        scores = rm.aggregate(members)
+    else:
         scores = rm.score(prompts, answers, normalize=cfg.normalize)
         return [{"messages": m, "score": float(s)} for m, s in zip(messages, scores, strict=True)]
-    members = rm.score_members(prompts, answers, normalize=cfg.normalize)  # (N, B)
-    scores = rm.aggregate(members)
     return [
         {"messages": m, "score": float(s), "member_scores": col.tolist()}
         for m, s, col in zip(messages, scores, members.T, strict=True)

@@ -252,6 +252,13 @@ class TurnEnd:
             return self.complete(response)
         return [*response, self.token_id, *self.tail]
 
+    def answer(self, response: Sequence[int], close_cut: bool = True) -> list[int]:
+        """`response` as a ranked answer's tokens: up to its end-of-turn token, without the tail; with `close_cut`
+        one cut at a length limit gets the end-of-turn token (as `close` reads it)."""
+        if close_cut and response and self.token_id is not None and response[-1] != self.token_id:
+            return [*response, self.token_id]
+        return list(response)
+
 
 def turn_end(tokenizer: Any) -> TurnEnd:
     """The template's `TurnEnd`, from the rendering of a one-question conversation."""

@@ -24,8 +24,8 @@ reward model: the training rankings' top answers score 0 on average. An ensemble
 Saved beside the reward model in its final directory: `flywheel_likelihood.json` (the features, the offset and the
 fit's accuracy), `likelihood/head.safetensors` and `likelihood/reference/`, a copy of the starting model, so the
 directory scores on its own. The reference must share the reward model's tokenizer. PPO and the other RL trainers
-read the features from the response tokens as sampled (a response cut at the length limit has no end-of-turn token:
-its `min_body` is then the minimum without its last sampled token).
+read the features from the response tokens as sampled, up to the end-of-turn token; a response cut at the length limit
+is closed with it, as the reward model reads such an answer (its `min` then counts how unlikely it is to end there).
 """
 
 from __future__ import annotations
@@ -307,22 +307,33 @@ class LikelihoodReward:
         normalize: bool = True,
         close_cut: bool = True,
     ) -> torch.Tensor:
-        """As `RewardModel.score_ids`; the features read the response tokens as given."""
+        """As `RewardModel.score_ids`; the features read each response up to its end-of-turn token, one cut at a length
+        limit closed with it (`TurnEnd.answer`) as the reward model reads it."""
         stacked = torch.stack([m.score_ids(prompt_ids, response_ids, close_cut=close_cut) for m in self.members])
-        return self._combine(stacked, self._logprobs(prompt_ids, response_ids), normalize)
+        answers = [self.turn_end.answer(r, close_cut) for r in response_ids]
+        return self._combine(stacked, self._logprobs(prompt_ids, answers), normalize)
 
     def score(
         self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *, normalize: bool = True
     ) -> torch.Tensor:
         """As `RewardModel.score`: the answers rendered as the model's next turn (end-of-turn token included)."""
+        return self.score_with_members(prompts, responses, normalize=normalize)[0]
+
+    def score_with_members(
+        self, prompts: Sequence[Sequence[dict[str, str]]], responses: Sequence[str], *, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) `score` and the (N, B) scores of the reward models it reads (`RewardEnsemble.score_members`; N = 1
+        for a single reward model), each normalised by its own offset unless `normalize` is false."""
         from flywheel.tokenization import render_prompt, render_scored_response
 
-        stacked = torch.stack([m.score(prompts, responses) for m in self.members])
+        stacked = torch.stack([m.score(prompts, responses) for m in self.members])  # the head reads them normalised
         prompt_ids = [render_prompt(self.tokenizer, list(p)) for p in prompts]
         answers = [
             render_scored_response(self.tokenizer, list(p), r)[0] for p, r in zip(prompts, responses, strict=True)
         ]
-        return self._combine(stacked, self._logprobs(prompt_ids, answers), normalize)
+        scores = self._combine(stacked, self._logprobs(prompt_ids, answers), normalize)
+        offsets = torch.tensor([0.0 if normalize else m.offset for m in self.members])
+        return scores, stacked + offsets[:, None]
 
     def score_groups(self, groups: Sequence[Any], *, normalize: bool = True) -> list[torch.Tensor]:
         """As `RewardModel.score_groups` (`RankingGroup`s: the answers' ids without the template's tail)."""

@@ -247,23 +247,24 @@ class Reward(Role):
             fn_scores = torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32, device=seq.device)
             if self.module is None:
                 return fn_scores
-        logprobs = None
-        if self.likelihood is not None:  # the response tokens as sampled, before the template's tail is added
-            with self.placed(seq.device):
-                keep = response_span(seq, prompt_len)
-                logits = fastforward.causal_lm_logits(self.likelihood.reference, seq, attn, pos, keep=keep)
-            tokens = token_logprobs(logits[:, -keep:-1], seq[:, prompt_len:])  # (B, R)
-            logprobs = [row[: max(int(n), 1)] for row, n in zip(tokens, lengths, strict=True)]
+        answer = lengths  # (B,) the response as the likelihood features read it
         if self.turn_end is not None:
+            if self.likelihood is not None:  # up to the end-of-turn token (a cut response closed, as below)
+                ends = zip(seq[:, prompt_len:].tolist(), lengths.tolist(), strict=True)
+                answer = torch.tensor([len(self.turn_end.answer(row[:n], self.close_cut)) for row, n in ends])
             seq, attn, pos, lengths = complete_turns(
                 seq, attn, pos, prompt_len, lengths, self.turn_end, self.close_cut
             )
         last = lengths  # (B,) the last real token (the prompt's with no response), counted from column P - 1
         rows = torch.arange(len(seq), device=seq.device)
-        member_scores = []
-        with self.placed(seq.device):
+        keep = response_span(seq, prompt_len)
+        member_scores, logprobs = [], None
+        with self.placed(seq.device):  # one visit of the device for every frozen module (--offload-frozen)
+            if self.likelihood is not None:
+                logits = fastforward.causal_lm_logits(self.likelihood.reference, seq, attn, pos, keep=keep)
+                tokens = token_logprobs(logits[:, -keep:-1], seq[:, prompt_len:])  # (B, R)
+                logprobs = [row[: max(int(n), 1)] for row, n in zip(tokens, answer, strict=True)]
             for module, bias in zip(self.members, self.biases, strict=True):
-                keep = response_span(seq, prompt_len)
                 hidden = fastforward.hidden_states(module, seq, attn, pos, keep=keep)  # (B, R + 1, H) from P - 1
                 member_scores.append(module.score(hidden[rows, last]).squeeze(-1).float() - bias)  # (B,)
         stacked = torch.stack(member_scores)  # (N, B)
