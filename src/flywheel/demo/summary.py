@@ -359,5 +359,8 @@ def headline(s: DemoSummary) -> str:
         f"{len(s.targets)} targets hold"
     )
     if s.deflection_warnings:
-        line = "WARNING: the win rate is bought with deflection (" + "; ".join(s.deflection_warnings) + "). " + line
+        final = [w for w in s.deflection_warnings if w.startswith("PPO ") and not w.startswith("PPO round ")]
+        # the win rate reported is the final policy's; an earlier round's policy that deflected is flagged as such
+        what = "the win rate is bought with deflection" if final else "an earlier round's policy deflected"
+        line = f"WARNING: {what} (" + "; ".join(s.deflection_warnings) + "). " + line
     return line
