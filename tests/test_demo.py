@@ -295,10 +295,9 @@ def test_a_win_bought_with_deflection_is_flagged(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.splitlines()[4] == f"**{line}**"  # right under the command line
     # only an earlier round's policy deflected: flagged, but the reported win rate is not said to be bought with it
-    s.deflection_warnings = [
-        'PPO round 1 answers harmful requests with "I don\'t know" instead of refusing: 0% -> 20%'
-    ]
-    assert headline(s).startswith("WARNING: an earlier round's policy deflected (PPO round 1 answers harmful")
+    s.policies["ppo_round1"], s.policies["ppo"] = s.policies["ppo"], s.policies["sft"]
+    s.deflection_warnings = deflection_warnings(s)
+    assert headline(s).startswith("WARNING: an earlier round's policy deflected (PPO round 1 deflects answerable")
     assert "| fact | 30.0% | 30.0% | 25.0% |" in report
 
 

@@ -359,8 +359,8 @@ def headline(s: DemoSummary) -> str:
         f"{len(s.targets)} targets hold"
     )
     if s.deflection_warnings:
-        final = [w for w in s.deflection_warnings if w.startswith("PPO ") and not w.startswith("PPO round ")]
         # the win rate reported is the final policy's; an earlier round's policy that deflected is flagged as such
+        final = "ppo" in s.policies and deflection_shifts(s.policies["sft"].verdicts, s.policies["ppo"].verdicts)
         what = "the win rate is bought with deflection" if final else "an earlier round's policy deflected"
         line = f"WARNING: {what} (" + "; ".join(s.deflection_warnings) + "). " + line
     return line
