@@ -110,3 +110,9 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
     with LiveServer(create_app(ServeSettings(model=str(model_dir), db=db))) as server:
         with pytest.raises(UserError, match="not a model directory"):
             deploy(server.url, str(tmp_path / "nowhere"), token=admin)
+        # the round's reward model sits beside its policy: one slip of the path must not put it behind the chat
+        with pytest.raises(UserError, match="is a reward model .*ForSequenceClassification.*not a language model"):
+            deploy(server.url, str(tmp_path / "round" / "rm" / "final"), token=admin)
+        assert httpx.get(server.url + "/api/admin/model", headers=auth).json()["path"] == str(model_dir.resolve())
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="anon", max_retries=0)
+        assert client.chat.completions.create(model="flywheel", messages=chat, max_tokens=4).choices

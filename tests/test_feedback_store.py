@@ -616,3 +616,31 @@ def test_db_cli_creates_users(tmp_path, capsys):
     assert store.authenticate(token).role == "admin"
     store.close()
     assert main(["db", "create-user", "zoe", "--db", url]) == 2  # a user error: exit code 2, one line
+
+
+def test_export_and_db_refuse_a_database_that_is_not_there(tmp_path, capsys):
+    """A mistyped --db is a one-line error that names it, and leaves no empty database behind; so is a held-out
+    labeler that the database does not know (nothing would be held out)."""
+    from flywheel.cli import main
+
+    missing = tmp_path / "typo.db"
+    for argv in (
+        ["export", "--db", str(missing), "--out", str(tmp_path / "out")],
+        ["db", "users", "--db", str(missing)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no feedback database at {missing}" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not missing.exists() and not (tmp_path / "out").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert main(["export", "--db", str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert "has no feedback tables: run `flywheel db upgrade" in capsys.readouterr().err
+    db = tmp_path / "fb.db"
+    assert main(["db", "create-user", "ann", "--db", str(db)]) == 0  # create-user makes the database
+    capsys.readouterr()
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "out"), "--eval-labelers", "ann,bob"]) == 2
+    assert "--eval-labelers: no user named 'bob'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["db", "users", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.split() == ["ann", "labeler", "active"]

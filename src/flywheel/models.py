@@ -219,15 +219,28 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ) -> Any:
-    """A `*ForCausalLM` from a local HF directory or a hub id (at `revision`; from the hub cache when offline)."""
-    from transformers import AutoModelForCausalLM
+    """A `*ForCausalLM` from a local HF directory or a hub id (at `revision`; from the hub cache when offline). A
+    reward model's directory (a `*ForSequenceClassification`) is a one-line error: it has no language-model head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    src = resolve_model_path(path)
     kw = _pretrained_kwargs(dtype, revision, trust_remote_code, attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+        config = AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
+        if is_sequence_classifier(config):
+            raise UserError(
+                f"{describe_source(path, revision)} is a reward model ({config.architectures[0]}), not a language "
+                "model: give a policy's directory (SFT, PPO, a base model)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"cannot load a causal LM from {describe_source(path, revision)}: {hub_error(err)}") from None
     return model
+
+
+def is_sequence_classifier(config: Any) -> bool:
+    """Whether a model config is a scalar-head model's (`*ForSequenceClassification`: a reward or value model)."""
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
 
 def load_sequence_classifier(
@@ -245,7 +258,7 @@ def load_sequence_classifier(
     kw = _pretrained_kwargs(dtype, revision, trust_remote_code, attn_implementation)
     try:
         config = AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
-        is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        is_classifier = is_sequence_classifier(config)
         config.num_labels = 1
         # From a causal LM the head is missing by design; transformers' load report would call that a problem.
         with _quiet_transformers(not is_classifier):

@@ -6,6 +6,8 @@ flywheel db users --db feedback.db                            # list users, role
 flywheel db revoke-token alice --db feedback.db               # alice's token stops working at once
 flywheel db rotate-token alice --db feedback.db               # prints a new token; the old one stops working
 
+`upgrade` and `create-user` create a SQLite database that does not exist yet; the other actions need an existing one.
+
 Roles: `user` (chat, for `flywheel serve --chat-auth true`), `labeler` (chat and the workbench), `admin` (everything).
 """
 
@@ -17,7 +19,7 @@ from flywheel.feedback.models import ROLES
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flywheel.feedback.db import upgrade
+    from flywheel.feedback.db import require_database, upgrade
     from flywheel.feedback.store import Store
 
     parser = argparse.ArgumentParser(
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (up, create, users, revoke, rotate):
         p.add_argument("--db", default="feedback.db", help="database URL or SQLite file (default: feedback.db)")
     args = parser.parse_args(argv)
+    if args.action in ("users", "revoke-token", "rotate-token"):
+        require_database(args.db)  # a mistyped path is an error, not a new empty database
     upgrade(args.db)
     if args.action == "upgrade":
         return 0

@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError
 from flywheel.errors import UserError
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin and migration-context chatter is not for users
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -43,7 +44,9 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def connect(url: str, **kwargs: Any) -> Engine:
+def connect(url: str, *, create_file: bool = True, **kwargs: Any) -> Engine:
+    """An engine for `url`. A SQLite file that does not exist is created (with its directory) unless `create_file`
+    is false, where that is a one-line error."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -51,6 +54,11 @@ def connect(url: str, **kwargs: Any) -> Engine:
         raise UserError(f"not a database URL: {safe_url(url)}") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            if not create_file and not Path(parsed.database).is_file():
+                raise UserError(
+                    f"no feedback database at {parsed.database}: create one with `flywheel db upgrade --db "
+                    f"{parsed.database}` (or `flywheel serve --db`)"
+                )
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, **kwargs
@@ -59,6 +67,24 @@ def connect(url: str, **kwargs: Any) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)
     return engine
+
+
+def require_database(url: str) -> None:
+    """A one-line error unless `url` is a feedback database that exists and has its schema: for the commands that
+    only read or change one (`flywheel export`, `flywheel db users`), where a mistyped path would otherwise create an
+    empty SQLite file."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    engine = connect(url, create_file=False)
+    try:
+        ready = inspect(engine).has_table("users")
+    except DBAPIError as err:
+        raise UserError(f"cannot open the database {safe_url(url)}: {str(err.orig).strip().splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+    if not ready:
+        raise UserError(f"{safe_url(url)} has no feedback tables: run `flywheel db upgrade --db URL` first")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

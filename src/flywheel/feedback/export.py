@@ -33,7 +33,7 @@ from flywheel.config import parse_config
 from flywheel.data.formats import Message as MessageRecord
 from flywheel.data.formats import Ranking, RecordError
 from flywheel.errors import UserError
-from flywheel.feedback.db import safe_url
+from flywheel.feedback.db import require_database, safe_url
 from flywheel.feedback.models import Candidate, Demonstration, RankingLabel, Task, User, Vote
 from flywheel.feedback.store import Store, check_messages_dicts
 from flywheel.utils import atomic_write_text
@@ -65,8 +65,12 @@ class ExportConfig:
             raise UserError("--eval-fraction must be in [0, 1)")
 
 
+def _named(cfg: ExportConfig) -> list[str]:
+    return [n.strip() for n in cfg.eval_labelers.split(",") if n.strip()]
+
+
 def is_held_out(labeler: str, cfg: ExportConfig) -> bool:
-    named = [n.strip() for n in cfg.eval_labelers.split(",") if n.strip()]
+    named = _named(cfg)
     if named:
         return labeler in named
     digest = int(hashlib.sha256(labeler.encode()).hexdigest()[:8], 16)
@@ -79,6 +83,7 @@ def _key(obj: Any) -> str:
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the datasets; return the manifest."""
+    require_database(cfg.db)
     store = Store(cfg.db)
     try:
         with store.session() as s:
@@ -95,6 +100,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             prompts += [messages for messages, _ in store.unused_chat_prompts(limit=100_000)][::-1]
     finally:
         store.close()
+    unknown = sorted(set(_named(cfg)) - set(names.values()))
+    if unknown:
+        raise UserError(
+            f"--eval-labelers: no user named {', '.join(map(repr, unknown))} in {safe_url(cfg.db)} "
+            f"(its users: {', '.join(sorted(names.values())) or 'none'})"
+        )
     held = {name for name in names.values() if is_held_out(name, cfg)}
     out = Path(cfg.out)
     counts = {}

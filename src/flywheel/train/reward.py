@@ -53,6 +53,7 @@ from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
     disable_dropout,
+    is_sequence_classifier,
     load_causal_lm,
     load_sequence_classifier,
     resize_for_tokenizer,
@@ -802,11 +803,11 @@ def likelihood_reference(cfg: RewardConfig) -> str:
         )
     from transformers import AutoConfig
 
-    arch = getattr(AutoConfig.from_pretrained(cfg.model, **cfg.hub_kwargs(cfg.model)), "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in arch):
+    config = AutoConfig.from_pretrained(cfg.model, **cfg.hub_kwargs(cfg.model))
+    if is_sequence_classifier(config):
         raise UserError(
-            f"--likelihood-head: --model {cfg.model} is a reward model ({arch[0]}), not a language model: there is "
-            "no likelihood to read (start from the SFT model)"
+            f"--likelihood-head: --model {cfg.model} is a reward model ({config.architectures[0]}), not a language "
+            "model: there is no likelihood to read (start from the SFT model)"
         )
     return cfg.model
 
