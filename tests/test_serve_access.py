@@ -293,6 +293,29 @@ def test_rejected_tokens_are_limited_per_address(site, limited):
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
     r = httpx.get(site.url + "/api/me", headers=site.lena)  # even a valid token: the answer must not tell
     assert r.status_code == 429
+    # a caller cannot name itself a new address: X-Forwarded-For counts only from a proxy named to the server
+    r = httpx.get(site.url + "/api/me", headers={**site.lena, "X-Forwarded-For": "10.1.2.3"})
+    assert r.status_code == 429
+
+
+def test_a_malformed_client_id_is_refused_on_the_api_too(site):
+    """An API call that sends an X-Client-Id means to read its calls back: a malformed one would be logged where
+    its client could never find it."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(
+        base_url=site.url + "/v1", api_key="unused", max_retries=0, default_headers={"X-Client-Id": "short"}
+    )
+    with pytest.raises(openai.AuthenticationError, match="X-Client-Id must be 22-128"):
+        client.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2)
+    plain = openai.OpenAI(base_url=site.url + "/v1", api_key="unused", max_retries=0)
+    assert plain.chat.completions.create(model="flywheel", messages=MSGS, max_tokens=2).choices  # no id: answered
+
+
+def test_a_task_of_one_kind_refuses_the_others_fields(site):
+    for body in ({"kind": "ranking", "prompts": ["hi"], "instructions": ["play a user"]},
+                 {"kind": "roleplay", "instructions": ["play a user"], "prompts": ["hi"]}):  # fmt: skip
+        r = httpx.post(site.url + "/api/admin/tasks", json=body, headers=site.admin)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kind", r.text
 
 
 def test_flags_configure_the_limits(tmp_path, model_dir):

@@ -170,6 +170,21 @@ def test_every_bad_input_of_the_report(served):
     r = served.http.get("/v1/chat/completions")
     assert_error(r, 405)
     assert r.headers["allow"] == "POST"
+    for path, allow in (("/api/conversations", "GET, POST"), ("/api/conversations/1", "GET, PATCH, DELETE")):
+        assert served.http.put(path).headers["allow"] == allow  # every method of the path, not the first route's
+    # What was wrong, said plainly: where the JSON breaks, the field of a part, a body that is no object.
+    err = assert_error(post_raw(served, "/v1/chat/completions", b'{"model": "flywheel",}'), 400)
+    assert err["message"].startswith("the request body is not valid JSON (at character 21") and err["param"] is None
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    r = served.http.post("/v1/chat/completions", json={**OK, "messages": [{"role": "user", "content": [image]}]})
+    assert assert_error(r, 400, "messages.0.content.0.type")["message"].endswith("Input should be 'text'")
+    r = served.http.post("/v1/chat/completions", json={**OK, "messages": [{"role": "user", "content": None}]})
+    assert_error(r, 400, "messages.0.content")
+    assert "JSON object" in assert_error(post_raw(served, "/v1/chat/completions", b'"hello"'), 400)["message"]
+    # Web bodies take JSON types as given: a string is no id.
+    conv = served.http.post("/api/conversations", json={}).json()["id"]
+    r = served.http.post(f"/api/conversations/{conv}/messages", json={"content": "hi", "parent_id": "80"})
+    assert_error(r, 400, "parent_id")
     assert_healthy(served)
 
 

@@ -18,8 +18,9 @@ import asyncio
 import email.message
 import json
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,13 @@ class ServeSettings:
     auth_failure_limit: int = field(
         default=10, metadata={"help": "rejected tokens per minute per client address; beyond, 429 (0 = off)"}
     )
+    forwarded_allow_ips: str = field(
+        default="",
+        metadata={
+            "help": "addresses of the proxies whose X-Forwarded-For names the client (comma-separated, e.g. "
+            "127.0.0.1 for a proxy on this host; default: $FORWARDED_ALLOW_IPS, else none: the connection's peer)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
@@ -91,6 +99,14 @@ class ServeSettings:
             raise UserError(f"--batching must be one of {', '.join(BATCHING)}, got '{self.batching}'")
         if min(self.rate_limit, self.rate_limit_anonymous, self.auth_failure_limit) < 0:
             raise UserError("--rate-limit, --rate-limit-anonymous and --auth-failure-limit must be >= 0 (0 = off)")
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """How uvicorn finds the client's address. X-Forwarded-For is read only from the proxies named (the flag, else
+    $FORWARDED_ALLOW_IPS): trusting it from any local peer would let every local caller name a new address, and the
+    per-address limits (rejected tokens, anonymous requests) would stop nothing."""
+    ips = settings.forwarded_allow_ips or os.environ.get("FORWARDED_ALLOW_IPS", "")
+    return {"proxy_headers": bool(ips), "forwarded_allow_ips": ips or None}
 
 
 @dataclass
@@ -185,8 +201,16 @@ async def chat_principal(request: Request) -> Principal:
         _rate_limit(request, user)
     if user is not None:
         return Principal(user.name, user)
-    client = request.headers.get("x-client-id", "")
-    return Principal(client_owner(client) if _CLIENT_ID.match(client) else UNIDENTIFIED)
+    client = request.headers.get("x-client-id")
+    if client is None:
+        return Principal(UNIDENTIFIED)
+    if not _CLIENT_ID.match(client):  # meant as an identity: logged where its client could never read it back
+        raise ApiError(
+            401,
+            "X-Client-Id must be 22-128 random characters of A-Z a-z 0-9 _ - (a secret the client makes)",
+            code="missing_identity",
+        )
+    return Principal(client_owner(client))
 
 
 async def chat_owner(request: Request) -> str:
@@ -224,6 +248,40 @@ def check_id(request: Request, value: int | None, what: str, *, param: str | Non
     2**63 - 1 for SQLite's), as for any id that does not exist, on every database alike. `param`: the body field."""
     if value is not None and not 1 <= value <= ctx(request).max_id:
         raise ApiError(404, f"no {what} {value}", param=param)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes at the request's path (asked of the router, method by method, so that routes of
+    included routers count too)."""
+    from starlette.routing import Match
+
+    def takes(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes)
+
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if takes(m)]
+
+
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """A 400 for a body that FastAPI would answer with 422: the most specific of pydantic's errors (the deepest: of a
+    union, the branch that got furthest), its location without the union's branch names, and what was wrong."""
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        at = first.get("loc", ("body", "?"))[-1]
+        why = (first.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON (at character {at}{': ' + why if why else ''})")
+    loc = [str(x) for x in first.get("loc", ())[1:] if not _union_branch(x)]  # [0] is "body" (or query, header)
+    if not loc:
+        return ApiError(400, f"the request body must be a JSON object ({first.get('msg', 'invalid')})")
+    param = ".".join(loc)
+    return ApiError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param)
+
+
+def _union_branch(part: Any) -> bool:
+    """Whether a pydantic error location part names a branch of a union (`str`, `list[TextPart]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
 
 
 class BodyLimit:
@@ -424,16 +482,15 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError) -> Response:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        return ApiError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param).response()
+        return validation_error(err.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> Response:
         message = "not found" if err.status_code == 404 else str(err.detail)
         api_error = ApiError(err.status_code, message)
-        api_error.headers.update(err.headers or {})  # e.g. Allow on a 405
+        api_error.headers.update(err.headers or {})
+        if err.status_code == 405:  # every method the path takes (Starlette names the first route's alone)
+            api_error.headers["Allow"] = ", ".join(allowed_methods(request))
         return api_error.response()
 
     @app.exception_handler(DataError)

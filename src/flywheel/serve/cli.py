@@ -16,7 +16,7 @@ from flywheel.serve.app import ServeSettings
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from flywheel.serve.app import create_app
+    from flywheel.serve.app import create_app, uvicorn_options
 
     argv = list(argv or [])
     if argv and not argv[0].startswith("-"):
@@ -25,5 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     print(f"flywheel serve: http://{settings.host}:{settings.port}/ (chat), /label, /admin, /v1", flush=True)
     # access_log off: request lines would carry query strings; errors are still logged (never with tokens).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="info", access_log=False, **uvicorn_options(settings)
+    )
     return 0

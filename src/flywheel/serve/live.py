@@ -22,10 +22,16 @@ class LiveServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None):
         import uvicorn
 
+        from flywheel.serve.app import uvicorn_options
+
         self.host = host
         self.port = port or free_port(host)
+        ctx = getattr(getattr(app, "state", None), "ctx", None)  # a flywheel app: its settings' proxy trust
+        options = uvicorn_options(ctx.settings) if ctx is not None else {}
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False, lifespan="on")
+            uvicorn.Config(
+                app, host=host, port=self.port, log_level="warning", access_log=False, lifespan="on", **options
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="flywheel-live-server", daemon=True)
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.engine import SamplingParams
 from flywheel.feedback.models import ROLES
@@ -52,11 +52,17 @@ router = APIRouter(prefix="/api")
 CANCELLED = "cancelled"  # the finish_reason of an answer whose client stopped it
 
 
-class NewConversation(BaseModel):
+class Body(BaseModel):
+    """A request body: JSON types as given ("80" is no id, 1.5 no count), as the OpenAI routes read theirs."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class NewConversation(Body):
     title: str = Field(default="", max_length=200)
 
 
-class ChatTurn(BaseModel):
+class ChatTurn(Body):
     content: str = Field(min_length=1)
     parent_id: int | None = None  # the message this turn answers (None: the first turn)
     system: str | None = None  # a system prompt above this turn: only for a new root (parent_id None)
@@ -64,33 +70,33 @@ class ChatTurn(BaseModel):
     max_tokens: int | None = None
 
 
-class RegenerateBody(BaseModel):
+class RegenerateBody(Body):
     temperature: float = Field(default=0.9, ge=0, le=2)
     max_tokens: int | None = None
 
 
-class RenameBody(BaseModel):
+class RenameBody(Body):
     title: str = Field(min_length=1, max_length=200)
 
 
-class VoteBody(BaseModel):
+class VoteBody(Body):
     value: Literal[1, -1]
     comment: str = Field(default="", max_length=4000)
     idempotency_key: str = Field(min_length=1, max_length=100)
 
 
-class Turn(BaseModel):
+class Turn(Body):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class SuggestBody(BaseModel):
+class SuggestBody(Body):
     messages: list[Turn] = Field(min_length=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_tokens: int | None = None
 
 
-class RankingBody(BaseModel):
+class RankingBody(Body):
     task_id: int
     order: list[list[int]]  # groups of candidate ids, best first
     unsafe: list[int] = []
@@ -98,20 +104,20 @@ class RankingBody(BaseModel):
     idempotency_key: str = Field(min_length=1, max_length=100)
 
 
-class Suggestion(BaseModel):
+class Suggestion(Body):
     turn: int
     text: str
     model_version: str = ""
 
 
-class DemonstrationBody(BaseModel):
+class DemonstrationBody(Body):
     task_id: int | None = None
     messages: list[Turn] = Field(min_length=2)
     suggestions: list[Suggestion] = []
     idempotency_key: str = Field(min_length=1, max_length=100)
 
 
-class TasksBody(BaseModel):
+class TasksBody(Body):
     kind: Literal["ranking", "roleplay"]
     prompts: list[str | list[Turn]] = []  # ranking: prompts (text = one user turn, or messages)
     from_conversations: int = Field(default=0, ge=0, le=1000)  # ranking: also the latest N logged user turns
@@ -122,18 +128,18 @@ class TasksBody(BaseModel):
     max_tokens: int = Field(default=64, ge=1)
 
 
-class GateAnswer(BaseModel):
+class GateAnswer(Body):
     text: str = Field(min_length=1)
     model_version: str = Field(min_length=1, max_length=200)
     model_path: str = ""
 
 
-class GateItem(BaseModel):
+class GateItem(Body):
     prompt: str | list[Turn]  # text = one user turn, or messages ending with a user turn
     answers: list[GateAnswer] = Field(min_length=2, max_length=9)
 
 
-class GateBody(BaseModel):
+class GateBody(Body):
     items: list[GateItem] = Field(min_length=1, max_length=1000)
     labels_needed: int = Field(default=1, ge=1, le=100)
 
@@ -143,7 +149,7 @@ def _prompt_messages(prompt: str | list[Turn]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [t.model_dump() for t in prompt]
 
 
-class ModelBody(BaseModel):
+class ModelBody(Body):
     path: str = Field(min_length=1)
 
 
@@ -385,6 +391,11 @@ async def all_conversations(
 async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
     await current_user(request, roles=("admin",))
     c = ctx(request)
+    # a field of the other kind would be dropped without a word
+    if body.kind == "roleplay" and (body.prompts or body.from_conversations):
+        raise ApiError(400, "a roleplay task takes instructions, not prompts or from_conversations", param="kind")
+    if body.kind == "ranking" and body.instructions:
+        raise ApiError(400, "a ranking task takes prompts or from_conversations, not instructions", param="kind")
     if body.kind == "roleplay":
         ids = [
             await db(c.store.create_roleplay_task, text, labels_needed=body.labels_needed)
