@@ -4,6 +4,8 @@ keeps the version that wrote it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -91,6 +93,7 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
             )
         )
         assert set(report["stages"]) == {"sft", "rm", "ppo"}
+        assert all(Path(p).is_absolute() and Path(p).is_dir() for p in report["stages"].values())
         new_version = report["deployed"]["version"]
         assert new_version != old_version and report["deployed"]["previous"] == old_version
         assert httpx.get(server.url + "/api/admin/model", headers=auth).json()["version"] == new_version

@@ -320,6 +320,11 @@ def test_unsupported_fields_are_rejected(served):
             messages=[{"role": "assistant", "content": "hi", "tool_calls": [{"id": "1"}]}, *MSGS[1:]],
         )
     assert err.value.body["param"] == "messages.0.tool_calls"
+    with pytest.raises(openai.BadRequestError) as err:  # as OpenAI: it would have no effect without a stream
+        c.chat.completions.create(
+            model="flywheel", messages=MSGS, max_tokens=2, stream_options={"include_usage": True}
+        )
+    assert err.value.body["param"] == "stream_options"
     # Neutral values and bookkeeping fields are fine.
     r = c.chat.completions.create(
         model="flywheel",

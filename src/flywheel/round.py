@@ -119,7 +119,7 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
         sft = _stage(
             SFTConfig, cfg.sft_config, cfg, model=policy, data=str(data / "demos.jsonl"), out=str(out / "sft"), **extra
         )
-        policy = str(train_sft(sft) / "final")
+        policy = str((train_sft(sft) / "final").resolve())
         report["stages"]["sft"] = policy
     else:
         log.info("round: no demonstrations in %s: SFT skipped, PPO starts from %s", data, policy)
@@ -131,7 +131,7 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
     rm = _stage(
         RewardConfig, cfg.rm_config, cfg, model=policy, data=str(data / "rankings.jsonl"), out=str(out / "rm"), **extra
     )
-    reward_model = str(train_reward(rm) / "final")
+    reward_model = str((train_reward(rm) / "final").resolve())
     report["stages"]["rm"] = reward_model
     if not _rows(data / "prompts.jsonl"):
         raise UserError("no prompts for PPO", path=str(data / "prompts.jsonl"))

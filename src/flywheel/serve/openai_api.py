@@ -135,6 +135,10 @@ def check_fields(req: ChatRequest) -> None:
                     param=f"messages.{i}.{key}",
                     code="unsupported_parameter",
                 )
+    if req.stream_options is not None and not req.stream:  # as OpenAI answers it: it would have no effect
+        raise ApiError(
+            400, "'stream_options' is only allowed when 'stream' is true", param="stream_options", code="invalid_value"
+        )
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ApiError(
