@@ -82,11 +82,12 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
         ppo_yaml = tmp_path / "ppo.yaml"
         ppo_yaml.write_text("rollout_batch_size: 4\nbatch_size: 4\nppo_epochs: 1\nmax_new_tokens: 6\n")
         monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", admin)
+        monkeypatch.chdir(tmp_path)
         report = run_round(
             RoundConfig(
                 export=str(tmp_path / "export"),
                 policy=str(model_dir),
-                out=str(tmp_path / "round"),
+                out="round",  # relative: round.json still names every stage's directory by its absolute path
                 server=server.url,
                 max_steps=2,
                 ppo_config=str(ppo_yaml),
