@@ -32,17 +32,18 @@ class HFCausalLM:
         params = inspect.signature(model.forward).parameters
         self._has_positions = "position_ids" in params
         self._has_logits_to_keep = "logits_to_keep" in params
+        # transformers 5.x names the cache argument `cache` (`past_key_values` is deprecated there), 4.x the latter
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _run(self, state: HFState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = dict(
-            input_ids=ids, attention_mask=state.mask, past_key_values=state.cache, use_cache=True
-        )
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": state.mask, self._cache_arg: state.cache}
+        kwargs["use_cache"] = True
         if self._has_positions:
             kwargs["position_ids"] = positions
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        state.cache = out.past_key_values
+        state.cache = out["cache"] if "cache" in out else out.past_key_values
         return out.logits[:, -1].float()  # (B, V)
 
     def start(self, ids: torch.Tensor, valid: torch.Tensor, capacity: int) -> tuple[torch.Tensor, HFState]:
