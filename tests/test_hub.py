@@ -57,11 +57,16 @@ def _first_weight(model) -> torch.Tensor:
 
 @pytest.fixture
 def two_revisions(hub_cache, tmp_path, tokenizer):
-    """org/tiny on the hub cache: commit A on main, commit B (other weights) on branch v2."""
+    """org/tiny on the hub cache: commit A on main, commit B (other weights) on branch v2; org/rm, a reward model
+    (a sequence classifier) of each, the same way."""
+    from flywheel.models import load_sequence_classifier
+
     for commit, seed, refs in ((REV_A, 0, ("main",)), (REV_B, 1, ("v2",))):
         model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=256), seed=seed)
         src = save_pretrained(model, tokenizer, tmp_path / f"model-{seed}")
         publish(hub_cache, "org/tiny", src, commit, refs=refs)
+        rm = save_pretrained(load_sequence_classifier(str(src)), tokenizer, tmp_path / f"rm-{seed}")
+        publish(hub_cache, "org/rm", rm, commit, refs=refs)
     return hub_cache
 
 
@@ -351,11 +356,14 @@ def test_reward_models_load_from_a_hub_id_at_a_revision(two_revisions, tokenizer
     from flywheel.models import load_sequence_classifier
     from flywheel.train.reward import RewardModel
 
-    v2 = load_sequence_classifier("org/tiny", revision="v2")
+    v2 = load_sequence_classifier("org/tiny", revision="v2")  # a reward model to train: its head is new
     assert torch.equal(_first_weight(v2), _first_weight(load_causal_lm("org/tiny", revision=REV_B)))
-    rm = RewardModel.from_pretrained("org/tiny", revision="v2")
+    rm = RewardModel.from_pretrained("org/rm", revision="v2")
     assert torch.equal(_first_weight(rm.model), _first_weight(v2))
+    assert not torch.equal(_first_weight(RewardModel.from_pretrained("org/rm").model), _first_weight(v2))
     assert rm.tokenizer.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(UserError, match=r"org/tiny \(revision v2\) is not a reward model \(LlamaForCausalLM"):
+        RewardModel.from_pretrained("org/tiny", revision="v2")  # a reward model that scores has a trained head
     with pytest.raises(UserError, match=r"cannot load a sequence classifier from org/tiny \(revision v3\)"):
         load_sequence_classifier("org/tiny", revision="v3")
 
@@ -385,7 +393,7 @@ def test_every_trainer_runs_from_a_hub_id_at_a_revision_in_bfloat16(two_revision
     if stage in ("rm", "dpo"):
         argv += ["--data", str(pairs), "--eval-split", "0.25"]
     else:
-        argv += ["--reward-model", "org/tiny", "--prompts", str(prompts_file), "--rollout-batch-size", "2"]
+        argv += ["--reward-model", "org/rm", "--prompts", str(prompts_file), "--rollout-batch-size", "2"]
         argv += ["--ppo-epochs", "1", "--max-new-tokens", "4"]
         argv += ["--num-generations", "2"] if stage == "rl" else []
     assert main(argv) == 0

@@ -427,3 +427,30 @@ def test_save_policy_every_writes_plain_hf_policies(tmp_path, model_dir, prompts
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), final.parameters(), strict=True))
     with pytest.raises(UserError, match="--save-policy-every"):
         _cfg(tmp_path, model_dir, prompts_file, save_policy_every=-1).validate()
+
+
+def test_a_language_model_is_no_reward_model_anywhere_one_scores(tmp_path, model_dir, prompts_file, capsys):
+    """A policy's directory given where a trained reward model must score (PPO, `flywheel rl`, best-of-n, `flywheel
+    score`, `flywheel eval rm`) is a one-line error: its score head would be new, random weights, and a run would
+    optimise noise without a word."""
+    from flywheel.cli import main
+
+    convs = tmp_path / "convs.jsonl"
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    convs.write_text(json.dumps({"messages": msgs}) + "\n")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}) + "\n")
+    rl = ["--model", str(model_dir), "--reward-model", str(model_dir), "--prompts", str(prompts_file)]
+    rl += ["--max-steps", "1", "--progress", "false"]
+    for argv in (
+        ["ppo", *rl, "--out", str(tmp_path / "ppo")],
+        ["rl", *rl, "--out", str(tmp_path / "rl")],
+        ["sample", "--model", str(model_dir), "--reward-model", str(model_dir), "--best-of", "2"]
+        + ["--prompts", str(prompts_file), "--out", str(tmp_path / "best.jsonl")],
+        ["score", "--model", str(model_dir), "--data", str(convs)],
+        ["eval", "rm", "--model", str(model_dir), "--data", str(prefs), "--out", str(tmp_path / "eval")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f"{model_dir} is not a reward model (LlamaForCausalLM" in err and len(err.splitlines()) == 1, err
+    assert not any((tmp_path / name).exists() for name in ("ppo", "rl", "best.jsonl", "eval"))

@@ -250,8 +250,10 @@ def load_sequence_classifier(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    trained: bool = False,
 ) -> Any:
-    """A scalar-head model (reward or value). From a causal-LM directory the head is new (InstructGPT init)."""
+    """A scalar-head model (reward or value). From a causal-LM directory the head is new (InstructGPT init), unless
+    `trained`: a reward model that scores must have its head, so a language model's directory is a one-line error."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     src = resolve_model_path(path)
@@ -259,6 +261,12 @@ def load_sequence_classifier(
     try:
         config = AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
         is_classifier = is_sequence_classifier(config)
+        if trained and not is_classifier:
+            arch = (getattr(config, "architectures", None) or ["no architecture"])[0]
+            raise UserError(
+                f"{describe_source(path, revision)} is not a reward model ({arch}: no trained score head; a reward "
+                "model is what `flywheel rm` writes, a *ForSequenceClassification)"
+            )
         config.num_labels = 1
         # From a causal LM the head is missing by design; transformers' load report would call that a problem.
         with _quiet_transformers(not is_classifier):

@@ -606,7 +606,7 @@ class RewardModel:
             return RewardEnsemble(scorers, agg=ensemble_agg, lam=ensemble_lambda)
         if ensemble_agg != "mean":
             raise UserError(single_model_error(ensemble_agg), path=str(path))
-        model = load_sequence_classifier(str(path), dtype=dtype, **hub)
+        model = load_sequence_classifier(str(path), dtype=dtype, trained=True, **hub)
         if device is not None:
             model.to(device)
         return cls(model, load_tokenizer(str(path), **hub), **kwargs)

@@ -213,7 +213,7 @@ class PPOTrainer:
         if cfg.reward_ensemble_agg != "mean" and len(members) < 2:
             raise UserError(single_model_error(cfg.reward_ensemble_agg), path=cfg.reward_model or None)
         if members:
-            rms = [self._frozen(load_sequence_classifier(m, **cfg.load_kwargs(m))) for m in members]
+            rms = [self._frozen(load_sequence_classifier(m, trained=True, **cfg.load_kwargs(m))) for m in members]
             end = reward_turn_end(members[0], self.tokenizer, self.actor.module, **cfg.hub_kwargs(members[0]))
             if len(rms) > 1:
                 log.info("ppo: reward ensemble of %d models, aggregated by %s", len(rms), cfg.reward_ensemble_agg)
