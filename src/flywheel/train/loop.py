@@ -51,7 +51,13 @@ class TrainConfig(ModelOptions, DatasetOptions):
     """Fields shared by every trainer (each stage's config inherits them), after how data and models load
     (`DatasetOptions`, `ModelOptions`)."""
 
-    out: str = field(default="", metadata={"help": "run directory (config.yaml, metrics.jsonl, checkpoints/, final/)"})
+    out: str = field(
+        default="",
+        metadata={
+            "help": "run directory (config.yaml, metrics.jsonl, checkpoints/, final/); one with checkpoints needs "
+            "--resume, a finished one's final/ is replaced"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and sampling"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data"})
