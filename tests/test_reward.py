@@ -498,3 +498,21 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, model_dir):
     assert res.stderr.strip().splitlines() == [
         f"flywheel rm: {data}:1: a ranking needs at least 2 completions, found 1"
     ]
+
+
+def test_a_bad_reference_file_fails_before_training(tmp_path, model_dir, monkeypatch, capsys):
+    """--reference-data is read after training (its answers set the offset): a broken line must be found before
+    the run trains, not after."""
+    from flywheel.train import reward
+
+    data = write_jsonl(tmp_path / "train.jsonl", preference_rows(8, seed=1))
+    ref = tmp_path / "ref.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    ref.write_text(f"{good}\n{good}\n{{broken\n")
+    monkeypatch.setattr(reward, "train_loop", lambda *a, **k: pytest.fail("trained before reading --reference-data"))
+    out = tmp_path / "rm"
+    argv = ["rm", "--model", str(model_dir), "--data", data, "--reference-data", str(ref), "--out", str(out)]
+    for more in ([], ["--rm-ensemble", "2"]):
+        assert main([*argv, *more, "--progress", "false"]) == 2
+        assert f"{ref}:3: bad JSON" in capsys.readouterr().err
+        assert not out.exists()
