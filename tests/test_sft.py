@@ -171,3 +171,48 @@ def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir)
     assert main(args) == 0
     assert main(args) == 2  # refuses to clobber
     assert main(args + ["--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sft", "--threads", "-1"], "--threads must be >= 0"),
+        (["sft", "--warmup-ratio", "2"], "--warmup-ratio and --min-lr-ratio must be in [0, 1]"),
+        (["sft", "--save-every", "-1"], "--save-every must be >= 0"),
+        (["sft", "--log-every", "0"], "--log-every must be >= 1"),
+        (["sft", "--eval-split", "1.5"], "--eval-split must be in [0, 1)"),
+        (["rm", "--eval-split", "-0.1"], "--eval-split must be in [0, 1)"),
+        (["ppo", "--prompts", "p.jsonl", "--kl-coef", "-1"], "--kl-coef must be >= 0"),
+        (["ppo", "--prompts", "p.jsonl", "--vf-coef", "-1"], "--vf-coef must be >= 0"),
+        (["ppo", "--prompts", "p.jsonl", "--cliprange", "0"], "--cliprange must be > 0"),
+        (["ppo", "--prompts", "p.jsonl", "--gamma", "2"], "--gamma and --lam must be in [0, 1]"),
+        (["ppo", "--prompts", "p.jsonl", "--lam", "-1"], "--gamma and --lam must be in [0, 1]"),
+        (["rl", "--prompts", "p.jsonl", "--cliprange", "-0.2"], "--cliprange must be > 0"),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "o"
+    data = ["--data", "d.jsonl"] if argv[0] in ("sft", "rm") else []
+    assert main([*argv, "--model", "m", *data, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_config_files_bad_value_is_named_with_the_file(tmp_path, capsys):
+    for text, message in (
+        ("lr: fast\n", "config field 'lr' must be float, got 'fast'"),
+        ("batch_size: true\n", "config field 'batch_size' must be int, got True"),  # a YAML true is no batch size
+        ("report_to: 5\n", "config field 'report_to' must be list, got 5"),
+    ):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        argv = ["sft", "--config", str(cfg), "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"flywheel sft: {cfg}: {message}"
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    _demos(tmp_path / "demos.jsonl", 4)
+    argv = ["sft", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "demos.jsonl"), "--out", str(afile)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"flywheel sft: --out {afile} is a file, not a run directory"

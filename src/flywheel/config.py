@@ -97,7 +97,7 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
     try:
         if scalar is bool:
             return value if isinstance(value, bool) else _parse_bool(str(value))
-        if scalar is float and isinstance(value, int | float | str):
+        if scalar is float and isinstance(value, int | float | str) and not isinstance(value, bool):
             return float(value)
         if scalar is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -116,9 +116,10 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
             return [coerce_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         pass
-    if isinstance(value, scalar):
-        return value
-    raise UserError(f"config field '{name}' must be {scalar.__name__}, got {value!r}")
+    plain = isinstance(scalar, type) and not is_list_field(scalar)  # list[str] is no type isinstance can check
+    if plain and isinstance(value, scalar) and not (isinstance(value, bool) and scalar is not bool):
+        return value  # (a YAML true is no batch size, though bool is an int to Python)
+    raise UserError(f"config field '{name}' must be {getattr(scalar, '__name__', scalar)}, got {value!r}")
 
 
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -194,6 +195,13 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     if config_file is not None:  # TRL names in the file first, so that a flag overrides the key under either name
         names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
         values.update(resolve_aliases(load_yaml(config_file), names, config_file))
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():  # a bad value in the file is the file's error, named as such
+            if key in hints and key not in args:
+                try:
+                    coerce_value(key, value, hints[key])
+                except UserError as err:
+                    raise UserError(err.message, path=config_file) from None
     values.update(args)
     return config_from_dict(cls, values, source=config_file or "flags")
 

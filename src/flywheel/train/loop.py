@@ -132,6 +132,15 @@ class TrainConfig(ModelOptions, DatasetOptions):
             raise UserError("--lr must be > 0")
         if self.nproc < 1:
             raise UserError("--nproc must be >= 1")
+        for name in ("threads", "save_every", "eval_every", "keep_checkpoints", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.log_every < 1:
+            raise UserError("--log-every must be >= 1")
+        if not 0 <= self.warmup_ratio <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("--warmup-ratio and --min-lr-ratio must be in [0, 1]")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UserError("--max-grad-norm must be >= 0 (0: no clipping)")
         if self.strategy not in distributed.STRATEGIES:
             raise UserError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got '{self.strategy}'")
         if self.lora_r < 0:
@@ -346,6 +355,8 @@ def prepare_run_dir(cfg: Any) -> Path:
     """Join the process group (under torchrun), check the run dir, and save the config (rank 0)."""
     distributed.init()
     run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a run directory")
     if not cfg.resume and checkpoint_dirs(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     if distributed.is_main():

@@ -46,6 +46,8 @@ class PretrainConfig(TrainConfig):
         super().validate()
         if not self.data:
             raise UserError("--data is required (a text corpus)")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1) (the fraction held out)")
         if self.seq_len < 2:
             raise UserError("--seq-len must be >= 2")
         if not 0 <= self.eval_split < 1:

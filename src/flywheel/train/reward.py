@@ -112,6 +112,8 @@ class PreferenceConfig(TrainConfig):
         super().validate()
         if not self.data:
             raise UserError("--data is required (rankings or chosen/rejected comparisons)")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1) (the fraction held out)")
         if self.max_length < 2:
             raise UserError("--max-length must be >= 2")
         if self.overlong not in OVERLONG:

@@ -42,6 +42,8 @@ class SFTConfig(TrainConfig):
             raise UserError("--model is required (the base model to fine-tune)")
         if not self.data:
             raise UserError("--data is required (demonstration conversations)")
+        if not 0 <= self.eval_split < 1:
+            raise UserError("--eval-split must be in [0, 1) (the fraction held out)")
         if self.max_length < 2:
             raise UserError("--max-length must be >= 2")
 

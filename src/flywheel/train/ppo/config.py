@@ -148,3 +148,13 @@ class PPOConfig(TrainConfig):
         for name in ("ppo_epochs", "max_new_tokens", "rollout_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("kl_coef", "vf_coef", "ptx_coef", "missing_eos_penalty"):  # each weighs a term in: never < 0
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (the clip's half-width)")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise UserError("--gamma and --lam must be in [0, 1]")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise UserError("--kl-target must be > 0 (nats per response)")
