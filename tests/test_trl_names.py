@@ -104,3 +104,17 @@ def test_sft_runs_with_trl_flags_only(tmp_path, model_dir):
     assert main(argv) == 0
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert "lr: 0.001" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_wrong_flag_is_one_line_with_the_closest_real_one(capsys):
+    from flywheel.cli import main
+
+    for argv, message in (
+        (["sft", "--model", "m", "--data", "d", "--out", "o", "--learnin-rate", "3"], "did you mean --learning_rate?"),
+        (["sft", "--model", "m", "--data", "d", "--out", "o", "--epoch", "2"], "did you mean --epochs?"),
+        (["ppo", "--model", "m", "--prompts", "p", "--out", "o", "--data", "d"], "unrecognized arguments: --data d"),
+        (["demo", "--sft.epoch", "3"], "did you mean --sft.epochs?"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.endswith("--help` lists the flags)") and len(err.splitlines()) == 1, err

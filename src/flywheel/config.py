@@ -15,7 +15,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
@@ -122,8 +122,26 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
     raise UserError(f"config field '{name}' must be {getattr(scalar, '__name__', scalar)}, got {value!r}")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse for the trainers' flags: a mistake is a one-line error (a UserError, exit code 2) that names the flag
+    and the closest real one, not the whole usage; and no abbreviations (`--data` must not silently mean `--dataset-
+    config`, or become ambiguous when a flag is added)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings]  # TRL's names too: they are flags
+        wrong = [w for w in message.split(": ", 1)[-1].split() if w.startswith("--")]
+        close = difflib.get_close_matches(wrong[0].split("=")[0], known, n=1) if wrong else []
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"{message} ({hint}`{self.prog} --help` lists the flags)")
+
+
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog=prog,
         description=description,
         argument_default=argparse.SUPPRESS,
