@@ -150,7 +150,7 @@ def test_missing_model_and_flags_are_one_line_errors(tmp_path):
     assert res.returncode == 2 and "unknown command" in res.stderr
 
 
-def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir):
+def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir, capsys):
     data = tmp_path / "demos.jsonl"
     _demos(data, 16)
     args = [
@@ -170,7 +170,14 @@ def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir)
     ]
     assert main(args) == 0
     assert main(args) == 2  # refuses to clobber
-    assert main(args + ["--resume"]) == 0
+    # a resume continues the same run: what it computes may not change (config.yaml would describe steps that
+    # never ran with it); where it reports may
+    out = str(tmp_path / "r")
+    assert main(args + ["--resume", "--lr", "1e-3", "--seed", "3"]) == 2
+    assert (
+        f"--resume: settings differ from the run in {out} (seed 0 -> 3; lr 0.0001 -> 0.001)" in capsys.readouterr().err
+    )
+    assert main(args + ["--resume", "--threads", "1", "--log-every", "1"]) == 0
 
 
 @pytest.mark.parametrize(

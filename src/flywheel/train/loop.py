@@ -351,6 +351,37 @@ def discard_run_dir(run_dir: Path) -> None:
         log.debug("removed %s (the run stopped on bad input before writing a model)", run_dir)
 
 
+# Settings a resumed run may change: where and how it reports, not what it computes.
+RESUME_VOLATILE = frozenset(
+    {"out", "resume", "threads", "progress", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints"}
+)
+
+
+def check_resumed_settings(cfg: Any, saved: Path) -> None:
+    """A resume continues the run in --out bit for bit: settings that change what it computes (the seed, the
+    learning rate, the data, the steps...) must be the ones it started with, or config.yaml would describe steps that
+    never ran with them."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError("--resume: the run's config is not readable YAML", path=str(saved)) from None
+    now = yaml.safe_load(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    changed = [
+        f"{k} {before.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RESUME_VOLATILE and k in before and before[k] != now[k]
+    ]
+    if changed:
+        raise UserError(
+            f"--resume: settings differ from the run in {saved.parent} ({'; '.join(changed)}): resume with the "
+            "run's own settings (--config " + str(saved) + "), or start a new --out"
+        )
+
+
 def prepare_run_dir(cfg: Any) -> Path:
     """Join the process group (under torchrun), check the run dir, and save the config (rank 0)."""
     distributed.init()
@@ -359,6 +390,10 @@ def prepare_run_dir(cfg: Any) -> Path:
         raise UserError(f"--out {run_dir} is a file, not a run directory")
     if not cfg.resume and checkpoint_dirs(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if cfg.resume and checkpoint_dirs(run_dir):
+        check_resumed_settings(cfg, run_dir / "config.yaml")
+    elif cfg.resume:
+        log.warning("--resume: %s holds no checkpoint: starting from the first step", run_dir)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
