@@ -179,7 +179,7 @@ def check_turn_order(
             f"{field} has only a system message: a user message must follow it", reason="empty conversation"
         )
     if end is not None and prev != end:
-        why = " (SFT learns from it)" if end == "assistant" else " (the model answers it)"
+        why = " (the answer trained on or scored)" if end == "assistant" else " (the model answers it)"
         raise RecordError(
             f"{field} must end with {'an' if end == 'assistant' else 'a'} {end} message{why}, found {prev!r} last",
             reason="bad ending",
