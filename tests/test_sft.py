@@ -223,3 +223,26 @@ def test_a_config_files_bad_value_is_named_with_the_file(tmp_path, capsys):
     argv = ["sft", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "demos.jsonl"), "--out", str(afile)]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"flywheel sft: --out {afile} is a file, not a run directory"
+
+
+def test_a_resume_between_two_log_lines_logs_what_the_whole_run_logs(tmp_path, model_dir):
+    """A checkpoint keeps the metrics of the steps since the last log line: the resumed run's next line averages
+    the same steps as the uninterrupted run's (not only those after the resume)."""
+    import shutil
+
+    _demos(tmp_path / "demos.jsonl", 24)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["sft", "--model", str(model_dir), "--data", str(tmp_path / "demos.jsonl"), "--max-steps", "5"]
+    args += ["--batch-size", "2", "--save-every", "1", "--log-every", "3", "--progress", "false", "--threads", "1"]
+    assert main([*args, "--out", str(full)]) == 0
+    shutil.copytree(full, cut)  # as if killed after step 4: its checkpoint is the last one (none after the last step)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    shutil.rmtree(cut / "final")
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+    assert [r["step"] for r in rows(full) if "loss" in r] == [3, 5]
+    assert rows(cut) == rows(full)

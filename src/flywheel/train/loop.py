@@ -482,10 +482,11 @@ def train_loop(
     steps = total_steps(cfg, len(samples), n_proc)
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, steps, warmup, cfg.min_lr_ratio))
-    start = 0
+    start, resumed = 0, {}
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
-        start = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))["step"]
+        resumed = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))
+        start = resumed["step"]
         log.info("resumed from %s (step %d of %d)", ckpts[-1], start, steps)
     logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -501,8 +502,9 @@ def train_loop(
         leave=bar_position is None,
     )
     last: dict[str, float] = {}
-    window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0}
-    extras: dict[str, float] = {}
+    # The metrics of the steps since the last log line (a checkpoint keeps them: a resumed run logs the same lines)
+    window = resumed.get("window", {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0})
+    extras: dict[str, float] = resumed.get("extras", {})
     eval_metrics: dict[str, float] = {}
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -566,7 +568,7 @@ def train_loop(
                 run_dir,
                 done,
                 _checkpoint_states(wrapped, model, optimizer, scheduler),
-                {"total_steps": steps},
+                {"total_steps": steps, "window": window, "extras": extras},
                 cfg.keep_checkpoints,
             )
         bar.update(1)
