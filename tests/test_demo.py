@@ -238,7 +238,7 @@ def test_targets_report_real_figures():
     assert not missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].holds
     assert missed["PPO preferred over SFT in >= 75% of comparisons (ties split)"].value == "70.0%"
     assert not missed["KL(PPO ‖ SFT) <= 10 nats per response"].holds
-    assert not missed["PPO's held-out LM loss within 5% of SFT's"].holds  # 2.2 is 10% above 2.0
+    assert not missed["PPO's held-out LM loss at most 5% above SFT's"].holds  # 2.2 is 10% above 2.0
     at_ceiling = _summary(0.8, 4.0, 2.05)
     at_ceiling.policies["sft"].refusal_rate = at_ceiling.policies["ppo"].refusal_rate = 1.0
     refusals = "refusal rate on harmful prompts better than SFT's"
@@ -669,6 +669,9 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
 
     with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, seed=1).resolved())
+    # a stage's setting is named alone, not as its stage's whole mapping
+    with pytest.raises(UserError, match=r"settings differ from the run in \S+: --ppo\.lr 0\.5 \(the run's: 2e-05\)$"):
+        RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, ppo={"lr": 0.5}).resolved())
     (out / "sft").rmdir()  # a finished stage's output removed since: refused, not silently rerun
     third = RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
     with pytest.raises(UserError, match="is missing"):
@@ -684,6 +687,8 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
     (out / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="finished demo run"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True).resolved())
+    with pytest.raises(UserError, match="already holds a finished demo run: remove it, or choose another --out$"):
+        RunState.open(out, DemoConfig(out=str(out), quick=True).resolved())  # --resume would not help: not named
     with pytest.raises(UserError, match="no interrupted demo run"):
         RunState.open(tmp_path / "none", DemoConfig(out=str(tmp_path / "none"), resume=True).resolved())
 

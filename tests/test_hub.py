@@ -131,6 +131,8 @@ def test_a_missing_hub_model_or_revision_is_one_line_naming_it(two_revisions, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # the failed run left no directory behind
+    # a name that is no local directory either says so (a mistyped local path reads as a hub id); org/tiny is cached
+    assert ("no local directory of that name, and as a hub id" in err) == (model == "org/missing")
 
 
 REMOTE_CONFIG = """

@@ -20,7 +20,7 @@ from typing import TextIO
 from flywheel.config import parse_config
 from flywheel.engine import ChatSession, Engine, SamplingParams
 from flywheel.errors import UserError
-from flywheel.models import HubOptions
+from flywheel.models import DTYPES, HubOptions
 
 USER_PROMPT = "user> "
 MORE_PROMPT = "...> "
@@ -53,12 +53,14 @@ class ChatConfig(HubOptions):
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass, in (0, 1]"})
     seed: int | None = field(default=None, metadata={"help": "seed: reply k uses seed + k (reproducible scripts)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto (the checkpoint's)"})
     backend: str = field(default="auto", metadata={"help": "engine forward: auto, compact (Llama family) or hf"})
 
     def validate(self) -> None:
         if not self.model:
             raise UserError("give a model directory: flywheel chat MODEL_DIR")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         self.sampling().validate()
 
     def sampling(self) -> SamplingParams:

@@ -192,11 +192,15 @@ def describe_source(path: str, revision: str | None = None) -> str:
     return f"{path} (revision {revision})" if revision and is_hub_id(path) else path
 
 
-def hub_error(err: Exception) -> str:
-    """The first line of a loading error, and what to do when it is transformers' refusal to run a hub model's code."""
+def hub_error(err: Exception, path: str | None = None, revision: str | None = None) -> str:
+    """The first line of a loading error, and what to do when it is transformers' refusal to run a hub model's code.
+    A `path` shaped like a hub id, asked for at no revision, that is no local directory either is said to be
+    neither (a mistyped local path reads as a hub id: `runs/sft/fnal`)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "trust_remote_code" in str(err):
         return f"{first} (the model ships its own code: pass --trust-remote-code to run it)"
+    if path is not None and not revision and is_hub_id(path) and not Path(path).expanduser().exists():
+        return f"no local directory of that name, and as a hub id: {first}"
     return first
 
 
@@ -234,7 +238,8 @@ def load_causal_lm(
             )
         model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
     except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"cannot load a causal LM from {describe_source(path, revision)}: {hub_error(err)}") from None
+        source = describe_source(path, revision)
+        raise UserError(f"cannot load a causal LM from {source}: {hub_error(err, path, revision)}") from None
     return model
 
 
@@ -273,7 +278,7 @@ def load_sequence_classifier(
             model = AutoModelForSequenceClassification.from_pretrained(src, config=config, **kw)
     except (OSError, ValueError, ImportError) as err:
         source = describe_source(path, revision)
-        raise UserError(f"cannot load a sequence classifier from {source}: {hub_error(err)}") from None
+        raise UserError(f"cannot load a sequence classifier from {source}: {hub_error(err, path, revision)}") from None
     if not is_classifier:
         init_reward_head(model)
     return model

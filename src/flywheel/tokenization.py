@@ -325,7 +325,8 @@ def load_tokenizer(
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"cannot load a tokenizer from {describe_source(path, revision)}: {hub_error(err)}") from None
+        source = describe_source(path, revision)
+        raise UserError(f"cannot load a tokenizer from {source}: {hub_error(err, path, revision)}") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # Reusing EOS as padding makes padded EOS tokens invisible to losses that mask padding; add a real pad.
         tok.add_special_tokens({"pad_token": PAD})

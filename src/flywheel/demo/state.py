@@ -127,7 +127,15 @@ class RunState:
     def changed_settings(cls, cfg: Any, saved: dict[str, Any]) -> list[str]:
         """Each setting of `cfg` (a resolved DemoConfig) that differs from a run's recorded `saved` config (its
         demo_state.json or summary.json), with both values; the volatile ones are not compared."""
-        return [f"{k} {new!r} (the run's: {old!r})" for k, new, old in cls._changed(cfg, saved)]
+        out = []
+        for k, new, old in cls._changed(cfg, saved):
+            if isinstance(new, dict) and isinstance(old, dict):  # a stage's settings: each one that differs
+                keys = sorted(set(new) | set(old))
+                out += [f"--{k}.{f.replace('_', '-')} {new.get(f)!r} (the run's: {old.get(f)!r})"
+                        for f in keys if new.get(f) != old.get(f)]  # fmt: skip
+            else:
+                out.append(f"{k} {new!r} (the run's: {old!r})")
+        return out
 
     @classmethod
     def _changed(cls, cfg: Any, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -159,11 +167,9 @@ class RunState:
         config = cls._settings(asdict(cfg))
         path = out / cls.FILE
         if not cfg.resume:
-            if (
-                path.exists()
-                or (out / "summary.json").exists()
-                or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo"))
-            ):
+            if (out / "summary.json").exists():
+                raise UserError(f"{out} already holds a finished demo run: remove it, or choose another --out")
+            if path.exists() or any((out / d / "checkpoints").exists() for d in ("base", "sft", "ppo")):
                 raise UserError(
                     f"{out} already holds a demo run: remove it, choose another --out, or pass --resume to continue it"
                 )

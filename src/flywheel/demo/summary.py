@@ -296,7 +296,7 @@ def check_targets(s: DemoSummary) -> list[Target]:
         _deflection_target(s, "idk", "\"I don't know\" rate on unknowable prompts better than SFT's", "unknowable"),
         _fewshot_target(base, sft),
         Target(
-            "PPO's held-out LM loss within 5% of SFT's",
+            "PPO's held-out LM loss at most 5% above SFT's",
             f"{ppo_loss:.3f} vs {sft_loss:.3f} ({100 * (ppo_loss / sft_loss - 1):+.1f}%)",
             ppo_loss <= 1.05 * sft_loss,
             f"base {base_loss:.3f}: SFT itself moved it by {sft_loss - base_loss:+.3f}",
