@@ -784,9 +784,7 @@ def describe(groups: Sequence[RankingGroup]) -> str:
 def train_reward(cfg: RewardConfig) -> Path:
     """Train the reward model (or, with --rm-ensemble N, the N members of an ensemble); returns the run directory."""
     starts = ensemble_starts(cfg)  # before anything is written: a mismatched ensemble --model is one line
-    if (
-        cfg.normalize and cfg.reference_data and not cfg.skip_bad
-    ):  # read after training: a bad line must not cost the run
+    if cfg.normalize and cfg.reference_data and not cfg.skip_bad:  # read after training: find a bad line first
         reference_answers(cfg, [], load_tokenizer(starts[0], cfg.chat_template, **cfg.hub_kwargs(starts[0])))
     reference = likelihood_reference(cfg) if cfg.likelihood_head else None
     run_dir = train_reward_ensemble(cfg, starts) if cfg.rm_ensemble > 1 else train_one_reward(cfg)
