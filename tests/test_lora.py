@@ -126,9 +126,19 @@ def test_lora_rm_trains_the_head_in_full_and_dpo_runs(tmp_path, model_dir):
         "--eval-split",
         "0",
     ]
-    assert main(["rm", *common, "--out", str(tmp_path / "rm"), "--lr", "1e-2"]) == 0
+    assert main(["rm", *common, "--out", str(tmp_path / "rm"), "--lr", "1e-2", "--save-adapter"]) == 0
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
     assert rm.score.weight.shape[0] == 1
+    # --save-adapter: the adapter carries the head it trained in full, so base + adapter is the reward model
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "rm" / "final_adapter").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapted(input_ids=ids).logits, rm.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-4
+        )
     assert main(["dpo", *common, "--out", str(tmp_path / "dpo"), "--lr", "1e-2", "--save-adapter"]) == 0
     assert (tmp_path / "dpo" / "final_adapter" / "adapter_model.safetensors").is_file()
     before = load_file(str(model_dir / "model.safetensors"))

@@ -88,7 +88,8 @@ def disable_adapters(model: torch.nn.Module) -> Iterator[None]:
 
 def save_adapter(model: torch.nn.Module, out_dir: Path, base_model: str) -> Path:
     """The adapter alone as a PEFT directory (adapter_config.json + adapter_model.safetensors), loadable with
-    `PeftModel.from_pretrained(AutoModelFor...(base_model), out_dir)`; written atomically."""
+    `PeftModel.from_pretrained(AutoModelFor...(base_model), out_dir)`; written atomically. A reward model's trained
+    `score` head goes with it (PEFT's `modules_to_save`): load its base with `num_labels=1`."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -99,6 +100,13 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, base_model: str) -> Path
     state = {
         f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
     }
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Module):  # a reward model: its head trained in full, so it travels with the adapter
+        config.task_type = "SEQ_CLS"
+        config.modules_to_save = ["score"]
+        state.update(
+            {f"base_model.model.score.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        )
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"))
