@@ -37,6 +37,7 @@ in fp32. Needs the `bench` extra (trl, datasets, accelerate).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -316,6 +317,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU seconds")
     ap.add_argument("--profile", action="store_true", help="also break our step down by part (--clock)")
     args = ap.parse_args()
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (bench/README.md)")
     estimators = [e.strip() for e in args.estimator.split(",") if e.strip()]
     if not estimators or any(e not in ("grpo", "rloo") for e in estimators):
         ap.error(f"--estimator: a comma-separated list of grpo and rloo, not {args.estimator!r}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import itertools
 import random
 import statistics
@@ -249,6 +250,8 @@ def main() -> None:
         help="wall: elapsed time; cpu: CPU time of this process (less noisy when cores are shared)",
     )
     args = parser.parse_args()
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (bench/README.md)")
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:

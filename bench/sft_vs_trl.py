@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import random
 import statistics
@@ -123,6 +124,8 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (bench/README.md)")
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
