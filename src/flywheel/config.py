@@ -135,7 +135,7 @@ class FlagParser(argparse.ArgumentParser):
 
         known = [o for a in self._actions for o in a.option_strings]  # TRL's names too: they are flags
         wrong = [w for w in message.split(": ", 1)[-1].split() if w.startswith("--")]
-        close = difflib.get_close_matches(wrong[0].split("=")[0], known, n=1) if wrong else []
+        close = difflib.get_close_matches(wrong[0].split("=")[0], known, n=1, cutoff=0.75) if wrong else []
         hint = f"did you mean {close[0]}? " if close else ""
         raise UserError(f"{message} ({hint}`{self.prog} --help` lists the flags)")
 
