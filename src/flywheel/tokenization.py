@@ -58,7 +58,8 @@ def _render_text(tokenizer: Any, messages: Messages, *, add_generation_prompt: b
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    # verbose=False: transformers' "longer than the specified maximum" warning; lengths are checked where they matter
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else []
 
 
 def set_generation_stops(tokenizer: Any, eos_token_id: int | list[int] | None) -> None:

@@ -57,7 +57,7 @@ class PretrainConfig(TrainConfig):
 
 
 def _tokenize(tokenizer: Any, docs: list[str]) -> list[list[int]]:
-    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+    return tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # packing cuts long documents
 
 
 def train_pretrain(cfg: PretrainConfig) -> Path:
