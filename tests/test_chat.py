@@ -237,3 +237,9 @@ def test_interactive_chat_in_a_terminal(model_dir, tmp_path):
     child.close()
     assert child.exitstatus == 0
     assert replies[0] != replies[1]
+
+
+def test_chat_checks_its_dtype_as_the_trainers_do(capsys):
+    assert cli_main(["chat", "some/model", "--prompt", "hi", "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flywheel chat: --dtype must be one of float32, bfloat16, float16, auto, got 'fp8'"

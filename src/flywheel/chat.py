@@ -20,7 +20,7 @@ from typing import TextIO
 from flywheel.config import parse_config
 from flywheel.engine import ChatSession, Engine, SamplingParams
 from flywheel.errors import UserError
-from flywheel.models import DTYPES, HubOptions
+from flywheel.models import HubOptions, check_dtype
 
 USER_PROMPT = "user> "
 MORE_PROMPT = "...> "
@@ -59,8 +59,7 @@ class ChatConfig(HubOptions):
     def validate(self) -> None:
         if not self.model:
             raise UserError("give a model directory: flywheel chat MODEL_DIR")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        check_dtype(self.dtype)
         self.sampling().validate()
 
     def sampling(self) -> SamplingParams:

@@ -148,12 +148,17 @@ class ModelOptions(HubOptions):
     )
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        check_dtype(self.dtype)
 
     def load_kwargs(self, path: str) -> dict[str, Any]:
         """`hub_kwargs` plus the dtype and attention kernel: every model of a training run loads alike."""
         return {**self.hub_kwargs(path), "dtype": self.dtype, "attn_implementation": self.attn_implementation or None}
+
+
+def check_dtype(name: str) -> None:
+    """A one-line error unless `name` is a --dtype flywheel loads models in."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
 
 
 def _dtype(name: str | torch.dtype | None) -> str | torch.dtype | None:
