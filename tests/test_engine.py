@@ -562,3 +562,19 @@ def test_compaction_moves_only_the_rows_past_the_live_count_into_finished_places
     assert batch._live_slots() == [2]
     batch._alive = [True, True, False]
     assert batch._live_slots() == [0, 1]  # nothing moves
+
+
+def test_a_tiny_temperature_samples_the_argmax_without_overflow():
+    """softmax(logits / T) tends to the argmax as T -> 0; logits / 1e-40 itself overflows float32 (inf - inf = NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 20
+    logits[:, -1] = float("-inf")  # a masked token stays masked
+    for temperature in (1e-40, 1e-20, 1e-4):
+        for top_p in (1.0, 0.9):
+            tokens, logp = sample(logits, temperature=temperature, top_p=top_p, generator=gen)
+            assert torch.equal(tokens, logits.argmax(-1)) and torch.allclose(logp, torch.zeros(4), atol=1e-6)
+    # Above the threshold nothing changes: the same draws as dividing directly.
+    u = torch.rand(4, generator=gen)
+    tokens, logp = sample(logits, temperature=0.7, uniform=u)
+    expected = torch.softmax(logits / 0.7, dim=-1)
+    assert torch.allclose(logp.exp(), expected.gather(-1, tokens[:, None])[:, 0])

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Below this temperature logits / T can overflow float32 (inf - inf = NaN in the softmax); the logits are shifted by
+# their maximum first, which leaves softmax(logits / T) unchanged and keeps every other temperature bit for bit.
+TINY_TEMPERATURE = 1e-3
+
 
 def filter_top_k(logp: torch.Tensor, k: int) -> torch.Tensor:
     """Set all but the k largest entries of each row to -inf. logp: (B, V)."""
@@ -49,6 +53,16 @@ def _nucleus_cut(sorted_logp: torch.Tensor, p: float) -> torch.Tensor:
     return cut.masked_fill(~found, float("-inf"))
 
 
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T for T > 0 (B, V), finite however small T is: below `TINY_TEMPERATURE` the logits are shifted by their
+    maximum first (softmax and log_softmax do not change; the division cannot overflow)."""
+    if temperature == 1.0:
+        return logits
+    if temperature < TINY_TEMPERATURE:
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    return logits / temperature
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -72,7 +86,7 @@ def sample(
         return tokens, logp.gather(-1, tokens[:, None])[:, 0]
     if uniform is None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    scaled = logits / temperature if temperature != 1.0 else logits
+    scaled = scale(logits, temperature)
     if top_k <= 0 and top_p >= 1.0:  # nothing filtered: the softmax is both the distribution and the log-prob's
         probs = torch.softmax(scaled, dim=-1)  # (B, V)
         tokens = _invert_cdf(probs.cumsum(dim=-1), uniform)

@@ -41,6 +41,7 @@ from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, User
 from flywheel.serve.errors import ApiError
 from flywheel.serve.limits import Limits, RateLimited
 from flywheel.serve.worker import BATCHING, BatchWorker, ServedModel, unstorable
+from flywheel.tokenization import special_token_in
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -325,19 +326,20 @@ def _is_json(scope: Scope) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def find_unstorable(value: Any) -> tuple[str, str] | None:
-    """The first string (key or value) of a parsed JSON document that cannot be stored -> (where, why)."""
+def find_unstorable(value: Any, why: Callable[[str], str | None] = unstorable) -> tuple[str, str] | None:
+    """The first string (key or value) of a parsed JSON document that cannot be stored -> (where, why); `why` says
+    what is wrong with a string (None: nothing)."""
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         where, item = stack.pop()
         if isinstance(item, str):
-            reason = unstorable(item)
+            reason = why(item)
             if reason is not None:
                 return where or "body", reason
         elif isinstance(item, dict):
             for key, sub in reversed(item.items()):
                 path = f"{where}.{key}" if where else str(key)
-                reason = unstorable(key)
+                reason = why(key)
                 if reason is not None:
                     return f"{path} (a key)", reason
                 stack.append((path, sub))
@@ -346,10 +348,24 @@ def find_unstorable(value: Any) -> tuple[str, str] | None:
     return None
 
 
+def special_text(tokenizer: Any) -> Callable[[str], str | None]:
+    """What is wrong with a string that writes out one of the tokenizer's special tokens (None: nothing)."""
+
+    def why(text: str) -> str | None:
+        token = special_token_in(tokenizer, text)
+        if token is None:
+            return None
+        return f"contains {token!r}, a special token of the served model (it would be read as that token, not as text)"
+
+    return why
+
+
 class TextCheck:
     """Answer 400 to a JSON body with a NUL character or a lone surrogate in any string: no database stores them
-    (PostgreSQL refuses NUL, UTF-8 has no surrogates) and tokenizers reject surrogates. Bodies that are not valid
-    JSON go on to FastAPI, which answers 400 itself."""
+    (PostgreSQL refuses NUL, UTF-8 has no surrogates) and tokenizers reject surrogates. On the web app's routes
+    (`/api/`), whose texts become conversations, tasks and training data, also to a string that writes out a special
+    token of the served model (`<|im_end|>`: rendered, it would end a turn). Bodies that are not valid JSON go on to
+    FastAPI, which answers 400 itself."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -367,9 +383,12 @@ class TextCheck:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         try:
-            found = find_unstorable(json.loads(body)) if body else None
+            document = json.loads(body) if body else None
         except (ValueError, RecursionError):  # not JSON (also not UTF-8): FastAPI's 400
-            found = None
+            document = None
+        found = find_unstorable(document) if document is not None else None
+        if found is None and document is not None and scope["path"].startswith("/api/"):
+            found = find_unstorable(document, special_text(scope["app"].state.ctx.worker.model.tokenizer))
         if found is not None:
             where = found[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key is part of the path
             err = ApiError(400, f"{where}: {found[1]}", param=where, code="invalid_text")

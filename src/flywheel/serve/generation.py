@@ -15,8 +15,10 @@ WATCHDOG_S = 1.0
 
 
 def _error(event: Event) -> ApiError:
+    """("error", status, message[, param, code])."""
     status, message = event[1], event[2]
-    return ApiError(status, message, code="generation_failed" if status >= 500 else None)
+    param, code = event[3:5] if len(event) >= 5 else (None, None)
+    return ApiError(status, message, param=param, code=code or ("generation_failed" if status >= 500 else None))
 
 
 @dataclass

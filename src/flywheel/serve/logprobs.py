@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from flywheel.engine.hf_forward import HFCausalLM
+from flywheel.engine.sampling import scale
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -43,31 +44,35 @@ _BYTES = _byte_decoder()
 class TokenPieces:
     """Text and bytes of single tokens (cached). Byte-level BPE tokens give their exact bytes, also when a token
     holds part of a character (its text is then `bytes:\\xe6\\x97`, as OpenAI writes it); other tokenizers give the
-    UTF-8 of the token decoded alone."""
+    UTF-8 of the token decoded alone. The bytes are what the token adds to the answer's text, so that a choice's
+    entries add up to its `content`: a special token (left out of the text) has its name as text and bytes None
+    (OpenAI's "no bytes representation"), and NUL bytes (removed from the text) are left out."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_level = type(decoder).__name__ == "ByteLevel"
-        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._cache: dict[int, tuple[str, list[int] | None]] = {}
 
-    def piece(self, token_id: int) -> tuple[str, list[int]]:
-        """(text, UTF-8 bytes) of one token."""
+    def piece(self, token_id: int) -> tuple[str, list[int] | None]:
+        """(text, UTF-8 bytes) of one token; bytes None for a special token."""
         cached = self._cache.get(token_id)
         if cached is not None:
             return cached
-        raw = self._bytes(token_id)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        self._cache[token_id] = (text, list(raw))
-        return text, list(raw)
+        if token_id in self.special:
+            piece: tuple[str, list[int] | None] = (str(self.tokenizer.convert_ids_to_tokens(token_id)), None)
+        else:
+            raw = self._bytes(token_id).replace(b"\x00", b"")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            piece = (text, list(raw))
+        self._cache[token_id] = piece
+        return piece
 
     def _bytes(self, token_id: int) -> bytes:
-        if token_id in self.special:
-            return str(self.tokenizer.convert_ids_to_tokens(token_id)).encode("utf-8")
         if self.byte_level:
             token = self.tokenizer.convert_ids_to_tokens(token_id)
             if isinstance(token, str) and all(ch in _BYTES for ch in token):
@@ -89,7 +94,7 @@ class TokenPieces:
 def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) in float32 (T = 0: log softmax(logits)): the distribution a token is drawn from."""
     logits = logits.float()
-    return torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    return torch.log_softmax(scale(logits, temperature) if temperature > 0 else logits, dim=-1)
 
 
 class TopLogprobs:

@@ -38,6 +38,7 @@ Number = Annotated[float, Strict()]  # an int or a float; not a string, not a bo
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: StrictStr
 
@@ -45,15 +46,20 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | list[TextPart]
+    # None only beside `tool_calls` / `function_call` (an assistant message replayed by OpenAI's clients), which
+    # `check_fields` then refuses by name
+    content: StrictStr | list[TextPart] | None
 
     def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool = False  # OpenAI pads its chunks against side channels; nothing to hide here
 
 
 class ChatRequest(BaseModel):
@@ -94,10 +100,10 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (lambda v: _off(v) or v == 0, "only 0 is supported (no repetition penalties)"),
     "presence_penalty": (lambda v: _off(v) or v == 0, "only 0 is supported (no repetition penalties)"),
     "logit_bias": (_off, "logit bias is not supported"),
-    "modalities": (lambda v: _off(v) or v == ["text"], "only the text modality is supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
     "audio": (_off, "audio output is not supported"),
     "prediction": (_off, "predicted outputs are not supported"),
-    "web_search_options": (_off, "web search is not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),  # {} turns it on
     "reasoning_effort": (_off, "this is not a reasoning model"),
 }
 # Accepted and without effect here (bookkeeping for OpenAI's own platform).
@@ -135,6 +141,9 @@ def check_fields(req: ChatRequest) -> None:
                     param=f"messages.{i}.{key}",
                     code="unsupported_parameter",
                 )
+    for i, m in enumerate(req.messages):
+        if m.content is None:
+            raise ApiError(400, f"messages[{i}].content is required", param=f"messages.{i}.content")
     if req.stream_options is not None and not req.stream:  # as OpenAI answers it: it would have no effect
         raise ApiError(
             400, "'stream_options' is only allowed when 'stream' is true", param="stream_options", code="invalid_value"
@@ -164,13 +173,20 @@ def check_model(c: AppContext, name: str) -> None:
 def sampling(c: AppContext, req: ChatRequest) -> tuple[SamplingParams, list[str]]:
     """Validate the sampling fields against the server's limits -> (params, stop strings)."""
     s = c.settings
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    field, max_tokens = "max_tokens", req.max_tokens
+    if req.max_completion_tokens is not None:
+        if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) differ: "
+                "set one of them",
+                param="max_tokens",
+            )
+        field, max_tokens = "max_completion_tokens", req.max_completion_tokens
     if max_tokens is None:
         max_tokens = min(s.default_max_tokens, s.max_tokens_limit)
     if not 1 <= max_tokens <= s.max_tokens_limit:
-        raise ApiError(
-            400, f"max_tokens must be between 1 and {s.max_tokens_limit}, got {max_tokens}", param="max_tokens"
-        )
+        raise ApiError(400, f"{field} must be between 1 and {s.max_tokens_limit}, got {max_tokens}", param=field)
     n = 1 if req.n is None else req.n
     if not 1 <= n <= s.max_n:
         raise ApiError(400, f"n must be between 1 and {s.max_n}, got {n}", param="n")
@@ -298,16 +314,17 @@ async def _stream(
     n = run.req.n
     texts, finishes, tokens = [""] * n, [None] * n, [0] * n
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": run.version,
             "system_fingerprint": run.version,
             "choices": choices,
-            **extra,
         }
+        if include_usage:  # as OpenAI streams it: null in every chunk but the last
+            body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     finished = False

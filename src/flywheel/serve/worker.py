@@ -15,7 +15,7 @@ scheduling, kept for comparison (bench/serve_load.py): requests join only when t
 Events go to each request's `emit` as tokens are produced:
 
     ("start", model_version, prompt_tokens)   ("delta", choice, text, logprobs)
-    ("done", choice, finish_reason, tokens)   ("end",)   ("error", http_status, message)
+    ("done", choice, finish_reason, tokens)   ("end",)   ("error", http_status, message[, param, code])
 
 `logprobs` is None unless the request asked for them (`GenRequest.logprobs`): then it lists the entries
 (`flywheel.serve.logprobs.TokenPieces.entry`) of the tokens whose text the delta completes, with the
@@ -54,7 +54,7 @@ from flywheel.engine.loop import DecodeBatch
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
 from flywheel.errors import UserError
 from flywheel.serve.logprobs import TokenPieces, TopLogprobs, top_logprobs_after
-from flywheel.tokenization import render_prompt
+from flywheel.tokenization import render_prompt, special_token_in
 
 log = logging.getLogger(__name__)
 BATCHING = ("continuous", "dynamic")
@@ -429,14 +429,22 @@ class BatchWorker:
             check_seed(req.params.seed)
             for i, m in enumerate(req.messages):
                 check_text(m["content"], f"messages[{i}].content")
+                special = special_token_in(model.tokenizer, m["content"])
+                if special is not None:  # it would render as the token: a forged turn boundary in what is logged
+                    message = (
+                        f"messages[{i}].content contains {special!r}, a special token of the served model "
+                        "(it would be read as that token, e.g. a turn boundary, not as text)"
+                    )
+                    _emit(req, ("error", 400, message, f"messages.{i}.content", "invalid_text"))
+                    return None
             ids = render_prompt(model.tokenizer, req.messages)
             bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
             if bad is not None:
                 raise UserError(f"the prompt has token id {bad}, outside this model's vocabulary")
             if engine.context_length is not None and len(ids) >= engine.context_length:
-                raise UserError(
-                    f"the prompt has {len(ids)} tokens; this model's context is {engine.context_length} tokens"
-                )
+                message = f"the prompt has {len(ids)} tokens; this model's context is {engine.context_length} tokens"
+                _emit(req, ("error", 400, message, "messages", "context_length_exceeded"))  # OpenAI's code for it
+                return None
             return ids
         except UserError as err:
             _emit(req, ("error", 400, str(err)))
