@@ -410,6 +410,78 @@ def test_best_of_n_keeps_the_highest_scored_candidate(trained_rm, tmp_path):
     )  # best-of needs a reward model
 
 
+def test_best_of_n_never_keeps_an_empty_answer(trained_rm, tmp_path, monkeypatch, caplog):
+    """The output reads back as SFT data, which needs a non-empty answer: the best non-empty candidate is kept, and a
+    prompt with none is left out (counted)."""
+    import flywheel.sample as sample_mod
+
+    assert pick_best(torch.tensor([3.0, 1.0, 2.0, 5.0]), 2, [False, True, False, False]) == [1, None]
+    decode, calls = sample_mod._decode, []
+
+    def every_other_empty(tokenizer, ids):
+        calls.append(ids)
+        return "" if len(calls) % 2 else decode(tokenizer, ids)
+
+    monkeypatch.setattr(sample_mod, "_decode", every_other_empty)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say something about cat\nHello\n")
+    args = ["sample", "--model", str(trained_rm["root"] / "base"), "--prompts", str(prompts), "--max-new-tokens", "6"]
+    out = tmp_path / "best.jsonl"
+    rm_args = ["--best-of", "2", "--reward-model", str(trained_rm["final"]), "--out", str(out)]
+    assert main([*args, *rm_args]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["candidates"][0] == "" and r["response"] == r["candidates"][1] for r in rows)
+    calls.clear()
+    monkeypatch.setattr(sample_mod, "_decode", lambda tokenizer, ids: "")
+    with caplog.at_level("WARNING", logger="flywheel"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert out.read_text() == "" and "2 of 2 prompts got only empty answers" in caplog.text
+
+
+def test_sample_checks_every_prompt_before_sampling(trained_rm, tmp_path, capsys):
+    """A prompt longer than the model's context is an error at its file and line before anything is sampled, or is
+    skipped (counted) with --skip-bad; the other prompts' answers are written."""
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": "hi"}, {"prompt": "hello " * 300}, {"prompt": "Say cat"}]
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["sample", "--model", str(trained_rm["root"] / "base"), "--prompts", prompts, "--out", str(out)]
+    args += ["--max-new-tokens", "3", "--batch-size", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flywheel sample: {prompts}:2: the prompt has") and "context is 256" in err, err
+    assert not out.exists()
+    assert main([*args, "--skip-bad"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == ["hi", "Say cat"]
+
+
+def test_a_reward_model_whose_tokenizer_has_no_pad_token_scores(trained_rm, tmp_path):
+    """Many released tokenizers (Llama 3, Mistral) have no pad token; flywheel gives them one, a new id, and the reward
+    model's embeddings must grow to it, as training grows them (a padded batch indexed past the table)."""
+    import shutil
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(trained_rm["final"], nopad)
+    tok = json.loads((nopad / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        if added["content"] == "<|pad|>":
+            added["content"], added["special"] = "<unused0>", False
+    tok["model"]["vocab"]["<unused0>"] = tok["model"]["vocab"].pop("<|pad|>")
+    (nopad / "tokenizer.json").write_text(json.dumps(tok))
+    for name in ("tokenizer_config.json", "config.json"):
+        cfg = json.loads((nopad / name).read_text())
+        cfg.pop("pad_token", None), cfg.pop("pad_token_id", None)
+        (nopad / name).write_text(json.dumps(cfg))
+    prompts = [[{"role": "user", "content": "Say cat"}], [{"role": "user", "content": "a longer question than that"}]]
+    answers = ["GOOD cat", "no"]
+    rm = RewardModel.from_pretrained(nopad)
+    assert rm.tokenizer.pad_token_id == len(rm.tokenizer) - 1  # a new token
+    assert torch.allclose(
+        rm.score(prompts, answers), RewardModel.from_pretrained(trained_rm["final"]).score(prompts, answers), atol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     ("record", "fragment"),
     [

@@ -114,6 +114,8 @@ def test_a_wrong_flag_is_one_line_with_the_closest_real_one(capsys):
         (["sft", "--model", "m", "--data", "d", "--out", "o", "--epoch", "2"], "did you mean --epochs?"),
         (["ppo", "--model", "m", "--prompts", "p", "--out", "o", "--data", "d"], "unrecognized arguments: --data d"),
         (["demo", "--sft.epoch", "3"], "did you mean --sft.epochs?"),
+        (["chat", "m", "--prompt", "hi", "--temp", "0"], "did you mean --temperature?"),  # no abbreviations
+        (["chat", "m", "--prompt", "hi", "--fewshot", "f"], "did you mean --few-shot?"),  # not its snake case
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

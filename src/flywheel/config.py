@@ -131,13 +131,27 @@ class FlagParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        wrong = [w for w in message.split(": ", 1)[-1].split() if w.startswith("--")]
+        close = self.closest(wrong[0].split("=")[0]) if wrong else None
+        hint = f"did you mean {close}? " if close else ""
+        raise UserError(f"{message} ({hint}`{self.prog} --help` lists the flags)")
+
+    def closest(self, flag: str) -> str | None:
+        """The flag `flag` most likely meant: the one it abbreviates (`--temp`: `--temperature`), else the closest
+        spelling among every name (TRL's too: `--learnin-rate` is `--learning_rate`); a snake-case spelling is given
+        by its documented kebab-case one (`--fewshot`: `--few-shot`, not `--few_shot`)."""
         import difflib
 
-        known = [o for a in self._actions for o in a.option_strings]  # TRL's names too: they are flags
-        wrong = [w for w in message.split(": ", 1)[-1].split() if w.startswith("--")]
-        close = difflib.get_close_matches(wrong[0].split("=")[0], known, n=1, cutoff=0.75) if wrong else []
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"{message} ({hint}`{self.prog} --help` lists the flags)")
+        def kebab(option: str) -> str:
+            return "--" + option[2:].replace("_", "-")
+
+        dest = {o: a.dest for a in self._actions for o in a.option_strings if o.startswith("--")}
+        named = {o: kebab(o) if dest.get(kebab(o)) == d else o for o, d in dest.items()}
+        starts = {named[o] for o in named if o.startswith(flag)}
+        if len(starts) == 1:
+            return starts.pop()
+        close = difflib.get_close_matches(flag, list(named), n=1, cutoff=0.75)
+        return named[close[0]] if close else None
 
 
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:

@@ -8,7 +8,10 @@ Prompts are read like PPO's (`read_prompts`: .txt one per line, or JSONL `{"prom
 with the policy's chat template, and sampled by `flywheel.engine` N times each. One output line per prompt:
 `{"messages": prompt + [the kept answer], "response", "score", "finish_reason", "candidates", "scores",
 "finish_reasons"}` (scores are the reward model's normalised scores; null without `--reward-model`). The file reads
-back as SFT conversations (`flywheel sft --data best_of_8.jsonl`: rejection-sampling fine-tuning).
+back as SFT conversations (`flywheel sft --data best_of_8.jsonl`: rejection-sampling fine-tuning), so an empty answer
+is never kept: the best non-empty candidate is, and a prompt whose every answer is empty is left out (counted in a
+warning). Every prompt is rendered before anything is sampled: one the chat template rejects, or longer than the
+model's context, is an error naming its file and line (with `--skip-bad`, left out and counted).
 
 The reward model scores the policy's own token ids (incl. the end-of-turn token it produced, followed by the markup
 the chat template writes after it, where training reads the reward) when both models share a tokenizer and chat
@@ -66,9 +69,37 @@ class SampleConfig(HubOptions, DatasetOptions):
         check_aggregation(self.reward_ensemble_agg, self.reward_ensemble_lambda)
 
 
-def pick_best(scores: torch.Tensor, n: int) -> list[int]:
-    """Index of the best of each consecutive block of `n` scores (the first one on ties)."""
-    return scores.view(-1, n).argmax(dim=1).tolist()
+def pick_best(scores: torch.Tensor, n: int, usable: list[bool] | None = None) -> list[int | None]:
+    """Index of the best of each consecutive block of `n` scores (the first one on ties), among the `usable` ones
+    (all by default); None for a block with none."""
+    ok = torch.ones(scores.numel(), dtype=torch.bool) if usable is None else torch.tensor(usable, dtype=torch.bool)
+    masked = scores.float().masked_fill(~ok, float("-inf")).view(-1, n)
+    found = ok.view(-1, n).any(dim=1).tolist()
+    return [int(i) if f else None for i, f in zip(masked.argmax(dim=1).tolist(), found, strict=True)]
+
+
+def _render_all(
+    cfg: SampleConfig, tokenizer: Any, context: int | None
+) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """(messages, prompt ids) of every prompt, checked before anything is sampled: a prompt the chat template rejects
+    or that leaves no room to answer is a FILE:LINE error (skipped and counted with --skip-bad)."""
+    from flywheel.data.formats import TOO_LONG, RecordError
+    from flywheel.data.io import read_prompts, render_records
+    from flywheel.tokenization import render_prompt
+
+    def render(prompt: Any) -> tuple[list[dict[str, str]], list[int]]:
+        messages = [m.as_dict() for m in prompt]
+        ids = render_prompt(tokenizer, messages)
+        if context is not None and len(ids) >= context:
+            raise RecordError(
+                f"the prompt has {len(ids)} tokens; the model's context is {context} tokens "
+                "(at least one must be left to answer)",
+                reason=TOO_LONG,
+            )
+        return messages, ids
+
+    prompts = read_prompts(cfg.prompts, skip_bad=cfg.skip_bad, **cfg.hub_split())
+    return [r for _, r in render_records(prompts, render, skip_bad=cfg.skip_bad, source=cfg.prompts)]
 
 
 def same_tokenization(a: Any, b: Any) -> bool:
@@ -80,10 +111,9 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
-    from flywheel.data.io import read_prompts
     from flywheel.engine import Engine, SamplingParams
     from flywheel.models import load_causal_lm
-    from flywheel.tokenization import load_tokenizer, render_prompt
+    from flywheel.tokenization import load_tokenizer
     from flywheel.train.reward import RewardModel
 
     tokenizer = load_tokenizer(cfg.model, **cfg.hub_kwargs(cfg.model))
@@ -101,12 +131,13 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
         else None
     )
     by_ids = rm is not None and same_tokenization(tokenizer, rm.tokenizer)
-    prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.prompts, skip_bad=cfg.skip_bad, **cfg.hub_split())]
+    rendered = _render_all(cfg, tokenizer, engine.context_length)
     n = cfg.best_of
     rows: list[dict[str, Any]] = []
-    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
-        chunk = prompts[start : start + cfg.batch_size]
-        ids = [render_prompt(tokenizer, p) for p in chunk]
+    empty = 0
+    for b, start in enumerate(range(0, len(rendered), cfg.batch_size)):
+        chunk = [messages for messages, _ in rendered[start : start + cfg.batch_size]]
+        ids = [prompt_ids for _, prompt_ids in rendered[start : start + cfg.batch_size]]
         params = SamplingParams(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
@@ -122,8 +153,12 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
                 scores = rm.score_ids([p for p in ids for _ in range(n)], gen.tokens)
             else:
                 scores = rm.score([p for p in chunk for _ in range(n)], texts)
-        best = pick_best(scores, n) if scores is not None else [0] * len(chunk)
+        usable = [bool(t) for t in texts]  # an empty answer cannot be read back as a conversation
+        best = pick_best(scores if scores is not None else torch.zeros(len(texts)), n, usable)
         for i, prompt in enumerate(chunk):
+            if best[i] is None:
+                empty += 1
+                continue
             j = i * n + best[i]
             rows.append(
                 {
@@ -136,7 +171,9 @@ def sample_best_of(cfg: SampleConfig) -> list[dict[str, Any]]:
                     "finish_reasons": gen.finish_reasons[i * n : (i + 1) * n],
                 }
             )
-        log.info("sample: %d of %d prompts", len(rows), len(prompts))
+        log.info("sample: %d of %d prompts", min(start + cfg.batch_size, len(rendered)), len(rendered))
+    if empty:
+        log.warning("sample: %d of %d prompts got only empty answers and are left out", empty, len(rendered))
     return rows
 
 

@@ -58,8 +58,10 @@ REASONS = (
     "candidate ranked twice",
     "all tied",
     "rejected by the chat template",
+    "longer than the context",
 )
 TEMPLATE_REJECTED = "rejected by the chat template"  # the reason of a record that reads well but does not render
+TOO_LONG = "longer than the context"  # a prompt that renders but leaves the model no room to answer
 
 
 def type_name(value: Any) -> str:
@@ -132,7 +134,11 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
-Prompt = list[Message]  # a conversation so far, ending with a user message
+class Prompt(list[Message]):
+    """A conversation so far, ending with a user message; `source` is the (file, line) it was read from, where
+    a reader made it (so that a later stage, the chat template or a length limit, can name the line)."""
+
+    source: tuple[str, int] | None = None
 
 
 def check_messages(

@@ -32,6 +32,7 @@ from flywheel.data.formats import (
     Comparison,
     Conversation,
     Message,
+    Prompt,
     Ranking,
     RecordError,
     check_messages,
@@ -128,9 +129,9 @@ def render_records(
     skipped: list[T] | None = None,
 ) -> list[tuple[T, R]]:
     """(record, render(record)) for each record. A UserError from `render` (a chat template that rejects the
-    conversation) becomes a RecordError at the record's FILE:LINE (`source` without a line for records built in
-    code); with skip_bad such records are dropped (and appended to `skipped`) and summarised in one warning line,
-    as the readers do."""
+    conversation; a RecordError from `render` keeps its reason) becomes a RecordError at the record's FILE:LINE
+    (`source` without a line for records built in code); with skip_bad such records are dropped (and appended to
+    `skipped`) and summarised in one warning line, as the readers do."""
     report = ReadReport(source, total=len(records))
     out: list[tuple[T, R]] = []
     for record in records:
@@ -138,10 +139,11 @@ def render_records(
             out.append((record, render(record)))
         except UserError as err:
             path, line = getattr(record, "source", None) or (source, None)
-            located = RecordError(err.message, reason=TEMPLATE_REJECTED, path=path, line=line)
+            reason = err.reason if isinstance(err, RecordError) else TEMPLATE_REJECTED
+            located = RecordError(err.message, reason=reason, path=path, line=line)
             if not skip_bad:
                 raise located from None
-            report.skipped[TEMPLATE_REJECTED] += 1
+            report.skipped[reason] += 1
             if skipped is not None:
                 skipped.append(record)
             report.first_error = report.first_error or str(located)
@@ -172,7 +174,7 @@ def read_preferences(
 
 def read_prompts(
     path: str | Path, *, skip_bad: bool = False, config: str | None = None, split: str = "train"
-) -> list[list[Message]]:
+) -> list[Prompt]:
     """PPO prompts: a .txt file (one per line) or JSONL `{"prompt": text | messages}` / `{"messages": [...]}`.
     Every prompt ends with a user message."""
     return read_with_report(path, "prompts", skip_bad=skip_bad, config=config, split=split)[0]
@@ -277,13 +279,13 @@ def parse_ranking(obj: dict[str, Any]) -> Ranking:
     )
 
 
-def parse_prompt(obj: dict[str, Any]) -> list[Message]:
+def parse_prompt(obj: dict[str, Any]) -> Prompt:
     """One prompt record -> messages ending with a user turn. `prompt` wins over `messages`: in datasets that have
     both (UltraChat) `messages` is the whole conversation."""
     if "prompt" in obj:
-        return _prompt(obj["prompt"], "prompt")
+        return Prompt(_prompt(obj["prompt"], "prompt"))
     if "messages" in obj:
-        return validate_prompt(_messages(obj["messages"], "messages"), field="messages")
+        return Prompt(validate_prompt(_messages(obj["messages"], "messages"), field="messages"))
     raise _unknown(obj, "prompt", "'prompt' (text or messages) or 'messages' ending with a user message")
 
 

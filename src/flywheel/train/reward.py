@@ -609,9 +609,11 @@ class RewardModel:
         if ensemble_agg != "mean":
             raise UserError(single_model_error(ensemble_agg), path=str(path))
         model = load_sequence_classifier(str(path), dtype=dtype, trained=True, **hub)
+        tokenizer = load_tokenizer(str(path), **hub)
+        resize_for_tokenizer(model, tokenizer)  # a tokenizer without a pad token gets one: the batches pad with it
         if device is not None:
             model.to(device)
-        return cls(model, load_tokenizer(str(path), **hub), **kwargs)
+        return cls(model, tokenizer, **kwargs)
 
     @property
     def offset(self) -> float:
