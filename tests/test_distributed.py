@@ -224,6 +224,7 @@ def test_resume_at_the_same_world_size_is_exact_and_another_is_refused(tmp_path,
     ckpt = full / "checkpoints" / "step-2"
     assert sorted(p.name for p in ckpt.glob("rng*")) == ["rng-rank0.pt", "rng-rank1.pt"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["world"] == 2
+    assert "nproc: 2" in (full / "config.yaml").read_text()  # the saved config resumes the run as it ran
     # A run that stopped after step 2: its checkpoint and config survive; resume it with 2 processes.
     shutil.copytree(ckpt, cut / "checkpoints" / "step-2")
     assert main([*args, "--out", str(cut), "--resume"]) == 2  # 1 process cannot continue a 2-process run

@@ -106,6 +106,20 @@ def test_lora_sft_trains_adapters_only_and_saves_a_merged_plain_checkpoint(tmp_p
     assert losses[-1] < losses[0]
 
 
+def test_lora_runs_are_deterministic_given_the_seed(tmp_path, model_dir):
+    """The adapters' random init comes from the run's seed: two runs of one command give the same adapter."""
+    data = tmp_path / "demos.jsonl"
+    _demos(data, 16)
+    adapters = []
+    for name in ("a", "b"):
+        args = ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / name), "--lr", "1e-2"]
+        args += ["--max-steps", "3", "--batch-size", "4", "--lora-r", "4", "--save-adapter", "--progress", "false"]
+        assert main([*args, "--eval-split", "0"]) == 0
+        adapters.append(load_file(str(tmp_path / name / "final_adapter" / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def test_lora_rm_trains_the_head_in_full_and_dpo_runs(tmp_path, model_dir):
     from transformers import AutoModelForSequenceClassification
 

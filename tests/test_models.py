@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,25 @@ def test_missing_or_bad_model_dir_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_causal_lm(str(tmp_path / "empty"))
+
+
+def test_a_mistyped_run_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, model_dir, tokenizer):
+    """`runs/sft1` where `runs/` is a local directory is a path (offline, a hub lookup retries for most of a minute);
+    a run directory given for its model names the model inside it."""
+    from flywheel.models import is_hub_id
+    from flywheel.tokenization import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("org/name") and is_hub_id("gpt2")
+    (tmp_path / "runs").mkdir()
+    assert not is_hub_id("runs/nope")
+    with pytest.raises(UserError, match=r"does not exist: runs/nope \(runs/ is a local directory"):
+        load_causal_lm("runs/nope")
+    (tmp_path / "runs" / "sft1").mkdir()
+    shutil.copytree(model_dir, tmp_path / "runs" / "sft1" / "final")
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(UserError, match="runs/sft1 is a run directory, not a model: its model is runs/sft1/final"):
+            load("runs/sft1")
 
 
 def test_save_is_atomic(tmp_path, tiny_model, tokenizer, monkeypatch):

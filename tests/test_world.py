@@ -638,3 +638,19 @@ def test_opener_rate_changes_only_the_openers_of_padded_demonstrations():
     )
     with pytest.raises(UserError, match="p_opener"):
         WorldConfig(p_opener=1.5).validate()
+
+
+def test_an_out_path_that_cannot_be_a_directory_is_one_line(tmp_path, capsys):
+    """`--out` under a file, or a file itself: the system's reason in one line and exit 2, from any command."""
+    from flywheel.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for argv, why in (
+        (["world", "--out", str(blocker)], "a file is in the way of a directory"),
+        (["world", "--out", str(blocker / "sub")], "a part of the path is a file"),
+        (["demo", "--quick", "--out", str(blocker / "sub")], "a part of the path is a file"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err and str(blocker) in err, err

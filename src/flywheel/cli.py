@@ -11,6 +11,7 @@ Under `--nproc N` the same holds: the ranks hand their message to the launcher, 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,10 @@ def run_trainer(
     from flywheel.train.loop import discard_run_dir
 
     cfg = parse_config(config_cls, argv, f"flywheel {stage}", doc.splitlines()[0])
+    if distributed.launched() and cfg.nproc <= 1:
+        # Under torchrun (the launcher strips --nproc): record how many processes run, so that the saved config.yaml
+        # resumes the run as it ran.
+        cfg.nproc = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
     fresh = not Path(cfg.out).exists()
     try:
         code = distributed.maybe_launch(stage, cfg.nproc, argv)
@@ -106,12 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(argv[1:]) or 0)
     except UserError as err:
-        if not report_user_error(str(err)):  # a rank of `--nproc N` tells the launcher, which prints it once
-            print(f"flywheel {argv[0]}: {err}", file=sys.stderr)
-        return 2
+        return _user_error(argv[0], str(err))
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # A path that cannot be made, read or written (`--out` under a file, no permission, a full disk): the
+        # system's reason, in one line.
+        where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        why = {
+            FileExistsError: "a file is in the way of a directory",
+            NotADirectoryError: "a part of the path is a file, not a directory",
+        }.get(type(err), err.strerror or str(err))
+        return _user_error(argv[0], f"{where}: {why}")
     except KeyboardInterrupt:
         print(f"flywheel {argv[0]}: interrupted", file=sys.stderr)
         return 130
+
+
+def _user_error(command: str, message: str) -> int:
+    if not report_user_error(message):  # a rank of `--nproc N` tells the launcher, which prints it once
+        print(f"flywheel {command}: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

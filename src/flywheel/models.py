@@ -94,10 +94,19 @@ def check_model_dir(path: str | Path) -> Path:
     """`path` as a Path, or a UserError saying why it is not a local HF model directory."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"model directory does not exist: {p}")
+        parent = p.parent
+        hint = f" ({parent}/ is a local directory, so this names a path, not a hub id)" if is_org_dir(p) else ""
+        raise UserError(f"model directory does not exist: {p}{hint}")
     if not (p / "config.json").is_file():
+        if (p / "final" / "config.json").is_file():
+            raise UserError(f"{p} is a run directory, not a model: its model is {p / 'final'}")
         raise UserError(f"not a Hugging Face model directory (no config.json): {p}")
     return p
+
+
+def is_org_dir(path: Path) -> bool:
+    """Whether `path` is `org/name` whose `org` is a local directory (`runs/sft`): a path, whatever its shape."""
+    return len(path.parts) == 2 and path.parent.is_dir()
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -179,9 +188,11 @@ def _dtype(name: str | torch.dtype | None) -> str | torch.dtype | None:
 
 def is_hub_id(path: str) -> bool:
     """Whether `path` names a model on the Hugging Face Hub (`name` or `org/name`) rather than a local directory: a
-    path that exists is local, and so is anything shaped like a path (`./x`, `/x`, `~/x`, `a/b/c`, `x/`)."""
+    path that exists is local, and so is anything shaped like a path (`./x`, `/x`, `~/x`, `a/b/c`, `x/`) and an
+    `org/name` whose `org` is a local directory (`runs/sft1` mistyped is a missing directory, not a hub id to look
+    up: offline, the hub client retries for most of a minute)."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
-    return not (Path(path).exists() or looks_local)
+    return not (Path(path).exists() or looks_local or is_org_dir(Path(path)))
 
 
 def resolve_model_path(path: str) -> str:

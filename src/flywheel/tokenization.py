@@ -330,6 +330,9 @@ def load_tokenizer(
 
     # A directory may hold a tokenizer alone (no config.json): only model directories need one.
     source = path if Path(path).is_dir() else resolve_model_path(path)
+    if Path(path).is_dir() and not (Path(path) / "tokenizer_config.json").is_file():
+        if (Path(path) / "final" / "tokenizer_config.json").is_file():
+            raise UserError(f"{path} is a run directory, not a model: its model is {Path(path) / 'final'}")
     hub = {"revision": revision} if revision else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)

@@ -408,6 +408,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     if cfg.lora_r > 0:
         from flywheel.lora import apply_lora
 
+        seed_everything(cfg.seed)  # the adapters' random init is the run's: the same seed, the same adapters
+
         apply_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
         )
