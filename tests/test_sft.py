@@ -118,6 +118,30 @@ def test_pretrain_builds_tokenizer_and_model(tmp_path):
     assert load_causal_lm(str(out / "final")).config.vocab_size == len(tok)
 
 
+def test_pretrain_refuses_what_it_cannot_use_before_training(tmp_path, capsys):
+    """An unknown --size or a vocabulary too small to hold a merge is refused before the tokenizer is trained; a
+    held-out corpus shorter than one block would give no eval loss at all: an error, nothing left behind."""
+    from tests.conftest import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS * 10))
+    short = tmp_path / "short.txt"
+    short.write_text("hello world\n")
+    base = ["pretrain", "--data", str(corpus), "--out", str(tmp_path / "o"), "--seq-len", "32", "--max-steps", "1"]
+    for extra, message in (
+        (["--size", "huge"], "unknown --size 'huge'"),
+        (["--vocab-size", "10"], "--vocab-size must be more than 260"),
+        (
+            ["--size", "nano", "--vocab-size", "300", "--eval-data", str(short)],
+            f"{short}: the held-out corpus is shorter",
+        ),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "flywheel", *args], capture_output=True, text=True, cwd=cwd)
 

@@ -22,6 +22,7 @@ wrapper's forward, where DDP prepares its gradient reduction and FSDP gathers th
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import subprocess
@@ -204,8 +205,11 @@ def wrap(model: torch.nn.Module, strategy: str = "ddp") -> Wrapped | None:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device().index] if device().type == "cuda" else None
-        # No buffers to sync (no batch norm); rotary tables are computed identically on every rank.
-        return Wrapped(DistributedDataParallel(inner, device_ids=ids, broadcast_buffers=False), model, strategy)
+        # No buffers to sync (no batch norm); rotary tables are computed identically on every rank. Torch 2.13
+        # renamed the switch (the old name warns).
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return Wrapped(DistributedDataParallel(inner, device_ids=ids, **no_sync), model, strategy)
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):

@@ -16,13 +16,14 @@ from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, 
 from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
+    TINY_SIZES,
     build_causal_lm,
     config_for_tokenizer,
     configure_new_model,
     count_parameters,
     load_causal_lm,
 )
-from flywheel.tokenization import load_tokenizer, train_tokenizer
+from flywheel.tokenization import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from flywheel.train.loop import TrainConfig, prepare_model, prepare_run_dir, save_final, train_loop
 from flywheel.utils import log
 
@@ -50,8 +51,13 @@ class PretrainConfig(TrainConfig):
             raise UserError("--eval-split must be in [0, 1) (the fraction held out)")
         if self.seq_len < 2:
             raise UserError("--seq-len must be >= 2")
-        if not 0 <= self.eval_split < 1:
-            raise UserError("--eval-split must be in [0, 1)")
+        if not self.model and self.size not in TINY_SIZES:
+            raise UserError(f"unknown --size '{self.size}' (choose from {', '.join(TINY_SIZES)})")
+        floor = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE's bytes and flywheel's special tokens, before any merge
+        if not (self.model or self.tokenizer) and self.vocab_size <= floor:
+            raise UserError(
+                f"--vocab-size must be more than {floor} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)"
+            )
         if self.lora_r:
             raise UserError("--lora-r is for fine-tuning (sft, rm, dpo, ppo), not pretraining")
 
@@ -89,6 +95,14 @@ def train_pretrain(cfg: PretrainConfig) -> Path:
     eval_blocks = pack(_tokenize(tokenizer, eval_docs), cfg.seq_len, sep) if eval_docs else []
     if not blocks:
         raise UserError(f"the corpus is shorter than one block of {cfg.seq_len} tokens", path=cfg.data)
+    if cfg.eval_data and not eval_blocks:
+        raise UserError(f"the held-out corpus is shorter than one block of {cfg.seq_len} tokens", path=cfg.eval_data)
+    if eval_docs and not eval_blocks:
+        log.warning(
+            "the %d held-out documents are shorter than one block of %d tokens: no held-out loss (raise --eval-split)",
+            len(eval_docs),
+            cfg.seq_len,
+        )
     log.info(
         "pretrain: %d params, %d blocks x %d tokens (%d held out)",
         count_parameters(model),

@@ -30,7 +30,7 @@ from flywheel.world.oracle import score
 from flywheel.world.tasks import Task, random_task
 
 TARGET_AGREEMENT = 0.73
-DEFAULT_TEMPERATURE = 0.1547  # calibrate_temperature(*calibration_sets(random.Random(1234), 3000)); tested
+DEFAULT_TEMPERATURE = 0.1547  # calibrate_temperature(*calibration_sets(random.Random(1234), 3000)), to 1% (tested)
 Order = list[list[int]]
 
 
@@ -52,7 +52,8 @@ class Labeler:
     bias: Callable[[Task, str], float] | None = None  # added to the oracle total; None = an unbiased labeler
 
     def __post_init__(self) -> None:
-        assert self.temperature >= 0, f"labeler {self.name}: temperature must be >= 0, got {self.temperature}"
+        if not self.temperature >= 0:  # also NaN
+            raise ValueError(f"labeler {self.name}: temperature must be >= 0, got {self.temperature}")
 
     def utilities(self, task: Task, responses: Sequence[str], totals: Sequence[float] | None = None) -> list[float]:
         totals = [score(task, r).total for r in responses] if totals is None else totals
@@ -187,7 +188,8 @@ def panel_agreement(
     rng: random.Random | None = None,
 ) -> float:
     """Mean agreement over all pairs of labelers in `panel`: sampled with `rng`, the exact expectation without."""
-    assert len(panel) >= 2, "a panel needs two labelers to agree"
+    if len(panel) < 2:
+        raise ValueError(f"a panel needs two labelers to agree, got {len(panel)}")
     scored = _Scored(tasks, candidate_sets)
     if rng is not None:
         return float(np.mean(scored.sampled(panel, rng)))
