@@ -77,6 +77,11 @@ def test_two_methods_on_two_seeds_end_to_end(tmp_path):
     with pytest.raises(UserError, match="--resume"):  # the runs are there: a second run must say --resume
         main(argv)
     assert main([*argv, "--resume"]) == 0  # every stage kept, the table written again
+    # compare's own method settings are the kept methods' too: resuming with others is refused, each named
+    changed = list(argv)
+    changed[changed.index("--num-generations") + 1] = "2"
+    with pytest.raises(UserError, match=r"--num-generations 2 \(the run's: 4\)"):
+        main([*changed, "--resume"])
     # --reuse-from: seed 1's world, SFT, rankings and reward model are those of the run above (copied, not trained
     # again), and GRPO from them gives what it gave there
     again = tmp_path / "again"

@@ -454,3 +454,30 @@ def test_a_language_model_is_no_reward_model_anywhere_one_scores(tmp_path, model
         err = capsys.readouterr().err.strip()
         assert f"{model_dir} is not a reward model (LlamaForCausalLM" in err and len(err.splitlines()) == 1, err
     assert not any((tmp_path / name).exists() for name in ("ppo", "rl", "best.jsonl", "eval"))
+
+
+def test_a_reward_or_value_model_with_another_tokenizer_is_refused(tmp_path, model_dir, prompts_file):
+    """Every role reads the policy's token ids: a reward or value model with its own tokenizer would score other
+    text (or index past its embeddings), so it is a one-line error, not a silent mismatch."""
+    from flywheel.errors import UserError
+    from flywheel.models import build_causal_lm, config_for_tokenizer
+    from flywheel.tokenization import train_tokenizer
+
+    other_tok = train_tokenizer(["a different corpus entirely, with other words in it"] * 50, vocab_size=300)
+    other = build_causal_lm(config_for_tokenizer(other_tok, "nano", max_position_embeddings=256), seed=0)
+    rm = save_pretrained(load_sequence_classifier_from(other), other_tok, tmp_path / "other_rm")
+    with pytest.raises(UserError, match="--reward-model .* has another vocabulary than --model"):
+        PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, reward_model=str(rm)))
+    with pytest.raises(UserError, match="--value-model .* has another vocabulary than --model"):
+        PPOTrainer(_cfg(tmp_path, model_dir, prompts_file, value_model=str(rm)), reward_fn=target_reward)
+
+
+def load_sequence_classifier_from(causal_lm):
+    """The causal LM's trunk under a fresh one-output score head (what `flywheel rm` starts from)."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = causal_lm.config
+    cfg.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    model.model.load_state_dict(causal_lm.model.state_dict())
+    return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -98,7 +99,10 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if scalar is bool:
             return value if isinstance(value, bool) else _parse_bool(str(value))
         if scalar is float and isinstance(value, int | float | str) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # NaN passes every `>= 0` check and poisons a run quietly
+                raise UserError(f"config field '{name}' must be a finite number, got {value!r}")
+            return number
         if scalar is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if scalar is int and isinstance(value, str):
@@ -181,7 +185,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         if scalar is bool:
             kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}
         elif is_list_field(scalar):
-            kind = {"nargs": "*"}
+            kind = {"nargs": "*", "action": "extend"}  # `--reward-fn a --reward-fn b` is both, not the last
         else:
             kind = {"metavar": scalar.__name__.upper()}
         parser.add_argument(flag, help=help_text, dest=f.name, **kind)

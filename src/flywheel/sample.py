@@ -62,6 +62,8 @@ class SampleConfig(HubOptions, DatasetOptions):
                 raise UserError(f"--{name} is required")
         if self.best_of < 1:
             raise UserError("--best-of must be >= 1")
+        if self.best_of > 1 and self.temperature == 0:
+            raise UserError("--best-of N > 1 with --temperature 0 samples N identical answers: sample above 0")
         if self.best_of > 1 and not self.reward_model:
             raise UserError("--best-of N > 1 needs --reward-model to pick the best answer")
         if self.batch_size < 1:

@@ -166,6 +166,7 @@ def run_seed(settings: CompareSettings, demo: DemoConfig, seed: int) -> list[Met
                 "--reuse-from: seed %d's run there has other settings from its first stage: every stage runs", seed
             )
     done = RunState.open(out, cfg)
+    check_method_settings(out, settings)
     timings: dict[str, float] = {}
     run = start_run(cfg, out, timings)
     _, sft, labels, rm = first_round_data(done, run)
@@ -180,6 +181,30 @@ def run_seed(settings: CompareSettings, demo: DemoConfig, seed: int) -> list[Met
     return results
 
 
+METHOD_SETTINGS = ("num_generations", "dpo_beta", "dpo_epochs", "dpo_lr")  # compare's own, which the methods read
+SETTINGS_FILE = "compare_settings.json"
+
+
+def check_method_settings(out: Path, settings: CompareSettings) -> None:
+    """Record compare's own method settings in the seed's run; a run resumed with others is refused (the methods it
+    kept were trained with the recorded ones), each named."""
+    own = {name: getattr(settings, name) for name in METHOD_SETTINGS}
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = [
+            f"--{name.replace('_', '-')} {own[name]} (the run's: {saved[name]})"
+            for name in METHOD_SETTINGS
+            if name in saved and saved[name] != own[name]
+        ]
+        if changed:
+            raise UserError(
+                f"{out}: settings differ from the run's: {', '.join(changed)}: resume with the run's own settings, "
+                "or choose another --out"
+            )
+    atomic_write_text(path, json.dumps(own, indent=1) + "\n")
+
+
 def train_ppo(run: DemoRun, settings: CompareSettings, sft: Path, rm: RewardModelResult, labels: Rankings) -> Path:
     with Stage(run.timings, "method ppo"):
         return stage_ppo(run, sft, sft, rm)
@@ -188,7 +213,7 @@ def train_ppo(run: DemoRun, settings: CompareSettings, sft: Path, rm: RewardMode
 def train_rl(
     run: DemoRun, settings: CompareSettings, sft: Path, rm: RewardModelResult, labels: Rankings, method: str
 ) -> Path:
-    from flywheel.train.ppo.rl import RLConfig
+    from flywheel.train.ppo.rl import RLConfig, unused_settings
     from flywheel.train.ppo.rl import train_rl as rl
 
     with Stage(run.timings, f"method {method}"):
@@ -207,6 +232,8 @@ def train_rl(
         values = {**ppo.__dict__, "estimator": RL_ESTIMATORS[method], "num_generations": k}
         values["rollout_batch_size"] = ppo.rollout_batch_size // k  # the same responses per step as PPO
         cfg = RLConfig(**values)
+        for name in unused_settings(cfg):  # the preset's critic settings, which this estimator has no use for
+            setattr(cfg, name, getattr(RLConfig, name))
         cfg.validate()
         return rl(cfg) / "final"
 

@@ -486,8 +486,9 @@ def build_demo_parser(prog: str, description: str | None = None) -> argparse.Arg
             if default is dataclasses.MISSING:
                 default = None
             help_text = f"{f.metadata.get('help', '')} (without a preset: {default})".replace("%", "%%")
+            many = {"nargs": "*", "action": "extend"} if is_list_field(hints[f.name]) else {}  # repeats add up
             group.add_argument(f"--{stage}.{f.name.replace('_', '-')}", dest=f"{stage}.{f.name}", metavar="VALUE",
-                               help=help_text, nargs="*" if is_list_field(hints[f.name]) else None)  # fmt: skip
+                               help=help_text, **many)  # fmt: skip
     return parser
 
 

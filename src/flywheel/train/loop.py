@@ -82,7 +82,7 @@ class TrainConfig(ModelOptions, DatasetOptions):
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     eval_every: int = field(default=0, metadata={"help": "steps between validation passes (0 = only at the end)"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only the final model)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -546,8 +546,7 @@ def train_loop(
         window["tokens"] += tokens
         window["time"] += time.perf_counter() - t0
         done = step + 1
-        if not math.isfinite(step_loss):
-            raise RuntimeError(f"loss is {step_loss} at step {done}: lower --lr or check the data")
+        check_finite(done, {"loss": step_loss})
         if done % cfg.log_every == 0 or done == steps:
             last = {
                 "loss": window["loss"] / window["weight"],
@@ -577,6 +576,15 @@ def train_loop(
     bar.close()
     logger.close()
     return LoopResult(steps=steps, last_metrics=last, eval_metrics=eval_metrics, wrapped=wrapped)
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    """A one-line error when a loss in `metrics` is NaN or infinite: the weights after it are no model to save."""
+    for name, value in metrics.items():
+        if name.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
+            raise UserError(
+                f"training diverged at step {step}: {name} is {value} (lower --lr, or check the data and the reward)"
+            )
 
 
 def default_threads() -> int | None:
@@ -664,8 +672,11 @@ def save_final(
     from flywheel.tokenization import save_tokenizer
 
     lora = has_lora(model)
+    adapter_dir = out_dir.with_name(out_dir.name + "_adapter")
     if lora and adapter_of is not None and distributed.is_main():
-        save_adapter(model, out_dir.with_name(out_dir.name + "_adapter"), adapter_of)
+        save_adapter(model, adapter_dir, adapter_of)
+    elif distributed.is_main() and adapter_dir.is_dir():  # an earlier run's, into the same --out: not this model's
+        shutil.rmtree(adapter_dir)
     if not lora and (wrapped is None or wrapped.strategy == "ddp"):
         if distributed.is_main():
             save_pretrained(model, tokenizer, out_dir, extra=extra)

@@ -90,7 +90,9 @@ class PPOConfig(TrainConfig):
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warmup"})
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to lr * min_lr_ratio (1 = constant)"})
     log_every: int = field(default=1, metadata={"help": "steps between metric lines"})
-    sample_every: int = field(default=10, metadata={"help": "steps between logging sample responses (samples.jsonl)"})
+    sample_every: int = field(
+        default=10, metadata={"help": "steps between logging sample responses (samples.jsonl; 0 = none)"}
+    )
     save_policy_every: int = field(
         default=0,
         metadata={
@@ -158,3 +160,7 @@ class PPOConfig(TrainConfig):
             raise UserError("--gamma and --lam must be in [0, 1]")
         if self.kl_target is not None and self.kl_target <= 0:
             raise UserError("--kl-target must be > 0 (nats per response)")
+        if self.kl_horizon < 1:
+            raise UserError("--kl-horizon must be >= 1 (rollouts)")
+        if self.sample_every < 0:
+            raise UserError("--sample-every must be >= 0 (0: no samples.jsonl)")

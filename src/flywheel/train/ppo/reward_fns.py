@@ -105,7 +105,13 @@ class RewardFunctions:
         total = torch.zeros(len(responses), dtype=torch.float32)
         self.last = {}
         for name, fn, weight in self.fns:
-            values = list(fn(prompts, responses))
+            values = fn(prompts, responses)
+            try:
+                values = list(values)
+            except TypeError:
+                raise UserError(
+                    f"--reward-fn {name} returned {type(values).__name__}, not a list of numbers"
+                ) from None
             if len(values) != len(responses):
                 raise UserError(f"--reward-fn {name} returned {len(values)} values for {len(responses)} responses")
             try:
@@ -114,7 +120,10 @@ class RewardFunctions:
                 raise UserError(f"--reward-fn {name} returned a value that is not a number: {values[:3]}") from None
             if not torch.isfinite(scores).all():
                 raise UserError(f"--reward-fn {name} returned a value that is not finite: {values[:3]}")
-            self.last[f"reward/{name.rpartition(':')[2]}"] = float(scores.mean())
+            key = f"reward/{name.rpartition(':')[2]}"
+            if key in self.last:  # two functions of one name (from two modules, or one given twice): both logged
+                key = f"reward/{name}"
+            self.last[key] = float(scores.mean())
             total += weight * scores
         return total
 

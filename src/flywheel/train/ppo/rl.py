@@ -24,7 +24,7 @@ saved in checkpoints). Runs in one process (`flywheel ppo` has --nproc). docs/me
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,10 @@ class RLConfig(PPOConfig):
         for name in ("cliprange_high", "reward_clip"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
-        if self.estimator != "ppo" and self.value_model:
-            raise UserError(f"--value-model: --estimator {self.estimator} has no critic (only ppo does)")
+        for name in unused_settings(self):
+            raise UserError(
+                f"--{name.replace('_', '-')}: --estimator {self.estimator} does not use it ({USED_BY[name][1]})"
+            )
         if self.estimator in GROUP_ESTIMATORS and self.whiten_rewards:
             raise UserError("--whiten-rewards whitens per-token rewards (ppo, reinforce++), not grpo / rloo's")
         if self.nproc > 1:
@@ -124,6 +126,25 @@ class RLConfig(PPOConfig):
                 f"multiple of --batch-size ({self.batch_size})"
             )
         super().validate()
+
+
+# Settings only some estimators read: (the estimators, why)
+_CRITIC = (("ppo",), "only ppo has a critic")
+USED_BY: dict[str, tuple[tuple[str, ...], str]] = {
+    **{name: _CRITIC for name in ("value_model", "value_lr", "vf_coef", "cliprange_value", "lam")},
+    "gamma": (("ppo", "reinforce++"), "only ppo and reinforce++ discount rewards over tokens"),
+    "scale_rewards": (("grpo",), "only grpo divides by the std of a prompt's rewards"),
+}
+
+
+def unused_settings(cfg: RLConfig) -> list[str]:
+    """The fields `cfg` sets away from their defaults that its estimator never reads (set, they would be ignored)."""
+    defaults = {f.name: f.default for f in fields(RLConfig)}
+    return [
+        name
+        for name, (estimators, _) in USED_BY.items()
+        if cfg.estimator not in estimators and getattr(cfg, name) != defaults[name]
+    ]
 
 
 def rl_advantages(
@@ -222,6 +243,7 @@ class RLTrainer(PPOTrainer):
         cfg, s = self.cfg, sc.seqs
         mask = s.response_mask.float()
         scores = sc.raw_scores - cfg.missing_eos_penalty * (~s.finished).float()
+        penalised = scores  # what the group statistics read: the advantages see the penalty too
         if cfg.reward_norm:
             scores = self.score_moments.normalise(scores)
         scores = clip_scores(scores, cfg.reward_clip)
@@ -230,7 +252,7 @@ class RLTrainer(PPOTrainer):
         rewards, advantages, returns = rl_advantages(cfg, scores, kl, mask, self.kl_ctl.value, values)
         exp = sc.experience(values, rewards, advantages, returns, scores)
         stats = rollout_stats(sc, kl, self.kl_ctl.value)
-        stats.update(group_stats(sc.raw_scores, cfg.num_generations))
+        stats.update(group_stats(penalised, cfg.num_generations))
         stats["advantage_abs"] = float(masked_mean(advantages.abs(), mask))
         return exp, {"stats": stats, "responses": sc.responses}
 

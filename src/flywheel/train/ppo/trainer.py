@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from flywheel.train.loop import (
     MetricsLogger,
     autocast,
     build_optimizer,
+    check_finite,
     checkpoint_dirs,
     default_threads,
     load_checkpoint,
@@ -112,15 +114,22 @@ def load_reference(cfg: PPOConfig, policy: Any, tokenizer: Any) -> Any:
     distributions over the same token ids, so --ref-model must have the policy's tokenizer."""
     source = cfg.ref_model or cfg.model
     ref = load_causal_lm(source, **cfg.load_kwargs(source))
-    if cfg.ref_model and (
-        ref.config.vocab_size != policy.config.vocab_size
-        or load_tokenizer(cfg.ref_model, **cfg.hub_kwargs(cfg.ref_model)).get_vocab() != tokenizer.get_vocab()
-    ):
-        raise UserError(
-            f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: the per-token "
-            "KL penalty needs the same tokenizer"
-        )
+    if cfg.ref_model:
+        why = "the per-token KL penalty needs the same tokenizer"
+        check_vocabulary(cfg, "--ref-model", cfg.ref_model, tokenizer, why, always=True)
+        if ref.config.vocab_size != policy.config.vocab_size:
+            raise UserError(f"--ref-model {cfg.ref_model} has another vocabulary than --model {cfg.model}: {why}")
     return ref
+
+
+def check_vocabulary(
+    cfg: PPOConfig, flag: str, source: str, tokenizer: Any, why: str, *, always: bool = False
+) -> None:
+    """A one-line error when the model `flag` names has another tokenizer than the policy: every role reads the
+    policy's token ids. A directory without a tokenizer shares the policy's (unless `always`: it must have one)."""
+    has_tokenizer = always or is_hub_id(source) or (Path(source) / "tokenizer_config.json").is_file()
+    if has_tokenizer and load_tokenizer(source, **cfg.hub_kwargs(source)).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{flag} {source} has another vocabulary than --model {cfg.model}: {why}")
 
 
 def reward_turn_end(reward_model: str, tokenizer: Any, policy: Any, **hub: Any) -> TurnEnd:
@@ -213,6 +222,8 @@ class PPOTrainer:
         if cfg.reward_ensemble_agg != "mean" and len(members) < 2:
             raise UserError(single_model_error(cfg.reward_ensemble_agg), path=cfg.reward_model or None)
         if members:
+            why = "the reward model reads the policy's token ids, so it needs the same tokenizer"
+            check_vocabulary(cfg, "--reward-model", members[0], self.tokenizer, why)
             rms = [self._frozen(load_sequence_classifier(m, trained=True, **cfg.load_kwargs(m))) for m in members]
             end = reward_turn_end(members[0], self.tokenizer, self.actor.module, **cfg.hub_kwargs(members[0]))
             if len(rms) > 1:
@@ -244,6 +255,9 @@ class PPOTrainer:
         weights with a new head."""
         cfg = self.cfg
         source = cfg.value_model or next(iter(reward_model_dirs(cfg.reward_model)), cfg.model)
+        if cfg.value_model:
+            why = "the value model reads the policy's token ids, so it needs the same tokenizer"
+            check_vocabulary(cfg, "--value-model", cfg.value_model, self.tokenizer, why)
         value_model = load_sequence_classifier(source, **cfg.load_kwargs(source))
         return Critic(prepare_model(value_model.to(self.device), cfg), bias=reward_offset(value_model.config))
 
@@ -471,6 +485,7 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
     for step in range(start, trainer.steps):
         stats, exp, responses = trainer.step(step)
         done = step + 1
+        check_finite(done, stats)
         _warn_kl(stats["kl"], done, cfg)
         if cfg.eval_every and done % cfg.eval_every == 0 or done == trainer.steps:
             held = trainer.ptx_eval_loss()
@@ -498,7 +513,21 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
     )
     if trainer.critic is not None:
         save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
+    if distributed.is_main():
+        _remove_stale_outputs(run_dir, cfg, trainer)
     return run_dir
+
+
+def _remove_stale_outputs(run_dir: Path, cfg: PPOConfig, trainer: PPOTrainer) -> None:
+    """What an earlier run into the same --out left that this run did not write: a value model (this estimator has
+    no critic), policies saved at other steps. The directory then holds this run's outputs only."""
+    if trainer.critic is None and (run_dir / "final_value").is_dir():
+        shutil.rmtree(run_dir / "final_value")
+    every = cfg.save_policy_every
+    ours = {f"step-{s}" for s in range(every, trainer.steps, every)} if every else set()
+    for old in sorted((run_dir / "policies").glob("step-*")):
+        if old.name not in ours:
+            shutil.rmtree(old)
 
 
 def _log_samples(
