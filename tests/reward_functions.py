@@ -20,6 +20,10 @@ def wrong_length(prompts, responses):
     return [0.0]
 
 
+def returns_none(prompts, responses):
+    return None
+
+
 class Namespace:
     @staticmethod
     def constant(prompts, responses):

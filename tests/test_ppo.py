@@ -427,6 +427,15 @@ def test_save_policy_every_writes_plain_hf_policies(tmp_path, model_dir, prompts
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), final.parameters(), strict=True))
     with pytest.raises(UserError, match="--save-policy-every"):
         _cfg(tmp_path, model_dir, prompts_file, save_policy_every=-1).validate()
+    # A run trained again into the same --out (allowed once it has finished) leaves only its own outputs: a critic-free
+    # estimator removes the value model, and policies saved at steps it does not save go
+    from flywheel.train.ppo.rl import RLConfig, train_rl
+
+    assert (run / "final_value").is_dir()
+    fields = {k: v for k, v in _cfg(tmp_path, model_dir, prompts_file, max_steps=2).__dict__.items()}
+    again = train_rl(RLConfig(**{**fields, "estimator": "grpo", "num_generations": 2}), reward_fn=target_reward)
+    assert again == run and not (run / "final_value").exists()
+    assert not list((run / "policies").glob("step-*"))
 
 
 def test_a_language_model_is_no_reward_model_anywhere_one_scores(tmp_path, model_dir, prompts_file, capsys):

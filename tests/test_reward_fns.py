@@ -78,6 +78,8 @@ def test_reward_functions_see_the_user_message_and_the_text_and_sum_with_weights
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32))
     e_mean = sum(r.count("e") / len(r) for r in seen_responses) / 2
     assert fns.last == {"reward/letter_e": pytest.approx(e_mean), "reward/prompt_number": pytest.approx(5.0)}
+    with pytest.raises(UserError, match="returned NoneType, not a list of numbers"):
+        build_reward_functions(["tests.reward_functions:returns_none"], [], tokenizer, prompts)(ids, responses)
     with pytest.raises(UserError, match="returned 1 values for 2 responses"):
         build_reward_functions(["tests.reward_functions:wrong_length"], [], tokenizer, prompts)(ids, responses)
     with pytest.raises(UserError, match="2 values for 1 --reward-fn"):
@@ -130,6 +132,12 @@ def test_rl_with_reward_functions_only_logs_each_and_scores_their_weighted_sum(t
     assert main(args2) == 0
     row = json.loads((tmp_path / "flags" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["score"] == pytest.approx(row["reward/letter_e"], abs=1e-6) and "reward/prompt_number" not in row
+    # a repeated --reward-fn adds up (argparse's default kept only the last)
+    args3 = [a for a in args2 if a != str(tmp_path / "flags")] + [str(tmp_path / "twice")]
+    args3 += ["--reward-fn", "tests.reward_functions:prompt_number"]
+    assert main(args3) == 0
+    saved = yaml.safe_load((tmp_path / "twice" / "config.yaml").read_text())
+    assert saved["reward_fn"] == ["tests.reward_functions:letter_e", "tests.reward_functions:prompt_number"]
 
 
 def test_reward_functions_add_to_the_reward_model(tmp_path, model_dir, prompts_file):

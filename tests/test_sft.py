@@ -219,6 +219,8 @@ def test_rerun_into_a_run_dir_with_checkpoints_needs_resume(tmp_path, model_dir,
         (["ppo", "--prompts", "p.jsonl", "--gamma", "2"], "--gamma and --lam must be in [0, 1]"),
         (["ppo", "--prompts", "p.jsonl", "--lam", "-1"], "--gamma and --lam must be in [0, 1]"),
         (["rl", "--prompts", "p.jsonl", "--cliprange", "-0.2"], "--cliprange must be > 0"),
+        (["rl", "--prompts", "p.jsonl", "--vf-coef", "nan"], "'vf_coef' must be a finite number, got 'nan'"),
+        (["sft", "--lr", "inf"], "'lr' must be a finite number, got 'inf'"),
     ],
 )
 def test_out_of_range_values_are_one_line_errors_before_anything_is_written(tmp_path, capsys, argv, message):

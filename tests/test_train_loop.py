@@ -56,6 +56,24 @@ def test_training_changes_every_parameter_and_lowers_the_loss(tmp_path, tokenize
     assert res.steps == 30
 
 
+def test_a_diverged_loss_is_a_one_line_error_at_its_step(tmp_path, tokenizer):
+    """A NaN loss would leave NaN weights to save as a model: the loop stops at that step with a UserError."""
+    from flywheel.errors import UserError
+
+    model = build_causal_lm(config_for_tokenizer(tokenizer, "nano", max_position_embeddings=128), seed=0)
+    cfg = TrainConfig(out=str(tmp_path / "nan"), progress=False, lr=1e-3, batch_size=4, max_steps=5)
+    calls = []
+
+    def nan_at_step_3(m, batch):
+        loss, more = lm_loss(m, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), more
+
+    pad = tokenizer.pad_token_id
+    with pytest.raises(UserError, match="training diverged at step 3: loss is nan"):
+        train_loop(model, cfg, Path(cfg.out), _samples(tokenizer), lambda b: collate_lm(b, pad), nan_at_step_3)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     vals = [lr_lambda(s, total=100, warmup=10, min_ratio=0.1) for s in range(100)]
     assert vals[0] == pytest.approx(0.1) and vals[9] == pytest.approx(1.0)
