@@ -156,6 +156,9 @@ def test_errors_have_openai_shape(served):
         served.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    body = json.dumps({"model": "flywheel", "messages": MSGS}).encode()
+    r = httpx.post(served.url + "/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json (got text/plain)" in r.json()["error"]["message"]
     r = httpx.get(served.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["message"] == "not found"
 

@@ -110,7 +110,7 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if scalar is str:
             return str(value)
         if is_list_field(scalar):
-            if isinstance(value, str):  # YAML `report_to: wandb`: a one-item list
+            if isinstance(value, str | int | float):  # YAML `report_to: wandb`, `reward_weights: 2`: one item
                 value = [value]
             if not isinstance(value, list):
                 raise TypeError

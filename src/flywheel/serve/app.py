@@ -501,6 +501,12 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError) -> Response:
+        body_errors = [e for e in err.errors() if tuple(e.get("loc", ()))[:1] == ("body",)]
+        if body_errors and request.method in ("POST", "PUT", "PATCH") and not _is_json(request.scope):
+            kind = request.headers.get("content-type") or "none"
+            return ApiError(
+                400, f"the request body must be JSON, sent as Content-Type: application/json (got {kind})"
+            ).response()
         return validation_error(err.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -351,9 +351,21 @@ def discard_run_dir(run_dir: Path) -> None:
         log.debug("removed %s (the run stopped on bad input before writing a model)", run_dir)
 
 
-# Settings a resumed run may change: where and how it reports, not what it computes.
+# Settings a resumed run may change: where and how it reports, not what it computes (the number of processes is
+# checked against the checkpoint's own record, which names the --nproc to resume with).
 RESUME_VOLATILE = frozenset(
-    {"out", "resume", "threads", "progress", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints"}
+    {
+        "out",
+        "resume",
+        "threads",
+        "progress",
+        "report_to",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "nproc",
+    }
 )
 
 
