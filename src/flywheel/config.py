@@ -110,11 +110,12 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if scalar is str:
             return str(value)
         if is_list_field(scalar):
-            if isinstance(value, str | int | float):  # YAML `report_to: wandb`, `reward_weights: 2`: one item
-                value = [value]
+            (item_type,) = typing.get_args(scalar) or (None,)  # list[float] from a flag: its items are text
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if isinstance(value, str) or (number and item_type in (int, float)):
+                value = [value]  # YAML `report_to: wandb`, `reward_weights: 2`: a one-item list
             if not isinstance(value, list):
                 raise TypeError
-            (item_type,) = typing.get_args(scalar) or (None,)  # list[float] from a flag: its items are text
             if item_type is None:
                 return list(value)
             return [coerce_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
