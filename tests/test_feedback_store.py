@@ -596,7 +596,7 @@ def test_an_empty_answer_is_stored_as_given_but_is_no_training_data(store, tmp_p
         store.vote(answer["id"], owner, 1, "", f"k-{answer['id']}")
     unrelated = store.create_conversation(owner)
     store.add_message(unrelated, owner, None, "user", "Count to 3.")
-    assert [m[-1]["content"] for m, _ in store.unused_chat_prompts(10)] == ["Count to 3.", "hello"]
+    assert [m[-1]["content"] for m, _, _ in store.unused_chat_prompts(10)] == ["Count to 3.", "hello"]
     export(ExportConfig(db=db_url, out=str(tmp_path / "out"), include_upvoted=True, eval_fraction=0))
     demos = read_conversations(tmp_path / "out" / "demos.jsonl")
     assert [[m.content for m in c.messages] for c in demos] == [["Be brief.", "hello", "Hi!"]]

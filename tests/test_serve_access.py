@@ -7,6 +7,7 @@ rotated tokens, and rate limits (per user, per address without a token, rejected
 from __future__ import annotations
 
 import json
+import secrets
 
 import pytest
 
@@ -366,3 +367,41 @@ def _votes(site) -> list[tuple]:
 
     with site.store.session() as s:
         return [(v.message_id, v.value, v.comment) for v in s.scalars(select(Vote))]
+
+
+def test_a_message_in_anothers_conversation_reads_as_missing_through_parent_id(site):
+    """Answering under someone else's message (as `parent_id` in one's own conversation) gets the same 404 as an id
+    that does not exist, body and all, in range or beyond it: ids cannot be probed that way either."""
+    ann, bob = {"X-Client-Id": secrets.token_hex(20)}, {"X-Client-Id": secrets.token_hex(20)}
+    _, anns_answer = chat(site, ann)
+    mine = httpx.post(site.url + "/api/conversations", json={}, headers=bob).json()["id"]
+    errors = []
+    for parent in (anns_answer, 10**9, 10**15):
+        r = httpx.post(
+            f"{site.url}/api/conversations/{mine}/messages", json={"content": "x", "parent_id": parent}, headers=bob
+        )
+        assert r.status_code == 404
+        errors.append(r.json()["error"])
+    assert all(e == {**errors[0], "message": e["message"]} for e in errors) and errors[0]["param"] is None
+    assert [e["message"] for e in errors] == [f"no message {p}" for p in (anns_answer, 10**9, 10**15)]
+
+
+def test_a_turn_the_model_cannot_take_is_refused_before_it_is_stored(site):
+    """A turn longer than the model's context would stay unanswered in the conversation (and in the export): 400,
+    nothing stored. A logged prompt that long (stored before this check) does not stop the tasks made from the chat
+    logs: it is skipped."""
+    me = {"X-Client-Id": secrets.token_hex(20)}
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=me).json()["id"]
+    r = httpx.post(f"{site.url}/api/conversations/{conv}/messages", json={"content": "word " * 400}, headers=me)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert httpx.get(f"{site.url}/api/conversations/{conv}", headers=me).json()["messages"] == []
+    from flywheel.feedback.store import client_owner
+
+    site.store.add_user_turn(conv, client_owner(me["X-Client-Id"]), None, "word " * 400)
+    chat(site, me)  # and a prompt the model can take, logged after it
+    r = httpx.post(
+        site.url + "/api/admin/tasks",
+        json={"kind": "ranking", "from_conversations": 2, "k": 2, "max_tokens": 4},
+        headers=site.admin,
+    )
+    assert r.status_code == 201 and r.json()["skipped"] >= 1 and r.json()["created"], r.text

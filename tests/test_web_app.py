@@ -49,7 +49,9 @@ def site(tmp_path_factory, tokenizer):
     store.close()
 
 
-def page_with_token(site, path, token=None):
+def page_with_token(site, path, token=None, *, hold_me=None):
+    """A fresh browser page at `path` with `token` stored; `hold_me` (a list): /api/me requests wait in it until the
+    test continues them (a busy server), so that a click can come before the page has finished starting."""
     context = site.browser.new_context()
     page = context.new_page()
     errors = []
@@ -58,6 +60,8 @@ def page_with_token(site, path, token=None):
     if token:  # the labeling and admin pages keep a staff token, the chat page its own
         kind = "staff" if path in ("/label", "/admin") else "chat"
         page.evaluate("([k, t]) => localStorage.setItem('flywheel.token.' + k, t)", [kind, token])
+    if hold_me is not None:
+        page.route("**/api/me", lambda route: hold_me.append(route))
     page.goto(site.url + path)
     page.errors = errors
     return page
@@ -176,9 +180,18 @@ def test_roleplay_task_in_the_browser(site):
         json={"kind": "roleplay", "instructions": ["Ask for a capital city."]},
     )
     task_id = r.json()["created"][0]
-    page = page_with_token(site, "/label", site.labeler)
+    # The labeler picks the role-play tab before the page has heard who they are: it stays picked.
+    held: list = []
+    page = page_with_token(site, "/label", site.labeler, hold_me=held)
     page.click("#tab-roleplay")
     page.wait_for_selector("text=Ask for a capital city.")
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(25)
+    held[0].continue_()
+    page.wait_for_selector("#who:has-text('lena')")
+    assert page.is_visible("text=Ask for a capital city.")
     page.fill("#rp-user", "What is the capital of France?")
     page.click("#rp-suggest")
     page.wait_for_selector("#status:has-text('Draft from')", timeout=30_000)

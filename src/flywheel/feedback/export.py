@@ -97,7 +97,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             rankings, versions = _rankings(s, names)
             ranking_tasks = select(Task).where(Task.kind == "ranking", Task.source != "gate").order_by(Task.id)
             prompts = [t.prompt for t in s.scalars(ranking_tasks)]
-            prompts += [messages for messages, _ in store.unused_chat_prompts(limit=100_000)][::-1]
+            prompts += [messages for messages, _, _ in store.unused_chat_prompts(limit=100_000)][::-1]
     finally:
         store.close()
     unknown = sorted(set(_named(cfg)) - set(names.values()))

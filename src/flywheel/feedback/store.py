@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -255,10 +256,19 @@ class Store:
         content: str,
         model_version: str | None = None,
         finish_reason: str | None = None,
+        *,
+        parent_created: datetime | None = None,
     ) -> dict[str, Any]:
-        """Append a message under `parent_id` (None: the root). Checks the turn order along the branch."""
+        """Append a message under `parent_id` (None: the root). Checks the turn order along the branch. With
+        `parent_created` (`message_created` of the parent when the caller read it), NotFound unless the parent is still
+        that message: SQLite hands a deleted conversation's highest ids to the next rows, so an answer generated for a
+        deleted message must not land under a new one that took its id."""
         with self.session(write=True) as s:
             conv = self._owned(s, conv_id, owner)
+            if parent_created is not None and parent_id is not None:
+                parent = s.get(Message, parent_id)
+                if parent is None or parent.created_at != parent_created:
+                    raise NotFound(f"no message {parent_id}")
             msg = self._append(s, conv, parent_id, role, content, model_version, finish_reason)
             s.commit()
             return _message_dict(msg)
@@ -295,8 +305,8 @@ class Store:
         finish_reason: str | None = None,
     ) -> Message:
         branch = self._branch(s, parent_id) if parent_id is not None else []
-        if branch and branch[0].conversation_id != conv.id:
-            raise NotFound(f"no message {parent_id} in conversation {conv.id}")
+        if branch and branch[0].conversation_id != conv.id:  # the answer of a message that does not exist: no probing
+            raise NotFound(f"no message {parent_id}")
         # a model's answer is stored as given, even empty (as the API logs it); a person's turn needs text
         with record_errors():
             if role != "assistant":
@@ -315,6 +325,13 @@ class Store:
         if not conv.title and role == "user":
             conv.title = content.strip().splitlines()[0][:80]
         return msg
+
+    def message_created(self, message_id: int) -> datetime | None:
+        """When message `message_id` was stored (None: there is none): what tells it from a later row that took the id
+        of a deleted one."""
+        with self.session() as s:
+            msg = s.get(Message, message_id)
+            return None if msg is None else msg.created_at
 
     def rename_conversation(self, conv_id: int, owner: str, title: str) -> dict[str, Any]:
         """Give `owner`'s conversation a new title (NotFound for anyone else's)."""
@@ -457,13 +474,20 @@ class Store:
         labels_needed: int = 1,
         source: str = "prompt_set",
         source_message_id: int | None = None,
-    ) -> int:
-        """A ranking task: `prompt` (messages ending with a user turn), candidates (text, model_version, finish)."""
+        source_created: datetime | None = None,
+    ) -> int | None:
+        """A ranking task: `prompt` (messages ending with a user turn), candidates (text, model_version, finish). From
+        a logged message (`source_message_id`, read with its `source_created`): None, and no task, when that message
+        was deleted meanwhile (its conversation's owner took it back), or its id now belongs to another message."""
         prompt = check_messages_dicts(prompt, end="user", field="prompt")
         texts = [text.strip() for text, _, _ in candidates]
         if len(set(texts)) != len(texts) or len(texts) < 2 or not all(texts):
             raise UserError("a ranking task needs at least 2 distinct non-empty candidates")
         with self.session(write=True) as s:
+            if source_message_id is not None:
+                msg = s.get(Message, source_message_id)
+                if msg is None or (source_created is not None and msg.created_at != source_created):
+                    return None
             task = Task(
                 kind="ranking",
                 prompt=prompt,
@@ -536,9 +560,10 @@ class Store:
             s.commit()
             return task.id
 
-    def unused_chat_prompts(self, limit: int) -> list[tuple[list[dict[str, str]], int]]:
-        """The contexts of the latest logged user messages that no task was made from yet: (messages, message id).
-        A context that holds an empty answer (a model's, kept as given) is no prompt for the trainers: skipped."""
+    def unused_chat_prompts(self, limit: int) -> list[tuple[list[dict[str, str]], int, datetime]]:
+        """The contexts of the latest logged user messages that no task was made from yet: (messages, message id, when
+        it was stored). A context that holds an empty answer (a model's, kept as given) is no prompt for the trainers:
+        skipped."""
         with self.session() as s:
             used = select(Task.source_message_id).where(Task.source_message_id.is_not(None))
             rows = s.scalars(
@@ -547,8 +572,12 @@ class Store:
                 .order_by(Message.id.desc())
                 .limit(limit)
             ).all()
-            branches = [(self._branch(s, row.id), row.id) for row in rows]
-            return [([_turn(m) for m in b], i) for b, i in branches if all(m.content.strip() for m in b)]
+            branches = [(self._branch(s, row.id), row) for row in rows]
+            return [
+                ([_turn(m) for m in b], row.id, row.created_at)
+                for b, row in branches
+                if all(m.content.strip() for m in b)
+            ]
 
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
         """The oldest task of `kind` that still needs labels and that this user has not labeled."""

@@ -244,11 +244,11 @@ def id_limit(store: Store) -> int:
     return 2**31 - 1
 
 
-def check_id(request: Request, value: int | None, what: str, *, param: str | None = None) -> None:
+def check_id(request: Request, value: int | None, what: str) -> None:
     """404 for an id no row can have (< 1, or beyond what the id column holds: 2**31 - 1 for PostgreSQL's INTEGER,
-    2**63 - 1 for SQLite's), as for any id that does not exist, on every database alike. `param`: the body field."""
+    2**63 - 1 for SQLite's), the same answer as for any id that does not exist, on every database alike."""
     if value is not None and not 1 <= value <= ctx(request).max_id:
-        raise ApiError(404, f"no {what} {value}", param=param)
+        raise ApiError(404, f"no {what} {value}")
 
 
 def allowed_methods(request: Request) -> list[str]:

@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,12 +41,13 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.engine import SamplingParams
+from flywheel.errors import UserError
 from flywheel.feedback.models import ROLES
 from flywheel.feedback.store import NotFound, check_messages_dicts
 from flywheel.serve.app import AppContext, chat_identity, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
 from flywheel.serve.generation import Run
-from flywheel.serve.worker import ServedModel
+from flywheel.serve.worker import PromptError, ServedModel, prompt_ids
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api")
@@ -194,10 +196,26 @@ async def send_message(request: Request, conv_id: int, body: ChatTurn) -> Stream
     c = ctx(request)
     owner = (await chat_identity(request)).owner
     check_id(request, conv_id, "conversation")
-    check_id(request, body.parent_id, "message", param="parent_id")
+    check_id(request, body.parent_id, "message")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
+    await _check_turn(c, owner, body)
     stored = await db(c.store.add_user_turn, conv_id, owner, body.parent_id, body.content, system=body.system)
     return await _reply(c, conv_id, owner, stored[-1], params, announce=stored)
+
+
+async def _check_turn(c: AppContext, owner: str, body: ChatTurn) -> None:
+    """A 400 before the turn is stored when the model cannot take the conversation it ends (longer than its context):
+    a turn that can never be answered would stay in the conversation, and in what is exported, unanswered. Other
+    problems (the turn order, whose parent) are the store's to answer."""
+    above = await db(c.store.branch, body.parent_id, owner) if body.parent_id is not None else []
+    system = [{"role": "system", "content": body.system}] if body.system is not None else []
+    messages = [*system, *({"role": m["role"], "content": m["content"]} for m in above)]
+    try:
+        await asyncio.to_thread(prompt_ids, c.worker.model, [*messages, {"role": "user", "content": body.content}])
+    except PromptError as err:
+        raise ApiError(400, str(err), param="content", code=err.code) from None
+    except UserError:
+        pass
 
 
 @router.post("/messages/{message_id}/regenerate")
@@ -227,6 +245,7 @@ async def _reply(
     leaves mid-answer (the chat page's Stop button aborts its request) stops the generation at once; what was
     generated so far is stored as the answer, with finish_reason "cancelled"."""
     branch = await db(c.store.branch, user_msg["id"], owner)
+    asked = await db(c.store.message_created, user_msg["id"])  # the answer is stored under this message only
     run = Run(c.worker, [{"role": m["role"], "content": m["content"]} for m in branch], params)
     await run.started()
 
@@ -249,10 +268,10 @@ async def _reply(
             if outcome == "cancelled":  # the client left (or the server is stopping): keep what it was shown
                 run.cancel()
                 with anyio.CancelScope(shield=True):
-                    await _store_answer(c, conv_id, owner, user_msg, text, run.version, CANCELLED)
+                    await _store_answer(c, conv_id, owner, user_msg, asked, text, run.version, CANCELLED)
         if outcome == "done":
             with anyio.CancelScope(shield=True):  # stored even if the client leaves now
-                msg = await _store_answer(c, conv_id, owner, user_msg, text, run.version, finish)
+                msg = await _store_answer(c, conv_id, owner, user_msg, asked, text, run.version, finish)
             if msg is None:
                 yield _sse({"type": "error", "message": "the conversation was deleted; the answer was not stored"})
             else:
@@ -262,11 +281,30 @@ async def _reply(
 
 
 async def _store_answer(
-    c: AppContext, conv_id: int, owner: str, user_msg: dict[str, Any], text: str, version: str, finish: str | None
+    c: AppContext,
+    conv_id: int,
+    owner: str,
+    user_msg: dict[str, Any],
+    asked: datetime | None,
+    text: str,
+    version: str,
+    finish: str | None,
 ) -> dict[str, Any] | None:
+    """The answer under `user_msg`, if that message (stored at `asked`) still exists; None if it was deleted meanwhile
+    (also when a new message has taken its id since)."""
     try:
-        return await db(c.store.add_message, conv_id, owner, user_msg["id"], "assistant", text, version, finish)
-    except NotFound:  # the conversation was deleted meanwhile
+        return await db(
+            c.store.add_message,
+            conv_id,
+            owner,
+            user_msg["id"],
+            "assistant",
+            text,
+            version,
+            finish,
+            parent_created=asked,
+        )
+    except NotFound:
         return None
 
 
@@ -337,7 +375,7 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
 @router.post("/label/rankings")
 async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
     user = await current_user(request)
-    check_id(request, body.task_id, "ranking task", param="task_id")
+    check_id(request, body.task_id, "ranking task")
     row, created = await db(
         ctx(request).store.submit_ranking,
         user.id,
@@ -353,7 +391,7 @@ async def submit_ranking(request: Request, body: RankingBody) -> dict[str, Any]:
 @router.post("/label/demonstrations")
 async def submit_demonstration(request: Request, body: DemonstrationBody) -> dict[str, Any]:
     user = await current_user(request)
-    check_id(request, body.task_id, "role-play task", param="task_id")
+    check_id(request, body.task_id, "role-play task")
     row, created = await db(
         ctx(request).store.submit_demonstration,
         user.id,
@@ -405,38 +443,53 @@ async def create_tasks(request: Request, body: TasksBody) -> dict[str, Any]:
     prompts: list[tuple[list[dict[str, str]], int | None, str]] = []
     for p in body.prompts:
         prompts.append((_prompt_messages(p), None, "prompt_set"))
+    prompts_at: list[datetime | None] = [None] * len(prompts)
     if body.from_conversations:
-        for messages, msg_id in await db(c.store.unused_chat_prompts, body.from_conversations):
+        for messages, msg_id, stored in await db(c.store.unused_chat_prompts, body.from_conversations):
             prompts.append((messages, msg_id, "conversation"))
+            prompts_at.append(stored)
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
     k = min(body.k, c.settings.max_batch)
-    results = await asyncio.gather(*(_candidates(c, messages, params, k) for messages, _, _ in prompts))
+    results = await asyncio.gather(
+        *(_candidates(c, messages, params, k, logged=source == "conversation") for messages, _, source in prompts)
+    )
     created, skipped = [], 0
-    for (messages, msg_id, source), cands in zip(prompts, results, strict=True):
-        if len(cands) < 2:
-            skipped += 1  # the model gave fewer than 2 distinct answers: nothing to rank
-            continue
-        created.append(
-            await db(
+    for (messages, msg_id, source), stored, cands in zip(prompts, prompts_at, results, strict=True):
+        # Fewer than 2 distinct answers (nothing to rank), a logged prompt the model cannot take, or one deleted while
+        # its answers were sampled: no task.
+        task = None
+        if len(cands) >= 2:
+            task = await db(
                 c.store.create_ranking_task,
                 messages,
                 cands,
                 labels_needed=body.labels_needed,
                 source=source,
                 source_message_id=msg_id,
+                source_created=stored,
             )
-        )
+        if task is None:
+            skipped += 1
+        else:
+            created.append(task)
     return {"created": created, "skipped": skipped}
 
 
 async def _candidates(
-    c: AppContext, messages: list[dict[str, str]], params: SamplingParams, k: int
+    c: AppContext, messages: list[dict[str, str]], params: SamplingParams, k: int, *, logged: bool = False
 ) -> list[tuple[str, str, str | None]]:
-    """K distinct non-empty answers (one resampling round for duplicates), each with the version that wrote it."""
+    """K distinct non-empty answers (one resampling round for duplicates), each with the version that wrote it. A
+    `logged` prompt (from the chat logs) the model refuses (400: longer than its context, ...) has none: one user's
+    message must not stop the tasks made from everyone else's; the admin's own prompts are a 400."""
     out: list[tuple[str, str, str | None]] = []
     seen: set[str] = set()
     for _ in range(2):
-        result = await Run(c.worker, messages, params, n=k).collect()
+        try:
+            result = await Run(c.worker, messages, params, n=k).collect()
+        except ApiError as err:
+            if logged and err.status == 400:
+                return []
+            raise
         for text, finish in zip(result.texts, result.finish_reasons, strict=True):
             if text.strip() and text.strip() not in seen and len(out) < k:
                 seen.add(text.strip())
@@ -469,7 +522,7 @@ async def gate_results(request: Request, ids: str = Query(min_length=1, max_leng
     except ValueError:
         raise ApiError(400, "ids must be task ids separated by commas", param="ids") from None
     for task_id in task_ids:
-        check_id(request, task_id, "gate task", param="ids")
+        check_id(request, task_id, "gate task")
     return {"tasks": await db(ctx(request).store.gate_results, task_ids)}
 
 

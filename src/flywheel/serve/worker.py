@@ -41,7 +41,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,29 +423,12 @@ class BatchWorker:
 
     def _prepare(self, model: ServedModel, req: GenRequest) -> list[int] | None:
         """The request's prompt ids, or None after failing it (400 for bad input, 500 for anything else)."""
-        engine = model.engine
         try:
             req.params.validate()
             check_seed(req.params.seed)
-            for i, m in enumerate(req.messages):
-                check_text(m["content"], f"messages[{i}].content")
-                special = special_token_in(model.tokenizer, m["content"])
-                if special is not None:  # it would render as the token: a forged turn boundary in what is logged
-                    message = (
-                        f"messages[{i}].content contains {special!r}, a special token of the served model "
-                        "(it would be read as that token, e.g. a turn boundary, not as text)"
-                    )
-                    _emit(req, ("error", 400, message, f"messages.{i}.content", "invalid_text"))
-                    return None
-            ids = render_prompt(model.tokenizer, req.messages)
-            bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
-            if bad is not None:
-                raise UserError(f"the prompt has token id {bad}, outside this model's vocabulary")
-            if engine.context_length is not None and len(ids) >= engine.context_length:
-                message = f"the prompt has {len(ids)} tokens; this model's context is {engine.context_length} tokens"
-                _emit(req, ("error", 400, message, "messages", "context_length_exceeded"))  # OpenAI's code for it
-                return None
-            return ids
+            return prompt_ids(model, req.messages)
+        except PromptError as err:
+            _emit(req, ("error", 400, str(err), err.param, err.code))
         except UserError as err:
             _emit(req, ("error", 400, str(err)))
         except Exception as err:  # noqa: BLE001 (one request's bug fails that request only)
@@ -520,6 +503,43 @@ class BatchWorker:
         if row.nul:
             log.warning("removed %d NUL characters from a generated answer (model %s)", row.nul, self.model.version)
         _emit(row.req, ("done", row.choice, reason, row.tokens))
+
+
+class PromptError(UserError):
+    """A prompt the served model cannot take, with the request field it comes from and OpenAI's error code."""
+
+    def __init__(self, message: str, *, param: str, code: str):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def prompt_ids(model: ServedModel, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The ids the model reads before it answers `messages`, or a UserError (a PromptError where a field is to
+    blame): text that cannot be stored, a special token written out, ids outside the vocabulary, no room to answer.
+    The worker checks every request with it; the web app checks a turn with it before storing the turn."""
+    engine = model.engine
+    for i, m in enumerate(messages):
+        check_text(m["content"], f"messages[{i}].content")
+        special = special_token_in(model.tokenizer, m["content"])
+        if special is not None:  # it would render as the token: a forged turn boundary in what is logged
+            raise PromptError(
+                f"messages[{i}].content contains {special!r}, a special token of the served model (it would be read "
+                "as that token, e.g. a turn boundary, not as text)",
+                param=f"messages.{i}.content",
+                code="invalid_text",
+            )
+    ids = render_prompt(model.tokenizer, list(messages))
+    bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+    if bad is not None:
+        raise UserError(f"the prompt has token id {bad}, outside this model's vocabulary")
+    if engine.context_length is not None and len(ids) >= engine.context_length:
+        raise PromptError(
+            f"the prompt has {len(ids)} tokens; this model's context is {engine.context_length} tokens",
+            param="messages",
+            code="context_length_exceeded",  # OpenAI's code for it
+        )
+    return ids
 
 
 def check_seed(seed: int | None) -> None:

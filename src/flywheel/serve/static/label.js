@@ -2,7 +2,7 @@
 "use strict";
 fw.tokenKind = "staff"; // a labeler's or admin's token, kept apart from the chat page's
 
-const lab = { task: null, key: null, rp: { task: null, key: null, messages: [], suggestions: [], draft: null } };
+const lab = { tab: null, task: null, key: null, rp: { task: null, key: null, messages: [], suggestions: [], draft: null } };
 
 function showMessages(box, messages) {
   box.replaceChildren(...messages.map(m => fw.el("div", { class: `msg ${m.role}` },
@@ -105,6 +105,7 @@ async function submitDemo() {
 }
 
 function tab(name) {
+  lab.tab = name;
   for (const t of ["ranking", "roleplay"]) {
     document.getElementById(t).hidden = t !== name;
     document.getElementById("tab-" + t).className = t === name ? "" : "secondary";
@@ -124,6 +125,6 @@ document.addEventListener("DOMContentLoaded", async () => {
   try {
     const me = await fw.call("GET", "/api/me");
     document.getElementById("who").textContent = `${me.name} (${me.role})`;
-    tab("ranking");
+    if (!lab.tab) tab("ranking");  // a tab the labeler chose while /api/me was on its way stays chosen
   } catch (e) { fw.status(e.message, true); }
 });
