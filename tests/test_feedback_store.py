@@ -533,6 +533,7 @@ def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
     for name in ("ann", "ben", "eve"):
         store.create_user(name, "labeler")
     users = {u.name: u.id for u in store.users()}
+    store.create_user("cy", "user")  # chats, labels nothing: in neither list of labelers
     t1 = ranking_task(store, labels_needed=3)
     t2 = store.create_ranking_task(
         [{"role": "user", "content": "Capital of France?"}],
@@ -554,7 +555,7 @@ def test_export_writes_what_the_trainers_read(store, tmp_path, db_url):
     store.add_message(conv, "anon:abcdefgh", None, "user", "Reverse 'abc'.")
     manifest = export(ExportConfig(db=db_url, out=str(tmp_path / "out"), eval_labelers="eve"))
     out = tmp_path / "out"
-    assert manifest["eval_labelers"] == ["eve"] and "eve" not in manifest["train_labelers"]
+    assert manifest["eval_labelers"] == ["eve"] and manifest["train_labelers"] == ["ann", "ben"]
     demos, demos_eval = read_conversations(out / "demos.jsonl"), read_conversations(out / "demos.eval.jsonl")
     assert [c.messages[-1].content for c in demos] == ["It is Lima."] and len(demos_eval) == 1
     ranks, ranks_eval = read_preferences(out / "rankings.jsonl"), read_preferences(out / "rankings.eval.jsonl")
@@ -644,3 +645,58 @@ def test_export_and_db_refuse_a_database_that_is_not_there(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["db", "users", "--db", str(db)]) == 0
     assert capsys.readouterr().out.split() == ["ann", "labeler", "active"]
+
+
+def test_a_deleted_message_is_not_answered_or_tasked_under_a_row_that_took_its_id(store, db_url):
+    """SQLite hands the highest deleted ids to the next rows. An answer generated for a deleted message, or a task
+    made from it, must not land on the new message that took its id: both ask for the message as it was read."""
+    from flywheel.feedback.store import NotFound
+
+    owner = "anon:abcdefgh"
+    conv = store.create_conversation(owner)
+    asked = store.add_user_turn(conv, owner, None, "first secret prompt")[-1]
+    stamp = store.message_created(asked["id"])
+    prompts = store.unused_chat_prompts(10)
+    store.delete_conversation(conv, owner)
+    again = store.create_conversation(owner)
+    new = store.add_user_turn(again, owner, None, "brand new prompt")[-1]
+    assert new["id"] == asked["id"] or not db_url.startswith("sqlite")  # the premise: SQLite reuses the id
+    with pytest.raises(NotFound):
+        store.add_message(again, owner, asked["id"], "assistant", "old answer", "v1", "stop", parent_created=stamp)
+    messages, msg_id, stored = prompts[0]
+    cands = [("a", "v1", "stop"), ("b", "v1", "stop")]
+    assert store.create_ranking_task(messages, cands, source_message_id=msg_id, source_created=stored) is None
+    assert [m["content"] for m in store.conversation(again, owner)["messages"]] == ["brand new prompt"]
+    # the message as read is still there: both go through
+    answer = store.add_message(
+        again, owner, new["id"], "assistant", "yes", "v1", "stop", parent_created=store.message_created(new["id"])
+    )
+    assert answer["parent_id"] == new["id"]
+    (messages, msg_id, stored), *_ = store.unused_chat_prompts(10)
+    assert store.create_ranking_task(messages, cands, source_message_id=msg_id, source_created=stored) is not None
+
+
+def test_an_idempotency_key_reused_for_another_target_is_a_conflict(store):
+    """A retry returns the stored row; the same key for another message or task is no retry, and answering with the
+    stored row would drop the new submission silently."""
+    from flywheel.feedback.store import Conflict
+
+    owner = "anon:abc12345"
+    conv = store.create_conversation(owner)
+    user = store.add_message(conv, owner, None, "user", "hi")
+    a1 = store.add_message(conv, owner, user["id"], "assistant", "one", "v1", "stop")
+    a2 = store.add_message(conv, owner, user["id"], "assistant", "two", "v1", "stop")
+    store.vote(a1["id"], owner, 1, "", "key-1")
+    assert store.vote(a1["id"], owner, 1, "", "key-1")[1] is False  # a retry
+    with pytest.raises(Conflict, match="was used for message"):
+        store.vote(a2["id"], owner, -1, "", "key-1")
+    lab = store.create_user("lea", "labeler")
+    lab_id = store.authenticate(lab).id
+    t1, t2 = ranking_task(store), ranking_task(store)
+    for tid, fails in ((t1, False), (t2, True)):
+        ids = [c["id"] for c in store.task(tid, lab_id)["candidates"]]
+        if fails:
+            with pytest.raises(Conflict, match="was used for task"):
+                store.submit_ranking(lab_id, tid, [[ids[0]], ids[1:]], key="r-1")
+        else:
+            store.submit_ranking(lab_id, tid, [[ids[0]], ids[1:]], key="r-1")

@@ -147,7 +147,10 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         "db": safe_url(cfg.db),
         "files": counts,
         "eval_labelers": sorted(held),
-        "train_labelers": sorted(set(names.values()) - held),
+        # the users whose labels are in the training files (not every user: chat-only users label nothing)
+        "train_labelers": sorted(
+            {r["labeler"] for r in demo_rows["train"] + rank_rows["train"]} & set(names.values())
+        ),
         "model_versions": sorted(versions),
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")

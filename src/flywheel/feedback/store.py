@@ -430,6 +430,7 @@ class Store:
             with self.session(write=True) as s:
                 found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
                 if found is not None:
+                    _same_target(key, "message", found.message_id, message_id)
                     return _vote_dict(found), False
                 msg = s.get(Message, message_id)
                 if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
@@ -631,6 +632,7 @@ class Store:
             with self.session(write=True) as s:
                 found = lookup(s)
                 if found is not None:
+                    _same_target(key, "task", found.task_id, task_id)
                     return _ranking_dict(found), False
                 task = s.get(Task, task_id)
                 if task is None or task.kind != "ranking":
@@ -690,6 +692,7 @@ class Store:
             with self.session(write=True) as s:
                 found = lookup(s)
                 if found is not None:
+                    _same_target(key, "task", found.task_id, task_id)
                     return _demo_dict(found), False
                 slot = None
                 if task_id is not None:
@@ -826,6 +829,16 @@ def _slots(s: Session, table: type[RankingLabel] | type[Demonstration], task_id:
 
 def _turn(m: Message) -> dict[str, str]:
     return {"role": m.role, "content": m.content}
+
+
+def _same_target(key: str, what: str, stored: int | None, asked: int | None) -> None:
+    """A retry repeats its submission; a key reused for another message or task is no retry: Conflict, where
+    answering with the stored row would drop the new submission without a word."""
+    if stored != asked:
+        raise Conflict(
+            f"idempotency_key {key!r} was used for {what} {stored}, not {what} {asked}: a new submission needs a "
+            "new key"
+        )
 
 
 def _message_dict(m: Message) -> dict[str, Any]:
