@@ -207,9 +207,10 @@ def render_conversation(tokenizer: Any, messages: Messages) -> tuple[list[int], 
 
 
 def special_token_in(tokenizer: Any, text: str) -> str | None:
-    """The first of the tokenizer's special or added tokens written out in `text` (as `<|im_end|>`), or None.
-    Rendered into a prompt, such text is read as that token (a turn boundary, an end of text), not as characters."""
-    names = set(getattr(tokenizer, "added_tokens_encoder", {}) or {}) | set(tokenizer.all_special_tokens or [])
+    """The first of the tokenizer's special tokens written out in `text` (as `<|im_end|>`), or None. Rendered into a
+    prompt, such text is read as that token (a turn boundary, an end of text), not as characters. Generated text never
+    holds one (decoding skips them), so a model's answer passed back in always passes."""
+    names = set(tokenizer.all_special_tokens or [])
     found = [(text.find(name), name) for name in names if name and name in text]
     return min(found)[1] if found else None
 
