@@ -700,3 +700,46 @@ def test_an_idempotency_key_reused_for_another_target_is_a_conflict(store):
                 store.submit_ranking(lab_id, tid, [[ids[0]], ids[1:]], key="r-1")
         else:
             store.submit_ranking(lab_id, tid, [[ids[0]], ids[1:]], key="r-1")
+
+
+def test_a_delete_racing_writes_into_its_conversation_is_one_or_the_other(store):
+    """Deleting a conversation while an answer is stored, a turn is added under its answer, or a vote is cast: each
+    write happens before the delete (and goes with it) or finds nothing (404), never a 500, a deadlock or a turn-order
+    error from a half-deleted branch (PostgreSQL: the conversation's row is locked by every write into it)."""
+    import secrets
+    import threading
+
+    from flywheel.feedback.store import NotFound
+
+    owner = "anon:racer123"
+    for _ in range(8):
+        conv = store.create_conversation(owner)
+        user = store.add_user_turn(conv, owner, None, "hi")[-1]
+        answer = store.add_message(conv, owner, user["id"], "assistant", "yo", "v1", "stop")
+        errors: list[Exception] = []
+        barrier = threading.Barrier(5)
+
+        def run(job, barrier=barrier, errors=errors):
+            barrier.wait()
+            try:
+                job()
+            except NotFound:
+                pass
+            except Exception as err:  # noqa: BLE001 (collected: the test fails on any)
+                errors.append(err)
+
+        jobs = [
+            lambda conv=conv: store.delete_conversation(conv, owner),
+            lambda conv=conv, user=user: store.add_message(conv, owner, user["id"], "assistant", "more", "v1", "stop"),
+            lambda conv=conv, answer=answer: store.add_user_turn(conv, owner, answer["id"], "next"),
+            lambda answer=answer: store.vote(answer["id"], owner, 1, "", secrets.token_hex(8), owner=owner),
+            lambda user=user: store.branch(user["id"], owner),
+        ]
+        threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with pytest.raises(NotFound):
+            store.conversation(conv, owner)

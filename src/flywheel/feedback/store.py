@@ -240,9 +240,11 @@ class Store:
                 out["owner"] = conv.owner
             return out | {"messages": [_message_dict(m) for m in conv.messages]}
 
-    def _owned(self, s: Session, conv_id: int, owner: str) -> Conversation:
-        # Someone else's conversation is "not found", exactly like a missing one: ids cannot be probed.
-        conv = s.get(Conversation, conv_id)
+    def _owned(self, s: Session, conv_id: int, owner: str, *, lock: bool = False) -> Conversation:
+        """`owner`'s conversation; someone else's is "not found", exactly like a missing one: ids cannot be probed.
+        `lock`: for a write into it, its row is locked first (PostgreSQL's FOR UPDATE; SQLite's writes are serialised
+        anyway), so a delete and a write into the same conversation run one after the other, never interleaved."""
+        conv = s.get(Conversation, conv_id, with_for_update=lock)
         if conv is None or conv.owner != owner or owner == UNIDENTIFIED:
             raise NotFound(f"no conversation {conv_id}")
         return conv
@@ -264,7 +266,7 @@ class Store:
         that message: SQLite hands a deleted conversation's highest ids to the next rows, so an answer generated for a
         deleted message must not land under a new one that took its id."""
         with self.session(write=True) as s:
-            conv = self._owned(s, conv_id, owner)
+            conv = self._owned(s, conv_id, owner, lock=True)
             if parent_created is not None and parent_id is not None:
                 parent = s.get(Message, parent_id)
                 if parent is None or parent.created_at != parent_created:
@@ -281,7 +283,7 @@ class Store:
         if system is not None and parent_id is not None:
             raise UserError("a system prompt starts a branch: it needs parent_id null")
         with self.session(write=True) as s:
-            conv = self._owned(s, conv_id, owner)
+            conv = self._owned(s, conv_id, owner, lock=True)
             out = []
             if system is not None:  # its turn order is checked with the user's turn below (alone it is no branch)
                 with record_errors():
@@ -339,7 +341,7 @@ class Store:
         if not title:
             raise UserError("title must not be blank")
         with self.session(write=True) as s:
-            conv = self._owned(s, conv_id, owner)
+            conv = self._owned(s, conv_id, owner, lock=True)
             conv.title = title[:200]
             s.commit()
             return {"id": conv.id, "title": conv.title}
@@ -348,7 +350,7 @@ class Store:
         """Delete `owner`'s conversation with its messages and their votes (NotFound for anyone else's). Ranking tasks
         made from its prompts keep their own copy of the prompt and the labels given; only their link goes."""
         with self.session(write=True) as s:
-            conv = self._owned(s, conv_id, owner)
+            conv = self._owned(s, conv_id, owner, lock=True)
             ids = select(Message.id).where(Message.conversation_id == conv.id)
             s.execute(update(Task).where(Task.source_message_id.in_(ids)).values(source_message_id=None))
             s.execute(delete(Vote).where(Vote.message_id.in_(ids)))
@@ -433,7 +435,11 @@ class Store:
                     _same_target(key, "message", found.message_id, message_id)
                     return _vote_dict(found), False
                 msg = s.get(Message, message_id)
-                if msg is None or (owner is not None and not _owns(s.get(Conversation, msg.conversation_id), owner)):
+                # its conversation locked before its votes are read or written: a delete of it waits, or went first
+                conv = s.get(Conversation, msg.conversation_id, with_for_update=True) if msg is not None else None
+                if conv is None or s.get(Message, message_id, populate_existing=True) is None:
+                    raise NotFound(f"no message {message_id}")
+                if owner is not None and not _owns(conv, owner):
                     raise NotFound(f"no message {message_id}")
                 if msg.role != "assistant":
                     raise UserError("only assistant messages can be voted on")
@@ -487,6 +493,9 @@ class Store:
         with self.session(write=True) as s:
             if source_message_id is not None:
                 msg = s.get(Message, source_message_id)
+                if msg is not None:  # its conversation locked: a delete of it waits for this task, or went first
+                    s.get(Conversation, msg.conversation_id, with_for_update=True)
+                    msg = s.get(Message, source_message_id, populate_existing=True)
                 if msg is None or (source_created is not None and msg.created_at != source_created):
                     return None
             task = Task(
@@ -801,8 +810,9 @@ def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
     return [sorted(position[c] for c in g) for g in order]
 
 
-def _owns(conv: Conversation, owner: str) -> bool:
-    return conv.owner == owner and owner != UNIDENTIFIED
+def _owns(conv: Conversation | None, owner: str) -> bool:
+    """Whether `owner` owns `conv` (None: a conversation deleted meanwhile, nobody's)."""
+    return conv is not None and conv.owner == owner and owner != UNIDENTIFIED
 
 
 def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:
