@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -147,6 +148,24 @@ def test_resume_is_exact(tmp_path, model_dir, prompts_file):
         assert all(torch.equal(a[k], b[k]) for k in a), sub
     last = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
     assert last("full")["kl_coef"] == last("cut")["kl_coef"] != 0.05  # the adaptive controller state resumed too
+    # A run killed after step 3 (its samples and metrics logged, its checkpoint at step 2), resumed: steps 3 and 4
+    # logged once each, a line cut short by the kill dropped, and the newest checkpoint, damaged, skipped.
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full", killed)
+    shutil.rmtree(killed / "final")
+    for name in ("samples.jsonl", "metrics.jsonl"):
+        rows = [r for r in (killed / name).read_text().splitlines() if json.loads(r)["step"] <= 3]
+        (killed / name).write_text("".join(r + "\n" for r in rows) + '{"step": 4, "sco')
+    shutil.copytree(killed / "checkpoints" / "step-2", killed / "checkpoints" / "step-3")
+    (killed / "checkpoints" / "step-3" / "policy.safetensors").write_bytes(b"cut short")
+    cfg = _cfg(tmp_path, model_dir, prompts_file, "killed", max_steps=4, save_every=2, kl_target=3.0, kl_horizon=50)
+    train_ppo(replace(cfg, resume=True), reward_fn=target_reward)
+    untimed = lambda run, name: [  # noqa: E731
+        {k: v for k, v in json.loads(r).items() if not k.startswith("time_")}
+        for r in (tmp_path / run / name).read_text().splitlines()
+    ]
+    for name in ("samples.jsonl", "metrics.jsonl"):
+        assert untimed("killed", name) == untimed("full", name), name
 
 
 def test_ppo_cli_with_reward_model_and_ptx(tmp_path, model_dir, prompts_file):

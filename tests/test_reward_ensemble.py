@@ -207,6 +207,8 @@ def test_rm_ensemble_resume_continues_the_member_in_progress(ens, tmp_path, capl
     assert (run / "member1" / "checkpoints" / "step-2").is_dir()
     assert main(_rm_args(ens["base"], ens["data"], run, "--rm-ensemble", "2", "--save-every", "2")) == 2  # no --resume
     args = _rm_args(ens["base"], ens["data"], run, "--rm-ensemble", "2", "--save-every", "2", "--resume")
+    assert main([*args, "--lr", "0.5"]) == 2  # the kept member was trained with another --lr: not mixed in
+    assert not (run / "final").exists()
     with caplog.at_level("INFO", logger="flywheel"):
         assert main(args) == 0
     assert "ensemble member 1 of 2 is trained already" in caplog.text

@@ -263,3 +263,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog):
     utils.warn_if_slow_bf16.cache_clear()
     warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(warned) == 1 and "drop --bf16" in warned[0].getMessage()
+
+
+def test_a_write_cut_short_by_a_kill_leaves_no_temporary_files_behind(tmp_path):
+    """A kill inside a checkpoint's or final/'s atomic write leaves its temporary directory; the next run into that
+    --out removes it (it held half-written weights nobody reads)."""
+    from flywheel.train.loop import prepare_run_dir
+
+    run = tmp_path / "run"
+    for tmp in (run / ".final.abc.tmp", run / "checkpoints" / ".step-2.def.tmp"):
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"half")
+    (run / ".config.yaml.xyz.tmp").write_text("half")
+    prepare_run_dir(TrainConfig(out=str(run), progress=False))
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "config.yaml"]

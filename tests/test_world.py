@@ -654,3 +654,17 @@ def test_an_out_path_that_cannot_be_a_directory_is_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and why in err and str(blocker) in err, err
+
+
+def test_a_full_disk_is_one_line_whatever_library_reports_it(tmp_path, capsys, monkeypatch):
+    """safetensors and torch.save report a full disk as their own exceptions, not as an OSError."""
+    import flywheel.world.generate as generate
+    from flywheel.cli import main
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(generate, "write_world", full)
+    assert main(["world", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flywheel world: no space left on device (") and len(err.splitlines()) == 1, err

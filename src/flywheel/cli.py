@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError: "a part of the path is a file, not a directory",
         }.get(type(err), err.strerror or str(err))
         return _user_error(argv[0], f"{where}: {why}")
+    except Exception as err:
+        # safetensors and torch.save report a full disk as their own errors, not as an OSError
+        if "No space left on device" not in str(err):
+            raise
+        return _user_error(argv[0], f"no space left on device ({str(err).strip().splitlines()[0]})")
     except KeyboardInterrupt:
         print(f"flywheel {argv[0]}: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ exactly ln 2. Logged like TRL: rewards/chosen and rewards/rejected (beta *
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,11 +255,16 @@ def reference_logps(
     keys = {name: reference_key(cfg, ref, groups, weights=weights) for name, groups in splits.items()}
     distributed.barrier()  # every rank decides on the cache before rank 0 (re)writes it
     if path.is_file():
-        cached = torch.load(path, weights_only=True)
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 (a file cut short by a kill: computed again, as a changed key is)
+            log.warning("dpo: %s is unreadable (%s): recomputing", path, str(err).splitlines()[0])
+            cached = {}
         if cached.get("keys") == keys:
             log.info("dpo: reference log-probs from %s", path)
             return cached["logps"]
-        log.warning("dpo: %s was computed for other data, weights or kernels: recomputing", path)
+        if cached:
+            log.warning("dpo: %s was computed for other data, weights or kernels: recomputing", path)
     ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
@@ -274,8 +280,10 @@ def reference_logps(
         for name, groups in splits.items()
     }
     del ref
-    if distributed.is_main():
-        torch.save({"keys": keys, "logps": logps}, path)
+    if distributed.is_main():  # written beside it and renamed: a kill mid-write leaves the old file or none
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"keys": keys, "logps": logps}, tmp)
+        os.replace(tmp, path)
     distributed.barrier()
     return logps
 

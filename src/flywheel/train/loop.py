@@ -248,9 +248,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint we resume from
-            lines = self.path.read_text().splitlines()
-            kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in lines_up_to(self.path, resume_step)))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         report_to = cfg.report_to if cfg is not None else []
@@ -318,6 +316,35 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict[str, Any], extra: di
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def lines_up_to(path: Path, step: int) -> list[str]:
+    """The JSON lines of `path` logged at `step` or before (what a run resumed from that step's checkpoint keeps); a
+    line cut short by a kill, which no run wrote whole, is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
+def load_latest_checkpoint(ckpts: list[Path], modules: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The newest of `ckpts` that loads whole (`load_checkpoint`), and its state: one cut short or damaged (a kill or
+    a full disk while it was written, a file deleted by hand) is skipped with a warning, the one before it used."""
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, load_checkpoint(ckpt, modules)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 (any unreadable file: the checkpoint before it is whole)
+            log.warning(
+                "%s is unreadable (%s): resuming from the checkpoint before it", ckpt, str(err).splitlines()[0]
+            )
+    raise UserError(f"no checkpoint in {ckpts[0].parent} can be read: delete {ckpts[0].parent} to start again")
 
 
 def load_checkpoint(ckpt: Path, modules: dict[str, Any]) -> dict[str, Any]:
@@ -404,10 +431,15 @@ def prepare_run_dir(cfg: Any) -> Path:
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     if cfg.resume and checkpoint_dirs(run_dir):
         check_resumed_settings(cfg, run_dir / "config.yaml")
-    elif cfg.resume:
+    elif cfg.resume and not any(run_dir.glob("member*/config.yaml")):  # an ensemble's members resume on their own
         log.warning("--resume: %s holds no checkpoint: starting from the first step", run_dir)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:  # a write a kill cut short
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
     return run_dir
@@ -499,9 +531,9 @@ def train_loop(
     start, resumed = 0, {}
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
-        resumed = load_checkpoint(ckpts[-1], _checkpoint_loaders(wrapped, model, optimizer, scheduler))
+        ckpt, resumed = load_latest_checkpoint(ckpts, _checkpoint_loaders(wrapped, model, optimizer, scheduler))
         start = resumed["step"]
-        log.info("resumed from %s (step %d of %d)", ckpts[-1], start, steps)
+        log.info("resumed from %s (step %d of %d)", ckpt, start, steps)
     logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     per_rank = cfg.batch_size * cfg.grad_accum
     per_step = per_rank * n_proc

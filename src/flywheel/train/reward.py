@@ -75,7 +75,15 @@ from flywheel.train.ensemble import (
     single_model_error,
 )
 from flywheel.train.likelihood import LikelihoodReward, check_same_tokenizer, has_likelihood_head, load_head
-from flywheel.train.loop import TrainConfig, autocast, prepare_model, prepare_run_dir, save_final, train_loop
+from flywheel.train.loop import (
+    TrainConfig,
+    autocast,
+    check_resumed_settings,
+    prepare_model,
+    prepare_run_dir,
+    save_final,
+    train_loop,
+)
 from flywheel.utils import cpu_threads, log, seed_everything
 
 OFFSET_KEY = "flywheel_reward_offset"  # config key: RewardModel.score returns raw score - offset
@@ -892,11 +900,15 @@ def train_reward_ensemble(cfg: RewardConfig, starts: Sequence[str]) -> Path:
     With --resume, members with a final model are kept and the ones in progress continue from their checkpoints.
     With --parallel-members P, up to P members train at once (`_train_members_in_processes`).
     starts: where each member starts (`ensemble_starts`)."""
-    run_dir = prepare_run_dir(cfg)
     members = [
-        replace(cfg, out=str(run_dir / f"member{i}"), seed=cfg.seed + i, rm_ensemble=1, model=starts[i])
+        replace(cfg, out=str(Path(cfg.out) / f"member{i}"), seed=cfg.seed + i, rm_ensemble=1, model=starts[i])
         for i in range(cfg.rm_ensemble)
     ]
+    if cfg.resume:  # a kept member must have been trained with these settings (the top directory has no checkpoint)
+        for member in members:
+            if (Path(member.out) / "config.yaml").is_file():
+                check_resumed_settings(member, Path(member.out) / "config.yaml")
+    run_dir = prepare_run_dir(cfg)
     todo = []
     for i, member in enumerate(members):
         if cfg.resume and (Path(member.out) / "final" / "config.json").is_file():

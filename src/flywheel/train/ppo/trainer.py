@@ -52,7 +52,8 @@ from flywheel.train.loop import (
     check_finite,
     checkpoint_dirs,
     default_threads,
-    load_checkpoint,
+    lines_up_to,
+    load_latest_checkpoint,
     lr_lambda,
     pick_attention,
     prepare_model,
@@ -69,7 +70,7 @@ from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_function
 from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
 from flywheel.train.reward import reward_offset
-from flywheel.utils import log, seed_everything, set_threads
+from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
 
 
 def load_prompt_ids(cfg: PPOConfig, tokenizer: Any, context: int | None = None) -> list[list[int]]:
@@ -463,15 +464,19 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
     start = 0
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], trainer.modules())
+        ckpt, state = load_latest_checkpoint(ckpts, trainer.modules())
         start = state["step"]
         trainer.load_extra_state(state)
         trainer.engine.update_weights(trainer.actor.module)
-        log.info("resumed from %s (step %d of %d)", ckpts[-1], start, trainer.steps)
+        log.info("resumed from %s (step %d of %d)", ckpt, start, trainer.steps)
     logger = MetricsLogger(run_dir, start if ckpts else None, cfg)
     samples_path = run_dir / "samples.jsonl"
+    if distributed.is_main() and samples_path.exists():  # as metrics.jsonl: what the resumed steps write, once
+        if start:
+            atomic_write_text(samples_path, "".join(ln + "\n" for ln in lines_up_to(samples_path, start)))
+        else:
+            samples_path.unlink()
     if start == 0 and distributed.is_main():
-        samples_path.unlink(missing_ok=True)
         base = trainer.ptx_eval_loss()
         if base is not None:
             logger.log(0, {"ptx_eval_loss": base})
