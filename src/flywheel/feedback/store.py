@@ -434,12 +434,8 @@ class Store:
                 if found is not None:
                     _same_target(key, "message", found.message_id, message_id)
                     return _vote_dict(found), False
-                msg = s.get(Message, message_id)
-                # its conversation locked before its votes are read or written: a delete of it waits, or went first
-                conv = s.get(Conversation, msg.conversation_id, with_for_update=True) if msg is not None else None
-                if conv is None or s.get(Message, message_id, populate_existing=True) is None:
-                    raise NotFound(f"no message {message_id}")
-                if owner is not None and not _owns(conv, owner):
+                msg, conv = _locked_message(s, message_id)  # before its votes are read or written
+                if msg is None or (owner is not None and not _owns(conv, owner)):
                     raise NotFound(f"no message {message_id}")
                 if msg.role != "assistant":
                     raise UserError("only assistant messages can be voted on")
@@ -492,10 +488,7 @@ class Store:
             raise UserError("a ranking task needs at least 2 distinct non-empty candidates")
         with self.session(write=True) as s:
             if source_message_id is not None:
-                msg = s.get(Message, source_message_id)
-                if msg is not None:  # its conversation locked: a delete of it waits for this task, or went first
-                    s.get(Conversation, msg.conversation_id, with_for_update=True)
-                    msg = s.get(Message, source_message_id, populate_existing=True)
+                msg, _ = _locked_message(s, source_message_id)
                 if msg is None or (source_created is not None and msg.created_at != source_created):
                     return None
             task = Task(
@@ -808,6 +801,17 @@ def _order_positions(order: Any, position: dict[int, int]) -> list[list[int]]:
     if len(order) < 2:
         raise UserError("all candidates tied: a ranking must prefer something (or skip the task)")
     return [sorted(position[c] for c in g) for g in order]
+
+
+def _locked_message(s: Session, message_id: int) -> tuple[Message | None, Conversation | None]:
+    """Message `message_id` and its conversation, whose row is locked first (as every write into a conversation locks
+    it: `Store._owned`), so that a delete of it waits for this session or went first; (None, None) if it is gone."""
+    msg = s.get(Message, message_id)
+    if msg is None:
+        return None, None
+    conv = s.get(Conversation, msg.conversation_id, with_for_update=True)
+    msg = s.get(Message, message_id, populate_existing=True)  # read again under the lock
+    return (msg, conv) if msg is not None and conv is not None else (None, None)
 
 
 def _owns(conv: Conversation | None, owner: str) -> bool:
