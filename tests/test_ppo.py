@@ -457,6 +457,19 @@ def test_save_policy_every_writes_plain_hf_policies(tmp_path, model_dir, prompts
     assert not list((run / "policies").glob("step-*"))
 
 
+def test_the_value_model_is_saved_before_the_policy(tmp_path, model_dir, prompts_file, monkeypatch):
+    """final/ marks a finished run (the demo, a rerun into the same --out): a kill after it must not leave the run
+    without its value model, so final_value/ is written first."""
+    import flywheel.train.ppo.trainer as trainer_mod
+
+    written, save = [], trainer_mod.save_final
+    monkeypatch.setattr(
+        trainer_mod, "save_final", lambda m, t, out, **kw: (written.append(out.name), save(m, t, out, **kw))[1]
+    )
+    train_ppo(_cfg(tmp_path, model_dir, prompts_file, max_steps=1), reward_fn=target_reward)
+    assert written == ["final_value", "final"]
+
+
 def test_a_language_model_is_no_reward_model_anywhere_one_scores(tmp_path, model_dir, prompts_file, capsys):
     """A policy's directory given where a trained reward model must score (PPO, `flywheel rl`, best-of-n, `flywheel
     score`, `flywheel eval rm`) is a one-line error: its score head would be new, random weights, and a run would

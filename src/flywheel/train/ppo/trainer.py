@@ -509,6 +509,8 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
             save_final(trainer.actor.module, trainer.tokenizer, run_dir / "policies" / f"step-{done}", extra=extra)
     bar.close()
     logger.close()
+    if trainer.critic is not None:  # first: a run with final/ has all its outputs, even if killed between the two
+        save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
     save_final(
         trainer.actor.module,
         trainer.tokenizer,
@@ -516,8 +518,6 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
         extra={"stage": stage, "steps": trainer.steps},
         adapter_of=cfg.model if cfg.save_adapter else None,
     )
-    if trainer.critic is not None:
-        save_final(trainer.critic.module, trainer.tokenizer, run_dir / "final_value")
     if distributed.is_main():
         _remove_stale_outputs(run_dir, cfg, trainer)
     return run_dir
