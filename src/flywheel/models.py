@@ -98,10 +98,16 @@ def check_model_dir(path: str | Path) -> Path:
         hint = f" ({parent}/ is a local directory, so this names a path, not a hub id)" if is_org_dir(p) else ""
         raise UserError(f"model directory does not exist: {p}{hint}")
     if not (p / "config.json").is_file():
-        if (p / "final" / "config.json").is_file():
-            raise UserError(f"{p} is a run directory, not a model: its model is {p / 'final'}")
+        check_not_run_dir(p, "config.json")
         raise UserError(f"not a Hugging Face model directory (no config.json): {p}")
     return p
+
+
+def check_not_run_dir(path: Path, marker: str) -> None:
+    """A one-line error naming the model inside when `path`, which lacks `marker` (what a model or tokenizer
+    directory holds), is a run directory whose `final/` has it: a trainer's `--out` given where its model belongs."""
+    if (path / "final" / marker).is_file():
+        raise UserError(f"{path} is a run directory, not a model: its model is {path / 'final'}")
 
 
 def is_org_dir(path: Path) -> bool:

@@ -215,6 +215,14 @@ def special_token_in(tokenizer: Any, text: str) -> str | None:
     return min(found)[1] if found else None
 
 
+def special_text(tokenizer: Any, text: str) -> str | None:
+    """Why `text` cannot go into a prompt as text (`special_token_in`), or None: what the server answers with."""
+    token = special_token_in(tokenizer, text)
+    if token is None:
+        return None
+    return f"contains {token!r}, a special token of the served model (it would be read as that token, not as text)"
+
+
 def render_prompt(tokenizer: Any, messages: Messages) -> list[int]:
     """Ids the model sees before it writes the next assistant turn (the conversation + the generation prompt)."""
     if not messages:
@@ -327,13 +335,12 @@ def load_tokenizer(
     (`--chat-template`)."""
     from transformers import AutoTokenizer
 
-    from flywheel.models import describe_source, hub_error, resolve_model_path
+    from flywheel.models import check_not_run_dir, describe_source, hub_error, resolve_model_path
 
     # A directory may hold a tokenizer alone (no config.json): only model directories need one.
     source = path if Path(path).is_dir() else resolve_model_path(path)
     if Path(path).is_dir() and not (Path(path) / "tokenizer_config.json").is_file():
-        if (Path(path) / "final" / "tokenizer_config.json").is_file():
-            raise UserError(f"{path} is a run directory, not a model: its model is {Path(path) / 'final'}")
+        check_not_run_dir(Path(path), "tokenizer_config.json")
     hub = {"revision": revision} if revision else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)

@@ -43,10 +43,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
-        mode = 0o666 & ~_umask()
-        for item in tmp.rglob("*"):  # mkdtemp's 0700 (and any temp file's 0600) would keep the model from others
-            os.chmod(item, mode | 0o111 & ~_umask() if item.is_dir() else mode)
-        os.chmod(tmp, 0o777 & ~_umask())
+        files, dirs = 0o666 & ~_umask(), 0o777 & ~_umask()
+        for item in [*tmp.rglob("*"), tmp]:  # mkdtemp's 0700 (and a temp file's 0600) would keep the model from others
+            os.chmod(item, dirs if item.is_dir() else files)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, User
 from flywheel.serve.errors import ApiError
 from flywheel.serve.limits import Limits, RateLimited
 from flywheel.serve.worker import BATCHING, BatchWorker, ServedModel, unstorable
-from flywheel.tokenization import special_token_in
+from flywheel.tokenization import special_text
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -348,18 +349,6 @@ def find_unstorable(value: Any, why: Callable[[str], str | None] = unstorable) -
     return None
 
 
-def special_text(tokenizer: Any) -> Callable[[str], str | None]:
-    """What is wrong with a string that writes out one of the tokenizer's special tokens (None: nothing)."""
-
-    def why(text: str) -> str | None:
-        token = special_token_in(tokenizer, text)
-        if token is None:
-            return None
-        return f"contains {token!r}, a special token of the served model (it would be read as that token, not as text)"
-
-    return why
-
-
 class TextCheck:
     """Answer 400 to a JSON body with a NUL character or a lone surrogate in any string: no database stores them
     (PostgreSQL refuses NUL, UTF-8 has no surrogates) and tokenizers reject surrogates. On the web app's routes
@@ -388,7 +377,7 @@ class TextCheck:
             document = None
         found = find_unstorable(document) if document is not None else None
         if found is None and document is not None and scope["path"].startswith("/api/"):
-            found = find_unstorable(document, special_text(scope["app"].state.ctx.worker.model.tokenizer))
+            found = find_unstorable(document, partial(special_text, scope["app"].state.ctx.worker.model.tokenizer))
         if found is not None:
             where = found[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key is part of the path
             err = ApiError(400, f"{where}: {found[1]}", param=where, code="invalid_text")

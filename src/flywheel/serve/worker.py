@@ -54,7 +54,7 @@ from flywheel.engine.loop import DecodeBatch
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
 from flywheel.errors import UserError
 from flywheel.serve.logprobs import TokenPieces, TopLogprobs, top_logprobs_after
-from flywheel.tokenization import render_prompt, special_token_in
+from flywheel.tokenization import render_prompt, special_text
 
 log = logging.getLogger(__name__)
 BATCHING = ("continuous", "dynamic")
@@ -521,14 +521,9 @@ def prompt_ids(model: ServedModel, messages: Sequence[dict[str, str]]) -> list[i
     engine = model.engine
     for i, m in enumerate(messages):
         check_text(m["content"], f"messages[{i}].content")
-        special = special_token_in(model.tokenizer, m["content"])
-        if special is not None:  # it would render as the token: a forged turn boundary in what is logged
-            raise PromptError(
-                f"messages[{i}].content contains {special!r}, a special token of the served model (it would be read "
-                "as that token, e.g. a turn boundary, not as text)",
-                param=f"messages.{i}.content",
-                code="invalid_text",
-            )
+        markup = special_text(model.tokenizer, m["content"])
+        if markup is not None:  # it would render as the token: a forged turn boundary in what is logged
+            raise PromptError(f"messages[{i}].content {markup}", param=f"messages.{i}.content", code="invalid_text")
     ids = render_prompt(model.tokenizer, list(messages))
     bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
     if bad is not None:
