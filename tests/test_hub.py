@@ -412,3 +412,49 @@ def test_a_hub_dataset_without_the_datasets_package_says_how_to_install(hub_data
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(UserError, match=r"'org/demos' is no local file or directory.*pip install datasets"):
         read_conversations("org/demos")
+
+
+def test_with_no_network_a_hub_id_loads_from_the_cache_at_once(hub_dataset, two_revisions, tmp_path, monkeypatch):
+    """Not told it is offline, on a machine that cannot reach the hub: one connection attempt, then the caches only
+    (the hub client would retry each file for most of a minute before looking in its cache)."""
+    import time
+
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    import flywheel.models as models
+    from flywheel.data.io import read_conversations
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.setattr(models, "_HUB_CHECKED", False)
+    started = time.monotonic()
+    snapshot = two_revisions / "models--org--tiny" / "snapshots" / REV_A
+    assert torch.equal(_first_weight(load_causal_lm("org/tiny")), _first_weight(load_causal_lm(str(snapshot))))
+    assert hub_constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE is False  # datasets: when it is used
+    with pytest.raises(UserError, match="cannot load a causal LM from org/nope: no local directory of that name"):
+        load_causal_lm("org/nope")
+    assert len(read_conversations("org/demos")) == 6 and datasets.config.HF_HUB_OFFLINE
+    assert time.monotonic() - started < 20
+
+
+def test_a_reachable_hub_is_asked_and_the_check_runs_once(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    import flywheel.models as models
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(models, "_HUB_CHECKED", False)
+    try:
+        assert models.offline_if_hub_unreachable() is False and hub_constants.HF_HUB_OFFLINE is False
+    finally:
+        server.close()
+    assert models.offline_if_hub_unreachable() is False  # checked once a process: the closed port is not tried

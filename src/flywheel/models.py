@@ -7,6 +7,7 @@ read at the last real token, so `AutoModelForSequenceClassification.from_pretrai
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ import torch
 
 from flywheel.errors import UserError
 from flywheel.utils import atomic_dir
+
+log = logging.getLogger(__name__)
 
 # Sizes measured on the 2-core CPU (DESIGN.md): "tiny" is for tests and CI, "mini" for the demo.
 TINY_SIZES: dict[str, dict[str, int]] = {
@@ -203,10 +206,42 @@ def is_hub_id(path: str) -> bool:
 
 def resolve_model_path(path: str) -> str:
     """Local directories are checked up front; a name shaped like a hub id (`name` or `org/name`) is passed on to
-    transformers (it loads when online or cached)."""
+    transformers (it loads when online or cached; `offline_if_hub_unreachable` first)."""
     if is_hub_id(path):
+        offline_if_hub_unreachable()
         return path
     return str(check_model_dir(Path(path).expanduser()))
+
+
+_HUB_CHECKED = False
+
+
+def offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether the process loads from the hub cache only: HF_HUB_OFFLINE, or no connection to the hub's endpoint
+    (tried once a process, for at most `timeout` seconds). With no network the hub client retries every file for
+    most of a minute before it looks in its cache; switched to offline mode, a cached model loads at once and a
+    missing one is an error at once."""
+    global _HUB_CHECKED
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or _HUB_CHECKED:
+        return bool(hub.HF_HUB_OFFLINE)
+    _HUB_CHECKED = True
+    url = urlsplit(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return False
+    except OSError as err:
+        log.warning(
+            "%s cannot be reached (%s): models and datasets load from the local caches only", hub.ENDPOINT, err
+        )
+        hub.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return True
 
 
 def describe_source(path: str, revision: str | None = None) -> str:

@@ -607,6 +607,10 @@ def load_hub_dataset(name: str, config: str | None, split: str) -> Any:
         ) from None
     from huggingface_hub.errors import HfHubHTTPError
 
+    from flywheel.models import offline_if_hub_unreachable
+
+    if offline_if_hub_unreachable():
+        datasets.config.HF_HUB_OFFLINE = True  # read once, at its import: without it, a minute of retries
     where = hub_source(name, config, split)
     try:
         return datasets.load_dataset(name, config, split=split)
