@@ -187,6 +187,7 @@ def test_rl_cli_with_reward_model_and_yaml_keys(tmp_path, model_dir, prompts_fil
         (["--gamma", "0.9"], "--gamma: --estimator grpo does not use it (only ppo and reinforce++ discount"),
         (["--estimator", "rloo", "--scale-rewards", "false"], "--scale-rewards: --estimator rloo does not use it"),
         (["--kl-target", "1", "--kl-horizon", "0"], "--kl-horizon must be >= 1"),
+        (["--kl-target", "1", "--kl-coef", "0"], "--kl-target adapts --kl-coef by multiplying it, so it needs"),
         (["--rollout-batch-size", "3", "--batch-size", "8"], "(12 responses per step) must be a multiple of --batch"),
         (["--nproc", "2"], "flywheel rl runs in one process"),
     ],

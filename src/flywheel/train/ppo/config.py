@@ -160,6 +160,8 @@ class PPOConfig(TrainConfig):
             raise UserError("--gamma and --lam must be in [0, 1]")
         if self.kl_target is not None and self.kl_target <= 0:
             raise UserError("--kl-target must be > 0 (nats per response)")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise UserError("--kl-target adapts --kl-coef by multiplying it, so it needs --kl-coef > 0 to start from")
         if self.kl_horizon < 1:
             raise UserError("--kl-horizon must be >= 1 (rollouts)")
         if self.sample_every < 0:

@@ -176,7 +176,8 @@ def rl_advantages(
 
 def group_stats(scores: torch.Tensor, k: int) -> dict[str, float]:
     """How much signal the groups carry: the mean within-prompt std of the scores, and the fraction of prompts whose
-    K scores are all equal (their group advantages are all 0: they teach nothing)."""
+    K scores are all equal (the reward says nothing about them; with the KL in the reward their advantages are the
+    KL differences alone, docs/methods.md)."""
     if k < 2:
         return {}
     g = scores.view(-1, k)
