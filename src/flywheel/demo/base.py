@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         help="which shipped base: shipped (small, the default and fp32 presets') or shipped-tiny (the quick preset's)",
     )
     parser.add_argument("--install", action="store_true", help="copy base/final over the shipped base model")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = $FLYWHEEL_THREADS if set, else all cores)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()

@@ -300,7 +300,9 @@ class DemoConfig:
             "where the CPU has native bf16 matmuls)"
         },
     )
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads (0 = $FLYWHEEL_THREADS if set, else all cores)"}
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars"})
     resume: bool = field(
         default=False,

@@ -71,7 +71,9 @@ class ServeSettings:
     log_api: bool = field(default=True, metadata={"help": "log /v1 exchanges in the database"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32 or bfloat16"})
     backend: str = field(default="auto", metadata={"help": "engine forward: auto, compact (Llama family) or hf"})
-    threads: int = field(default=0, metadata={"help": "torch threads of the worker (0 = all cores)"})
+    threads: int = field(
+        default=0, metadata={"help": "torch threads of the worker (0 = $FLYWHEEL_THREADS if set, else all cores)"}
+    )
     migrate: bool = field(default=True, metadata={"help": "run the database migrations at start"})
     rate_limit: int = field(
         default=600, metadata={"help": "requests per minute per user (token); 429 + Retry-After beyond (0 = off)"}

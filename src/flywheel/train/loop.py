@@ -84,7 +84,9 @@ class TrainConfig(ModelOptions, DatasetOptions):
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only the final model)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads (0 = $FLYWHEEL_THREADS if set, else all cores)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     nproc: int = field(
         default=1,
