@@ -569,7 +569,7 @@ def test_a_tiny_temperature_samples_the_argmax_without_overflow():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen) * 20
     logits[:, -1] = float("-inf")  # a masked token stays masked
-    for temperature in (1e-40, 1e-20, 1e-4):
+    for temperature in (5e-324, 1e-300, 1e-46, 1e-40, 1e-20, 1e-4):  # the first three are 0 in float32
         for top_p in (1.0, 0.9):
             tokens, logp = sample(logits, temperature=temperature, top_p=top_p, generator=gen)
             assert torch.equal(tokens, logits.argmax(-1)) and torch.allclose(logp, torch.zeros(4), atol=1e-6)

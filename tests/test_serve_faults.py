@@ -286,6 +286,36 @@ def test_a_dead_worker_is_restarted_and_health_says_so(served, monkeypatch):
     assert_healthy(served)
 
 
+def test_health_answers_while_database_calls_wait(served, monkeypatch):
+    """Database calls run in the event loop's thread pool; a locked or slow database fills it. /health and the
+    streams' watchdog do not wait in it: a load balancer must not take a server whose worker is fine for dead."""
+    import concurrent.futures
+
+    store = served.app.state.ctx.store
+    release, waiting = threading.Event(), []
+    real = store.log_exchange
+
+    def slow_log(*args, **kwargs):
+        waiting.append(1)
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "log_exchange", slow_log)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = [pool.submit(served.http.post, "/v1/chat/completions", json=OK) for _ in range(12)]
+        deadline = time.monotonic() + 30
+        while len(waiting) < min(12, (os.cpu_count() or 1) + 4) and time.monotonic() < deadline:
+            time.sleep(0.05)  # every thread of the default pool (min(32, cores + 4)) is now held
+        try:
+            t0 = time.monotonic()
+            health = served.http.get("/health", timeout=5)
+            took = time.monotonic() - t0
+        finally:
+            release.set()
+        assert health.status_code == 200 and took < 2, took
+        assert [a.result().status_code for a in answers] == [200] * 12
+
+
 def test_generated_nul_characters_are_removed_and_counted(served, monkeypatch):
     from flywheel.engine import Detokenizer
 
@@ -617,7 +647,7 @@ def test_a_suggestion_is_recorded_as_the_workbench_shows_it(served, monkeypatch)
         def __init__(self, *args):
             pass
 
-        async def collect(self):
+        async def collect(self, request=None):
             return SimpleNamespace(texts=[" Paris.\r\nIt is\rbig. \n"], version="v1", finish_reasons=["stop"])
 
     monkeypatch.setattr(web_api, "Run", Sampled)
@@ -668,3 +698,41 @@ def test_a_short_request_joins_the_running_batch(tiny_model, tokenizer, batching
         assert order == ["short", "long"] and worker.stats["max_rows"] == 2
     else:
         assert order == ["long", "short"] and worker.stats["max_rows"] == 1
+
+
+def test_busy_seconds_times_the_step_in_hand_not_the_load(tiny_model, tokenizer, monkeypatch):
+    """/health's busy_seconds tells a stuck worker from a busy one: under a long generation it stays at a step's
+    time; a step that never returns makes it grow."""
+    from flywheel.engine import Engine, SamplingParams
+    from flywheel.engine.loop import DecodeBatch
+    from flywheel.serve.worker import BatchWorker, GenRequest, ServedModel
+
+    real, stuck = DecodeBatch.step, threading.Event()
+
+    def step(self):
+        time.sleep(0.02)
+        while stuck.is_set():
+            time.sleep(0.01)
+        return real(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", step)
+    worker = BatchWorker(ServedModel(Engine(tiny_model.eval(), tokenizer), tokenizer, "v", "/nowhere"), max_batch=4)
+    c = Collector()
+    worker.start()
+    try:
+        params = SamplingParams(max_new_tokens=100, temperature=1.0, seed=1, stop_token_ids=[])
+        worker.submit(GenRequest([{"role": "user", "content": "a long story"}], params, emit=c))
+        t0, readings = time.monotonic(), []
+        while time.monotonic() - t0 < 1.0:
+            readings.append(worker.health()["busy_seconds"])
+            time.sleep(0.02)
+        assert not c.finished.is_set() and max(r for r in readings if r is not None) < 0.5, readings
+        stuck.set()
+        time.sleep(1.0)
+        assert worker.health()["busy_seconds"] >= 0.9
+        stuck.clear()
+        assert c.last == ("end",)
+        assert worker.health()["busy_seconds"] is None
+    finally:
+        stuck.clear()
+        worker.stop()

@@ -49,9 +49,13 @@ class Script:
 
     def __init__(self) -> None:
         self.count = 0
+        self.failed: set[str] = set()
 
     def __call__(self, prompt: str) -> str:
         question = last_user_turn(prompt)
+        if "fail once" in question and question not in self.failed:
+            self.failed.add(question)
+            raise RuntimeError("the answer failed")
         self.count += 1
         if "markdown" in question:
             return MARKDOWN
@@ -254,6 +258,34 @@ def test_a_client_that_leaves_stops_the_generation_and_keeps_the_partial_answer(
     assert types[0] == "user" and types[-1] == "done" and sse(r)[0]["message"]["parent_id"] == answer["id"]
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/label/suggest"])
+def test_a_client_that_leaves_before_a_whole_answer_stops_its_generation(site, route):
+    """A request answered in one piece (not streamed) whose client gives up is cancelled as a stream is: the engine
+    stops within a poll, and nothing is logged for it."""
+    from flywheel.feedback.models import Message
+
+    headers = {"Authorization": "Bearer " + site.store.create_user(f"lab-{secrets.token_hex(4)}", "labeler")}
+    body = {"messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 300}
+    if route.startswith("/v1"):
+        body["model"] = "scripted-v1"
+    with site.store.session() as s:
+        logged = s.query(Message).count()
+    site.engine.delay = 0.03
+    try:
+        start = site.engine.produced
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(site.url + route, json=body, headers=headers, timeout=0.6)
+        deadline = time.monotonic() + 5
+        while httpx.get(site.url + "/health").json()["engine"]["running_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        produced = site.engine.produced - start
+    finally:
+        site.engine.delay = 0.0
+    assert 0 < produced < 100, f"{produced} of 300 tokens generated for a client that had left"
+    with site.store.session() as s:
+        assert s.query(Message).count() == logged
+
+
 def test_a_stopped_answer_is_no_demonstration(site, tmp_path):
     """Thumbs up on a stopped answer keeps the vote, but `flywheel export --include-upvoted` skips the answer."""
     from flywheel.feedback.export import ExportConfig, export
@@ -403,6 +435,33 @@ def test_moving_between_regenerated_answers(site, page):
     page.click(f"#conversations li[data-id='{site.store.conversation_of(first_id)}'] .title")
     page.wait_for_selector(".msg.assistant .nav-count")
     assert shown(page)[:3] == ["pick a number", answers[0], "and another"]
+
+
+def test_a_turn_whose_answer_failed_can_be_answered_again(site, page):
+    """A failed answer leaves its turn unanswered (stored, with no answer): the page offers Answer, which asks for
+    one under that turn; the API takes the user turn's id for it."""
+    ask(page, "pick a number")
+    page.fill("#input", "fail once, please")
+    page.click("#send")
+    page.wait_for_selector(".msg.user >> nth=1 >> .answer-again", timeout=30_000)
+    assert shown(page)[-1] == "fail once, please" and page.locator(".msg.assistant").count() == 1
+    turn = int(page.get_attribute(".msg.user >> nth=1", "data-id"))
+    page.click(".answer-again")
+    page.wait_for_selector(".msg.assistant >> nth=1 >> .vote-up", timeout=30_000)
+    tree = messages(site, site.store.conversation_of(turn))
+    assert tree[-1]["role"] == "assistant" and tree[-1]["parent_id"] == turn
+    assert shown(page)[-1] == tree[-1]["content"] and page.locator(".answer-again").count() == 0
+    # Over HTTP: a turn already answered gets a second answer beside the first; a system message is no turn.
+    headers = client()
+    conv = httpx.post(site.url + "/api/conversations", json={}, headers=headers).json()["id"]
+    body = {"content": "hello", "system": SYSTEM}
+    events = sse(httpx.post(f"{site.url}/api/conversations/{conv}/messages", json=body, headers=headers))
+    system, user = events[0]["message"], events[1]["message"]
+    r = httpx.post(f"{site.url}/api/messages/{user['id']}/regenerate", json={}, headers=headers)
+    assert sse(r)[-1]["type"] == "done" and sse(r)[-1]["message"]["parent_id"] == user["id"]
+    assert [m["parent_id"] for m in messages(site, conv) if m["role"] == "assistant"] == [user["id"]] * 2
+    r = httpx.post(f"{site.url}/api/messages/{system['id']}/regenerate", json={}, headers=headers)
+    assert r.status_code == 400 and "the user turn it answers" in r.json()["error"]["message"]
 
 
 # Sidebar

@@ -60,6 +60,8 @@ def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return logits
     if temperature < TINY_TEMPERATURE:
         logits = logits - logits.amax(dim=-1, keepdim=True)
+        # A T below the dtype's smallest number would be 0 there (0 / 0 at the maximum): the limit is the same.
+        temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     return logits / temperature
 
 

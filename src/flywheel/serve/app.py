@@ -40,6 +40,7 @@ from flywheel.errors import UserError
 from flywheel.feedback.models import ROLES
 from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, UserInfo, client_owner
 from flywheel.serve.errors import ApiError
+from flywheel.serve.generation import ClientGone
 from flywheel.serve.limits import Limits, RateLimited
 from flywheel.serve.worker import BATCHING, BatchWorker, ServedModel, unstorable
 from flywheel.tokenization import special_text
@@ -509,6 +510,10 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
             api_error.headers["Allow"] = ", ".join(allowed_methods(request))
         return api_error.response()
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": no one reads it, the access log does
+
     @app.exception_handler(DataError)
     async def _data_error(request: Request, err: DataError) -> Response:
         # The database refused a value (out of range, unstorable): the request's fault. Checks in the routes catch
@@ -519,7 +524,7 @@ def create_app(settings: ServeSettings, *, model: ServedModel | None = None, sto
     @app.get("/health", include_in_schema=False)
     async def health(request: Request) -> Response:
         c = ctx(request)
-        engine = await asyncio.to_thread(c.worker.health)
+        engine = c.worker.health()  # on the loop: a thread pool that database calls fill must not hold it up
         body = {
             "status": "ok" if engine["alive"] else "unavailable",
             "model": {"name": settings.model_name, "version": c.worker.model.version},

@@ -7,11 +7,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
+
 from flywheel.engine import SamplingParams
 from flywheel.serve.errors import ApiError
 from flywheel.serve.worker import BatchWorker, Event, GenRequest
 
 WATCHDOG_S = 1.0
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client of a request answered in one piece went away before the answer: its run was cancelled."""
 
 
 def _error(event: Event) -> ApiError:
@@ -72,7 +79,7 @@ class Run:
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=WATCHDOG_S)
             except asyncio.TimeoutError:
-                await asyncio.to_thread(self.worker.ensure_running)
+                self.worker.ensure_running()  # quick, on the loop (the thread pool may be full of database calls)
 
     async def started(self) -> None:
         event = await self._next()
@@ -93,7 +100,22 @@ class Run:
     def cancel(self) -> None:
         self.req.cancelled.set()
 
-    async def collect(self) -> Result:
+    async def collect(self, request: Request | None = None) -> Result:
+        """The whole answer. With the HTTP `request` it is for, the run is cancelled (and `ClientGone` raised) as
+        soon as its client disconnects, as a stream's is: nothing is generated for no one."""
+        if request is None:
+            return await self._collect()
+        task = asyncio.ensure_future(self._collect())
+        try:
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    self.cancel()
+                    raise ClientGone
+            return task.result()
+        finally:
+            task.cancel()
+
+    async def _collect(self) -> Result:
         await self.started()
         n = self.req.n
         result = Result(self.version, self.prompt_tokens, [""] * n, [None] * n, [0] * n)

@@ -265,7 +265,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Flywheel-Model-Version": run.version},
         )
-    result = await run.collect()
+    result = await run.collect(request)  # a client gone before the answer cancels it, and nothing is logged
     if c.settings.log_api:
         await db(
             c.store.log_exchange,

@@ -220,16 +220,22 @@ async def _check_turn(c: AppContext, owner: str, body: ChatTurn) -> None:
 
 @router.post("/messages/{message_id}/regenerate")
 async def regenerate(request: Request, message_id: int, body: RegenerateBody) -> StreamingResponse:
-    """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree)."""
+    """A new answer to the same user turn: a sibling of `message_id` (the old answer stays in the tree). Given the
+    user turn itself, a new answer under it: how a turn whose answer failed (a server stopped mid-answer) is
+    answered."""
     c = ctx(request)
     owner = (await chat_identity(request)).owner
     check_id(request, message_id, "message")
     branch = await db(c.store.branch, message_id, owner)
-    if branch[-1]["role"] != "assistant" or branch[-1]["parent_id"] is None:
-        raise ApiError(400, "only an assistant answer can be regenerated")
+    if branch[-1]["role"] == "user":
+        turn = branch[-1]
+    elif branch[-1]["role"] == "assistant" and branch[-1]["parent_id"] is not None:
+        turn = branch[-2]
+    else:
+        raise ApiError(400, "only an assistant answer, or the user turn it answers, can be regenerated")
     conv = await db(c.store.conversation_of, message_id)
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
-    return await _reply(c, conv, owner, branch[-2], params)
+    return await _reply(c, conv, owner, turn, params)
 
 
 async def _reply(
@@ -364,7 +370,7 @@ async def suggest(request: Request, body: SuggestBody) -> dict[str, Any]:
     # the trainers' rules, as on /v1: turns in order, nothing empty, ending with the user's turn to answer
     messages = check_messages_dicts([t.model_dump() for t in body.messages], end="user")
     params = SamplingParams(max_new_tokens=_max_tokens(c, body.max_tokens), temperature=body.temperature)
-    result = await Run(c.worker, messages, params).collect()
+    result = await Run(c.worker, messages, params).collect(request)
     return {
         "text": as_draft(result.texts[0]),
         "model_version": result.version,

@@ -381,6 +381,7 @@ class BatchWorker:
             self._rows.clear()
             return
         self.stats["steps"] += 1
+        self._busy_since = time.monotonic()  # progress: busy_seconds times the step (or prefill) in hand
         for row_id, token, logprob, done in zip(step.rows, step.tokens, step.logprobs, step.done, strict=True):
             row = self._rows.get(row_id)
             if row is None:

@@ -149,6 +149,8 @@ function messageNode({ message: m, siblings, index }, last) {
   } else if (m.role === "user") {
     content = chat.editing === m.id ? editBox(m) : fw.el("div", { class: "content" }, m.content);
     if (siblings.length > 1) meta.append(branchNav(siblings, index, "version"));
+    // A turn left unanswered (the answer failed, or the server stopped mid-answer) can be answered again.
+    if (last && !chat.busy) meta.append(fw.el("button", { class: "secondary answer-again", onclick: () => answerAgain(m) }, "Answer"));
     if (chat.editing !== m.id) {
       meta.append(fw.el("button", { class: "secondary edit", title: "edit and resend", "aria-label": "edit and resend",
         onclick: () => { if (!chat.busy) { chat.editing = m.id; render(); } } }, fw.icon(PENCIL)));
@@ -266,6 +268,7 @@ async function run(path, body) {
   fw.status("Generating…");
   let content = null;
   let text = "";
+  let failed = false;
   try {
     await fw.stream(path, body, ev => {
       if (ev.type === "system" || ev.type === "user") {
@@ -281,14 +284,19 @@ async function run(path, body) {
         show(ev.message);
         render();
         fw.status("");
-      } else if (ev.type === "error") fw.status(ev.message, true);
+      } else if (ev.type === "error") { failed = true; fw.status(ev.message, true); }
     }, chat.abort.signal);
   } catch (e) {
     if (e.name === "AbortError") await fetchStopped(before);
-    else fw.status(e.message, true);
+    else { failed = true; fw.status(e.message, true); }
   } finally {
     chat.abort = null;
     setBusy(false);
+  }
+  // A failed answer: show what is stored (its turn, unanswered, offers Answer; the streamed text was not kept).
+  if (failed && chat.conv !== null) {
+    chat.messages = (await fw.call("GET", `/api/conversations/${chat.conv}`).catch(() => ({ messages: chat.messages }))).messages;
+    render();
   }
   await loadConversations().catch(e => fw.status(e.message, true));
 }
@@ -339,6 +347,11 @@ async function regenerate(m) {
   if (chat.busy) return;
   const bubble = document.querySelector(`.msg[data-id="${m.id}"]`);
   if (bubble) bubble.remove();
+  await run(`/api/messages/${m.id}/regenerate`, sampling());
+}
+
+async function answerAgain(m) {
+  if (chat.busy) return;
   await run(`/api/messages/${m.id}/regenerate`, sampling());
 }
 
