@@ -168,6 +168,35 @@ def test_rm_dpo_and_ppo_take_chat_template_and_bad_template_files_are_one_line_e
     assert err.startswith(f"flywheel rm: {broken}:") and "not a Jinja template" in err and len(err.splitlines()) == 1
 
 
+def test_a_tokenizer_directory_gives_its_chat_template(qwen3_model, tmp_path, capsys):
+    """TRL's chat_template_path also takes a tokenizer's directory: its saved template (chat_template.jinja, or the
+    one in tokenizer_config.json, the default of named ones) is used."""
+    from flywheel.tokenization import read_chat_template
+
+    jinja_dir, config_dir, named_dir, empty_dir = (tmp_path / n for n in ("a", "b", "c", "d"))
+    for d in (jinja_dir, config_dir, named_dir, empty_dir):
+        d.mkdir()
+    (jinja_dir / "chat_template.jinja").write_text(QWEN3_TRAINING)
+    (config_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN3_TRAINING}))
+    named = [{"name": "tool_use", "template": "{{ 1 }}"}, {"name": "default", "template": QWEN3_TRAINING}]
+    (named_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    (empty_dir / "tokenizer_config.json").write_text("{}")
+    assert read_chat_template(jinja_dir) == read_chat_template(config_dir) == read_chat_template(named_dir)
+    assert read_chat_template(named_dir) == QWEN3_TRAINING
+    base, _ = qwen3_model
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": THINK[:3], "chosen": "<think>x</think>6", "rejected": "5"}) + "\n")
+    rm = ["rm", "--model", str(base), "--data", str(prefs), "--max-steps", "1", "--eval-split", "0"]
+    assert main([*rm, "--out", str(tmp_path / "rm"), "--chat_template_path", str(config_dir)]) == 0
+    assert load_tokenizer(str(tmp_path / "rm" / "final")).chat_template == QWEN3_TRAINING
+    capsys.readouterr()
+    assert main([*rm, "--out", str(tmp_path / "rm2"), "--chat-template", str(empty_dir)]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"flywheel rm: {empty_dir}: no chat template in this directory (no "
+        "chat_template.jinja, none in tokenizer_config.json)"
+    )
+
+
 # Mistral's older rule: roles must alternate user/assistant from the first message (a system message is refused).
 MISTRAL_STRICT = (
     "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"

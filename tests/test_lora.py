@@ -229,3 +229,32 @@ def test_gradient_checkpointing_computes_the_same_update(tmp_path, model_dir, ti
         runs.append(load_file(str(tmp_path / name / "final" / "model.safetensors")))
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_target_modules_as_trl_writes_them_as_flags_and_yaml(tmp_path, model_dir):
+    """TRL's `--lora_target_modules q_proj v_proj` (a list, in YAML too) and flywheel's comma form name the same
+    modules; a YAML list for a text setting is an error naming the field, never its repr taken as text."""
+    from flywheel.config import parse_config
+    from flywheel.errors import UserError
+    from flywheel.lora import lora_targets
+    from flywheel.train.sft import SFTConfig
+
+    assert lora_targets([]) == lora_targets(["all-linear"]) == lora_targets("all-linear") == "all-linear"
+    assert lora_targets(["q_proj", "v_proj"]) == lora_targets(["q_proj,v_proj"]) == ["q_proj", "v_proj"]
+    base = ["--model", str(model_dir), "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    flags = parse_config(SFTConfig, [*base, "--lora_target_modules", "q_proj", "v_proj"], "sft")
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("lora_target_modules:\n  - q_proj\n  - v_proj\n")
+    from_yaml = parse_config(SFTConfig, [*base, "--config", str(yaml_file)], "sft")
+    assert flags.lora_target_modules == from_yaml.lora_target_modules == ["q_proj", "v_proj"]
+    yaml_file.write_text("chat_template:\n  - a\n  - b\n")
+    with pytest.raises(UserError, match=r"config field 'chat_template' must be str, got \['a', 'b'\]"):
+        parse_config(SFTConfig, [*base, "--config", str(yaml_file)], "sft")
+    data = tmp_path / "demos.jsonl"
+    _demos(data, 8)
+    out = tmp_path / "sft"
+    argv = ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-steps", "1"]
+    argv += ["--batch-size", "8", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--save-adapter"]
+    assert main(argv) == 0
+    adapter = json.loads((out / "final_adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]

@@ -59,6 +59,15 @@ def test_report_targets():
         report_targets(["none", "wandb"])
 
 
+def test_report_to_all_is_every_installed_reporter(monkeypatch):
+    from flywheel.train import reporting
+
+    monkeypatch.setattr(reporting, "installed", lambda package: package == "tensorboard")
+    assert report_targets(["all"]) == ["tensorboard"] and report_targets(["wandb", "all"]) == ["wandb", "tensorboard"]
+    monkeypatch.setattr(reporting, "installed", lambda package: False)
+    assert report_targets(["all"]) == []
+
+
 def test_report_to_as_flag_list_trl_name_and_yaml_string(tmp_path):
     base = ["--model", "m", "--data", "d.jsonl", "--out", "o"]
     assert parse_config(SFTConfig, [*base, "--report-to", "none"], "sft").report_to == ["none"]

@@ -107,7 +107,7 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
             return value
         if scalar is int and isinstance(value, str):
             return int(value)
-        if scalar is str:
+        if scalar is str and not isinstance(value, list | dict):  # a YAML list is no name, not even as its repr
             return str(value)
         if is_list_field(scalar):
             (item_type,) = typing.get_args(scalar) or (None,)  # list[float] from a flag: its items are text

@@ -27,15 +27,23 @@ from flywheel.utils import log
 HEADS = ("score", "lm_head")  # never adapted: the LM head is tied to the embeddings, a scalar head is trained in full
 
 
-def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str) -> None:
+def lora_targets(target_modules: str | list[str]) -> str | list[str]:
+    """PEFT's `target_modules` of `--lora-target-modules`: names given as items, comma-separated or both (TRL's list
+    and flywheel's older comma form); none, or `all-linear`, is every linear layer (the heads are excluded)."""
+    items = [target_modules] if isinstance(target_modules, str) else target_modules
+    names = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    return "all-linear" if names in ([], ["all-linear"]) else names
+
+
+def apply_lora(
+    model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str | list[str]
+) -> None:
     """Inject LoRA adapters in place and freeze everything else (a `score` head stays trainable)."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise UserError("--lora-r needs peft: pip install 'flywheel[lora]'") from None
-    targets: str | list[str] = target_modules
-    if target_modules != "all-linear":
-        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    targets = lora_targets(target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, exclude_modules=list(HEADS)
     )
@@ -52,7 +60,7 @@ def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, 
         "LoRA r=%d alpha=%g on %s: %d of %d parameters trainable (%.2f%%)",
         r,
         alpha,
-        target_modules,
+        targets,
         trainable,
         total,
         100 * trainable / total,

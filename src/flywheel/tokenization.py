@@ -379,17 +379,21 @@ def _generation_config_file(source: str, revision: str | None) -> Path | None:
 
 
 def read_chat_template(path: str | Path) -> str:
-    """The text of a Jinja chat template file (or of a shipped one, by name: SHIPPED_TEMPLATES), its syntax checked."""
+    """The text of a Jinja chat template file (or of a shipped one, by name: SHIPPED_TEMPLATES; or the one a
+    tokenizer directory saves, as TRL's chat_template_path takes), its syntax checked."""
     from jinja2 import TemplateError
 
     p = Path(path)
     if not p.is_file() and str(path) in SHIPPED_TEMPLATES:
         p = SHIPPED_TEMPLATES[str(path)]
-    if not p.is_file():
+    if p.is_dir():
+        text, p = _saved_template(p)
+    elif p.is_file():
+        text = p.read_text(encoding="utf-8")
+    else:
         raise UserError(
             f"chat template file does not exist (shipped templates: {', '.join(SHIPPED_TEMPLATES)})", path=str(p)
         )
-    text = p.read_text(encoding="utf-8")
     if not text.strip():
         raise UserError("the chat template file is empty", path=str(p))
     try:  # transformers' own compiler (its extensions and tags); rendering errors are reported per conversation
@@ -402,6 +406,28 @@ def read_chat_template(path: str | Path) -> str:
         line = getattr(err, "lineno", None)
         raise UserError(f"not a Jinja template: {getattr(err, 'message', err)}", path=str(p), line=line) from None
     return text
+
+
+def _saved_template(directory: Path) -> tuple[str, Path]:
+    """(text, file) of the chat template a tokenizer directory saves: chat_template.jinja, as transformers writes it,
+    else the `chat_template` of its tokenizer_config.json (the default one of named templates)."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8"), directory / "chat_template.jinja"
+    config = directory / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    except (ValueError, AttributeError):
+        raise UserError("not a tokenizer config (a JSON object)", path=str(config)) from None
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if not isinstance(template, str):
+        raise UserError(
+            "no chat template in this directory (no chat_template.jinja, none in tokenizer_config.json)",
+            path=str(directory),
+        )
+    return template, config
 
 
 def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:

@@ -106,9 +106,12 @@ class TrainConfig(ModelOptions, DatasetOptions):
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = train every weight); needs the `lora` extra"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: updates scale by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"},
+    lora_target_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "modules that get adapters, by name (q_proj v_proj, or q_proj,v_proj; empty or all-linear: every "
+            "linear layer but the heads)"
+        },
     )
     report_to: list[str] = field(default_factory=list, metadata={"help": REPORT_TO_HELP})
     save_adapter: bool = field(

@@ -21,9 +21,10 @@ from flywheel.errors import UserError
 
 REPORTERS = ("tensorboard", "wandb")
 NONE = "none"
+ALL = "all"
 REPORT_TO_HELP = (
-    "where metrics go besides metrics.jsonl: tensorboard, wandb (several allowed), or none (default: tensorboard when "
-    "it is installed)"
+    "where metrics go besides metrics.jsonl: tensorboard, wandb (several allowed), all (each that is installed), or "
+    "none (default: tensorboard when it is installed)"
 )
 WANDB_ID_FILE = "wandb-run-id"  # the run's W&B id, so that --resume continues the same W&B run
 
@@ -34,6 +35,8 @@ def report_targets(report_to: list[str]) -> list[str] | None:
     names = [n.strip().lower() for item in report_to for n in str(item).split(",") if n.strip()]
     if not names:
         return None
+    if ALL in names:  # TRL's `--report_to all`: every integration that is installed
+        names = [n for n in names if n != ALL] + [n for n in REPORTERS if installed(_PACKAGES[n])]
     unknown = sorted(set(names) - {*REPORTERS, NONE})
     if unknown:
         raise UserError(f"--report-to: unknown {', '.join(unknown)} (choose from {', '.join(REPORTERS)}, or {NONE})")
