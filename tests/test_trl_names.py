@@ -50,7 +50,9 @@ def test_the_common_trl_flags_reach_their_fields():
     argv = "--model_name_or_path m --dataset_name d.jsonl --output_dir o --per_device_train_batch_size 4 "
     argv += "--learning_rate 5e-5 --num_train_epochs 3 --gradient_accumulation_steps 2 --max_length 128 --beta 0.2 "
     argv += "--logging_steps 5 --save_steps 50 --save_total_limit 1 --warmup_ratio 0.1 --max_steps 9 --bf16"
+    argv += " --loss_type ipo"
     cfg = parse_config(DPOConfig, argv.split(), "dpo")
+    assert cfg.loss == "ipo"
     assert (cfg.model, cfg.data, cfg.out, cfg.batch_size, cfg.lr, cfg.epochs) == ("m", "d.jsonl", "o", 4, 5e-5, 3.0)
     assert (cfg.grad_accum, cfg.max_length, cfg.beta, cfg.log_every, cfg.save_every) == (2, 128, 0.2, 5, 50)
     assert (cfg.keep_checkpoints, cfg.warmup_ratio, cfg.max_steps, cfg.bf16) == (1, 0.1, 9, True)

@@ -49,6 +49,7 @@ TRL_ALIASES: dict[str, str] = {
     "model_revision": "revision",
     "dataset_train_split": "dataset_split",
     "dataset_test_split": "eval_dataset_split",
+    "loss_type": "loss",  # dpo: sigmoid, ipo (TRL's GRPO loss_type is an aggregation: rl has no `loss`)
 }
 
 
