@@ -314,7 +314,7 @@ def main() -> None:
             flush=True,
         )
         rows = [(epochs, *measure(setup, root, epochs, args)) for epochs in args.epochs]
-        roof = matmul_roof(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        roof = matmul_roof(torch.bfloat16 if args.dtype == "bf16" else torch.float32, clock=CLOCKS[args.clock])
     unit = "s/step" if args.clock == "wall" else "CPU s/step"
     print(
         f"\n{date.today()}, torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "

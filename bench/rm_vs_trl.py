@@ -109,8 +109,8 @@ def trl_rows(groups: list[RankingGroup], *, seed: int | None = None) -> list[dic
     order = DataOrder(len(groups), seed).indices(0, len(groups)) if seed is not None else range(len(groups))
     return [
         {
-            "chosen_ids": groups[i].prompt_ids + groups[i].responses[w],
-            "rejected_ids": groups[i].prompt_ids + groups[i].responses[lo],
+            "chosen_ids": groups[i].prompt_ids + groups[i].scored(w),
+            "rejected_ids": groups[i].prompt_ids + groups[i].scored(lo),
         }
         for i in order
         for w, lo in groups[i].pairs

@@ -129,6 +129,15 @@ def test_dpo_starts_at_ln2_caches_reference_logps_and_learns(tmp_path, model_dir
     assert calls == [1, 1]
 
 
+def test_the_reference_pass_shows_its_progress(tmp_path, model_dir, prefs, capsys):
+    """The reference log-probs are the longest silent step on a large dataset: a bar counts its answers."""
+    args = ["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "dpo"), "--max-steps", "1"]
+    assert main([*args, "--eval-split", "0", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    n = sum(len(json.loads(line)["completions"]) for line in open(prefs))
+    assert "reference log-probs: 100%" in err and f"{n}/{n}" in err, err
+
+
 def test_dpo_bad_flags_are_user_errors(tmp_path, model_dir, prefs, capsys):
     assert main(["dpo", "--model", str(model_dir), "--data", prefs, "--out", str(tmp_path / "o"), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from flywheel import distributed
 from flywheel.data.batching import _has_plain_head, to_device
@@ -178,9 +179,17 @@ def dpo_batch_loss(model: Any, batch: dict[str, Any], cfg: DPOConfig) -> tuple[t
 
 @torch.no_grad()
 def compute_logps(
-    model: Any, groups: Sequence[RankingGroup], pad_id: int, *, share_prompt: bool, max_answers: int, bf16: bool
+    model: Any,
+    groups: Sequence[RankingGroup],
+    pad_id: int,
+    *,
+    share_prompt: bool,
+    max_answers: int,
+    bf16: bool,
+    bar: tqdm | None = None,
 ) -> list[list[float]]:
-    """Each group's answers' summed log-probs under `model` (eval mode, no grad), in the order of `groups`."""
+    """Each group's answers' summed log-probs under `model` (eval mode, no grad), in the order of `groups`; `bar`
+    counts the answers done."""
     was_training = model.training
     model.eval()
     mask_dtype = attention_mask_dtype(model, share_prompt)
@@ -191,6 +200,8 @@ def compute_logps(
         with autocast(bf16):
             logps = sequence_logps(model, batch).cpu()
         out += [t.tolist() for t in logps.split([g.k for g in chunk])]
+        if bar is not None:
+            bar.update(sum(g.k for g in chunk))
     model.train(was_training)
     return out
 
@@ -268,17 +279,20 @@ def reference_logps(
     ref.to(distributed.device())  # the pass runs where training will (the policy goes there anyway)
     n = sum(g.k for groups in splits.values() for g in groups)
     log.info("dpo: computing reference log-probs of %d answers (once)", n)
-    logps = {
-        name: compute_logps(
-            ref,
-            groups,
-            tokenizer.pad_token_id,
-            share_prompt=cfg.share_prompt,
-            max_answers=cfg.eval_batch_size,
-            bf16=cfg.bf16,
-        )
-        for name, groups in splits.items()
-    }
+    show = cfg.progress and distributed.is_main()
+    with tqdm(total=n, desc="reference log-probs", unit="answer", disable=not show, dynamic_ncols=True) as bar:
+        logps = {
+            name: compute_logps(
+                ref,
+                groups,
+                tokenizer.pad_token_id,
+                share_prompt=cfg.share_prompt,
+                max_answers=cfg.eval_batch_size,
+                bf16=cfg.bf16,
+                bar=bar,
+            )
+            for name, groups in splits.items()
+        }
     del ref
     if distributed.is_main():  # written beside it and renamed: a kill mid-write leaves the old file or none
         tmp = path.with_name(f".{path.name}.tmp")
