@@ -3,7 +3,7 @@
     nice -n 10 python bench/rm_vs_trl.py                      # K = 2 (TRL's format) and K = 4, fp32
     nice -n 10 python bench/rm_vs_trl.py --k 2 --dtype bf16 --threads 1 --clock cpu   # on a busy machine
 
-Model: a tiny Llama (h256 x 4 layers, vocab 4096) with a scalar head, one set of initial weights copied to both.
+Model: a tiny Llama (h256 x 4 layers; its tokenizer, asked for 4096 tokens, learns ~440 here) with a scalar head, one set of initial weights copied to both.
 Data: synthetic chat rankings rendered once by flywheel's chat template (a system prompt + a question of 12..40 words,
 or the question alone with --no-system; answers of 8..48 words); TRL gets the very same token ids as pre-tokenized
 `chosen_ids` / `rejected_ids` (prompt + answer).
