@@ -321,6 +321,46 @@ def test_mixed_formats_in_one_file(tmp_path):
     assert [r.k for r in read_preferences(path)] == [2, 3, 2]
 
 
+def test_json_that_python_cannot_take_is_a_bad_record_at_its_line(tmp_path):
+    """A lone surrogate escape (no character: tokenizers and databases refuse it), a 100,000-deep nesting and a
+    5,000-digit number are valid JSON that Python's reader or the tokenizer cannot take: each is one error at its
+    line (skipped with --skip-bad), never a traceback."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad_lines = [
+        '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "yo"}]}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"messages": ' + "9" * 5000 + "}",
+    ]
+    path = tmp_path / "d.jsonl"
+    for line, fragment in zip(
+        bad_lines, ["lone UTF-16 surrogate ('\\ud800')", "nested too deep", "digits"], strict=True
+    ):
+        path.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(UserError, match="^" + str(path) + ":2: ") as err:
+            read_conversations(path)
+        assert fragment in str(err.value), str(err.value)
+        assert len(read_conversations(path, skip_bad=True)) == 1
+    pair = '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "yo"}]}'
+    path.write_text(pair + "\n")
+    assert read_conversations(path)[0].messages[0].content == "\U0001f600"  # a surrogate pair is one character
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ('[{"text": "a"}] this is not json {', 1, "text after the array's ']' at column 17"),
+        ('[{"text": "a"},\n]', 2, "a comma before ']' at column 1"),
+        ('[{"text": "a\tb"}]', 1, "Invalid control character at column"),
+    ],
+)
+def test_a_json_array_file_is_strict_json(tmp_path, text, line, fragment):
+    path = tmp_path / "t.json"
+    path.write_text(text)  # the third holds a raw tab inside a string
+    with pytest.raises(UserError, match=f"^{path}:{line}: ") as err:
+        read_texts(path)
+    assert fragment in str(err.value) and "at at" not in str(err.value), str(err.value)
+
+
 def test_utf8_bom_is_ignored(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + json.dumps({"text": "héllo"}).encode() + b"\n")

@@ -164,6 +164,36 @@ def test_bad_record_is_one_line_with_file_and_line(tmp_path, model_dir, line, fr
     assert not (tmp_path / "o" / "final").exists()
 
 
+def test_a_refused_input_leaves_a_finished_runs_config_as_it_was(tmp_path, model_dir, capsys):
+    """config.yaml describes the run's final/: a rerun whose data, YAML or model is refused must not rewrite it."""
+    data = tmp_path / "demos.jsonl"
+    _demos(data, 8)
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(model_dir), "--out", str(out), "--max-steps", "1", "--batch-size", "4"]
+    assert main([*args, "--data", str(data)]) == 0
+    before = (out / "config.yaml").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "assistant", "content": "no question"}]}\n')
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    (notok / "config.json").write_text((model_dir / "config.json").read_text())
+    yaml_bytes = tmp_path / "latin1.yaml"
+    yaml_bytes.write_bytes(b"lr: 0.5  # caf\xe9\n")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("1: 2\n")
+    for extra, message in [
+        (["--data", str(bad), "--lr", "0.5"], f"{bad}:1:"),
+        (["--data", str(data), "--model", str(notok)], "holds no tokenizer"),
+        (["--data", str(data), "--config", str(yaml_bytes)], f"{yaml_bytes}: not valid UTF-8 (byte 15)"),
+        (["--data", str(data), "--config", str(keyed)], "a config file's fields are names, not 1"),
+    ]:
+        capsys.readouterr()
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert (out / "config.yaml").read_text() == before
+
+
 def test_missing_model_and_flags_are_one_line_errors(tmp_path):
     res = _cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -21,6 +21,7 @@ from flywheel.config import parse_config
 from flywheel.engine import ChatSession, Engine, SamplingParams
 from flywheel.errors import UserError
 from flywheel.models import HubOptions, check_dtype
+from flywheel.utils import read_text
 
 USER_PROMPT = "user> "
 MORE_PROMPT = "...> "
@@ -73,7 +74,7 @@ def load_few_shot(path: str) -> list[tuple[str, str]]:
     if not p.is_file():
         raise UserError("few-shot file does not exist", path=path)
     pairs = []
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:

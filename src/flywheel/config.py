@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from flywheel.errors import UserError
+from flywheel.utils import read_text
 
 T = TypeVar("T")
 
@@ -246,10 +247,12 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError("a directory, not a config file", path=str(p))
     if not p.is_file():
         raise UserError("config file does not exist", path=str(p))
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise UserError(
@@ -257,6 +260,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise UserError("a config file must hold a mapping of field: value", path=str(p))
+    keys = [k for k in data if not isinstance(k, str)]
+    if keys:
+        raise UserError(f"a config file's fields are names, not {keys[0]!r}", path=str(p))
     return data
 
 

@@ -253,7 +253,10 @@ def hub_error(err: Exception, path: str | None = None, revision: str | None = No
     """The first line of a loading error, and what to do when it is transformers' refusal to run a hub model's code.
     A `path` shaped like a hub id, asked for at no revision, that is no local directory either is said to be
     neither (a mistyped local path reads as a hub id: `runs/sft/fnal`)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if first.endswith(":"):  # a list follows ("... from one of:"): one line of it all
+        first = " ".join(lines)
     if "trust_remote_code" in str(err):
         return f"{first} (the model ships its own code: pass --trust-remote-code to run it)"
     if path is not None and not revision and is_hub_id(path) and not Path(path).expanduser().exists():

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from flywheel.config import config_from_dict, load_yaml, parse_config
 from flywheel.errors import UserError
-from flywheel.utils import atomic_write_text
+from flywheel.utils import atomic_write_text, read_text
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "FLYWHEEL_ADMIN_TOKEN"
@@ -92,7 +92,7 @@ class RoundConfig:
 
 
 def _rows(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+    return sum(1 for line in read_text(path).splitlines() if line.strip()) if path.is_file() else 0
 
 
 def _stage(cls: type, yaml_path: str, cfg: RoundConfig, **values: Any) -> Any:

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flywheel.errors import UserError
+from flywheel.utils import read_text
 
 PAD = "<|pad|>"
 EOS = "<|im_end|>"  # end of turn: the token the policy emits to stop
@@ -318,6 +319,8 @@ def train_tokenizer(
     )
 
 
+# What a directory holds when it holds a tokenizer (fast, or one transformers converts from a vocabulary file).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 CHAT_TEMPLATE_HELP = (
     "a Jinja chat template file that replaces the model's own (saved with the model it trains), or a shipped training "
     "template: qwen3-training, phi3-training, r1-distill-training (docs/chat-templates.md)"
@@ -341,6 +344,11 @@ def load_tokenizer(
     source = path if Path(path).is_dir() else resolve_model_path(path)
     if Path(path).is_dir() and not (Path(path) / "tokenizer_config.json").is_file():
         check_not_run_dir(Path(path), "tokenizer_config.json")
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(
+                f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): a model directory needs the "
+                "tokenizer it was trained with beside it"
+            )
     hub = {"revision": revision} if revision else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
@@ -389,7 +397,7 @@ def read_chat_template(path: str | Path) -> str:
     if p.is_dir():
         text, p = _saved_template(p)
     elif p.is_file():
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p)
     else:
         raise UserError(
             f"chat template file does not exist (shipped templates: {', '.join(SHIPPED_TEMPLATES)})", path=str(p)

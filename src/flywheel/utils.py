@@ -18,6 +18,17 @@ import torch
 log = logging.getLogger("flywheel")
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents (a leading BOM dropped); one that is not UTF-8 is a UserError naming the file
+    and the first bad byte."""
+    from flywheel.errors import UserError
+
+    try:
+        return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not valid UTF-8 (byte {err.start + 1})", path=str(path)) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never half of it."""
     path = Path(path)

@@ -507,21 +507,32 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
     def line_of(pos: int) -> int:
         return 1 + text.count("\n", 0, pos)
 
+    def bad(pos: int, what: str) -> tuple[int, RecordError]:
+        col = pos - text.rfind("\n", 0, pos)
+        return line_of(pos), RecordError(f"bad JSON: {what} at column {col}", reason="bad JSON")
+
     pos = blank(text.index("[") + 1)
     while not text.startswith("]", pos):
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            yield err.lineno, RecordError(f"bad JSON: {err.msg} at column {err.colno}", reason="bad JSON")
+            yield err.lineno, RecordError(f"bad JSON: {_json_message(err)} at column {err.colno}", reason="bad JSON")
             return
-        yield line_of(pos), obj
+        except (ValueError, RecursionError) as err:  # nested too deep, a number too long to read
+            yield bad(pos, _first_line(err) if isinstance(err, ValueError) else "nested too deep")
+            return
+        yield line_of(pos), _checked_text(obj)
         pos = blank(end)
         if text.startswith(",", pos):
             pos = blank(pos + 1)
+            if text.startswith("]", pos):
+                yield bad(pos, "a comma before ']'")
+                return
         elif not text.startswith("]", pos):
-            col = pos - text.rfind("\n", 0, pos)
-            yield line_of(pos), RecordError(f"bad JSON: expected ',' or ']' at column {col}", reason="bad JSON")
+            yield bad(pos, "expected ',' or ']'")
             return
+    if blank(pos + 1) < len(text):
+        yield bad(blank(pos + 1), "text after the array's ']'")
 
 
 def _at(name: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[str, int, Any]]:
@@ -552,12 +563,44 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
         elif text.strip():
             try:
                 # Without its line ending, so that an error at the end of the line points into it.
-                yield lineno, json.loads(text.rstrip("\r\n"))
+                yield lineno, _checked_text(json.loads(text.rstrip("\r\n")))
             except json.JSONDecodeError as err:
                 hint = ""
                 if lineno == 1 and text.strip() in ("[", "{"):
                     hint = " (this looks like a pretty-printed JSON file: JSON Lines needs one record per line)"
-                yield lineno, RecordError(f"bad JSON: {err.msg} at column {err.colno}{hint}", reason="bad JSON")
+                message = f"bad JSON: {_json_message(err)} at column {err.colno}{hint}"
+                yield lineno, RecordError(message, reason="bad JSON")
+            except ValueError as err:  # a number too long to read (Python's 4300-digit limit)
+                yield lineno, RecordError(f"bad JSON: {_first_line(err)}", reason="bad JSON")
+            except RecursionError:
+                yield lineno, RecordError("bad JSON: nested too deep", reason="bad JSON")
+
+
+def _json_message(err: json.JSONDecodeError) -> str:
+    """json's message without the " at" it ends some with ("Invalid control character at"): the column follows."""
+    return err.msg.removesuffix(" at")
+
+
+def _checked_text(obj: Any) -> Any:
+    """`obj`, or a RecordError when a string in it holds a lone UTF-16 surrogate (a JSON escape such as "\\ud800"
+    with no pair): no character, which no tokenizer or database takes."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return RecordError(
+                    f"a string holds a lone UTF-16 surrogate ({item[err.start]!r}): it is no character",
+                    reason="bad text",
+                )
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return obj
 
 
 def _text_rows(path: Path, *, documents: bool) -> Iterator[tuple[int, Any]]:

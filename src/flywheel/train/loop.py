@@ -427,7 +427,8 @@ def check_resumed_settings(cfg: Any, saved: Path) -> None:
 
 
 def prepare_run_dir(cfg: Any) -> Path:
-    """Join the process group (under torchrun), check the run dir, and save the config (rank 0)."""
+    """Join the process group (under torchrun) and check the run dir. Its config.yaml is written when training starts
+    (`save_run_config`), once the model and data have been read: a refused input leaves a finished run's alone."""
     distributed.init()
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -445,9 +446,14 @@ def prepare_run_dir(cfg: Any) -> Path:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
-        save_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
     return run_dir
+
+
+def save_run_config(cfg: Any, run_dir: Path) -> None:
+    """The run's config.yaml (rank 0): what its checkpoints and final/ were trained with."""
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -524,6 +530,7 @@ def train_loop(
     n_proc, rank = distributed.world(), distributed.rank()
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir)
     dev = distributed.device()
     if dev.type != "cpu":
         model.to(dev)

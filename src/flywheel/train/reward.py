@@ -82,6 +82,7 @@ from flywheel.train.loop import (
     prepare_model,
     prepare_run_dir,
     save_final,
+    save_run_config,
     train_loop,
 )
 from flywheel.utils import cpu_threads, log, seed_everything
@@ -923,6 +924,7 @@ def train_reward_ensemble(cfg: RewardConfig, starts: Sequence[str]) -> Path:
                 "rm: ensemble member %d of %d (seed %d) in %s", i + 1, cfg.rm_ensemble, members[i].seed, members[i].out
             )
             train_one_reward(members[i], data_seed=cfg.seed, desc=f"rm {i + 1}/{cfg.rm_ensemble}")
+    save_run_config(cfg, run_dir)  # each member has its own, written when it started
     finals, info = [], []
     for member in members:
         final = Path(member.out) / "final"

@@ -60,6 +60,7 @@ from flywheel.train.loop import (
     prepare_run_dir,
     save_checkpoint,
     save_final,
+    save_run_config,
 )
 from flywheel.train.ppo.advantages import AdaptiveKLController, explained_variance, masked_mean
 from flywheel.train.ppo.config import PPOConfig
@@ -461,6 +462,7 @@ def run_training(cfg: PPOConfig, trainer_cls: type[PPOTrainer], reward_fn: Rewar
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg)
     trainer = trainer_cls(cfg, reward_fn)
+    save_run_config(cfg, run_dir)  # the models and prompts have been read
     start = 0
     ckpts = checkpoint_dirs(run_dir) if cfg.resume else []
     if ckpts:
