@@ -118,9 +118,9 @@ def warn_if_slow_bf16(device_type: str = "cpu") -> None:
         )
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging() -> None:
     """CLI logging: our messages plain on stderr; transformers' per-load progress bars off (ours are enough)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
