@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -41,6 +41,7 @@ from flywheel.feedback.models import (
     ModelVersion,
     RankingLabel,
     Task,
+    TaskKind,
     User,
     Vote,
     utcnow,
@@ -585,7 +586,7 @@ class Store:
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
         """The oldest task of `kind` that still needs labels and that this user has not labeled."""
         table = RankingLabel if kind == "ranking" else Demonstration
-        if kind not in ("ranking", "roleplay"):
+        if kind not in get_args(TaskKind):
             raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
         with self.session() as s:
             given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
