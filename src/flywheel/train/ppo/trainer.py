@@ -387,12 +387,19 @@ class PPOTrainer:
                 **vstats,
             }.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * share
-        for module, opt in ((self.actor.module, self.opt_policy), (self.critic.module, self.opt_value)):
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        self._step_optimizers()
+        return out
+
+    def _step_optimizers(self) -> None:
+        """Clip each model's gradients to --max-grad-norm, step its optimizer, clear the gradients (critic: if any)."""
+        pairs = [(self.actor.module, self.opt_policy)]
+        if self.critic is not None:
+            pairs.append((self.critic.module, self.opt_value))
+        for module, opt in pairs:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return out
 
     def _policy_pass(self, _module: torch.nn.Module, args: tuple, ptx: dict[str, Any] | None) -> tuple:
         logprobs, entropy = self.actor.forward(*args)
