@@ -39,7 +39,6 @@ from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, 
 from flywheel.engine import Engine
 from flywheel.engine.engine import default_stop_ids
 from flywheel.errors import UserError
-from flywheel.lora import disable_adapters
 from flywheel.models import is_hub_id, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.ensemble import ensemble_members, single_model_error
@@ -65,9 +64,8 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
-from flywheel.train.ppo.packing import Packed
 from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_functions
-from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
+from flywheel.train.ppo.roles import Actor, AdapterOffReference, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
 from flywheel.train.reward import reward_offset
 from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
@@ -566,23 +564,6 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.cli import run_trainer
 
     return run_trainer("ppo", PPOConfig, train_ppo, argv, __doc__, "PPO policy")
-
-
-class AdapterOffReference(Reference):
-    """pi_ref for LoRA runs: the policy module itself with its adapters switched off, so no second copy is loaded.
-
-    It shares the actor's module, so it must not freeze it (Reference's constructor would): it sets its fields only."""
-
-    def __init__(self, module: torch.nn.Module, temperature: float):
-        self.module = module
-        self.temperature = temperature
-
-    @torch.no_grad()
-    def forward(
-        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
-    ) -> torch.Tensor:
-        with disable_adapters(self.module):
-            return super().forward(seq, attn, pos, prompt_len, packed)
 
 
 def _call(wrapped: distributed.Wrapped | None, module: torch.nn.Module, fn: Any, *args: Any) -> Any:
