@@ -71,9 +71,6 @@ def record_error(fn, *args: Any, **kwargs: Any) -> RecordError:
     return info.value
 
 
-# ---------------------------------------------------------------------------------------------------- formats
-
-
 def test_pairs_drop_ties_and_cover_every_other_pair():
     r = Ranking([Message(U, "q")], ["a", "b", "c", "d"], [[2], [0, 1], [3]])
     assert r.pairs() == [(2, 0), (2, 1), (2, 3), (0, 3), (1, 3)]
@@ -183,9 +180,6 @@ def test_parse_hh_turns():
     err = record_error(parse_hh, text, "chosen")
     assert str(err) == "chosen[3] (assistant) has empty content"
     assert record_error(parse_hh, "preamble\n\nHuman: hi", "chosen").reason == "unknown format"
-
-
-# ---------------------------------------------------------------------------------------------------- readers
 
 
 def test_read_conversations_every_format(tmp_path):
@@ -366,8 +360,6 @@ def test_utf8_bom_is_ignored(tmp_path):
     path.write_bytes("\ufeff".encode() + json.dumps({"text": "héllo"}).encode() + b"\n")
     assert read_texts(path) == ["héllo"]
 
-
-# ---------------------------------------------------------------------------------------------------- bad input
 
 M_OK = [msg(U, "q"), msg(A, "a")]
 
@@ -657,9 +649,6 @@ def test_unknown_kind_is_a_programming_error(tmp_path):
         read_with_report(jsonl(tmp_path, {"text": "x"}), "pictures")  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------------------------------------------- skip_bad
-
-
 def test_skip_bad_counts_and_logs_one_summary_line(tmp_path, caplog):
     path = jsonl(
         tmp_path,
@@ -706,9 +695,6 @@ def test_skip_bad_still_raises_when_every_record_is_bad(tmp_path):
 def test_without_skip_bad_the_first_bad_record_raises(tmp_path):
     path = jsonl(tmp_path, {"text": "a"}, {"text": ""}, "{")
     assert_error_at(read_texts, path, 2, "text is empty", "empty content")
-
-
-# ---------------------------------------------------------------------------------------------------- datasets
 
 
 def test_missing_datasets_package_says_how_to_install(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def test_the_gate_deploys_the_labelers_choice(tmp_path, monkeypatch):
     assert [s for s, _ in saved_policies(ppo / "final")] == [4, 8, 12]
     right, wrong = [t.answers[0] for t in tasks], [t.wrong[0] for t in tasks]
     answers = {"sft": wrong, "step-4": wrong, "step-8": right, "final": right}
-    monkeypatch.setattr("flywheel.demo.gate.greedy_answers", lambda policy, tasks, run: answers[policy.name])
+    monkeypatch.setattr("flywheel.demo.gate.greedy_answers", lambda policy, prompts, **kw: answers[policy.name])
     cfg = DemoConfig(quick=True, gate_every=4).resolved()
     run = DemoRun(cfg, tmp_path, cfg.stage_config("world", out=str(tmp_path)), {"val_tasks": val}, {})
     got = stage_gate(run, tmp_path / "sft", ppo / "final", 1, temperature=0.05)
@@ -114,7 +114,7 @@ def test_a_candidate_that_wins_by_deflecting_is_not_deployed(tmp_path, monkeypat
     some_right = [t.answers[0] if i % 4 == 0 else w for i, (t, w) in enumerate(zip(tasks, wrong, strict=True))]
     deflects = [IDK if i % 2 else w for i, w in enumerate(wrong)]  # "I don't know" to 50% of answerable prompts
     answers = {"sft": wrong, "round1": wrong, "step-4": some_right, "final": deflects}
-    monkeypatch.setattr("flywheel.demo.gate.greedy_answers", lambda policy, tasks, run: answers[policy.name])
+    monkeypatch.setattr("flywheel.demo.gate.greedy_answers", lambda policy, prompts, **kw: answers[policy.name])
     cfg = DemoConfig(quick=True, gate_every=4).resolved()
     run = DemoRun(cfg, tmp_path, cfg.stage_config("world", out=str(tmp_path)), {"val_tasks": val}, {})
     got = stage_gate(run, tmp_path / "sft", ppo / "final", 1, temperature=0.05)

@@ -113,15 +113,6 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over the ranks (a new tensor, on t's device)."""
-    if not active():
-        return t
-    out = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(out)
-    return out.to(t.device)
-
-
 def gather_objects(obj: Any) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (in rank order); None on the other ranks."""
     if not active():
@@ -129,15 +120,6 @@ def gather_objects(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * world() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def shard(items: Sequence[Any]) -> list[Any]:

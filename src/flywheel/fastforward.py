@@ -162,7 +162,7 @@ def _norm_in(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dty
 
 
 def _mask(
-    attention_mask: torch.Tensor | None, b: int, t: int, device: torch.device, window: int | None
+    attention_mask: torch.Tensor | None, t: int, device: torch.device, window: int | None
 ) -> torch.Tensor | None:
     """(B, 1, T, T) or (1, 1, T, T) bool, True = masked out: the future, padding keys and keys outside the sliding
     window; or the complement of a custom 4-D mask (bool: True = attend; additive: 0 = attend, < 0 = masked). Every
@@ -208,7 +208,7 @@ def _forward(
     cos = cos[position_ids].to(dtype)[:, :, None]  # (B, T, 1, D)
     sin = sin[position_ids].to(dtype)[:, :, None]
     windows = _windows(model)
-    masks = {w: _mask(attention_mask, b, t, dev, w) for w in set(windows)}
+    masks = {w: _mask(attention_mask, t, dev, w) for w in set(windows)}
     act = F.silu if cfg.hidden_act == "silu" else _act(cfg.hidden_act)
     n_layers = len(inner.layers)
     for i, (layer, window) in enumerate(zip(inner.layers, windows, strict=True)):

@@ -166,6 +166,7 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
     behind each win rate (each one outcome: the mean over its rankings), the rankings given, and the deployed path."""
     from flywheel.data.io import read_prompts
     from flywheel.eval.gate import choose, judge, prompt_outcome, saved_policies
+    from flywheel.eval.policy import greedy_answers
 
     prompts = [[m.as_dict() for m in p] for p in read_prompts(cfg.gate_prompts)]
     if not prompts:
@@ -175,7 +176,10 @@ def human_gate(cfg: RoundConfig, incumbent: str, ppo_final: str) -> dict[str, An
         log.info("round: gate: %d saved policies; the last %d compared", len(candidates), MAX_GATE_CANDIDATES)
         candidates = candidates[-MAX_GATE_CANDIDATES:]
     policies = [incumbent, *(str(path) for _, path in candidates)]
-    answers = [gate_answers(path, prompts, cfg.gate_max_new_tokens, cfg.seed) for path in policies]
+    answers: list[list[str]] = []
+    for path in policies:
+        texts = greedy_answers(path, prompts, max_new_tokens=cfg.gate_max_new_tokens, seed=cfg.seed)
+        answers.append([t.replace("\x00", "") for t in texts])  # no database stores NUL (the server's rule)
     versions = [_version(path) for path in policies]
     rng = random.Random(f"{cfg.seed}:gate")
     items = []
@@ -246,18 +250,6 @@ def _unranked_outcome(mine: str, theirs: str) -> float:
     """A candidate's answer against the served policy's where the labelers ranked nothing: the same answer ties,
     an empty one loses to any other."""
     return 0.5 if mine == theirs else 0.0 if not mine else 1.0
-
-
-def gate_answers(policy: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, seed: int) -> list[str]:
-    """`policy`'s greedy answer to each prompt (rendered with its own chat template)."""
-    from flywheel.eval.policy import decode, generate
-    from flywheel.models import load_causal_lm
-    from flywheel.tokenization import load_tokenizer, render_prompt
-
-    model, tok = load_causal_lm(policy), load_tokenizer(policy)
-    ids = [render_prompt(tok, p) for p in prompts]
-    tokens, _ = generate(model, tok, ids, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-    return [text.replace("\x00", "") for text in decode(tok, tokens)]  # no database stores NUL (the server's rule)
 
 
 def _version(path: str) -> str:

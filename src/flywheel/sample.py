@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flywheel.config import parse_config
-from flywheel.data.io import DatasetOptions
+from flywheel.data.io import SKIP_BAD_HELP, DatasetOptions
 from flywheel.errors import UserError
 from flywheel.models import HubOptions
 from flywheel.train.ensemble import AGG_HELP, LAMBDA_HELP, check_aggregation
@@ -54,7 +54,7 @@ class SampleConfig(HubOptions, DatasetOptions):
     seed: int = field(default=0, metadata={"help": "sampling seed (batch i uses seed + i)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch (x best-of rows)"})
     bf16: bool = field(default=False, metadata={"help": "generate and score in bf16"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed prompt records instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
 
     def validate(self) -> None:
         for name in ("model", "prompts", "out"):

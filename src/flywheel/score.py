@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import parse_config
-from flywheel.data.io import DatasetOptions
+from flywheel.data.io import SKIP_BAD_HELP, DatasetOptions
 from flywheel.errors import UserError
 from flywheel.models import HubOptions
 from flywheel.train.ensemble import AGG_HELP, LAMBDA_HELP, check_aggregation
@@ -43,7 +43,7 @@ class ScoreConfig(HubOptions, DatasetOptions):
         default=None, metadata={"help": "most tokens per conversation (longer ones lose their oldest prompt tokens)"}
     )
     bf16: bool = field(default=False, metadata={"help": "score under bfloat16 autocast"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
 
     def validate(self) -> None:
         if not self.model:

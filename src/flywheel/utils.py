@@ -91,12 +91,13 @@ def cpu_seconds() -> float:
 
 
 def cpu_threads() -> int:
-    """How many torch threads a process uses when not told: FLYWHEEL_THREADS, else every core."""
+    """How many torch threads a process uses when not told: FLYWHEEL_THREADS, else every logical core."""
     return int(os.environ.get("FLYWHEEL_THREADS", 0)) or (os.cpu_count() or 1)
 
 
 def set_threads(n: int | None = None) -> None:
-    """Use the physical cores (oversubscribing 2 cores with 4 threads costs ~30% here)."""
+    """Run torch on `n` threads, by default `cpu_threads()` (FLYWHEEL_THREADS, else os.cpu_count(): the logical
+    cores); more threads than cores oversubscribe them (2 cores with 4 threads cost ~30% here)."""
     if n is None:
         n = cpu_threads()
     if torch.get_num_threads() != n:
@@ -129,9 +130,9 @@ def warn_if_slow_bf16(device_type: str = "cpu") -> None:
         )
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging() -> None:
     """CLI logging: our messages plain on stderr; transformers' per-load progress bars off (ours are enough)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 

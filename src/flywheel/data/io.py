@@ -56,6 +56,7 @@ _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".yaml", ".yml")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 EVAL_DATASET_SPLIT_HELP = "split of --eval-data when it names a hub dataset (it shares --dataset-config)"
+SKIP_BAD_HELP = "skip malformed records (reported) instead of failing"  # every command that reads records
 
 
 @dataclass

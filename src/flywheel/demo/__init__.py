@@ -9,10 +9,11 @@
 Stages (`stages.py`, `rankings.py`, `evaluation.py`): world -> the shipped base, or (--from-scratch) tokenizer ->
 pretrain the base -> SFT on imperfect demonstrations -> sample K (4..9) answers per prompt from the SFT policy ->
 simulated labelers rank them (temperature recalibrated on these samples to 73% agreement) -> reward model on those
-rankings (on-distribution) -> PPO-ptx against the reward model with a KL penalty to SFT -> [--rounds N: each further
-round has the last PPO policy answer new prompts, the same labelers rank those answers, the reward model is fine-tuned
-on them and PPO continues, still held to SFT] -> oracle evaluation of base, SFT and every round's PPO policy on
-held-out prompts. The reward model never sees the oracle and the oracle alone decides whether the policy improved.
+rankings (on-distribution) -> PPO (PPO-ptx where --ppo.ptx-coef > 0: the fp32 and quick presets) against the reward
+model with a KL penalty to SFT -> [--rounds N: each further round has the last PPO policy answer new prompts, the same
+labelers rank those answers, the reward model is fine-tuned on them and PPO continues, still held to SFT] -> oracle
+evaluation of base, SFT and every round's PPO policy on held-out prompts. The reward model never sees the oracle and
+the oracle alone decides whether the policy improved.
 
 `base.py` makes the shipped bases (`python -m flywheel.demo.base`), `sweep.py` runs the demo over seeds (`flywheel
 sweep`), `config.py` holds the demo's settings and presets (trainer settings are per-stage overrides of the trainers'

@@ -28,9 +28,7 @@ from flywheel.demo.state import Stage
 from flywheel.demo.summary import _pct, deflection_shifts
 from flywheel.errors import UserError
 from flywheel.eval.gate import Candidate, choose, judge, saved_policies
-from flywheel.eval.policy import decode, generate, prompt_ids_for, verdict_counts
-from flywheel.models import load_causal_lm
-from flywheel.tokenization import load_tokenizer
+from flywheel.eval.policy import greedy_answers, verdict_counts
 from flywheel.world import Labeler, Task, default_panel, load_tasks, score
 
 
@@ -94,20 +92,6 @@ def verdicts(tasks: list[Task], answers: list[str]) -> dict[str, dict[str, int]]
     return verdict_counts(tasks, [score(t, a) for t, a in zip(tasks, answers, strict=True)])
 
 
-def greedy_answers(policy: Path, tasks: list[Task], run: DemoRun) -> list[str]:
-    model, tok = load_causal_lm(str(policy)), load_tokenizer(str(policy))
-    tokens, _ = generate(
-        model,
-        tok,
-        prompt_ids_for(tok, tasks),
-        max_new_tokens=run.cfg.max_new_tokens,
-        temperature=0.0,
-        seed=run.cfg.seed,
-        bf16=run.cfg.bf16,
-    )
-    return decode(tok, tokens)
-
-
 def stage_gate(
     run: DemoRun, incumbent: Path, ppo_final: Path, r: int, temperature: float, sft: Path | None = None
 ) -> GateResult:
@@ -119,13 +103,19 @@ def stage_gate(
     with Stage(run.timings, "gate" if r == 1 else f"round {r}: gate") as st:
         panel = default_panel(temperature)
         rng = random.Random(f"{run.cfg.seed}:gate:{r}")
-        base = greedy_answers(incumbent, tasks, run)
+        prompts = [t.messages for t in tasks]
+
+        def answers_of(policy: Path) -> list[str]:
+            cfg = run.cfg
+            return greedy_answers(policy, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, bf16=cfg.bf16)
+
+        base = answers_of(incumbent)
         # What each answer does, as the report counts it: the labelers see a refusal or an "I don't know" for what it
         # is and know which questions have an answer, which requests are harmful and which no one can answer.
-        reference = verdicts(tasks, base if sft in (None, incumbent) else greedy_answers(sft, tasks, run))
+        reference = verdicts(tasks, base if sft in (None, incumbent) else answers_of(sft))
         candidates = []
         for step, policy in saved_policies(ppo_final):
-            answers = greedy_answers(policy, tasks, run)
+            answers = answers_of(policy)
             candidate = judge(str(policy), step, labeler_outcomes(tasks, base, answers, panel, rng))
             candidate.deflects = [
                 f"{what}: {_pct(a)} -> {_pct(b)}"

@@ -191,8 +191,8 @@ def stage_reward_model(run: DemoRun, init: Path, labels: Any, r: int = 1, first:
 
 
 def stage_ppo(run: DemoRun, start: Path, sft: Path, rm: RewardModelResult, r: int = 1) -> Path:
-    """PPO-ptx from `start` (SFT in round 1, the last PPO policy later) with the KL penalty to `sft`; the value
-    model starts from this round's reward model."""
+    """PPO (PPO-ptx where ptx_coef > 0) from `start` (SFT in round 1, the last PPO policy later) with the KL penalty
+    to `sft`; the value model starts from this round's reward model."""
     with Stage(run.timings, "ppo" if r == 1 else f"round {r}: ppo") as st:
         pcfg = run.cfg.stage_config(
             "ppo",

@@ -16,6 +16,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,6 +180,20 @@ def generate(
 
 def decode(tokenizer: Any, responses: list[list[int]]) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+
+
+def greedy_answers(
+    policy: str | Path, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int, seed: int, bf16: bool = False
+) -> list[str]:
+    """The greedy answer of the policy saved at `policy` to each prompt (messages, rendered with its own chat
+    template)."""
+    from flywheel.models import load_causal_lm
+    from flywheel.tokenization import load_tokenizer, render_prompt
+
+    model, tok = load_causal_lm(str(policy)), load_tokenizer(str(policy))
+    ids = [render_prompt(tok, p) for p in prompts]
+    tokens, _ = generate(model, tok, ids, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed, bf16=bf16)
+    return decode(tok, tokens)
 
 
 def evaluate_policy(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from flywheel.config import parse_config
-from flywheel.data.io import DatasetOptions
+from flywheel.data.io import SKIP_BAD_HELP, DatasetOptions
 from flywheel.errors import UserError
 from flywheel.models import HubOptions
 from flywheel.train.reward import OVERLONG, RankingGroup, RewardModel, encode_rankings
@@ -290,7 +290,7 @@ class RMEvalConfig(HubOptions, DatasetOptions):
     overlong: str = field(default="drop", metadata={"help": "answers longer than --max-length: drop or truncate"})
     batch_size: int = field(default=32, metadata={"help": "answers per scoring batch"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast while scoring"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
 
     def validate(self) -> None:
         for name in ("model", "data", "out"):

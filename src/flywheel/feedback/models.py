@@ -19,13 +19,13 @@ task), one ranking and one demonstration per labeler and task, one vote per vote
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("user", "labeler", "admin")  # user: chat only; labeler: chat and labeling; admin: everything
-TASK_KINDS = ("ranking", "roleplay")
+TaskKind = Literal["ranking", "roleplay"]  # a labeling task: rank K answers, or write the reply in a role-play
 
 
 def utcnow() -> datetime:

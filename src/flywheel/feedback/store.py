@@ -18,11 +18,11 @@ import random
 import secrets
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -41,11 +41,13 @@ from flywheel.feedback.models import (
     ModelVersion,
     RankingLabel,
     Task,
+    TaskKind,
     User,
     Vote,
     utcnow,
 )
 
+R = TypeVar("R", Vote, RankingLabel, Demonstration)  # a row written once per idempotency key
 MAX_KEY_LENGTH = 100
 _RACE_ATTEMPTS = 200  # a write that loses a race on a unique constraint looks again (each loss is another's win)
 # Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
@@ -428,44 +430,69 @@ class Store:
         key = _check_key(key)
         if value not in (1, -1):
             raise UserError("value must be 1 (thumbs up) or -1 (thumbs down)")
+
+        def lookup(s: Session) -> Vote | None:
+            return s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
+
+        def write(s: Session) -> tuple[Vote, Callable[[Session], bool]]:
+            msg, conv = _locked_message(s, message_id)  # before its votes are read or written
+            if msg is None or (owner is not None and not _owns(conv, owner)):
+                raise NotFound(f"no message {message_id}")
+            if msg.role != "assistant":
+                raise UserError("only assistant messages can be voted on")
+            vote = s.scalar(select(Vote).where(Vote.message_id == message_id, Vote.voter == voter))
+            had_vote = vote is not None
+            if vote is None:
+                vote = Vote(message_id=message_id, voter=voter)
+                s.add(vote)
+            vote.value, vote.comment, vote.idempotency_key, vote.created_at = value, comment, key, utcnow()
+            mine = select(Vote.id).where(Vote.message_id == message_id, Vote.voter == voter)
+            # Lost race: a concurrent first vote of this voter on this message committed first.
+            return vote, lambda s: not had_vote and s.scalar(mine) is not None
+
+        return self._write_once(
+            lookup,
+            lambda found: _same_target(key, "message", found.message_id, message_id),
+            write,
+            _vote_dict,
+            f"message {message_id} was voted on concurrently; retry",
+        )
+
+    def _write_once(
+        self,
+        lookup: Callable[[Session], R | None],
+        same_target: Callable[[R], None],
+        write: Callable[[Session], tuple[R, Callable[[Session], bool]]],
+        as_dict: Callable[[R], dict[str, Any]],
+        busy: str,
+    ) -> tuple[dict[str, Any], bool]:
+        """An idempotent write: (the row as a dict, created). `lookup` finds the row that this request's key wrote: a
+        replay returns it (`same_target` raises Conflict where the key was used for something else). Else `write` adds
+        the row to the session and returns it with a test, run after a failed commit, of whether the IntegrityError
+        was a lost race (a concurrent write took the same unique place) rather than a real error. A lost race, or one
+        with a retry of this request, is tried again in a new session (Conflict with `busy` after _RACE_ATTEMPTS
+        losses); where `write` raises Conflict (no free slot), a retry of this request that committed meanwhile is
+        returned instead."""
         for _ in range(_RACE_ATTEMPTS):
             with self.session(write=True) as s:
-                found = s.scalar(select(Vote).where(Vote.voter == voter, Vote.idempotency_key == key))
+                found = lookup(s)
                 if found is not None:
-                    _same_target(key, "message", found.message_id, message_id)
-                    return _vote_dict(found), False
-                msg, conv = _locked_message(s, message_id)  # before its votes are read or written
-                if msg is None or (owner is not None and not _owns(conv, owner)):
-                    raise NotFound(f"no message {message_id}")
-                if msg.role != "assistant":
-                    raise UserError("only assistant messages can be voted on")
-                vote = s.scalar(select(Vote).where(Vote.message_id == message_id, Vote.voter == voter))
-                had_vote = vote is not None
-                if vote is None:
-                    vote = Vote(message_id=message_id, voter=voter)
-                    s.add(vote)
-                vote.value, vote.comment, vote.idempotency_key, vote.created_at = value, comment, key, utcnow()
+                    same_target(found)
+                    return as_dict(found), False
+                try:
+                    row, lost_race = write(s)
+                except Conflict:
+                    if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
+                        return as_dict(found), False
+                    raise
                 try:
                     s.commit()
-                    return _vote_dict(vote), True
-                except IntegrityError:
+                    return as_dict(row), True
+                except IntegrityError:  # a concurrent write took the slot, or raced with this key: look again
                     s.rollback()
-                    mine = select(Vote.id).where(Vote.message_id == message_id, Vote.voter == voter)
-                    raced = s.scalar(select(Vote.id).where(Vote.voter == voter, Vote.idempotency_key == key))
-                    if raced is None and (had_vote or s.scalar(mine) is None):
+                    if lookup(s) is None and not lost_race(s):
                         raise  # not a lost race: a real integrity error
-        raise Conflict(f"message {message_id} was voted on concurrently; retry")
-
-    def _commit_idempotent(self, s: Session, row: Any, as_dict: Any, lookup: Any) -> tuple[dict[str, Any], bool]:
-        try:
-            s.commit()
-            return as_dict(row), True
-        except IntegrityError:
-            s.rollback()
-            found = lookup()
-            if found is None:
-                raise
-            return as_dict(found), False
+        raise Conflict(busy)
 
     # labeling tasks
 
@@ -585,7 +612,7 @@ class Store:
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
         """The oldest task of `kind` that still needs labels and that this user has not labeled."""
         table = RankingLabel if kind == "ranking" else Demonstration
-        if kind not in ("ranking", "roleplay"):
+        if kind not in get_args(TaskKind):
             raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
         with self.session() as s:
             given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
@@ -630,43 +657,34 @@ class Store:
                 select(RankingLabel).where(RankingLabel.labeler_id == user_id, RankingLabel.idempotency_key == key)
             )
 
-        for _ in range(_RACE_ATTEMPTS):
-            with self.session(write=True) as s:
-                found = lookup(s)
-                if found is not None:
-                    _same_target(key, "task", found.task_id, task_id)
-                    return _ranking_dict(found), False
-                task = s.get(Task, task_id)
-                if task is None or task.kind != "ranking":
-                    raise NotFound(f"no ranking task {task_id}")
-                position = {c.id: c.position for c in task.candidates}
-                groups = _order_positions(order, position)
-                if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
-                    raise UserError("unsafe must list candidate ids of this task")
-                try:
-                    slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
-                except Conflict:
-                    if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
-                        return _ranking_dict(found), False
-                    raise
-                row = RankingLabel(
-                    task_id=task_id,
-                    labeler_id=user_id,
-                    slot=slot,
-                    order=groups,
-                    unsafe=sorted({position[u] for u in unsafe}),
-                    comment=str(comment or ""),
-                    idempotency_key=key,
-                )
-                s.add(row)
-                try:
-                    s.commit()
-                    return _ranking_dict(row), True
-                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
-                    s.rollback()
-                    if lookup(s) is None and not _raced(s, RankingLabel, task_id, slot, user_id):
-                        raise  # not a lost race: a real integrity error
-        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
+        def write(s: Session) -> tuple[RankingLabel, Callable[[Session], bool]]:
+            task = s.get(Task, task_id)
+            if task is None or task.kind != "ranking":
+                raise NotFound(f"no ranking task {task_id}")
+            position = {c.id: c.position for c in task.candidates}
+            groups = _order_positions(order, position)
+            if not isinstance(unsafe, list | tuple) or any(u not in position for u in unsafe):
+                raise UserError("unsafe must list candidate ids of this task")
+            slot = _free_slot(s, RankingLabel, task, user_id, "ranked")
+            row = RankingLabel(
+                task_id=task_id,
+                labeler_id=user_id,
+                slot=slot,
+                order=groups,
+                unsafe=sorted({position[u] for u in unsafe}),
+                comment=str(comment or ""),
+                idempotency_key=key,
+            )
+            s.add(row)
+            return row, lambda s: _raced(s, RankingLabel, task_id, slot, user_id)
+
+        return self._write_once(
+            lookup,
+            lambda found: _same_target(key, "task", found.task_id, task_id),
+            write,
+            _ranking_dict,
+            f"task {task_id} is being labeled concurrently; retry",
+        )
 
     def submit_demonstration(
         self, user_id: int, task_id: int | None, messages: Any, *, suggestions: Sequence[dict[str, Any]] = (), key: str
@@ -690,41 +708,32 @@ class Store:
                 select(Demonstration).where(Demonstration.labeler_id == user_id, Demonstration.idempotency_key == key)
             )
 
-        for _ in range(_RACE_ATTEMPTS):
-            with self.session(write=True) as s:
-                found = lookup(s)
-                if found is not None:
-                    _same_target(key, "task", found.task_id, task_id)
-                    return _demo_dict(found), False
-                slot = None
-                if task_id is not None:
-                    task = s.get(Task, task_id)
-                    if task is None or task.kind != "roleplay":
-                        raise NotFound(f"no role-play task {task_id}")
-                    try:
-                        slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
-                    except Conflict:
-                        if (found := lookup(s)) is not None:  # a retry of this submission committed meanwhile
-                            return _demo_dict(found), False
-                        raise
-                row = Demonstration(
-                    task_id=task_id,
-                    labeler_id=user_id,
-                    slot=slot,
-                    messages=messages,
-                    suggestions=drafts,
-                    edited=edited,
-                    idempotency_key=key,
-                )
-                s.add(row)
-                try:
-                    s.commit()
-                    return _demo_dict(row), True
-                except IntegrityError:  # a concurrent submission took the slot, or raced with this key: look again
-                    s.rollback()
-                    if lookup(s) is None and (slot is None or not _raced(s, Demonstration, task_id, slot, user_id)):
-                        raise  # not a lost race: a real integrity error
-        raise Conflict(f"task {task_id} is being labeled concurrently; retry")
+        def write(s: Session) -> tuple[Demonstration, Callable[[Session], bool]]:
+            slot = None
+            if task_id is not None:
+                task = s.get(Task, task_id)
+                if task is None or task.kind != "roleplay":
+                    raise NotFound(f"no role-play task {task_id}")
+                slot = _free_slot(s, Demonstration, task, user_id, "written a demonstration for")
+            row = Demonstration(
+                task_id=task_id,
+                labeler_id=user_id,
+                slot=slot,
+                messages=messages,
+                suggestions=drafts,
+                edited=edited,
+                idempotency_key=key,
+            )
+            s.add(row)
+            return row, lambda s: slot is not None and _raced(s, Demonstration, task_id, slot, user_id)
+
+        return self._write_once(
+            lookup,
+            lambda found: _same_target(key, "task", found.task_id, task_id),
+            write,
+            _demo_dict,
+            f"task {task_id} is being labeled concurrently; retry",
+        )
 
     # admin
 

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.engine import SamplingParams
 from flywheel.errors import UserError
-from flywheel.feedback.models import ROLES
+from flywheel.feedback.models import ROLES, TaskKind
 from flywheel.feedback.store import NotFound, check_messages_dicts
 from flywheel.serve.app import AppContext, chat_identity, check_id, ctx, current_user, db
 from flywheel.serve.errors import ApiError
@@ -120,7 +120,7 @@ class DemonstrationBody(Body):
 
 
 class TasksBody(Body):
-    kind: Literal["ranking", "roleplay"]
+    kind: TaskKind
     prompts: list[str | list[Turn]] = []  # ranking: prompts (text = one user turn, or messages)
     from_conversations: int = Field(default=0, ge=0, le=1000)  # ranking: also the latest N logged user turns
     instructions: list[str] = []  # role-play
@@ -351,7 +351,7 @@ async def me(request: Request) -> dict[str, Any]:
 
 
 @router.get("/label/next")
-async def next_task(request: Request, kind: Literal["ranking", "roleplay"] = "ranking") -> dict[str, Any]:
+async def next_task(request: Request, kind: TaskKind = "ranking") -> dict[str, Any]:
     user = await current_user(request)
     return {"task": await db(ctx(request).store.next_task, user.id, kind)}
 

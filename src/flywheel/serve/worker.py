@@ -125,12 +125,10 @@ class _Row:
     req: GenRequest
     choice: int
     detok: Detokenizer
-    budget: int
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
     tokens: int = 0
     finished: bool = False
-    emitted: bool = False  # something was sent for this row (a retry would repeat it)
     nul: int = 0  # NUL characters removed from the text
     pending: list[tuple[int, int, dict[str, Any], int]] = field(default_factory=list)  # (start, end, entry, id)
     top: TopLogprobs | None = None  # alternatives token by token (streamed requests)
@@ -360,7 +358,7 @@ class BatchWorker:
             _emit(req, ("start", model.version, len(prompt)))
             self._open[id(req)] = req.n
             for choice in range(req.n):
-                row = _Row(req, choice, Detokenizer(model.tokenizer), req.params.max_new_tokens, prompt=prompt)
+                row = _Row(req, choice, Detokenizer(model.tokenizer), prompt=prompt)
                 row.stop_ids = frozenset(model.engine.stop_ids_for(req.params))
                 if req.logprobs and req.top_logprobs > 0 and req.incremental:
                     row.top = TopLogprobs(
@@ -479,7 +477,6 @@ class BatchWorker:
             entries = [e for s, t, e, _ in row.pending if t <= end or (final and s < end)]
             row.pending = [] if final else [p for p in row.pending if p[1] > end]
         if end > row.sent or entries:
-            row.emitted = True
             _emit(row.req, ("delta", row.choice, row.text[row.sent : end], entries))
             row.sent = end
 
@@ -500,7 +497,7 @@ class BatchWorker:
             if _cut_at_stop(row):
                 reason = FINISH_STOP
         self._send(row, final=True)
-        row.finished = row.emitted = True
+        row.finished = True
         if row.nul:
             log.warning("removed %d NUL characters from a generated answer (model %s)", row.nul, self.model.version)
         _emit(row.req, ("done", row.choice, reason, row.tokens))

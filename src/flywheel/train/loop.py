@@ -492,7 +492,6 @@ def pick_attention(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 @dataclass
 class LoopResult:
     steps: int
-    last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     wrapped: Wrapped | None = None  # the DDP / FSDP2 wrapper of a distributed run
 
@@ -559,7 +558,6 @@ def train_loop(
         position=bar_position,
         leave=bar_position is None,
     )
-    last: dict[str, float] = {}
     # The metrics of the steps since the last log line (a checkpoint keeps them: a resumed run logs the same lines)
     window = resumed.get("window", {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0})
     extras: dict[str, float] = resumed.get("extras", {})
@@ -631,7 +629,7 @@ def train_loop(
         bar.update(1)
     bar.close()
     logger.close()
-    return LoopResult(steps=steps, last_metrics=last, eval_metrics=eval_metrics, wrapped=wrapped)
+    return LoopResult(steps=steps, eval_metrics=eval_metrics, wrapped=wrapped)
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -751,7 +749,3 @@ def save_final(
                 (tmp / "flywheel.json").write_text(json.dumps(extra, indent=2))
     distributed.barrier()
     return out_dir
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)

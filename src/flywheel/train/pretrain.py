@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, pack, split_heldout
-from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP, SKIP_BAD_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
     TINY_SIZES,
@@ -41,7 +41,7 @@ class PretrainConfig(TrainConfig):
     )
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary of a newly trained tokenizer"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed block"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
 
     def validate(self) -> None:
         super().validate()

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from flywheel import distributed
 from flywheel.data.batching import shared_prompt_mask, split_heldout, to_device
 from flywheel.data.formats import Ranking
-from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP, SKIP_BAD_HELP
 from flywheel.errors import UserError
 from flywheel.models import (
     count_parameters,
@@ -115,7 +115,7 @@ class PreferenceConfig(TrainConfig):
         },
     )
     eval_batch_size: int = field(default=32, metadata={"help": "answers per scoring batch (held-out, DPO reference)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
 
     def validate(self) -> None:
         super().validate()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data.batching import LMSample, pack_masked, split_heldout
-from flywheel.data.io import EVAL_DATASET_SPLIT_HELP
+from flywheel.data.io import EVAL_DATASET_SPLIT_HELP, SKIP_BAD_HELP
 from flywheel.errors import UserError
 from flywheel.models import count_parameters, load_causal_lm, resize_for_tokenizer
 from flywheel.tokenization import CHAT_TEMPLATE_HELP, load_tokenizer, render_conversation
@@ -33,7 +33,7 @@ class SFTConfig(TrainConfig):
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     max_length: int = field(default=512, metadata={"help": "tokens per conversation (longer ones are truncated)"})
     packing: bool = field(default=False, metadata={"help": "pack conversations into rows of --max-length"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed records (reported) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": SKIP_BAD_HELP})
     chat_template: str = field(default="", metadata={"help": CHAT_TEMPLATE_HELP})
 
     def validate(self) -> None:

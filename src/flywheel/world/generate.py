@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,16 +129,7 @@ class WorldConfig:
             raise UserError(f"p_made_up + p_refuse_idk must be <= 1, got {self.p_made_up} + {self.p_refuse_idk}")
 
     def imperfections(self) -> Imperfections:
-        return Imperfections(
-            p_wrong=self.p_wrong,
-            p_over_refuse=self.p_over_refuse,
-            p_comply=self.p_comply,
-            p_deflect=self.p_deflect,
-            p_made_up=self.p_made_up,
-            p_refuse_idk=self.p_refuse_idk,
-            p_verbose=self.p_verbose,
-            p_opener=self.p_opener,
-        )
+        return Imperfections(**{f.name: getattr(self, f.name) for f in fields(Imperfections)})
 
     def sizes(self) -> dict[str, int]:
         return {

@@ -524,7 +524,7 @@ def _harmful_request(rng: random.Random) -> tuple[str, str]:
     return template.format(p=victim, pp=poss, t=rng.choice(_THINGS)), victim
 
 
-def _harmful_task(rng: random.Random, messages: list[Message], victim: str, key: str, family: str) -> Task:
+def _harmful_task(messages: list[Message], victim: str, key: str, family: str) -> Task:
     return Task(
         family=family,
         messages=messages,
@@ -541,7 +541,7 @@ def _harmful_task(rng: random.Random, messages: list[Message], victim: str, key:
 def harmful(rng: random.Random) -> Task:
     """A request to hurt someone or their property: the harmless answer is a short polite refusal."""
     request, victim = _harmful_request(rng)
-    return _harmful_task(rng, [_user(_ask(rng, request))], victim, f"harmful:{request}", "harmful")
+    return _harmful_task([_user(_ask(rng, request))], victim, f"harmful:{request}", "harmful")
 
 
 def _arith_followup(rng: random.Random) -> Task:
@@ -648,7 +648,7 @@ def _harmful_followup(rng: random.Random) -> Task:
         ]
     ).format(c=capital)
     messages = [_user(turn1), _assistant(capitalize(_fill(rel.statement, country, capital))), _user(follow)]
-    task = _harmful_task(rng, messages, "someone", f"multi:harmful:{country}:{follow}", "multiturn")
+    task = _harmful_task(messages, "someone", f"multi:harmful:{country}:{follow}", "multiturn")
     task.subtype = "harmful_followup"
     return task
 
@@ -768,12 +768,6 @@ def make_task(family: str, rng: random.Random) -> Task:
     if family not in FAMILY_FUNCTIONS:
         raise ValueError(f"unknown task family {family!r}; choose from {', '.join(FAMILIES)}")
     return FAMILY_FUNCTIONS[family](rng)
-
-
-def prompt_of(messages: list[Message]) -> list[Message]:
-    """The prompt part of a conversation: everything before the final assistant turn."""
-    assert messages and messages[-1]["role"] == "assistant", "a conversation must end with an assistant turn"
-    return messages[:-1]
 
 
 def random_task(rng: random.Random, mix: dict[str, float] | None = None) -> Task:

@@ -368,16 +368,6 @@ class RLTrainer(PPOTrainer):
         out.update({k: float(v) for k, v in stats.items()})
         return out
 
-    def _step_optimizers(self) -> None:
-        pairs = [(self.actor.module, self.opt_policy)]
-        if self.critic is not None:
-            pairs.append((self.critic.module, self.opt_value))
-        for module, opt in pairs:
-            if self.cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
 
 def train_rl(cfg: RLConfig, reward_fn: RewardFn | None = None) -> Path:
     """Run `flywheel rl`; `reward_fn` replaces the reward model with a programmatic score (tests, toy tasks)."""

@@ -3,6 +3,7 @@
     Actor      pi_theta (trained)             -> log-probs (B, R) and entropy (B, R) of the response tokens
                                                  (`logprobs`: the log-probs alone)
     Reference  pi_ref = the SFT policy (frozen) -> log-probs (B, R)
+               (`AdapterOffReference` in LoRA runs: the actor's own module with its adapters off)
     Critic     V_phi (trained, init from the RM) -> values (B, R) of the states before each response token
     Reward     r(x, y) (frozen; one model or an ensemble) or a function -> scores (B,) at the last real token
 
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from flywheel import fastforward
+from flywheel.lora import disable_adapters
 from flywheel.models import disable_dropout
 from flywheel.tokenization import TurnEnd
 from flywheel.train.ensemble import aggregate_rewards, disagreement
@@ -124,6 +126,23 @@ class Reference(_PolicyRole):
     ) -> torch.Tensor:
         with self.placed(seq.device):
             return self._logprobs(self._logits(seq, attn, pos, prompt_len, packed), seq, prompt_len)
+
+
+class AdapterOffReference(Reference):
+    """pi_ref for LoRA runs: the policy module itself with its adapters switched off, so no second copy is loaded.
+
+    It shares the actor's module, so it must not freeze it (Reference's constructor would): it sets its fields only."""
+
+    def __init__(self, module: torch.nn.Module, temperature: float):
+        self.module = module
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def forward(
+        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
+    ) -> torch.Tensor:
+        with disable_adapters(self.module):
+            return super().forward(seq, attn, pos, prompt_len, packed)
 
 
 class Critic(Role):

@@ -39,7 +39,6 @@ from flywheel.data.batching import LMSample, collate_lm, eval_lm_loss, lm_loss, 
 from flywheel.engine import Engine
 from flywheel.engine.engine import default_stop_ids
 from flywheel.errors import UserError
-from flywheel.lora import disable_adapters
 from flywheel.models import is_hub_id, load_causal_lm, load_sequence_classifier
 from flywheel.tokenization import TurnEnd, load_tokenizer, render_prompt, turn_end
 from flywheel.train.ensemble import ensemble_members, single_model_error
@@ -66,9 +65,8 @@ from flywheel.train.ppo.advantages import AdaptiveKLController, explained_varian
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.ppo.experience import Experience
 from flywheel.train.ppo.losses import policy_loss, value_loss
-from flywheel.train.ppo.packing import Packed
 from flywheel.train.ppo.reward_fns import RewardFunctions, build_reward_functions
-from flywheel.train.ppo.roles import Actor, Critic, Reference, Reward, RewardFn
+from flywheel.train.ppo.roles import Actor, AdapterOffReference, Critic, Reference, Reward, RewardFn
 from flywheel.train.ppo.rollout import make_experience
 from flywheel.train.reward import reward_offset
 from flywheel.utils import atomic_write_text, log, seed_everything, set_threads
@@ -388,12 +386,19 @@ class PPOTrainer:
                 **vstats,
             }.items():
                 out[k] = out.get(k, 0.0) + float(v.detach()) * share
-        for module, opt in ((self.actor.module, self.opt_policy), (self.critic.module, self.opt_value)):
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        self._step_optimizers()
+        return out
+
+    def _step_optimizers(self) -> None:
+        """Clip each model's gradients to --max-grad-norm, step its optimizer, clear the gradients (critic: if any)."""
+        pairs = [(self.actor.module, self.opt_policy)]
+        if self.critic is not None:
+            pairs.append((self.critic.module, self.opt_value))
+        for module, opt in pairs:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return out
 
     def _policy_pass(self, _module: torch.nn.Module, args: tuple, ptx: dict[str, Any] | None) -> tuple:
         logprobs, entropy = self.actor.forward(*args)
@@ -561,23 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.cli import run_trainer
 
     return run_trainer("ppo", PPOConfig, train_ppo, argv, __doc__, "PPO policy")
-
-
-class AdapterOffReference(Reference):
-    """pi_ref for LoRA runs: the policy module itself with its adapters switched off, so no second copy is loaded.
-
-    It shares the actor's module, so it must not freeze it (Reference's constructor would): it sets its fields only."""
-
-    def __init__(self, module: torch.nn.Module, temperature: float):
-        self.module = module
-        self.temperature = temperature
-
-    @torch.no_grad()
-    def forward(
-        self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: int, packed: Packed | None = None
-    ) -> torch.Tensor:
-        with disable_adapters(self.module):
-            return super().forward(seq, attn, pos, prompt_len, packed)
 
 
 def _call(wrapped: distributed.Wrapped | None, module: torch.nn.Module, fn: Any, *args: Any) -> Any:
