@@ -74,6 +74,25 @@ def test_presets_fill_unset_fields_only(monkeypatch):
             parse_demo_config([flag, "0"]).resolved()
 
 
+def test_a_demo_config_file_s_stage_sections_are_checked_as_the_file_s(tmp_path):
+    """A stage's section of --config: TRL's names work as in a trainer's file; a bad one is named with the file,
+    also when a flag sets another field of the same stage."""
+    path = tmp_path / "demo.yaml"
+    path.write_text("rm: {learning_rate: 0.001, epochs: 2}\n")
+    cfg = parse_demo_config(["--config", str(path), "--rm.max-length", "64"])
+    rm = cfg.resolved().rm
+    assert (rm["lr"], rm["epochs"], rm["max_length"]) == (0.001, 2, 64)
+    for text, message in [
+        ("rm: 5\n", "rm: expected a mapping of RewardConfig fields, got 5"),
+        ("rm: {epochs: abc}\n", "config field 'epochs' must be float, got 'abc'"),
+        ("ppo: {kl_coeff: 0.1}\n", "PPOConfig has no field 'kl_coeff'"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=f"^{path}: ") as err:
+            parse_demo_config(["--config", str(path), "--rm.epochs", "2"]).resolved()
+        assert message in str(err.value)
+
+
 def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkeypatch):
     monkeypatch.setattr("flywheel.demo.config.bf16_is_fast", lambda: True)
 

@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypatch):
     from sqlalchemy import select
 
+    from flywheel.errors import UserError
     from flywheel.feedback.export import ExportConfig, export
     from flywheel.feedback.models import Message, ModelVersion
     from flywheel.feedback.store import Store
@@ -83,6 +84,15 @@ def test_round_trains_on_the_export_and_redeploys(tmp_path, model_dir, monkeypat
         ppo_yaml.write_text("rollout_batch_size: 4\nbatch_size: 4\nppo_epochs: 1\nmax_new_tokens: 6\n")
         monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", admin)
         monkeypatch.chdir(tmp_path)
+        bad_yaml = tmp_path / "bad-ppo.yaml"
+        bad_yaml.write_text("kl_coeff: 0.1\n")
+        with pytest.raises(UserError, match=f"{bad_yaml}: unknown field"):  # found before SFT and the RM train
+            run_round(
+                RoundConfig(
+                    export=str(tmp_path / "export"), policy=str(model_dir), out="bad", ppo_config=str(bad_yaml)
+                )
+            )
+        assert not (tmp_path / "bad").exists()
         report = run_round(
             RoundConfig(
                 export=str(tmp_path / "export"),

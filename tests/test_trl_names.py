@@ -72,7 +72,9 @@ def test_trl_names_in_yaml_and_flags_override_them(tmp_path):
     with pytest.raises(UserError, match="both 'model' and its TRL name 'model_name_or_path'"):
         parse_config(SFTConfig, ["--config", str(conf)], "sft")
     conf.write_text("model: m\ndata: d.jsonl\nout: o\nlearning_rat: 0.1\n")
-    with pytest.raises(UserError, match="unknown field.*learning_rat"):
+    with pytest.raises(
+        UserError, match=r"unknown field\(s\) learning_rat \(learning_rat: did you mean learning_rate\?"
+    ):
         parse_config(SFTConfig, ["--config", str(conf)], "sft")
 
 

@@ -79,9 +79,12 @@ def load_few_shot(path: str) -> list[tuple[str, str]]:
             continue
         try:
             record = json.loads(line)
-            pairs.append((str(record["user"]), str(record["assistant"])))
+            user, assistant = record["user"], record["assistant"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError('expected a JSON object with "user" and "assistant"', path=path, line=n) from None
+        if not (isinstance(user, str) and isinstance(assistant, str)):
+            raise UserError('"user" and "assistant" must be text', path=path, line=n)
+        pairs.append((user, assistant))
     return pairs
 
 

@@ -208,13 +208,23 @@ def resolve_aliases(values: dict[str, Any], names: set[str], source: str) -> dic
     return out
 
 
+def closest_fields(unknown: list[str], names: set[str]) -> str:
+    """The hint after unknown keys that are near misses of a field (or of its TRL name): ` (max_step: did you mean
+    max_steps?)`, else nothing."""
+    import difflib
+
+    known = sorted(names | {alias for alias, target in TRL_ALIASES.items() if target in names})
+    hints = [f"{u}: did you mean {m[0]}?" for u in unknown if (m := difflib.get_close_matches(str(u), known, n=1))]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values = resolve_aliases(values, names, source)
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        raise UserError(f"{source}: unknown field(s) {', '.join(unknown)}{closest_fields(unknown, names)}")
     kwargs = {k: coerce_value(k, v, hints[k]) for k, v in values.items()}
     try:
         cfg = cls(**kwargs)

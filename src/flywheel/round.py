@@ -113,28 +113,29 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
 
     data, out = Path(cfg.export), Path(cfg.out)
     report: dict[str, Any] = {"export": str(data.resolve()), "policy": cfg.policy, "stages": {}}
+    if not _rows(data / "rankings.jsonl"):
+        raise UserError("no rankings to train a reward model on", path=str(data / "rankings.jsonl"))
+    if not _rows(data / "prompts.jsonl"):
+        raise UserError("no prompts for PPO", path=str(data / "prompts.jsonl"))
+    # Every stage's config is built (its YAML file read and checked) before the first one trains: a mistake in
+    # --ppo-config is found now, not after SFT and the reward model.
+    sft = None
     policy = cfg.policy
     if _rows(data / "demos.jsonl"):
         extra = {"eval_data": str(data / "demos.eval.jsonl")} if _rows(data / "demos.eval.jsonl") else {}
         sft = _stage(
             SFTConfig, cfg.sft_config, cfg, model=policy, data=str(data / "demos.jsonl"), out=str(out / "sft"), **extra
         )
-        policy = str((train_sft(sft) / "final").resolve())
-        report["stages"]["sft"] = policy
+        policy = str((out / "sft" / "final").resolve())
     else:
         log.info("round: no demonstrations in %s: SFT skipped, PPO starts from %s", data, policy)
-    if not _rows(data / "rankings.jsonl"):
-        raise UserError("no rankings to train a reward model on", path=str(data / "rankings.jsonl"))
     extra = {"eval_data": str(data / "rankings.eval.jsonl")} if _rows(data / "rankings.eval.jsonl") else {}
     if _rows(data / "demos.jsonl"):
         extra["reference_data"] = str(data / "demos.jsonl")
     rm = _stage(
         RewardConfig, cfg.rm_config, cfg, model=policy, data=str(data / "rankings.jsonl"), out=str(out / "rm"), **extra
     )
-    reward_model = str((train_reward(rm) / "final").resolve())
-    report["stages"]["rm"] = reward_model
-    if not _rows(data / "prompts.jsonl"):
-        raise UserError("no prompts for PPO", path=str(data / "prompts.jsonl"))
+    reward_model = str((out / "rm" / "final").resolve())
     ppo = _stage(
         PPOConfig,
         cfg.ppo_config,
@@ -144,6 +145,9 @@ def run_round(cfg: RoundConfig) -> dict[str, Any]:
         prompts=str(data / "prompts.jsonl"),
         out=str(out / "ppo"),
     )
+    if sft is not None:
+        report["stages"]["sft"] = str((train_sft(sft) / "final").resolve())
+    report["stages"]["rm"] = str((train_reward(rm) / "final").resolve())
     final = str((train_ppo(ppo) / "final").resolve())
     report["stages"]["ppo"] = final
     report["final"] = final

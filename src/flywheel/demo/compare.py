@@ -115,12 +115,20 @@ def parse_compare_args(argv: list[str] | None) -> tuple[CompareSettings, DemoCon
         "--STAGE.FIELD ...",
         allow_abbrev=False,  # --seed must not pass for --seeds
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--seeds", default="0", help="seeds, as 0,1,2 or 100-104: each runs every stage and method")
-    parser.add_argument("--num-generations", type=int, default=4, help="K samples per prompt (group methods, n)")
-    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
-    parser.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO's passes over the labelers' rankings")
-    parser.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO's peak learning rate (PPO's default)")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)} (default: all)"
+    )
+    parser.add_argument(
+        "--seeds", default="0", help="seeds, as 0,1,2 or 100-104: each runs every stage and method (default: 0)"
+    )
+    parser.add_argument(
+        "--num-generations", type=int, default=4, help="K samples per prompt (group methods, n; default: 4)"
+    )
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (default: 0.1)")
+    parser.add_argument(
+        "--dpo-epochs", type=float, default=1.0, help="DPO's passes over the labelers' rankings (default: 1)"
+    )
+    parser.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO's peak learning rate (default: 2e-5)")
     parser.add_argument(
         "--reuse-from",
         default="",

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flywheel.config import build_parser, coerce_value, is_list_field, load_yaml
+from flywheel.config import build_parser, coerce_value, is_list_field, load_yaml, resolve_aliases
 from flywheel.errors import UserError
 from flywheel.models import TINY_SIZES, check_model_dir
 from flywheel.train.ppo.config import PPOConfig
@@ -501,6 +501,15 @@ def parse_demo_config(argv: list[str] | None, prog: str = "flywheel demo", descr
     config_file = args.pop("config", None)
     if config_file is not None:
         values.update(load_yaml(config_file))
+        for stage in STAGES.keys() & values.keys():  # a stage's section: checked here, so errors name the file
+            section = values[stage]
+            if isinstance(section, dict):
+                names = {f.name for f in fields(STAGES[stage])}
+                section = values[stage] = resolve_aliases(section, names, f"{config_file}: {stage}")
+            try:
+                check_overrides(stage, section)
+            except UserError as err:
+                raise UserError(err.message, path=config_file) from None
     for key, value in args.items():
         stage, dot, name = key.partition(".")
         if dot:
