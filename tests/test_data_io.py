@@ -355,6 +355,20 @@ def test_a_json_array_file_is_strict_json(tmp_path, text, line, fragment):
     assert fragment in str(err.value) and "at at" not in str(err.value), str(err.value)
 
 
+def test_a_compressed_file_or_a_folder_of_blank_files_says_so(tmp_path):
+    import gzip
+
+    packed = tmp_path / "d.jsonl"
+    packed.write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    with pytest.raises(UserError, match=f"^{packed}: a gzip-compressed file: decompress it first"):
+        read_texts(packed)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n")
+    with pytest.raises(UserError, match="its files are empty or hold only blank lines"):
+        read_texts(folder)
+
+
 def test_utf8_bom_is_ignored(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + json.dumps({"text": "héllo"}).encode() + b"\n")

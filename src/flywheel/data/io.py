@@ -224,7 +224,9 @@ def read_with_report(
             if report.first_error is None:
                 report.first_error = str(located)
     if report.total == 0:
-        what = "the directory is empty" if path.is_dir() else "the file is empty or holds only blank lines"
+        what = "the file is empty or holds only blank lines"
+        if path.is_dir():
+            what = "its files are empty or hold only blank lines" if any(path.iterdir()) else "the directory is empty"
         if is_hub_dataset_name(name):
             what = f"the split {hub_source(name, config, split)} is empty"
         raise UserError(f"no {kind} found: {what}", path=name)
@@ -548,6 +550,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str | RecordError]]:
     except OSError as err:
         raise UserError(f"cannot read: {err.strerror}", path=str(path)) from None
     with f:
+        if f.read(2) == b"\x1f\x8b":
+            raise UserError("a gzip-compressed file: decompress it first (gunzip)", path=str(path))
+        f.seek(0)
         for lineno, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8")
