@@ -599,7 +599,7 @@ def _checked_text(obj: Any) -> Any:
             except UnicodeEncodeError as err:
                 return RecordError(
                     f"a string holds a lone UTF-16 surrogate ({item[err.start]!r}): it is no character",
-                    reason="bad text",
+                    reason="bad encoding",
                 )
         elif isinstance(item, dict):
             stack.extend(item.keys())
