@@ -303,10 +303,23 @@ def test_a_stopped_answer_is_no_demonstration(site, tmp_path):
         assert (
             httpx.post(f"{site.url}/api/messages/{message['id']}/votes", json=vote, headers=headers).status_code == 200
         )
+    # SFT learns every assistant turn of a demonstration: an upvoted answer under a stopped one, or under one
+    # voted down, is none either.
+    under_stopped = site.store.add_message(conv, owner, stopped["id"], "user", "go on", None, None)
+    after_stopped = site.store.add_message(
+        conv, owner, under_stopped["id"], "assistant", "Fine.", "scripted-v1", "stop"
+    )
+    bad = site.store.add_message(conv, owner, answer["parent_id"], "assistant", "5, you fool.", "scripted-v1", "stop")
+    under_bad = site.store.add_message(conv, owner, bad["id"], "user", "Be nice.", None, None)
+    after_bad = site.store.add_message(conv, owner, under_bad["id"], "assistant", "Sorry, 4.", "scripted-v1", "stop")
+    for i, (message, value) in enumerate(((after_stopped, 1), (bad, -1), (after_bad, 1))):
+        vote = {"value": value, "idempotency_key": f"branch-{i}"}
+        r = httpx.post(f"{site.url}/api/messages/{message['id']}/votes", json=vote, headers=headers)
+        assert r.status_code == 200, r.text
     export(ExportConfig(db=site.store.url, out=str(tmp_path), include_upvoted=True))
     demos = [json.loads(line)["messages"] for line in (tmp_path / "demos.jsonl").read_text().splitlines()]
     assert [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer["content"]}] in demos
-    assert not any(m["content"] == "Half an ans" for d in demos for m in d)
+    assert not any(m["content"] in ("Half an ans", "5, you fool.") for d in demos for m in d), demos
 
 
 def test_an_empty_answer_is_stored_shown_and_talked_past(site, page):

@@ -199,7 +199,16 @@ def _upvoted(s: Any, store: Store) -> list[tuple[str, list[dict[str, str]], int]
     for vote in s.scalars(select(Vote).where(Vote.value == 1).order_by(Vote.id)):
         branch = store._branch(s, vote.message_id)
         messages = [{"role": m.role, "content": m.content} for m in branch]
-        if branch[-1].finish_reason == "cancelled":  # an answer its user stopped is unfinished: no demonstration
+        # SFT learns every assistant turn of it: each must be a whole answer (not stopped by its user, not cut at
+        # max tokens) that nobody voted down.
+        answers = [m for m in branch if m.role == "assistant"]
+        unfinished = [m.id for m in answers if m.finish_reason in ("cancelled", "length")]
+        downvoted = s.scalar(
+            select(Vote.message_id).where(Vote.message_id.in_([m.id for m in answers]), Vote.value == -1).limit(1)
+        )
+        if unfinished or downvoted is not None:
+            why = f"answer {unfinished[0]} is unfinished" if unfinished else f"answer {downvoted} was voted down"
+            log.info("export: the upvoted answer %d is no demonstration: %s", vote.message_id, why)
             continue
         try:  # the trainers' own validation (a model's empty answer is stored, but SFT cannot learn from it)
             check_messages_dicts(messages, end="assistant")
