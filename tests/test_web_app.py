@@ -242,3 +242,39 @@ def test_a_staff_token_does_not_change_who_the_chat_page_chats_as(site):
     page.wait_for_selector("#conversations li")
     assert page.inner_text("#conversations") == mine
     assert page.errors == []
+
+
+def test_a_draft_for_another_user_turn_is_no_suggestion_and_the_admin_forms_say_what_is_missing(site):
+    """Role-play: a draft asked for one user turn and kept after the turn changed is the labeler's text, not a model
+    suggestion for that turn. Admin: each task form has its own labelers-per-task, and an empty form is refused in
+    the form's words."""
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import Demonstration, Task
+
+    page = page_with_token(site, "/label", site.store.create_user("max", "labeler"))
+    page.click("#tab-roleplay")
+    page.fill("#rp-user", "What is the capital of France?")
+    page.click("#rp-suggest")
+    page.wait_for_selector("#status:has-text('Draft from')", timeout=30_000)
+    page.fill("#rp-user", "How tall is Everest?")
+    page.click("#rp-submit")
+    page.wait_for_selector("#status:has-text('saved')")
+    with site.store.session() as s:
+        demo = s.scalars(select(Demonstration).order_by(Demonstration.id.desc())).first()
+        assert demo.messages[0]["content"] == "How tall is Everest?" and demo.suggestions == []
+    admin = page_with_token(site, "/admin", site.admin)
+    admin.wait_for_selector("#queue tr")
+    admin.click("#create-roleplay")
+    assert "Write at least one instruction" in admin.inner_text("#status")
+    admin.fill("#instructions", "Ask about a mountain.")
+    admin.fill("#rp-labels-needed", "3")
+    admin.fill("#labels-needed", "")  # the ranking form's field: not the role-play form's
+    admin.click("#create-roleplay")
+    admin.wait_for_selector("#status:has-text('Created 1 role-play tasks')")
+    with site.store.session() as s:
+        task = s.scalars(select(Task).order_by(Task.id.desc())).first()
+        assert task.kind == "roleplay" and task.labels_needed == 3
+    admin.click("#create-ranking")
+    assert '"labelers per task" must be a whole number' in admin.inner_text("#status")
+    assert page.errors == [] and admin.errors == []

@@ -63,6 +63,8 @@ class Script:
             return LONG
         if "say nothing" in question:
             return ""
+        if "one long word" in question:
+            return "a" * 600
         return f"Answer {self.count} to: {question}"
 
 
@@ -458,6 +460,11 @@ def test_a_turn_whose_answer_failed_can_be_answered_again(site, page):
     page.click("#send")
     page.wait_for_selector(".msg.user >> nth=1 >> .answer-again", timeout=30_000)
     assert shown(page)[-1] == "fail once, please" and page.locator(".msg.assistant").count() == 1
+    page.fill("#input", "and then?")  # a next turn under an unanswered one: told what to do, the text kept
+    page.click("#send")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('press Answer')")
+    assert page.input_value("#input") == "and then?"
+    page.fill("#input", "")
     turn = int(page.get_attribute(".msg.user >> nth=1", "data-id"))
     page.click(".answer-again")
     page.wait_for_selector(".msg.assistant >> nth=1 >> .vote-up", timeout=30_000)
@@ -475,6 +482,57 @@ def test_a_turn_whose_answer_failed_can_be_answered_again(site, page):
     assert [m["parent_id"] for m in messages(site, conv) if m["role"] == "assistant"] == [user["id"]] * 2
     r = httpx.post(f"{site.url}/api/messages/{system['id']}/regenerate", json={}, headers=headers)
     assert r.status_code == 400 and "the user turn it answers" in r.json()["error"]["message"]
+
+
+def test_a_long_answer_never_widens_the_page(site, browser):
+    """An unbroken 600-character word, and a phone's width: the chat column keeps to the window, Send stays in it."""
+    for width in (1000, 390):
+        context = browser.new_context(viewport={"width": width, "height": 700})
+        page = context.new_page()
+        page.goto(site.url + "/")
+        ask(page, "one long word, please")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        box = page.locator("#send").bounding_box()
+        assert box["x"] + box["width"] <= width
+        context.close()
+
+
+def test_a_refused_turn_keeps_its_text_and_makes_no_empty_conversation(site, page):
+    """A setting the server refuses (max tokens over its limit): the text stays in the box, no "(untitled)" chat is
+    left behind; the settings dialog refuses a value that is no number instead of saving it as the default."""
+    settings = {"system": "", "temperature": None, "max_tokens": 5000}
+    page.evaluate("s => localStorage.setItem('flywheel.chat.settings', JSON.stringify(s))", settings)
+    page.reload()
+    page.fill("#input", "keep me, please")
+    page.click("#send")
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "max_tokens" in page.inner_text("#status") and page.input_value("#input") == "keep me, please"
+    page.wait_for_timeout(300)
+    assert page.locator("#conversations li").all_inner_texts().count("(untitled)") == 0
+    page.evaluate("localStorage.removeItem('flywheel.chat.settings')")
+    page.click("#open-settings")
+    page.type("#set-temperature", "1e")
+    page.click("#settings-save")
+    assert "Temperature is not a number" in page.inner_text("#settings-error")
+
+
+def test_changing_a_vote_marks_only_the_last_one_and_a_title_opens_from_the_keyboard(site, page):
+    first = ask(page, "first chat")
+    page.click(".vote-up")
+    page.wait_for_selector(".vote-up.voted")
+    page.click(".vote-down")
+    page.wait_for_selector(".vote-down.voted")
+    assert page.locator(".vote-up.voted").count() == 0
+    page.click("#new-chat")
+    ask(page, "second chat")
+    conv = site.store.conversation_of(first)
+    title = page.locator(f"#conversations li[data-id='{conv}'] .title")
+    title.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("t => document.querySelector('.msg .content')?.innerText.includes(t)", arg="first chat")
+    assert shown(page)[0] == "first chat"
+    page.click("#send")  # focus goes back to the box: typing continues there, not into Stop
+    assert page.evaluate("document.activeElement.id") == "input"
 
 
 # Sidebar

@@ -31,16 +31,36 @@ document.addEventListener("DOMContentLoaded", () => {
   fw.tokenBox();
   const lines = id => document.getElementById(id).value.split("\n").map(s => s.trim()).filter(Boolean);
   const num = id => Number(document.getElementById(id).value);
+  // A number field whose text is no number reads as empty: say so in the form's words, not the API's.
+  const numbers = (...pairs) => {
+    for (const [id, name] of pairs) {
+      const field = document.getElementById(id);
+      if (field.validity.badInput || field.value.trim() === "" || !field.checkValidity()) {
+        fw.status(`"${name}" must be a whole number from ${field.min} to ${field.max}.`, true);
+        return false;
+      }
+    }
+    return true;
+  };
   document.getElementById("create-ranking").addEventListener("click", () => {
+    if (!numbers(["k", "answers per prompt (K)"], ["labels-needed", "labelers per task"], ["from-conversations", "+ latest chat prompts"])) return;
+    if (!lines("prompts").length && !num("from-conversations")) {
+      fw.status("Write at least one prompt, or take some of the latest chat prompts.", true);
+      return;
+    }
     fw.status("Sampling answers…");
     act(() => fw.call("POST", "/api/admin/tasks", {
       kind: "ranking", prompts: lines("prompts"), k: num("k"), labels_needed: num("labels-needed"),
       from_conversations: num("from-conversations"),
     }), r => `Created ${r.created.length} ranking tasks (${r.skipped} skipped: too few distinct answers).`);
   });
-  document.getElementById("create-roleplay").addEventListener("click", () => act(() => fw.call("POST", "/api/admin/tasks", {
-    kind: "roleplay", instructions: lines("instructions"), labels_needed: num("labels-needed"),
-  }), r => `Created ${r.created.length} role-play tasks.`));
+  document.getElementById("create-roleplay").addEventListener("click", () => {
+    if (!numbers(["rp-labels-needed", "labelers per task"])) return;
+    if (!lines("instructions").length) { fw.status("Write at least one instruction.", true); return; }
+    act(() => fw.call("POST", "/api/admin/tasks", {
+      kind: "roleplay", instructions: lines("instructions"), labels_needed: num("rp-labels-needed"),
+    }), r => `Created ${r.created.length} role-play tasks.`);
+  });
   document.getElementById("model-switch").addEventListener("click", () => {
     fw.status("Loading the model…");
     act(() => fw.call("POST", "/api/admin/model", { path: document.getElementById("model-path").value.trim() }),

@@ -79,7 +79,8 @@ function voteBox(m) {
   const send = (value, button) => async () => {
     try {
       await fw.call("POST", `/api/messages/${m.id}/votes`, { value, comment: comment.value, idempotency_key: fw.uuid() });
-      button.classList.add("voted");
+      up.classList.toggle("voted", value > 0); // the server keeps one vote per voter: the last
+      down.classList.toggle("voted", value < 0);
       fw.status(value > 0 ? "Thanks: thumbs up recorded." : "Thanks: thumbs down recorded.");
     } catch (e) { fw.status(e.message, true); }
   };
@@ -176,6 +177,12 @@ function conversationItem(c) {
   const li = fw.el("li", { class: chat.conv === c.id ? "active" : "", "data-id": String(c.id) },
     fw.el("span", { class: "title" }, c.title || "(untitled)"), rename, remove);
   li.addEventListener("click", e => { if (e.target === li || e.target.classList.contains("title")) openConversation(c.id); });
+  const title = li.querySelector(".title");
+  title.tabIndex = 0; // reachable with Tab, opened with Enter or Space, as a click does
+  title.setAttribute("role", "button");
+  title.addEventListener("keydown", e => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openConversation(c.id); }
+  });
   rename.addEventListener("click", () => startRename(li, c));
   remove.addEventListener("click", () => deleteConversation(c));
   return li;
@@ -269,9 +276,11 @@ async function run(path, body) {
   let content = null;
   let text = "";
   let failed = false;
+  let stored = false;
   try {
     await fw.stream(path, body, ev => {
       if (ev.type === "system" || ev.type === "user") {
+        stored = true;
         chat.messages.push(ev.message);
         show(ev.message);
         if (ev.type === "user") { render(); content = streamingBubble(); }
@@ -279,6 +288,7 @@ async function run(path, body) {
         content = content || streamingBubble();
         text += ev.text;
         content.replaceChildren(md.render(text));
+        content.scrollIntoView({ block: "end" });
       } else if (ev.type === "done") {
         chat.messages.push(ev.message);
         show(ev.message);
@@ -298,7 +308,10 @@ async function run(path, body) {
     chat.messages = (await fw.call("GET", `/api/conversations/${chat.conv}`).catch(() => ({ messages: chat.messages }))).messages;
     render();
   }
+  const last = document.querySelector("#messages .msg:last-child");
+  if (last) last.scrollIntoView({ block: "end" });
   await loadConversations().catch(e => fw.status(e.message, true));
+  return stored;
 }
 
 async function fetchStopped(before) {
@@ -322,18 +335,33 @@ async function fetchStopped(before) {
 async function send() {
   if (chat.busy) { chat.abort.abort(); return; }
   const input = document.getElementById("input");
+  input.focus(); // typing goes on in the box, not to the Send button (which becomes Stop)
   const text = input.value.trim();
   if (!text) return;
-  try {
-    if (chat.conv === null) chat.conv = (await fw.call("POST", "/api/conversations", {})).id;
-  } catch (e) { fw.status(e.message, true); return; }
   const path = branch();
   const parent = path.length ? path[path.length - 1].message.id : null;
+  if (path.length && path[path.length - 1].message.role === "user") {
+    fw.status("The last turn has no answer yet: press Answer under it (or edit it) before writing the next one.", true);
+    return;
+  }
+  const created = chat.conv === null;
+  try {
+    if (created) chat.conv = (await fw.call("POST", "/api/conversations", {})).id;
+  } catch (e) { fw.status(e.message, true); return; }
   const body = { content: text, parent_id: parent, ...sampling() };
   const system = loadSettings().system.trim();
   if (parent === null && system) body.system = system; // a new conversation starts with the system prompt
   input.value = "";
-  await run(`/api/conversations/${chat.conv}/messages`, body);
+  const conv = chat.conv;
+  if (await run(`/api/conversations/${conv}/messages`, body)) return;
+  // Refused before it was stored (a setting out of range, a rate limit, ...): the text comes back to the box, and a
+  // conversation made for it alone goes.
+  if (!input.value) input.value = text;
+  if (created && chat.conv === conv && chat.messages.length === 0) {
+    await fw.call("DELETE", `/api/conversations/${conv}`).catch(() => {});
+    chat.conv = null;
+    await loadConversations().catch(() => {});
+  }
 }
 
 async function resend(m, text) {
@@ -366,6 +394,12 @@ function openSettings() {
 
 function saveSettings() {
   const error = document.getElementById("settings-error");
+  for (const [id, name] of [["set-temperature", "Temperature"], ["set-max-tokens", "Max tokens"]]) {
+    if (document.getElementById(id).validity.badInput) { // typed, but no number: the field reads as empty
+      error.textContent = `${name} is not a number: correct it, or clear it for the default.`;
+      return;
+    }
+  }
   const t = document.getElementById("set-temperature").value.trim();
   const n = document.getElementById("set-max-tokens").value.trim();
   const temperature = t === "" ? null : Number(t);

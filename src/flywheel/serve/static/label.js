@@ -45,7 +45,7 @@ async function submitRanking() {
     ranks.get(r).push(Number(s.dataset.candidate));
   }
   const order = [...ranks.keys()].sort((a, b) => a - b).map(r => ranks.get(r));
-  if (order.length < 2) { fw.status("All answers are tied: rank at least one above another, or skip.", true); return; }
+  if (order.length < 2) { fw.status("All answers are tied: rank at least one answer above another.", true); return; }
   const unsafe = [...document.querySelectorAll("#rank-candidates input.unsafe:checked")].map(x => Number(x.dataset.candidate));
   try {
     await fw.call("POST", "/api/label/rankings", {
@@ -71,7 +71,7 @@ async function suggest() {
   fw.status("Asking the model…");
   try {
     const data = await fw.call("POST", "/api/label/suggest", { messages: [...lab.rp.messages, { role: "user", content: user }] });
-    lab.rp.draft = { text: data.text, model_version: data.model_version };
+    lab.rp.draft = { text: data.text, model_version: data.model_version, user };
     document.getElementById("rp-assistant").value = data.text;
     fw.status("Draft from " + data.model_version + ": edit it as needed.");
   } catch (e) { fw.status(e.message, true); }
@@ -82,7 +82,10 @@ function addExchange() {
   const assistant = document.getElementById("rp-assistant").value.trim();
   if (!user || !assistant) { fw.status("Both turns are needed.", true); return false; }
   lab.rp.messages.push({ role: "user", content: user }, { role: "assistant", content: assistant });
-  if (lab.rp.draft) lab.rp.suggestions.push({ turn: lab.rp.messages.length - 1, text: lab.rp.draft.text, model_version: lab.rp.draft.model_version });
+  // The model's draft is a suggestion for this turn only if it answered this user turn (not one changed since).
+  if (lab.rp.draft && lab.rp.draft.user === user) {
+    lab.rp.suggestions.push({ turn: lab.rp.messages.length - 1, text: lab.rp.draft.text, model_version: lab.rp.draft.model_version });
+  }
   lab.rp.draft = null;
   document.getElementById("rp-user").value = "";
   document.getElementById("rp-assistant").value = "";
