@@ -3,10 +3,11 @@
     nice -n 10 python bench/rm_vs_trl.py                      # K = 2 (TRL's format) and K = 4, fp32
     nice -n 10 python bench/rm_vs_trl.py --k 2 --dtype bf16 --threads 1 --clock cpu   # on a busy machine
 
-Model: a tiny Llama (h256 x 4 layers; its tokenizer, asked for 4096 tokens, learns ~440 here) with a scalar head, one set of initial weights copied to both.
+Model: a tiny Llama (h256 x 4 layers; its tokenizer, asked for 4096 tokens, learns ~440 here) with a scalar head,
+one set of initial weights copied to both.
 Data: synthetic chat rankings rendered once by flywheel's chat template (a system prompt + a question of 12..40 words,
 or the question alone with --no-system; answers of 8..48 words); TRL gets the very same token ids as pre-tokenized
-`chosen_ids` / `rejected_ids` (prompt + answer).
+`chosen_ids` / `rejected_ids` (prompt + answer + what the template writes after it: the sequence flywheel scores).
 
 - K = 2: each step trains on --batch comparisons in both trainers. Before timing, both losses are computed on one
   identical batch with identical weights and must agree (they are the same Eq. 1 for K = 2).
