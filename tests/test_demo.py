@@ -99,7 +99,10 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     def command(argv):
         return demo_command(asdict(parse_demo_config(argv).resolved()))
 
-    assert command(["--seed", "3", "--out", "x", "--threads", "1"]) == "flywheel demo --seed 3"
+    assert command(["--seed", "3", "--out", "x", "--threads", "1"]) == "flywheel demo --seed 3 --threads 1"
+    assert command(["--seed", "3", "--bf16", "false"]) == "flywheel demo --preset fp32 --seed 3"  # what it picks
+    assert command(["--quick", "--seed", "5", "--bf16", "true"]) == "flywheel demo --quick --seed 5 --bf16 true"
+    assert command(["--seed", "3", "--bf16", "true"]) == "flywheel demo --seed 3"  # the default preset's own
     assert command(["--quick", "--gate-every", "5", "--ppo.max-steps", "15"]) == "flywheel demo --quick --seed 0"
     argv = ["--seed", "7", "--gate-every", "0", "--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]
     assert command(argv) == "flywheel demo --seed 7 --gate-every 0 --rm.rm-ensemble 1 --ppo.reward-ensemble-agg mean"
@@ -277,6 +280,11 @@ def test_targets_report_real_figures():
     target = {t.target: t for t in check_targets(flat)}[icl]
     assert not target.holds and target.value == "base 30.0% -> 45.0%, SFT 0.0% -> 50.0%"
     assert target.note.startswith("accuracy by shots (0, 1, 2, 4): base 30.0%, 40.0%, 40.0%, 45.0%; SFT 0.0%")
+    edge = _summary(0.8, 4.0, 2.05)  # exactly 3 points more over-refusal, counted: it holds
+    edge.policies["sft"].over_refusal, edge.policies["ppo"].over_refusal = 1 / 200, 7 / 200
+    assert {t.target: t for t in check_targets(edge)}[
+        "over-refusal on answerable prompts at most SFT's + 3 points"
+    ].holds
     table = result_table(_summary(0.8, 4.0, 2.05))
     assert "| oracle score (mean total) | 0.600 | 0.600 | 0.600 |" in table
     assert "80.0%" in table

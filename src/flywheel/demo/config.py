@@ -338,10 +338,8 @@ class DemoConfig:
                 values[k] = v
         if values["from_scratch"]:
             values["base"] = ""
-        if values["bf16"] is None:  # bf16 pays from hidden 256 up, where the CPU multiplies bf16 natively
-            shipped = SHIPPED_BASES.get(values["base"])  # a shipped base is of its own size, whatever --size says
-            hidden = TINY_SIZES.get(shipped.size if shipped else values["size"], {}).get("hidden_size", 0)
-            values["bf16"] = hidden >= 256 and bf16_is_fast()
+        if values["bf16"] is None:
+            values["bf16"] = _automatic_bf16(values)
         cfg = DemoConfig(**values)
         if cfg.gate_every and not cfg.stage_config("world", out=_PLACEHOLDER).n_val:
             raise UserError("--gate-every needs validation prompts: --world.n-val must be > 0")
@@ -405,8 +403,16 @@ class DemoConfig:
                 )
 
 
-# Settings that do not change what a run computes (or say where it goes): left out of its command line.
-_NOT_IN_COMMAND = ("out", "threads", "progress", "resume", "quick", "preset", "seed", "bf16", "from_scratch")
+def _automatic_bf16(values: dict[str, Any]) -> bool:
+    """bf16 where no preset or flag says: it pays from hidden 256 up, where the CPU multiplies bf16 natively."""
+    shipped = SHIPPED_BASES.get(values["base"])  # a shipped base is of its own size, whatever --size says
+    hidden = TINY_SIZES.get(shipped.size if shipped else values["size"], {}).get("hidden_size", 0)
+    return hidden >= 256 and bf16_is_fast()
+
+
+# Settings that do not change what a run computes (or say where it goes), or that the command writes otherwise: left
+# out of its command line as fields. (--threads does change it, in the last bits of every sum: it is written when set.)
+_NOT_IN_COMMAND = ("out", "progress", "resume", "quick", "preset", "seed", "bf16", "from_scratch")
 
 
 def demo_command(cfg: dict[str, Any], *, seed: bool = True) -> str:
@@ -425,6 +431,8 @@ def demo_command(cfg: dict[str, Any], *, seed: bool = True) -> str:
             ]
         elif f.name == "base" and value == "" and preset.get("base"):
             parts.append("--from-scratch")
+        elif f.name == "bf16" and value != preset.get("bf16", _automatic_bf16(cfg)):
+            parts.append(f"--bf16 {_flag_value(value)}")
         elif f.name not in _NOT_IN_COMMAND and value != preset.get(f.name, f.default):
             parts.append(f"--{f.name.replace('_', '-')} {_flag_value(value)}")
     if cfg["preset"] not in ("quick", "default"):

@@ -261,7 +261,7 @@ def _plot_rm(s: DemoSummary, ax: Any) -> None:
     ax.axhline(0.5, color="black", lw=0.8, ls=":")
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out pairwise accuracy / agreement")
-    ax.set_title("Reward model vs labelers (pairs the oracle does not tie)")
+    ax.set_title("Reward model vs labelers\n(held-out pairs the oracle does not tie)", fontsize=10)
 
 
 def _plot_fewshot(s: DemoSummary, ax: Any) -> None:

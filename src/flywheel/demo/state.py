@@ -110,7 +110,9 @@ class RunState:
     # 2: stage results name the run's files relative to the run directory. Files without "format" (written before)
     # name them as the run's working directory saw them; they are rewritten in format 2 when read.
     FORMAT = 2
-    VOLATILE = ("out", "resume", "progress", "threads")  # may differ between the run and its resume
+    # May differ between the run and its resume. Not --threads: the number of threads changes the last bits of every
+    # sum, and so, through PPO's sampling, a run's figures.
+    VOLATILE = ("out", "resume", "progress")
 
     def __init__(self, path: Path, config: dict[str, Any], stages: dict[str, Any], reused_from: str | None = None):
         self.path, self.config, self.stages = path, config, stages

@@ -384,12 +384,12 @@ def discard_run_dir(run_dir: Path) -> None:
 
 
 # Settings a resumed run may change: where and how it reports, not what it computes (the number of processes is
-# checked against the checkpoint's own record, which names the --nproc to resume with).
+# checked against the checkpoint's own record, which names the --nproc to resume with). Not --threads: the number of
+# threads changes the last bits of every sum, so a resume with another one would not continue the same run.
 RESUME_VOLATILE = frozenset(
     {
         "out",
         "resume",
-        "threads",
         "progress",
         "report_to",
         "log_every",
