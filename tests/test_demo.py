@@ -694,7 +694,7 @@ def test_resume_keeps_finished_stages_and_refuses_a_different_run(tmp_path):
         again.stage("ppo:1", {}, lambda: RewardModelResult(out / "sft", _rm()))
     assert "ppo:1" not in again.stages
 
-    with pytest.raises(UserError, match=r"settings differ .*seed 1 \(the run's: 0\)"):
+    with pytest.raises(UserError, match=r"settings differ .*--seed 1 \(the run's: 0\)"):
         RunState.open(out, DemoConfig(out=str(out), quick=True, resume=True, seed=1).resolved())
     # a stage's setting is named alone, not as its stage's whole mapping
     with pytest.raises(UserError, match=r"settings differ from the run in \S+: --ppo\.lr 0\.5 \(the run's: 2e-05\)$"):
@@ -893,7 +893,7 @@ def test_changed_settings_compares_settings_as_the_run_file_saved_them():
 
     saved = json.loads(json.dumps(asdict(Settings())))
     assert RunState.changed_settings(Settings(out="b"), saved) == []  # "out" is volatile
-    assert RunState.changed_settings(Settings(shots=(0, 4)), saved) == ["shots [0, 4] (the run's: [0, 1, 2])"]
+    assert RunState.changed_settings(Settings(shots=(0, 4)), saved) == ["--shots [0, 4] (the run's: [0, 1, 2])"]
 
 
 def test_labelers_agreement_is_reported_on_the_ranked_sets_and_on_the_policy_s_own_answers(tmp_path, monkeypatch):

@@ -51,6 +51,18 @@ _FIRST_STAGES = ("tokenizer", "pretrain", "sft")
 _ROUND_STAGES = ("rankings", "reward model", "ppo", "gate")
 
 
+_TITLES = {"rankings": "sample + rank"}  # a stage's key -> the name its log line gives it when it runs
+
+
+def stage_title(key: str) -> str:
+    """How the log names the stage of `key` when it runs: "rankings:2" is "round 2: sample + rank"."""
+    if not is_stage(key) or ":" not in key:
+        return key
+    name, _, r = key.rpartition(":")
+    title = _TITLES.get(name, name)
+    return title if r == "1" else f"round {r}: {title}"
+
+
 def is_stage(key: str) -> bool:
     """Whether `key` names a demo stage ("sft", "ppo:2", ...), not another command's ("method:grpo")."""
     name, _, r = key.rpartition(":")
@@ -136,7 +148,7 @@ class RunState:
                 out += [f"--{k}.{f.replace('_', '-')} {new.get(f)!r} (the run's: {old.get(f)!r})"
                         for f in keys if new.get(f) != old.get(f)]  # fmt: skip
             else:
-                out.append(f"{k} {new!r} (the run's: {old!r})")
+                out.append(f"--{k.replace('_', '-')} {new!r} (the run's: {old!r})")  # as the user writes it
         return out
 
     @classmethod
@@ -249,7 +261,7 @@ class RunState:
             entry = self.stages[key]
             timings.update(entry["timings"])
             self.kept.append(key)
-            log.info("== %s: kept from %s", key.removesuffix(":1"), self.reused_from or "the interrupted run")
+            log.info("== %s: kept from %s", stage_title(key), self.reused_from or "the interrupted run")
             try:  # decoding reads files of the run (the held-out rankings)
                 result = None if entry["result"] is None else _decode(entry["result"], result_type(key), self._at)
                 missing = [where for where in _paths(result) if not where.exists()]
