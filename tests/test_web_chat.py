@@ -523,9 +523,13 @@ def test_changing_a_vote_marks_only_the_last_one_and_a_title_opens_from_the_keyb
     page.click(".vote-down")
     page.wait_for_selector(".vote-down.voted")
     assert page.locator(".vote-up.voted").count() == 0
+    conv = site.store.conversation_of(first)
+    page.reload()  # the stored vote is shown again
+    page.click(f"#conversations li[data-id='{conv}'] .title")
+    page.wait_for_selector(".vote-down.voted")
+    assert page.locator(".vote-up.voted").count() == 0
     page.click("#new-chat")
     ask(page, "second chat")
-    conv = site.store.conversation_of(first)
     title = page.locator(f"#conversations li[data-id='{conv}'] .title")
     title.focus()
     page.keyboard.press("Enter")

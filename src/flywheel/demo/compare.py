@@ -40,7 +40,7 @@ from typing import Any
 from flywheel.demo.config import DemoConfig, parse_demo_config
 from flywheel.demo.pipeline import first_round_data
 from flywheel.demo.rankings import Rankings
-from flywheel.demo.stages import DemoRun, RewardModelResult, stage_ppo, start_run
+from flywheel.demo.stages import DemoRun, RewardModelResult, read_metrics, stage_ppo, start_run
 from flywheel.demo.state import RunState, Stage
 from flywheel.demo.sweep import parse_seeds, reuse_source
 from flywheel.errors import UserError
@@ -224,7 +224,7 @@ def train_rl(
     from flywheel.train.ppo.rl import RLConfig, unused_settings
     from flywheel.train.ppo.rl import train_rl as rl
 
-    with Stage(run.timings, f"method {method}"):
+    with Stage(run.timings, f"method {method}") as st:
         ppo = run.cfg.stage_config(
             "ppo",
             out=str(run.out / method),
@@ -243,14 +243,18 @@ def train_rl(
         for name in unused_settings(cfg):  # the preset's critic settings, which this estimator has no use for
             setattr(cfg, name, getattr(RLConfig, name))
         cfg.validate()
-        return rl(cfg) / "final"
+        done = rl(cfg)
+        steps = [x for x in read_metrics(done / "metrics.jsonl") if "score" in x]
+        st.done("%d steps: RM score %.2f -> %.2f, KL %.2f nats", len(steps), steps[0]["score"], steps[-1]["score"],
+                steps[-1]["kl"])  # fmt: skip
+        return done / "final"
 
 
 def train_dpo(run: DemoRun, settings: CompareSettings, sft: Path, rm: RewardModelResult, labels: Rankings) -> Path:
     from flywheel.train.dpo import DPOConfig
     from flywheel.train.dpo import train_dpo as dpo
 
-    with Stage(run.timings, "method dpo"):
+    with Stage(run.timings, "method dpo") as st:
         c = run.cfg
         cfg = DPOConfig(
             out=str(run.out / "dpo"),
@@ -266,7 +270,12 @@ def train_dpo(run: DemoRun, settings: CompareSettings, sft: Path, rm: RewardMode
             progress=c.progress,
         )
         cfg.validate()
-        return dpo(cfg) / "final"
+        done = dpo(cfg)
+        rows = read_metrics(done / "metrics.jsonl")
+        losses, held = [x["loss"] for x in rows if "loss" in x], [x for x in rows if "eval_rewards/accuracy" in x]
+        st.done("loss %.3f -> %.3f; held-out pairs ordered right %.1f%%", losses[0], losses[-1],
+                100 * held[-1]["eval_rewards/accuracy"] if held else float("nan"))  # fmt: skip
+        return done / "final"
 
 
 def train_expert_iteration(
@@ -275,7 +284,7 @@ def train_expert_iteration(
     from flywheel.sample import SampleConfig, sample_best_of
     from flywheel.train.sft import train_sft
 
-    with Stage(run.timings, "method expert-iteration"):
+    with Stage(run.timings, "method expert-iteration") as st:
         c = run.cfg
         where = run.out / "expert-iteration"
         best = sample_best_of(
@@ -297,7 +306,10 @@ def train_expert_iteration(
         ]  # an empty answer (the end-of-turn token first) teaches nothing
         atomic_write_text(data, "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in kept))
         scfg = c.stage_config("sft", out=str(where / "sft"), model=str(sft), data=str(data), epochs=1.0)
-        return train_sft(scfg) / "final"
+        done = train_sft(scfg)
+        st.done("SFT on the best of %d answers to %d prompts (%d empty left out)", settings.num_generations,
+                len(kept), len(best) - len(kept))  # fmt: skip
+        return done / "final"
 
 
 TRAINERS: dict[str, Any] = {

@@ -240,7 +240,13 @@ class Store:
             out = {"id": conv.id, "title": conv.title, "source": conv.source}
             if any_owner:
                 out["owner"] = conv.owner
-            return out | {"messages": [_message_dict(m) for m in conv.messages]}
+                return out | {"messages": [_message_dict(m) for m in conv.messages]}
+            # The owner's own vote on each answer (+1, -1; None: none), so a page shows it again after a reload.
+            mine = select(Vote.message_id, Vote.value).where(
+                Vote.voter == owner, Vote.message_id.in_([m.id for m in conv.messages])
+            )
+            votes = dict(s.execute(mine).tuples().all())
+            return out | {"messages": [_message_dict(m) | {"vote": votes.get(m.id)} for m in conv.messages]}
 
     def _owned(self, s: Session, conv_id: int, owner: str, *, lock: bool = False) -> Conversation:
         """`owner`'s conversation; someone else's is "not found", exactly like a missing one: ids cannot be probed.

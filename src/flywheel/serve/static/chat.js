@@ -79,7 +79,8 @@ function voteBox(m) {
   const send = (value, button) => async () => {
     try {
       await fw.call("POST", `/api/messages/${m.id}/votes`, { value, comment: comment.value, idempotency_key: fw.uuid() });
-      up.classList.toggle("voted", value > 0); // the server keeps one vote per voter: the last
+      m.vote = value; // the server keeps one vote per voter: the last
+      up.classList.toggle("voted", value > 0);
       down.classList.toggle("voted", value < 0);
       fw.status(value > 0 ? "Thanks: thumbs up recorded." : "Thanks: thumbs down recorded.");
     } catch (e) { fw.status(e.message, true); }
@@ -88,6 +89,8 @@ function voteBox(m) {
   const down = fw.el("button", { class: "secondary vote-down", title: "bad answer", "aria-label": "bad answer" }, fw.icon(THUMB_DOWN));
   up.addEventListener("click", send(1, up));
   down.addEventListener("click", send(-1, down));
+  up.classList.toggle("voted", m.vote === 1); // the stored vote, shown again after a reload
+  down.classList.toggle("voted", m.vote === -1);
   return [up, down, comment];
 }
 
