@@ -245,7 +245,7 @@ class Store:
             mine = select(Vote.message_id, Vote.value).where(
                 Vote.voter == owner, Vote.message_id.in_([m.id for m in conv.messages])
             )
-            votes = dict(s.execute(mine).tuples().all())
+            votes = {message_id: value for message_id, value in s.execute(mine)}
             return out | {"messages": [_message_dict(m) | {"vote": votes.get(m.id)} for m in conv.messages]}
 
     def _owned(self, s: Session, conv_id: int, owner: str, *, lock: bool = False) -> Conversation:
