@@ -37,6 +37,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from flywheel.demo.config import DemoConfig, parse_demo_config
 from flywheel.demo.pipeline import first_round_data
 from flywheel.demo.rankings import Rankings
@@ -361,9 +363,10 @@ def evaluate_methods(
     sft_model = load_causal_lm(str(sft))
     judge = partial(evaluate_policy, tokenizer=tok, tasks=tasks, max_new_tokens=c.max_new_tokens,
                     temperature=c.eval_temperature, seed=c.seed, bf16=c.bf16)  # fmt: skip
+    log.info("== evaluate: SFT and %s on %d held-out prompts", ", ".join(settings.methods), len(tasks))
     base = judge(sft_model, name="sft")
     results = [result("sft", c.seed, base, base, 0.0, timings.get("sft", 0.0))]
-    for method in settings.methods:
+    for method in tqdm(settings.methods, desc="evaluate", disable=not c.progress, dynamic_ncols=True):
         if method == "best-of-n":
             t0 = time.perf_counter()
             k = settings.num_generations
