@@ -327,7 +327,9 @@ def test_json_that_python_cannot_take_is_a_bad_record_at_its_line(tmp_path):
     ]
     path = tmp_path / "d.jsonl"
     for line, fragment in zip(
-        bad_lines, ["lone UTF-16 surrogate ('\\ud800')", "nested too deep", "digits"], strict=True
+        bad_lines,
+        ["messages.0.content contains a lone surrogate (U+D800) at position 0", "nested too deep", "digits"],
+        strict=True,
     ):
         path.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(UserError, match="^" + str(path) + ":2: ") as err:

@@ -15,7 +15,7 @@ readers in `flywheel.data.io` count when they skip bad records. This module impo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,38 @@ def type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Why `text` is no valid Unicode (a lone UTF-16 surrogate, which a JSON escape such as "\\ud800" writes), or
+    None: no tokenizer or database takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"contains a lone surrogate (U+{ord(text[err.start]):04X}) at position {err.start}: not valid Unicode"
+    return None
+
+
+def find_bad_string(value: Any, why: Callable[[str], str | None]) -> tuple[str, str] | None:
+    """The first string (key or value) of a parsed JSON document that `why` finds wrong -> (where, why), `where` a
+    dotted path (`messages.1.content`; "body" for the document itself); None if there is none."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            reason = why(item)
+            if reason is not None:
+                return where or "body", reason
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                path = f"{where}.{key}" if where else str(key)
+                reason = why(key)
+                if reason is not None:
+                    return f"{path} (a key)", reason
+                stack.append((path, sub))
+        elif isinstance(item, list):
+            stack.extend((f"{where}.{i}" if where else str(i), sub) for i, sub in reversed(list(enumerate(item))))
+    return None
 
 
 def show(value: Any, limit: int = 40) -> str:

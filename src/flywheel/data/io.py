@@ -36,11 +36,14 @@ from flywheel.data.formats import (
     Ranking,
     RecordError,
     check_messages,
+    find_bad_string,
+    lone_surrogate,
     show,
     type_name,
     validate_prompt,
 )
 from flywheel.errors import UserError
+from flywheel.utils import read_text
 
 log = logging.getLogger("flywheel")
 
@@ -498,10 +501,7 @@ def _starts_with(path: Path, char: str) -> bool:
 def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """A .json file holding one array of records (what `json.dump(records, f)` and pandas' `to_json(orient="records")`
     write): each element, numbered by the line it starts on. A syntax error is one error at its line."""
-    try:
-        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        raise UserError(f"not valid UTF-8 (byte {err.start + 1})", path=str(path)) from None
+    text = read_text(path)
     decoder = json.JSONDecoder()
 
     def blank(pos: int) -> int:  # the first non-blank position from pos
@@ -588,25 +588,9 @@ def _json_message(err: json.JSONDecodeError) -> str:
 
 
 def _checked_text(obj: Any) -> Any:
-    """`obj`, or a RecordError when a string in it holds a lone UTF-16 surrogate (a JSON escape such as "\\ud800"
-    with no pair): no character, which no tokenizer or database takes."""
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as err:
-                return RecordError(
-                    f"a string holds a lone UTF-16 surrogate ({item[err.start]!r}): it is no character",
-                    reason="bad encoding",
-                )
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return obj
+    """`obj`, or a RecordError naming the string in it that holds a lone UTF-16 surrogate (`lone_surrogate`)."""
+    found = find_bad_string(obj, lone_surrogate)
+    return obj if found is None else RecordError(f"{found[0]} {found[1]}", reason="bad encoding")
 
 
 def _text_rows(path: Path, *, documents: bool) -> Iterator[tuple[int, Any]]:

@@ -36,6 +36,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flywheel.data.formats import find_bad_string
 from flywheel.errors import UserError
 from flywheel.feedback.models import ROLES
 from flywheel.feedback.store import CLIENT_ID_PATTERN, UNIDENTIFIED, Store, UserInfo, client_owner
@@ -330,28 +331,6 @@ def _is_json(scope: Scope) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def find_unstorable(value: Any, why: Callable[[str], str | None] = unstorable) -> tuple[str, str] | None:
-    """The first string (key or value) of a parsed JSON document that cannot be stored -> (where, why); `why` says
-    what is wrong with a string (None: nothing)."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        where, item = stack.pop()
-        if isinstance(item, str):
-            reason = why(item)
-            if reason is not None:
-                return where or "body", reason
-        elif isinstance(item, dict):
-            for key, sub in reversed(item.items()):
-                path = f"{where}.{key}" if where else str(key)
-                reason = why(key)
-                if reason is not None:
-                    return f"{path} (a key)", reason
-                stack.append((path, sub))
-        elif isinstance(item, list):
-            stack.extend((f"{where}.{i}" if where else str(i), sub) for i, sub in reversed(list(enumerate(item))))
-    return None
-
-
 class TextCheck:
     """Answer 400 to a JSON body with a NUL character or a lone surrogate in any string: no database stores them
     (PostgreSQL refuses NUL, UTF-8 has no surrogates) and tokenizers reject surrogates. On the web app's routes
@@ -378,9 +357,9 @@ class TextCheck:
             document = json.loads(body) if body else None
         except (ValueError, RecursionError):  # not JSON (also not UTF-8): FastAPI's 400
             document = None
-        found = find_unstorable(document) if document is not None else None
+        found = find_bad_string(document, unstorable) if document is not None else None
         if found is None and document is not None and scope["path"].startswith("/api/"):
-            found = find_unstorable(document, partial(special_text, scope["app"].state.ctx.worker.model.tokenizer))
+            found = find_bad_string(document, partial(special_text, scope["app"].state.ctx.worker.model.tokenizer))
         if found is not None:
             where = found[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a bad key is part of the path
             err = ApiError(400, f"{where}: {found[1]}", param=where, code="invalid_text")

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from flywheel.data.formats import lone_surrogate
 from flywheel.engine import Detokenizer, Engine, SamplingParams
 from flywheel.engine.loop import DecodeBatch
 from flywheel.engine.params import FINISH_LENGTH, FINISH_STOP
@@ -546,11 +547,7 @@ def unstorable(text: str) -> str | None:
     nul = text.find("\x00")
     if nul >= 0:
         return f"contains a NUL character (U+0000) at position {nul}"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"contains a lone surrogate (U+{ord(text[err.start]):04X}) at position {err.start}: not valid Unicode"
-    return None
+    return lone_surrogate(text)
 
 
 def check_text(text: Any, where: str) -> None:
