@@ -466,6 +466,65 @@ def test_no_seed_s_corpus_or_training_splits_hold_another_seed_s_eval_problems()
     assert "arith" in RESERVED_KINDS and not eval_only("unknowable:Torville") and not eval_only("fewshot:a|b")
 
 
+def test_follow_ups_neither_ask_nor_work_an_eval_problem_outside_eval():
+    """A follow-up's first turn answers a problem ("What is 17 + 25?" / "17 + 25 = 42.") and a string follow-up asks
+    another: neither may be an eval problem outside eval, and eval's string follow-ups ask eval-only problems."""
+    from flywheel.world.tasks import eval_only, problems
+
+    # what `problems` reads of each kind of task
+    tasks = tasks_of("multiturn", 300, seed=3)
+    arith = next(t for t in tasks if t.subtype.startswith("arith_"))
+    a, b = re.findall(r"\d+", arith.messages[0]["content"])[:2]
+    assert problems(arith)[0] == [] and problems(arith)[1][0].endswith(f":{a}:{b}")
+    rev = next(t for t in tasks if t.subtype == "reverse_followup")
+    asked, worked = problems(rev)
+    assert asked == [f"reverse:{rev.subject}"] and worked[0].split(":")[1] in rev.messages[0]["content"]
+    plain = tasks_of("string", 5)[0]
+    assert problems(plain) == ([plain.key], [])
+    assert problems(tasks_of("fact", 1)[0]) == ([], [])
+
+    sizes = {**SMALL, "n_demos": 1500, "n_ppo": 300, "n_eval": 300}
+    for seed in (1, 2):
+        world = generate_world(WorldConfig(**sizes, seed=seed))
+        asked_in_eval = {k for t in world.tasks["eval"] for k in problems(t)[0]}
+        assert asked_in_eval and all(map(eval_only, asked_in_eval))
+        assert any(t.family == "multiturn" and problems(t)[0] for t in world.tasks["eval"])
+        for split, tasks in world.tasks.items():
+            if split != "eval":
+                inside = [k for t in tasks for k in problems(t)[0] + problems(t)[1]]
+                assert inside and not any(map(eval_only, inside)), split
+
+
+def test_the_corpus_word_puzzles_never_work_an_eval_only_string_problem():
+    from flywheel.world.corpus import _Excluded, _pattern_doc
+    from flywheel.world.tasks import eval_only, world_data
+
+    rng = random.Random(0)
+    docs = [_pattern_doc(rng, _Excluded(set())) for _ in range(3000)]
+    lines = [line for d in docs for line in d.splitlines()[1:]]
+    pairs = [line.split(" -> ") for line in lines]
+    reversed_words = {w for w, v in pairs if v == w[::-1]}
+    sorted_words = {w for w, v in pairs if v == "".join(sorted(w))}
+    assert len(reversed_words) > 20 and sorted_words  # the puzzles do reverse words, and some rules sort a word
+    assert not any(eval_only(f"reverse:{w}") for w in reversed_words)
+    assert not any(eval_only(f"sort_letters:{w}") for w in sorted_words)
+    assert any(eval_only(f"reverse:{w}") for w in world_data()["words"] if 3 <= len(w) <= 6)
+
+
+def test_the_corpus_doubling_lines_never_work_an_eval_only_product():
+    from flywheel.world.corpus import _arith_line, _Excluded
+    from flywheel.world.tasks import eval_only
+
+    rng = random.Random(0)
+    lines = [line for _ in range(20_000) if (line := _arith_line(rng, _Excluded(set())))]
+    doubled = [
+        int(r) for line in lines for pair in re.findall(r"Double (\d+) is|^(\d+) \* 2 =", line) for r in pair if r
+    ]
+    assert len(doubled) > 500
+    assert not any(eval_only(f"arith:*:{r}:2") for r in doubled)
+    assert any(eval_only(f"arith:*:{r}:2") for r in range(50))
+
+
 def test_corpus_quizzes_answer_both_bare_and_restating_the_question():
     from flywheel.world.corpus import _qa_doc
     from flywheel.world.tasks import state_fact

@@ -15,7 +15,7 @@ A run that pretrains its own base (`flywheel demo --from-scratch`) gets one that
     python -m flywheel.demo.base --out runs/base [--base shipped-tiny] [--install]
 
 It is the demo's own world, tokenizer and pretraining stages with the settings of `flywheel demo --from-scratch --seed
-271828 --world.p-opener 0.5 --pretrain.epochs 12 --pretrain.log-every 10` (`shipped`) and `flywheel demo --quick
+271828 --pretrain.epochs 12 --pretrain.log-every 10` (`shipped`) and `flywheel demo --quick
 --from-scratch --seed 271828 --world.corpus-chars 1200000 --pretrain.epochs 12 --pretrain.log-every 10`
 (`shipped-tiny`), as `SHIPPED_BASES` records them: the world of seed `BASE_SEED` (no demo seed anyone uses by habit: a
 run with that seed would hold out corpus documents the base was trained on), a byte-level BPE on its corpus and

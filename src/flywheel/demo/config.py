@@ -87,9 +87,7 @@ class ShippedBase:
 # Both pretrained on the default preset's 1.2M-character corpus for 12 epochs, four times what a run could.
 _LONGER = {"epochs": 12.0, "log_every": 10}
 SHIPPED_BASES: dict[str, ShippedBase] = {
-    # Its tokenizer learnt from the demonstrations of the default preset as it was then, half of whose padded answers
-    # opened with a pleasantry (`p_opener` 0.5; the preset now has 0)
-    SHIPPED: ShippedBase("base_model", "default", {"world": {"p_opener": 0.5}, "pretrain": _LONGER}),
+    SHIPPED: ShippedBase("base_model", "default", {"pretrain": _LONGER}),
     SHIPPED_TINY: ShippedBase("base_model_tiny", "quick", {"world": {"corpus_chars": 1_200_000}, "pretrain": _LONGER}),
 }
 PRESETS: dict[str, dict[str, Any]] = {

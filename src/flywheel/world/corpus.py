@@ -85,7 +85,7 @@ def _arith_line(rng: random.Random, held_out: set[str]) -> str | None:
         forms.append(f"If you have {a} coins and spend {b}, you have {r} coins left.")
     else:
         forms.append(f"{a} boxes with {b} eggs each hold {r} eggs.")
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and f"arith:*:{r}:2" not in held_out:  # a doubling works r * 2: not if held out
         forms = [f"Double {r} is {2 * r}.", f"{r} * 2 = {2 * r}."]
         forms += [f"Half of {r} is {r // 2}.", f"{r} / 2 = {r // 2}."] if r % 2 == 0 else []
     return rng.choice(forms)
@@ -125,13 +125,21 @@ def _string_doc(rng: random.Random, held_out: set[str]) -> str:
     return " ".join(lines)
 
 
+def _answers_held_out(word: str, changed: str, held_out: set[str]) -> bool:
+    """Whether a puzzle line "word -> changed" works a held-out string problem (a reversal, or the letters sorted:
+    "table -> elbat", also by a rule that only agrees on this word, as swapping the ends of a 3-letter word)."""
+    return (changed == word[::-1] and f"reverse:{word}" in held_out) or (
+        changed == "".join(sorted(word)) and f"sort_letters:{word}" in held_out
+    )
+
+
 def _pattern_doc(rng: random.Random, held_out: set[str]) -> str:
     """A list of "x -> y" lines that share one rule: mostly one of the world's relations ("France -> Paris"),
     sometimes an invented spelling rule ("cat -> catzo"). Such lists are where a base model learns to tell from the
     examples which rule a list follows (the few-shot family asks it of a new subject)."""
     if rng.random() < 0.25:
         _, rule = random_rule(rng)
-        pool = [w for w in world_data()["words"] if 3 <= len(w) <= 6]
+        pool = [w for w in world_data()["words"] if 3 <= len(w) <= 6 and not _answers_held_out(w, rule(w), held_out)]
         lines = [f"{w} -> {rule(w)}" for w in rng.sample(pool, rng.randint(3, 9)) if rule(w) != w]
         return "\n".join([rng.choice(["Word puzzle.", "Each word is changed by the same rule."]), *lines])
     rel = relations()[rng.choice(sorted(relations()))]

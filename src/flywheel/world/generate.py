@@ -18,8 +18,8 @@ Files under `out/` (JSONL = one JSON object a line):
 
 No two splits share a prompt (user/assistant turns compared, system turn ignored). Eval's tasks are also kept out
 semantically: a problem asked in eval ("arith:+:17:25", reversing "table", a harmful request) is never asked in another
-split under other wording, nor worked in the corpus. Facts are the exception: the same fact may be asked in several
-splits, since facts are world knowledge the model is meant to learn in pretraining.
+split under other wording, nor worked in another split's follow-up or in the corpus. Facts are the exception: the
+same fact may be asked in several splits, since facts are world knowledge the model is meant to learn in pretraining.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from flywheel.world.labelers import default_panel, label_rankings
 from flywheel.world.tasks import (
     FAMILIES,
     FAMILY_MIX,
-    RESERVED_KINDS,
     SHOTS,
     Message,
     Task,
     eval_only,
     fewshot,
     make_task,
+    problems,
 )
 
 SPLITS = ("eval", "ppo", "rank", "demos_val", "demos", "val")  # drawn in this order: eval first, so it is stable
@@ -161,10 +161,14 @@ def family_counts(n: int, mix: dict[str, float]) -> dict[str, int]:
 
 
 def _fits(task: Task, used_prompts: set[str], held_out_keys: set[str], is_eval: bool) -> bool:
-    """A new prompt, not a held-out problem, and for arithmetic and string problems: eval-only exactly in eval."""
+    """A new prompt, not a held-out problem, and for arithmetic and string problems: eval asks only eval-only ones,
+    and no other split asks or works one (a follow-up's first turn included)."""
     if task.prompt_key() in used_prompts or (task.key and task.key in held_out_keys):
         return False
-    return not task.key or task.key.split(":", 1)[0] not in RESERVED_KINDS or eval_only(task.key) == is_eval
+    asked, worked = problems(task)
+    if is_eval:
+        return all(map(eval_only, asked))
+    return not any(map(eval_only, asked + worked))
 
 
 def _draw_split(

@@ -39,6 +39,21 @@ def eval_only(key: str) -> bool:
     return key.split(":", 1)[0] in RESERVED_KINDS and zlib.crc32(key.encode()) % 5 == 0
 
 
+def problems(task: Task) -> tuple[list[str], list[str]]:
+    """The arithmetic and string problems (keys of `RESERVED_KINDS`) in a task's prompt: (asked, worked). A plain
+    task asks its own key; an arithmetic follow-up's first turn works one ("What is 17 + 25?" / "17 + 25 = 42.") and
+    asks a sum of it; a string follow-up works one and asks another ("Now do the same for ...")."""
+    key = task.key
+    if not key.startswith("multi:"):
+        return ([key] if key.split(":", 1)[0] in RESERVED_KINDS else []), []
+    parts = key.split(":")[1:]
+    if parts[0] == "arith":  # multi:arith:OP:A:B:KIND:N
+        return [], [":".join(parts[:4])]
+    if parts[0] in RESERVED_KINDS:  # multi:KIND:WORD:KIND:WORD (asked, then worked)
+        return [":".join(parts[:2])], [":".join(parts[2:4])]
+    return [], []
+
+
 Message = dict[str, str]
 
 
@@ -612,7 +627,7 @@ def _fact_followup(rng: random.Random) -> Task:
 
 def _string_followup(rng: random.Random) -> Task:
     subtype = rng.choice(["reverse", "sort_letters"])
-    q1, t1, _, _ = _string_task(rng, subtype)
+    q1, t1, _, key1 = _string_task(rng, subtype)
     _, target, wrong, key = _string_task(rng, subtype)
     word = key.split(":")[1]
     while target == t1:
@@ -632,7 +647,7 @@ def _string_followup(rng: random.Random) -> Task:
         wrong=[w for w in _unique(wrong, target) if len(w) >= 3],
         subject=word,
         subtype=f"{subtype}_followup",
-        key=f"multi:{key}:{q1}",
+        key=f"multi:{key}:{key1}",  # the problem asked, then the one the first turn answered (`problems`)
     )
 
 
