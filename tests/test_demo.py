@@ -512,8 +512,8 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
     wins = summary["win_rates"]
     assert wins["sft_vs_base"]["win_rate"] > 0.5, wins  # SFT beats the base, per the oracle
     # The deployed policy is one the labelers preferred to SFT, or SFT itself: per the oracle (never the reward
-    # model) it does not lose to SFT. PPO beats SFT by a few points on 19 of 20 seeds of this 0.8M preset
-    # (docs/demo.md, Results: 58-66% by seed set; the gate kept SFT on the other), so the test does not ask for a win.
+    # model) it does not lose to SFT. PPO beats SFT by a few points on 8 of 10 seeds of this 0.8M preset
+    # (docs/demo.md, Results: 58-60% by seed set; the gate kept SFT on the others), so the test does not ask for a win.
     assert wins["ppo_vs_sft"]["win_rate"] >= 0.5, wins
     knowledge = summary["reward_model"]["knowledge"]  # how the reward model orders correct answers, held out
     assert set(knowledge) == {"wrong", "deflection"}
