@@ -507,8 +507,9 @@ def test_a_refused_turn_keeps_its_text_and_makes_no_empty_conversation(site, pag
     page.click("#send")
     page.wait_for_selector("#status.error", timeout=30_000)
     # the text comes back once the page has reloaded the conversation after the refusal (two requests after the error
-    # shows), so wait for it rather than read the box the moment the error appears
-    page.wait_for_function("document.getElementById('input').value === 'keep me, please'", timeout=10_000)
+    # shows), so wait for it rather than read the box the moment the error appears (a function, not an
+    # expression: the page's CSP forbids the eval that polling an expression needs)
+    page.wait_for_function("() => document.getElementById('input').value === 'keep me, please'", timeout=10_000)
     assert "max_tokens" in page.inner_text("#status") and page.input_value("#input") == "keep me, please"
     page.wait_for_timeout(300)
     assert page.locator("#conversations li").all_inner_texts().count("(untitled)") == 0
