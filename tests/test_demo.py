@@ -437,6 +437,31 @@ def test_stock_answers_are_the_most_frequent_and_join_every_set_once():
     assert add_stock_answers(sets, 0)[1] == []
 
 
+def test_a_stock_answer_counts_its_padded_variants_and_an_opener_alone_is_none():
+    from flywheel.demo.rankings import add_stock_answers, lead_sentence
+
+    assert lead_sentence(" I don't know. Thank you for asking.") == "I don't know."
+    assert lead_sentence("It is 3.5 km. Bye!") == "It is 3.5 km."  # a decimal point ends no sentence
+    assert lead_sentence("No stop") == "No stop"
+    refusal = "I'm sorry, but I can't help with that."
+    sets = [
+        [f"{refusal} Thank you for asking.", "Paris."],
+        [f"{refusal} Have a nice day.", "I don't know."],
+        [refusal, "Rome."],
+        ["I don't know. Thank you for asking.", f"{refusal} Thank you for asking."],
+        ["Sure! Here is how.", "Sure! It is 4."],
+        ["Sure! Go on.", "Oslo."],
+    ]
+    out, stock = add_stock_answers(sets, 2)
+    # the refusal opens answers to 4 prompts and "I don't know." to 2, though each padding of the refusal is given
+    # to 2 prompts at most: counted whole, a padded refusal would take a place ("... Thank you for asking." 2 prompts,
+    # "I don't know." 2 and ahead of it by text only, the bare refusal 1); "Sure!" opens 2 answers but is never one
+    assert stock == [refusal, "I don't know."]
+    assert out[0] == [*sets[0], refusal, "I don't know."]
+    assert out[2] == [refusal, "Rome.", "I don't know."]
+    assert out[4] == [*sets[4], refusal, "I don't know."]
+
+
 def test_off_topic_answers_come_from_the_most_alike_prompts_and_never_repeat_an_answer():
     import random
 

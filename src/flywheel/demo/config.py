@@ -100,6 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         gate_every=8,  # of 32 PPO steps: 4 candidates (docs/demo.md, the ablation; docs/log.md)
         n_rank_next=300,
         max_new_tokens=40,
+        # The SFT policy's refusal and "I don't know" (its two most frequent answers, each counted with its paddings)
+        # join every ranked set: the reward model sees one against the other after every prompt (docs/demo.md, the
+        # ablation)
         stock_answers=2,
         off_topic_answers=0,
         world=dict(
@@ -261,7 +264,8 @@ class DemoConfig:
         },
     )
     stock_answers: int | None = _preset(
-        "add the policy's N most frequent answers (over all ranked prompts) to every ranked set"
+        "add the policy's N most frequent answers (over all ranked prompts; one with a pleasantry after it counts as "
+        "the answer alone) to every ranked set"
     )
     off_topic_answers: int | None = _preset(
         "add to every ranked set N of the policy's answers to other prompts (the most alike ones), so that the "

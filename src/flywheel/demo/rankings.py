@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,15 +72,32 @@ def sample_answers(
     return sets
 
 
+_LEAD = re.compile(r"(.+?[.!?])(?:\s|$)", re.S)
+
+
+def lead_sentence(answer: str) -> str:
+    """An answer's first sentence ("I don't know." of "I don't know. Thank you for asking."): the answer itself,
+    less what the demonstrators pad after it."""
+    m = _LEAD.match(answer.strip())
+    return m.group(1) if m else answer.strip()
+
+
 def add_stock_answers(sets: list[list[str]], n: int) -> tuple[list[list[str]], list[str]]:
-    """The policy's n stock answers (the ones it gave to the most prompts, at least two) added to every set that lacks
-    them, and the list of them. The labelers then rank a stock answer after every prompt, so the reward model sees it
-    against each prompt's own answers (e.g. a refusal against "I don't know" after an unknowable question) instead of
-    only where the policy happened to sample it. The choice sees the answers alone, never the hidden families."""
+    """The policy's n stock answers added to every set that lacks them, and the list of them. The labelers then rank
+    a stock answer after every prompt, so the reward model sees it against each prompt's own answers (e.g. a refusal
+    against "I don't know" after an unknowable question) instead of only where the policy happened to sample it.
+
+    A stock answer is one the policy gives whole, counted on every prompt where one of its answers starts with it:
+    "I'm sorry, but I can't help with that. Thank you for asking." is that refusal with a pleasantry after it, so it
+    counts as the refusal and never becomes a stock answer of its own (the padded variants would otherwise split the
+    count, and two paddings of one refusal could take both places). The n most counted (at least two prompts; ties
+    by text) are taken. An opener that begins many answers ("Sure!") is no stock answer unless the policy gives it
+    alone. The choice sees the answers alone, never the hidden families."""
     distinct = [{x.strip() for x in s} for s in sets]  # what the labelers tell apart (sample_answers' rule)
+    whole = set().union(*distinct)
     counts: dict[str, int] = {}
     for seen in distinct:
-        for a in seen:
+        for a in {lead_sentence(x) for x in seen} & whole:
             counts[a] = counts.get(a, 0) + 1
     ranked = sorted(counts, key=lambda a: (-counts[a], a))  # ties by text: the same choice on every run
     stock = [a for a in ranked[:n] if counts[a] >= 2]
