@@ -453,9 +453,9 @@ def test_a_stock_answer_counts_its_padded_variants_and_an_opener_alone_is_none()
         ["Sure! Go on.", "Oslo."],
     ]
     out, stock = add_stock_answers(sets, 2)
-    # the refusal opens answers to 4 prompts and "I don't know." to 2, though each padding of the refusal is given
-    # to 2 prompts at most: counted whole, a padded refusal would take a place ("... Thank you for asking." 2 prompts,
-    # "I don't know." 2 and ahead of it by text only, the bare refusal 1); "Sure!" opens 2 answers but is never one
+    # the refusal opens answers to 4 prompts and "I don't know." to 2; counted whole, the padded refusal "... Thank you
+    # for asking." (2 prompts) would be the only stock answer (the bare refusal and "I don't know." 1 each); "Sure!"
+    # opens 2 answers but is never one
     assert stock == [refusal, "I don't know."]
     assert out[0] == [*sets[0], refusal, "I don't know."]
     assert out[2] == [refusal, "Rome.", "I don't know."]
