@@ -77,6 +77,7 @@ def test_migrations_create_the_schema_and_rerun_cleanly(db_url):
         "candidates",
         "rankings",
         "demonstrations",
+        "task_skips",
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
@@ -264,6 +265,56 @@ def test_ranking_submissions_are_idempotent_and_validated(store):
     assert store.next_task(uid, "ranking") is None
 
 
+def test_a_skipped_task_is_not_offered_again_and_counts_as_no_label(store):
+    from flywheel.feedback.store import Conflict, NotFound
+
+    for name in ("dee", "eve"):
+        store.create_user(name, "labeler")
+    users = {u.name: u.id for u in store.users()}
+    first, second = ranking_task(store), ranking_task(store)
+    play = store.create_roleplay_task("Ask about rivers.", labels_needed=1)
+    dee = users["dee"]
+    assert store.next_task(dee, "ranking")["id"] == first
+    skip, created = store.skip_task(dee, first, "I cannot judge sums")
+    assert created and skip["task_id"] == first and skip["reason"] == "I cannot judge sums"
+    again, created = store.skip_task(dee, first, "another reason")  # a second skip keeps the first
+    assert not created and again == skip
+    assert store.next_task(dee, "ranking")["id"] == second  # the next one, not the skipped one
+    assert store.next_task(users["eve"], "ranking")["id"] == first  # a skip is one labeler's: others still get it
+    store.skip_task(dee, second)
+    assert store.next_task(dee, "ranking") is None
+    store.skip_task(dee, play)
+    assert store.next_task(dee, "roleplay") is None
+    # A skipped task can still be labeled by id (the labeler changed their mind); a labeled one cannot be skipped.
+    ids = {c["text"]: c["id"] for c in store.task(first, dee)["candidates"]}
+    store.submit_ranking(dee, first, [[ids["4"]], [ids["5"], ids["four"]]], key="dee-1")
+    eve_ids = {c["text"]: c["id"] for c in store.task(second, users["eve"])["candidates"]}
+    store.submit_ranking(users["eve"], second, [[eve_ids["4"]], [eve_ids["5"], eve_ids["four"]]], key="eve-1")
+    with pytest.raises(Conflict, match="already ranked"):
+        store.skip_task(users["eve"], second)
+    with pytest.raises(NotFound):
+        store.skip_task(dee, 10_000)
+    o = store.overview()
+    assert o["queue"]["ranking"]["skips"] == 2 and o["queue"]["roleplay"]["skips"] == 1
+    assert o["queue"]["ranking"]["labels"] == 2  # the skips are not labels
+    assert o["labelers"]["dee"]["skipped"] == 3 and o["labelers"]["eve"]["skipped"] == 0
+
+
+def test_concurrent_skips_store_one_row(store):
+    from sqlalchemy import func, select
+
+    from flywheel.feedback.models import TaskSkip
+
+    store.create_user("fay", "labeler")
+    uid = store.users()[0].id
+    task_id = ranking_task(store)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: store.skip_task(uid, task_id), range(16)))
+    assert sum(created for _, created in results) == 1 and len({row["id"] for row, _ in results}) == 1
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(TaskSkip)) == 1
+
+
 def test_concurrent_retries_store_one_row(store):
     from sqlalchemy import func, select
 
@@ -305,7 +356,7 @@ def test_queue_progress_and_agreement(store):
     demo = [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
     store.submit_demonstration(users["cat"], t2, demo, key="cat-1")
     o = store.overview()
-    assert o["queue"]["ranking"] == {"tasks": 1, "done": 1, "labels": 2, "labels_needed": 2}
+    assert o["queue"]["ranking"] == {"tasks": 1, "done": 1, "labels": 2, "labels_needed": 2, "skips": 0}
     assert o["queue"]["roleplay"]["done"] == 1
     assert o["labelers"]["ann"]["rankings"] == 1 and o["labelers"]["cat"]["demonstrations"] == 1
     assert o["agreement"]["pairs"] == 3 and o["agreement"]["rate"] == pytest.approx(2 / 3)

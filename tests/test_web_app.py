@@ -168,6 +168,50 @@ def test_ranking_task_in_the_browser(site):
         assert row.unsafe == [pos[ids[0]]] and row.comment == "third is clearest"
 
 
+def test_a_labeler_skips_a_task_in_the_browser(site):
+    """Skip passes a task over with the comment as its reason: the next task is shown, the skipped one is not offered
+    to this labeler again but is to others, and the skip is no label."""
+    from sqlalchemy import select
+
+    from flywheel.feedback.models import TaskSkip
+
+    admin = {"Authorization": f"Bearer {site.admin}"}
+    r = httpx.post(
+        site.url + "/api/admin/tasks",
+        headers=admin,
+        timeout=60,
+        json={"kind": "ranking", "prompts": ["Spell cat.", "Name a river."], "k": 2, "max_tokens": 8},
+    )
+    assert r.status_code == 201 and len(r.json()["created"]) == 2, r.text
+    sam = site.store.create_user("sam", "labeler")
+    sam_h = {"Authorization": f"Bearer {sam}"}
+    page = page_with_token(site, "/label", sam)
+    page.wait_for_selector("#rank-candidates .candidate")
+    shown = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()["task"]["id"]
+    page.fill("#rank-comment", "not my field")
+    page.click("#rank-skip")
+    page.wait_for_selector(f"#status:has-text('Task {shown} skipped.')")
+    page.wait_for_function("() => document.getElementById('rank-comment').value === ''")  # the next task's form
+    assert page.errors == []
+    following = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()["task"]
+    assert following is None or following["id"] != shown
+    with site.store.session() as s:
+        row = s.scalars(select(TaskSkip).where(TaskSkip.task_id == shown)).one()
+        assert row.reason == "not my field"
+    # Another labeler still gets tasks that sam skipped; bad requests are 4xx, never a label.
+    other = site.store.create_user("tia", "labeler")
+    assert httpx.post(site.url + "/api/label/skip", json={"task_id": shown}).status_code == 401
+    user = site.store.create_user("uma", "user")
+    r = httpx.post(site.url + "/api/label/skip", headers={"Authorization": f"Bearer {user}"}, json={"task_id": shown})
+    assert r.status_code == 403
+    for body, status in (({"task_id": 10**6}, 404), ({"task_id": 0}, 404), ({"task_id": "x"}, 400), ({}, 400)):
+        r = httpx.post(site.url + "/api/label/skip", headers={"Authorization": f"Bearer {other}"}, json=body)
+        assert r.status_code == status, (body, r.text)
+    again = httpx.post(site.url + "/api/label/skip", headers=sam_h, json={"task_id": shown, "reason": "twice"})
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert again.json()["skip"]["reason"] == "not my field"
+
+
 def test_roleplay_task_in_the_browser(site):
     from sqlalchemy import select
 

@@ -10,6 +10,7 @@
   holds an instruction. `labels_needed` labelers answer each task (>= 2 gives inter-labeler agreement).
 - `rankings`: one labeler's order of a task's candidates (groups of candidate positions, best first; ties grouped) and
   the candidates flagged unsafe. `demonstrations`: a role-play conversation written by a labeler.
+- `task_skips`: a task a labeler chose not to label (with an optional reason); it is not offered to them again.
 
 Every submission carries an idempotency key, unique per user: a retried request returns the stored row. The schema
 holds the data rules: a task gets at most `labels_needed` labels (each takes a `slot` 0..labels_needed-1, unique per
@@ -166,4 +167,18 @@ class Demonstration(Base):
     suggestions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # model drafts: turn, text, version
     edited: Mapped[bool] = mapped_column(default=False)  # some assistant turn differs from the model's draft
     idempotency_key: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskSkip(Base):
+    """A task a labeler passed over (they cannot judge it, or would rather not); `/api/label/next` no longer offers it
+    to them. One per labeler and task; it does not count as a label."""
+
+    __tablename__ = "task_skips"
+    __table_args__ = (UniqueConstraint("task_id", "labeler_id", name="uq_task_skips_task_labeler"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

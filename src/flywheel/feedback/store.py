@@ -42,12 +42,13 @@ from flywheel.feedback.models import (
     RankingLabel,
     Task,
     TaskKind,
+    TaskSkip,
     User,
     Vote,
     utcnow,
 )
 
-R = TypeVar("R", Vote, RankingLabel, Demonstration)  # a row written once per idempotency key
+R = TypeVar("R", Vote, RankingLabel, Demonstration, TaskSkip)  # a row written once (per key; a skip per task)
 MAX_KEY_LENGTH = 100
 _RACE_ATTEMPTS = 200  # a write that loses a race on a unique constraint looks again (each loss is another's win)
 # Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
@@ -616,20 +617,45 @@ class Store:
             ]
 
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
-        """The oldest task of `kind` that still needs labels and that this user has not labeled."""
+        """The oldest task of `kind` that still needs labels and that this user has neither labeled nor skipped."""
         table = RankingLabel if kind == "ranking" else Demonstration
         if kind not in get_args(TaskKind):
             raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
         with self.session() as s:
             given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
             mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
+            skipped = (
+                select(TaskSkip.id).where(TaskSkip.task_id == Task.id, TaskSkip.labeler_id == user_id).correlate(Task)
+            )
             task = s.scalar(
                 select(Task)
-                .where(Task.kind == kind, given < Task.labels_needed, ~mine.exists())
+                .where(Task.kind == kind, given < Task.labels_needed, ~mine.exists(), ~skipped.exists())
                 .order_by(Task.id)
                 .limit(1)
             )
             return None if task is None else self._task_dict(task, user_id)
+
+    def skip_task(self, user_id: int, task_id: int, reason: str = "") -> tuple[dict[str, Any], bool]:
+        """This labeler passes over the task: `next_task` no longer offers it to them (they may still label it by id).
+        (the skip, created): skipping a task twice keeps the first skip. Conflict where they labeled it already."""
+
+        def lookup(s: Session) -> TaskSkip | None:
+            return s.scalar(select(TaskSkip).where(TaskSkip.task_id == task_id, TaskSkip.labeler_id == user_id))
+
+        def write(s: Session) -> tuple[TaskSkip, Callable[[Session], bool]]:
+            task = s.get(Task, task_id)
+            if task is None:
+                raise NotFound(f"no task {task_id}")
+            table = RankingLabel if task.kind == "ranking" else Demonstration
+            if s.scalar(select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)) is not None:
+                did = "ranked" if task.kind == "ranking" else "demonstrated"
+                raise Conflict(f"task {task_id} was already {did} by this labeler: there is nothing to skip")
+            row = TaskSkip(task_id=task_id, labeler_id=user_id, reason=reason)
+            s.add(row)
+            return row, lambda s: lookup(s) is not None  # a concurrent skip of the same task by this labeler
+
+        busy = f"task {task_id} is being skipped concurrently; retry"
+        return self._write_once(lookup, lambda found: None, write, _skip_dict, busy)
 
     def task(self, task_id: int, user_id: int) -> dict[str, Any]:
         with self.session() as s:
@@ -754,20 +780,28 @@ class Store:
                     ).all()
                 )
                 tasks = s.execute(select(Task.id, Task.labels_needed).where(Task.kind == kind)).all()
+                skips = s.scalar(
+                    select(func.count()).select_from(TaskSkip).join(Task, Task.id == TaskSkip.task_id)
+                    .where(Task.kind == kind)
+                )  # fmt: skip
                 queue[kind] = {
                     "tasks": len(tasks),
                     "done": sum(counts.get(t, 0) >= need for t, need in tasks),
                     "labels": sum(min(counts.get(t, 0), need) for t, need in tasks),
                     "labels_needed": sum(need for _, need in tasks),
+                    "skips": skips,
                 }
             names = dict(s.execute(select(User.id, User.name)).all())
             progress: dict[str, dict[str, int]] = {
-                u.name: {"rankings": 0, "demonstrations": 0, "role": u.role} for u in s.scalars(select(User))
+                u.name: {"rankings": 0, "demonstrations": 0, "skipped": 0, "role": u.role}
+                for u in s.scalars(select(User))
             }
             for uid, n in s.execute(select(RankingLabel.labeler_id, func.count()).group_by(RankingLabel.labeler_id)):
                 progress[names[uid]]["rankings"] = n
             for uid, n in s.execute(select(Demonstration.labeler_id, func.count()).group_by(Demonstration.labeler_id)):
                 progress[names[uid]]["demonstrations"] = n
+            for uid, n in s.execute(select(TaskSkip.labeler_id, func.count()).group_by(TaskSkip.labeler_id)):
+                progress[names[uid]]["skipped"] = n
             labels = s.execute(select(RankingLabel.task_id, RankingLabel.labeler_id, RankingLabel.order)).all()
             agreement = pairwise_agreement([(t, names[u], order) for t, u, order in labels])
             votes = dict(s.execute(select(Vote.value, func.count()).group_by(Vote.value)).all())
@@ -887,6 +921,10 @@ def _vote_dict(v: Vote) -> dict[str, Any]:
 
 def _ranking_dict(r: RankingLabel) -> dict[str, Any]:
     return {"id": r.id, "task_id": r.task_id, "order": r.order, "unsafe": r.unsafe}
+
+
+def _skip_dict(k: TaskSkip) -> dict[str, Any]:
+    return {"id": k.id, "task_id": k.task_id, "reason": k.reason}
 
 
 def _demo_dict(d: Demonstration) -> dict[str, Any]:

@@ -119,6 +119,11 @@ class DemonstrationBody(Body):
     idempotency_key: str = Field(min_length=1, max_length=100)
 
 
+class SkipBody(Body):
+    task_id: int
+    reason: str = Field(default="", max_length=4000)
+
+
 class TasksBody(Body):
     kind: TaskKind
     prompts: list[str | list[Turn]] = []  # ranking: prompts (text = one user turn, or messages)
@@ -407,6 +412,15 @@ async def submit_demonstration(request: Request, body: DemonstrationBody) -> dic
         key=body.idempotency_key,
     )
     return {"demonstration": row, "created": created}
+
+
+@router.post("/label/skip")
+async def skip_task(request: Request, body: SkipBody) -> dict[str, Any]:
+    """The labeler passes over a task: /label/next offers them the next one (a second skip of it changes nothing)."""
+    user = await current_user(request)
+    check_id(request, body.task_id, "task")
+    row, created = await db(ctx(request).store.skip_task, user.id, body.task_id, body.reason)
+    return {"skip": row, "created": created}
 
 
 # admins

@@ -13,11 +13,11 @@ const pct = x => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) +
 async function refresh() {
   const o = await fw.call("GET", "/api/admin/overview");
   document.getElementById("model").textContent = `${o.model.version} (${o.model.path}); batches ${o.batching.batches}, rows ${o.batching.rows}, largest batch ${o.batching.max_rows}`;
-  table("queue", ["kind", "tasks", "done", "labels given", "labels needed"],
-    Object.entries(o.queue).map(([kind, q]) => [kind, q.tasks, q.done, q.labels, q.labels_needed]));
+  table("queue", ["kind", "tasks", "done", "labels given", "labels needed", "skips"],
+    Object.entries(o.queue).map(([kind, q]) => [kind, q.tasks, q.done, q.labels, q.labels_needed, q.skips]));
   const per = o.agreement.per_labeler;
-  table("labelers", ["labeler", "role", "rankings", "demonstrations", "agreement with others", "pairs compared"],
-    Object.entries(o.labelers).map(([name, p]) => [name, p.role, p.rankings, p.demonstrations,
+  table("labelers", ["labeler", "role", "rankings", "demonstrations", "skipped", "agreement with others", "pairs compared"],
+    Object.entries(o.labelers).map(([name, p]) => [name, p.role, p.rankings, p.demonstrations, p.skipped,
       pct(per[name] && per[name].rate), per[name] ? per[name].pairs : 0]));
   document.getElementById("agreement").textContent =
     `Inter-labeler agreement: ${pct(o.agreement.rate)} over ${o.agreement.pairs} candidate pairs. Votes: ${o.votes.up} up, ${o.votes.down} down.`;

@@ -20,9 +20,11 @@ async function nextRanking() {
     prompt.replaceChildren(fw.el("p", {}, "No ranking task is waiting. Thank you!"));
     box.replaceChildren();
     document.getElementById("rank-submit").disabled = true;
+    document.getElementById("rank-skip").disabled = true;
     return;
   }
   document.getElementById("rank-submit").disabled = false;
+  document.getElementById("rank-skip").disabled = false;
   showMessages(prompt, lab.task.prompt);
   const k = lab.task.candidates.length;
   box.replaceChildren(...lab.task.candidates.map((c, i) => {
@@ -57,11 +59,35 @@ async function submitRanking() {
   } catch (e) { fw.status(e.message, true); }
 }
 
+// Pass a task over: the server stops offering it to this labeler (the comment box, if any, says why).
+async function skipTask(task, reason) {
+  await fw.call("POST", "/api/label/skip", { task_id: task.id, reason });
+  fw.status(`Task ${task.id} skipped.`);
+}
+
+async function skipRanking() {
+  if (!lab.task) return;
+  try {
+    await skipTask(lab.task, document.getElementById("rank-comment").value);
+    await nextRanking();
+  } catch (e) { fw.status(e.message, true); }
+}
+
+async function skipRoleplay() {
+  if (!lab.rp.task) return;
+  if (lab.rp.messages.length && !window.confirm("Skip this task and discard the exchanges you added?")) return;
+  try {
+    await skipTask(lab.rp.task, "");
+    await nextRoleplay();
+  } catch (e) { fw.status(e.message, true); }
+}
+
 async function nextRoleplay() {
   const data = await fw.call("GET", "/api/label/next?kind=roleplay");
   Object.assign(lab.rp, { task: data.task, key: fw.uuid(), messages: [], suggestions: [], draft: null });
   document.getElementById("rp-instruction").replaceChildren(fw.el("p", {},
     data.task ? data.task.instruction : "No role-play task is waiting: write a free conversation."));
+  document.getElementById("rp-skip").hidden = !data.task;
   showMessages(document.getElementById("rp-conversation"), []);
 }
 
@@ -121,6 +147,8 @@ document.addEventListener("DOMContentLoaded", async () => {
   document.getElementById("tab-ranking").addEventListener("click", () => tab("ranking"));
   document.getElementById("tab-roleplay").addEventListener("click", () => tab("roleplay"));
   document.getElementById("rank-submit").addEventListener("click", submitRanking);
+  document.getElementById("rank-skip").addEventListener("click", skipRanking);
+  document.getElementById("rp-skip").addEventListener("click", skipRoleplay);
   document.getElementById("rp-suggest").addEventListener("click", suggest);
   document.getElementById("rp-add").addEventListener("click", addExchange);
   document.getElementById("rp-submit").addEventListener("click", submitDemo);
