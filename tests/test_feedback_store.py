@@ -298,6 +298,12 @@ def test_a_skipped_task_is_not_offered_again_and_counts_as_no_label(store):
     assert o["queue"]["ranking"]["skips"] == 2 and o["queue"]["roleplay"]["skips"] == 1
     assert o["queue"]["ranking"]["labels"] == 2  # the skips are not labels
     assert o["labelers"]["dee"]["skipped"] == 3 and o["labelers"]["eve"]["skipped"] == 0
+    latest = [(k["task_id"], k["kind"], k["labeler"], k["reason"]) for k in o["skips"]]  # newest first
+    assert latest == [
+        (play, "roleplay", "dee", ""),
+        (second, "ranking", "dee", ""),
+        (first, "ranking", "dee", "I cannot judge sums"),
+    ]
 
 
 def test_concurrent_skips_store_one_row(store):

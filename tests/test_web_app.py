@@ -210,6 +210,15 @@ def test_a_labeler_skips_a_task_in_the_browser(site):
     again = httpx.post(site.url + "/api/label/skip", headers=sam_h, json={"task_id": shown, "reason": "twice"})
     assert again.status_code == 200 and again.json()["created"] is False
     assert again.json()["skip"]["reason"] == "not my field"
+    # The admin page lists the skip with its reason.
+    admin_page = page_with_token(site, "/admin", site.admin)
+    admin_page.wait_for_selector("#skips tr:has(td:has-text('not my field'))")
+    assert admin_page.inner_text("#skips tr:has(td:has-text('not my field'))").split("\t")[:3] == [
+        str(shown),
+        "ranking",
+        "sam",
+    ]
+    assert admin_page.errors == []
 
 
 def test_roleplay_task_in_the_browser(site):

@@ -50,6 +50,7 @@ from flywheel.feedback.models import (
 
 R = TypeVar("R", Vote, RankingLabel, Demonstration, TaskSkip)  # a row written once (per key; a skip per task)
 MAX_KEY_LENGTH = 100
+LATEST_SKIPS = 20  # the skips the admin overview lists, newest first
 _RACE_ATTEMPTS = 200  # a write that loses a race on a unique constraint looks again (each loss is another's win)
 # Who owns a conversation: a user's name, `client:` + a hash of an anonymous client's id, or UNIDENTIFIED (an API call
 # with no identity: logged for training, readable by admins only). User names cannot contain ":", so the three never
@@ -770,7 +771,8 @@ class Store:
     # admin
 
     def overview(self) -> dict[str, Any]:
-        """Task queue, progress per labeler, and inter-labeler agreement on rankings."""
+        """Task queue, progress per labeler, inter-labeler agreement on rankings, and the latest skips with their
+        reasons."""
         with self.session() as s:
             queue = {}
             for kind, table in (("ranking", RankingLabel), ("roleplay", Demonstration)):
@@ -802,6 +804,21 @@ class Store:
                 progress[names[uid]]["demonstrations"] = n
             for uid, n in s.execute(select(TaskSkip.labeler_id, func.count()).group_by(TaskSkip.labeler_id)):
                 progress[names[uid]]["skipped"] = n
+            latest_skips = [
+                {
+                    "task_id": k.task_id,
+                    "kind": kind,
+                    "labeler": names[k.labeler_id],
+                    "reason": k.reason,
+                    "created_at": k.created_at.isoformat(timespec="seconds"),
+                }
+                for k, kind in s.execute(
+                    select(TaskSkip, Task.kind)
+                    .join(Task, Task.id == TaskSkip.task_id)
+                    .order_by(TaskSkip.id.desc())
+                    .limit(LATEST_SKIPS)
+                )
+            ]
             labels = s.execute(select(RankingLabel.task_id, RankingLabel.labeler_id, RankingLabel.order)).all()
             agreement = pairwise_agreement([(t, names[u], order) for t, u, order in labels])
             votes = dict(s.execute(select(Vote.value, func.count()).group_by(Vote.value)).all())
@@ -809,6 +826,7 @@ class Store:
                 "queue": queue,
                 "labelers": progress,
                 "agreement": agreement,
+                "skips": latest_skips,
                 "votes": {"up": votes.get(1, 0), "down": votes.get(-1, 0)},
             }
 

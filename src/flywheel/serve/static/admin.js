@@ -15,6 +15,8 @@ async function refresh() {
   document.getElementById("model").textContent = `${o.model.version} (${o.model.path}); batches ${o.batching.batches}, rows ${o.batching.rows}, largest batch ${o.batching.max_rows}`;
   table("queue", ["kind", "tasks", "done", "labels given", "labels needed", "skips"],
     Object.entries(o.queue).map(([kind, q]) => [kind, q.tasks, q.done, q.labels, q.labels_needed, q.skips]));
+  table("skips", ["task", "kind", "labeler", "reason", "when (UTC)"],
+    o.skips.map(k => [k.task_id, k.kind, k.labeler, k.reason || "–", k.created_at]));
   const per = o.agreement.per_labeler;
   table("labelers", ["labeler", "role", "rankings", "demonstrations", "skipped", "agreement with others", "pairs compared"],
     Object.entries(o.labelers).map(([name, p]) => [name, p.role, p.rankings, p.demonstrations, p.skipped,
