@@ -274,15 +274,16 @@ def test_a_skipped_task_is_not_offered_again_and_counts_as_no_label(store):
     first, second = ranking_task(store), ranking_task(store)
     play = store.create_roleplay_task("Ask about rivers.", labels_needed=1)
     dee = users["dee"]
-    assert store.next_task(dee, "ranking")["id"] == first
+    assert store.next_task_and_waiting(dee, "ranking") == (store.task(first, dee), 2)
     skip, created = store.skip_task(dee, first, "I cannot judge sums")
     assert created and skip["task_id"] == first and skip["reason"] == "I cannot judge sums"
     again, created = store.skip_task(dee, first, "another reason")  # a second skip keeps the first
     assert not created and again == skip
     assert store.next_task(dee, "ranking")["id"] == second  # the next one, not the skipped one
     assert store.next_task(users["eve"], "ranking")["id"] == first  # a skip is one labeler's: others still get it
+    assert store.next_task_and_waiting(dee, "ranking")[1] == 1
     store.skip_task(dee, second)
-    assert store.next_task(dee, "ranking") is None
+    assert store.next_task_and_waiting(dee, "ranking") == (None, 0)
     store.skip_task(dee, play)
     assert store.next_task(dee, "roleplay") is None
     # A skipped task can still be labeled by id (the labeler changed their mind); a labeled one cannot be skipped.

@@ -187,14 +187,18 @@ def test_a_labeler_skips_a_task_in_the_browser(site):
     sam_h = {"Authorization": f"Bearer {sam}"}
     page = page_with_token(site, "/label", sam)
     page.wait_for_selector("#rank-candidates .candidate")
-    shown = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()["task"]["id"]
+    before = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()
+    shown, waiting = before["task"]["id"], before["waiting"]
+    assert waiting >= 2 and page.inner_text("#rank-waiting") == f"{waiting} tasks waiting for you."
     page.fill("#rank-comment", "not my field")
     page.click("#rank-skip")
     page.wait_for_selector(f"#status:has-text('Task {shown} skipped.')")
     page.wait_for_function("() => document.getElementById('rank-comment').value === ''")  # the next task's form
     assert page.errors == []
-    following = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()["task"]
-    assert following is None or following["id"] != shown
+    after = httpx.get(site.url + "/api/label/next?kind=ranking", headers=sam_h).json()
+    assert after["task"]["id"] != shown and after["waiting"] == waiting - 1
+    left = f"{waiting - 1} task"
+    page.wait_for_function(f"() => document.getElementById('rank-waiting').textContent.startsWith('{left}')")
     with site.store.session() as s:
         row = s.scalars(select(TaskSkip).where(TaskSkip.task_id == shown)).one()
         assert row.reason == "not my field"

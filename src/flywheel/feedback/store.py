@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, get_args
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -619,22 +619,16 @@ class Store:
 
     def next_task(self, user_id: int, kind: str) -> dict[str, Any] | None:
         """The oldest task of `kind` that still needs labels and that this user has neither labeled nor skipped."""
-        table = RankingLabel if kind == "ranking" else Demonstration
-        if kind not in get_args(TaskKind):
-            raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
+        return self.next_task_and_waiting(user_id, kind)[0]
+
+    def next_task_and_waiting(self, user_id: int, kind: str) -> tuple[dict[str, Any] | None, int]:
+        """`next_task`, and how many tasks it could offer this user now (that one included), read together."""
+        open_ = _open_for(user_id, kind)
         with self.session() as s:
-            given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
-            mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
-            skipped = (
-                select(TaskSkip.id).where(TaskSkip.task_id == Task.id, TaskSkip.labeler_id == user_id).correlate(Task)
-            )
-            task = s.scalar(
-                select(Task)
-                .where(Task.kind == kind, given < Task.labels_needed, ~mine.exists(), ~skipped.exists())
-                .order_by(Task.id)
-                .limit(1)
-            )
-            return None if task is None else self._task_dict(task, user_id)
+            task = s.scalar(select(Task).where(open_).order_by(Task.id).limit(1))
+            if task is None:
+                return None, 0
+            return self._task_dict(task, user_id), s.scalar(select(func.count()).select_from(Task).where(open_)) or 1
 
     def skip_task(self, user_id: int, task_id: int, reason: str = "") -> tuple[dict[str, Any], bool]:
         """This labeler passes over the task: `next_task` no longer offers it to them (they may still label it by id).
@@ -884,6 +878,18 @@ def _locked_message(s: Session, message_id: int) -> tuple[Message | None, Conver
 def _owns(conv: Conversation | None, owner: str) -> bool:
     """Whether `owner` owns `conv` (None: a conversation deleted meanwhile, nobody's)."""
     return conv is not None and conv.owner == owner and owner != UNIDENTIFIED
+
+
+def _open_for(user_id: int, kind: str) -> Any:
+    """The condition on `Task` of a task of `kind` that still needs labels and that this user has neither labeled nor
+    skipped."""
+    if kind not in get_args(TaskKind):
+        raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
+    table = RankingLabel if kind == "ranking" else Demonstration
+    given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
+    mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
+    skipped = select(TaskSkip.id).where(TaskSkip.task_id == Task.id, TaskSkip.labeler_id == user_id).correlate(Task)
+    return and_(Task.kind == kind, given < Task.labels_needed, ~mine.exists(), ~skipped.exists())
 
 
 def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:

@@ -358,7 +358,8 @@ async def me(request: Request) -> dict[str, Any]:
 @router.get("/label/next")
 async def next_task(request: Request, kind: TaskKind = "ranking") -> dict[str, Any]:
     user = await current_user(request)
-    return {"task": await db(ctx(request).store.next_task, user.id, kind)}
+    task, waiting = await db(ctx(request).store.next_task_and_waiting, user.id, kind)
+    return {"task": task, "waiting": waiting}
 
 
 def as_draft(text: str) -> str:

@@ -4,6 +4,11 @@ fw.tokenKind = "staff"; // a labeler's or admin's token, kept apart from the cha
 
 const lab = { tab: null, task: null, key: null, rp: { task: null, key: null, messages: [], suggestions: [], draft: null } };
 
+// How many tasks of this kind the labeler could still take (the one shown included).
+function showWaiting(id, n) {
+  document.getElementById(id).textContent = n ? `${n} task${n === 1 ? "" : "s"} waiting for you.` : "";
+}
+
 function showMessages(box, messages) {
   box.replaceChildren(...messages.map(m => fw.el("div", { class: `msg ${m.role}` },
     fw.el("div", { class: "muted" }, m.role), fw.el("div", { class: "content" }, m.content))));
@@ -12,6 +17,7 @@ function showMessages(box, messages) {
 async function nextRanking() {
   const data = await fw.call("GET", "/api/label/next?kind=ranking");
   lab.task = data.task;
+  showWaiting("rank-waiting", data.waiting);
   lab.key = fw.uuid(); // one key per task: a retried submission is recognised, never counted twice
   document.getElementById("rank-comment").value = "";
   const prompt = document.getElementById("rank-prompt");
@@ -85,6 +91,7 @@ async function skipRoleplay() {
 async function nextRoleplay() {
   const data = await fw.call("GET", "/api/label/next?kind=roleplay");
   Object.assign(lab.rp, { task: data.task, key: fw.uuid(), messages: [], suggestions: [], draft: null });
+  showWaiting("rp-waiting", data.waiting);
   document.getElementById("rp-instruction").replaceChildren(fw.el("p", {},
     data.task ? data.task.instruction : "No role-play task is waiting: write a free conversation."));
   document.getElementById("rp-skip").hidden = !data.task;
