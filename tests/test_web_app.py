@@ -67,6 +67,18 @@ def page_with_token(site, path, token=None, *, hold_me=None):
     return page
 
 
+def ranking_tasks(site, prompts, k):
+    """Ranking tasks made by the admin API (the model samples k answers to each prompt): their ids."""
+    r = httpx.post(
+        site.url + "/api/admin/tasks",
+        headers={"Authorization": f"Bearer {site.admin}"},
+        timeout=60,
+        json={"kind": "ranking", "prompts": prompts, "k": k, "max_tokens": 8},
+    )
+    assert r.status_code == 201 and r.json()["created"], r.text
+    return r.json()["created"]
+
+
 def test_chat_turn_vote_regenerate(site):
     from sqlalchemy import select
 
@@ -135,15 +147,7 @@ def test_ranking_task_in_the_browser(site):
 
     from flywheel.feedback.models import Candidate, RankingLabel
 
-    admin = {"Authorization": f"Bearer {site.admin}"}
-    r = httpx.post(
-        site.url + "/api/admin/tasks",
-        headers=admin,
-        timeout=60,
-        json={"kind": "ranking", "prompts": ["Name a capital.", "Count to three."], "k": 3, "max_tokens": 8},
-    )
-    assert r.status_code == 201 and r.json()["created"], r.text
-    task_id = r.json()["created"][0]
+    task_id = ranking_tasks(site, ["Name a capital.", "Count to three."], k=3)[0]
     page = page_with_token(site, "/label", site.labeler)
     page.wait_for_selector("#rank-candidates .candidate")
     ids = [
@@ -175,14 +179,7 @@ def test_a_labeler_skips_a_task_in_the_browser(site):
 
     from flywheel.feedback.models import TaskSkip
 
-    admin = {"Authorization": f"Bearer {site.admin}"}
-    r = httpx.post(
-        site.url + "/api/admin/tasks",
-        headers=admin,
-        timeout=60,
-        json={"kind": "ranking", "prompts": ["Spell cat.", "Name a river."], "k": 2, "max_tokens": 8},
-    )
-    assert r.status_code == 201 and len(r.json()["created"]) == 2, r.text
+    assert len(ranking_tasks(site, ["Spell cat.", "Name a river."], k=2)) == 2
     sam = site.store.create_user("sam", "labeler")
     sam_h = {"Authorization": f"Bearer {sam}"}
     page = page_with_token(site, "/label", sam)
