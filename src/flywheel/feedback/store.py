@@ -641,8 +641,7 @@ class Store:
             task = s.get(Task, task_id)
             if task is None:
                 raise NotFound(f"no task {task_id}")
-            table = RankingLabel if task.kind == "ranking" else Demonstration
-            if s.scalar(select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)) is not None:
+            if _labeled(s, _label_table(task.kind), task_id, user_id):
                 did = "ranked" if task.kind == "ranking" else "demonstrated"
                 raise Conflict(f"task {task_id} was already {did} by this labeler: there is nothing to skip")
             row = TaskSkip(task_id=task_id, labeler_id=user_id, reason=reason)
@@ -885,7 +884,7 @@ def _open_for(user_id: int, kind: str) -> Any:
     skipped."""
     if kind not in get_args(TaskKind):
         raise UserError(f"unknown task kind {kind!r} (ranking or roleplay)")
-    table = RankingLabel if kind == "ranking" else Demonstration
+    table = _label_table(kind)
     given = select(func.count()).where(table.task_id == Task.id).correlate(Task).scalar_subquery()
     mine = select(table.id).where(table.task_id == Task.id, table.labeler_id == user_id).correlate(Task)
     skipped = select(TaskSkip.id).where(TaskSkip.task_id == Task.id, TaskSkip.labeler_id == user_id).correlate(Task)
@@ -895,7 +894,7 @@ def _open_for(user_id: int, kind: str) -> Any:
 def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task: Task, user_id: int, did: str) -> int:
     """The lowest free one of the task's `labels_needed` label slots; Conflict if this labeler has one or the task has
     all its labels. Two submissions that pick the same slot concurrently cannot both commit: (task, slot) is unique."""
-    if s.scalar(select(table.id).where(table.task_id == task.id, table.labeler_id == user_id)) is not None:
+    if _labeled(s, table, task.id, user_id):
         raise Conflict(f"task {task.id} was already {did} by this labeler")
     used = _slots(s, table, task.id)
     free = sorted(set(range(task.labels_needed)) - used)
@@ -906,8 +905,17 @@ def _free_slot(s: Session, table: type[RankingLabel] | type[Demonstration], task
 
 def _raced(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int, slot: int, user_id: int) -> bool:
     """After a failed insert: did a concurrent submission take the slot, or give this labeler a label of the task?"""
-    mine = select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)
-    return slot in _slots(s, table, task_id) or s.scalar(mine) is not None
+    return slot in _slots(s, table, task_id) or _labeled(s, table, task_id, user_id)
+
+
+def _label_table(kind: str) -> type[RankingLabel] | type[Demonstration]:
+    """The table of a task kind's labels: rankings for ranking tasks, demonstrations for role-play ones."""
+    return RankingLabel if kind == "ranking" else Demonstration
+
+
+def _labeled(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int, user_id: int) -> bool:
+    """Whether this labeler has a label of the task in `table`."""
+    return s.scalar(select(table.id).where(table.task_id == task_id, table.labeler_id == user_id)) is not None
 
 
 def _slots(s: Session, table: type[RankingLabel] | type[Demonstration], task_id: int | None) -> set[int]:
