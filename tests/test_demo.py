@@ -122,21 +122,27 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     assert command(shlex.split(printed.removeprefix("flywheel demo"))) == printed
     with pytest.raises(UserError, match=r"--ppo.reward-weights: .*must be float, got 'x'"):
         parse_demo_config(["--ppo.reward-weights", "x"])
-    # The conservative reward of both presets a CPU picks by itself, named on the report's reward-model line; one
-    # model names nothing.
-    default = asdict(DemoConfig().resolved())
-    for cfg in (default, asdict(DemoConfig(preset="fp32").resolved())):
+    # The conservative reward of both presets a CPU picks by itself (three reward models; the default preset reads
+    # them with the likelihood head and trains them side by side), named on the report's reward-model line; one model
+    # names nothing.
+    default, fp32 = asdict(DemoConfig().resolved()), asdict(DemoConfig(preset="fp32").resolved())
+    for cfg in (default, fp32):
         assert (cfg["rm"]["rm_ensemble"], cfg["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
-    assert _ensemble(default) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
-    head = asdict(parse_demo_config(["--rm.likelihood-head", "true"]).resolved())
-    assert _ensemble(head) == (
+    assert (default["rm"]["likelihood_head"], default["rm"]["parallel_members"]) == (True, 3)
+    assert _ensemble(default) == (
         " (an ensemble of 3, scored by a head over their mean score and the SFT policy's likelihood of the answer; "
         "PPO optimises it less 1 std of theirs)"
     )
-    assert (
-        _ensemble(asdict(parse_demo_config(["--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]).resolved()))
-        == ""
+    for other in (fp32, asdict(DemoConfig(quick=True).resolved())):
+        assert not other["rm"].get("likelihood_head", False)
+    assert _ensemble(fp32) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
+    plain = asdict(parse_demo_config(["--rm.likelihood-head", "false"]).resolved())
+    assert _ensemble(plain) == _ensemble(fp32)
+    one = ["--rm.rm-ensemble", "1", "--ppo.reward-ensemble-agg", "mean"]
+    assert _ensemble(asdict(parse_demo_config(one).resolved())) == (
+        " (read by a head with the SFT policy's likelihood of the answer)"
     )
+    assert _ensemble(asdict(parse_demo_config([*one, "--rm.likelihood-head", "false"]).resolved())) == ""
 
 
 def test_stage_settings_are_the_trainers_fields_documented_once(tmp_path):
@@ -632,6 +638,36 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
         assert json.dumps(got[key]).replace(str(reusing), str(fresh)) == json.dumps(want[key]), key
     untimed = [[{k: v for k, v in row.items() if "time" not in k} for row in s["ppo_curve"]] for s in (got, want)]
     assert untimed[0] == untimed[1]  # the same PPO steps (their wall times aside)
+
+
+@pytest.mark.slow
+def test_the_presets_reward_model_runs_through_every_stage_with_its_head(tmp_path):
+    """The `default` and `fp32` presets' reward model, on the quick world (short: the point is the wiring): two
+    members trained side by side, read by the likelihood head; PPO optimises the head's score, the report says so and
+    scores the held-out rankings with it, and round 2 fine-tunes the members and keeps round 1's reference."""
+    from flywheel.train.likelihood import has_likelihood_head
+
+    out = tmp_path / "head"
+    rm = ["--rm.rm-ensemble", "2", "--rm.parallel-members", "2", "--rm.likelihood-head", "true"]
+    rm += ["--ppo.reward-ensemble-agg", "mean-std"]
+    shrink = ["--sft.epochs", "0.3", "--world.n-rank", "40", "--n-rank-next", "20", "--ppo.max-steps", "2"]
+    shrink += ["--gate-every", "1", "--world.n-eval", "150", "--progress", "false"]
+    assert main(["--quick", "--out", str(out), *rm, *shrink]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for rm_dir in (out / "rm", out / "round2" / "rm"):
+        final = rm_dir / "final"
+        assert has_likelihood_head(final) and (final / "member1" / "config.json").is_file(), rm_dir
+        assert yaml.safe_load((rm_dir / "config.yaml").read_text())["parallel_members"] == 2
+    reference = json.loads((out / "round2" / "rm" / "final" / "flywheel_likelihood.json").read_text())
+    assert reference["reference"] == "likelihood/reference"
+    assert yaml.safe_load((out / "round2" / "ppo" / "config.yaml").read_text())["reward_model"] == str(
+        out / "round2" / "rm" / "final"
+    )
+    accuracy = summary["reward_model"]["accuracy"]
+    assert 0 <= accuracy <= 1 and summary["rounds"][1]["reward_model"]["accuracy"] is not None
+    report = (out / "report.md").read_text()
+    assert "scored by a head over their mean score and the SFT policy's likelihood of the answer" in report
+    assert summary["win_rates"]["ppo_vs_sft"]["win_rate"] >= 0  # the loop ran to its report
 
 
 def test_base_must_be_a_model_directory_or_a_shipped_base(tmp_path):

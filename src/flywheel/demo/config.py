@@ -124,8 +124,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # docs/log.md)
         sft=dict(epochs=5.0, lr=5e-4, batch_size=8),
         # Conservative rewards: three reward models (seeds S, S+1, S+2), PPO optimises mean - 1 std of their
-        # scores (docs/demo.md, the ablation: seeds 100-104).
-        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
+        # scores (docs/demo.md, the ablation: seeds 100-104). A head reads their mean score with the SFT policy's
+        # likelihood of the answer, which knows the values they cannot judge: the reward model within 3 points of
+        # the labelers on most seeds instead of none; the members train side by side to pay for it (docs/log.md,
+        # 2026-12-07).
+        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3, likelihood_head=True, parallel_members=3),
         ppo=dict(
             max_steps=32,
             rollout_batch_size=32,
@@ -168,7 +171,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         sft=dict(epochs=3.5, lr=5e-4, batch_size=8),
         # Conservative rewards, as the default preset: with one reward model PPO gamed it on seeds 201 and 202
         # (padding with pleasantries); three and their mean - 1 std: 61.3 -> 71.4% on seeds 200-204, 66.8 -> 69.2%
-        # on 100-104, ~125 s more (docs/log.md, 2026-12-05)
+        # on 100-104, ~125 s more (docs/log.md, 2026-12-05). Not the default preset's likelihood head: in fp32 it
+        # made the reward-model and PPO stages 25% longer (seed 200; docs/log.md, 2026-12-07), and this preset is the
+        # one AVX2-only CPUs run within their 10 minutes
         rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
         ppo=dict(
             max_steps=32,
