@@ -641,7 +641,7 @@ def test_quick_demo_improves_per_the_oracle(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_presets_reward_model_runs_through_every_stage_with_its_head(tmp_path):
+def test_the_default_presets_reward_model_runs_through_every_stage_with_its_head(tmp_path):
     """The `default` preset's reward model, on the quick world (short: the point is the wiring): two members trained
     side by side, read by the likelihood head; PPO optimises the head's score, the report says so and scores the
     held-out rankings with it, and round 2 fine-tunes the members and keeps round 1's reference, the SFT policy."""
