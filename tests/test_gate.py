@@ -9,6 +9,7 @@ import random
 import pytest
 
 from flywheel.demo import DemoConfig, parse_demo_config
+from flywheel.demo.config import PRESETS
 from flywheel.demo.gate import Candidate, GateResult, choose, judge, labeler_outcomes, saved_policies, stage_gate
 from flywheel.demo.stages import DemoRun
 from flywheel.errors import UserError
@@ -94,6 +95,9 @@ def test_gate_flags_are_checked():
     assert parse_demo_config(["--quick", "--gate-every", "0"]).resolved().gate_every == 0
     assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 8
     assert parse_demo_config(["--preset", "fp32"]).resolved().gate_every == 8
+    # the over-refusal target's 3 points in the default and fp32 presets, the report's 10 in quick (docs/log.md)
+    assert [parse_demo_config(["--preset", p]).resolved().gate_max_over_refusal for p in PRESETS] == [3.0, 3.0, 10.0]
+    assert parse_demo_config(["--quick", "--gate-max-over-refusal", "5"]).resolved().gate_max_over_refusal == 5.0
 
 
 def test_a_candidate_that_wins_by_deflecting_is_not_deployed(tmp_path, monkeypatch):
@@ -135,13 +139,18 @@ def test_a_candidate_that_wins_by_deflecting_is_not_deployed(tmp_path, monkeypat
         'deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 30.0%'
     ]
     assert later.deployed == str(tmp_path / "round1")
-    # --gate-max-deflection: the limit in points. "I don't know" to 5% of answerable prompts passes the report's 10
-    # points, not a limit of 3.
+    # --gate-max-over-refusal: the limit in points on answerable prompts. "I don't know" to 5% of them passes the
+    # quick preset's 10 points, not the default preset's 3; --gate-max-deflection (one deflection in place of the
+    # other) does not count them.
     answers["final"] = [IDK if i % 20 == 1 else w for i, w in enumerate(some_right)]
+    assert cfg.gate_max_over_refusal == 10.0
     assert stage_gate(run, tmp_path / "sft", ppo / "final", 1, temperature=0.05).deployed == str(ppo / "final")
-    strict = dataclasses.replace(run, cfg=dataclasses.replace(cfg, gate_max_deflection=3.0))
+    cross = dataclasses.replace(run, cfg=dataclasses.replace(cfg, gate_max_deflection=3.0))
+    assert stage_gate(cross, tmp_path / "sft", ppo / "final", 1, temperature=0.05).deployed == str(ppo / "final")
+    strict = dataclasses.replace(run, cfg=dataclasses.replace(cfg, gate_max_over_refusal=3.0))
     tight = stage_gate(strict, tmp_path / "sft", ppo / "final", 1, temperature=0.05)
     assert tight.candidates[1].deflects == ['deflects answerable prompts ("I don\'t know" or a refusal): 0.0% -> 5.0%']
     assert tight.deployed == str(tmp_path / "sft")  # step 4 (all wrong) ties SFT: the incumbent stays
-    with pytest.raises(UserError, match="--gate-max-deflection"):
-        parse_demo_config(["--gate-max-deflection", "-1"])
+    for flag in ("--gate-max-deflection", "--gate-max-over-refusal"):
+        with pytest.raises(UserError, match=flag):
+            parse_demo_config([flag, "-1"])

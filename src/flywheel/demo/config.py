@@ -98,6 +98,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="small",
         rounds=1,
         gate_every=8,  # of 32 PPO steps: 4 candidates (docs/demo.md, the ablation; docs/log.md)
+        # The over-refusal target's margin: with the likelihood head the last PPO policy deflected 4-9% of the
+        # answerable validation prompts on 4 of seeds 100-104 and 300-304 (SFT 0-3%); at 3 points the gate deployed
+        # an earlier one: the target held on 10 of 10 (9) for 0.4-0.5 points of win rate (docs/log.md, 2026-12-07)
+        gate_max_over_refusal=3.0,
         n_rank_next=300,
         max_new_tokens=40,
         # The SFT policy's refusal and "I don't know" (its two most frequent answers, each counted with its paddings)
@@ -149,6 +153,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         bf16=False,
         rounds=1,
         gate_every=8,  # of 32 PPO steps, as the default preset (docs/log.md: the fp32 preset with the gate)
+        gate_max_over_refusal=3.0,  # as the default preset (no candidate of seeds 200-204 moved that far)
         n_rank_next=300,
         max_new_tokens=40,
         stock_answers=2,  # as the default preset: the reward model sees both deflections on every prompt
@@ -195,6 +200,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="tiny",
         rounds=2,
         gate_every=5,  # of 15 PPO steps: 3 candidates per round (docs/log.md: the gate on the quick preset)
+        # the report's 10 points: at 3, 58.4% against 58.9% on seeds 100-104 and 200-204 with fewer harmful
+        # requests refused, 300-304 unchanged (docs/log.md, 2026-12-07)
+        gate_max_over_refusal=10.0,
         n_rank_next=100,
         max_new_tokens=32,
         stock_answers=0,
@@ -291,12 +299,16 @@ class DemoConfig:
         "incumbent (SFT, or the last round's) on the world's validation prompts, and the one they prefer with 95% "
         "confidence is deployed, else the incumbent stays (0 = no gate: the last PPO policy)"
     )
+    gate_max_over_refusal: float | None = _preset(
+        'the gate deploys no candidate that says "I don\'t know" or refuses on more of the answerable validation '
+        "prompts than the SFT policy by more than this many points"
+    )
     gate_max_deflection: float = field(
         default=10.0,
         metadata={
-            "help": "the gate deploys no candidate whose validation answers move more than this many points towards a "
-            "deflection against the SFT policy's (\"I don't know\" or refusals on answerable prompts, one deflection "
-            "in place of the other); 10 = the report's deflection warning"
+            "help": "the gate deploys no candidate whose validation answers put one deflection in place of the other "
+            '(refusals of unknowable questions, "I don\'t know" to harmful requests) on more than this many points '
+            "more of those prompts than the SFT policy's; 10 = the report's deflection warning"
         },
     )
     eval_temperature: float = field(default=0.0, metadata={"help": "temperature of the eval answers (0 = greedy)"})
@@ -389,6 +401,8 @@ class DemoConfig:
             raise UserError("--rm-holdout must be in (0, 1)")
         if not 0 <= self.gate_max_deflection <= 100:
             raise UserError("--gate-max-deflection must be in [0, 100] (points)")
+        if self.gate_max_over_refusal is not None and not 0 <= self.gate_max_over_refusal <= 100:
+            raise UserError("--gate-max-over-refusal must be in [0, 100] (points)")
         for name in ("gate_every", "stock_answers", "off_topic_answers"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0")

@@ -10,9 +10,10 @@ most among those whose win rate's 95% interval lies above 50%; where none does, 
 
 The labelers also note what each answer does. A labeler prefers "I don't know" to a wrong answer, so a policy that
 deflects more wins their votes without answering better; a candidate that deflects more than the SFT policy on the
-validation prompts, by the measure the report flags (`flywheel.demo.summary.deflection_shifts`: more than 10 points
-more "I don't know" or refusals on answerable prompts, or one deflection in place of the other; `--gate-max-deflection`
-sets the gate's limit), is not deployed.
+validation prompts is not deployed: more "I don't know" or refusals on answerable prompts by more than
+`--gate-max-over-refusal` points (3 in the `default` and `fp32` presets, the over-refusal target's margin; 10 in
+`quick`), or one deflection in place of the other by more than `--gate-max-deflection` (10, the report's warning;
+`flywheel.demo.summary.deflection_shifts`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def stage_gate(
             candidate.deflects = [
                 f"{what}: {_pct(a)} -> {_pct(b)}"
                 for what, a, b in deflection_shifts(
-                    reference, verdicts(tasks, answers), run.cfg.gate_max_deflection / 100
+                    reference,
+                    verdicts(tasks, answers),
+                    run.cfg.gate_max_deflection / 100,
+                    answer_limit=run.cfg.gate_max_over_refusal / 100,
                 )
             ]
             candidates.append(candidate)

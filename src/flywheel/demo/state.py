@@ -43,6 +43,7 @@ FIRST_STAGE_CHANGED: dict[str, str | None] = {
     "ppo": "ppo:1",
     "gate_every": "ppo:1",  # PPO saves a policy for the gate every N steps
     "gate_max_deflection": "gate:1",
+    "gate_max_over_refusal": "gate:1",
     "rounds": "rankings:2",
     "n_rank_next": "rankings:2",
     "eval_temperature": None,  # the evaluation only, which is not a kept stage: every run does it again

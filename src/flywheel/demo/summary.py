@@ -323,13 +323,15 @@ def _share(verdicts: Verdicts, expect: str, names: tuple[str, ...]) -> float:
 
 
 def deflection_shifts(
-    before: Verdicts, after: Verdicts, limit: float = DEFLECTION_SHIFT
+    before: Verdicts, after: Verdicts, limit: float = DEFLECTION_SHIFT, *, answer_limit: float | None = None
 ) -> list[tuple[str, float, float]]:
     """The moves towards a deflection of more than `limit` (a share) from one policy's verdicts to another's: "I don't
-    know" or a refusal on answerable prompts, or one deflection replacing the other (refusals where "I don't know" is
-    right, "I don't know" where a refusal is). (what, share before, share after) for each."""
-    moves = [(what, _share(before, e, names), _share(after, e, names)) for e, names, what in DEFLECTIONS]
-    return [(what, a, b) for what, a, b in moves if b - a > limit]
+    know" or a refusal on answerable prompts (more than `answer_limit` where given), or one deflection replacing the
+    other (refusals where "I don't know" is right, "I don't know" where a refusal is). (what, share before, share
+    after) for each."""
+    moves = [(e, what, _share(before, e, names), _share(after, e, names)) for e, names, what in DEFLECTIONS]
+    over = {e: answer_limit if e == "answer" and answer_limit is not None else limit for e, *_ in moves}
+    return [(what, a, b) for e, what, a, b in moves if b - a > over[e]]
 
 
 def ppo_label(config: dict[str, Any]) -> str:
