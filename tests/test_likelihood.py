@@ -27,7 +27,7 @@ from flywheel.train.likelihood import (
     has_likelihood_head,
     pair_accuracy,
 )
-from flywheel.train.reward import RankingGroup, RewardModel
+from flywheel.train.reward import RankingGroup, RewardConfig, RewardModel, likelihood_sample
 
 
 def test_answer_features_are_the_summaries_of_each_answers_log_probs():
@@ -119,7 +119,7 @@ def lik(tmp_path_factory, tokenizer):
     save_pretrained(base, tokenizer, root / "base")
     data = write_jsonl(root / "train.jsonl", preference_rows(60, seed=10))
     args = _rm_args(root / "base", data, root / "rm", "--rm-ensemble", "2", "--likelihood-head", "true")
-    assert main(args) == 0
+    assert main([*args, "--likelihood-rankings", "40"]) == 0  # of the 54 training rankings
     return {"root": root, "base": root / "base", "data": data, "final": root / "rm" / "final"}
 
 
@@ -127,7 +127,7 @@ def test_rm_likelihood_head_saves_a_self_contained_scorer(lik):
     final = lik["final"]
     assert has_likelihood_head(final)
     manifest = json.loads((final / MANIFEST).read_text())
-    assert manifest["features"] == list(FEATURES) and manifest["seed"] == 0
+    assert manifest["features"] == list(FEATURES) and manifest["seed"] == 0 and manifest["fit_rankings"] == 40
     assert 0 <= manifest["eval_accuracy"] <= 1 and 0 <= manifest["eval_accuracy_without"] <= 1
     assert (final / "likelihood" / "reference" / "config.json").is_file()
     rm = RewardModel.from_pretrained(final, ensemble_agg="mean-std")
@@ -222,6 +222,16 @@ def test_ppo_reward_role_scores_rollouts_as_the_scorer_does(tmp_path, lik, promp
     assert main(cli) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("score" in r for r in rows) == 2
+
+
+def test_the_head_is_fitted_on_a_seeded_sample_of_the_rankings_in_their_order():
+    rankings = [f"r{i}" for i in range(50)]
+    got = likelihood_sample(rankings, 20, seed=3)
+    assert len(got) == 20 == len(set(got)) and got == sorted(got, key=rankings.index)
+    assert got == likelihood_sample(rankings, 20, seed=3) != likelihood_sample(rankings, 20, seed=4)
+    assert likelihood_sample(rankings, 0, seed=3) == rankings == likelihood_sample(rankings, 50, seed=3)
+    with pytest.raises(UserError, match="--likelihood-rankings"):
+        RewardConfig(model="m", data="d", out="o", likelihood_rankings=-1).validate()
 
 
 def test_likelihood_head_errors_are_one_line(lik, tmp_path, capsys):

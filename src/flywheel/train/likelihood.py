@@ -16,8 +16,9 @@ reads both: a small MLP over
     sum       the answer's total log-probability
     tokens    its length in tokens
 
-fitted by Bradley-Terry on every ranked pair of the reward model's own training rankings, after the reward model (or
-each member) has trained; it is deterministic with --seed. Its output is normalised as `flywheel rm` normalises a
+fitted by Bradley-Terry on every ranked pair of the reward model's own training rankings (or of
+--likelihood-rankings N of them, drawn with --seed), after the reward model (or each member) has trained; it is
+deterministic with --seed. Its output is normalised as `flywheel rm` normalises a
 reward model: the training rankings' top answers score 0 on average. An ensemble aggregated other than by its mean
 (`mean-std`, `min`) keeps its conservatism: the score is head(mean, ...) - (mean - aggregate).
 

@@ -173,6 +173,14 @@ class RewardConfig(PreferenceConfig):
             "(flywheel.train.likelihood); final/ then holds a copy of --model as the reference"
         },
     )
+    likelihood_rankings: int = field(
+        default=0,
+        metadata={
+            "help": "fit the likelihood head on at most this many of the training rankings, drawn with --seed (0 = "
+            "all): the fit scores each answer with every member and --model once more, and the head's handful of "
+            "weights needs far fewer rankings than a reward model"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
@@ -182,6 +190,8 @@ class RewardConfig(PreferenceConfig):
             raise UserError("--rm-ensemble must be >= 1")
         if self.parallel_members < 1:
             raise UserError("--parallel-members must be >= 1")
+        if self.likelihood_rankings < 0:
+            raise UserError("--likelihood-rankings must be >= 0 (0 = all)")
         if self.parallel_members > 1 and self.nproc > 1:
             raise UserError("--parallel-members trains members in separate processes: use it with --nproc 1")
 
@@ -827,8 +837,18 @@ def likelihood_reference(cfg: RewardConfig) -> str:
     return cfg.model
 
 
+def likelihood_sample(rankings: list[Ranking], n: int, seed: int) -> list[Ranking]:
+    """The training rankings the likelihood head is fitted on: all of them for n = 0 or n >= their number, else n
+    drawn with `seed`, in their order."""
+    if not n or n >= len(rankings):
+        return rankings
+    keep = set(random.Random(f"{seed}:likelihood").sample(range(len(rankings)), n))
+    return [r for i, r in enumerate(rankings) if i in keep]
+
+
 def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> None:
-    """Fit the likelihood head on the training rankings (the members' split, drawn with --seed) and save it, with a
+    """Fit the likelihood head on the training rankings (the members' split, drawn with --seed; at most
+    --likelihood-rankings of them) and save it, with a
     copy of the reference, into `final` (`flywheel.train.likelihood`). The manifest is written last."""
     from flywheel.data.io import read_preferences
     from flywheel.train import likelihood as lk
@@ -842,6 +862,7 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
         cfg, read_preferences(cfg.data, skip_bad=cfg.skip_bad, **cfg.hub_split()), seed=cfg.seed
     )
     fit = {"max_length": cfg.max_length, "overlong": cfg.overlong, "skip_bad": cfg.skip_bad}
+    rankings = likelihood_sample(rankings, cfg.likelihood_rankings, cfg.seed)
     groups = encode_rankings(tokenizer, rankings, source=cfg.data, **fit)
     eval_groups = encode_rankings(tokenizer, held_out, source=cfg.eval_data or cfg.data, **fit) if held_out else []
     members = getattr(scorer, "members", [scorer])
@@ -860,7 +881,7 @@ def fit_likelihood_head(cfg: RewardConfig, final: Path, reference_src: str) -> N
             for f, g in zip(train_features, groups, strict=True)
         ]
     offset = float(torch.cat(top).mean())  # the training rankings' top answers score 0 on average
-    info: dict[str, Any] = {"seed": cfg.seed, "train_accuracy": train_accuracy}
+    info: dict[str, Any] = {"seed": cfg.seed, "fit_rankings": len(groups), "train_accuracy": train_accuracy}
     if eval_groups:
         eval_features, eval_means = features(eval_groups, "held-out")
         pairs = [g.pairs for g in eval_groups]
