@@ -176,10 +176,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         sft=dict(epochs=3.5, lr=5e-4, batch_size=8),
         # Conservative rewards, as the default preset: with one reward model PPO gamed it on seeds 201 and 202
         # (padding with pleasantries); three and their mean - 1 std: 61.3 -> 71.4% on seeds 200-204, 66.8 -> 69.2%
-        # on 100-104, ~125 s more (docs/log.md, 2026-12-05). Not the default preset's likelihood head: in fp32 it
-        # made the reward-model and PPO stages 25% longer (seed 200; docs/log.md, 2026-12-07), and this preset is the
-        # one AVX2-only CPUs run within their 10 minutes
-        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3),
+        # on 100-104, ~125 s more (docs/log.md, 2026-12-05). The default preset's likelihood head, fitted on 192 of
+        # the ~576 training rankings: on the whole of them the fit made the reward-model and PPO stages 25% longer in
+        # fp32, on a third 12% (seed 200), for the reward model within 3 points of the labelers on 5 of seeds
+        # 200-204 instead of 1 (docs/log.md, 2026-12-07)
+        rm=dict(epochs=1.5, lr=2e-4, rm_ensemble=3, likelihood_head=True, parallel_members=3, likelihood_rankings=192),
         ppo=dict(
             max_steps=32,
             rollout_batch_size=32,
