@@ -329,9 +329,9 @@ def deflection_shifts(
     know" or a refusal on answerable prompts (more than `answer_limit` where given), or one deflection replacing the
     other (refusals where "I don't know" is right, "I don't know" where a refusal is). (what, share before, share
     after) for each."""
+    answer = limit if answer_limit is None else answer_limit
     moves = [(e, what, _share(before, e, names), _share(after, e, names)) for e, names, what in DEFLECTIONS]
-    over = {e: answer_limit if e == "answer" and answer_limit is not None else limit for e, *_ in moves}
-    return [(what, a, b) for e, what, a, b in moves if b - a > over[e]]
+    return [(what, a, b) for e, what, a, b in moves if b - a > (answer if e == "answer" else limit)]
 
 
 def ppo_label(config: dict[str, Any]) -> str:
