@@ -31,7 +31,7 @@ from flywheel.demo.summary import (
     check_targets,
 )
 from flywheel.errors import UserError
-from flywheel.eval.reward import deflection_contrasts, knowledge_contrasts
+from flywheel.eval.reward import deflection_contrasts, heldout_accuracy, knowledge_contrasts
 from flywheel.train.ppo.config import PPOConfig
 from flywheel.train.sft import SFTConfig
 
@@ -1052,6 +1052,62 @@ def test_sweep_averages_each_seed_s_run_and_refuses_mixed_settings(tmp_path, cap
         sweep(["--seeds", "3", "--out", str(tmp_path), "--reuse-from", str(tmp_path), "--", "--quick"])
     with pytest.raises(UserError, match="holds no demo run for seed3, seed4"):
         sweep(["--seeds", "3-4", "--out", str(tmp_path / "new"), "--reuse-from", str(tmp_path), "--", "--quick"])
+
+
+class _ByPromptAndText:
+    """A stand-in reward model whose score depends on the prompt and the answer (0-3: ties occur), counting calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def value(self, prompt, answer):
+        return float(random.Random(f"{json.dumps(prompt)}|{answer}").randint(0, 3))
+
+    def score(self, prompts, answers):
+        assert len(prompts) == len(answers)
+        self.calls += 1
+        return torch.tensor([self.value(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+
+def test_heldout_accuracy_matches_a_brute_force_count_ranking_by_ranking():
+    """Every held-out answer is scored against its own prompt (in one call to the reward model), and the pairs are
+    counted as a brute-force loop over each ranking's ordered pairs counts them: all labelled pairs, and those the
+    oracle does not tie."""
+    from flywheel.world import candidate_responses, make_task, score
+
+    rng = random.Random(11)
+    tasks, sets, records = [], [], []
+    for _ in range(40):
+        task = make_task(rng.choice(["fact", "arithmetic", "harmful", "unknowable"]), rng)
+        texts = list(dict.fromkeys(candidate_responses(task, rng, 6)))
+        order = [[i] for i in rng.sample(range(len(texts)), len(texts))]
+        if len(order) > 2:  # a tie in the labels: not a pair
+            order = [order[0] + order[1], *order[2:]]
+        tasks.append(task)
+        sets.append(texts)
+        records.append({"prompt": task.messages, "completions": texts, "order": order})
+    rm = _ByPromptAndText()
+    got = heldout_accuracy(rm, (tasks, sets, records))
+    assert rm.calls == 1
+    wins = {"all": 0.0, "informative": 0.0}
+    pairs = {"all": 0, "informative": 0}
+    for task, texts, rec in zip(tasks, sets, records, strict=True):
+        rank = {i: g for g, group in enumerate(rec["order"]) for i in group}
+        values = [rm.value(task.messages, t) for t in texts]
+        totals = [score(task, t).total for t in texts]
+        for i, j in itertools.permutations(range(len(texts)), 2):
+            if rank[i] >= rank[j]:
+                continue
+            win = (values[i] > values[j]) + 0.5 * (values[i] == values[j])
+            for kind in ("all", "informative"):
+                if kind == "all" or totals[i] != totals[j]:
+                    pairs[kind] += 1
+                    wins[kind] += win
+    assert got["pairs"] == pairs["all"] > got["pairs_informative"] == pairs["informative"] > 0
+    assert got["accuracy"] == pytest.approx(wins["all"] / pairs["all"])
+    assert got["accuracy_informative"] == pytest.approx(wins["informative"] / pairs["informative"])
+    empty = heldout_accuracy(rm, ([], [], []))
+    assert (empty["pairs"], empty["accuracy"], rm.calls) == (0, 0.0, 1)
 
 
 def test_knowledge_contrasts_match_a_brute_force_count():

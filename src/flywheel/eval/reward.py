@@ -100,8 +100,12 @@ def heldout_accuracy(rm: Any, heldout: tuple[list[Any], list[list[str]], list[di
     correct answers against the others (`knowledge_contrasts`)."""
     correct = pairs = correct_inf = pairs_inf = 0.0
     all_scores, all_verdicts = [], []
-    for task, texts, rec in zip(*heldout, strict=True):
-        scores = rm.score([task.messages] * len(texts), texts).tolist()
+    tasks, sets, records = heldout
+    # One call: the reward model batches the answers of many rankings together.
+    prompts = [t.messages for t, texts in zip(tasks, sets, strict=True) for _ in texts]
+    flat = rm.score(prompts, [x for s in sets for x in s]) if prompts else torch.zeros(0)
+    for task, texts, rec, read in zip(tasks, sets, records, flat.split([len(s) for s in sets]), strict=True):
+        scores = read.tolist()
         judged = [score(task, t) for t in texts]
         totals = [j.total for j in judged]
         all_scores.append(scores)
