@@ -123,17 +123,17 @@ def test_the_report_s_command_names_every_setting_changed_from_the_preset(monkey
     with pytest.raises(UserError, match=r"--ppo.reward-weights: .*must be float, got 'x'"):
         parse_demo_config(["--ppo.reward-weights", "x"])
     # The conservative reward of both presets a CPU picks by itself (three reward models trained side by side, read
-    # with the likelihood head; fp32 fits the head on 192 rankings, for its time), named on the report's reward-model
+    # with the likelihood head, fitted on 192 of the training rankings, for time), named on the report's reward-model
     # line; one model names nothing.
     default, fp32 = asdict(DemoConfig().resolved()), asdict(DemoConfig(preset="fp32").resolved())
     for cfg in (default, fp32):
         assert (cfg["rm"]["rm_ensemble"], cfg["ppo"]["reward_ensemble_agg"]) == (3, "mean-std")
         assert (cfg["rm"]["likelihood_head"], cfg["rm"]["parallel_members"]) == (True, 3)
+        assert cfg["rm"]["likelihood_rankings"] == 192
         assert _ensemble(cfg) == (
             " (an ensemble of 3, scored by a head over their mean score and the SFT policy's likelihood of the "
             "answer; PPO optimises it less 1 std of theirs)"
         )
-    assert (default["rm"].get("likelihood_rankings", 0), fp32["rm"]["likelihood_rankings"]) == (0, 192)
     assert not asdict(DemoConfig(quick=True).resolved())["rm"].get("likelihood_head", False)
     plain = asdict(parse_demo_config(["--rm.likelihood-head", "false"]).resolved())
     assert _ensemble(plain) == " (an ensemble of 3, scored by their mean; PPO optimises their mean - 1 std)"
