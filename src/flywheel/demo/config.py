@@ -97,7 +97,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         base=SHIPPED,
         size="small",
         rounds=1,
-        gate_every=8,  # of 32 PPO steps: 4 candidates (docs/demo.md, the ablation; docs/log.md)
+        # of 32 PPO steps: 8 candidates. At 8 (4 candidates) seed 402's gate kept SFT, a tie: step 8 was not yet
+        # preferred and steps 16-32 deflected; every 4 it deployed step 12 (77.7%), and seeds 100-104, 300-304
+        # and 400-404 gave 77.4, 81.6 and 79.9% against 77.4, 80.8 and 74.8% (docs/log.md, 2026-12-07)
+        gate_every=4,
         # The over-refusal target's margin: with the likelihood head the last PPO policy deflected 4-9% of the
         # answerable validation prompts on 4 of seeds 100-104 and 300-304 (SFT 0-3%); at 3 points the gate deployed
         # an earlier one: the target held on 10 of 10 (9) for 0.4-0.5 points of win rate (docs/log.md, 2026-12-07)
@@ -153,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         size="mini",
         bf16=False,
         rounds=1,
-        gate_every=8,  # of 32 PPO steps, as the default preset (docs/log.md: the fp32 preset with the gate)
+        gate_every=8,  # of 32 PPO steps (docs/log.md: the fp32 preset with the gate; every 4 not measured in fp32)
         gate_max_over_refusal=3.0,  # as the default preset (seeds 100-104: it kept step 16 of seed 100; docs/log.md)
         n_rank_next=300,
         max_new_tokens=40,
