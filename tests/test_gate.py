@@ -94,7 +94,7 @@ def test_gate_flags_are_checked():
     assert parse_demo_config(["--quick"]).resolved().gate_every == 5
     assert parse_demo_config(["--quick", "--gate-every", "0"]).resolved().gate_every == 0
     assert parse_demo_config(["--preset", "default"]).resolved().gate_every == 4
-    assert parse_demo_config(["--preset", "fp32"]).resolved().gate_every == 8
+    assert parse_demo_config(["--preset", "fp32"]).resolved().gate_every == 4
     # the over-refusal target's 3 points in the default and fp32 presets, the report's 10 in quick (docs/log.md)
     assert [parse_demo_config(["--preset", p]).resolved().gate_max_over_refusal for p in PRESETS] == [3.0, 3.0, 10.0]
     assert parse_demo_config(["--quick", "--gate-max-over-refusal", "5"]).resolved().gate_max_over_refusal == 5.0
